@@ -1,0 +1,118 @@
+//! Types shared by the relay daemon and its XDP program.
+//!
+//! Everything here is `#[repr(C)]` plain data: the XDP program reads these from BPF maps and the
+//! daemon writes them with aya. Addresses and ports are kept in network byte order exactly as
+//! they sit in a frame, so the XDP program can build a key from packet bytes without swapping.
+#![no_std]
+
+/// Name of the XSKMAP that the XDP program redirects matches into.
+pub const XSK_MAP: &str = "XSKS";
+/// Name of the hash map from (ingress interface, group, port, source) to rule id.
+pub const RULE_MAP: &str = "RULES";
+/// Name of the hash map from ingress interface index to its slot in the XSKMAP.
+pub const IFACE_MAP: &str = "IFACES";
+/// Name of the per-CPU counter array.
+pub const COUNTER_MAP: &str = "COUNTERS";
+/// Name of the XDP program in the object file.
+pub const PROGRAM: &str = "relay";
+
+/// Each ingress interface owns this many consecutive XSKMAP entries, one per rx queue.
+pub const MAX_QUEUES_PER_IFACE: u32 = 64;
+/// How many ingress interfaces one relay can steer.
+pub const MAX_INGRESS_IFACES: u32 = 256;
+/// XSKMAP size: every (ingress slot, rx queue) pair has an entry.
+pub const XSK_MAP_SIZE: u32 = MAX_QUEUES_PER_IFACE * MAX_INGRESS_IFACES;
+/// Most rules (counting each lookup key once) the rule map holds.
+pub const MAX_RULE_KEYS: u32 = 65536;
+
+/// Lookup key of the rule map.
+///
+/// A rule with no source stores `source = 0`; one with no port stores `port = 0` (UDP port 0 is
+/// not a valid destination, so it cannot collide with a real one). The XDP program looks up the
+/// exact (S,G,port) key first, then (S,G,*), (*,G,port) and (*,G,*).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RuleKey {
+    /// Ingress interface index.
+    pub ifindex: u32,
+    /// Destination group, network byte order (the four bytes as on the wire).
+    pub group: [u8; 4],
+    /// Source address, network byte order; all zero for any source.
+    pub source: [u8; 4],
+    /// Destination UDP port, network byte order; zero for any port.
+    pub port: [u8; 2],
+    /// Always zero: keeps the struct free of uninitialised padding, which a BPF hash key must
+    /// not contain.
+    pub pad: [u8; 2],
+}
+
+impl RuleKey {
+    /// A key from host-order fields, as the daemon builds it from the YAML.
+    pub const fn new(ifindex: u32, group: [u8; 4], source: [u8; 4], port: u16) -> Self {
+        Self {
+            ifindex,
+            group,
+            source,
+            port: port.to_be_bytes(),
+            pad: [0; 2],
+        }
+    }
+}
+
+/// Value of the rule map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RuleValue {
+    /// Index of the rule in the daemon's rule table.
+    pub rule_id: u32,
+}
+
+/// Indices into the per-CPU counter array kept by the XDP program.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpCounter {
+    /// Every frame the program ran on.
+    Seen = 0,
+    /// Frames that matched a rule.
+    Matched = 1,
+    /// Matched frames handed to an AF_XDP socket.
+    Redirected = 2,
+    /// Frames returned to the kernel stack untouched.
+    Passed = 3,
+    /// Matched frames whose redirect failed (no socket on that queue): these are passed.
+    RedirectFailed = 4,
+}
+
+impl XdpCounter {
+    /// Every counter, in index order.
+    pub const ALL: [XdpCounter; 5] = [
+        XdpCounter::Seen,
+        XdpCounter::Matched,
+        XdpCounter::Redirected,
+        XdpCounter::Passed,
+        XdpCounter::RedirectFailed,
+    ];
+    /// Number of counters, the size of the counter array.
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// A short name for logs and stats output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            XdpCounter::Seen => "seen",
+            XdpCounter::Matched => "matched",
+            XdpCounter::Redirected => "redirected",
+            XdpCounter::Passed => "passed",
+            XdpCounter::RedirectFailed => "redirect_failed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both are #[repr(C)] structs of byte arrays and u32s with no padding (RuleKey's
+    // explicit `pad` field fills what would be padding), so every bit pattern is valid and
+    // none is uninitialised.
+    unsafe impl aya::Pod for super::RuleKey {}
+    // SAFETY: as above, a single u32.
+    unsafe impl aya::Pod for super::RuleValue {}
+}

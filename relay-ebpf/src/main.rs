@@ -1,0 +1,190 @@
+//! The relay's XDP program.
+//!
+//! Runs on every frame that arrives on an ingress interface. Multicast IPv4 UDP that matches a
+//! rule is redirected into the AF_XDP socket bound to the frame's rx queue; every other frame
+//! is passed to the kernel untouched. The program never modifies a frame: rewriting happens in
+//! userspace, per output.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{HashMap, PerCpuArray, XskMap},
+    programs::XdpContext,
+};
+use relay_common::{
+    MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS, RuleKey, RuleValue, XSK_MAP_SIZE,
+    XdpCounter,
+};
+
+#[map(name = "XSKS")]
+static XSKS: XskMap = XskMap::with_max_entries(XSK_MAP_SIZE, 0);
+
+#[map(name = "RULES")]
+static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RULE_KEYS, 0);
+
+#[map(name = "IFACES")]
+static IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INGRESS_IFACES, 0);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XdpCounter::COUNT, 0);
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_UDP: u8 = 17;
+const UDP_HLEN: usize = 8;
+
+#[xdp]
+pub fn relay(ctx: XdpContext) -> u32 {
+    count(XdpCounter::Seen);
+    match classify(&ctx) {
+        Some(rule) => steer(&ctx, rule),
+        None => {
+            count(XdpCounter::Passed);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn steer(ctx: &XdpContext, _rule: RuleValue) -> u32 {
+    count(XdpCounter::Matched);
+    // SAFETY: the kernel hands the program a valid xdp_md for the duration of the call.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let queue = ctx.rx_queue_index();
+    // SAFETY: the value is a plain u32 the daemon wrote; a concurrent update can only replace
+    // it with another valid u32.
+    let slot = match unsafe { IFACES.get(&ifindex) } {
+        Some(slot) => *slot,
+        None => return redirect_failed(),
+    };
+    if queue >= MAX_QUEUES_PER_IFACE {
+        return redirect_failed();
+    }
+    // The low bits of the flags are the action bpf_redirect_map returns when the XSKMAP slot
+    // is empty: pass the frame rather than drop it, so a relay that is starting or stopping
+    // never blackholes traffic.
+    match XSKS.redirect(
+        slot * MAX_QUEUES_PER_IFACE + queue,
+        xdp_action::XDP_PASS as u64,
+    ) {
+        Ok(action) => {
+            count(XdpCounter::Redirected);
+            action
+        }
+        Err(_) => redirect_failed(),
+    }
+}
+
+#[inline(always)]
+fn redirect_failed() -> u32 {
+    count(XdpCounter::RedirectFailed);
+    count(XdpCounter::Passed);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn count(counter: XdpCounter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the per-CPU slot belongs to this CPU and the program cannot be preempted
+        // while it runs, so nothing else writes it concurrently.
+        unsafe { *value += 1 };
+    }
+}
+
+/// Returns a pointer to `N` bytes at `offset`, or `None` when the frame is too short.
+#[inline(always)]
+fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + N > end {
+        return None;
+    }
+    // SAFETY: the check above proves [start+offset, start+offset+N) lies inside the frame, and
+    // the verifier sees the same comparison against data_end.
+    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const [u8; N]) })
+}
+
+/// Parses Ethernet (one optional VLAN tag), IPv4 and UDP, and looks the frame up in the rule
+/// map. `None` for anything that is not an unfragmented IPv4 UDP multicast frame of a rule.
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> Option<RuleValue> {
+    let mut l3 = ETH_HLEN;
+    let mut ethertype = u16::from_be_bytes(bytes_at::<2>(ctx, 12)?);
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = u16::from_be_bytes(bytes_at::<2>(ctx, ETH_HLEN + 2)?);
+        l3 += VLAN_HLEN;
+    }
+    if ethertype != ETH_P_IP {
+        return None;
+    }
+    // Version/IHL .. TTL/protocol: the first 10 bytes, then the addresses at 12..20.
+    let head = bytes_at::<10>(ctx, l3)?;
+    if head[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = ((head[0] & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    // More-fragments set or a non-zero offset: only the first fragment carries the UDP header,
+    // and the relay does not reassemble, so all fragments go to the kernel.
+    let frag = u16::from_be_bytes([head[6], head[7]]);
+    if frag & 0x3fff != 0 || head[9] != IPPROTO_UDP {
+        return None;
+    }
+    let addrs = bytes_at::<8>(ctx, l3 + 12)?;
+    let source = [addrs[0], addrs[1], addrs[2], addrs[3]];
+    let group = [addrs[4], addrs[5], addrs[6], addrs[7]];
+    if group[0] & 0xf0 != 0xe0 {
+        return None;
+    }
+    let udp = bytes_at::<UDP_HLEN>(ctx, l3 + ihl)?;
+    let port = [udp[2], udp[3]];
+    // SAFETY: the ifindex field of a valid xdp_md.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+
+    let mut key = RuleKey {
+        ifindex,
+        group,
+        source,
+        port,
+        pad: [0; 2],
+    };
+    if let Some(v) = lookup(&key) {
+        return Some(v);
+    }
+    // The same order as the daemon's matcher (relay::rules::RuleTable::lookup): the source is
+    // more specific than the port.
+    key.port = [0; 2];
+    if let Some(v) = lookup(&key) {
+        return Some(v);
+    }
+    key.source = [0; 4];
+    key.port = port;
+    if let Some(v) = lookup(&key) {
+        return Some(v);
+    }
+    key.port = [0; 2];
+    lookup(&key)
+}
+
+#[inline(always)]
+fn lookup(key: &RuleKey) -> Option<RuleValue> {
+    // SAFETY: RuleValue is a plain u32; an update racing this read yields another valid value.
+    unsafe { RULES.get(key) }.copied()
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

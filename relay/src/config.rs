@@ -1,0 +1,466 @@
+//! The YAML configuration: its shape, its defaults, and the checks that run before anything is
+//! attached (`relay --check` runs exactly these).
+
+use std::{collections::HashSet, fmt, net::Ipv4Addr, path::Path};
+
+use serde::Deserialize;
+
+use crate::pool::AllocatorKind;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub allocator: AllocatorKind,
+    #[serde(default)]
+    pub umem: UmemConfig,
+    #[serde(default)]
+    pub xdp_mode: XdpModeConfig,
+    #[serde(default)]
+    pub bind: BindMode,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UmemConfig {
+    #[serde(default = "UmemConfig::default_frames")]
+    pub frames: u32,
+    #[serde(default = "UmemConfig::default_frame_size")]
+    pub frame_size: u32,
+}
+
+impl UmemConfig {
+    fn default_frames() -> u32 {
+        4096
+    }
+    fn default_frame_size() -> u32 {
+        2048
+    }
+}
+
+impl Default for UmemConfig {
+    fn default() -> Self {
+        Self {
+            frames: Self::default_frames(),
+            frame_size: Self::default_frame_size(),
+        }
+    }
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeConfig {
+    /// Native (driver) mode, falling back to generic (skb) mode.
+    #[default]
+    Auto,
+    Native,
+    Skb,
+}
+
+/// How the AF_XDP sockets bind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BindMode {
+    /// Zero-copy, falling back to copy mode.
+    #[default]
+    Auto,
+    Zerocopy,
+    Copy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    pub input: Input,
+    pub outputs: Vec<Output>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    pub interface: String,
+    pub group: Ipv4Addr,
+    /// Any UDP port when absent.
+    pub port: Option<u16>,
+    /// Any source when absent.
+    pub source: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Output {
+    pub interface: String,
+    /// Remapped destination group; the input's group when absent.
+    pub group: Option<Ipv4Addr>,
+    /// Remapped destination port; the received port when absent.
+    pub port: Option<u16>,
+    /// TTL to set; the received TTL minus one when absent.
+    pub ttl: Option<u8>,
+}
+
+/// What the relay needs to know about an interface on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InterfaceInfo {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub rx_queues: u32,
+}
+
+/// The running system, as the checks see it; tests substitute a fixed one.
+pub trait System {
+    fn interface(&self, name: &str) -> Option<InterfaceInfo>;
+}
+
+/// A configuration the relay refuses, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// The rule the problem is in, when it is in one.
+    pub rule: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.rule {
+            Some(rule) => write!(f, "{}: rule '{}': {}", self.file, rule, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Parses YAML; `file` names the source in errors.
+    pub fn parse(file: &str, yaml: &str) -> Result<Config, ConfigError> {
+        serde_yaml::from_str(yaml).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            rule: None,
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let yaml = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            rule: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&file, &yaml)
+    }
+
+    /// Every check that does not need the kernel's cooperation: interfaces exist, addresses and
+    /// ports are valid, names and inputs are unique, no output loops back into its input.
+    pub fn validate(&self, file: &str, sys: &dyn System) -> Result<(), ConfigError> {
+        let top = |message: String| ConfigError {
+            file: file.to_owned(),
+            rule: None,
+            message,
+        };
+        let UmemConfig { frames, frame_size } = self.umem;
+        if !frames.is_power_of_two() || !(512..=1 << 20).contains(&frames) {
+            return Err(top(format!(
+                "umem.frames is {frames}: it must be a power of two from 512 to 1048576"
+            )));
+        }
+        if frame_size != 2048 && frame_size != 4096 {
+            return Err(top(format!(
+                "umem.frame_size is {frame_size}: AF_XDP takes 2048 or 4096"
+            )));
+        }
+        if self.rules.is_empty() {
+            return Err(top("no rules: there is nothing to relay".to_owned()));
+        }
+
+        let mut names = HashSet::new();
+        let mut inputs = HashSet::new();
+        for rule in &self.rules {
+            let err = |message: String| ConfigError {
+                file: file.to_owned(),
+                rule: Some(rule.name.clone()),
+                message,
+            };
+            if rule.name.is_empty() {
+                return Err(err("the rule name is empty".to_owned()));
+            }
+            if !names.insert(rule.name.as_str()) {
+                return Err(err("duplicate rule name".to_owned()));
+            }
+            let input = &rule.input;
+            if sys.interface(&input.interface).is_none() {
+                return Err(err(format!(
+                    "input interface '{}' does not exist",
+                    input.interface
+                )));
+            }
+            if !input.group.is_multicast() {
+                return Err(err(format!(
+                    "input group {} is not a multicast address (224.0.0.0/4)",
+                    input.group
+                )));
+            }
+            if input.port == Some(0) {
+                return Err(err("input port 0 is not a valid UDP port".to_owned()));
+            }
+            if let Some(src) = input.source {
+                if src.is_multicast() || src.is_unspecified() || src.is_broadcast() {
+                    return Err(err(format!(
+                        "input source {src} is not a unicast host address"
+                    )));
+                }
+            }
+            let key = (&input.interface, input.group, input.port, input.source);
+            if !inputs.insert(key) {
+                return Err(err(format!(
+                    "another rule already has the input {} {}:{} from {}",
+                    input.interface,
+                    input.group,
+                    input.port.map_or("any".to_owned(), |p| p.to_string()),
+                    input.source.map_or("any".to_owned(), |s| s.to_string()),
+                )));
+            }
+            if rule.outputs.is_empty() {
+                return Err(err("no outputs".to_owned()));
+            }
+            for out in &rule.outputs {
+                if sys.interface(&out.interface).is_none() {
+                    return Err(err(format!(
+                        "output interface '{}' does not exist",
+                        out.interface
+                    )));
+                }
+                if let Some(g) = out.group {
+                    if !g.is_multicast() {
+                        return Err(err(format!(
+                            "output group {g} on '{}' is not a multicast address",
+                            out.interface
+                        )));
+                    }
+                }
+                if out.port == Some(0) {
+                    return Err(err(format!(
+                        "output port 0 on '{}' is not a valid UDP port",
+                        out.interface
+                    )));
+                }
+                if out.ttl == Some(0) {
+                    return Err(err(format!(
+                        "output ttl 0 on '{}' would never be delivered",
+                        out.interface
+                    )));
+                }
+                let same_group = out.group.is_none_or(|g| g == input.group);
+                let same_port = out.port.is_none() || out.port == input.port;
+                if out.interface == input.interface && same_group && same_port {
+                    return Err(err(format!(
+                        "output on '{}' sends the input's own group and port back out of its \
+                         input interface: a loop",
+                        out.interface
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    pub(crate) struct FakeSystem(pub HashMap<&'static str, InterfaceInfo>);
+
+    impl System for FakeSystem {
+        fn interface(&self, name: &str) -> Option<InterfaceInfo> {
+            self.0.get(name).copied()
+        }
+    }
+
+    pub(crate) fn fake() -> FakeSystem {
+        let mut m = HashMap::new();
+        for (i, n) in ["in0", "out0", "out1"].into_iter().enumerate() {
+            m.insert(
+                n,
+                InterfaceInfo {
+                    ifindex: 10 + i as u32,
+                    mac: [2, 0, 0, 0, 0, i as u8],
+                    rx_queues: 1,
+                },
+            );
+        }
+        FakeSystem(m)
+    }
+
+    const EXAMPLE: &str = r#"
+allocator: lockfree
+umem: { frames: 4096, frame_size: 2048 }
+xdp_mode: auto
+bind: auto
+rules:
+  - name: video-a
+    input:
+      interface: in0
+      group: 239.1.1.1
+      port: 5000
+      source: 198.18.1.1
+    outputs:
+      - interface: out0
+      - interface: out1
+        group: 239.2.2.2
+        port: 6000
+        ttl: 16
+"#;
+
+    #[test]
+    fn the_documented_example_parses_and_validates() {
+        let c = Config::parse("rules.yaml", EXAMPLE).unwrap();
+        c.validate("rules.yaml", &fake()).unwrap();
+        assert_eq!(
+            c.rules[0].outputs[1].group,
+            Some(Ipv4Addr::new(239, 2, 2, 2))
+        );
+        assert_eq!(c.rules[0].outputs[1].ttl, Some(16));
+        assert_eq!(c.rules[0].input.source, Some(Ipv4Addr::new(198, 18, 1, 1)));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::parse(
+            "r.yaml",
+            "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1}\n    outputs: [{interface: out0}]\n",
+        )
+        .unwrap();
+        assert_eq!(c.allocator, AllocatorKind::Lockfree);
+        assert_eq!(
+            c.umem,
+            UmemConfig {
+                frames: 4096,
+                frame_size: 2048
+            }
+        );
+        assert_eq!(c.xdp_mode, XdpModeConfig::Auto);
+        assert_eq!(c.bind, BindMode::Auto);
+        assert_eq!(c.rules[0].input.port, None);
+        c.validate("r.yaml", &fake()).unwrap();
+    }
+
+    /// Each broken config and the exact message it must produce.
+    #[test]
+    fn broken_configs_name_file_rule_and_value() {
+        let rule = |input: &str, outputs: &str| {
+            format!("rules:\n  - name: r1\n    input: {input}\n    outputs: {outputs}\n")
+        };
+        let ok_in = "{interface: in0, group: 239.1.1.1, port: 5000}";
+        let ok_out = "[{interface: out0}]";
+        let cases: Vec<(String, &str)> = vec![
+            (
+                rule("{interface: eth9, group: 239.1.1.1}", ok_out),
+                "r.yaml: rule 'r1': input interface 'eth9' does not exist",
+            ),
+            (
+                rule(ok_in, "[{interface: nope0}]"),
+                "r.yaml: rule 'r1': output interface 'nope0' does not exist",
+            ),
+            (
+                rule("{interface: in0, group: 10.1.1.1}", ok_out),
+                "r.yaml: rule 'r1': input group 10.1.1.1 is not a multicast address (224.0.0.0/4)",
+            ),
+            (
+                rule(ok_in, "[{interface: out0, group: 198.18.0.1}]"),
+                "r.yaml: rule 'r1': output group 198.18.0.1 on 'out0' is not a multicast address",
+            ),
+            (
+                rule("{interface: in0, group: 239.1.1.1, port: 0}", ok_out),
+                "r.yaml: rule 'r1': input port 0 is not a valid UDP port",
+            ),
+            (
+                rule(ok_in, "[{interface: out0, port: 0}]"),
+                "r.yaml: rule 'r1': output port 0 on 'out0' is not a valid UDP port",
+            ),
+            (
+                rule(ok_in, "[{interface: out0, ttl: 0}]"),
+                "r.yaml: rule 'r1': output ttl 0 on 'out0' would never be delivered",
+            ),
+            (rule(ok_in, "[]"), "r.yaml: rule 'r1': no outputs"),
+            (
+                rule(
+                    "{interface: in0, group: 239.1.1.1, source: 239.9.9.9}",
+                    ok_out,
+                ),
+                "r.yaml: rule 'r1': input source 239.9.9.9 is not a unicast host address",
+            ),
+            (
+                rule(ok_in, "[{interface: in0}]"),
+                "r.yaml: rule 'r1': output on 'in0' sends the input's own group and port back out of its input interface: a loop",
+            ),
+            (
+                format!(
+                    "{}  - name: r1\n    input: {{interface: in0, group: 239.1.1.2}}\n    outputs: {ok_out}\n",
+                    rule(ok_in, ok_out)
+                ),
+                "r.yaml: rule 'r1': duplicate rule name",
+            ),
+            (
+                format!(
+                    "{}  - name: r2\n    input: {ok_in}\n    outputs: {ok_out}\n",
+                    rule(ok_in, ok_out)
+                ),
+                "r.yaml: rule 'r2': another rule already has the input in0 239.1.1.1:5000 from any",
+            ),
+            (
+                "rules: []\n".to_owned(),
+                "r.yaml: no rules: there is nothing to relay",
+            ),
+            (
+                format!("umem: {{frames: 1000}}\n{}", rule(ok_in, ok_out)),
+                "r.yaml: umem.frames is 1000: it must be a power of two from 512 to 1048576",
+            ),
+            (
+                format!("umem: {{frame_size: 1024}}\n{}", rule(ok_in, ok_out)),
+                "r.yaml: umem.frame_size is 1024: AF_XDP takes 2048 or 4096",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let c = Config::parse("r.yaml", &yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            let got = c.validate("r.yaml", &fake()).expect_err(&yaml).to_string();
+            assert_eq!(got, want, "for\n{yaml}");
+        }
+    }
+
+    #[test]
+    fn parse_errors_carry_position_and_reject_unknown_keys() {
+        let unknown = "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, prot: 5}\n    outputs: [{interface: out0}]\n";
+        let e = Config::parse("r.yaml", unknown).unwrap_err().to_string();
+        assert!(
+            e.starts_with("r.yaml: rules[0].input: unknown field `prot`"),
+            "{e}"
+        );
+        assert!(e.contains("line 3"), "{e}");
+
+        let big_port = "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, port: 70000}\n    outputs: [{interface: out0}]\n";
+        let e = Config::parse("r.yaml", big_port).unwrap_err().to_string();
+        assert!(e.contains("70000") && e.contains("u16"), "{e}");
+
+        let bad_group = "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0}\n    outputs: [{interface: out0}]\n";
+        let e = Config::parse("r.yaml", bad_group).unwrap_err().to_string();
+        assert!(e.contains("invalid IPv4 address syntax"), "{e}");
+
+        let syntax = "rules:\n  - name: [a\n";
+        let e = Config::parse("r.yaml", syntax).unwrap_err().to_string();
+        assert!(e.contains("line") && e.contains("column"), "{e}");
+
+        let alloc = "allocator: spinlock\nrules: []\n";
+        let e = Config::parse("r.yaml", alloc).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown variant `spinlock`") && e.contains("lockfree"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! relay: a multicast UDP relay built on XDP and AF_XDP.
+//!
+//! The modules split as quinn splits `quinn-proto` from `quinn`: [`wire`], [`checksum`],
+//! [`rewrite`], [`config`], [`rules`] and [`pool`] are logic with no I/O, tested without root;
+//! [`sys`], [`loader`] and [`datapath`] talk to the kernel.
+
+pub mod checksum;
+pub mod config;
+pub mod craft;
+pub mod pool;
+pub mod rewrite;
+pub mod rules;
+pub mod wire;

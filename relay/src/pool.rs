@@ -1,0 +1,335 @@
+//! The UMEM frame allocator: which frames are free for the fill ring or for a fan-out copy.
+//!
+//! Frames are named by index (`addr / frame_size`). Two implementations sit behind one trait and
+//! are chosen at run time: a lock-free pool (the default) and a mutex pool (the fallback and the
+//! baseline it is measured against). Neither blocks or panics when empty or full: taking from an
+//! empty pool yields fewer frames, and the caller drops the packet and counts it.
+
+use std::sync::{
+    Mutex,
+    atomic::{AtomicU64, AtomicUsize, Ordering},
+};
+
+use crossbeam_queue::ArrayQueue;
+use serde::Deserialize;
+
+/// Which pool implementation to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocatorKind {
+    /// crossbeam `ArrayQueue`: no lock on take or give-back.
+    #[default]
+    Lockfree,
+    /// `Mutex<Vec<u32>>`: simple, and the baseline.
+    Mutex,
+}
+
+impl AllocatorKind {
+    /// The name the logs use.
+    pub fn describe(self) -> &'static str {
+        match self {
+            AllocatorKind::Lockfree => "lock-free",
+            AllocatorKind::Mutex => "mutex",
+        }
+    }
+}
+
+/// Counters every pool keeps.
+#[derive(Debug, Default)]
+struct Watermarks {
+    low_water: AtomicUsize,
+    /// Frames given back while the pool was already full: a double give-back, which is a bug;
+    /// counted rather than allowed to corrupt the pool.
+    rejected: AtomicU64,
+}
+
+impl Watermarks {
+    fn new(capacity: usize) -> Self {
+        Self {
+            low_water: AtomicUsize::new(capacity),
+            rejected: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, free: usize) {
+        // Read first: the common case writes nothing, so the cache line stays shared.
+        if free < self.low_water.load(Ordering::Relaxed) {
+            self.low_water.fetch_min(free, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A snapshot of a pool's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub capacity: usize,
+    pub free: usize,
+    pub low_water: usize,
+    pub rejected: u64,
+}
+
+impl PoolStats {
+    pub fn in_flight(&self) -> usize {
+        self.capacity - self.free
+    }
+}
+
+/// A pool of UMEM frame indices, shared by the threads of the data path.
+pub trait FramePool: Send + Sync {
+    fn kind(&self) -> AllocatorKind;
+    fn capacity(&self) -> usize;
+    /// Frames free right now.
+    fn free(&self) -> usize;
+    /// Appends up to `n` free frames to `out`; returns how many it appended.
+    fn take_batch(&self, out: &mut Vec<u32>, n: usize) -> usize;
+    /// Returns frames to the pool.
+    fn give_batch(&self, frames: &[u32]);
+    fn stats(&self) -> PoolStats;
+
+    fn take(&self) -> Option<u32> {
+        let mut one = Vec::with_capacity(1);
+        (self.take_batch(&mut one, 1) == 1).then(|| one[0])
+    }
+
+    fn give(&self, frame: u32) {
+        self.give_batch(&[frame]);
+    }
+}
+
+/// Builds the pool `kind` holding frames `0..frames`, all free.
+pub fn new_pool(kind: AllocatorKind, frames: u32) -> Box<dyn FramePool> {
+    match kind {
+        AllocatorKind::Lockfree => Box::new(LockFreePool::new(frames)),
+        AllocatorKind::Mutex => Box::new(MutexPool::new(frames)),
+    }
+}
+
+/// Lock-free pool on a bounded MPMC queue.
+pub struct LockFreePool {
+    queue: ArrayQueue<u32>,
+    marks: Watermarks,
+}
+
+impl LockFreePool {
+    pub fn new(frames: u32) -> Self {
+        let queue = ArrayQueue::new(frames.max(1) as usize);
+        for f in 0..frames {
+            queue
+                .push(f)
+                .expect("the queue holds exactly `frames` entries");
+        }
+        Self {
+            queue,
+            marks: Watermarks::new(frames as usize),
+        }
+    }
+}
+
+impl FramePool for LockFreePool {
+    fn kind(&self) -> AllocatorKind {
+        AllocatorKind::Lockfree
+    }
+
+    fn capacity(&self) -> usize {
+        self.queue.capacity()
+    }
+
+    fn free(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn take_batch(&self, out: &mut Vec<u32>, n: usize) -> usize {
+        let mut got = 0;
+        while got < n {
+            match self.queue.pop() {
+                Some(f) => {
+                    out.push(f);
+                    got += 1;
+                }
+                None => break,
+            }
+        }
+        self.marks.observe(self.queue.len());
+        got
+    }
+
+    fn give_batch(&self, frames: &[u32]) {
+        for &f in frames {
+            if self.queue.push(f).is_err() {
+                self.marks.rejected.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn stats(&self) -> PoolStats {
+        PoolStats {
+            capacity: self.capacity(),
+            free: self.free(),
+            low_water: self.marks.low_water.load(Ordering::Relaxed),
+            rejected: self.marks.rejected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The mutex pool: a stack of free frames behind one lock.
+pub struct MutexPool {
+    free: Mutex<Vec<u32>>,
+    capacity: usize,
+    marks: Watermarks,
+}
+
+impl MutexPool {
+    pub fn new(frames: u32) -> Self {
+        Self {
+            free: Mutex::new((0..frames).rev().collect()),
+            capacity: frames as usize,
+            marks: Watermarks::new(frames as usize),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+        // Nothing that runs under the lock can panic half-way through an update, so a poisoned
+        // lock still guards a consistent stack.
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl FramePool for MutexPool {
+    fn kind(&self) -> AllocatorKind {
+        AllocatorKind::Mutex
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn free(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn take_batch(&self, out: &mut Vec<u32>, n: usize) -> usize {
+        let mut free = self.lock();
+        let got = n.min(free.len());
+        let at = free.len() - got;
+        out.extend(free.drain(at..));
+        self.marks.observe(free.len());
+        got
+    }
+
+    fn give_batch(&self, frames: &[u32]) {
+        let mut free = self.lock();
+        let room = self.capacity - free.len();
+        let (fits, over) = frames.split_at(frames.len().min(room));
+        free.extend_from_slice(fits);
+        if !over.is_empty() {
+            self.marks
+                .rejected
+                .fetch_add(over.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn stats(&self) -> PoolStats {
+        PoolStats {
+            capacity: self.capacity,
+            free: self.free(),
+            low_water: self.marks.low_water.load(Ordering::Relaxed),
+            rejected: self.marks.rejected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{collections::BTreeSet, sync::Arc};
+
+    const KINDS: [AllocatorKind; 2] = [AllocatorKind::Lockfree, AllocatorKind::Mutex];
+
+    /// One test body, run against each implementation.
+    fn each(test: impl Fn(Box<dyn FramePool>)) {
+        for kind in KINDS {
+            let pool = new_pool(kind, 64);
+            assert_eq!(pool.kind(), kind);
+            test(pool);
+        }
+    }
+
+    #[test]
+    fn starts_full_and_hands_out_each_frame_once() {
+        each(|pool| {
+            assert_eq!(pool.capacity(), 64);
+            assert_eq!(pool.free(), 64);
+            let mut got = Vec::new();
+            assert_eq!(pool.take_batch(&mut got, 100), 64);
+            let set: BTreeSet<u32> = got.iter().copied().collect();
+            assert_eq!(set, (0..64).collect());
+            assert_eq!(pool.take(), None);
+            assert_eq!(pool.free(), 0);
+        });
+    }
+
+    #[test]
+    fn exhaustion_yields_short_batches_and_recovers() {
+        each(|pool| {
+            let mut a = Vec::new();
+            assert_eq!(pool.take_batch(&mut a, 60), 60);
+            let mut b = Vec::new();
+            assert_eq!(pool.take_batch(&mut b, 16), 4);
+            assert_eq!(pool.take_batch(&mut b, 16), 0);
+            pool.give_batch(&a);
+            pool.give_batch(&b);
+            assert_eq!(pool.free(), 64);
+            let s = pool.stats();
+            assert_eq!((s.low_water, s.rejected, s.in_flight()), (0, 0, 0));
+        });
+    }
+
+    #[test]
+    fn overfilling_is_counted_not_stored() {
+        each(|pool| {
+            let f = pool.take().unwrap();
+            pool.give(f);
+            pool.give(f); // a double give-back
+            assert_eq!(pool.free(), 64);
+            assert_eq!(pool.stats().rejected, 1);
+        });
+    }
+
+    #[test]
+    fn cross_thread_give_back_loses_nothing() {
+        for kind in KINDS {
+            let pool: Arc<dyn FramePool> = Arc::from(new_pool(kind, 256));
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u32>>(4);
+            let taker = {
+                let pool = pool.clone();
+                std::thread::spawn(move || {
+                    let mut moved = 0usize;
+                    while moved < 200_000 {
+                        let mut batch = Vec::with_capacity(16);
+                        if pool.take_batch(&mut batch, 16) > 0 {
+                            moved += batch.len();
+                            tx.send(batch).unwrap();
+                        } else {
+                            std::thread::yield_now();
+                        }
+                    }
+                })
+            };
+            let giver = {
+                let pool = pool.clone();
+                std::thread::spawn(move || {
+                    for batch in rx {
+                        pool.give_batch(&batch);
+                    }
+                })
+            };
+            taker.join().unwrap();
+            giver.join().unwrap();
+            let mut all = Vec::new();
+            assert_eq!(pool.take_batch(&mut all, 1000), 256, "{kind:?}");
+            all.sort_unstable();
+            assert_eq!(all, (0..256).collect::<Vec<_>>(), "{kind:?}");
+            assert_eq!(pool.stats().rejected, 0);
+        }
+    }
+}

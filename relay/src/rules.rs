@@ -1,0 +1,246 @@
+//! The compiled rule table: what the XDP program's maps hold, and what the data path looks up
+//! for each redirected frame.
+
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use relay_common::{RuleKey, RuleValue};
+
+use crate::{
+    config::{Config, ConfigError, InterfaceInfo, System},
+    rewrite::OutputAction,
+    wire::Flow,
+};
+
+/// An interface the relay receives on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ingress {
+    pub name: String,
+    pub info: InterfaceInfo,
+}
+
+/// An interface the relay transmits on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Egress {
+    pub name: String,
+    pub info: InterfaceInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledOutput {
+    /// Index into [`RuleTable::egress`].
+    pub egress: usize,
+    pub action: OutputAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledRule {
+    pub name: String,
+    pub ingress_ifindex: u32,
+    pub group: Ipv4Addr,
+    pub port: Option<u16>,
+    pub source: Option<Ipv4Addr>,
+    pub outputs: Vec<CompiledOutput>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RuleTable {
+    pub rules: Vec<CompiledRule>,
+    pub ingress: Vec<Ingress>,
+    pub egress: Vec<Egress>,
+    keys: HashMap<RuleKey, u32>,
+}
+
+impl RuleTable {
+    /// Compiles a validated configuration against the running system.
+    pub fn compile(cfg: &Config, file: &str, sys: &dyn System) -> Result<Self, ConfigError> {
+        cfg.validate(file, sys)?;
+        let mut table = RuleTable::default();
+        for (id, rule) in cfg.rules.iter().enumerate() {
+            let missing = |name: &str| ConfigError {
+                file: file.to_owned(),
+                rule: Some(rule.name.clone()),
+                message: format!("interface '{name}' disappeared while loading"),
+            };
+            let in_info = sys
+                .interface(&rule.input.interface)
+                .ok_or_else(|| missing(&rule.input.interface))?;
+            if !table.ingress.iter().any(|i| i.name == rule.input.interface) {
+                table.ingress.push(Ingress {
+                    name: rule.input.interface.clone(),
+                    info: in_info,
+                });
+            }
+            let mut outputs = Vec::with_capacity(rule.outputs.len());
+            for out in &rule.outputs {
+                let info = sys
+                    .interface(&out.interface)
+                    .ok_or_else(|| missing(&out.interface))?;
+                let egress = match table.egress.iter().position(|e| e.name == out.interface) {
+                    Some(i) => i,
+                    None => {
+                        table.egress.push(Egress {
+                            name: out.interface.clone(),
+                            info,
+                        });
+                        table.egress.len() - 1
+                    }
+                };
+                outputs.push(CompiledOutput {
+                    egress,
+                    action: OutputAction {
+                        src_mac: info.mac,
+                        group: out.group,
+                        port: out.port,
+                        ttl: out.ttl,
+                    },
+                });
+            }
+            let key = RuleKey::new(
+                in_info.ifindex,
+                rule.input.group.octets(),
+                rule.input.source.map_or([0; 4], |s| s.octets()),
+                rule.input.port.unwrap_or(0),
+            );
+            table.keys.insert(key, id as u32);
+            table.rules.push(CompiledRule {
+                name: rule.name.clone(),
+                ingress_ifindex: in_info.ifindex,
+                group: rule.input.group,
+                port: rule.input.port,
+                source: rule.input.source,
+                outputs,
+            });
+        }
+        Ok(table)
+    }
+
+    /// The entries of the XDP program's rule map.
+    pub fn bpf_entries(&self) -> impl Iterator<Item = (RuleKey, RuleValue)> + '_ {
+        self.keys
+            .iter()
+            .map(|(k, &rule_id)| (*k, RuleValue { rule_id }))
+    }
+
+    /// The rule for a frame that arrived on `ifindex`, in the XDP program's order: (S,G,port),
+    /// (S,G,*), (*,G,port), (*,G,*).
+    pub fn lookup(&self, ifindex: u32, flow: &Flow) -> Option<u32> {
+        let (g, s, p) = (flow.group.octets(), flow.source.octets(), flow.port);
+        [(s, p), (s, 0), ([0; 4], p), ([0; 4], 0)]
+            .into_iter()
+            .find_map(|(src, port)| self.keys.get(&RuleKey::new(ifindex, g, src, port)))
+            .copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Input, Output, Rule, tests::fake};
+    use proptest::prelude::*;
+
+    fn flow(group: [u8; 4], source: [u8; 4], port: u16) -> Flow {
+        Flow {
+            l3: 14,
+            l4: 34,
+            source: source.into(),
+            group: group.into(),
+            port,
+        }
+    }
+
+    fn rule(name: String, group: [u8; 4], port: Option<u16>, source: Option<[u8; 4]>) -> Rule {
+        Rule {
+            name,
+            input: Input {
+                interface: "in0".into(),
+                group: group.into(),
+                port,
+                source: source.map(Into::into),
+            },
+            outputs: vec![Output {
+                interface: "out0".into(),
+                group: None,
+                port: None,
+                ttl: None,
+            }],
+        }
+    }
+
+    fn config(rules: Vec<Rule>) -> Config {
+        Config::parse("t", "rules: []")
+            .map(|c| Config { rules, ..c })
+            .unwrap()
+    }
+
+    #[test]
+    fn compiles_interfaces_and_actions() {
+        let mut c = config(vec![rule("a".into(), [239, 1, 1, 1], Some(5000), None)]);
+        c.rules[0].outputs.push(Output {
+            interface: "out1".into(),
+            group: Some([239, 2, 2, 2].into()),
+            port: Some(6000),
+            ttl: Some(3),
+        });
+        let t = RuleTable::compile(&c, "t", &fake()).unwrap();
+        assert_eq!(t.ingress.len(), 1);
+        assert_eq!(t.ingress[0].info.ifindex, 10);
+        assert_eq!(
+            t.egress.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["out0", "out1"]
+        );
+        let o = &t.rules[0].outputs[1];
+        assert_eq!(o.egress, 1);
+        assert_eq!(o.action.src_mac, [2, 0, 0, 0, 0, 2]);
+        assert_eq!((o.action.port, o.action.ttl), (Some(6000), Some(3)));
+        assert_eq!(t.bpf_entries().count(), 1);
+        assert_eq!(
+            t.lookup(10, &flow([239, 1, 1, 1], [1, 2, 3, 4], 5000)),
+            Some(0)
+        );
+        assert_eq!(
+            t.lookup(10, &flow([239, 1, 1, 1], [1, 2, 3, 4], 5001)),
+            None
+        );
+        assert_eq!(
+            t.lookup(11, &flow([239, 1, 1, 1], [1, 2, 3, 4], 5000)),
+            None
+        );
+    }
+
+    /// The reference model: among the rules whose input covers the frame, the one with a
+    /// source wins over one without, then one with a port over one without.
+    fn model(rules: &[Rule], f: &Flow) -> Option<u32> {
+        rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.input.group == f.group
+                    && r.input.port.is_none_or(|p| p == f.port)
+                    && r.input.source.is_none_or(|s| s == f.source)
+            })
+            .max_by_key(|(_, r)| (r.input.source.is_some(), r.input.port.is_some()))
+            .map(|(i, _)| i as u32)
+    }
+
+    proptest! {
+        #[test]
+        fn lookup_agrees_with_model(
+            specs in proptest::collection::vec(
+                (0u8..3, proptest::option::of(5000u16..5003), proptest::option::of(1u8..4)), 1..24),
+            probes in proptest::collection::vec((0u8..3, 5000u16..5003, 1u8..4), 1..32),
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let rules: Vec<Rule> = specs
+                .into_iter()
+                .filter(|s| seen.insert(*s))
+                .enumerate()
+                .map(|(i, (g, p, s))| rule(format!("r{i}"), [239, 0, 0, g], p, s.map(|s| [198, 18, 0, s])))
+                .collect();
+            let t = RuleTable::compile(&config(rules.clone()), "t", &fake()).unwrap();
+            for (g, p, s) in probes {
+                let f = flow([239, 0, 0, g], [198, 18, 0, s], p);
+                prop_assert_eq!(t.lookup(10, &f), model(&rules, &f));
+            }
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! Zero-copy views of the headers the relay reads and rewrites, in the manner of smoltcp's
+//! `wire` module: a view wraps any `T: AsRef<[u8]>`, `new_checked` proves the buffer is long
+//! enough for every accessor, and nothing here panics on short or odd input.
+
+use std::net::Ipv4Addr;
+
+/// Why a buffer is not a frame the relay handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Malformed {
+    /// Shorter than the header it should hold.
+    Truncated,
+    /// A header field says something impossible (IPv4 version, IHL below 5, lengths that
+    /// point past the frame).
+    BadHeader,
+}
+
+pub const ETH_HLEN: usize = 14;
+pub const VLAN_HLEN: usize = 4;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+pub const IPV4_MIN_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+pub const IPPROTO_UDP: u8 = 17;
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// An Ethernet II header, with at most one 802.1Q/802.1ad tag skipped.
+#[derive(Debug, Clone)]
+pub struct EthernetFrame<T: AsRef<[u8]>> {
+    buffer: T,
+    header_len: usize,
+}
+
+impl<T: AsRef<[u8]>> EthernetFrame<T> {
+    pub fn new_checked(buffer: T) -> Result<Self, Malformed> {
+        let b = buffer.as_ref();
+        if b.len() < ETH_HLEN {
+            return Err(Malformed::Truncated);
+        }
+        let outer = be16(b, 12);
+        let header_len = if outer == ETH_P_8021Q || outer == ETH_P_8021AD {
+            if b.len() < ETH_HLEN + VLAN_HLEN {
+                return Err(Malformed::Truncated);
+            }
+            ETH_HLEN + VLAN_HLEN
+        } else {
+            ETH_HLEN
+        };
+        Ok(Self { buffer, header_len })
+    }
+
+    pub fn dst_mac(&self) -> [u8; 6] {
+        self.buffer.as_ref()[0..6]
+            .try_into()
+            .expect("checked length")
+    }
+
+    pub fn src_mac(&self) -> [u8; 6] {
+        self.buffer.as_ref()[6..12]
+            .try_into()
+            .expect("checked length")
+    }
+
+    /// The ethertype after any VLAN tag.
+    pub fn ethertype(&self) -> u16 {
+        be16(self.buffer.as_ref(), self.header_len - 2)
+    }
+
+    /// Length of the Ethernet header including the VLAN tag: where the payload starts.
+    pub fn header_len(&self) -> usize {
+        self.header_len
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.buffer.as_ref()[self.header_len..]
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> EthernetFrame<T> {
+    pub fn set_dst_mac(&mut self, mac: [u8; 6]) {
+        self.buffer.as_mut()[0..6].copy_from_slice(&mac);
+    }
+
+    pub fn set_src_mac(&mut self, mac: [u8; 6]) {
+        self.buffer.as_mut()[6..12].copy_from_slice(&mac);
+    }
+}
+
+/// An IPv4 header and what follows it.
+#[derive(Debug, Clone)]
+pub struct Ipv4Packet<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+impl<T: AsRef<[u8]>> Ipv4Packet<T> {
+    /// Checks version, IHL and that the whole header (options included) is in the buffer.
+    pub fn new_checked(buffer: T) -> Result<Self, Malformed> {
+        let b = buffer.as_ref();
+        if b.len() < IPV4_MIN_HLEN {
+            return Err(Malformed::Truncated);
+        }
+        if b[0] >> 4 != 4 {
+            return Err(Malformed::BadHeader);
+        }
+        let ihl = usize::from(b[0] & 0x0f) * 4;
+        if ihl < IPV4_MIN_HLEN {
+            return Err(Malformed::BadHeader);
+        }
+        if b.len() < ihl {
+            return Err(Malformed::Truncated);
+        }
+        Ok(Self { buffer })
+    }
+
+    pub fn header_len(&self) -> usize {
+        usize::from(self.buffer.as_ref()[0] & 0x0f) * 4
+    }
+
+    pub fn total_len(&self) -> u16 {
+        be16(self.buffer.as_ref(), 2)
+    }
+
+    /// True for any fragment: more-fragments set or a non-zero offset.
+    pub fn is_fragment(&self) -> bool {
+        be16(self.buffer.as_ref(), 6) & 0x3fff != 0
+    }
+
+    pub fn ttl(&self) -> u8 {
+        self.buffer.as_ref()[8]
+    }
+
+    pub fn protocol(&self) -> u8 {
+        self.buffer.as_ref()[9]
+    }
+
+    pub fn checksum(&self) -> u16 {
+        be16(self.buffer.as_ref(), 10)
+    }
+
+    pub fn src_addr(&self) -> Ipv4Addr {
+        let b = self.buffer.as_ref();
+        Ipv4Addr::new(b[12], b[13], b[14], b[15])
+    }
+
+    pub fn dst_addr(&self) -> Ipv4Addr {
+        let b = self.buffer.as_ref();
+        Ipv4Addr::new(b[16], b[17], b[18], b[19])
+    }
+
+    pub fn header(&self) -> &[u8] {
+        &self.buffer.as_ref()[..self.header_len()]
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.buffer.as_ref()[self.header_len()..]
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
+    pub fn set_ttl(&mut self, ttl: u8) {
+        self.buffer.as_mut()[8] = ttl;
+    }
+
+    pub fn set_checksum(&mut self, sum: u16) {
+        put16(self.buffer.as_mut(), 10, sum);
+    }
+
+    pub fn set_dst_addr(&mut self, addr: Ipv4Addr) {
+        self.buffer.as_mut()[16..20].copy_from_slice(&addr.octets());
+    }
+
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        let hl = self.header_len();
+        &mut self.buffer.as_mut()[hl..]
+    }
+}
+
+/// A UDP header and its payload.
+#[derive(Debug, Clone)]
+pub struct UdpPacket<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+impl<T: AsRef<[u8]>> UdpPacket<T> {
+    pub fn new_checked(buffer: T) -> Result<Self, Malformed> {
+        if buffer.as_ref().len() < UDP_HLEN {
+            return Err(Malformed::Truncated);
+        }
+        Ok(Self { buffer })
+    }
+
+    pub fn src_port(&self) -> u16 {
+        be16(self.buffer.as_ref(), 0)
+    }
+
+    pub fn dst_port(&self) -> u16 {
+        be16(self.buffer.as_ref(), 2)
+    }
+
+    pub fn len(&self) -> u16 {
+        be16(self.buffer.as_ref(), 4)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() as usize <= UDP_HLEN
+    }
+
+    pub fn checksum(&self) -> u16 {
+        be16(self.buffer.as_ref(), 6)
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.buffer.as_ref()[UDP_HLEN..]
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
+    pub fn set_dst_port(&mut self, port: u16) {
+        put16(self.buffer.as_mut(), 2, port);
+    }
+
+    pub fn set_checksum(&mut self, sum: u16) {
+        put16(self.buffer.as_mut(), 6, sum);
+    }
+}
+
+/// Where the headers of a multicast IPv4 UDP frame sit, and the fields the relay matches on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    /// Offset of the IPv4 header.
+    pub l3: usize,
+    /// Offset of the UDP header.
+    pub l4: usize,
+    pub source: Ipv4Addr,
+    pub group: Ipv4Addr,
+    pub port: u16,
+}
+
+/// What the XDP program decides for a frame, computed the same way in userspace: `Some` for
+/// an unfragmented IPv4 UDP frame to a multicast group, `None` (pass to the kernel) for
+/// everything else. Used by the data path to find the rule and header offsets of a frame the
+/// XDP program redirected, and by tests as the model of the XDP program.
+pub fn classify(frame: &[u8]) -> Option<Flow> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != ETH_P_IP {
+        return None;
+    }
+    let l3 = eth.header_len();
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.is_fragment() || ip.protocol() != IPPROTO_UDP || !ip.dst_addr().is_multicast() {
+        return None;
+    }
+    let l4 = l3 + ip.header_len();
+    let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+    Some(Flow {
+        l3,
+        l4,
+        source: ip.src_addr(),
+        group: ip.dst_addr(),
+        port: udp.dst_port(),
+    })
+}
+
+/// The Ethernet address an IPv4 group maps to (RFC 1112): 01:00:5e and the group's low 23 bits.
+pub fn ipv4_multicast_mac(group: Ipv4Addr) -> [u8; 6] {
+    let o = group.octets();
+    [0x01, 0x00, 0x5e, o[1] & 0x7f, o[2], o[3]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn multicast_mac_keeps_low_23_bits() {
+        assert_eq!(
+            ipv4_multicast_mac(Ipv4Addr::new(239, 129, 2, 3)),
+            [0x01, 0x00, 0x5e, 0x01, 0x02, 0x03]
+        );
+        assert_eq!(
+            ipv4_multicast_mac(Ipv4Addr::new(224, 0, 0, 251)),
+            [0x01, 0x00, 0x5e, 0x00, 0x00, 0xfb]
+        );
+    }
+
+    #[test]
+    fn short_buffers_are_truncated_not_panics() {
+        for len in 0..ETH_HLEN {
+            assert_eq!(
+                EthernetFrame::new_checked(&[0u8; 64][..len]).err(),
+                Some(Malformed::Truncated)
+            );
+        }
+        let mut tagged = [0u8; 17];
+        tagged[12..14].copy_from_slice(&ETH_P_8021Q.to_be_bytes());
+        assert_eq!(
+            EthernetFrame::new_checked(&tagged[..]).err(),
+            Some(Malformed::Truncated)
+        );
+        assert_eq!(
+            Ipv4Packet::new_checked(&[0x45u8; 19][..]).err(),
+            Some(Malformed::Truncated)
+        );
+        // IHL 15 claims 60 bytes of header.
+        assert_eq!(
+            Ipv4Packet::new_checked(&[0x4fu8; 40][..]).err(),
+            Some(Malformed::Truncated)
+        );
+        assert_eq!(
+            Ipv4Packet::new_checked(&[0x44u8; 40][..]).err(),
+            Some(Malformed::BadHeader)
+        );
+        assert_eq!(
+            Ipv4Packet::new_checked(&[0x65u8; 40][..]).err(),
+            Some(Malformed::BadHeader)
+        );
+        assert_eq!(
+            UdpPacket::new_checked(&[0u8; 7][..]).err(),
+            Some(Malformed::Truncated)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn views_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = classify(&bytes);
+            if let Ok(eth) = EthernetFrame::new_checked(&bytes[..]) {
+                let _ = (eth.dst_mac(), eth.src_mac(), eth.ethertype());
+                if let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) {
+                    let _ = (ip.ttl(), ip.protocol(), ip.src_addr(), ip.dst_addr(), ip.total_len());
+                    if let Ok(udp) = UdpPacket::new_checked(ip.payload()) {
+                        let _ = (udp.src_port(), udp.dst_port(), udp.len(), udp.checksum(), udp.payload());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Installs everything relay needs to build and test on a fresh Debian 12 machine, and nothing
+# that is already there. Safe to run again; each step checks before it acts.
+#
+# Why a shell script: the repository pins its toolchains (rust-toolchain.toml) and rustup runs
+# with RUSTUP_AUTO_INSTALL=0, so no `cargo` command works in this tree until the pinned stable
+# exists. Everything after this script is `cargo xtask ...`.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+STABLE=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+NIGHTLY=$(cat relay-ebpf/NIGHTLY)
+BPF_LINKER_VERSION=0.13.0
+
+say() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
+
+# --- apt packages -------------------------------------------------------------------------
+# libxdp-sys (under xsk-rs) compiles libxdp/libbpf from source with clang, m4, libelf and zlib.
+# iproute2/ethtool/tcpdump/bpftool are used by the namespace harness and by operators.
+APT_PKGS=(pkg-config libelf-dev zlib1g-dev clang m4 llvm libbpf-dev iproute2 ethtool tcpdump
+  bpftool smcroute socat)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- toolchains -----------------------------------------------------------------------------
+if ! rustup toolchain list | grep -q "^$STABLE-"; then
+  say "installing Rust $STABLE (pinned in rust-toolchain.toml)"
+  rustup toolchain install "$STABLE" --profile minimal -c clippy,rustfmt
+fi
+if ! rustup toolchain list | grep -q "^$NIGHTLY-"; then
+  say "installing $NIGHTLY with rust-src (the eBPF crate builds core from source)"
+  rustup toolchain install "$NIGHTLY" --profile minimal -c rust-src
+elif ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^rust-src'; then
+  rustup component add rust-src --toolchain "$NIGHTLY"
+fi
+
+# --- bpf-linker -----------------------------------------------------------------------------
+# Built against the pinned nightly's own libLLVM, so the bitcode rustc emits and the LLVM that
+# links it always agree. The stamp records which libLLVM it was built for.
+sysroot=$(rustc +"$NIGHTLY" --print sysroot)
+libllvm=$(find "$sysroot/lib" -maxdepth 1 -name 'libLLVM.so.*' | head -n1)
+[ -n "$libllvm" ] || { echo "setup: no libLLVM.so.* in $sysroot/lib" >&2; exit 1; }
+llvm_major=$(basename "$libllvm" | sed 's/^libLLVM\.so\.\([0-9]*\).*/\1/')
+stamp="$HOME/.cargo/bin/.bpf-linker-for"
+want="$BPF_LINKER_VERSION $(basename "$libllvm")"
+if ! command -v bpf-linker >/dev/null || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "building bpf-linker $BPF_LINKER_VERSION against LLVM $llvm_major from $NIGHTLY (about a minute)"
+  prefix="$HOME/.cache/relay/llvm-$llvm_major"
+  mkdir -p "$prefix/lib"
+  ln -sf "$libllvm" "$prefix/lib/libLLVM.so"
+  ln -sf "$libllvm" "$prefix/lib/$(basename "$libllvm")"
+  LLVM_PREFIX="$prefix" LD_LIBRARY_PATH="$prefix/lib" cargo +"$STABLE" install bpf-linker \
+    --version "$BPF_LINKER_VERSION" --locked --no-default-features --features "llvm-$llvm_major" \
+    --force
+  echo "$want" >"$stamp"
+fi
+say "ready: $STABLE, $NIGHTLY (+rust-src), bpf-linker $BPF_LINKER_VERSION (LLVM $llvm_major)"
