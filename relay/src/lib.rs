@@ -11,3 +11,7 @@ pub mod pool;
 pub mod rewrite;
 pub mod rules;
 pub mod wire;
+pub mod datapath;
+pub mod loader;
+pub mod report;
+pub mod sys;

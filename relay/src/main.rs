@@ -1,1 +1,150 @@
-fn main() {}
+//! `relay`: forwards multicast UDP between interfaces with XDP and AF_XDP.
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use log::{error, info, warn};
+use relay::{
+    config::Config,
+    datapath::Datapath,
+    loader::Steering,
+    pool::{AllocatorKind, new_pool},
+    report,
+    rules::RuleTable,
+    sys::LiveSystem,
+};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Multicast UDP relay: steers matching multicast with XDP into AF_XDP sockets and \
+             forwards it, rewritten per output, to the interfaces the rules name"
+)]
+struct Cli {
+    /// The YAML rules file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Frame allocator; overrides `allocator:` in the file.
+    #[arg(long, value_enum)]
+    allocator: Option<AllocatorKind>,
+    /// Validate the file against this system and exit: 0 if it would run.
+    #[arg(long)]
+    check: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let file = cli.config.display().to_string();
+    let config = Config::load(&cli.config)?;
+    let table = RuleTable::compile(&config, &file, &LiveSystem)?;
+    if cli.check {
+        println!(
+            "{file}: OK: {} rules, {} ingress and {} egress interfaces",
+            table.rules.len(),
+            table.ingress.len(),
+            table.egress.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        warn!("not running as root: loading XDP and binding AF_XDP need CAP_NET_ADMIN, CAP_BPF and CAP_NET_RAW");
+    }
+
+    let allocator = cli.allocator.unwrap_or(config.allocator);
+    info!("frame allocator: {}", allocator.describe());
+    let pool: Arc<dyn relay::pool::FramePool> =
+        Arc::from(new_pool(allocator, config.umem.frames));
+
+    let mut steering = Steering::load(&table)?;
+    let ingress: Vec<String> = table.ingress.iter().map(|i| i.name.clone()).collect();
+    let (mut datapath, bindings) = Datapath::new(
+        table,
+        config.umem.frames,
+        config.umem.frame_size,
+        config.bind,
+        pool,
+    )?;
+    for (slot, queue, fd) in &bindings {
+        steering.set_socket(*slot, *queue, fd)?;
+    }
+    install_signal_handlers()?;
+    for iface in &ingress {
+        let mode = steering.attach(iface, config.xdp_mode)?;
+        info!("{iface}: XDP program attached in {} mode", mode.describe());
+    }
+    info!(
+        "relaying {} rules; SIGINT or SIGTERM stops",
+        datapath.table().rules.len()
+    );
+
+    datapath.run(&STOP);
+
+    info!("stopping: detaching XDP and draining");
+    steering.detach();
+    datapath.drain();
+    let xdp = steering.counters().ok();
+    let account = datapath.account();
+    print!(
+        "{}",
+        report::shutdown(
+            datapath.table(),
+            datapath.stats(),
+            xdp.as_ref(),
+            &datapath.socket_stats(),
+            &account
+        )
+    );
+    drop(datapath);
+    drop(steering);
+    if account.leaked() != 0 {
+        error!("{} frames leaked", account.leaked());
+        return Ok(ExitCode::FAILURE);
+    }
+    info!("all {} frames accounted for", account.frames);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn install_signal_handlers() -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and the
+        // sigaction struct is fully initialised (zeroed, then the handler set).
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("installing signal handlers");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! Loads the XDP program with aya, fills its maps from the rule table and attaches it to every
+//! ingress interface through a bpf_link, so that a relay that dies for any reason leaves
+//! nothing attached.
+
+use std::os::fd::AsRawFd;
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf, include_bytes_aligned,
+    maps::{HashMap, MapData, PerCpuArray, XskMap},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+};
+use log::{info, warn};
+use relay_common::{
+    COUNTER_MAP, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM, RULE_MAP, RuleKey, RuleValue, XSK_MAP,
+    XdpCounter,
+};
+
+use crate::{config::XdpModeConfig, rules::RuleTable};
+
+static XDP_OBJECT: &[u8] = include_bytes_aligned!(env!("RELAY_XDP_OBJ"));
+
+/// The loaded program and its attachments.
+pub struct Steering {
+    ebpf: Ebpf,
+    xsks: XskMap<MapData>,
+    links: Vec<(String, XdpLinkId)>,
+}
+
+/// Which XDP mode an interface got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachedMode {
+    Native,
+    Skb,
+}
+
+impl AttachedMode {
+    pub fn describe(self) -> &'static str {
+        match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Skb => "skb (generic)",
+        }
+    }
+}
+
+impl Steering {
+    /// Loads the program and fills the rule and interface maps. Nothing is attached yet.
+    pub fn load(table: &RuleTable) -> Result<Self> {
+        raise_memlock();
+        let mut ebpf = Ebpf::load(XDP_OBJECT).context("loading the XDP object")?;
+        {
+            let mut rules: HashMap<_, RuleKey, RuleValue> = HashMap::try_from(
+                ebpf.map_mut(RULE_MAP)
+                    .ok_or_else(|| anyhow!("no {RULE_MAP} map"))?,
+            )?;
+            for (key, value) in table.bpf_entries() {
+                rules.insert(&key, &value, 0).context("filling the rule map")?;
+            }
+        }
+        {
+            let mut ifaces: HashMap<_, u32, u32> = HashMap::try_from(
+                ebpf.map_mut(IFACE_MAP)
+                    .ok_or_else(|| anyhow!("no {IFACE_MAP} map"))?,
+            )?;
+            for (slot, ingress) in table.ingress.iter().enumerate() {
+                ifaces
+                    .insert(&ingress.info.ifindex, &(slot as u32), 0)
+                    .context("filling the interface map")?;
+            }
+        }
+        let xsks = XskMap::try_from(
+            ebpf.take_map(XSK_MAP)
+                .ok_or_else(|| anyhow!("no {XSK_MAP} map"))?,
+        )?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| anyhow!("no {PROGRAM} program in the object"))?
+            .try_into()?;
+        prog.load().context("the kernel refused the XDP program")?;
+        Ok(Self {
+            ebpf,
+            xsks,
+            links: Vec::new(),
+        })
+    }
+
+    /// Puts an AF_XDP socket where the program redirects frames from ingress `slot`, `queue`.
+    pub fn set_socket(&mut self, slot: usize, queue: u32, fd: &impl AsRawFd) -> Result<()> {
+        if queue >= MAX_QUEUES_PER_IFACE {
+            return Err(anyhow!(
+                "rx queue {queue} is beyond the {MAX_QUEUES_PER_IFACE} queues per interface the relay steers"
+            ));
+        }
+        let index = slot as u32 * MAX_QUEUES_PER_IFACE + queue;
+        self.xsks
+            .set(index, fd.as_raw_fd(), 0)
+            .context("adding the AF_XDP socket to the XSKMAP")
+    }
+
+    /// Attaches to `iface` in the configured mode; `auto` tries native first.
+    pub fn attach(&mut self, iface: &str, mode: XdpModeConfig) -> Result<AttachedMode> {
+        let name = std::ffi::CString::new(iface)?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| anyhow!("no {PROGRAM} program"))?
+            .try_into()?;
+        let attempt = |prog: &mut Xdp, m: XdpMode| prog.attach(name.as_c_str(), m);
+        let (id, got) = match mode {
+            XdpModeConfig::Native => (
+                attempt(prog, XdpMode::Driver)
+                    .with_context(|| format!("attaching XDP to {iface} in native mode"))?,
+                AttachedMode::Native,
+            ),
+            XdpModeConfig::Skb => (
+                attempt(prog, XdpMode::Skb)
+                    .with_context(|| format!("attaching XDP to {iface} in skb mode"))?,
+                AttachedMode::Skb,
+            ),
+            XdpModeConfig::Auto => match attempt(prog, XdpMode::Driver) {
+                Ok(id) => (id, AttachedMode::Native),
+                Err(e) => {
+                    warn!("{iface}: native XDP unavailable ({e}); falling back to skb mode");
+                    (
+                        attempt(prog, XdpMode::Skb)
+                            .with_context(|| format!("attaching XDP to {iface}"))?,
+                        AttachedMode::Skb,
+                    )
+                }
+            },
+        };
+        self.links.push((iface.to_owned(), id));
+        Ok(got)
+    }
+
+    /// Detaches from every interface; frames pass to the kernel from here on.
+    pub fn detach(&mut self) {
+        let Some(prog) = self.ebpf.program_mut(PROGRAM) else {
+            return;
+        };
+        let Ok(prog) = <&mut Xdp>::try_from(prog) else {
+            return;
+        };
+        for (iface, id) in self.links.drain(..) {
+            match prog.detach(id) {
+                Ok(()) => info!("{iface}: XDP program detached"),
+                Err(e) => warn!("{iface}: detaching XDP failed: {e}"),
+            }
+        }
+    }
+
+    /// The program's counters, summed over CPUs, in [`XdpCounter`] order.
+    pub fn counters(&self) -> Result<[u64; XdpCounter::COUNT as usize]> {
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(COUNTER_MAP)
+                .ok_or_else(|| anyhow!("no {COUNTER_MAP} map"))?,
+        )?;
+        let mut out = [0u64; XdpCounter::COUNT as usize];
+        for c in XdpCounter::ALL {
+            out[c as usize] = map.get(&(c as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Steering {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones ignore it.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialised struct and has no other effect on memory.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        // Only matters before 5.11, and a container may forbid it; a map that then fails to
+        // load says so itself.
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

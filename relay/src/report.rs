@@ -1,0 +1,81 @@
+//! The counters the relay prints when it stops, one `key=value` line per rule, output and
+//! socket, so that people can read them and scripts can grep them.
+
+use std::fmt::Write;
+
+use relay_common::XdpCounter;
+
+use crate::{
+    datapath::{DatapathStats, FrameAccount},
+    rules::RuleTable,
+};
+
+pub fn shutdown(
+    table: &RuleTable,
+    stats: &DatapathStats,
+    xdp: Option<&[u64; XdpCounter::COUNT as usize]>,
+    sockets: &[(String, u32, xsk_rs::socket::XdpStatistics)],
+    account: &FrameAccount,
+) -> String {
+    let mut s = String::new();
+    for (rule, rc) in table.rules.iter().zip(&stats.rules) {
+        let _ = writeln!(
+            s,
+            "rule={} received={} bytes={}",
+            rule.name, rc.packets, rc.bytes
+        );
+        for (out, oc) in rule.outputs.iter().zip(&rc.outputs) {
+            let eg = &table.egress[out.egress];
+            let _ = writeln!(
+                s,
+                "rule={} output={} group={} port={} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} malformed={}",
+                rule.name,
+                eg.name,
+                out.action.group.unwrap_or(rule.group),
+                out.action
+                    .port
+                    .map_or_else(|| rule.port.map_or("same".into(), |p| p.to_string()), |p| p.to_string()),
+                oc.packets,
+                oc.bytes,
+                oc.dropped(),
+                oc.ttl_expired,
+                oc.no_frame,
+                oc.tx_ring_full,
+                oc.malformed,
+            );
+        }
+    }
+    if let Some(x) = xdp {
+        let fields: Vec<String> = XdpCounter::ALL
+            .iter()
+            .map(|c| format!("{}={}", c.name(), x[*c as usize]))
+            .collect();
+        let _ = writeln!(s, "xdp {}", fields.join(" "));
+    }
+    let _ = writeln!(
+        s,
+        "datapath unmatched={} malformed={}",
+        stats.unmatched, stats.malformed
+    );
+    for (name, queue, st) in sockets {
+        let _ = writeln!(
+            s,
+            "socket={name} queue={queue} rx_dropped={} rx_ring_full={} fill_ring_empty={} rx_invalid={} tx_invalid={}",
+            st.rx_dropped(),
+            st.rx_ring_full(),
+            st.rx_fill_ring_empty_descs(),
+            st.rx_invalid_descs(),
+            st.tx_invalid_descs(),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "frames total={} in_pool={} in_fill={} in_tx={} leaked={}",
+        account.frames,
+        account.in_pool,
+        account.in_fill,
+        account.in_tx,
+        account.leaked()
+    );
+    s
+}

@@ -1,0 +1,74 @@
+//! Facts about this machine's interfaces, read from sysfs.
+
+use std::{fs, path::PathBuf};
+
+use crate::config::{InterfaceInfo, System};
+
+/// The system the relay runs on.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LiveSystem;
+
+impl System for LiveSystem {
+    fn interface(&self, name: &str) -> Option<InterfaceInfo> {
+        // An interface name is at most 15 bytes and never a path.
+        if name.is_empty() || name.len() > 15 || name.contains('/') || name == "." || name == ".."
+        {
+            return None;
+        }
+        let dir = PathBuf::from("/sys/class/net").join(name);
+        let ifindex = fs::read_to_string(dir.join("ifindex"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let mac = parse_mac(fs::read_to_string(dir.join("address")).ok()?.trim())?;
+        let rx_queues = fs::read_dir(dir.join("queues"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                    .count() as u32
+            })
+            .unwrap_or(1)
+            .max(1);
+        Some(InterfaceInfo {
+            ifindex,
+            mac,
+            rx_queues,
+        })
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("02:00:5e:0a:ff:01"),
+            Some([2, 0, 0x5e, 0x0a, 0xff, 1])
+        );
+        assert_eq!(parse_mac("02:00:5e:0a:ff"), None);
+        assert_eq!(parse_mac("02:00:5e:0a:ff:01:02"), None);
+        assert_eq!(parse_mac("zz:00:5e:0a:ff:01"), None);
+    }
+
+    #[test]
+    fn loopback_is_seen_and_paths_are_refused() {
+        let lo = LiveSystem.interface("lo").expect("every Linux system has lo");
+        assert_eq!(lo.ifindex, 1);
+        assert_eq!(lo.mac, [0; 6]);
+        assert!(LiveSystem.interface("../lo").is_none());
+        assert!(LiveSystem.interface("no-such-if0").is_none());
+    }
+}
