@@ -23,8 +23,7 @@ use log::{debug, error, info, warn};
 use xsk_rs::{
     CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem,
     config::{
-        BindFlags, FrameSize, LibxdpFlags, QueueSize, SocketConfig, SocketConfigBuilder,
-        UmemConfig,
+        BindFlags, FrameSize, LibxdpFlags, QueueSize, SocketConfig, SocketConfigBuilder, UmemConfig,
     },
 };
 
@@ -406,7 +405,13 @@ impl Datapath {
 
         let out = &rule.outputs[last];
         // SAFETY: as above; the copies are done, so this is the frame's only user.
-        let result = unsafe { rewrite(self.umem.data_mut(&mut desc).contents_mut(), &flow, &out.action) };
+        let result = unsafe {
+            rewrite(
+                self.umem.data_mut(&mut desc).contents_mut(),
+                &flow,
+                &out.action,
+            )
+        };
         match result {
             Ok(()) => {
                 let port = self.egress_port[out.egress];
@@ -440,8 +445,7 @@ impl Datapath {
                 oc.bytes += desc.lengths().data() as u64;
             }
             for (desc, tag) in staged[sent..].iter().zip(&tags[sent..]) {
-                self.stats.rules[tag.rule as usize].outputs[tag.output as usize].tx_ring_full +=
-                    1;
+                self.stats.rules[tag.rule as usize].outputs[tag.output as usize].tx_ring_full += 1;
                 self.free_buf.push((desc.addr() / self.frame_size) as u32);
             }
             if !self.free_buf.is_empty() {
@@ -470,7 +474,8 @@ impl Datapath {
     fn complete(&mut self, pi: usize) -> usize {
         let port = &mut self.ports[pi];
         self.desc_buf.clear();
-        self.desc_buf.resize(RING_SIZE as usize, FrameDesc::default());
+        self.desc_buf
+            .resize(RING_SIZE as usize, FrameDesc::default());
         // SAFETY: the completion ring hands back frames the kernel has finished sending.
         let n = unsafe { port.cq.consume(&mut self.desc_buf) };
         port.in_tx -= n;
@@ -536,8 +541,7 @@ impl Datapath {
         self.ports
             .iter()
             .filter_map(|p| {
-                p.rx
-                    .fd()
+                p.rx.fd()
                     .xdp_statistics()
                     .map(|s| (p.name.clone(), p.queue, s))
                     .map_err(|e| warn!("{}: reading XDP statistics: {e}", p.name))
@@ -586,34 +590,82 @@ fn open_socket(
     let copy = BindFlags::XDP_COPY | BindFlags::XDP_USE_NEED_WAKEUP;
     let result = match (bind, first) {
         // Shared sockets bind with XDP_SHARED_UMEM only; libxdp ignores these flags.
-        (_, false) => try_bind(BindFlags::empty()),
-        (BindMode::Copy, true) => try_bind(copy),
-        (BindMode::Zerocopy, true) => try_bind(zc),
-        (BindMode::Auto, true) => match try_bind(zc) {
+        (_, false) => bind_retrying(iface, queue, || try_bind(BindFlags::empty())),
+        (BindMode::Copy, true) => bind_retrying(iface, queue, || try_bind(copy)),
+        (BindMode::Zerocopy, true) => bind_retrying(iface, queue, || try_bind(zc)),
+        (BindMode::Auto, true) => match bind_retrying(iface, queue, || try_bind(zc)) {
             Ok(s) => Ok(s),
+            Err(e) if os_error(&e) == Some(libc::EBUSY) => Err(e),
             Err(e) => {
-                let why = std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.to_string());
-                warn!("{iface} queue {queue}: zero-copy bind failed ({why}); falling back to copy mode");
-                try_bind(copy)
+                warn!(
+                    "{iface} queue {queue}: zero-copy bind failed ({}); falling back to copy mode",
+                    describe(&e)
+                );
+                bind_retrying(iface, queue, || try_bind(copy))
             }
         },
     };
     let (tx, rx, rings) = result.map_err(|e| {
-        let why = std::error::Error::source(&e)
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        anyhow!("binding an AF_XDP socket to {iface} queue {queue}: {e}: {why}")
+        if os_error(&e) == Some(libc::EBUSY) {
+            anyhow!(
+                "{iface} queue {queue} already has an AF_XDP socket bound: is another relay (or \
+                 AF_XDP program) running on {iface}? Stop it, or remove {iface} from this config"
+            )
+        } else {
+            anyhow!(
+                "binding an AF_XDP socket to {iface} queue {queue}: {}",
+                describe(&e)
+            )
+        }
     })?;
-    let (fq, cq) = rings.ok_or_else(|| {
-        anyhow!("{iface} queue {queue}: no fill/completion rings (bound twice?)")
-    })?;
+    let (fq, cq) = rings
+        .ok_or_else(|| anyhow!("{iface} queue {queue}: no fill/completion rings (bound twice?)"))?;
     let zerocopy = is_zerocopy(rx.fd().as_raw_fd()).unwrap_or_else(|e| {
         error!("{iface}: XDP_OPTIONS: {e}");
         false
     });
     Ok((tx, rx, fq, cq, !zerocopy))
+}
+
+/// How long a bind keeps retrying EBUSY. The kernel releases a closed socket's hold on its
+/// queue from a work queue, after the XSKMAP that referenced it is freed, so a relay restarted
+/// right after another one died can find the queue still busy for a moment.
+const BUSY_RETRY: Duration = Duration::from_secs(3);
+
+fn bind_retrying<T>(
+    iface: &str,
+    queue: u32,
+    mut bind: impl FnMut() -> Result<T, xsk_rs::socket::SocketCreateError>,
+) -> Result<T, xsk_rs::socket::SocketCreateError> {
+    let deadline = Instant::now() + BUSY_RETRY;
+    let mut said = false;
+    loop {
+        match bind() {
+            Err(e) if os_error(&e) == Some(libc::EBUSY) && Instant::now() < deadline => {
+                if !said {
+                    info!(
+                        "{iface} queue {queue} is busy; waiting up to {BUSY_RETRY:?} for the kernel to release it"
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn os_error(e: &xsk_rs::socket::SocketCreateError) -> Option<i32> {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::raw_os_error)
+}
+
+fn describe(e: &xsk_rs::socket::SocketCreateError) -> String {
+    match std::error::Error::source(e) {
+        Some(s) => format!("{e}: {s}"),
+        None => e.to_string(),
+    }
 }
 
 /// Asks the kernel whether a bound socket runs in zero-copy mode.

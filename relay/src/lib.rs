@@ -7,11 +7,11 @@
 pub mod checksum;
 pub mod config;
 pub mod craft;
-pub mod pool;
-pub mod rewrite;
-pub mod rules;
-pub mod wire;
 pub mod datapath;
 pub mod loader;
+pub mod pool;
 pub mod report;
+pub mod rewrite;
+pub mod rules;
 pub mod sys;
+pub mod wire;

@@ -54,7 +54,9 @@ impl Steering {
                     .ok_or_else(|| anyhow!("no {RULE_MAP} map"))?,
             )?;
             for (key, value) in table.bpf_entries() {
-                rules.insert(&key, &value, 0).context("filling the rule map")?;
+                rules
+                    .insert(&key, &value, 0)
+                    .context("filling the rule map")?;
             }
         }
         {

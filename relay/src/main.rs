@@ -75,13 +75,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        warn!("not running as root: loading XDP and binding AF_XDP need CAP_NET_ADMIN, CAP_BPF and CAP_NET_RAW");
+        warn!(
+            "not running as root: loading XDP and binding AF_XDP need CAP_NET_ADMIN, CAP_BPF and CAP_NET_RAW"
+        );
     }
 
     let allocator = cli.allocator.unwrap_or(config.allocator);
     info!("frame allocator: {}", allocator.describe());
-    let pool: Arc<dyn relay::pool::FramePool> =
-        Arc::from(new_pool(allocator, config.umem.frames));
+    let pool: Arc<dyn relay::pool::FramePool> = Arc::from(new_pool(allocator, config.umem.frames));
 
     let mut steering = Steering::load(&table)?;
     let ingress: Vec<String> = table.ingress.iter().map(|i| i.name.clone()).collect();

@@ -32,9 +32,10 @@ pub fn shutdown(
                 rule.name,
                 eg.name,
                 out.action.group.unwrap_or(rule.group),
-                out.action
-                    .port
-                    .map_or_else(|| rule.port.map_or("same".into(), |p| p.to_string()), |p| p.to_string()),
+                out.action.port.map_or_else(
+                    || rule.port.map_or("same".into(), |p| p.to_string()),
+                    |p| p.to_string()
+                ),
                 oc.packets,
                 oc.bytes,
                 oc.dropped(),

@@ -11,8 +11,7 @@ pub struct LiveSystem;
 impl System for LiveSystem {
     fn interface(&self, name: &str) -> Option<InterfaceInfo> {
         // An interface name is at most 15 bytes and never a path.
-        if name.is_empty() || name.len() > 15 || name.contains('/') || name == "." || name == ".."
-        {
+        if name.is_empty() || name.len() > 15 || name.contains('/') || name == "." || name == ".." {
             return None;
         }
         let dir = PathBuf::from("/sys/class/net").join(name);
@@ -65,7 +64,9 @@ mod tests {
 
     #[test]
     fn loopback_is_seen_and_paths_are_refused() {
-        let lo = LiveSystem.interface("lo").expect("every Linux system has lo");
+        let lo = LiveSystem
+            .interface("lo")
+            .expect("every Linux system has lo");
         assert_eq!(lo.ifindex, 1);
         assert_eq!(lo.mac, [0; 6]);
         assert!(LiveSystem.interface("../lo").is_none());

@@ -1,0 +1,113 @@
+//! The test topology: a sender, the relay, and receivers, each in its own namespace.
+//!
+//! ```text
+//!  sender ns            relay ns                          receiver ns
+//!  snd0 198.18.1.1 ---- rin 198.18.1.2
+//!                       rout0 198.18.2.1 -------------- rcv0 198.18.2.2   (rx0)
+//!                       rout1 198.18.3.1 -------------- rcv1 198.18.3.2   (rx1)
+//! ```
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+
+use crate::netns::Netns;
+
+pub const SENDER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const RELAY_IN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub const RELAY_IN: &str = "rin";
+pub const SENDER_IF: &str = "snd0";
+
+/// One receiver: its namespace, interface and address.
+pub struct Receiver {
+    pub ns: Netns,
+    pub iface: String,
+    pub addr: Ipv4Addr,
+    /// The relay's interface that faces it.
+    pub relay_iface: String,
+}
+
+pub struct Topology {
+    pub sender: Netns,
+    pub relay: Netns,
+    pub receivers: Vec<Receiver>,
+}
+
+impl Topology {
+    /// Builds the topology with `n` receivers (at most 200).
+    pub fn new(n: usize) -> Result<Self> {
+        assert!((1..=200).contains(&n));
+        let sender = Netns::new("snd")?;
+        let relay = Netns::new("rly")?;
+        link(&sender, SENDER_IF, &relay, RELAY_IN)?;
+        addr(&sender, SENDER_IF, SENDER_ADDR)?;
+        addr(&relay, RELAY_IN, RELAY_IN_ADDR)?;
+        // A wire computes checksums in full; a veth with tx offload would hand the relay a
+        // partial UDP checksum that no receiver could verify after the frame is copied.
+        sender.exec(&["ethtool", "-K", SENDER_IF, "tx", "off"])?;
+        sender.exec(&["ip", "route", "add", "224.0.0.0/4", "dev", SENDER_IF])?;
+        let mut receivers = Vec::with_capacity(n);
+        for i in 0..n {
+            let ns = Netns::new(&format!("rx{i}"))?;
+            let relay_iface = format!("rout{i}");
+            let iface = format!("rcv{i}");
+            link(&relay, &relay_iface, &ns, &iface)?;
+            let subnet = 2 + i as u8;
+            addr(&relay, &relay_iface, Ipv4Addr::new(198, 18, subnet, 1))?;
+            let a = Ipv4Addr::new(198, 18, subnet, 2);
+            addr(&ns, &iface, a)?;
+            // Relayed frames keep the sender's source address, which is not reachable through
+            // the receiver's interface; strict reverse-path filtering would drop them.
+            for conf in ["all", "default", iface.as_str()] {
+                ns.exec(&[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv4.conf.{conf}.rp_filter=0"),
+                ])?;
+            }
+            receivers.push(Receiver {
+                ns,
+                iface,
+                addr: a,
+                relay_iface,
+            });
+        }
+        Ok(Topology {
+            sender,
+            relay,
+            receivers,
+        })
+    }
+
+    /// Whether any interface in the relay namespace still has an XDP program attached.
+    pub fn relay_has_xdp(&self) -> Result<bool> {
+        let links = self.relay.exec(&["ip", "-d", "link", "show"])?;
+        Ok(links.contains("prog/xdp") || links.contains(" xdp"))
+    }
+}
+
+fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    crate::netns::sh(&[
+        "ip",
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])?;
+    a.exec(&["ip", "link", "set", a_if, "up"])?;
+    b.exec(&["ip", "link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+fn addr(ns: &Netns, iface: &str, a: Ipv4Addr) -> Result<()> {
+    ns.exec(&["ip", "addr", "add", &format!("{a}/24"), "dev", iface])?;
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! Multicast senders, UDP receivers and raw frame captures that run inside a namespace.
+//!
+//! Each payload starts with a 8-byte sequence number followed by bytes derived from it, so a
+//! receiver can tell which packets arrived and that their payloads are intact.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::Netns;
+
+/// The payload of packet `seq`, `len` bytes long (at least 8).
+pub fn payload(seq: u64, len: usize) -> Vec<u8> {
+    let mut p = seq.to_be_bytes().to_vec();
+    p.extend(
+        (0..len.saturating_sub(8)).map(|i| (seq as usize).wrapping_mul(31).wrapping_add(i) as u8),
+    );
+    p
+}
+
+/// The sequence number of an intact payload, `None` if it was damaged.
+pub fn check_payload(p: &[u8]) -> Option<u64> {
+    let seq = u64::from_be_bytes(p.get(..8)?.try_into().ok()?);
+    (payload(seq, p.len()) == p).then_some(seq)
+}
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    pub group: Ipv4Addr,
+    pub port: u16,
+    pub count: u64,
+    pub len: usize,
+    pub ttl: u32,
+    /// Pause after every `burst` packets, to stay below what a veth and the relay absorb.
+    pub burst: u64,
+    pub pause: Duration,
+}
+
+impl Flow {
+    pub fn new(group: Ipv4Addr, port: u16, count: u64) -> Self {
+        Flow {
+            group,
+            port,
+            count,
+            len: 100,
+            ttl: 8,
+            burst: 16,
+            pause: Duration::from_micros(500),
+        }
+    }
+}
+
+/// Sends `flow` from `source` (an address of the namespace) and returns how many were sent.
+pub fn send(ns: &Netns, source: Ipv4Addr, flow: Flow) -> JoinHandle<Result<u64>> {
+    ns.run(move || {
+        let sock = UdpSocket::bind(SocketAddrV4::new(source, 0)).context("binding sender")?;
+        sock.set_multicast_ttl_v4(flow.ttl)?;
+        sock.set_multicast_loop_v4(false)?;
+        set_multicast_if(&sock, source)?;
+        let dst = SocketAddrV4::new(flow.group, flow.port);
+        for seq in 0..flow.count {
+            sock.send_to(&payload(seq, flow.len), dst)
+                .with_context(|| format!("sending packet {seq}"))?;
+            if (seq + 1) % flow.burst == 0 {
+                std::thread::sleep(flow.pause);
+            }
+        }
+        Ok(flow.count)
+    })
+}
+
+fn set_multicast_if(sock: &UdpSocket, addr: Ipv4Addr) -> Result<()> {
+    let a = libc::in_addr {
+        s_addr: u32::from_ne_bytes(addr.octets()),
+    };
+    // SAFETY: a valid socket and a properly sized in_addr.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MULTICAST_IF,
+            (&a as *const libc::in_addr).cast(),
+            std::mem::size_of::<libc::in_addr>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("IP_MULTICAST_IF: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// When a receiving loop gives up.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Stop after this many.
+    pub expect: u64,
+    /// Stop this long after the last packet (or after start, if none came).
+    pub idle: Duration,
+    /// Never run longer than this.
+    pub max: Duration,
+}
+
+impl Limits {
+    pub fn new(expect: u64) -> Self {
+        Limits {
+            expect,
+            idle: Duration::from_millis(1500),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Joins `group` on the interface with address `iface_addr`, binds `port`, and collects
+/// payloads. Returns once the socket has joined; the handle yields the payloads.
+pub fn listen(
+    ns: &Netns,
+    group: Ipv4Addr,
+    port: u16,
+    iface_addr: Ipv4Addr,
+    limits: Limits,
+) -> Result<JoinHandle<Result<Vec<Vec<u8>>>>> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let handle = ns.run(move || {
+        let sock = UdpSocket::bind(SocketAddrV4::new(group, port))
+            .with_context(|| format!("binding {group}:{port}"))?;
+        sock.join_multicast_v4(&group, &iface_addr)
+            .with_context(|| format!("joining {group} on {iface_addr}"))?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let _ = ready_tx.send(());
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        recv_loop(limits, &mut got, || match sock.recv(&mut buf) {
+            Ok(n) => Some(buf[..n].to_vec()),
+            Err(_) => None,
+        });
+        Ok(got)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("receiver did not start")?;
+    Ok(handle)
+}
+
+/// Captures every frame that arrives on `iface` with an AF_PACKET socket. Returns once the
+/// socket is bound; the handle yields the frames.
+pub fn capture(
+    ns: &Netns,
+    iface: &str,
+    limits: Limits,
+    keep: fn(&[u8]) -> bool,
+) -> Result<JoinHandle<Result<Vec<Vec<u8>>>>> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let iface = std::ffi::CString::new(iface)?;
+    let handle = ns.run(move || {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: iface is a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(iface.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface {iface:?}");
+        }
+        // SAFETY: sockaddr_ll is plain data; zero is a valid starting value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: a valid socket and a properly sized sockaddr_ll.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            bail!("binding AF_PACKET: {}", std::io::Error::last_os_error());
+        }
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 50_000,
+        };
+        // SAFETY: a valid socket and a properly sized timeval.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        let _ = ready_tx.send(());
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        recv_loop(limits, &mut got, || {
+            // SAFETY: buf is valid for writes of its length.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n <= 0 {
+                return None;
+            }
+            let frame = &buf[..n as usize];
+            // Frames the filter rejects count as activity but are not kept.
+            Some(if keep(frame) {
+                frame.to_vec()
+            } else {
+                Vec::new()
+            })
+        });
+        got.retain(|f| !f.is_empty());
+        Ok(got)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("capture did not start")?;
+    Ok(handle)
+}
+
+fn recv_loop(limits: Limits, got: &mut Vec<Vec<u8>>, mut recv: impl FnMut() -> Option<Vec<u8>>) {
+    let start = Instant::now();
+    let mut last = start;
+    let mut kept = 0;
+    while kept < limits.expect && start.elapsed() < limits.max && last.elapsed() < limits.idle {
+        if let Some(p) = recv() {
+            last = Instant::now();
+            if !p.is_empty() {
+                kept += 1;
+            }
+            got.push(p);
+        }
+    }
+}
+
+/// Joins a receiving thread, with its error.
+pub fn join<T>(h: JoinHandle<Result<T>>) -> Result<T> {
+    match h.join() {
+        Ok(r) => r,
+        Err(_) => bail!("a harness thread panicked"),
+    }
+}

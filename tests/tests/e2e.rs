@@ -1,0 +1,315 @@
+//! End to end, on real kernel paths: the relay binary in a namespace between a sender and
+//! receivers, with the XDP program attached and AF_XDP sockets bound, for each allocator.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Mutex, time::Duration};
+
+use relay::{
+    checksum::{checksum, udp_ipv4},
+    wire::{EthernetFrame, Ipv4Packet, UdpPacket, classify, ipv4_multicast_mac},
+};
+use relay_tests::{
+    netns::{require_root, sh},
+    relay_proc::{RelayProc, relay_bin, report_value},
+    topo::{RELAY_IN_ADDR, SENDER_ADDR, Topology},
+    traffic::{Flow, Limits, capture, check_payload, join, listen, send},
+};
+
+/// The machine has two cores: tests that push traffic run one at a time so that one test's
+/// load cannot cost another packets.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const G1: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
+const G2: Ipv4Addr = Ipv4Addr::new(239, 2, 2, 2);
+const OTHER: Ipv4Addr = Ipv4Addr::new(239, 9, 9, 9);
+
+const RULES: &str = "\
+rules:
+  - name: video-a
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs:
+      - interface: rout0
+      - interface: rout1
+        group: 239.2.2.2
+        port: 6000
+        ttl: 16
+";
+
+fn mac_of(topo: &Topology, iface: &str) -> [u8; 6] {
+    let s = topo
+        .relay
+        .exec(&["cat", &format!("/sys/class/net/{iface}/address")])
+        .unwrap();
+    relay::sys::parse_mac(s.trim()).unwrap()
+}
+
+fn is_udp_to_239(frame: &[u8]) -> bool {
+    classify(frame).is_some_and(|f| f.group.octets()[0] == 239)
+}
+
+/// Checks one captured frame and returns (group, port, ttl, payload).
+fn inspect(frame: &[u8], src_mac: [u8; 6]) -> (Ipv4Addr, u16, u8, Vec<u8>) {
+    let flow = classify(frame).expect("a multicast UDP frame");
+    let eth = EthernetFrame::new_checked(frame).unwrap();
+    assert_eq!(
+        eth.src_mac(),
+        src_mac,
+        "source MAC is the egress interface's"
+    );
+    assert_eq!(eth.dst_mac(), ipv4_multicast_mac(flow.group));
+    let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
+    assert_eq!(checksum(ip.header()), 0, "IPv4 header checksum is valid");
+    assert_eq!(ip.src_addr(), SENDER_ADDR, "the source address is kept");
+    let udp_bytes = &frame[flow.l4..flow.l3 + usize::from(ip.total_len())];
+    let udp = UdpPacket::new_checked(udp_bytes).unwrap();
+    assert_ne!(udp.checksum(), 0, "the sender computed a UDP checksum");
+    let mut zeroed = udp_bytes.to_vec();
+    zeroed[6..8].fill(0);
+    assert_eq!(
+        udp.checksum(),
+        udp_ipv4(ip.src_addr(), ip.dst_addr(), &zeroed),
+        "UDP checksum is valid"
+    );
+    (flow.group, flow.port, ip.ttl(), udp.payload().to_vec())
+}
+
+fn seqs(payloads: &[Vec<u8>]) -> BTreeSet<u64> {
+    let set: BTreeSet<u64> = payloads
+        .iter()
+        .map(|p| check_payload(p).expect("payload intact"))
+        .collect();
+    assert_eq!(set.len(), payloads.len(), "no duplicates");
+    set
+}
+
+fn relays_and_remaps(allocator: &str, log_name: &str) {
+    require_root();
+    let _serial = serial();
+    const N: u64 = 500;
+    let topo = Topology::new(2).unwrap();
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        RULES,
+        &["--allocator", allocator],
+    )
+    .unwrap();
+    let log = std::fs::read_to_string(&relay.stderr).unwrap();
+    assert!(
+        log.contains(&format!("frame allocator: {log_name}")),
+        "log names the allocator:\n{log}"
+    );
+    assert!(log.contains("rin: XDP program attached in"), "{log}");
+    assert!(log.contains("rin queue 0: AF_XDP socket bound in"), "{log}");
+
+    let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
+    let rx1 = listen(&r1.ns, G2, 6000, r1.addr, Limits::new(N)).unwrap();
+    let cap0 = capture(&r0.ns, &r0.iface, Limits::new(N), is_udp_to_239).unwrap();
+    let cap1 = capture(&r1.ns, &r1.iface, Limits::new(N), is_udp_to_239).unwrap();
+    // The non-matching group: the relay's own stack receives it, the receivers never do.
+    let local = listen(&topo.relay, OTHER, 5000, RELAY_IN_ADDR, Limits::new(50)).unwrap();
+    let stray = listen(&r0.ns, OTHER, 5000, r0.addr, Limits::new(1)).unwrap();
+
+    let sent = join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
+    let sent_other = join(send(&topo.sender, SENDER_ADDR, Flow::new(OTHER, 5000, 50))).unwrap();
+    assert_eq!((sent, sent_other), (N, 50));
+    let ping = topo
+        .sender
+        .exec(&[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            &RELAY_IN_ADDR.to_string(),
+        ])
+        .expect("unicast ping to the relay's ingress address still works");
+    assert!(ping.contains("3 received"), "{ping}");
+
+    let all: BTreeSet<u64> = (0..N).collect();
+    assert_eq!(seqs(&join(rx0).unwrap()), all, "output 0 got every packet");
+    assert_eq!(seqs(&join(rx1).unwrap()), all, "output 1 got every packet");
+    assert_eq!(
+        join(local).unwrap().len(),
+        50,
+        "non-matching group reached the relay's stack"
+    );
+    assert!(
+        join(stray).unwrap().is_empty(),
+        "non-matching group was not relayed"
+    );
+
+    let frames0 = join(cap0).unwrap();
+    let frames1 = join(cap1).unwrap();
+    assert_eq!(frames0.len() as u64, N);
+    assert_eq!(frames1.len() as u64, N);
+    let mac0 = mac_of(&topo, &r0.relay_iface);
+    let mac1 = mac_of(&topo, &r1.relay_iface);
+    for f in &frames0 {
+        let (g, p, ttl, payload) = inspect(f, mac0);
+        assert_eq!((g, p, ttl), (G1, 5000, 7), "same group and port, TTL 8 - 1");
+        assert!(check_payload(&payload).is_some());
+    }
+    for f in &frames1 {
+        let (g, p, ttl, payload) = inspect(f, mac1);
+        assert_eq!(
+            (g, p, ttl),
+            (G2, 6000, 16),
+            "remapped group and port, TTL set"
+        );
+        assert!(check_payload(&payload).is_some());
+    }
+
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(
+        exit.status.success(),
+        "SIGTERM exits 0: {}\n{}",
+        exit.status,
+        exit.stderr
+    );
+    let r = &exit.stdout;
+    assert_eq!(
+        report_value(r, &["rule=video-a"], "received"),
+        Some(N),
+        "{r}"
+    );
+    assert_eq!(report_value(r, &["output=rout0"], "sent"), Some(N), "{r}");
+    assert_eq!(report_value(r, &["output=rout1"], "sent"), Some(N), "{r}");
+    assert_eq!(
+        report_value(r, &["output=rout0"], "dropped"),
+        Some(0),
+        "{r}"
+    );
+    assert_eq!(report_value(r, &["xdp"], "redirected"), Some(N), "{r}");
+    assert_eq!(report_value(r, &["frames"], "leaked"), Some(0), "{r}");
+    assert!(
+        exit.stderr.contains("all 4096 frames accounted for"),
+        "{}",
+        exit.stderr
+    );
+    assert!(
+        !topo.relay_has_xdp().unwrap(),
+        "no XDP program left attached"
+    );
+}
+
+#[test]
+fn relays_and_remaps_with_lockfree_pool() {
+    relays_and_remaps("lockfree", "lock-free");
+}
+
+#[test]
+fn relays_and_remaps_with_mutex_pool() {
+    relays_and_remaps("mutex", "mutex");
+}
+
+/// TTL=1 traffic (mDNS, SSDP) is dropped and counted where the output decrements, and
+/// relayed where the output sets the TTL.
+#[test]
+fn ttl_one_is_relayed_only_where_the_output_sets_ttl() {
+    require_root();
+    let _serial = serial();
+    const N: u64 = 100;
+    let topo = Topology::new(2).unwrap();
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
+    let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(1)).unwrap();
+    let rx1 = listen(&r1.ns, G2, 6000, r1.addr, Limits::new(N)).unwrap();
+    let mut flow = Flow::new(G1, 5000, N);
+    flow.ttl = 1;
+    join(send(&topo.sender, SENDER_ADDR, flow)).unwrap();
+    assert!(
+        join(rx0).unwrap().is_empty(),
+        "TTL 1 is not decremented onto the wire"
+    );
+    assert_eq!(
+        join(rx1).unwrap().len() as u64,
+        N,
+        "ttl: 16 relays TTL 1 traffic"
+    );
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success());
+    let r = &exit.stdout;
+    assert_eq!(
+        report_value(r, &["output=rout0"], "ttl_expired"),
+        Some(N),
+        "{r}"
+    );
+    assert_eq!(report_value(r, &["output=rout0"], "sent"), Some(0), "{r}");
+    assert_eq!(report_value(r, &["output=rout1"], "sent"), Some(N), "{r}");
+}
+
+/// A killed relay leaves nothing attached (the program hangs off a bpf_link the process
+/// owns), and a new relay starts at once on the same interfaces.
+#[test]
+fn sigkill_leaves_nothing_attached_and_restart_works() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(2).unwrap();
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
+    assert!(topo.relay_has_xdp().unwrap(), "attached while running");
+    sh(&["kill", "-KILL", &relay.pid().to_string()]).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while topo.relay_has_xdp().unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "XDP still attached 5 s after SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(relay);
+    let again = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
+    let r0 = &topo.receivers[0];
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(20)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, 20))).unwrap();
+    assert_eq!(join(rx0).unwrap().len(), 20, "the restarted relay forwards");
+    assert!(again.stop(Duration::from_secs(3)).unwrap().status.success());
+}
+
+/// `--check` validates against the interfaces of the namespace it runs in.
+#[test]
+fn check_names_file_rule_and_bad_value() {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let dir = std::env::temp_dir().join(relay_tests::netns::unique_name("check"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, RULES).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, RULES.replace("interface: rout1", "interface: rout9")).unwrap();
+    let bin = relay_bin();
+    let run = |file: &std::path::Path| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", topo.relay.name()])
+            .arg(&bin)
+            .args(["--check", "--config"])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&good);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("OK: 1 rules"));
+    let fail = run(&bad);
+    assert!(!fail.status.success());
+    let msg = String::from_utf8_lossy(&fail.stderr);
+    assert!(
+        msg.contains(&format!(
+            "{}: rule 'video-a': output interface 'rout9' does not exist",
+            bad.display()
+        )),
+        "{msg}"
+    );
+    assert!(!topo.relay_has_xdp().unwrap(), "--check attaches nothing");
+    let _ = std::fs::remove_dir_all(&dir);
+}
