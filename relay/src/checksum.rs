@@ -6,11 +6,11 @@ use std::net::Ipv4Addr;
 /// zero), folded to 16 bits, starting from `initial`.
 pub fn sum(initial: u32, data: &[u8]) -> u16 {
     let mut acc = u64::from(initial);
-    let mut chunks = data.chunks_exact(2);
-    for w in &mut chunks {
-        acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    let (words, rest) = data.as_chunks::<2>();
+    for w in words {
+        acc += u64::from(u16::from_be_bytes(*w));
     }
-    if let [last] = chunks.remainder() {
+    if let [last] = rest {
         acc += u64::from(*last) << 8;
     }
     fold(acc)

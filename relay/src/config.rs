@@ -208,12 +208,12 @@ impl Config {
             if input.port == Some(0) {
                 return Err(err("input port 0 is not a valid UDP port".to_owned()));
             }
-            if let Some(src) = input.source {
-                if src.is_multicast() || src.is_unspecified() || src.is_broadcast() {
-                    return Err(err(format!(
-                        "input source {src} is not a unicast host address"
-                    )));
-                }
+            if let Some(src) = input.source
+                && (src.is_multicast() || src.is_unspecified() || src.is_broadcast())
+            {
+                return Err(err(format!(
+                    "input source {src} is not a unicast host address"
+                )));
             }
             let key = (&input.interface, input.group, input.port, input.source);
             if !inputs.insert(key) {
@@ -235,13 +235,13 @@ impl Config {
                         out.interface
                     )));
                 }
-                if let Some(g) = out.group {
-                    if !g.is_multicast() {
-                        return Err(err(format!(
-                            "output group {g} on '{}' is not a multicast address",
-                            out.interface
-                        )));
-                    }
+                if let Some(g) = out.group
+                    && !g.is_multicast()
+                {
+                    return Err(err(format!(
+                        "output group {g} on '{}' is not a multicast address",
+                        out.interface
+                    )));
                 }
                 if out.port == Some(0) {
                     return Err(err(format!(

@@ -28,7 +28,7 @@ pub struct UdpFrame {
 
 /// Serialises `f` with correct lengths and checksums, computed from scratch.
 pub fn build_udp_frame(f: &UdpFrame) -> Vec<u8> {
-    assert!(f.ip_options.len() % 4 == 0 && f.ip_options.len() <= 40);
+    assert!(f.ip_options.len().is_multiple_of(4) && f.ip_options.len() <= 40);
     let mut out = Vec::with_capacity(64 + f.payload.len());
     out.extend_from_slice(&ipv4_multicast_mac(f.group));
     out.extend_from_slice(&f.src_mac);

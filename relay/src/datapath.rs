@@ -462,10 +462,11 @@ impl Datapath {
         let port = &mut self.ports[pi];
         // Copy mode transmits only inside sendto(), a bounded batch per call, so kick while
         // anything is outstanding; zero-copy drivers say when they need it.
-        if port.in_tx > 0 && (port.copy_mode || port.tx.needs_wakeup()) {
-            if let Err(e) = port.tx.wakeup() {
-                debug!("{}: TX wakeup: {e}", port.name);
-            }
+        if port.in_tx > 0
+            && (port.copy_mode || port.tx.needs_wakeup())
+            && let Err(e) = port.tx.wakeup()
+        {
+            debug!("{}: TX wakeup: {e}", port.name);
         }
         sent
     }
