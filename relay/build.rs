@@ -6,7 +6,11 @@ fn main() {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest.join("../target"));
-    let obj = target.join("bpfel-unknown-none/release/relay-xdp");
+    // An explicit path wins: builds into another target dir (the loom run) reuse the object.
+    println!("cargo:rerun-if-env-changed=RELAY_XDP_OBJ");
+    let obj = std::env::var_os("RELAY_XDP_OBJ")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target.join("bpfel-unknown-none/release/relay-xdp"));
     println!("cargo:rerun-if-changed={}", obj.display());
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
     if !obj.exists() {

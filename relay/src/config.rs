@@ -18,6 +18,10 @@ pub struct Config {
     pub xdp_mode: XdpModeConfig,
     #[serde(default)]
     pub bind: BindMode,
+    /// Data path threads. Sockets are shared out among them; frames for an egress owned by
+    /// another worker are handed over through a lock-free lane.
+    #[serde(default = "Config::default_workers")]
+    pub workers: usize,
     pub rules: Vec<Rule>,
 }
 
@@ -135,6 +139,10 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
+    fn default_workers() -> usize {
+        1
+    }
+
     /// Parses YAML; `file` names the source in errors.
     pub fn parse(file: &str, yaml: &str) -> Result<Config, ConfigError> {
         serde_yaml::from_str(yaml).map_err(|e| ConfigError {
@@ -172,6 +180,12 @@ impl Config {
         if frame_size != 2048 && frame_size != 4096 {
             return Err(top(format!(
                 "umem.frame_size is {frame_size}: AF_XDP takes 2048 or 4096"
+            )));
+        }
+        if !(1..=256).contains(&self.workers) {
+            return Err(top(format!(
+                "workers is {}: it must be from 1 to 256",
+                self.workers
             )));
         }
         if self.rules.is_empty() {
@@ -347,6 +361,7 @@ rules:
         );
         assert_eq!(c.xdp_mode, XdpModeConfig::Auto);
         assert_eq!(c.bind, BindMode::Auto);
+        assert_eq!(c.workers, 1);
         assert_eq!(c.rules[0].input.port, None);
         c.validate("r.yaml", &fake()).unwrap();
     }

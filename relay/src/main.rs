@@ -7,6 +7,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -35,6 +36,9 @@ struct Cli {
     /// Frame allocator; overrides `allocator:` in the file.
     #[arg(long, value_enum)]
     allocator: Option<AllocatorKind>,
+    /// Data path threads; overrides `workers:` in the file.
+    #[arg(long)]
+    workers: Option<usize>,
     /// Validate the file against this system and exit: 0 if it would run.
     #[arg(long)]
     check: bool,
@@ -62,7 +66,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let file = cli.config.display().to_string();
-    let config = Config::load(&cli.config)?;
+    let mut config = Config::load(&cli.config)?;
+    if let Some(w) = cli.workers {
+        config.workers = w;
+    }
     let table = RuleTable::compile(&config, &file, &LiveSystem)?;
     if cli.check {
         println!(
@@ -86,44 +93,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
     let mut steering = Steering::load(&table)?;
     let ingress: Vec<String> = table.ingress.iter().map(|i| i.name.clone()).collect();
+    let workers = config.workers;
     let (mut datapath, bindings) = Datapath::new(
-        table,
+        table.clone(),
         config.umem.frames,
         config.umem.frame_size,
         config.bind,
         pool,
+        workers,
     )?;
     for (slot, queue, fd) in &bindings {
         steering.set_socket(*slot, *queue, fd)?;
     }
     install_signal_handlers()?;
+    datapath.start()?;
     for iface in &ingress {
         let mode = steering.attach(iface, config.xdp_mode)?;
         info!("{iface}: XDP program attached in {} mode", mode.describe());
     }
     info!(
         "relaying {} rules; SIGINT or SIGTERM stops",
-        datapath.table().rules.len()
+        table.rules.len()
     );
 
-    datapath.run(&STOP);
+    while !STOP.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     info!("stopping: detaching XDP and draining");
     steering.detach();
-    datapath.drain();
+    let finished = datapath.stop();
     let xdp = steering.counters().ok();
-    let account = datapath.account();
     print!(
         "{}",
         report::shutdown(
-            datapath.table(),
-            datapath.stats(),
+            &table,
+            &finished.stats,
             xdp.as_ref(),
-            &datapath.socket_stats(),
-            &account
+            &finished.sockets,
+            &finished.account
         )
     );
-    drop(datapath);
+    let account = finished.account;
+    drop(finished);
     drop(steering);
     if account.leaked() != 0 {
         error!("{} frames leaked", account.leaked());

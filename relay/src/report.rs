@@ -28,7 +28,7 @@ pub fn shutdown(
             let eg = &table.egress[out.egress];
             let _ = writeln!(
                 s,
-                "rule={} output={} group={} port={} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} malformed={}",
+                "rule={} output={} group={} port={} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={}",
                 rule.name,
                 eg.name,
                 out.action.group.unwrap_or(rule.group),
@@ -42,6 +42,7 @@ pub fn shutdown(
                 oc.ttl_expired,
                 oc.no_frame,
                 oc.tx_ring_full,
+                oc.handoff_full,
                 oc.malformed,
             );
         }

@@ -85,16 +85,17 @@ fn seqs(payloads: &[Vec<u8>]) -> BTreeSet<u64> {
     set
 }
 
-fn relays_and_remaps(allocator: &str, log_name: &str) {
+fn relays_and_remaps(allocator: &str, log_name: &str, workers: usize) {
     require_root();
     let _serial = serial();
     const N: u64 = 500;
     let topo = Topology::new(2).unwrap();
+    let w = workers.to_string();
     let relay = RelayProc::start(
         &relay_bin(),
         &topo.relay,
         RULES,
-        &["--allocator", allocator],
+        &["--allocator", allocator, "--workers", &w],
     )
     .unwrap();
     let log = std::fs::read_to_string(&relay.stderr).unwrap();
@@ -102,6 +103,18 @@ fn relays_and_remaps(allocator: &str, log_name: &str) {
         log.contains(&format!("frame allocator: {log_name}")),
         "log names the allocator:\n{log}"
     );
+    if workers == 2 {
+        // Sockets are dealt out round-robin: rin and rout1 on worker 0, rout0 on worker 1, so
+        // every frame for rout0 is taken from the pool on one thread and given back on the
+        // other.
+        assert!(log.contains("2 worker threads"), "{log}");
+        for line in [
+            "rin queue 0: AF_XDP socket bound in copy mode (ingress, worker 0)",
+            "rout0 queue 0: AF_XDP socket bound in copy mode (egress, worker 1)",
+        ] {
+            assert!(log.contains(line), "{line}\n{log}");
+        }
+    }
     assert!(log.contains("rin: XDP program attached in"), "{log}");
     assert!(log.contains("rin queue 0: AF_XDP socket bound in"), "{log}");
 
@@ -201,12 +214,23 @@ fn relays_and_remaps(allocator: &str, log_name: &str) {
 
 #[test]
 fn relays_and_remaps_with_lockfree_pool() {
-    relays_and_remaps("lockfree", "lock-free");
+    relays_and_remaps("lockfree", "lock-free", 1);
 }
 
 #[test]
 fn relays_and_remaps_with_mutex_pool() {
-    relays_and_remaps("mutex", "mutex");
+    relays_and_remaps("mutex", "mutex", 1);
+}
+
+/// Two workers: frames cross threads between the RX worker and the TX owner of rout0.
+#[test]
+fn relays_across_workers_with_lockfree_pool() {
+    relays_and_remaps("lockfree", "lock-free", 2);
+}
+
+#[test]
+fn relays_across_workers_with_mutex_pool() {
+    relays_and_remaps("mutex", "mutex", 2);
 }
 
 /// TTL=1 traffic (mDNS, SSDP) is dropped and counted where the output decrements, and

@@ -4,8 +4,9 @@
 //! pinned nightly with rust-src, bpf-linker) and does nothing when all is there.
 
 use std::{
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context, Result, bail};
@@ -55,12 +56,7 @@ fn main() -> Result<()> {
             setup(&root)?;
             build_ebpf(&root)?;
             build_relay(&root)?;
-            run(Command::new("cargo")
-                .current_dir(&root)
-                .env("RELAY_BIN", relay_bin(&root))
-                .args(["test", "--workspace", "--exclude", "relay-ebpf"])
-                .arg("--")
-                .args(&args))
+            test(&root, &args)
         }
         Task::Demo { packets } => {
             setup(&root)?;
@@ -130,12 +126,16 @@ fn build_ebpf(root: &Path) -> Result<()> {
             "build-std=core",
         ]);
     run(&mut cmd)?;
-    let obj = target_dir(root).join("bpfel-unknown-none/release/relay-xdp");
+    let obj = xdp_object(root);
     if !obj.exists() {
         bail!("the eBPF build finished but {} is missing", obj.display());
     }
     eprintln!("xtask: XDP program at {}", obj.display());
     Ok(())
+}
+
+fn xdp_object(root: &Path) -> PathBuf {
+    target_dir(root).join("bpfel-unknown-none/release/relay-xdp")
 }
 
 fn build_relay(root: &Path) -> Result<()> {
@@ -146,6 +146,79 @@ fn build_relay(root: &Path) -> Result<()> {
         "relay",
         "--bins",
     ]))
+}
+
+/// Runs `cargo test` on the workspace, echoing its output, and closes with one line that
+/// totals every test binary: `tests: N passed, M failed`.
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    let mut child = Command::new("cargo")
+        .current_dir(root)
+        .env("RELAY_BIN", relay_bin(root))
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "relay-ebpf",
+            "--no-fail-fast",
+        ])
+        .arg("--")
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, "passed");
+            failed += count_before(rest, "failed");
+        }
+    }
+    let status = child.wait()?;
+
+    // The lock-free ring's model tests: the crate rebuilt with loom's atomics (its own target
+    // dir, so the normal build is left alone) and every interleaving of a few threads explored.
+    let mut loom = Command::new("cargo")
+        .current_dir(root)
+        .env("RUSTFLAGS", "--cfg loom")
+        .env("CARGO_TARGET_DIR", target_dir(root).join("loom"))
+        .env("RELAY_XDP_OBJ", xdp_object(root))
+        .args(["test", "--release", "-p", "relay", "--lib", "pool::ring::loom_tests"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the loom tests")?;
+    let loom_out = loom.stdout.take().expect("piped");
+    for line in BufReader::new(loom_out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, "passed");
+            failed += count_before(rest, "failed");
+        }
+    }
+    let loom_status = loom.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !loom_status.success() {
+        bail!("the loom tests failed: {loom_status}");
+    }
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed: {status}");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
+/// The number before `word` in a libtest summary such as `ok. 5 passed; 0 failed; ...`.
+fn count_before(summary: &str, word: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| part.trim().strip_suffix(word))
+        .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

@@ -1,0 +1,99 @@
+//! What the data path counts. Each worker keeps its own copy, written by that thread alone, and
+//! the copies are summed when read: no lock and no shared cache line on the fast path.
+
+/// Counters of one output of one rule.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OutputCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub ttl_expired: u64,
+    pub no_frame: u64,
+    pub tx_ring_full: u64,
+    /// The worker that transmits on this output had no room to take the frame.
+    pub handoff_full: u64,
+    pub malformed: u64,
+}
+
+impl OutputCounters {
+    pub fn dropped(&self) -> u64 {
+        self.ttl_expired + self.no_frame + self.tx_ring_full + self.handoff_full + self.malformed
+    }
+
+    fn add(&mut self, o: &OutputCounters) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.ttl_expired += o.ttl_expired;
+        self.no_frame += o.no_frame;
+        self.tx_ring_full += o.tx_ring_full;
+        self.handoff_full += o.handoff_full;
+        self.malformed += o.malformed;
+    }
+}
+
+/// Counters of one rule.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RuleCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub outputs: Vec<OutputCounters>,
+}
+
+/// Everything the data path counts.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DatapathStats {
+    pub rules: Vec<RuleCounters>,
+    /// Redirected frames that matched no rule in userspace (a map/table mismatch).
+    pub unmatched: u64,
+    /// Redirected frames that are not multicast IPv4 UDP after all.
+    pub malformed: u64,
+}
+
+impl DatapathStats {
+    /// Zeroed counters shaped like `outputs_per_rule`.
+    pub fn new(outputs_per_rule: impl Iterator<Item = usize>) -> Self {
+        DatapathStats {
+            rules: outputs_per_rule
+                .map(|n| RuleCounters {
+                    outputs: vec![OutputCounters::default(); n],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds another worker's counters to these.
+    pub fn add(&mut self, other: &DatapathStats) {
+        for (r, o) in self.rules.iter_mut().zip(&other.rules) {
+            r.packets += o.packets;
+            r.bytes += o.bytes;
+            for (a, b) in r.outputs.iter_mut().zip(&o.outputs) {
+                a.add(b);
+            }
+        }
+        self.unmatched += other.unmatched;
+        self.malformed += other.malformed;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_worker_counters() {
+        let mut a = DatapathStats::new([2, 1].into_iter());
+        let mut b = a.clone();
+        a.rules[0].packets = 3;
+        a.rules[0].outputs[1].tx_ring_full = 2;
+        b.rules[0].packets = 4;
+        b.rules[0].outputs[1].handoff_full = 5;
+        b.rules[1].outputs[0].bytes = 7;
+        b.malformed = 1;
+        a.add(&b);
+        assert_eq!(a.rules[0].packets, 7);
+        assert_eq!(a.rules[0].outputs[1].dropped(), 7);
+        assert_eq!(a.rules[1].outputs[0].bytes, 7);
+        assert_eq!(a.malformed, 1);
+    }
+}

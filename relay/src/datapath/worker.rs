@@ -1,0 +1,504 @@
+//! One data path thread: the sockets it owns, its frame cache, and its loop.
+//!
+//! Every socket belongs to exactly one worker, which alone touches its four rings. A worker
+//! receives on its ingress sockets and transmits on its egress sockets. A frame bound for an
+//! egress that another worker owns goes through that egress's lane, a bounded lock-free queue,
+//! and the owner transmits it and later gives it back to the pool. That is where frames cross
+//! threads: taken from the pool by the receiving worker (fill ring, fan-out copies), given back
+//! by the transmitting one (completion ring).
+
+use std::{
+    io::Write,
+    os::fd::{AsRawFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering, fence},
+    },
+    time::Instant,
+};
+
+use crossbeam_queue::ArrayQueue;
+use log::debug;
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
+
+use super::{BATCH, DRAIN_TIMEOUT, IDLE_POLL_MS, RING_SIZE, stats::DatapathStats};
+use crate::{
+    pool::{FrameCache, FramePool},
+    rewrite::{RewriteError, rewrite},
+    rules::RuleTable,
+    wire::classify,
+};
+
+/// Where the data path is in its life.
+pub(super) const RUN: u8 = 0;
+pub(super) const DRAIN: u8 = 1;
+
+/// A frame on its way to an egress, and whose counters it moves.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Tag {
+    pub rule: u32,
+    pub output: u16,
+}
+
+/// What the workers share. Written once at start, except the atomics and the lanes.
+pub(super) struct Shared {
+    pub umem: Umem,
+    /// The descriptor `Umem::new` made for each frame, indexed by frame number.
+    pub frames: Vec<FrameDesc>,
+    pub frame_size: usize,
+    pub pool: Arc<dyn FramePool>,
+    pub table: RuleTable,
+    /// For each egress of the rule table, the worker that owns its socket.
+    pub egress_owner: Vec<usize>,
+    /// For each egress, frames other workers hand to its owner.
+    pub lanes: Vec<ArrayQueue<(FrameDesc, Tag)>>,
+    pub wakers: Vec<Waker>,
+    pub phase: AtomicU8,
+    /// Workers that have emptied their RX rings while draining.
+    pub rx_done: AtomicUsize,
+}
+
+/// Wakes a worker that sleeps in poll() when another hands it frames.
+pub(super) struct Waker {
+    event: OwnedFd,
+    sleeping: AtomicBool,
+}
+
+impl Waker {
+    pub fn new() -> std::io::Result<Self> {
+        // SAFETY: eventfd(2) with valid flags; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let event = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(Self {
+            event,
+            sleeping: AtomicBool::new(false),
+        })
+    }
+
+    fn wake(&self) {
+        // Pairs with the fence in `Worker::idle_wait`: either the sleeper sees the frames we
+        // queued before it sleeps, or we see it sleeping and write the eventfd.
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+            unsafe { libc::write(self.event.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    fn clear(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a valid u64; EAGAIN when nothing is pending.
+        unsafe { libc::read(self.event.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+/// One AF_XDP socket, bound to one (interface, queue).
+pub(super) struct Port {
+    pub name: String,
+    pub ifindex: u32,
+    pub queue: u32,
+    pub ingress: bool,
+    pub copy_mode: bool,
+    pub tx: TxQueue,
+    pub rx: RxQueue,
+    pub fq: FillQueue,
+    pub cq: CompQueue,
+    /// Frames given to the fill ring and not yet consumed from the RX ring.
+    pub in_fill: usize,
+    /// Frames produced to the TX ring and not yet consumed from the completion ring.
+    pub in_tx: usize,
+    pub fill_target: usize,
+}
+
+/// What a worker hands back when it ends.
+pub(super) struct WorkerReport {
+    pub stats: DatapathStats,
+    pub ports: Vec<Port>,
+}
+
+pub(super) struct Worker {
+    id: usize,
+    shared: Arc<Shared>,
+    ports: Vec<Port>,
+    cache: FrameCache,
+    stats: DatapathStats,
+    /// For each egress of the table, the index of this worker's port for it, if it owns it.
+    local_egress: Vec<Option<usize>>,
+    staged: Vec<Vec<FrameDesc>>,
+    staged_tags: Vec<Vec<Tag>>,
+    /// Workers this one handed frames to during the current pass.
+    to_wake: Vec<bool>,
+    rx_buf: Vec<FrameDesc>,
+    take_buf: Vec<u32>,
+    desc_buf: Vec<FrameDesc>,
+}
+
+/// Frames a worker keeps in its private cache before spilling half back to the pool.
+const CACHE_FRAMES: usize = 512;
+
+impl Worker {
+    pub fn new(id: usize, shared: Arc<Shared>, ports: Vec<Port>) -> Self {
+        let local_egress = (0..shared.table.egress.len())
+            .map(|e| {
+                if shared.egress_owner[e] != id {
+                    return None;
+                }
+                let eg = &shared.table.egress[e];
+                ports.iter().position(|p| p.name == eg.name && p.queue == 0)
+            })
+            .collect();
+        let n = ports.len();
+        let stats = DatapathStats::new(shared.table.rules.iter().map(|r| r.outputs.len()));
+        let cache = FrameCache::new(shared.pool.clone(), CACHE_FRAMES);
+        let workers = shared.wakers.len();
+        let mut w = Worker {
+            id,
+            shared,
+            ports,
+            cache,
+            stats,
+            local_egress,
+            staged: vec![Vec::with_capacity(BATCH * 4); n],
+            staged_tags: vec![Vec::with_capacity(BATCH * 4); n],
+            to_wake: vec![false; workers],
+            rx_buf: vec![FrameDesc::default(); BATCH],
+            take_buf: Vec::with_capacity(RING_SIZE as usize),
+            desc_buf: Vec::with_capacity(RING_SIZE as usize),
+        };
+        for i in 0..n {
+            w.refill(i);
+        }
+        w
+    }
+
+    /// Runs until the data path is told to drain, then drains, and reports.
+    pub fn run(mut self) -> WorkerReport {
+        while self.shared.phase.load(Ordering::Relaxed) == RUN {
+            if !self.step() {
+                self.idle_wait();
+            }
+        }
+        self.drain();
+        self.cache.flush();
+        WorkerReport {
+            stats: self.stats,
+            ports: self.ports,
+        }
+    }
+
+    /// After the XDP program is detached: forward what is still in the RX rings, then, once
+    /// every worker has done so (nobody hands out frames any more), wait, bounded, for every
+    /// transmitted frame to complete.
+    fn drain(&mut self) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while self.receive_all() > 0 && Instant::now() < deadline {
+            self.step();
+        }
+        self.shared.rx_done.fetch_add(1, Ordering::AcqRel);
+        let workers = self.shared.wakers.len();
+        while Instant::now() < deadline {
+            self.step();
+            let everyone_done = self.shared.rx_done.load(Ordering::Acquire) == workers;
+            let lanes_empty = (0..self.local_egress.len())
+                .filter(|&e| self.local_egress[e].is_some())
+                .all(|e| self.shared.lanes[e].is_empty());
+            if everyone_done && lanes_empty && self.ports.iter().all(|p| p.in_tx == 0) {
+                break;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// One pass over every ring this worker owns; true if anything moved or is in flight.
+    fn step(&mut self) -> bool {
+        let mut moved = self.receive_all();
+        for w in 0..self.to_wake.len() {
+            if std::mem::take(&mut self.to_wake[w]) {
+                self.shared.wakers[w].wake();
+            }
+        }
+        for e in 0..self.local_egress.len() {
+            if let Some(pi) = self.local_egress[e] {
+                moved += self.collect_lane(e, pi);
+            }
+        }
+        for i in 0..self.ports.len() {
+            moved += self.transmit(i);
+        }
+        for i in 0..self.ports.len() {
+            moved += self.complete(i);
+            if self.ports[i].ingress {
+                self.refill(i);
+            }
+        }
+        moved > 0 || self.ports.iter().any(|p| p.in_tx > 0)
+    }
+
+    fn receive_all(&mut self) -> usize {
+        let mut n = 0;
+        for i in 0..self.ports.len() {
+            if self.ports[i].ingress {
+                n += self.receive(i);
+            }
+        }
+        n
+    }
+
+    fn idle_wait(&mut self) {
+        let waker = &self.shared.wakers[self.id];
+        waker.sleeping.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        let pending = self
+            .local_egress
+            .iter()
+            .enumerate()
+            .any(|(e, p)| p.is_some() && !self.shared.lanes[e].is_empty());
+        if !pending && self.shared.phase.load(Ordering::Relaxed) == RUN {
+            let mut fds: Vec<libc::pollfd> = self
+                .ports
+                .iter()
+                .filter(|p| p.ingress)
+                .map(|p| p.rx.fd().as_raw_fd())
+                .chain(std::iter::once(waker.event.as_raw_fd()))
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            // SAFETY: `fds` is a valid array of initialised pollfd for the duration of the
+            // call. EINTR (a stop signal) simply ends the wait.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, IDLE_POLL_MS) };
+        }
+        waker.sleeping.store(false, Ordering::Relaxed);
+        waker.clear();
+    }
+
+    fn frame_index(&self, desc: &FrameDesc) -> u32 {
+        (desc.addr() / self.shared.frame_size) as u32
+    }
+
+    /// Consumes one batch from an ingress RX ring and sends every frame on its way.
+    fn receive(&mut self, pi: usize) -> usize {
+        // SAFETY: rx_buf descriptors are only written by the ring; the frames they then name
+        // were handed to the kernel through the fill ring and are now ours.
+        let n = unsafe { self.ports[pi].rx.consume(&mut self.rx_buf) };
+        self.ports[pi].in_fill -= n;
+        let ifindex = self.ports[pi].ifindex;
+        for k in 0..n {
+            let desc = self.rx_buf[k];
+            self.forward(ifindex, desc);
+        }
+        n
+    }
+
+    /// Sends one received frame to each output of its rule: copies for all outputs but the
+    /// last, then the received frame itself, rewritten in place, for the last.
+    fn forward(&mut self, ifindex: u32, mut desc: FrameDesc) {
+        let shared = Arc::clone(&self.shared);
+        let frame_no = self.frame_index(&desc);
+        // SAFETY: the frame came off the RX ring, so neither the kernel nor another descriptor
+        // refers to it until we hand it on.
+        let len = unsafe { shared.umem.data(&desc) }.contents().len();
+        // SAFETY: as above.
+        let Some(flow) = classify(unsafe { shared.umem.data(&desc) }.contents()) else {
+            self.stats.malformed += 1;
+            self.cache.give(frame_no);
+            return;
+        };
+        let Some(rule_id) = shared.table.lookup(ifindex, &flow) else {
+            self.stats.unmatched += 1;
+            self.cache.give(frame_no);
+            return;
+        };
+        let rule = &shared.table.rules[rule_id as usize];
+        let rc = &mut self.stats.rules[rule_id as usize];
+        rc.packets += 1;
+        rc.bytes += len as u64;
+        let last = rule.outputs.len() - 1;
+
+        for (oi, out) in rule.outputs.iter().enumerate().take(last) {
+            let Some(copy_no) = self.cache.take() else {
+                self.stats.rules[rule_id as usize].outputs[oi].no_frame += 1;
+                continue;
+            };
+            let mut copy = shared.frames[copy_no as usize];
+            // SAFETY: `copy` is a free frame just taken from the pool, distinct from `desc`'s
+            // frame, and no ring holds it; `desc`'s frame is only read here.
+            let result = unsafe {
+                let src = shared.umem.data(&desc).contents();
+                let mut dst = shared.umem.data_mut(&mut copy);
+                let mut cursor = dst.cursor();
+                cursor.set_pos(0);
+                cursor
+                    .write_all(src)
+                    .expect("a frame's data fits in any frame");
+                rewrite(dst.contents_mut(), &flow, &out.action)
+            };
+            let tag = Tag {
+                rule: rule_id,
+                output: oi as u16,
+            };
+            match result {
+                Ok(()) => self.dispatch(out.egress, copy, tag),
+                Err(e) => {
+                    self.count_rewrite_error(tag, e);
+                    self.cache.give(copy_no);
+                }
+            }
+        }
+
+        let out = &rule.outputs[last];
+        // SAFETY: the copies are done, so this is the frame's only user.
+        let result = unsafe {
+            rewrite(
+                shared.umem.data_mut(&mut desc).contents_mut(),
+                &flow,
+                &out.action,
+            )
+        };
+        let tag = Tag {
+            rule: rule_id,
+            output: last as u16,
+        };
+        match result {
+            Ok(()) => self.dispatch(out.egress, desc, tag),
+            Err(e) => {
+                self.count_rewrite_error(tag, e);
+                self.cache.give(frame_no);
+            }
+        }
+    }
+
+    /// Stages a frame on this worker's socket for `egress`, or hands it to the owner's lane.
+    fn dispatch(&mut self, egress: usize, desc: FrameDesc, tag: Tag) {
+        if let Some(pi) = self.local_egress[egress] {
+            self.staged[pi].push(desc);
+            self.staged_tags[pi].push(tag);
+            return;
+        }
+        match self.shared.lanes[egress].push((desc, tag)) {
+            Ok(()) => self.to_wake[self.shared.egress_owner[egress]] = true,
+            Err((desc, tag)) => {
+                self.stats.rules[tag.rule as usize].outputs[tag.output as usize].handoff_full += 1;
+                let f = self.frame_index(&desc);
+                self.cache.give(f);
+            }
+        }
+    }
+
+    fn count_rewrite_error(&mut self, tag: Tag, e: RewriteError) {
+        let c = &mut self.stats.rules[tag.rule as usize].outputs[tag.output as usize];
+        match e {
+            RewriteError::TtlExpired => c.ttl_expired += 1,
+            RewriteError::Malformed => c.malformed += 1,
+        }
+    }
+
+    /// Moves frames other workers queued for egress `e` onto this worker's staging list.
+    fn collect_lane(&mut self, e: usize, pi: usize) -> usize {
+        let room = (RING_SIZE as usize).saturating_sub(self.staged[pi].len());
+        let mut n = 0;
+        while n < room {
+            let Some((desc, tag)) = self.shared.lanes[e].pop() else {
+                break;
+            };
+            self.staged[pi].push(desc);
+            self.staged_tags[pi].push(tag);
+            n += 1;
+        }
+        n
+    }
+
+    /// Puts staged frames on a port's TX ring and kicks the kernel.
+    fn transmit(&mut self, pi: usize) -> usize {
+        let staged = std::mem::take(&mut self.staged[pi]);
+        let tags = std::mem::take(&mut self.staged_tags[pi]);
+        let mut sent = 0;
+        if !staged.is_empty() {
+            let port = &mut self.ports[pi];
+            // SAFETY: every staged frame is ours (off an RX ring, out of the pool, or handed
+            // over through a lane) and is on no ring.
+            sent = unsafe { port.tx.produce(&staged) };
+            port.in_tx += sent;
+            for (desc, tag) in staged[..sent].iter().zip(&tags[..sent]) {
+                let oc = &mut self.stats.rules[tag.rule as usize].outputs[tag.output as usize];
+                oc.packets += 1;
+                oc.bytes += desc.lengths().data() as u64;
+            }
+            for (desc, tag) in staged[sent..].iter().zip(&tags[sent..]) {
+                self.stats.rules[tag.rule as usize].outputs[tag.output as usize].tx_ring_full += 1;
+                let f = self.frame_index(desc);
+                self.cache.give(f);
+            }
+        }
+        // Hand the buffers back so their capacity is reused.
+        self.staged[pi] = staged;
+        self.staged[pi].clear();
+        self.staged_tags[pi] = tags;
+        self.staged_tags[pi].clear();
+        let port = &mut self.ports[pi];
+        // Copy mode transmits only inside sendto(), a bounded batch per call, so kick while
+        // anything is outstanding; zero-copy drivers say when they need it.
+        if port.in_tx > 0
+            && (port.copy_mode || port.tx.needs_wakeup())
+            && let Err(e) = port.tx.wakeup()
+        {
+            debug!("{}: TX wakeup: {e}", port.name);
+        }
+        sent
+    }
+
+    /// Returns completed TX frames to the pool (through this worker's cache).
+    fn complete(&mut self, pi: usize) -> usize {
+        let port = &mut self.ports[pi];
+        if port.in_tx == 0 {
+            return 0;
+        }
+        self.desc_buf.clear();
+        self.desc_buf
+            .resize(port.in_tx.min(RING_SIZE as usize), FrameDesc::default());
+        // SAFETY: the completion ring hands back frames the kernel has finished sending.
+        let n = unsafe { port.cq.consume(&mut self.desc_buf) };
+        port.in_tx -= n;
+        for k in 0..n {
+            let f = (self.desc_buf[k].addr() / self.shared.frame_size) as u32;
+            self.cache.give(f);
+        }
+        n
+    }
+
+    /// Tops an ingress port's fill ring up to its target.
+    fn refill(&mut self, pi: usize) {
+        let port = &mut self.ports[pi];
+        if !port.ingress || port.in_fill >= port.fill_target {
+            return;
+        }
+        let want = port.fill_target - port.in_fill;
+        let want = want.min(port.fq.nb_free(want as u32) as usize);
+        if want == 0 {
+            return;
+        }
+        self.take_buf.clear();
+        self.cache.take_batch(&mut self.take_buf, want);
+        self.desc_buf.clear();
+        self.desc_buf.extend(
+            self.take_buf
+                .iter()
+                .map(|&f| self.shared.frames[f as usize]),
+        );
+        // SAFETY: the frames came from the pool, so nothing else refers to them.
+        let produced = unsafe { port.fq.produce(&self.desc_buf) };
+        port.in_fill += produced;
+        // The fill ring is ours alone and had room for `want`, so this is empty.
+        self.cache.give_batch(&self.take_buf[produced..]);
+        if port.fq.needs_wakeup() {
+            let _ = port.fq.wakeup(port.rx.fd_mut(), 0);
+        }
+    }
+}
