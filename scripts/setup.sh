@@ -36,12 +36,17 @@ if ! rustup toolchain list | grep -q "^$STABLE-"; then
   say "installing Rust $STABLE (pinned in rust-toolchain.toml)"
   rustup toolchain install "$STABLE" --profile minimal -c clippy,rustfmt
 fi
+# rust-src: the eBPF crate builds core from source. miri: the test suite runs the frame pool's
+# unit tests under it.
 if ! rustup toolchain list | grep -q "^$NIGHTLY-"; then
-  say "installing $NIGHTLY with rust-src (the eBPF crate builds core from source)"
-  rustup toolchain install "$NIGHTLY" --profile minimal -c rust-src
-elif ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q '^rust-src'; then
-  rustup component add rust-src --toolchain "$NIGHTLY"
+  say "installing $NIGHTLY with rust-src and miri"
+  rustup toolchain install "$NIGHTLY" --profile minimal -c rust-src -c miri
 fi
+for c in rust-src miri; do
+  if ! rustup component list --toolchain "$NIGHTLY" --installed | grep -q "^$c"; then
+    rustup component add "$c" --toolchain "$NIGHTLY"
+  fi
+done
 
 # --- bpf-linker -----------------------------------------------------------------------------
 # Built against the pinned nightly's own libLLVM, so the bitcode rustc emits and the LLVM that

@@ -174,12 +174,26 @@ struct Batch {
     frames: [u32; 64],
 }
 
+/// Pins the calling thread to `cpu`, so the two threads of a cross-thread run sit on two
+/// cores rather than taking turns on one.
+fn pin(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET and sched_setaffinity get a valid set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 fn run_cross(pool: &Arc<dyn FramePool>, cached: bool, batch: usize, iters: u64) -> Duration {
     let handoff = Arc::new(ArrayQueue::<Batch>::new(256));
     let barrier = Arc::new(Barrier::new(2));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    pin(0);
     let giver = {
         let (handoff, barrier, mut src) = (handoff.clone(), barrier.clone(), source(pool, cached));
         std::thread::spawn(move || {
+            pin(1 % cpus);
             barrier.wait();
             let mut returned = 0u64;
             while returned < iters {

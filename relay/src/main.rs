@@ -126,13 +126,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let xdp = steering.counters().ok();
     print!(
         "{}",
-        report::shutdown(
-            &table,
-            &finished.stats,
-            xdp.as_ref(),
-            &finished.sockets,
-            &finished.account
-        )
+        report::shutdown(&table, &finished, allocator, xdp.as_ref())
     );
     let account = finished.account;
     drop(finished);

@@ -6,17 +6,18 @@ use std::fmt::Write;
 use relay_common::XdpCounter;
 
 use crate::{
-    datapath::{DatapathStats, FrameAccount},
+    datapath::Finished,
+    pool::AllocatorKind,
     rules::RuleTable,
 };
 
 pub fn shutdown(
     table: &RuleTable,
-    stats: &DatapathStats,
+    finished: &Finished,
+    allocator: AllocatorKind,
     xdp: Option<&[u64; XdpCounter::COUNT as usize]>,
-    sockets: &[(String, u32, xsk_rs::socket::XdpStatistics)],
-    account: &FrameAccount,
 ) -> String {
+    let (stats, sockets, account) = (&finished.stats, &finished.sockets, &finished.account);
     let mut s = String::new();
     for (rule, rc) in table.rules.iter().zip(&stats.rules) {
         let _ = writeln!(
@@ -70,6 +71,17 @@ pub fn shutdown(
             st.tx_invalid_descs(),
         );
     }
+    let p = &finished.pool;
+    let _ = writeln!(
+        s,
+        "pool allocator={} capacity={} free={} in_flight={} low_water={} rejected={}",
+        allocator.describe(),
+        p.capacity,
+        p.free,
+        p.in_flight(),
+        p.low_water,
+        p.rejected
+    );
     let _ = writeln!(
         s,
         "frames total={} in_pool={} in_fill={} in_tx={} leaked={}",

@@ -148,10 +148,14 @@ fn build_relay(root: &Path) -> Result<()> {
     ]))
 }
 
-/// Runs `cargo test` on the workspace, echoing its output, and closes with one line that
-/// totals every test binary: `tests: N passed, M failed`.
+/// Runs every suite: the workspace's tests, the lock-free ring's loom models, and the pool's
+/// unit tests under Miri; closes with one line that totals them: `tests: N passed, M failed`.
 fn test(root: &Path, args: &[String]) -> Result<()> {
-    let mut child = Command::new("cargo")
+    let mut tally = Tally::default();
+    let mut failures = Vec::new();
+
+    let mut workspace = Command::new("cargo");
+    workspace
         .current_dir(root)
         .env("RELAY_BIN", relay_bin(root))
         .args([
@@ -162,54 +166,81 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
             "--no-fail-fast",
         ])
         .arg("--")
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting cargo test")?;
-    let (mut passed, mut failed) = (0u64, 0u64);
-    let stdout = child.stdout.take().expect("piped");
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            passed += count_before(rest, "passed");
-            failed += count_before(rest, "failed");
-        }
-    }
-    let status = child.wait()?;
+        .args(args);
+    tally.run("cargo test", &mut workspace, &mut failures)?;
 
-    // The lock-free ring's model tests: the crate rebuilt with loom's atomics (its own target
-    // dir, so the normal build is left alone) and every interleaving of a few threads explored.
-    let mut loom = Command::new("cargo")
-        .current_dir(root)
+    // The crate rebuilt with loom's atomics (in its own target dir, so the normal build is
+    // left alone), and every interleaving of a few threads explored.
+    let mut loom = Command::new("cargo");
+    loom.current_dir(root)
         .env("RUSTFLAGS", "--cfg loom")
         .env("CARGO_TARGET_DIR", target_dir(root).join("loom"))
         .env("RELAY_XDP_OBJ", xdp_object(root))
-        .args(["test", "--release", "-p", "relay", "--lib", "pool::ring::loom_tests"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the loom tests")?;
-    let loom_out = loom.stdout.take().expect("piped");
-    for line in BufReader::new(loom_out).lines() {
-        let line = line?;
-        println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            passed += count_before(rest, "passed");
-            failed += count_before(rest, "failed");
-        }
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "relay",
+            "--lib",
+            "pool::ring::loom_tests",
+        ]);
+    tally.run("loom", &mut loom, &mut failures)?;
+
+    // Miri checks the ring's cell accesses and the cache for undefined behaviour; the
+    // multi-million-frame stress test is left to the native run.
+    let mut miri = Command::new("cargo");
+    miri.current_dir(root)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env("RELAY_XDP_OBJ", xdp_object(root))
+        .args([
+            &format!("+{}", nightly(root)?),
+            "miri",
+            "test",
+            "-p",
+            "relay",
+            "--lib",
+        ])
+        .args(["pool::", "--", "--skip", "stress"]);
+    tally.run("miri", &mut miri, &mut failures)?;
+
+    println!("tests: {} passed, {} failed", tally.passed, tally.failed);
+    if !failures.is_empty() || tally.failed > 0 {
+        bail!("failed: {}", failures.join(", "));
     }
-    let loom_status = loom.wait()?;
-    println!("tests: {passed} passed, {failed} failed");
-    if !loom_status.success() {
-        bail!("the loom tests failed: {loom_status}");
-    }
-    if !status.success() || failed > 0 {
-        bail!("cargo test failed: {status}");
-    }
-    if passed == 0 {
-        bail!("cargo test ran no test");
+    if tally.passed == 0 {
+        bail!("no test ran");
     }
     Ok(())
+}
+
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    /// Runs a libtest command, echoing its output and adding up its summaries.
+    fn run(&mut self, name: &str, cmd: &mut Command, failures: &mut Vec<String>) -> Result<()> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                self.passed += count_before(rest, "passed");
+                self.failed += count_before(rest, "failed");
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            failures.push(format!("{name} ({status})"));
+        }
+        Ok(())
+    }
 }
 
 /// The number before `word` in a libtest summary such as `ok. 5 passed; 0 failed; ...`.

@@ -34,7 +34,11 @@ use xsk_rs::{
 pub use stats::{DatapathStats, OutputCounters, RuleCounters};
 use worker::{DRAIN, Port, RUN, Shared, Waker, Worker, WorkerReport};
 
-use crate::{config::BindMode, pool::FramePool, rules::RuleTable};
+use crate::{
+    config::BindMode,
+    pool::{FramePool, PoolStats},
+    rules::RuleTable,
+};
 
 /// Ring sizes. The fill ring of an ingress socket is kept at most this full.
 const RING_SIZE: u32 = 2048;
@@ -77,6 +81,7 @@ pub struct Datapath {
 pub struct Finished {
     pub stats: DatapathStats,
     pub account: FrameAccount,
+    pub pool: PoolStats,
     pub sockets: Vec<(String, u32, xsk_rs::socket::XdpStatistics)>,
     /// Kept open until the report is printed, then dropped.
     _ports: Vec<Port>,
@@ -272,6 +277,7 @@ impl Datapath {
         Finished {
             stats,
             account,
+            pool: self.shared.pool.stats(),
             sockets,
             _ports: ports,
         }
