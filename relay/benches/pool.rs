@@ -145,6 +145,8 @@ fn single_thread(c: &mut Criterion) {
 /// Thread A takes frames and passes them to thread B, which gives them back; the time is
 /// for `iters` frames to make the round trip.
 fn cross_thread(c: &mut Criterion) {
+    // Counted before any pinning: available_parallelism honours the thread's affinity.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut g = c.benchmark_group("cross_thread");
     g.measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_millis(500));
@@ -158,7 +160,7 @@ fn cross_thread(c: &mut Criterion) {
                     name.to_owned()
                 };
                 g.bench_function(BenchmarkId::new(label, batch), |b| {
-                    b.iter_custom(|iters| run_cross(&pool, cached, batch, iters))
+                    b.iter_custom(|iters| run_cross(&pool, cached, batch, iters, cpus))
                 });
             }
         }
@@ -174,6 +176,16 @@ struct Batch {
     frames: [u32; 64],
 }
 
+/// Busy-waits without PAUSE: under KVM, a vCPU that executes PAUSE in a loop is taken off the
+/// CPU by pause-loop exiting, which turns a cross-core hand-off into tens of microseconds and
+/// measures the hypervisor instead of the pool.
+#[inline(always)]
+fn wait_a_moment() {
+    for _ in 0..32 {
+        std::hint::black_box(());
+    }
+}
+
 /// Pins the calling thread to `cpu`, so the two threads of a cross-thread run sit on two
 /// cores rather than taking turns on one.
 fn pin(cpu: usize) {
@@ -185,10 +197,17 @@ fn pin(cpu: usize) {
     }
 }
 
-fn run_cross(pool: &Arc<dyn FramePool>, cached: bool, batch: usize, iters: u64) -> Duration {
-    let handoff = Arc::new(ArrayQueue::<Batch>::new(256));
+fn run_cross(
+    pool: &Arc<dyn FramePool>,
+    cached: bool,
+    batch: usize,
+    iters: u64,
+    cpus: usize,
+) -> Duration {
+    // Short, so at most a few batches are in flight and the pool stays well stocked, as a
+    // relay's pool is: the threads meet in the pool, not at an empty one.
+    let handoff = Arc::new(ArrayQueue::<Batch>::new(8));
     let barrier = Arc::new(Barrier::new(2));
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     pin(0);
     let giver = {
         let (handoff, barrier, mut src) = (handoff.clone(), barrier.clone(), source(pool, cached));
@@ -202,7 +221,7 @@ fn run_cross(pool: &Arc<dyn FramePool>, cached: bool, batch: usize, iters: u64) 
                         returned += b.n as u64;
                         src.give_batch(&b.frames[..b.n]);
                     }
-                    None => std::hint::spin_loop(),
+                    None => wait_a_moment(),
                 }
             }
         })
@@ -217,7 +236,7 @@ fn run_cross(pool: &Arc<dyn FramePool>, cached: bool, batch: usize, iters: u64) 
         let want = batch.min((iters - taken) as usize);
         let n = src.take_batch(&mut buf, want);
         if n == 0 {
-            std::hint::spin_loop();
+            wait_a_moment();
             continue;
         }
         taken += n as u64;
@@ -225,7 +244,7 @@ fn run_cross(pool: &Arc<dyn FramePool>, cached: bool, batch: usize, iters: u64) 
         b.frames[..n].copy_from_slice(&buf);
         while let Err(back) = handoff.push(b) {
             b = back;
-            std::hint::spin_loop();
+            wait_a_moment();
         }
     }
     giver.join().unwrap();

@@ -5,11 +5,7 @@ use std::fmt::Write;
 
 use relay_common::XdpCounter;
 
-use crate::{
-    datapath::Finished,
-    pool::AllocatorKind,
-    rules::RuleTable,
-};
+use crate::{datapath::Finished, pool::AllocatorKind, rules::RuleTable};
 
 pub fn shutdown(
     table: &RuleTable,

@@ -5,7 +5,10 @@
 //! stays inside the namespaces: veth pairs with no route out, hosts in 198.18.0.0/15, groups in
 //! 239.0.0.0/8.
 
+pub mod bench;
 pub mod demo;
+pub mod loadgen;
+pub mod mroute;
 pub mod netns;
 pub mod relay_proc;
 pub mod topo;

@@ -37,6 +37,28 @@ enum Task {
         #[arg(long, default_value_t = 1000)]
         packets: u32,
     },
+    /// Measure the relay against kernel multicast routing and socat on a veth topology, and
+    /// write the table into docs/PERFORMANCE.md (takes several minutes; needs root).
+    Bench {
+        /// Runs per row; the table shows the median.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Seconds of traffic per run.
+        #[arg(long, default_value_t = 2.0)]
+        duration: f64,
+        /// The fixed offered rate, packets per second.
+        #[arg(long, default_value_t = 50_000)]
+        rate: u64,
+        /// UDP payload sizes.
+        #[arg(long, value_delimiter = ',', default_values_t = [64usize, 1400])]
+        sizes: Vec<usize>,
+        /// Only scenarios whose name contains one of these.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Print the table without touching docs/PERFORMANCE.md.
+        #[arg(long)]
+        no_write: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -58,6 +80,47 @@ fn main() -> Result<()> {
             build_relay(&root)?;
             test(&root, &args)
         }
+        Task::Bench {
+            repeats,
+            duration,
+            rate,
+            sizes,
+            only,
+            no_write,
+        } => {
+            setup(&root)?;
+            build_ebpf(&root)?;
+            build_relay(&root)?;
+            run(Command::new("cargo").current_dir(&root).args([
+                "build",
+                "--release",
+                "-p",
+                "relay-tests",
+                "--bin",
+                "relay-gen",
+            ]))?;
+            let gen_bin = target_dir(&root).join("release/relay-gen");
+            let opts = relay_tests::bench::BenchOpts {
+                repeats,
+                duration,
+                rate,
+                sizes,
+                only,
+            };
+            let table = relay_tests::bench::run(&relay_bin(&root), &gen_bin, &opts)?;
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            let section = format!(
+                "Measured {} with `cargo xtask {}` on {}.\n\n{table}",
+                now_utc()?,
+                args.join(" "),
+                machine()?
+            );
+            println!("{section}");
+            if !no_write {
+                write_section(&root.join("docs/PERFORMANCE.md"), "bench", &section)?;
+            }
+            Ok(())
+        }
         Task::Demo { packets } => {
             setup(&root)?;
             build_ebpf(&root)?;
@@ -65,6 +128,45 @@ fn main() -> Result<()> {
             relay_tests::demo::run(&relay_bin(&root), packets)
         }
     }
+}
+
+/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `path`.
+fn write_section(path: &Path, name: &str, body: &str) -> Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let (begin, end) = (
+        format!("<!-- {name}:begin -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let (Some(a), Some(b)) = (text.find(&begin), text.find(&end)) else {
+        bail!("{} has no {begin} ... {end} section", path.display());
+    };
+    let new = format!("{}{begin}\n{body}\n{}", &text[..a], &text[b..]);
+    std::fs::write(path, new)?;
+    eprintln!("xtask: wrote the table into {}", path.display());
+    Ok(())
+}
+
+fn now_utc() -> Result<String> {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Kernel, CPU model and count, as the table's caption gives them.
+fn machine() -> Result<String> {
+    let kernel = Command::new("uname").arg("-r").output()?;
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")?;
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(format!(
+        "Linux {}, {cpus} × {model}",
+        String::from_utf8_lossy(&kernel.stdout).trim()
+    ))
 }
 
 fn workspace_root() -> PathBuf {

@@ -3,10 +3,10 @@
 //! Dmitry Vyukov's bounded MPMC queue (the algorithm behind crossbeam's `ArrayQueue`), with
 //! one change that matters for a packet pool: a batch of `n` entries is claimed with one
 //! compare-and-swap on the head or tail, not `n` of them, as DPDK's `rte_ring` bulk calls do.
-//! Each slot carries a sequence number saying whose turn it is. Like `ArrayQueue`, an operation
-//! that finds the next slot claimed by another thread that has not finished with it spins until
-//! it has (a few instructions, unless that thread was preempted right there); a full or empty
-//! ring returns at once.
+//! Each slot carries a sequence number saying whose turn it is. A taker that finds the next
+//! slot not yet published returns what it has (possibly nothing) rather than wait; a producer
+//! that finds the next slot claimed by a consumer that has not released it waits for it, as
+//! `ArrayQueue` does, since a frame given back cannot be dropped. A full ring returns at once.
 
 use super::sync::{AtomicUsize, Ordering, UnsafeCell, spin};
 
@@ -78,6 +78,7 @@ impl BulkRing {
 
     /// Appends as many of `values` as there is room for; returns how many.
     pub fn push_bulk(&self, values: &[u32]) -> usize {
+        let mut waited = 0u32;
         loop {
             let tail = self.tail.0.load(Ordering::Acquire);
             let mut n = 0;
@@ -101,8 +102,9 @@ impl BulkRing {
                     return 0; // full
                 }
                 // Not full: the consumer of the previous lap has claimed the slot and is about
-                // to release it. Wait for it, as crossbeam's ArrayQueue does.
-                spin();
+                // to release it. Wait for it, as crossbeam's ArrayQueue does (a frame given
+                // back cannot be dropped).
+                spin(&mut waited);
                 continue;
             }
             if n == 0 {
@@ -148,12 +150,10 @@ impl BulkRing {
                 if self.head.0.load(Ordering::Acquire) != head {
                     continue;
                 }
-                if self.tail.0.load(Ordering::Acquire) == head {
-                    return 0; // empty
-                }
-                // Not empty: a producer has claimed the slot and is about to publish it.
-                spin();
-                continue;
+                // Empty, or a producer has claimed the next slot and not yet published it.
+                // Either way there is nothing to take right now, and a pool's taker would
+                // rather get a short batch than wait on another thread.
+                return 0;
             }
             if n == 0 {
                 return 0;

@@ -31,11 +31,23 @@ impl<T> UnsafeCell<T> {
     }
 }
 
-/// Waits a moment for another thread to finish a step.
+/// Waits a moment for another thread to finish a step: a few PAUSEs, then the CPU is given
+/// up. Spinning on PAUSE for long is what a hypervisor's pause-loop exiting punishes: under KVM
+/// the vCPU is descheduled, and a hand-off that takes nanoseconds takes tens of microseconds.
 #[inline(always)]
-pub(crate) fn spin() {
+pub(crate) fn spin(waited: &mut u32) {
     #[cfg(loom)]
-    loom::thread::yield_now();
+    {
+        let _ = waited;
+        loom::thread::yield_now();
+    }
     #[cfg(not(loom))]
-    std::hint::spin_loop();
+    {
+        *waited += 1;
+        if *waited < 16 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
 }

@@ -1,0 +1,422 @@
+//! `cargo xtask bench`: the relay and the alternatives a user would run instead, measured on
+//! one veth topology in one run, with the traffic generator.
+//!
+//! Each row is repeated; the table gives the median and, for the delivered rate, the range.
+//! Rows of one run share the machine's state, so ratios between them are what to quote.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    loadgen::{RecvSummary, SendSummary},
+    mroute::KernelMroute,
+    netns::{Netns, require_root, sh},
+    relay_proc::RelayProc,
+    topo::{RELAY_IN, RELAY_IN_ADDR, SENDER_ADDR, Topology},
+};
+
+const GROUP: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
+const PORT: u16 = 5000;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOpts {
+    pub repeats: usize,
+    /// Seconds the sender sends per run.
+    pub duration: f64,
+    /// The fixed offered rate, packets per second.
+    pub rate: u64,
+    pub sizes: Vec<usize>,
+    /// Only these scenarios (by name substring); all when empty.
+    pub only: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Forwarder {
+    Relay {
+        allocator: &'static str,
+        workers: usize,
+    },
+    Kernel,
+    Socat,
+}
+
+#[derive(Debug, Clone)]
+struct Scenario {
+    name: String,
+    fwd: Forwarder,
+    outputs: usize,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let relay = |allocator, workers| Forwarder::Relay { allocator, workers };
+    let s = |name: &str, fwd, outputs| Scenario {
+        name: name.to_owned(),
+        fwd,
+        outputs,
+    };
+    vec![
+        s("relay lock-free 1→1", relay("lockfree", 1), 1),
+        s("relay mutex 1→1", relay("mutex", 1), 1),
+        s("kernel ipmr 1→1", Forwarder::Kernel, 1),
+        s("socat 1→1", Forwarder::Socat, 1),
+        s("relay lock-free 2 workers 1→2", relay("lockfree", 2), 2),
+        s("relay mutex 2 workers 1→2", relay("mutex", 2), 2),
+        s("relay lock-free 1→2", relay("lockfree", 1), 2),
+        s("kernel ipmr 1→2", Forwarder::Kernel, 2),
+        s("relay lock-free 1→8", relay("lockfree", 1), 8),
+        s("kernel ipmr 1→8", Forwarder::Kernel, 8),
+    ]
+}
+
+/// One run's measurements.
+#[derive(Debug, Clone)]
+struct Sample {
+    offered_pps: f64,
+    /// Packets delivered per output per second.
+    delivered_pps: f64,
+    loss_pct: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    /// Forwarder CPU time per delivered packet (all outputs), when it is a process.
+    cpu_ns_per_pkt: Option<f64>,
+    rss_mib: Option<f64>,
+}
+
+/// Runs every scenario and returns the markdown table.
+pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String> {
+    require_root();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let topo = Topology::new(8)?;
+    // Receivers read their sockets with large buffers; let them have what they ask for.
+    for r in &topo.receivers {
+        r.ns.exec(&["sysctl", "-qw", "net.core.rmem_max=16777216"])?;
+    }
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| scenario | payload B | offered | delivered pps per output (median, min–max) | loss % | p50 µs | p99 µs | p99.9 µs | forwarder CPU ns/pkt | forwarder RSS MiB |"
+    );
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|");
+    for sc in scenarios() {
+        if !opts.only.is_empty() && !opts.only.iter().any(|o| sc.name.contains(o.as_str())) {
+            continue;
+        }
+        for &size in &opts.sizes {
+            for rate in [opts.rate, 0] {
+                let mut samples = Vec::new();
+                for rep in 0..opts.repeats {
+                    let s = run_one(
+                        &topo,
+                        relay_bin,
+                        gen_bin,
+                        &sc,
+                        size,
+                        rate,
+                        opts.duration,
+                        cpus,
+                    )
+                    .with_context(|| format!("{} {size} B rate {rate} run {rep}", sc.name))?;
+                    eprintln!(
+                        "bench: {} {size} B {}: {:.0} pps/output, loss {:.2}%, p99 {:.0} µs",
+                        sc.name,
+                        offered(rate),
+                        s.delivered_pps,
+                        s.loss_pct,
+                        s.p99_us
+                    );
+                    samples.push(s);
+                }
+                let _ = writeln!(table, "{}", row(&sc, size, rate, &samples));
+            }
+        }
+    }
+    Ok(table)
+}
+
+fn offered(rate: u64) -> String {
+    if rate == 0 {
+        "flat out".to_owned()
+    } else {
+        format!("{} kpps", rate / 1000)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn row(sc: &Scenario, size: usize, rate: u64, s: &[Sample]) -> String {
+    let pick = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
+    let pps: Vec<f64> = s.iter().map(|x| x.delivered_pps).collect();
+    let (lo, hi) = (
+        pps.iter().copied().fold(f64::MAX, f64::min),
+        pps.iter().copied().fold(0.0, f64::max),
+    );
+    let opt = |f: fn(&Sample) -> Option<f64>, prec: usize| {
+        let v: Vec<f64> = s.iter().filter_map(f).collect();
+        if v.is_empty() {
+            "—".to_owned()
+        } else {
+            format!("{:.*}", prec, median(v))
+        }
+    };
+    let offered = if rate == 0 {
+        format!("flat out ({:.0} pps)", pick(|x| x.offered_pps))
+    } else {
+        format!("{} kpps", rate / 1000)
+    };
+    format!(
+        "| {} | {} | {} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.0} | {:.0} | {:.0} | {} | {} |",
+        sc.name,
+        size,
+        offered,
+        median(pps.clone()),
+        lo,
+        hi,
+        pick(|x| x.loss_pct),
+        pick(|x| x.p50_us),
+        pick(|x| x.p99_us),
+        pick(|x| x.p999_us),
+        opt(|x| x.cpu_ns_per_pkt, 0),
+        opt(|x| x.rss_mib, 1),
+    )
+}
+
+/// A forwarder running for one measurement.
+enum Running {
+    Relay(RelayProc),
+    Kernel(KernelMroute),
+    Socat(Child),
+}
+
+impl Running {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Running::Relay(r) => Some(r.pid()),
+            Running::Kernel(_) => None,
+            Running::Socat(c) => Some(c.id()),
+        }
+    }
+
+    fn stop(self) -> Result<()> {
+        match self {
+            Running::Relay(r) => {
+                let exit = r.stop(Duration::from_secs(5))?;
+                if !exit.status.success() {
+                    bail!("relay exited {}: {}", exit.status, exit.stderr);
+                }
+            }
+            Running::Kernel(k) => drop(k),
+            Running::Socat(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        Ok(())
+    }
+}
+
+fn relay_yaml(outputs: usize, workers: usize, allocator: &str) -> String {
+    let mut y = format!(
+        "allocator: {allocator}\nworkers: {workers}\nrules:\n  - name: bench\n    input: {{ interface: {RELAY_IN}, group: {GROUP}, port: {PORT} }}\n    outputs:\n"
+    );
+    for i in 0..outputs {
+        let _ = writeln!(y, "      - interface: rout{i}");
+    }
+    y
+}
+
+fn start(topo: &Topology, relay_bin: &Path, sc: &Scenario, cpus: usize) -> Result<Running> {
+    let relay_cpu = (1 % cpus).to_string();
+    let running = match sc.fwd {
+        Forwarder::Relay { allocator, workers } => {
+            let yaml = relay_yaml(sc.outputs, workers, allocator);
+            let r = RelayProc::start(relay_bin, &topo.relay, &yaml, &[])?;
+            // All its threads on the CPU the sender does not use (with two workers on two
+            // CPUs, the second shares the sender's).
+            if workers == 1 {
+                sh(&[
+                    "taskset",
+                    "-a",
+                    "-p",
+                    "-c",
+                    &relay_cpu,
+                    &r.pid().to_string(),
+                ])?;
+            }
+            Running::Relay(r)
+        }
+        Forwarder::Kernel => {
+            let idx = |ns: &Netns, name: &str| -> Result<u32> {
+                Ok(ns
+                    .exec(&["cat", &format!("/sys/class/net/{name}/ifindex")])?
+                    .trim()
+                    .parse()?)
+            };
+            let input = idx(&topo.relay, RELAY_IN)?;
+            let outputs = (0..sc.outputs)
+                .map(|i| idx(&topo.relay, &format!("rout{i}")))
+                .collect::<Result<Vec<_>>>()?;
+            let k = crate::traffic::join(
+                topo.relay
+                    .run(move || KernelMroute::new(input, &outputs, SENDER_ADDR, GROUP)),
+            )?;
+            Running::Kernel(k)
+        }
+        Forwarder::Socat => {
+            let out_addr = topo.receivers[0].addr.octets();
+            let relay_out = Ipv4Addr::new(198, 18, out_addr[2], 1);
+            let child = Command::new("ip")
+                .args(["netns", "exec", topo.relay.name(), "taskset", "-c", &relay_cpu, "socat", "-u"])
+                .arg(format!(
+                    "UDP4-RECV:{PORT},reuseaddr,ip-add-membership={GROUP}:{RELAY_IN_ADDR},rcvbuf=8388608"
+                ))
+                .arg(format!(
+                    "UDP4-SENDTO:{GROUP}:{PORT},ip-multicast-if={relay_out},ip-multicast-ttl=7,ip-multicast-loop=0,sndbuf=8388608"
+                ))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting socat")?;
+            // socat joins as it starts; give it that moment.
+            std::thread::sleep(Duration::from_millis(300));
+            Running::Socat(child)
+        }
+    };
+    Ok(running)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_one(
+    topo: &Topology,
+    relay_bin: &Path,
+    gen_bin: &Path,
+    sc: &Scenario,
+    size: usize,
+    rate: u64,
+    duration: f64,
+    cpus: usize,
+) -> Result<Sample> {
+    let fwd = start(topo, relay_bin, sc, cpus)?;
+    let mut receivers = Vec::new();
+    for r in &topo.receivers[..sc.outputs] {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", r.ns.name()])
+            .arg(gen_bin)
+            .args([
+                "recv",
+                "--group",
+                &GROUP.to_string(),
+                "--port",
+                &PORT.to_string(),
+            ])
+            .args(["--iface-addr", &r.addr.to_string(), "--idle-ms", "1000"])
+            .args(["--max-secs", &(duration + 20.0).to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting a receiver")?;
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().expect("piped")).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("receiver did not start: {line}");
+        }
+        receivers.push(child);
+    }
+    let pid = fwd.pid();
+    let cpu_before = pid.map(cpu_ns).transpose()?;
+    let sender = Command::new("ip")
+        .args(["netns", "exec", topo.sender.name()])
+        .arg(gen_bin)
+        .args([
+            "send",
+            "--group",
+            &GROUP.to_string(),
+            "--port",
+            &PORT.to_string(),
+        ])
+        .args([
+            "--source",
+            &SENDER_ADDR.to_string(),
+            "--size",
+            &size.to_string(),
+        ])
+        .args([
+            "--rate",
+            &rate.to_string(),
+            "--duration",
+            &duration.to_string(),
+        ])
+        .args(["--cpu", "0"])
+        .output()
+        .context("running the sender")?;
+    if !sender.status.success() {
+        bail!("sender failed: {}", String::from_utf8_lossy(&sender.stderr));
+    }
+    let sent: SendSummary = serde_json::from_slice(&sender.stdout).context("sender output")?;
+    let mut got = Vec::new();
+    for child in receivers {
+        let out = child.wait_with_output()?;
+        got.push(serde_json::from_slice::<RecvSummary>(&out.stdout).context("receiver output")?);
+    }
+    // Read after the receivers' idle period, so late frames the forwarder worked on count.
+    let cpu_after = pid.map(cpu_ns).transpose()?;
+    let rss = pid.map(rss_mib).transpose()?;
+    fwd.stop()?;
+
+    let delivered: u64 = got.iter().map(|g| g.unique).sum();
+    let outputs = sc.outputs as f64;
+    let worst = |f: fn(&RecvSummary) -> u64| got.iter().map(f).max().unwrap_or(0) as f64 / 1000.0;
+    Ok(Sample {
+        offered_pps: sent.pps,
+        delivered_pps: delivered as f64 / outputs / sent.elapsed_s,
+        loss_pct: 100.0 * (1.0 - delivered as f64 / (sent.sent as f64 * outputs)).max(0.0),
+        p50_us: worst(|g| g.p50_ns),
+        p99_us: worst(|g| g.p99_ns),
+        p999_us: worst(|g| g.p999_ns),
+        cpu_ns_per_pkt: match (cpu_before, cpu_after) {
+            (Some(a), Some(b)) if delivered > 0 => Some((b - a) as f64 / delivered as f64),
+            _ => None,
+        },
+        rss_mib: rss,
+    })
+}
+
+/// Time a process's threads have spent on a CPU, in nanoseconds (schedstat, summed).
+fn cpu_ns(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path: PathBuf = task?.path().join("schedstat");
+        if let Ok(s) = std::fs::read_to_string(path) {
+            total += s
+                .split(' ')
+                .next()
+                .unwrap_or("0")
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+fn rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    Ok(kb / 1024.0)
+}

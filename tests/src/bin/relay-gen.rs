@@ -1,0 +1,312 @@
+//! `relay-gen`: a multicast UDP traffic generator and receiver for measuring relays.
+//!
+//! ```text
+//! relay-gen send --group 239.1.1.1 --port 5000 --source 198.18.1.1 --size 64 --rate 100000 --duration 3
+//! relay-gen recv --group 239.1.1.1 --port 5000 --iface-addr 198.18.2.2
+//! ```
+//! The sender stamps every payload with a sequence number and its send time; the receiver
+//! reports loss, duplicates, reordering and one-way latency percentiles. Both print one JSON
+//! line on stdout when they finish. Run them in network namespaces (`ip netns exec`).
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use relay_tests::loadgen::{HEADER, RecvStats, SendSummary, due, now_ns, stamp};
+
+#[derive(Parser)]
+#[command(about = "multicast UDP generator and receiver with loss and latency accounting")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Send stamped datagrams to a group.
+    Send {
+        #[arg(long)]
+        group: Ipv4Addr,
+        #[arg(long)]
+        port: u16,
+        /// Local address to send from; also selects the outgoing interface.
+        #[arg(long)]
+        source: Ipv4Addr,
+        /// UDP payload bytes (at least 24).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Packets per second; 0 sends flat out.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Stop after this many packets.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 3.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 8)]
+        ttl: u32,
+        /// Datagrams per sendmmsg call.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 0)]
+        flow: u32,
+        /// Pin to this CPU.
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
+    /// Join a group and account for what arrives.
+    Recv {
+        #[arg(long)]
+        group: Ipv4Addr,
+        #[arg(long)]
+        port: u16,
+        /// Address of the interface to join on.
+        #[arg(long)]
+        iface_addr: Ipv4Addr,
+        /// Stop this long after the last datagram (once one has arrived).
+        #[arg(long, default_value_t = 1000)]
+        idle_ms: u64,
+        /// Never run longer than this.
+        #[arg(long, default_value_t = 60.0)]
+        max_secs: f64,
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Send {
+            group,
+            port,
+            source,
+            size,
+            rate,
+            count,
+            duration,
+            ttl,
+            batch,
+            flow,
+            cpu,
+        } => {
+            pin(cpu);
+            let s = send(
+                group, port, source, size, rate, count, duration, ttl, batch, flow,
+            )?;
+            println!("{}", serde_json::to_string(&s)?);
+        }
+        Cmd::Recv {
+            group,
+            port,
+            iface_addr,
+            idle_ms,
+            max_secs,
+            cpu,
+        } => {
+            pin(cpu);
+            let s = recv(group, port, iface_addr, idle_ms, max_secs)?;
+            println!("{}", serde_json::to_string(&s.summary(None))?);
+        }
+    }
+    Ok(())
+}
+
+fn pin(cpu: Option<usize>) {
+    let Some(cpu) = cpu else { return };
+    // SAFETY: cpu_set_t is plain data; CPU_SET and sched_setaffinity get a valid set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn setsockopt<T>(fd: i32, level: i32, name: i32, value: &T) -> Result<()> {
+    // SAFETY: `value` is a valid T of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "setsockopt({level}, {name}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn send(
+    group: Ipv4Addr,
+    port: u16,
+    source: Ipv4Addr,
+    size: usize,
+    rate: u64,
+    count: Option<u64>,
+    duration: f64,
+    ttl: u32,
+    batch: usize,
+    flow: u32,
+) -> Result<SendSummary> {
+    if size < HEADER {
+        bail!("--size must be at least {HEADER}");
+    }
+    let batch = batch.clamp(1, 1024);
+    let sock = UdpSocket::bind(SocketAddrV4::new(source, 0)).context("binding the sender")?;
+    sock.set_multicast_ttl_v4(ttl)?;
+    sock.set_multicast_loop_v4(false)?;
+    let fd = sock.as_raw_fd();
+    let ifaddr = libc::in_addr {
+        s_addr: u32::from_ne_bytes(source.octets()),
+    };
+    setsockopt(fd, libc::IPPROTO_IP, libc::IP_MULTICAST_IF, &ifaddr)?;
+    // A large send buffer lets the kernel queue a whole batch.
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &(4i32 << 20))?;
+
+    // SAFETY: sockaddr_in is plain data.
+    let mut dst: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    dst.sin_family = libc::AF_INET as u16;
+    dst.sin_port = port.to_be();
+    dst.sin_addr.s_addr = u32::from_ne_bytes(group.octets());
+
+    let mut bufs = vec![vec![0u8; size]; batch];
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is plain data; the pointers set below outlive every use.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = (&mut dst as *mut libc::sockaddr_in).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+
+    let limit = count.unwrap_or(u64::MAX);
+    let end = Duration::from_secs_f64(duration);
+    let start = Instant::now();
+    let (mut seq, mut errors) = (0u64, 0u64);
+    while seq < limit && start.elapsed() < end {
+        if rate > 0 {
+            let at = due(seq, rate);
+            loop {
+                let now = start.elapsed();
+                if now >= at {
+                    break;
+                }
+                if at - now > Duration::from_micros(200) {
+                    std::thread::sleep(at - now - Duration::from_micros(100));
+                }
+            }
+        }
+        let n = (batch as u64).min(limit - seq) as usize;
+        let t = now_ns();
+        for (i, b) in bufs[..n].iter_mut().enumerate() {
+            stamp(b, flow, seq + i as u64, t);
+        }
+        // SAFETY: msgs[..n] point at live buffers, iovecs and the destination address.
+        let rc = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), n as u32, 0) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENOBUFS) | Some(libc::EAGAIN) => {
+                    errors += 1;
+                    continue;
+                }
+                _ => return Err(e).context("sendmmsg"),
+            }
+        }
+        // Datagrams the call did not take are sent again with their own numbers next time.
+        seq += rc as u64;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(SendSummary {
+        sent: seq,
+        errors,
+        elapsed_s: elapsed,
+        pps: seq as f64 / elapsed.max(1e-9),
+    })
+}
+
+fn recv(
+    group: Ipv4Addr,
+    port: u16,
+    iface_addr: Ipv4Addr,
+    idle_ms: u64,
+    max_secs: f64,
+) -> Result<RecvStats> {
+    let sock = UdpSocket::bind(SocketAddrV4::new(group, port))
+        .with_context(|| format!("binding {group}:{port}"))?;
+    sock.join_multicast_v4(&group, &iface_addr)
+        .with_context(|| format!("joining {group} on {iface_addr}"))?;
+    let fd = sock.as_raw_fd();
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &(8i32 << 20))?;
+    sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+    eprintln!("ready");
+
+    const BATCH: usize = 64;
+    let mut bufs = vec![vec![0u8; 2048]; BATCH];
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is plain data; the iovec it points at outlives every use.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    let mut stats = RecvStats::new();
+    let start = Instant::now();
+    let mut last: Option<Instant> = None;
+    let idle = Duration::from_millis(idle_ms);
+    let max = Duration::from_secs_f64(max_secs);
+    while start.elapsed() < max && last.is_none_or(|l| l.elapsed() < idle) {
+        // SAFETY: msgs point at live buffers; a null timeout waits per SO_RCVTIMEO.
+        let rc = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc <= 0 {
+            continue;
+        }
+        let now = now_ns();
+        last = Some(Instant::now());
+        for k in 0..rc as usize {
+            let len = msgs[k].msg_len as usize;
+            stats.record(&bufs[k][..len], now);
+        }
+    }
+    Ok(stats)
+}
