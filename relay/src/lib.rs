@@ -9,6 +9,7 @@ pub mod config;
 pub mod craft;
 pub mod datapath;
 pub mod loader;
+pub mod membership;
 pub mod pool;
 pub mod report;
 pub mod rewrite;

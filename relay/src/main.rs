@@ -17,6 +17,7 @@ use relay::{
     config::Config,
     datapath::Datapath,
     loader::Steering,
+    membership::Memberships,
     pool::{AllocatorKind, new_pool},
     report,
     rules::RuleTable,
@@ -111,9 +112,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         let mode = steering.attach(iface, config.xdp_mode)?;
         info!("{iface}: XDP program attached in {} mode", mode.describe());
     }
+    let memberships = Memberships::join(&table)?;
     info!(
-        "relaying {} rules; SIGINT or SIGTERM stops",
-        table.rules.len()
+        "relaying {} rules ({} group memberships held); SIGINT or SIGTERM stops",
+        table.rules.len(),
+        memberships.len()
     );
 
     while !STOP.load(Ordering::Relaxed) {
@@ -122,6 +125,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
     info!("stopping: detaching XDP and draining");
     steering.detach();
+    drop(memberships);
     let finished = datapath.stop();
     let xdp = steering.counters().ok();
     print!(

@@ -26,8 +26,32 @@ pub struct Netns {
     name: String,
 }
 
+/// Deletes namespaces that an earlier harness process left behind when it was killed before
+/// its guards could run (their names carry the pid, and that pid is gone).
+fn sweep_orphans() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(list) = sh(&["ip", "netns", "list"]) else {
+            return;
+        };
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            let Some(pid) = name
+                .strip_prefix("rly")
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = sh(&["ip", "netns", "del", name]);
+            }
+        }
+    });
+}
+
 impl Netns {
     pub fn new(role: &str) -> Result<Self> {
+        sweep_orphans();
         let name = unique_name(role);
         sh(&["ip", "netns", "add", &name])?;
         let ns = Netns { name };

@@ -1,0 +1,205 @@
+//! Group membership on the ingress interfaces.
+//!
+//! An AF_XDP socket cannot join a multicast group, yet a switch that snoops IGMP, or a NIC's
+//! multicast filter, delivers a group only to ports where someone joined it. So for every
+//! ingress (interface, group) the relay joins through an ordinary UDP socket: source-specific
+//! (IGMPv3 INCLUDE) for (S,G) rules, any-source otherwise. The socket is never bound to a
+//! port, so it receives nothing; it only holds the membership, and closing it leaves.
+//! One socket per membership keeps clear of the per-socket limits (igmp_max_memberships,
+//! igmp_max_msf).
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use anyhow::{Result, bail};
+use log::info;
+
+use crate::rules::RuleTable;
+
+/// One membership: (interface name, ifindex, group, source for source-specific joins).
+pub type Membership = (String, u32, Ipv4Addr, Option<Ipv4Addr>);
+
+/// The memberships a rule table needs, one per (interface, group, source); an any-source
+/// membership makes source-specific ones for the same (interface, group) redundant.
+pub fn wanted(table: &RuleTable) -> Vec<Membership> {
+    let mut any: BTreeSet<(u32, Ipv4Addr)> = BTreeSet::new();
+    for r in &table.rules {
+        if r.source.is_none() {
+            any.insert((r.ingress_ifindex, r.group));
+        }
+    }
+    let mut out: BTreeSet<(u32, Ipv4Addr, Option<Ipv4Addr>)> = BTreeSet::new();
+    for r in &table.rules {
+        let src = if any.contains(&(r.ingress_ifindex, r.group)) {
+            None
+        } else {
+            r.source
+        };
+        out.insert((r.ingress_ifindex, r.group, src));
+    }
+    out.into_iter()
+        .map(|(ifindex, g, s)| {
+            let name = table
+                .ingress
+                .iter()
+                .find(|i| i.info.ifindex == ifindex)
+                .map_or_else(|| ifindex.to_string(), |i| i.name.clone());
+            (name, ifindex, g, s)
+        })
+        .collect()
+}
+
+/// Held memberships; dropping this leaves every group.
+pub struct Memberships {
+    held: Vec<(Membership, OwnedFd)>,
+}
+
+impl Memberships {
+    /// Joins every membership the table needs, logging each.
+    pub fn join(table: &RuleTable) -> Result<Self> {
+        let mut held = Vec::new();
+        for m in wanted(table) {
+            let fd = join_one(&m)?;
+            match m.3 {
+                Some(s) => info!("{}: joined ({s}, {}) (IGMPv3 source-specific)", m.0, m.2),
+                None => info!("{}: joined {} (IGMP)", m.0, m.2),
+            }
+            held.push((m, fd));
+        }
+        Ok(Self { held })
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
+impl Drop for Memberships {
+    fn drop(&mut self) {
+        for ((name, _, group, _), fd) in self.held.drain(..) {
+            drop(fd);
+            info!("{name}: left {group}");
+        }
+    }
+}
+
+fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr_storage {
+    // SAFETY: sockaddr_storage is plain data, large and aligned enough for a sockaddr_in.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the cast views the start of the storage as a sockaddr_in.
+    let sin = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_addr.s_addr = u32::from_ne_bytes(addr.octets());
+    ss
+}
+
+fn join_one((name, ifindex, group, source): &Membership) -> Result<OwnedFd> {
+    // SAFETY: socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!(
+            "socket for joining {group}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let rc = match source {
+        None => {
+            let req = libc::group_req {
+                gr_interface: *ifindex,
+                gr_group: sockaddr(*group),
+            };
+            // SAFETY: a valid socket and a fully initialised group_req of the size passed.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::MCAST_JOIN_GROUP,
+                    (&req as *const libc::group_req).cast(),
+                    std::mem::size_of::<libc::group_req>() as libc::socklen_t,
+                )
+            }
+        }
+        Some(src) => {
+            let req = libc::group_source_req {
+                gsr_interface: *ifindex,
+                gsr_group: sockaddr(*group),
+                gsr_source: sockaddr(*src),
+            };
+            // SAFETY: as above, with a group_source_req.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::MCAST_JOIN_SOURCE_GROUP,
+                    (&req as *const libc::group_source_req).cast(),
+                    std::mem::size_of::<libc::group_source_req>() as libc::socklen_t,
+                )
+            }
+        }
+    };
+    if rc != 0 {
+        bail!(
+            "{name}: joining {group}{}: {}",
+            source.map_or(String::new(), |s| format!(" from {s}")),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(sock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::{Config, tests::fake},
+        rules::RuleTable,
+    };
+
+    #[test]
+    fn one_membership_per_interface_group_and_source() {
+        let yaml = "rules:
+  - name: a
+    input: {interface: in0, group: 239.1.1.1, port: 5000}
+    outputs: [{interface: out0}]
+  - name: b
+    input: {interface: in0, group: 239.1.1.1, port: 5001}
+    outputs: [{interface: out0}]
+  - name: c
+    input: {interface: in0, group: 239.1.1.1, port: 5002, source: 198.18.1.1}
+    outputs: [{interface: out0}]
+  - name: d
+    input: {interface: in0, group: 239.2.2.2, source: 198.18.1.1}
+    outputs: [{interface: out0}]
+  - name: e
+    input: {interface: in0, group: 239.2.2.2, port: 7, source: 198.18.1.9}
+    outputs: [{interface: out0}]
+";
+        let c = Config::parse("t", yaml).unwrap();
+        let t = RuleTable::compile(&c, "t", &fake()).unwrap();
+        let w: Vec<(Ipv4Addr, Option<Ipv4Addr>)> =
+            wanted(&t).into_iter().map(|m| (m.2, m.3)).collect();
+        assert_eq!(
+            w,
+            [
+                (Ipv4Addr::new(239, 1, 1, 1), None),
+                (
+                    Ipv4Addr::new(239, 2, 2, 2),
+                    Some(Ipv4Addr::new(198, 18, 1, 1))
+                ),
+                (
+                    Ipv4Addr::new(239, 2, 2, 2),
+                    Some(Ipv4Addr::new(198, 18, 1, 9))
+                ),
+            ]
+        );
+    }
+}
