@@ -22,6 +22,12 @@ pub struct Config {
     /// another worker are handed over through a lock-free lane.
     #[serde(default = "Config::default_workers")]
     pub workers: usize,
+    /// The control socket (`relay stats`, ...); /run/relay/relay.sock when absent.
+    #[serde(default)]
+    pub control: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9469.
+    #[serde(default)]
+    pub metrics: Option<std::net::SocketAddr>,
     pub rules: Vec<Rule>,
 }
 

@@ -6,6 +6,7 @@
 
 pub mod checksum;
 pub mod config;
+pub mod control;
 pub mod craft;
 pub mod datapath;
 pub mod loader;
@@ -14,5 +15,6 @@ pub mod pool;
 pub mod report;
 pub mod rewrite;
 pub mod rules;
+pub mod stats;
 pub mod sys;
 pub mod wire;

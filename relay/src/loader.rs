@@ -2,7 +2,7 @@
 //! ingress interface through a bpf_link, so that a relay that dies for any reason leaves
 //! nothing attached.
 
-use std::os::fd::AsRawFd;
+use std::{os::fd::AsRawFd, sync::Arc};
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
@@ -24,7 +24,24 @@ static XDP_OBJECT: &[u8] = include_bytes_aligned!(env!("RELAY_XDP_OBJ"));
 pub struct Steering {
     ebpf: Ebpf,
     xsks: XskMap<MapData>,
+    counters: Arc<XdpCounters>,
     links: Vec<(String, XdpLinkId)>,
+}
+
+/// The XDP program's per-CPU counters, readable from any thread.
+pub struct XdpCounters {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl XdpCounters {
+    /// The counters summed over CPUs, in [`XdpCounter`] order.
+    pub fn read(&self) -> Result<[u64; XdpCounter::COUNT as usize]> {
+        let mut out = [0u64; XdpCounter::COUNT as usize];
+        for c in XdpCounter::ALL {
+            out[c as usize] = self.map.get(&(c as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
 }
 
 /// Which XDP mode an interface got.
@@ -74,6 +91,12 @@ impl Steering {
             ebpf.take_map(XSK_MAP)
                 .ok_or_else(|| anyhow!("no {XSK_MAP} map"))?,
         )?;
+        let counters = Arc::new(XdpCounters {
+            map: PerCpuArray::try_from(
+                ebpf.take_map(COUNTER_MAP)
+                    .ok_or_else(|| anyhow!("no {COUNTER_MAP} map"))?,
+            )?,
+        });
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .ok_or_else(|| anyhow!("no {PROGRAM} program in the object"))?
@@ -82,6 +105,7 @@ impl Steering {
         Ok(Self {
             ebpf,
             xsks,
+            counters,
             links: Vec::new(),
         })
     }
@@ -151,18 +175,9 @@ impl Steering {
         }
     }
 
-    /// The program's counters, summed over CPUs, in [`XdpCounter`] order.
-    pub fn counters(&self) -> Result<[u64; XdpCounter::COUNT as usize]> {
-        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map(COUNTER_MAP)
-                .ok_or_else(|| anyhow!("no {COUNTER_MAP} map"))?,
-        )?;
-        let mut out = [0u64; XdpCounter::COUNT as usize];
-        for c in XdpCounter::ALL {
-            out[c as usize] = map.get(&(c as u32), 0)?.iter().sum();
-        }
-        Ok(out)
+    /// A handle on the program's counters.
+    pub fn counters(&self) -> Arc<XdpCounters> {
+        self.counters.clone()
     }
 }
 

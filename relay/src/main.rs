@@ -11,16 +11,18 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use log::{error, info, warn};
 use relay::{
     config::Config,
+    control::{self, Reply, Request},
     datapath::Datapath,
     loader::Steering,
     membership::Memberships,
     pool::{AllocatorKind, new_pool},
     report,
     rules::RuleTable,
+    stats::StatsView,
     sys::LiveSystem,
 };
 
@@ -31,9 +33,11 @@ use relay::{
              forwards it, rewritten per output, to the interfaces the rules name"
 )]
 struct Cli {
-    /// The YAML rules file.
+    #[command(subcommand)]
+    client: Option<ClientCmd>,
+    /// The YAML rules file (runs the relay).
     #[arg(long, short)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Frame allocator; overrides `allocator:` in the file.
     #[arg(long, value_enum)]
     allocator: Option<AllocatorKind>,
@@ -43,6 +47,32 @@ struct Cli {
     /// Validate the file against this system and exit: 0 if it would run.
     #[arg(long)]
     check: bool,
+}
+
+/// Talk to a running relay over its control socket.
+#[derive(Subcommand)]
+enum ClientCmd {
+    /// Counters per rule and output, the XDP program's, and the pool's.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The control socket.
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control: PathBuf,
+    },
+    /// The rules with their counters (the same view as `stats`).
+    Rules {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control: PathBuf,
+    },
+    /// Checks that the relay answers.
+    Ping {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control: PathBuf,
+    },
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -56,7 +86,11 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
-    match run(cli) {
+    let result = match cli.client {
+        Some(cmd) => client(cmd),
+        None => run(cli),
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             error!("{e:#}");
@@ -65,9 +99,29 @@ fn main() -> ExitCode {
     }
 }
 
+fn client(cmd: ClientCmd) -> Result<ExitCode> {
+    let (req, path, json) = match cmd {
+        ClientCmd::Stats { json, control } => (Request::Stats, control, json),
+        ClientCmd::Rules { json, control } => (Request::Rules, control, json),
+        ClientCmd::Ping { control } => (Request::Ping, control, false),
+    };
+    match control::request(&path, &req)? {
+        Reply::Pong { version } => println!("relay {version} is running"),
+        Reply::Stats(view) if json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Reply::Stats(view) => print!("{}", view.render_table()),
+        Reply::Error(e) => anyhow::bail!("the relay refused the request: {e}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
-    let file = cli.config.display().to_string();
-    let mut config = Config::load(&cli.config)?;
+    let Some(config_path) = cli.config.as_ref() else {
+        anyhow::bail!(
+            "--config FILE is required to run the relay (or give a subcommand: see --help)"
+        );
+    };
+    let file = config_path.display().to_string();
+    let mut config = Config::load(config_path)?;
     if let Some(w) = cli.workers {
         config.workers = w;
     }
@@ -92,6 +146,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     info!("frame allocator: {}", allocator.describe());
     let pool: Arc<dyn relay::pool::FramePool> = Arc::from(new_pool(allocator, config.umem.frames));
 
+    let control_path = control::socket_path(config.control.as_ref());
+    let control_socket = control::bind(&control_path)?;
     let mut steering = Steering::load(&table)?;
     let ingress: Vec<String> = table.ingress.iter().map(|i| i.name.clone()).collect();
     let workers = config.workers;
@@ -112,6 +168,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
         let mode = steering.attach(iface, config.xdp_mode)?;
         info!("{iface}: XDP program attached in {} mode", mode.describe());
     }
+    let monitor = datapath.monitor();
+    let counters = steering.counters();
+    let snapshot: control::Snapshot = Arc::new(move || {
+        StatsView::build(
+            monitor.table(),
+            &monitor.stats(),
+            counters.read().ok().as_ref(),
+            &monitor.pool(),
+            monitor.allocator(),
+        )
+    });
+    control_socket.serve(snapshot.clone())?;
+    if let Some(addr) = config.metrics {
+        control::serve_metrics(addr, snapshot)?;
+    }
     let memberships = Memberships::join(&table)?;
     info!(
         "relaying {} rules ({} group memberships held); SIGINT or SIGTERM stops",
@@ -127,7 +198,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     steering.detach();
     drop(memberships);
     let finished = datapath.stop();
-    let xdp = steering.counters().ok();
+    let xdp = steering.counters().read().ok();
     print!(
         "{}",
         report::shutdown(&table, &finished, allocator, xdp.as_ref())
@@ -139,6 +210,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         error!("{} frames leaked", account.leaked());
         return Ok(ExitCode::FAILURE);
     }
+    let _ = std::fs::remove_file(&control_path);
     info!("all {} frames accounted for", account.frames);
     Ok(ExitCode::SUCCESS)
 }

@@ -31,6 +31,8 @@ pub struct RelayProc {
     child: Option<Child>,
     pub stdout: PathBuf,
     pub stderr: PathBuf,
+    /// Its control socket.
+    pub control: PathBuf,
     dir: PathBuf,
 }
 
@@ -48,6 +50,14 @@ impl RelayProc {
         let dir = std::env::temp_dir().join(crate::netns::unique_name("relay"));
         fs::create_dir_all(&dir)?;
         let config = dir.join("rules.yaml");
+        // Each relay gets its own control socket, so relays in different namespaces (which
+        // share /run) never meet.
+        let control = dir.join("control.sock");
+        let yaml = if yaml.contains("control:") {
+            yaml.to_owned()
+        } else {
+            format!("control: {}\n{yaml}", control.display())
+        };
         fs::write(&config, yaml)?;
         let stdout = dir.join("stdout");
         let stderr = dir.join("stderr");
@@ -67,6 +77,7 @@ impl RelayProc {
             child: Some(child),
             stdout,
             stderr,
+            control,
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(15);

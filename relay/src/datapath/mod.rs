@@ -16,7 +16,7 @@ use std::{
     num::NonZeroU32,
     os::fd::{AsRawFd, RawFd},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU8, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
@@ -75,6 +75,35 @@ pub struct Datapath {
     shared: Arc<Shared>,
     pending: Vec<Vec<Port>>,
     running: Vec<JoinHandle<WorkerReport>>,
+}
+
+/// Reads the data path's counters from any thread: each worker's last publication (at most
+/// 100 ms old), summed, and the pool's state.
+#[derive(Clone)]
+pub struct Monitor {
+    shared: Arc<Shared>,
+}
+
+impl Monitor {
+    pub fn stats(&self) -> DatapathStats {
+        let mut sum = DatapathStats::new(self.shared.table.rules.iter().map(|r| r.outputs.len()));
+        for s in &self.shared.snapshots {
+            sum.add(&s.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+        sum
+    }
+
+    pub fn pool(&self) -> PoolStats {
+        self.shared.pool.stats()
+    }
+
+    pub fn allocator(&self) -> crate::pool::AllocatorKind {
+        self.shared.pool.kind()
+    }
+
+    pub fn table(&self) -> &RuleTable {
+        &self.shared.table
+    }
 }
 
 /// What the data path leaves when it has stopped.
@@ -190,6 +219,7 @@ impl Datapath {
             .map(|_| Waker::new())
             .collect::<std::io::Result<Vec<_>>>()
             .context("creating eventfds")?;
+        let table_shape: Vec<usize> = table.rules.iter().map(|r| r.outputs.len()).collect();
         let shared = Arc::new(Shared {
             umem,
             frames: descs,
@@ -201,6 +231,9 @@ impl Datapath {
             wakers,
             phase: AtomicU8::new(RUN),
             rx_done: AtomicUsize::new(0),
+            snapshots: (0..workers)
+                .map(|_| Mutex::new(DatapathStats::new(table_shape.iter().copied())))
+                .collect(),
         });
         Ok((
             Datapath {
@@ -214,6 +247,13 @@ impl Datapath {
 
     pub fn table(&self) -> &RuleTable {
         &self.shared.table
+    }
+
+    /// A handle other threads use to read live counters.
+    pub fn monitor(&self) -> Monitor {
+        Monitor {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Starts the worker threads; each fills its ingress rings first.

@@ -11,10 +11,10 @@ use std::{
     io::Write,
     os::fd::{AsRawFd, OwnedFd},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering, fence},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use crossbeam_queue::ArrayQueue;
@@ -56,6 +56,8 @@ pub(super) struct Shared {
     pub phase: AtomicU8,
     /// Workers that have emptied their RX rings while draining.
     pub rx_done: AtomicUsize,
+    /// Each worker's counters as of its last publication, for readers on other threads.
+    pub snapshots: Vec<Mutex<DatapathStats>>,
 }
 
 /// Wakes a worker that sleeps in poll() when another hands it frames.
@@ -140,6 +142,8 @@ pub(super) struct Worker {
 
 /// Frames a worker keeps in its private cache before spilling half back to the pool.
 const CACHE_FRAMES: usize = 512;
+/// How often a worker publishes its counters.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 impl Worker {
     pub fn new(id: usize, shared: Arc<Shared>, ports: Vec<Port>) -> Self {
@@ -178,13 +182,21 @@ impl Worker {
 
     /// Runs until the data path is told to drain, then drains, and reports.
     pub fn run(mut self) -> WorkerReport {
+        let mut published = Instant::now();
         while self.shared.phase.load(Ordering::Relaxed) == RUN {
             if !self.step() {
                 self.idle_wait();
             }
+            // Readers (`relay stats`, the metrics endpoint) see counters at most this old; the
+            // lock is taken ten times a second, never per packet.
+            if published.elapsed() >= PUBLISH_EVERY {
+                self.publish();
+                published = Instant::now();
+            }
         }
         self.drain();
         self.cache.flush();
+        self.publish();
         WorkerReport {
             stats: self.stats,
             ports: self.ports,
@@ -237,6 +249,13 @@ impl Worker {
             }
         }
         moved > 0 || self.ports.iter().any(|p| p.in_tx > 0)
+    }
+
+    fn publish(&self) {
+        let mut slot = self.shared.snapshots[self.id]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        slot.clone_from(&self.stats);
     }
 
     fn receive_all(&mut self) -> usize {

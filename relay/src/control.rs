@@ -1,0 +1,253 @@
+//! The control socket (`relay stats`, `relay rules`, `relay ping`) and the Prometheus endpoint.
+//!
+//! The control socket is a Unix stream socket, root-only (0600, in a 0700 directory). A client
+//! writes one JSON request on one line and reads one JSON reply on one line. A request that is
+//! not JSON, is too long, or names no known command gets an error reply; nothing a client sends
+//! can stop the daemon.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener},
+    os::unix::{
+        fs::PermissionsExt,
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::stats::StatsView;
+
+/// Where the control socket lives unless the config says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/relay/relay.sock";
+/// The longest request line the daemon reads.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Ping,
+    Stats,
+    Rules,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reply {
+    Pong { version: String },
+    Stats(Box<StatsView>),
+    Error(String),
+}
+
+/// Produces what a request asks for; the daemon's state lives behind it.
+pub type Snapshot = Arc<dyn Fn() -> StatsView + Send + Sync>;
+
+/// Answers one request.
+pub fn answer(line: &str, snapshot: &Snapshot) -> Reply {
+    match serde_json::from_str::<Request>(line.trim()) {
+        Ok(Request::Ping) => Reply::Pong {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+        Ok(Request::Stats) | Ok(Request::Rules) => Reply::Stats(Box::new(snapshot())),
+        Err(e) => Reply::Error(format!("bad request: {e}")),
+    }
+}
+
+/// The bound control socket, not yet served.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+/// Binds the control socket. Done first thing at start, so that a second relay with the same
+/// socket stops before it touches any interface.
+pub fn bind(path: &Path) -> Result<ControlSocket> {
+    if UnixStream::connect(path).is_ok() {
+        bail!(
+            "{} answers: another relay is running with this control socket (stop it, or set \
+             `control:` to another path)",
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if Some(dir) == Path::new(DEFAULT_SOCKET).parent() {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    // A socket file nobody answers on is left over from a relay that died.
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(ControlSocket {
+        listener,
+        path: path.to_path_buf(),
+    })
+}
+
+impl ControlSocket {
+    /// Answers requests on a thread of its own.
+    pub fn serve(self, snapshot: Snapshot) -> Result<()> {
+        info!("control socket at {}", self.path.display());
+        let ControlSocket { listener, path } = self;
+        std::thread::Builder::new()
+            .name("relay-control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(stream) => {
+                            if let Err(e) = handle(stream, &snapshot) {
+                                warn!("control client: {e:#}");
+                            }
+                        }
+                        Err(e) => warn!("{}: accept: {e}", path.display()),
+                    }
+                }
+            })?;
+        Ok(())
+    }
+}
+
+/// Binds and serves in one step.
+pub fn serve(path: &Path, snapshot: Snapshot) -> Result<()> {
+    bind(path)?.serve(snapshot)
+}
+
+fn handle(stream: UnixStream, snapshot: &Snapshot) -> Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut line = String::new();
+    let mut reader = BufReader::new((&stream).take(MAX_REQUEST as u64 + 1));
+    reader.read_line(&mut line)?;
+    let reply = if line.len() > MAX_REQUEST {
+        Reply::Error(format!("request longer than {MAX_REQUEST} bytes"))
+    } else {
+        answer(&line, snapshot)
+    };
+    let mut out = serde_json::to_string(&reply)?;
+    out.push('\n');
+    (&stream).write_all(out.as_bytes())?;
+    Ok(())
+}
+
+/// Sends one request to a running relay and returns its reply.
+pub fn request(path: &Path, req: &Request) -> Result<Reply> {
+    let stream = UnixStream::connect(path).with_context(|| {
+        format!(
+            "connecting to {} (is the relay running, and are you root?)",
+            path.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    serde_json::from_str(&reply).with_context(|| format!("reply: {reply}"))
+}
+
+/// Serves the Prometheus text format on `addr` (any path) on a thread of its own.
+pub fn serve_metrics(addr: SocketAddr, snapshot: Snapshot) -> Result<()> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding metrics on {addr}"))?;
+    info!("Prometheus metrics at http://{addr}/metrics");
+    std::thread::Builder::new()
+        .name("relay-metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                // Read the request head (bounded) and answer whatever it asked.
+                let mut head = [0u8; 4096];
+                let _ = (&conn).read(&mut head);
+                let body = snapshot().render_prometheus();
+                let resp = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = (&conn).write_all(resp.as_bytes());
+            }
+        })?;
+    Ok(())
+}
+
+/// The control socket path: the config's, or the default.
+pub fn socket_path(configured: Option<&PathBuf>) -> PathBuf {
+    configured
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn snap() -> Snapshot {
+        Arc::new(|| StatsView {
+            rules: vec![],
+            xdp: BTreeMap::new(),
+            pool: crate::stats::PoolView {
+                allocator: "mutex".into(),
+                capacity: 1,
+                free: 1,
+                in_flight: 0,
+                low_water: 1,
+                rejected: 0,
+            },
+            unmatched: 0,
+            malformed: 0,
+        })
+    }
+
+    #[test]
+    fn answers_known_requests_and_refuses_the_rest() {
+        let s = snap();
+        assert!(matches!(
+            answer("{\"cmd\":\"ping\"}\n", &s),
+            Reply::Pong { .. }
+        ));
+        assert!(matches!(answer("{\"cmd\":\"stats\"}", &s), Reply::Stats(_)));
+        for bad in [
+            "",
+            "garbage",
+            "{\"cmd\":\"shutdown\"}",
+            "{\"cmd\":7}",
+            "[1,2]",
+        ] {
+            assert!(matches!(answer(bad, &s), Reply::Error(_)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn serves_over_a_unix_socket_and_survives_abuse() {
+        let dir = std::env::temp_dir().join(format!("relay-ctl-{}", std::process::id()));
+        let path = dir.join("c.sock");
+        serve(&path, snap()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // An oversized request, then a client that hangs up at once, then a good request.
+        let long = UnixStream::connect(&path).unwrap();
+        let _ = (&long).write_all(&vec![b'x'; MAX_REQUEST + 10]);
+        let mut reply = String::new();
+        BufReader::new(&long).read_line(&mut reply).unwrap();
+        assert!(reply.contains("longer than"), "{reply}");
+        drop(UnixStream::connect(&path).unwrap());
+        assert!(matches!(
+            request(&path, &Request::Ping).unwrap(),
+            Reply::Pong { .. }
+        ));
+        assert!(matches!(
+            request(&path, &Request::Stats).unwrap(),
+            Reply::Stats(_)
+        ));
+        // A second daemon on the same path is refused.
+        assert!(serve(&path, snap()).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

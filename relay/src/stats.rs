@@ -1,0 +1,378 @@
+//! One view of every counter, and its three renderings: JSON (the control socket and
+//! `relay stats --json`), a table (`relay stats`), and the Prometheus text format (the
+//! `metrics:` endpoint).
+
+use std::{collections::BTreeMap, fmt::Write};
+
+use relay_common::XdpCounter;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    datapath::DatapathStats,
+    pool::{AllocatorKind, PoolStats},
+    rules::RuleTable,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsView {
+    pub rules: Vec<RuleView>,
+    /// The XDP program's counters, summed over CPUs.
+    pub xdp: BTreeMap<String, u64>,
+    pub pool: PoolView,
+    /// Redirected frames the data path could not attribute to a rule.
+    pub unmatched: u64,
+    pub malformed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleView {
+    pub name: String,
+    /// The rule's input, as `interface group:port from source`.
+    pub input: String,
+    pub received: u64,
+    pub bytes: u64,
+    pub outputs: Vec<OutputView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputView {
+    pub interface: String,
+    pub group: String,
+    pub port: String,
+    pub sent: u64,
+    pub bytes: u64,
+    /// Drops by reason.
+    pub dropped: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolView {
+    pub allocator: String,
+    pub capacity: usize,
+    pub free: usize,
+    pub in_flight: usize,
+    pub low_water: usize,
+    pub rejected: u64,
+}
+
+impl StatsView {
+    pub fn build(
+        table: &RuleTable,
+        stats: &DatapathStats,
+        xdp: Option<&[u64; XdpCounter::COUNT as usize]>,
+        pool: &PoolStats,
+        allocator: AllocatorKind,
+    ) -> Self {
+        let rules = table
+            .rules
+            .iter()
+            .zip(&stats.rules)
+            .map(|(r, rc)| RuleView {
+                name: r.name.clone(),
+                input: format!(
+                    "{} {}:{} from {}",
+                    table
+                        .ingress
+                        .iter()
+                        .find(|i| i.info.ifindex == r.ingress_ifindex)
+                        .map_or("?", |i| i.name.as_str()),
+                    r.group,
+                    r.port.map_or("any".into(), |p| p.to_string()),
+                    r.source.map_or("any".into(), |s| s.to_string()),
+                ),
+                received: rc.packets,
+                bytes: rc.bytes,
+                outputs: r
+                    .outputs
+                    .iter()
+                    .zip(&rc.outputs)
+                    .map(|(o, oc)| OutputView {
+                        interface: table.egress[o.egress].name.clone(),
+                        group: o.action.group.unwrap_or(r.group).to_string(),
+                        port: o
+                            .action
+                            .port
+                            .or(r.port)
+                            .map_or("same".into(), |p| p.to_string()),
+                        sent: oc.packets,
+                        bytes: oc.bytes,
+                        dropped: [
+                            ("ttl_expired", oc.ttl_expired),
+                            ("no_frame", oc.no_frame),
+                            ("tx_ring_full", oc.tx_ring_full),
+                            ("handoff_full", oc.handoff_full),
+                            ("malformed", oc.malformed),
+                        ]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        StatsView {
+            rules,
+            xdp: xdp
+                .map(|x| {
+                    XdpCounter::ALL
+                        .iter()
+                        .map(|c| (c.name().to_owned(), x[*c as usize]))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            pool: PoolView {
+                allocator: allocator.describe().to_owned(),
+                capacity: pool.capacity,
+                free: pool.free,
+                in_flight: pool.in_flight(),
+                low_water: pool.low_water,
+                rejected: pool.rejected,
+            },
+            unmatched: stats.unmatched,
+            malformed: stats.malformed,
+        }
+    }
+
+    /// The table `relay stats` prints.
+    pub fn render_table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:<16} {:<28} {:>12} {:>14}",
+            "RULE", "INPUT", "RECEIVED", "BYTES"
+        );
+        for r in &self.rules {
+            let _ = writeln!(
+                s,
+                "{:<16} {:<28} {:>12} {:>14}",
+                r.name, r.input, r.received, r.bytes
+            );
+            for o in &r.outputs {
+                let dropped: u64 = o.dropped.values().sum();
+                let reasons: Vec<String> = o
+                    .dropped
+                    .iter()
+                    .filter(|(_, v)| **v > 0)
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "  -> {:<12} {:<22} {:>12} {:>14}  dropped {}{}",
+                    o.interface,
+                    format!("{}:{}", o.group, o.port),
+                    o.sent,
+                    o.bytes,
+                    dropped,
+                    if reasons.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", reasons.join(", "))
+                    }
+                );
+            }
+        }
+        let xdp: Vec<String> = self.xdp.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(s, "xdp: {}", xdp.join(" "));
+        let p = &self.pool;
+        let _ = writeln!(
+            s,
+            "pool: {} allocator, {} frames, {} free, {} in flight, low-water {}, rejected {}",
+            p.allocator, p.capacity, p.free, p.in_flight, p.low_water, p.rejected
+        );
+        if self.unmatched + self.malformed > 0 {
+            let _ = writeln!(
+                s,
+                "datapath: unmatched={} malformed={}",
+                self.unmatched, self.malformed
+            );
+        }
+        s
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn render_prometheus(&self) -> String {
+        let mut s = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(s, "{name}{labels} {v}");
+            }
+        };
+        let rl = |r: &RuleView| format!("{{rule=\"{}\"}}", escape(&r.name));
+        let ol = |r: &RuleView, o: &OutputView| {
+            format!(
+                "rule=\"{}\",output=\"{}\",group=\"{}\"",
+                escape(&r.name),
+                escape(&o.interface),
+                o.group
+            )
+        };
+        family(
+            "relay_rule_received_packets_total",
+            "counter",
+            "Frames the rule matched.",
+            self.rules.iter().map(|r| (rl(r), r.received)).collect(),
+        );
+        family(
+            "relay_rule_received_bytes_total",
+            "counter",
+            "Bytes of the frames the rule matched.",
+            self.rules.iter().map(|r| (rl(r), r.bytes)).collect(),
+        );
+        family(
+            "relay_output_sent_packets_total",
+            "counter",
+            "Frames transmitted on the output.",
+            self.rules
+                .iter()
+                .flat_map(|r| {
+                    r.outputs
+                        .iter()
+                        .map(move |o| (format!("{{{}}}", ol(r, o)), o.sent))
+                })
+                .collect(),
+        );
+        family(
+            "relay_output_sent_bytes_total",
+            "counter",
+            "Bytes transmitted on the output.",
+            self.rules
+                .iter()
+                .flat_map(|r| {
+                    r.outputs
+                        .iter()
+                        .map(move |o| (format!("{{{}}}", ol(r, o)), o.bytes))
+                })
+                .collect(),
+        );
+        family(
+            "relay_output_dropped_packets_total",
+            "counter",
+            "Frames not transmitted on the output, by reason.",
+            self.rules
+                .iter()
+                .flat_map(|r| {
+                    r.outputs.iter().flat_map(move |o| {
+                        o.dropped
+                            .iter()
+                            .map(move |(k, v)| (format!("{{{},reason=\"{k}\"}}", ol(r, o)), *v))
+                    })
+                })
+                .collect(),
+        );
+        family(
+            "relay_xdp_packets_total",
+            "counter",
+            "Frames the XDP program saw, matched, redirected and passed, over all CPUs.",
+            self.xdp
+                .iter()
+                .map(|(k, v)| (format!("{{counter=\"{k}\"}}"), *v))
+                .collect(),
+        );
+        let p = &self.pool;
+        family(
+            "relay_pool_frames",
+            "gauge",
+            "UMEM frames by state.",
+            vec![
+                ("{state=\"free\"}".into(), p.free as u64),
+                ("{state=\"in_flight\"}".into(), p.in_flight as u64),
+            ],
+        );
+        family(
+            "relay_pool_low_water_frames",
+            "gauge",
+            "Fewest free frames seen since start.",
+            vec![(String::new(), p.low_water as u64)],
+        );
+        s
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, tests::fake};
+
+    fn view() -> StatsView {
+        let c = Config::parse(
+            "t",
+            "rules:\n  - name: v\"a\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs: [{interface: out0}, {interface: out1, group: 239.2.2.2, port: 6000}]\n",
+        )
+        .unwrap();
+        let t = RuleTable::compile(&c, "t", &fake()).unwrap();
+        let mut d = DatapathStats::new([2].into_iter());
+        d.rules[0].packets = 10;
+        d.rules[0].bytes = 1000;
+        d.rules[0].outputs[0].packets = 9;
+        d.rules[0].outputs[0].ttl_expired = 1;
+        d.rules[0].outputs[1].packets = 10;
+        let pool = PoolStats {
+            capacity: 64,
+            free: 60,
+            low_water: 50,
+            rejected: 0,
+        };
+        StatsView::build(
+            &t,
+            &d,
+            Some(&[12, 10, 10, 2, 0]),
+            &pool,
+            AllocatorKind::Lockfree,
+        )
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let v = view();
+        let json = serde_json::to_string(&v).unwrap();
+        assert_eq!(serde_json::from_str::<StatsView>(&json).unwrap(), v);
+        assert_eq!(v.rules[0].input, "in0 239.1.1.1:5000 from any");
+        assert_eq!(v.rules[0].outputs[1].group, "239.2.2.2");
+        assert_eq!(v.rules[0].outputs[1].port, "6000");
+        assert_eq!(v.xdp["redirected"], 10);
+        assert_eq!(v.pool.in_flight, 4);
+    }
+
+    #[test]
+    fn table_shows_drops_by_reason() {
+        let t = view().render_table();
+        assert!(t.contains("dropped 1 (ttl_expired=1)"), "{t}");
+        assert!(
+            t.contains("pool: lock-free allocator, 64 frames, 60 free, 4 in flight"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn prometheus_names_labels_and_escapes() {
+        let p = view().render_prometheus();
+        assert!(
+            p.contains("relay_rule_received_packets_total{rule=\"v\\\"a\"} 10"),
+            "{p}"
+        );
+        assert!(p.contains(
+            "relay_output_sent_packets_total{rule=\"v\\\"a\",output=\"out1\",group=\"239.2.2.2\"} 10"
+        ), "{p}");
+        assert!(p.contains(
+            "relay_output_dropped_packets_total{rule=\"v\\\"a\",output=\"out0\",group=\"239.1.1.1\",reason=\"ttl_expired\"} 1"
+        ), "{p}");
+        assert!(
+            p.contains("relay_xdp_packets_total{counter=\"seen\"} 12"),
+            "{p}"
+        );
+        assert!(p.contains("# TYPE relay_pool_frames gauge"), "{p}");
+        // Every sample line is `name{labels} value` or `name value`.
+        for line in p.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<u64>().is_ok(), "{line}");
+        }
+    }
+}
