@@ -34,6 +34,7 @@ pub enum Request {
     Ping,
     Stats,
     Rules,
+    Reload,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,19 +42,26 @@ pub enum Request {
 pub enum Reply {
     Pong { version: String },
     Stats(Box<StatsView>),
+    Reloaded(String),
     Error(String),
 }
 
-/// Produces what a request asks for; the daemon's state lives behind it.
+/// Produces the counters; the daemon's state lives behind it.
 pub type Snapshot = Arc<dyn Fn() -> StatsView + Send + Sync>;
+/// Carries out a reload and says how it went.
+pub type Reloader = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
 /// Answers one request.
-pub fn answer(line: &str, snapshot: &Snapshot) -> Reply {
+pub fn answer(line: &str, snapshot: &Snapshot, reloader: &Reloader) -> Reply {
     match serde_json::from_str::<Request>(line.trim()) {
         Ok(Request::Ping) => Reply::Pong {
             version: env!("CARGO_PKG_VERSION").to_owned(),
         },
         Ok(Request::Stats) | Ok(Request::Rules) => Reply::Stats(Box::new(snapshot())),
+        Ok(Request::Reload) => match reloader() {
+            Ok(summary) => Reply::Reloaded(summary),
+            Err(e) => Reply::Error(e),
+        },
         Err(e) => Reply::Error(format!("bad request: {e}")),
     }
 }
@@ -93,7 +101,7 @@ pub fn bind(path: &Path) -> Result<ControlSocket> {
 
 impl ControlSocket {
     /// Answers requests on a thread of its own.
-    pub fn serve(self, snapshot: Snapshot) -> Result<()> {
+    pub fn serve(self, snapshot: Snapshot, reloader: Reloader) -> Result<()> {
         info!("control socket at {}", self.path.display());
         let ControlSocket { listener, path } = self;
         std::thread::Builder::new()
@@ -102,7 +110,7 @@ impl ControlSocket {
                 for conn in listener.incoming() {
                     match conn {
                         Ok(stream) => {
-                            if let Err(e) = handle(stream, &snapshot) {
+                            if let Err(e) = handle(stream, &snapshot, &reloader) {
                                 warn!("control client: {e:#}");
                             }
                         }
@@ -115,11 +123,11 @@ impl ControlSocket {
 }
 
 /// Binds and serves in one step.
-pub fn serve(path: &Path, snapshot: Snapshot) -> Result<()> {
-    bind(path)?.serve(snapshot)
+pub fn serve(path: &Path, snapshot: Snapshot, reloader: Reloader) -> Result<()> {
+    bind(path)?.serve(snapshot, reloader)
 }
 
-fn handle(stream: UnixStream, snapshot: &Snapshot) -> Result<()> {
+fn handle(stream: UnixStream, snapshot: &Snapshot, reloader: &Reloader) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut line = String::new();
@@ -128,7 +136,7 @@ fn handle(stream: UnixStream, snapshot: &Snapshot) -> Result<()> {
     let reply = if line.len() > MAX_REQUEST {
         Reply::Error(format!("request longer than {MAX_REQUEST} bytes"))
     } else {
-        answer(&line, snapshot)
+        answer(&line, snapshot, reloader)
     };
     let mut out = serde_json::to_string(&reply)?;
     out.push('\n');
@@ -205,14 +213,21 @@ mod tests {
         })
     }
 
+    fn reloader() -> Reloader {
+        Arc::new(|| Err("r.yaml: rule 'x': input interface 'eth9' does not exist".into()))
+    }
+
     #[test]
     fn answers_known_requests_and_refuses_the_rest() {
-        let s = snap();
+        let (s, r) = (snap(), reloader());
         assert!(matches!(
-            answer("{\"cmd\":\"ping\"}\n", &s),
+            answer("{\"cmd\":\"ping\"}\n", &s, &r),
             Reply::Pong { .. }
         ));
-        assert!(matches!(answer("{\"cmd\":\"stats\"}", &s), Reply::Stats(_)));
+        assert!(matches!(
+            answer("{\"cmd\":\"stats\"}", &s, &r),
+            Reply::Stats(_)
+        ));
         for bad in [
             "",
             "garbage",
@@ -220,15 +235,19 @@ mod tests {
             "{\"cmd\":7}",
             "[1,2]",
         ] {
-            assert!(matches!(answer(bad, &s), Reply::Error(_)), "{bad:?}");
+            assert!(matches!(answer(bad, &s, &r), Reply::Error(_)), "{bad:?}");
         }
+        assert_eq!(
+            answer("{\"cmd\":\"reload\"}", &s, &r),
+            Reply::Error("r.yaml: rule 'x': input interface 'eth9' does not exist".into())
+        );
     }
 
     #[test]
     fn serves_over_a_unix_socket_and_survives_abuse() {
         let dir = std::env::temp_dir().join(format!("relay-ctl-{}", std::process::id()));
         let path = dir.join("c.sock");
-        serve(&path, snap()).unwrap();
+        serve(&path, snap(), reloader()).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         // An oversized request, then a client that hangs up at once, then a good request.
@@ -247,7 +266,7 @@ mod tests {
             Reply::Stats(_)
         ));
         // A second daemon on the same path is refused.
-        assert!(serve(&path, snap()).is_err());
+        assert!(serve(&path, snap(), reloader()).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -26,6 +26,8 @@ pub struct Steering {
     xsks: XskMap<MapData>,
     counters: Arc<XdpCounters>,
     links: Vec<(String, XdpLinkId)>,
+    /// Ingress ifindex of each XSKMAP slot, in the order they were given out.
+    slots: Vec<u32>,
 }
 
 /// The XDP program's per-CPU counters, readable from any thread.
@@ -61,32 +63,10 @@ impl AttachedMode {
 }
 
 impl Steering {
-    /// Loads the program and fills the rule and interface maps. Nothing is attached yet.
+    /// Loads the program and fills the rule map. Nothing is attached yet.
     pub fn load(table: &RuleTable) -> Result<Self> {
         raise_memlock();
         let mut ebpf = Ebpf::load(XDP_OBJECT).context("loading the XDP object")?;
-        {
-            let mut rules: HashMap<_, RuleKey, RuleValue> = HashMap::try_from(
-                ebpf.map_mut(RULE_MAP)
-                    .ok_or_else(|| anyhow!("no {RULE_MAP} map"))?,
-            )?;
-            for (key, value) in table.bpf_entries() {
-                rules
-                    .insert(&key, &value, 0)
-                    .context("filling the rule map")?;
-            }
-        }
-        {
-            let mut ifaces: HashMap<_, u32, u32> = HashMap::try_from(
-                ebpf.map_mut(IFACE_MAP)
-                    .ok_or_else(|| anyhow!("no {IFACE_MAP} map"))?,
-            )?;
-            for (slot, ingress) in table.ingress.iter().enumerate() {
-                ifaces
-                    .insert(&ingress.info.ifindex, &(slot as u32), 0)
-                    .context("filling the interface map")?;
-            }
-        }
         let xsks = XskMap::try_from(
             ebpf.take_map(XSK_MAP)
                 .ok_or_else(|| anyhow!("no {XSK_MAP} map"))?,
@@ -102,25 +82,102 @@ impl Steering {
             .ok_or_else(|| anyhow!("no {PROGRAM} program in the object"))?
             .try_into()?;
         prog.load().context("the kernel refused the XDP program")?;
-        Ok(Self {
+        let mut steering = Self {
             ebpf,
             xsks,
             counters,
             links: Vec::new(),
-        })
+            slots: Vec::new(),
+        };
+        steering.update_rules(&RuleTable::default(), table)?;
+        Ok(steering)
     }
 
-    /// Puts an AF_XDP socket where the program redirects frames from ingress `slot`, `queue`.
-    pub fn set_socket(&mut self, slot: usize, queue: u32, fd: &impl AsRawFd) -> Result<()> {
+    fn rule_map(&mut self) -> Result<HashMap<&mut MapData, RuleKey, RuleValue>> {
+        Ok(HashMap::try_from(
+            self.ebpf
+                .map_mut(RULE_MAP)
+                .ok_or_else(|| anyhow!("no {RULE_MAP} map"))?,
+        )?)
+    }
+
+    /// Moves the rule map from `old` to `new` without a moment where a rule both have is
+    /// missing: every entry of `new` is written (a key that exists is replaced in place),
+    /// then the keys only `old` has are deleted.
+    pub fn update_rules(&mut self, old: &RuleTable, new: &RuleTable) -> Result<()> {
+        let mut rules = self.rule_map()?;
+        for (key, value) in new.bpf_entries() {
+            rules
+                .insert(&key, &value, 0)
+                .context("writing the rule map")?;
+        }
+        let keep: std::collections::HashSet<RuleKey> = new.bpf_entries().map(|(k, _)| k).collect();
+        for (key, _) in old.bpf_entries() {
+            if !keep.contains(&key) {
+                rules.remove(&key).context("deleting from the rule map")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The XSKMAP slot of an ingress interface: given out once and kept, so a reload never
+    /// moves an interface's sockets.
+    fn slot(&mut self, ifindex: u32) -> Result<u32> {
+        if let Some(i) = self.slots.iter().position(|&x| x == ifindex) {
+            return Ok(i as u32);
+        }
+        if self.slots.len() as u32 >= relay_common::MAX_INGRESS_IFACES {
+            return Err(anyhow!(
+                "more than {} ingress interfaces",
+                relay_common::MAX_INGRESS_IFACES
+            ));
+        }
+        self.slots.push(ifindex);
+        let slot = self.slots.len() as u32 - 1;
+        let mut ifaces: HashMap<_, u32, u32> = HashMap::try_from(
+            self.ebpf
+                .map_mut(IFACE_MAP)
+                .ok_or_else(|| anyhow!("no {IFACE_MAP} map"))?,
+        )?;
+        ifaces
+            .insert(&ifindex, &slot, 0)
+            .context("filling the interface map")?;
+        Ok(slot)
+    }
+
+    /// Puts an AF_XDP socket where the program redirects frames from `ifindex`'s `queue`.
+    pub fn set_socket(&mut self, ifindex: u32, queue: u32, fd: &impl AsRawFd) -> Result<()> {
         if queue >= MAX_QUEUES_PER_IFACE {
             return Err(anyhow!(
                 "rx queue {queue} is beyond the {MAX_QUEUES_PER_IFACE} queues per interface the relay steers"
             ));
         }
-        let index = slot as u32 * MAX_QUEUES_PER_IFACE + queue;
+        let index = self.slot(ifindex)? * MAX_QUEUES_PER_IFACE + queue;
         self.xsks
             .set(index, fd.as_raw_fd(), 0)
             .context("adding the AF_XDP socket to the XSKMAP")
+    }
+
+    /// The interfaces the program is attached to.
+    pub fn attached(&self) -> Vec<String> {
+        self.links.iter().map(|(i, _)| i.clone()).collect()
+    }
+
+    /// Detaches from one interface: its frames pass to the kernel from here on.
+    pub fn detach_iface(&mut self, iface: &str) -> Result<()> {
+        let Some(at) = self.links.iter().position(|(i, _)| i == iface) else {
+            return Ok(());
+        };
+        let (_, id) = self.links.remove(at);
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| anyhow!("no {PROGRAM} program"))?
+            .try_into()?;
+        prog.detach(id)
+            .with_context(|| format!("detaching XDP from {iface}"))?;
+        info!("{iface}: XDP program detached");
+        Ok(())
     }
 
     /// Attaches to `iface` in the configured mode; `auto` tries native first.

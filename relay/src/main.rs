@@ -4,8 +4,9 @@ use std::{
     path::PathBuf,
     process::ExitCode,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
+        mpsc,
     },
     time::Duration,
 };
@@ -68,6 +69,12 @@ enum ClientCmd {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         control: PathBuf,
     },
+    /// Re-reads the config file and switches to its rules without dropping a packet of the
+    /// rules that stay (SIGHUP does the same). A file that does not validate is refused.
+    Reload {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control: PathBuf,
+    },
     /// Checks that the relay answers.
     Ping {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
@@ -76,9 +83,14 @@ enum ClientCmd {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static RELOAD: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGHUP {
+        RELOAD.store(true, Ordering::Relaxed);
+    } else {
+        STOP.store(true, Ordering::Relaxed);
+    }
 }
 
 fn main() -> ExitCode {
@@ -104,9 +116,11 @@ fn client(cmd: ClientCmd) -> Result<ExitCode> {
         ClientCmd::Stats { json, control } => (Request::Stats, control, json),
         ClientCmd::Rules { json, control } => (Request::Rules, control, json),
         ClientCmd::Ping { control } => (Request::Ping, control, false),
+        ClientCmd::Reload { control } => (Request::Reload, control, false),
     };
     match control::request(&path, &req)? {
         Reply::Pong { version } => println!("relay {version} is running"),
+        Reply::Reloaded(summary) => println!("reloaded: {summary}"),
         Reply::Stats(view) if json => println!("{}", serde_json::to_string_pretty(&view)?),
         Reply::Stats(view) => print!("{}", view.render_table()),
         Reply::Error(e) => anyhow::bail!("the relay refused the request: {e}"),
@@ -159,8 +173,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         pool,
         workers,
     )?;
-    for (slot, queue, fd) in &bindings {
-        steering.set_socket(*slot, *queue, fd)?;
+    for (ifindex, queue, fd) in &bindings {
+        steering.set_socket(*ifindex, *queue, fd)?;
     }
     install_signal_handlers()?;
     datapath.start()?;
@@ -171,52 +185,166 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let monitor = datapath.monitor();
     let counters = steering.counters();
     let snapshot: control::Snapshot = Arc::new(move || {
+        let (table, stats) = monitor.stats();
         StatsView::build(
-            monitor.table(),
-            &monitor.stats(),
+            &table,
+            &stats,
             counters.read().ok().as_ref(),
             &monitor.pool(),
             monitor.allocator(),
         )
     });
-    control_socket.serve(snapshot.clone())?;
+    // Reload requests from the control socket are carried out on this thread, which owns
+    // the XDP program and the data path; the control thread waits for the answer.
+    let (reload_tx, reload_rx) = mpsc::channel::<mpsc::SyncSender<Result<String, String>>>();
+    let reload_tx = Mutex::new(reload_tx);
+    let reloader: control::Reloader = Arc::new(move || {
+        let (tx, rx) = mpsc::sync_channel(1);
+        reload_tx
+            .lock()
+            .map_err(|_| "the relay is stopping".to_owned())?
+            .send(tx)
+            .map_err(|_| "the relay is stopping".to_owned())?;
+        rx.recv_timeout(Duration::from_secs(30))
+            .map_err(|_| "the reload did not finish within 30 s".to_owned())?
+    });
+    control_socket.serve(snapshot.clone(), reloader)?;
     if let Some(addr) = config.metrics {
         control::serve_metrics(addr, snapshot)?;
     }
     let memberships = Memberships::join(&table)?;
     info!(
-        "relaying {} rules ({} group memberships held); SIGINT or SIGTERM stops",
+        "relaying {} rules ({} group memberships held); SIGINT or SIGTERM stops, SIGHUP reloads",
         table.rules.len(),
         memberships.len()
     );
+    let mut relay = Running {
+        config_path: config_path.clone(),
+        config,
+        steering,
+        datapath,
+        memberships,
+    };
 
     while !STOP.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(50));
+        if RELOAD.swap(false, Ordering::Relaxed) {
+            match relay.reload() {
+                Ok(summary) => info!("SIGHUP: {summary}"),
+                Err(e) => error!("SIGHUP: reload refused, the running rules stay: {e:#}"),
+            }
+        }
+        if let Ok(reply) = reload_rx.recv_timeout(Duration::from_millis(50)) {
+            let result = relay.reload().map_err(|e| format!("{e:#}"));
+            match &result {
+                Ok(summary) => info!("reload: {summary}"),
+                Err(e) => error!("reload refused, the running rules stay: {e}"),
+            }
+            let _ = reply.send(result);
+        }
     }
 
     info!("stopping: detaching XDP and draining");
+    let Running {
+        mut steering,
+        datapath,
+        memberships,
+        ..
+    } = relay;
     steering.detach();
     drop(memberships);
     let finished = datapath.stop();
     let xdp = steering.counters().read().ok();
     print!(
         "{}",
-        report::shutdown(&table, &finished, allocator, xdp.as_ref())
+        report::shutdown(&finished.table, &finished, allocator, xdp.as_ref())
     );
     let account = finished.account;
     drop(finished);
     drop(steering);
+    let _ = std::fs::remove_file(&control_path);
     if account.leaked() != 0 {
         error!("{} frames leaked", account.leaked());
         return Ok(ExitCode::FAILURE);
     }
-    let _ = std::fs::remove_file(&control_path);
     info!("all {} frames accounted for", account.frames);
     Ok(ExitCode::SUCCESS)
 }
 
+/// The running relay's parts that a reload changes.
+struct Running {
+    config_path: PathBuf,
+    config: Config,
+    steering: Steering,
+    datapath: Datapath,
+    memberships: Memberships,
+}
+
+impl Running {
+    /// Re-reads the config file and switches to its rules. Everything is validated before
+    /// anything changes; a refused file leaves the running rules as they were. Rules present
+    /// before and after keep flowing: their BPF map entries are replaced in place and the
+    /// workers switch tables between two passes.
+    fn reload(&mut self) -> Result<String> {
+        let file = self.config_path.display().to_string();
+        let new_config = Config::load(&self.config_path)?;
+        let new = RuleTable::compile(&new_config, &file, &LiveSystem)?;
+        let old = self.datapath.table();
+        for (what, changed) in [
+            ("allocator", new_config.allocator != self.config.allocator),
+            ("umem", new_config.umem != self.config.umem),
+            ("workers", new_config.workers != self.config.workers),
+            ("bind", new_config.bind != self.config.bind),
+            ("control", new_config.control != self.config.control),
+            ("metrics", new_config.metrics != self.config.metrics),
+        ] {
+            if changed {
+                warn!("{file}: `{what}` changed; it takes effect at the next start");
+            }
+        }
+        let bindings = self.datapath.reload(new.clone())?;
+        for (ifindex, queue, fd) in &bindings {
+            self.steering.set_socket(*ifindex, *queue, fd)?;
+        }
+        self.steering.update_rules(&old, &new)?;
+        let attached = self.steering.attached();
+        for i in &new.ingress {
+            if !attached.contains(&i.name) {
+                let mode = self.steering.attach(&i.name, new_config.xdp_mode)?;
+                info!(
+                    "{}: XDP program attached in {} mode",
+                    i.name,
+                    mode.describe()
+                );
+            }
+        }
+        for a in attached {
+            if !new.ingress.iter().any(|i| i.name == a) {
+                self.steering.detach_iface(&a)?;
+            }
+        }
+        self.memberships.update(&new)?;
+        let names = |t: &RuleTable| t.rules.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        let (before, after) = (names(&old), names(&new));
+        let added = after.iter().filter(|n| !before.contains(n)).count();
+        let removed = before.iter().filter(|n| !after.contains(n)).count();
+        let changed = new
+            .rules
+            .iter()
+            .filter(|r| old.rules.iter().any(|o| o.name == r.name && o != *r))
+            .count();
+        self.config = Config {
+            xdp_mode: new_config.xdp_mode,
+            ..self.config.clone()
+        };
+        Ok(format!(
+            "{} rules ({added} added, {removed} removed, {changed} changed)",
+            new.rules.len()
+        ))
+    }
+}
+
 fn install_signal_handlers() -> Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and the
         // sigaction struct is fully initialised (zeroed, then the handler set).
         let rc = unsafe {

@@ -72,6 +72,30 @@ impl Memberships {
         Ok(Self { held })
     }
 
+    /// Leaves what `table` no longer needs and joins what it newly needs.
+    pub fn update(&mut self, table: &RuleTable) -> Result<()> {
+        let want = wanted(table);
+        let mut kept = Vec::new();
+        for (m, fd) in self.held.drain(..) {
+            if want.contains(&m) {
+                kept.push((m, fd));
+            } else {
+                drop(fd);
+                info!("{}: left {}", m.0, m.2);
+            }
+        }
+        self.held = kept;
+        for m in want {
+            if self.held.iter().any(|(h, _)| *h == m) {
+                continue;
+            }
+            let fd = join_one(&m)?;
+            info!("{}: joined {}", m.0, m.2);
+            self.held.push((m, fd));
+        }
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         self.held.len()
     }

@@ -42,7 +42,7 @@ pub struct CompiledRule {
     pub outputs: Vec<CompiledOutput>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleTable {
     pub rules: Vec<CompiledRule>,
     pub ingress: Vec<Ingress>,

@@ -33,6 +33,8 @@ pub struct RelayProc {
     pub stderr: PathBuf,
     /// Its control socket.
     pub control: PathBuf,
+    /// The config file it runs on (rewrite it, then reload).
+    pub config: PathBuf,
     dir: PathBuf,
 }
 
@@ -78,6 +80,7 @@ impl RelayProc {
             stdout,
             stderr,
             control,
+            config: config.clone(),
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(15);

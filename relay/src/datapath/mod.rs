@@ -16,15 +16,14 @@ use std::{
     num::NonZeroU32,
     os::fd::{AsRawFd, RawFd},
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicU8, AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow};
-use crossbeam_queue::ArrayQueue;
 use log::{info, warn};
 use xsk_rs::{
     Umem,
@@ -32,7 +31,7 @@ use xsk_rs::{
 };
 
 pub use stats::{DatapathStats, OutputCounters, RuleCounters};
-use worker::{DRAIN, Port, RUN, Shared, Waker, Worker, WorkerReport};
+use worker::{DRAIN, MAX_PORTS, Plan, Port, RUN, Shared, Waker, Worker, WorkerReport};
 
 use crate::{
     config::BindMode,
@@ -67,30 +66,45 @@ impl FrameAccount {
     }
 }
 
-/// Where each ingress socket must go in the XSKMAP: (ingress slot, queue, socket fd).
-pub type XskBinding = (usize, u32, RawFd);
+/// An ingress socket the XDP program must redirect to: (ifindex, rx queue, socket fd).
+pub type XskBinding = (u32, u32, RawFd);
+
+/// A socket the data path has opened, as the main thread remembers it.
+struct PortMeta {
+    name: String,
+    queue: u32,
+    owner: usize,
+}
 
 /// The data path before and while it runs.
 pub struct Datapath {
     shared: Arc<Shared>,
-    pending: Vec<Vec<Port>>,
+    pending: Vec<Vec<(usize, Port)>>,
     running: Vec<JoinHandle<WorkerReport>>,
+    ports: Vec<PortMeta>,
+    bind: BindMode,
+    fill_target: usize,
+    /// The rx ring fd of each socket, by global id, for XSKMAP bindings.
+    fds: Vec<RawFd>,
 }
 
 /// Reads the data path's counters from any thread: each worker's last publication (at most
-/// 100 ms old), summed, and the pool's state.
+/// 100 ms old), re-shaped to the current rules and summed, and the pool's state.
 #[derive(Clone)]
 pub struct Monitor {
     shared: Arc<Shared>,
 }
 
 impl Monitor {
-    pub fn stats(&self) -> DatapathStats {
-        let mut sum = DatapathStats::new(self.shared.table.rules.iter().map(|r| r.outputs.len()));
+    /// The current rule table and the counters shaped by it.
+    pub fn stats(&self) -> (RuleTable, DatapathStats) {
+        let plan = self.shared.current_plan();
+        let mut sum = DatapathStats::new(plan.table.rules.iter().map(|r| r.outputs.len()));
         for s in &self.shared.snapshots {
-            sum.add(&s.lock().unwrap_or_else(|p| p.into_inner()));
+            let s = s.lock().unwrap_or_else(|p| p.into_inner());
+            sum.add(&worker::remap(&s.0, &s.1, &plan));
         }
-        sum
+        (plan.table.clone(), sum)
     }
 
     pub fn pool(&self) -> PoolStats {
@@ -100,20 +114,35 @@ impl Monitor {
     pub fn allocator(&self) -> crate::pool::AllocatorKind {
         self.shared.pool.kind()
     }
-
-    pub fn table(&self) -> &RuleTable {
-        &self.shared.table
-    }
 }
 
 /// What the data path leaves when it has stopped.
 pub struct Finished {
+    /// The rules in force at the end, which `stats` is shaped by.
+    pub table: RuleTable,
     pub stats: DatapathStats,
     pub account: FrameAccount,
     pub pool: PoolStats,
     pub sockets: Vec<(String, u32, xsk_rs::socket::XdpStatistics)>,
     /// Kept open until the report is printed, then dropped.
     _ports: Vec<Port>,
+}
+
+/// The sockets a table needs: one per ingress (interface, rx queue), and one per egress
+/// interface that is not also an ingress. `(name, ifindex, queue, ingress)`.
+fn wanted_sockets(table: &RuleTable) -> Vec<(String, u32, u32, bool)> {
+    let mut wanted: Vec<(String, u32, u32, bool)> = Vec::new();
+    for ing in &table.ingress {
+        for q in 0..ing.info.rx_queues {
+            wanted.push((ing.name.clone(), ing.info.ifindex, q, true));
+        }
+    }
+    for eg in &table.egress {
+        if !wanted.iter().any(|(n, _, q, _)| *n == eg.name && *q == 0) {
+            wanted.push((eg.name.clone(), eg.info.ifindex, 0, false));
+        }
+    }
+    wanted
 }
 
 impl Datapath {
@@ -145,108 +174,156 @@ impl Datapath {
                 descs.len()
             ));
         }
-
-        // One socket per ingress (interface, rx queue), then one per egress interface that is
-        // not also an ingress.
-        let mut wanted: Vec<(String, u32, u32, bool)> = Vec::new();
-        for ing in &table.ingress {
-            for q in 0..ing.info.rx_queues {
-                wanted.push((ing.name.clone(), ing.info.ifindex, q, true));
-            }
-        }
-        for eg in &table.egress {
-            if !wanted.iter().any(|(n, _, q, _)| *n == eg.name && *q == 0) {
-                wanted.push((eg.name.clone(), eg.info.ifindex, 0, false));
-            }
-        }
-        let ingress_queues = wanted.iter().filter(|w| w.3).count().max(1);
+        let ingress_queues = wanted_sockets(&table).iter().filter(|w| w.3).count().max(1);
         // Half the frames may sit in fill rings; the rest serve TX and fan-out copies.
         let fill_target = (frames as usize / 2 / ingress_queues).min(RING_SIZE as usize);
-
-        // Sockets go to workers round-robin, ingress queues first, so RX spreads before TX.
-        let mut pending: Vec<Vec<Port>> = (0..workers).map(|_| Vec::new()).collect();
-        let mut owner_of: Vec<(String, u32, usize)> = Vec::new();
-        let mut bindings = Vec::new();
-        for (k, (name, ifindex, queue, ingress)) in wanted.into_iter().enumerate() {
-            let b = socket::open_socket(&umem, &name, queue, bind, k == 0)?;
-            let w = k % workers;
-            info!(
-                "{name} queue {queue}: AF_XDP socket bound in {} mode ({}, worker {w})",
-                if b.copy_mode { "copy" } else { "zero-copy" },
-                if ingress { "ingress" } else { "egress" }
-            );
-            if ingress {
-                let slot = table
-                    .ingress
-                    .iter()
-                    .position(|i| i.info.ifindex == ifindex)
-                    .expect("ingress came from the table");
-                bindings.push((slot, queue, b.rx.fd().as_raw_fd()));
-            }
-            owner_of.push((name.clone(), queue, w));
-            pending[w].push(Port {
-                name,
-                ifindex,
-                queue,
-                ingress,
-                copy_mode: b.copy_mode,
-                tx: b.tx,
-                rx: b.rx,
-                fq: b.fq,
-                cq: b.cq,
-                in_fill: 0,
-                in_tx: 0,
-                fill_target,
-            });
-        }
-        let egress_owner = table
-            .egress
-            .iter()
-            .map(|e| {
-                owner_of
-                    .iter()
-                    .find(|(n, q, _)| *n == e.name && *q == 0)
-                    .map(|o| o.2)
-                    .expect("a socket was opened for every egress")
-            })
-            .collect();
-        let lanes = table
-            .egress
-            .iter()
-            .map(|_| ArrayQueue::new(LANE_FRAMES))
-            .collect();
         let wakers = (0..workers)
             .map(|_| Waker::new())
             .collect::<std::io::Result<Vec<_>>>()
             .context("creating eventfds")?;
-        let table_shape: Vec<usize> = table.rules.iter().map(|r| r.outputs.len()).collect();
+        let empty = Arc::new(Plan {
+            generation: 0,
+            table: RuleTable::default(),
+            egress_port: Vec::new(),
+            egress_owner: Vec::new(),
+            ingress_ports: Vec::new(),
+        });
         let shared = Arc::new(Shared {
             umem,
             frames: descs,
             frame_size: frame_size as usize,
             pool,
-            table,
-            egress_owner,
-            lanes,
+            plan: Mutex::new(empty.clone()),
+            plan_gen: AtomicU64::new(0),
+            adopted: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            incoming: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+            lanes: (0..MAX_PORTS).map(|_| OnceLock::new()).collect(),
             wakers,
             phase: AtomicU8::new(RUN),
             rx_done: AtomicUsize::new(0),
             snapshots: (0..workers)
-                .map(|_| Mutex::new(DatapathStats::new(table_shape.iter().copied())))
+                .map(|_| Mutex::new((empty.clone(), DatapathStats::default())))
                 .collect(),
         });
-        Ok((
-            Datapath {
-                shared,
-                pending,
-                running: Vec::new(),
-            },
-            bindings,
-        ))
+        let mut dp = Datapath {
+            shared,
+            pending: (0..workers).map(|_| Vec::new()).collect(),
+            running: Vec::new(),
+            ports: Vec::new(),
+            bind,
+            fill_target,
+            fds: Vec::new(),
+        };
+        let (opened, bindings) = dp.open_sockets(&table)?;
+        for (w, id, port) in opened {
+            dp.pending[w].push((id, port));
+        }
+        dp.publish_plan(table);
+        Ok((dp, bindings))
     }
 
-    pub fn table(&self) -> &RuleTable {
-        &self.shared.table
+    /// Opens a socket for every (interface, queue) the table needs that has none yet, and
+    /// deals them to the workers round-robin (ingress first, so RX spreads before TX).
+    #[allow(clippy::type_complexity)]
+    fn open_sockets(
+        &mut self,
+        table: &RuleTable,
+    ) -> Result<(Vec<(usize, usize, Port)>, Vec<XskBinding>)> {
+        let workers = self.shared.wakers.len();
+        let mut opened = Vec::new();
+        let mut bindings = Vec::new();
+        for (name, ifindex, queue, ingress) in wanted_sockets(table) {
+            if let Some(id) = self
+                .ports
+                .iter()
+                .position(|p| p.name == name && p.queue == queue)
+            {
+                // Already open (perhaps as an egress-only socket): an ingress now needs it in
+                // the XSKMAP.
+                if ingress && let Some(fd) = self.known_fd(id) {
+                    bindings.push((ifindex, queue, fd));
+                }
+                continue;
+            }
+            let id = self.ports.len();
+            if id >= MAX_PORTS {
+                return Err(anyhow!("more than {MAX_PORTS} sockets"));
+            }
+            let b = socket::open_socket(&self.shared.umem, &name, queue, self.bind, id == 0)?;
+            let w = id % workers;
+            info!(
+                "{name} queue {queue}: AF_XDP socket bound in {} mode ({}, worker {w})",
+                if b.copy_mode { "copy" } else { "zero-copy" },
+                if ingress { "ingress" } else { "egress" }
+            );
+            let fd = b.rx.fd().as_raw_fd();
+            if ingress {
+                bindings.push((ifindex, queue, fd));
+            }
+            self.ports.push(PortMeta {
+                name: name.clone(),
+                queue,
+                owner: w,
+            });
+            self.fds.push(fd);
+            opened.push((
+                w,
+                id,
+                Port {
+                    name,
+                    ifindex,
+                    queue,
+                    ingress,
+                    copy_mode: b.copy_mode,
+                    tx: b.tx,
+                    rx: b.rx,
+                    fq: b.fq,
+                    cq: b.cq,
+                    in_fill: 0,
+                    in_tx: 0,
+                    fill_target: self.fill_target,
+                },
+            ));
+        }
+        Ok((opened, bindings))
+    }
+
+    fn known_fd(&self, id: usize) -> Option<RawFd> {
+        self.fds.get(id).copied()
+    }
+
+    /// Makes `table` the current plan (the workers take it up on their next pass).
+    fn publish_plan(&mut self, table: RuleTable) -> u64 {
+        let find = |name: &str, queue: u32| {
+            self.ports
+                .iter()
+                .position(|p| p.name == name && p.queue == queue)
+                .expect("a socket was opened for every interface of the table")
+        };
+        let egress_port: Vec<usize> = table.egress.iter().map(|e| find(&e.name, 0)).collect();
+        let egress_owner = egress_port.iter().map(|&id| self.ports[id].owner).collect();
+        let ingress_ports = table
+            .ingress
+            .iter()
+            .flat_map(|i| (0..i.info.rx_queues).map(move |q| (i.name.clone(), q)))
+            .map(|(n, q)| find(&n, q))
+            .collect();
+        let generation = self.shared.plan_gen.load(Ordering::Acquire) + 1;
+        let plan = Arc::new(Plan {
+            generation,
+            table,
+            egress_port,
+            egress_owner,
+            ingress_ports,
+        });
+        *self.shared.plan.lock().unwrap_or_else(|p| p.into_inner()) = plan;
+        self.shared.plan_gen.store(generation, Ordering::Release);
+        generation
+    }
+
+    /// The rules in force.
+    pub fn table(&self) -> RuleTable {
+        self.shared.current_plan().table.clone()
     }
 
     /// A handle other threads use to read live counters.
@@ -274,24 +351,65 @@ impl Datapath {
         Ok(())
     }
 
+    /// Switches the running data path to `table`: opens sockets for interfaces it did not
+    /// have, hands them to their workers with the new plan, and waits until every worker has
+    /// taken the plan up. Returns the ingress sockets the XDP program must now redirect to.
+    /// Sockets of interfaces no longer used stay open (the caller detaches XDP from them), so
+    /// a rule that comes back later finds them ready.
+    pub fn reload(&mut self, table: RuleTable) -> Result<Vec<XskBinding>> {
+        let (opened, bindings) = self.open_sockets(&table)?;
+        for (w, id, port) in opened {
+            self.shared.incoming[w]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((id, port));
+        }
+        let generation = self.publish_plan(table);
+        for w in &self.shared.wakers {
+            w.wake_now();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while self
+            .shared
+            .adopted
+            .iter()
+            .any(|a| a.load(Ordering::Acquire) < generation)
+        {
+            if std::time::Instant::now() > deadline {
+                return Err(anyhow!("a worker did not take up the new rules within 2 s"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(bindings)
+    }
+
     /// Tells the workers to drain (the caller has detached the XDP program), waits for them,
     /// and settles the books.
     pub fn stop(self) -> Finished {
         self.shared.phase.store(DRAIN, Ordering::Release);
-        let mut stats = DatapathStats::new(self.shared.table.rules.iter().map(|r| r.outputs.len()));
+        let plan = self.shared.current_plan();
+        let mut stats = DatapathStats::new(plan.table.rules.iter().map(|r| r.outputs.len()));
         let mut ports = Vec::new();
         for h in self.running {
             match h.join() {
                 Ok(report) => {
-                    stats.add(&report.stats);
+                    stats.add(&worker::remap(&report.plan, &report.stats, &plan));
                     ports.extend(report.ports);
                 }
                 Err(_) => warn!("a worker thread panicked; its counters are lost"),
             }
         }
+        // Sockets a reload opened that no worker took up before stopping.
+        for slot in &self.shared.incoming {
+            ports.extend(
+                std::mem::take(&mut *slot.lock().unwrap_or_else(|p| p.into_inner()))
+                    .into_iter()
+                    .map(|(_, p)| p),
+            );
+        }
         // Frames still in a lane were handed over after their transmitting worker stopped:
         // they were never sent, so they go back to the pool.
-        for lane in &self.shared.lanes {
+        for lane in self.shared.lanes.iter().filter_map(OnceLock::get) {
             while let Some((desc, _)) = lane.pop() {
                 self.shared
                     .pool
@@ -315,6 +433,7 @@ impl Datapath {
             })
             .collect();
         Finished {
+            table: plan.table.clone(),
             stats,
             account,
             pool: self.shared.pool.stats(),

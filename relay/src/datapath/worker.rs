@@ -11,8 +11,8 @@ use std::{
     io::Write,
     os::fd::{AsRawFd, OwnedFd},
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering, fence},
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence},
     },
     time::{Duration, Instant},
 };
@@ -21,7 +21,10 @@ use crossbeam_queue::ArrayQueue;
 use log::debug;
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
 
-use super::{BATCH, DRAIN_TIMEOUT, IDLE_POLL_MS, RING_SIZE, stats::DatapathStats};
+use super::{
+    BATCH, DRAIN_TIMEOUT, IDLE_POLL_MS, RING_SIZE,
+    stats::{DatapathStats, OutputCounters},
+};
 use crate::{
     pool::{FrameCache, FramePool},
     rewrite::{RewriteError, rewrite},
@@ -38,26 +41,64 @@ pub(super) const DRAIN: u8 = 1;
 pub(super) struct Tag {
     pub rule: u32,
     pub output: u16,
+    /// The plan generation (low bits) the rule and output indices belong to: a frame handed
+    /// over just before a reload may reach a worker that already counts by the new plan.
+    pub plan: u16,
 }
 
-/// What the workers share. Written once at start, except the atomics and the lanes.
+/// One version of the data path's configuration: the rule table, and which socket (and so
+/// which worker) transmits for each of its egresses. A reload publishes a new one.
+pub(super) struct Plan {
+    pub generation: u64,
+    pub table: RuleTable,
+    /// For each egress of the table, the global id of the socket that transmits on it.
+    pub egress_port: Vec<usize>,
+    /// For each egress, the worker that owns that socket.
+    pub egress_owner: Vec<usize>,
+    /// Global ids of the sockets that receive (bound to an ingress queue).
+    pub ingress_ports: Vec<usize>,
+}
+
+/// Frames handed from one worker to the owner of a socket.
+pub(super) type Lane = ArrayQueue<(FrameDesc, Tag)>;
+
+/// Most sockets one relay opens over its lifetime.
+pub(super) const MAX_PORTS: usize = 1024;
+
+/// What the workers share.
 pub(super) struct Shared {
     pub umem: Umem,
     /// The descriptor `Umem::new` made for each frame, indexed by frame number.
     pub frames: Vec<FrameDesc>,
     pub frame_size: usize,
     pub pool: Arc<dyn FramePool>,
-    pub table: RuleTable,
-    /// For each egress of the rule table, the worker that owns its socket.
-    pub egress_owner: Vec<usize>,
-    /// For each egress, frames other workers hand to its owner.
-    pub lanes: Vec<ArrayQueue<(FrameDesc, Tag)>>,
+    /// The current plan; workers look at `plan_gen` every pass and take the lock only when it
+    /// moved.
+    pub plan: Mutex<Arc<Plan>>,
+    pub plan_gen: AtomicU64,
+    /// The plan generation each worker has adopted.
+    pub adopted: Vec<AtomicU64>,
+    /// Sockets opened by a reload, waiting for their worker to take them: (global id, socket).
+    pub incoming: Vec<Mutex<Vec<(usize, Port)>>>,
+    /// For each socket (by global id), frames other workers hand to its owner; made on first
+    /// use.
+    pub lanes: Box<[OnceLock<Lane>]>,
     pub wakers: Vec<Waker>,
     pub phase: AtomicU8,
     /// Workers that have emptied their RX rings while draining.
     pub rx_done: AtomicUsize,
-    /// Each worker's counters as of its last publication, for readers on other threads.
-    pub snapshots: Vec<Mutex<DatapathStats>>,
+    /// Each worker's counters as of its last publication, with the plan they are shaped by.
+    pub snapshots: Vec<Mutex<(Arc<Plan>, DatapathStats)>>,
+}
+
+impl Shared {
+    pub fn lane(&self, port: usize) -> &Lane {
+        self.lanes[port].get_or_init(|| ArrayQueue::new(super::LANE_FRAMES))
+    }
+
+    pub fn current_plan(&self) -> Arc<Plan> {
+        self.plan.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Wakes a worker that sleeps in poll() when another hands it frames.
@@ -92,6 +133,13 @@ impl Waker {
         }
     }
 
+    /// Wakes the worker whether or not it sleeps (a reload wants every worker's attention).
+    pub fn wake_now(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        unsafe { libc::write(self.event.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
     fn clear(&self) {
         let mut v: u64 = 0;
         // SAFETY: reads at most 8 bytes into a valid u64; EAGAIN when nothing is pending.
@@ -119,6 +167,7 @@ pub(super) struct Port {
 
 /// What a worker hands back when it ends.
 pub(super) struct WorkerReport {
+    pub plan: Arc<Plan>,
     pub stats: DatapathStats,
     pub ports: Vec<Port>,
 }
@@ -126,10 +175,14 @@ pub(super) struct WorkerReport {
 pub(super) struct Worker {
     id: usize,
     shared: Arc<Shared>,
+    plan: Arc<Plan>,
     ports: Vec<Port>,
+    /// The global id of each of `ports`.
+    port_ids: Vec<usize>,
     cache: FrameCache,
     stats: DatapathStats,
-    /// For each egress of the table, the index of this worker's port for it, if it owns it.
+    /// For each egress of the plan's table, the index of this worker's port for it, if it
+    /// owns it.
     local_egress: Vec<Option<usize>>,
     staged: Vec<Vec<FrameDesc>>,
     staged_tags: Vec<Vec<Tag>>,
@@ -146,27 +199,22 @@ const CACHE_FRAMES: usize = 512;
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 impl Worker {
-    pub fn new(id: usize, shared: Arc<Shared>, ports: Vec<Port>) -> Self {
-        let local_egress = (0..shared.table.egress.len())
-            .map(|e| {
-                if shared.egress_owner[e] != id {
-                    return None;
-                }
-                let eg = &shared.table.egress[e];
-                ports.iter().position(|p| p.name == eg.name && p.queue == 0)
-            })
-            .collect();
+    pub fn new(id: usize, shared: Arc<Shared>, ports: Vec<(usize, Port)>) -> Self {
+        let plan = shared.current_plan();
+        let (port_ids, ports): (Vec<usize>, Vec<Port>) = ports.into_iter().unzip();
         let n = ports.len();
-        let stats = DatapathStats::new(shared.table.rules.iter().map(|r| r.outputs.len()));
+        let stats = DatapathStats::new(plan.table.rules.iter().map(|r| r.outputs.len()));
         let cache = FrameCache::new(shared.pool.clone(), CACHE_FRAMES);
         let workers = shared.wakers.len();
         let mut w = Worker {
             id,
             shared,
+            plan,
             ports,
+            port_ids,
             cache,
             stats,
-            local_egress,
+            local_egress: Vec::new(),
             staged: vec![Vec::with_capacity(BATCH * 4); n],
             staged_tags: vec![Vec::with_capacity(BATCH * 4); n],
             to_wake: vec![false; workers],
@@ -174,16 +222,60 @@ impl Worker {
             take_buf: Vec::with_capacity(RING_SIZE as usize),
             desc_buf: Vec::with_capacity(RING_SIZE as usize),
         };
+        w.local_egress = w.map_egress();
+        w.shared.adopted[id].store(w.plan.generation, Ordering::Release);
         for i in 0..n {
             w.refill(i);
         }
         w
     }
 
+    /// For each egress of the current plan, this worker's port for it, if it owns it.
+    fn map_egress(&self) -> Vec<Option<usize>> {
+        (0..self.plan.table.egress.len())
+            .map(|e| {
+                if self.plan.egress_owner[e] != self.id {
+                    return None;
+                }
+                self.port_ids
+                    .iter()
+                    .position(|&g| g == self.plan.egress_port[e])
+            })
+            .collect()
+    }
+
+    /// Takes up a newer plan, and any sockets a reload opened for this worker.
+    fn adopt(&mut self) {
+        if self.shared.plan_gen.load(Ordering::Acquire) == self.plan.generation {
+            return;
+        }
+        let plan = self.shared.current_plan();
+        let new_ports = std::mem::take(
+            &mut *self.shared.incoming[self.id]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (id, port) in new_ports {
+            self.port_ids.push(id);
+            self.ports.push(port);
+            self.staged.push(Vec::with_capacity(BATCH * 4));
+            self.staged_tags.push(Vec::with_capacity(BATCH * 4));
+        }
+        for (port, id) in self.ports.iter_mut().zip(&self.port_ids) {
+            port.ingress = plan.ingress_ports.contains(id);
+        }
+        self.stats = remap(&self.plan, &self.stats, &plan);
+        self.plan = plan;
+        self.local_egress = self.map_egress();
+        self.publish();
+        self.shared.adopted[self.id].store(self.plan.generation, Ordering::Release);
+    }
+
     /// Runs until the data path is told to drain, then drains, and reports.
     pub fn run(mut self) -> WorkerReport {
         let mut published = Instant::now();
         while self.shared.phase.load(Ordering::Relaxed) == RUN {
+            self.adopt();
             if !self.step() {
                 self.idle_wait();
             }
@@ -198,6 +290,7 @@ impl Worker {
         self.cache.flush();
         self.publish();
         WorkerReport {
+            plan: self.plan,
             stats: self.stats,
             ports: self.ports,
         }
@@ -216,9 +309,10 @@ impl Worker {
         while Instant::now() < deadline {
             self.step();
             let everyone_done = self.shared.rx_done.load(Ordering::Acquire) == workers;
-            let lanes_empty = (0..self.local_egress.len())
-                .filter(|&e| self.local_egress[e].is_some())
-                .all(|e| self.shared.lanes[e].is_empty());
+            let lanes_empty = self
+                .port_ids
+                .iter()
+                .all(|&g| self.shared.lanes[g].get().is_none_or(|l| l.is_empty()));
             if everyone_done && lanes_empty && self.ports.iter().all(|p| p.in_tx == 0) {
                 break;
             }
@@ -234,10 +328,8 @@ impl Worker {
                 self.shared.wakers[w].wake();
             }
         }
-        for e in 0..self.local_egress.len() {
-            if let Some(pi) = self.local_egress[e] {
-                moved += self.collect_lane(e, pi);
-            }
+        for pi in 0..self.ports.len() {
+            moved += self.collect_lane(pi);
         }
         for i in 0..self.ports.len() {
             moved += self.transmit(i);
@@ -255,7 +347,8 @@ impl Worker {
         let mut slot = self.shared.snapshots[self.id]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        slot.clone_from(&self.stats);
+        slot.0 = self.plan.clone();
+        slot.1.clone_from(&self.stats);
     }
 
     fn receive_all(&mut self) -> usize {
@@ -273,11 +366,11 @@ impl Worker {
         waker.sleeping.store(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         let pending = self
-            .local_egress
+            .port_ids
             .iter()
-            .enumerate()
-            .any(|(e, p)| p.is_some() && !self.shared.lanes[e].is_empty());
-        if !pending && self.shared.phase.load(Ordering::Relaxed) == RUN {
+            .any(|&g| self.shared.lanes[g].get().is_some_and(|l| !l.is_empty()));
+        let new_plan = self.shared.plan_gen.load(Ordering::Acquire) != self.plan.generation;
+        if !pending && !new_plan && self.shared.phase.load(Ordering::Relaxed) == RUN {
             let mut fds: Vec<libc::pollfd> = self
                 .ports
                 .iter()
@@ -309,17 +402,20 @@ impl Worker {
         let n = unsafe { self.ports[pi].rx.consume(&mut self.rx_buf) };
         self.ports[pi].in_fill -= n;
         let ifindex = self.ports[pi].ifindex;
+        // One reference count for the batch, not one per frame: the count is shared by every
+        // worker, and touching it per frame would bounce its cache line between them.
+        let plan = Arc::clone(&self.plan);
+        let shared = Arc::clone(&self.shared);
         for k in 0..n {
             let desc = self.rx_buf[k];
-            self.forward(ifindex, desc);
+            self.forward(&shared, &plan, ifindex, desc);
         }
         n
     }
 
     /// Sends one received frame to each output of its rule: copies for all outputs but the
     /// last, then the received frame itself, rewritten in place, for the last.
-    fn forward(&mut self, ifindex: u32, mut desc: FrameDesc) {
-        let shared = Arc::clone(&self.shared);
+    fn forward(&mut self, shared: &Shared, plan: &Plan, ifindex: u32, mut desc: FrameDesc) {
         let frame_no = self.frame_index(&desc);
         // SAFETY: the frame came off the RX ring, so neither the kernel nor another descriptor
         // refers to it until we hand it on.
@@ -330,12 +426,12 @@ impl Worker {
             self.cache.give(frame_no);
             return;
         };
-        let Some(rule_id) = shared.table.lookup(ifindex, &flow) else {
+        let Some(rule_id) = plan.table.lookup(ifindex, &flow) else {
             self.stats.unmatched += 1;
             self.cache.give(frame_no);
             return;
         };
-        let rule = &shared.table.rules[rule_id as usize];
+        let rule = &plan.table.rules[rule_id as usize];
         let rc = &mut self.stats.rules[rule_id as usize];
         rc.packets += 1;
         rc.bytes += len as u64;
@@ -362,6 +458,7 @@ impl Worker {
             let tag = Tag {
                 rule: rule_id,
                 output: oi as u16,
+                plan: plan.generation as u16,
             };
             match result {
                 Ok(()) => self.dispatch(out.egress, copy, tag),
@@ -384,6 +481,7 @@ impl Worker {
         let tag = Tag {
             rule: rule_id,
             output: last as u16,
+            plan: plan.generation as u16,
         };
         match result {
             Ok(()) => self.dispatch(out.egress, desc, tag),
@@ -401,30 +499,53 @@ impl Worker {
             self.staged_tags[pi].push(tag);
             return;
         }
-        match self.shared.lanes[egress].push((desc, tag)) {
-            Ok(()) => self.to_wake[self.shared.egress_owner[egress]] = true,
+        match self
+            .shared
+            .lane(self.plan.egress_port[egress])
+            .push((desc, tag))
+        {
+            Ok(()) => self.to_wake[self.plan.egress_owner[egress]] = true,
             Err((desc, tag)) => {
-                self.stats.rules[tag.rule as usize].outputs[tag.output as usize].handoff_full += 1;
+                if let Some(c) = self.counters(tag) {
+                    c.handoff_full += 1;
+                }
                 let f = self.frame_index(&desc);
                 self.cache.give(f);
             }
         }
     }
 
+    /// The counters a tag names, if it was made under the plan this worker counts by.
+    fn counters(&mut self, tag: Tag) -> Option<&mut OutputCounters> {
+        if tag.plan != self.plan.generation as u16 {
+            return None;
+        }
+        self.stats
+            .rules
+            .get_mut(tag.rule as usize)?
+            .outputs
+            .get_mut(tag.output as usize)
+    }
+
     fn count_rewrite_error(&mut self, tag: Tag, e: RewriteError) {
-        let c = &mut self.stats.rules[tag.rule as usize].outputs[tag.output as usize];
+        let Some(c) = self.counters(tag) else {
+            return;
+        };
         match e {
             RewriteError::TtlExpired => c.ttl_expired += 1,
             RewriteError::Malformed => c.malformed += 1,
         }
     }
 
-    /// Moves frames other workers queued for egress `e` onto this worker's staging list.
-    fn collect_lane(&mut self, e: usize, pi: usize) -> usize {
+    /// Moves frames other workers queued for port `pi` onto its staging list.
+    fn collect_lane(&mut self, pi: usize) -> usize {
+        let Some(lane) = self.shared.lanes[self.port_ids[pi]].get() else {
+            return 0;
+        };
         let room = (RING_SIZE as usize).saturating_sub(self.staged[pi].len());
         let mut n = 0;
         while n < room {
-            let Some((desc, tag)) = self.shared.lanes[e].pop() else {
+            let Some((desc, tag)) = lane.pop() else {
                 break;
             };
             self.staged[pi].push(desc);
@@ -446,12 +567,15 @@ impl Worker {
             sent = unsafe { port.tx.produce(&staged) };
             port.in_tx += sent;
             for (desc, tag) in staged[..sent].iter().zip(&tags[..sent]) {
-                let oc = &mut self.stats.rules[tag.rule as usize].outputs[tag.output as usize];
-                oc.packets += 1;
-                oc.bytes += desc.lengths().data() as u64;
+                if let Some(oc) = self.counters(*tag) {
+                    oc.packets += 1;
+                    oc.bytes += desc.lengths().data() as u64;
+                }
             }
             for (desc, tag) in staged[sent..].iter().zip(&tags[sent..]) {
-                self.stats.rules[tag.rule as usize].outputs[tag.output as usize].tx_ring_full += 1;
+                if let Some(oc) = self.counters(*tag) {
+                    oc.tx_ring_full += 1;
+                }
                 let f = self.frame_index(desc);
                 self.cache.give(f);
             }
@@ -520,4 +644,33 @@ impl Worker {
             let _ = port.fq.wakeup(port.rx.fd_mut(), 0);
         }
     }
+}
+
+/// Re-shapes counters kept under `old` to `new`: a rule keeps its counters if the new table
+/// has a rule of the same name, and an output its counters if it is the same interface with
+/// the same rewrite at the same position.
+pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathStats {
+    if old.generation == new.generation {
+        return stats.clone();
+    }
+    let mut out = DatapathStats::new(new.table.rules.iter().map(|r| r.outputs.len()));
+    out.unmatched = stats.unmatched;
+    out.malformed = stats.malformed;
+    for (ni, nr) in new.table.rules.iter().enumerate() {
+        let Some(oi) = old.table.rules.iter().position(|r| r.name == nr.name) else {
+            continue;
+        };
+        let (or, oc) = (&old.table.rules[oi], &stats.rules[oi]);
+        out.rules[ni].packets = oc.packets;
+        out.rules[ni].bytes = oc.bytes;
+        for (k, no) in nr.outputs.iter().enumerate() {
+            if let Some(oo) = or.outputs.get(k)
+                && old.table.egress[oo.egress].name == new.table.egress[no.egress].name
+                && oo.action == no.action
+            {
+                out.rules[ni].outputs[k] = oc.outputs[k];
+            }
+        }
+    }
+    out
 }
