@@ -35,6 +35,22 @@ pub enum Request {
     Stats,
     Rules,
     Reload,
+    /// Adds one rule, given as the YAML of one entry of `rules:`.
+    AddRule {
+        rule: String,
+    },
+    RemoveRule {
+        name: String,
+    },
+}
+
+/// A change to the running rules, carried out by the thread that owns them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Re-read the config file.
+    Reload,
+    AddRule(String),
+    RemoveRule(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,8 +64,8 @@ pub enum Reply {
 
 /// Produces the counters; the daemon's state lives behind it.
 pub type Snapshot = Arc<dyn Fn() -> StatsView + Send + Sync>;
-/// Carries out a reload and says how it went.
-pub type Reloader = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+/// Carries out a change and says how it went.
+pub type Reloader = Arc<dyn Fn(Change) -> Result<String, String> + Send + Sync>;
 
 /// Answers one request.
 pub fn answer(line: &str, snapshot: &Snapshot, reloader: &Reloader) -> Reply {
@@ -58,10 +74,9 @@ pub fn answer(line: &str, snapshot: &Snapshot, reloader: &Reloader) -> Reply {
             version: env!("CARGO_PKG_VERSION").to_owned(),
         },
         Ok(Request::Stats) | Ok(Request::Rules) => Reply::Stats(Box::new(snapshot())),
-        Ok(Request::Reload) => match reloader() {
-            Ok(summary) => Reply::Reloaded(summary),
-            Err(e) => Reply::Error(e),
-        },
+        Ok(Request::Reload) => changed(reloader(Change::Reload)),
+        Ok(Request::AddRule { rule }) => changed(reloader(Change::AddRule(rule))),
+        Ok(Request::RemoveRule { name }) => changed(reloader(Change::RemoveRule(name))),
         Err(e) => Reply::Error(format!("bad request: {e}")),
     }
 }
@@ -70,6 +85,13 @@ pub fn answer(line: &str, snapshot: &Snapshot, reloader: &Reloader) -> Reply {
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
+}
+
+fn changed(result: Result<String, String>) -> Reply {
+    match result {
+        Ok(summary) => Reply::Reloaded(summary),
+        Err(e) => Reply::Error(e),
+    }
 }
 
 /// Binds the control socket. Done first thing at start, so that a second relay with the same
@@ -214,7 +236,10 @@ mod tests {
     }
 
     fn reloader() -> Reloader {
-        Arc::new(|| Err("r.yaml: rule 'x': input interface 'eth9' does not exist".into()))
+        Arc::new(|c| match c {
+            Change::RemoveRule(name) => Ok(format!("removed {name}")),
+            _ => Err("r.yaml: rule 'x': input interface 'eth9' does not exist".into()),
+        })
     }
 
     #[test]
@@ -241,6 +266,14 @@ mod tests {
             answer("{\"cmd\":\"reload\"}", &s, &r),
             Reply::Error("r.yaml: rule 'x': input interface 'eth9' does not exist".into())
         );
+        assert_eq!(
+            answer("{\"cmd\":\"remove-rule\",\"name\":\"a\"}", &s, &r),
+            Reply::Reloaded("removed a".into())
+        );
+        assert!(matches!(
+            answer("{\"cmd\":\"remove-rule\"}", &s, &r),
+            Reply::Error(_)
+        ));
     }
 
     #[test]

@@ -75,6 +75,19 @@ enum ClientCmd {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         control: PathBuf,
     },
+    /// Adds one rule to the running relay: FILE holds one entry of `rules:` in YAML (`-`
+    /// reads standard input). The config file is not changed; a reload forgets the rule.
+    AddRule {
+        file: PathBuf,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control: PathBuf,
+    },
+    /// Removes a rule, by name, from the running relay (until the next reload).
+    RemoveRule {
+        name: String,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control: PathBuf,
+    },
     /// Checks that the relay answers.
     Ping {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
@@ -117,10 +130,20 @@ fn client(cmd: ClientCmd) -> Result<ExitCode> {
         ClientCmd::Rules { json, control } => (Request::Rules, control, json),
         ClientCmd::Ping { control } => (Request::Ping, control, false),
         ClientCmd::Reload { control } => (Request::Reload, control, false),
+        ClientCmd::AddRule { file, control } => {
+            let rule = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            (Request::AddRule { rule }, control, false)
+        }
+        ClientCmd::RemoveRule { name, control } => (Request::RemoveRule { name }, control, false),
     };
     match control::request(&path, &req)? {
         Reply::Pong { version } => println!("relay {version} is running"),
-        Reply::Reloaded(summary) => println!("reloaded: {summary}"),
+        Reply::Reloaded(summary) => println!("done: {summary}"),
         Reply::Stats(view) if json => println!("{}", serde_json::to_string_pretty(&view)?),
         Reply::Stats(view) => print!("{}", view.render_table()),
         Reply::Error(e) => anyhow::bail!("the relay refused the request: {e}"),
@@ -196,14 +219,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
     });
     // Reload requests from the control socket are carried out on this thread, which owns
     // the XDP program and the data path; the control thread waits for the answer.
-    let (reload_tx, reload_rx) = mpsc::channel::<mpsc::SyncSender<Result<String, String>>>();
+    type ChangeRequest = (control::Change, mpsc::SyncSender<Result<String, String>>);
+    let (reload_tx, reload_rx) = mpsc::channel::<ChangeRequest>();
     let reload_tx = Mutex::new(reload_tx);
-    let reloader: control::Reloader = Arc::new(move || {
+    let reloader: control::Reloader = Arc::new(move |change| {
         let (tx, rx) = mpsc::sync_channel(1);
         reload_tx
             .lock()
             .map_err(|_| "the relay is stopping".to_owned())?
-            .send(tx)
+            .send((change, tx))
             .map_err(|_| "the relay is stopping".to_owned())?;
         rx.recv_timeout(Duration::from_secs(30))
             .map_err(|_| "the reload did not finish within 30 s".to_owned())?
@@ -233,11 +257,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Err(e) => error!("SIGHUP: reload refused, the running rules stay: {e:#}"),
             }
         }
-        if let Ok(reply) = reload_rx.recv_timeout(Duration::from_millis(50)) {
-            let result = relay.reload().map_err(|e| format!("{e:#}"));
+        if let Ok((change, reply)) = reload_rx.recv_timeout(Duration::from_millis(50)) {
+            let what = match &change {
+                control::Change::Reload => "reload".to_owned(),
+                control::Change::AddRule(_) => "add-rule".to_owned(),
+                control::Change::RemoveRule(n) => format!("remove-rule {n}"),
+            };
+            let result = relay.change(change).map_err(|e| format!("{e:#}"));
             match &result {
-                Ok(summary) => info!("reload: {summary}"),
-                Err(e) => error!("reload refused, the running rules stay: {e}"),
+                Ok(summary) => info!("{what}: {summary}"),
+                Err(e) => error!("{what} refused, the running rules stay: {e}"),
             }
             let _ = reply.send(result);
         }
@@ -285,8 +314,36 @@ impl Running {
     /// before and after keep flowing: their BPF map entries are replaced in place and the
     /// workers switch tables between two passes.
     fn reload(&mut self) -> Result<String> {
-        let file = self.config_path.display().to_string();
         let new_config = Config::load(&self.config_path)?;
+        self.apply(new_config)
+    }
+
+    /// Carries out a change asked for over the control socket. Rules added or removed this
+    /// way change the running relay only: the file is not rewritten, and the next reload
+    /// goes back to what it says.
+    fn change(&mut self, change: control::Change) -> Result<String> {
+        let mut config = self.config.clone();
+        match change {
+            control::Change::Reload => return self.reload(),
+            control::Change::AddRule(yaml) => {
+                let rule: relay::config::Rule = serde_yaml::from_str(&yaml)
+                    .map_err(|e| anyhow::anyhow!("the rule does not parse: {e}"))?;
+                config.rules.push(rule);
+            }
+            control::Change::RemoveRule(name) => {
+                let before = config.rules.len();
+                config.rules.retain(|r| r.name != name);
+                if config.rules.len() == before {
+                    anyhow::bail!("no rule named '{name}'");
+                }
+            }
+        }
+        self.apply(config)
+    }
+
+    /// Validates `new_config` against the system and switches to its rules.
+    fn apply(&mut self, new_config: Config) -> Result<String> {
+        let file = self.config_path.display().to_string();
         let new = RuleTable::compile(&new_config, &file, &LiveSystem)?;
         let old = self.datapath.table();
         for (what, changed) in [
@@ -332,8 +389,10 @@ impl Running {
             .iter()
             .filter(|r| old.rules.iter().any(|o| o.name == r.name && o != *r))
             .count();
+        // Settings that need a restart keep their running values; the rules are the new ones.
         self.config = Config {
             xdp_mode: new_config.xdp_mode,
+            rules: new_config.rules,
             ..self.config.clone()
         };
         Ok(format!(
