@@ -66,7 +66,10 @@ impl Steering {
     /// Loads the program and fills the rule map. Nothing is attached yet.
     pub fn load(table: &RuleTable) -> Result<Self> {
         raise_memlock();
-        let mut ebpf = Ebpf::load(XDP_OBJECT).context("loading the XDP object")?;
+        let mut ebpf = Ebpf::load(XDP_OBJECT).context(
+            "loading the XDP object (creating its maps needs CAP_BPF, and the XSKMAP \
+             CAP_NET_ADMIN: run as root, or see docs/OPERATIONS.md for the capabilities)",
+        )?;
         let xsks = XskMap::try_from(
             ebpf.take_map(XSK_MAP)
                 .ok_or_else(|| anyhow!("no {XSK_MAP} map"))?,
@@ -81,7 +84,9 @@ impl Steering {
             .program_mut(PROGRAM)
             .ok_or_else(|| anyhow!("no {PROGRAM} program in the object"))?
             .try_into()?;
-        prog.load().context("the kernel refused the XDP program")?;
+        prog.load().context(
+            "the kernel refused the XDP program (loading it needs CAP_BPF and CAP_PERFMON)",
+        )?;
         let mut steering = Self {
             ebpf,
             xsks,
@@ -191,13 +196,15 @@ impl Steering {
         let attempt = |prog: &mut Xdp, m: XdpMode| prog.attach(name.as_c_str(), m);
         let (id, got) = match mode {
             XdpModeConfig::Native => (
-                attempt(prog, XdpMode::Driver)
-                    .with_context(|| format!("attaching XDP to {iface} in native mode"))?,
+                attempt(prog, XdpMode::Driver).with_context(|| {
+                    format!("attaching XDP to {iface} in native mode (needs CAP_NET_ADMIN and driver support)")
+                })?,
                 AttachedMode::Native,
             ),
             XdpModeConfig::Skb => (
-                attempt(prog, XdpMode::Skb)
-                    .with_context(|| format!("attaching XDP to {iface} in skb mode"))?,
+                attempt(prog, XdpMode::Skb).with_context(|| {
+                    format!("attaching XDP to {iface} in skb mode (needs CAP_NET_ADMIN)")
+                })?,
                 AttachedMode::Skb,
             ),
             XdpModeConfig::Auto => match attempt(prog, XdpMode::Driver) {
@@ -205,8 +212,9 @@ impl Steering {
                 Err(e) => {
                     warn!("{iface}: native XDP unavailable ({e}); falling back to skb mode");
                     (
-                        attempt(prog, XdpMode::Skb)
-                            .with_context(|| format!("attaching XDP to {iface}"))?,
+                        attempt(prog, XdpMode::Skb).with_context(|| {
+                            format!("attaching XDP to {iface} (needs CAP_NET_ADMIN)")
+                        })?,
                         AttachedMode::Skb,
                     )
                 }

@@ -49,6 +49,18 @@ impl RelayProc {
     /// Writes `yaml` to a file, starts the relay on it in `ns` with `args`, and waits until it
     /// says it is relaying.
     pub fn start(bin: &Path, ns: &Netns, yaml: &str, args: &[&str]) -> Result<Self> {
+        Self::start_wrapped(bin, ns, yaml, args, &[])
+    }
+
+    /// As [`RelayProc::start`], with `wrapper` (a command and its arguments, such as
+    /// `setpriv ...`) run inside the namespace in front of the relay.
+    pub fn start_wrapped(
+        bin: &Path,
+        ns: &Netns,
+        yaml: &str,
+        args: &[&str],
+        wrapper: &[&str],
+    ) -> Result<Self> {
         let dir = std::env::temp_dir().join(crate::netns::unique_name("relay"));
         fs::create_dir_all(&dir)?;
         let config = dir.join("rules.yaml");
@@ -65,6 +77,7 @@ impl RelayProc {
         let stderr = dir.join("stderr");
         let child = Command::new("ip")
             .args(["netns", "exec", ns.name()])
+            .args(wrapper)
             .arg(bin)
             .arg("--config")
             .arg(&config)

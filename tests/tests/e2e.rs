@@ -724,3 +724,66 @@ fn add_and_remove_rules_at_runtime() {
     assert_eq!(join(rx0).unwrap().len(), 20);
     assert!(relay.stop(Duration::from_secs(3)).unwrap().status.success());
 }
+
+/// The relay runs with CAP_NET_ADMIN, CAP_NET_RAW, CAP_BPF, CAP_PERFMON and CAP_IPC_LOCK
+/// alone (what the systemd unit grants), and without any one of the first four it stops with
+/// one error that names the capability it lacks.
+#[test]
+fn runs_with_only_its_capabilities() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(2).unwrap();
+    let caps = ["net_admin", "net_raw", "bpf", "perfmon", "ipc_lock"];
+    let bounding = |keep: &[&str]| {
+        let mut set = "-all".to_owned();
+        for c in keep {
+            set.push_str(&format!(",+{c}"));
+        }
+        set
+    };
+    let set = bounding(&caps);
+    let relay = RelayProc::start_wrapped(
+        &relay_bin(),
+        &topo.relay,
+        RULES,
+        &[],
+        &["setpriv", "--bounding-set", &set, "--"],
+    )
+    .unwrap();
+    let r0 = &topo.receivers[0];
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(50)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, 50))).unwrap();
+    assert_eq!(
+        join(rx0).unwrap().len(),
+        50,
+        "relays with only these capabilities"
+    );
+    assert!(relay.stop(Duration::from_secs(3)).unwrap().status.success());
+
+    for (missing, named) in [
+        ("net_admin", "CAP_NET_ADMIN"),
+        ("net_raw", "CAP_NET_RAW"),
+        ("bpf", "CAP_BPF"),
+        ("perfmon", "CAP_PERFMON"),
+    ] {
+        let keep: Vec<&str> = caps.iter().copied().filter(|c| *c != missing).collect();
+        let set = bounding(&keep);
+        let err = match RelayProc::start_wrapped(
+            &relay_bin(),
+            &topo.relay,
+            RULES,
+            &[],
+            &["setpriv", "--bounding-set", &set, "--"],
+        ) {
+            Ok(_) => panic!("the relay started without {named}"),
+            Err(e) => format!("{e:#}"),
+        };
+        let errors: Vec<&str> = err.lines().filter(|l| l.contains(" ERROR ")).collect();
+        assert_eq!(errors.len(), 1, "one error line without {named}:\n{err}");
+        assert!(errors[0].contains(named), "without {named}:\n{err}");
+        assert!(
+            !topo.relay_has_xdp().unwrap(),
+            "nothing left attached without {named}"
+        );
+    }
+}

@@ -66,6 +66,10 @@ impl FrameAccount {
     }
 }
 
+fn describe_source(e: &dyn std::error::Error) -> String {
+    e.source().map_or_else(String::new, |s| s.to_string())
+}
+
 /// An ingress socket the XDP program must redirect to: (ifindex, rx queue, socket fd).
 pub type XskBinding = (u32, u32, RawFd);
 
@@ -165,8 +169,23 @@ impl Datapath {
             .build()
             .map_err(|e| anyhow!("UMEM config: {e}"))?;
         let count = NonZeroU32::new(frames).ok_or_else(|| anyhow!("zero frames"))?;
-        let (umem, descs) =
-            Umem::new(umem_config, count, false).context("creating the UMEM (is this root?)")?;
+        let (umem, descs) = Umem::new(umem_config, count, false).map_err(|e| {
+            let why = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .and_then(std::io::Error::raw_os_error);
+            let hint = match why {
+                Some(libc::ENOBUFS) | Some(libc::ENOMEM) => format!(
+                    "the UMEM ({} MiB) is larger than RLIMIT_MEMLOCK allows: give the relay \
+                     CAP_IPC_LOCK, raise the limit (LimitMEMLOCK=infinity), or lower umem.frames",
+                    (frames as u64 * frame_size as u64) >> 20
+                ),
+                Some(libc::EPERM) | Some(libc::EACCES) => {
+                    "AF_XDP sockets need CAP_NET_RAW: run as root".to_owned()
+                }
+                _ => "is AF_XDP (CONFIG_XDP_SOCKETS) available?".to_owned(),
+            };
+            anyhow!("creating the UMEM: {e}: {}; {hint}", describe_source(&e))
+        })?;
         if descs.len() != pool.capacity() {
             return Err(anyhow!(
                 "pool holds {} frames, UMEM {}",
