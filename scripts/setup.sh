@@ -68,4 +68,10 @@ if ! command -v bpf-linker >/dev/null || [ "$(cat "$stamp" 2>/dev/null)" != "$wa
     --force
   echo "$want" >"$stamp"
 fi
-say "ready: $STABLE, $NIGHTLY (+rust-src), bpf-linker $BPF_LINKER_VERSION (LLVM $llvm_major)"
+# --- cargo-deb (the test suite builds and checks the Debian package) -------------------------
+CARGO_DEB_VERSION=3.8.0
+if ! cargo +"$STABLE" deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+  say "installing cargo-deb $CARGO_DEB_VERSION"
+  cargo +"$STABLE" install cargo-deb --version "$CARGO_DEB_VERSION" --locked
+fi
+say "ready: $STABLE, $NIGHTLY (+rust-src, miri), bpf-linker $BPF_LINKER_VERSION (LLVM $llvm_major), cargo-deb $CARGO_DEB_VERSION"

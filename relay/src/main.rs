@@ -31,7 +31,8 @@ use relay::{
 #[command(
     version,
     about = "Multicast UDP relay: steers matching multicast with XDP into AF_XDP sockets and \
-             forwards it, rewritten per output, to the interfaces the rules name"
+             forwards it, rewritten per output, to the interfaces the rules name",
+    after_long_help = AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -94,6 +95,22 @@ enum ClientCmd {
         control: PathBuf,
     },
 }
+
+const AFTER_HELP: &str = "\
+Running:
+  relay --config /etc/relay/rules.yaml --check   validate against this machine, exit 0 if it would run
+  relay --config /etc/relay/rules.yaml           run (as root, or with CAP_NET_ADMIN, CAP_NET_RAW,
+                                                 CAP_BPF, CAP_PERFMON and CAP_IPC_LOCK)
+
+Signals: SIGTERM/SIGINT stop (detach XDP, drain, print counters, exit 0); SIGHUP reloads the file.
+
+Config file (YAML): allocator (lockfree|mutex), umem {frames, frame_size}, xdp_mode
+(auto|native|skb), bind (auto|zerocopy|copy), workers, control (socket path), metrics
+(address for Prometheus), rules: [{name, input {interface, group, port?, source?},
+outputs [{interface, group?, port?, ttl?}]}]. Unknown keys are errors.
+
+Files: /etc/relay/rules.yaml (the packaged config), /run/relay/relay.sock (control socket).
+More: /usr/share/doc/relay/OPERATIONS.md, or docs/OPERATIONS.md in the source.";
 
 static STOP: AtomicBool = AtomicBool::new(false);
 static RELOAD: AtomicBool = AtomicBool::new(false);

@@ -25,6 +25,8 @@ enum Task {
     BuildEbpf,
     /// Build the XDP program and the relay daemon (release).
     Build,
+    /// Build, then the Debian package (target/debian/relay_*.deb).
+    Package,
     /// Run the whole test suite: unit, property and veth-namespace tests (needs root).
     Test {
         /// Extra arguments for `cargo test`, after `--`.
@@ -73,6 +75,14 @@ fn main() -> Result<()> {
             setup(&root)?;
             build_ebpf(&root)?;
             build_relay(&root)
+        }
+        Task::Package => {
+            setup(&root)?;
+            build_ebpf(&root)?;
+            build_relay(&root)?;
+            package(&root)?;
+            println!("{}", deb_path(&root)?.display());
+            Ok(())
         }
         Task::Test { args } => {
             setup(&root)?;
@@ -236,6 +246,24 @@ fn build_ebpf(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Builds the Debian package from the release build.
+fn package(root: &Path) -> Result<()> {
+    run(Command::new("cargo")
+        .current_dir(root)
+        .args(["deb", "-p", "relay", "--no-build"]))
+}
+
+fn deb_path(root: &Path) -> Result<PathBuf> {
+    let dir = target_dir(root).join("debian");
+    std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .ok_or_else(|| anyhow::anyhow!("no .deb in {}", dir.display()))
+}
+
 fn xdp_object(root: &Path) -> PathBuf {
     target_dir(root).join("bpfel-unknown-none/release/relay-xdp")
 }
@@ -256,10 +284,12 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     let mut tally = Tally::default();
     let mut failures = Vec::new();
 
+    package(root)?;
     let mut workspace = Command::new("cargo");
     workspace
         .current_dir(root)
         .env("RELAY_BIN", relay_bin(root))
+        .env("RELAY_DEB", deb_path(root)?)
         .args([
             "test",
             "--workspace",
