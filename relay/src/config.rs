@@ -117,6 +117,8 @@ pub struct InterfaceInfo {
     pub ifindex: u32,
     pub mac: [u8; 6],
     pub rx_queues: u32,
+    /// Largest IP packet the interface sends.
+    pub mtu: u32,
 }
 
 /// The running system, as the checks see it; tests substitute a fixed one.
@@ -312,6 +314,7 @@ pub(crate) mod tests {
                     ifindex: 10 + i as u32,
                     mac: [2, 0, 0, 0, 0, i as u8],
                     rx_queues: 1,
+                    mtu: 1500,
                 },
             );
         }

@@ -25,7 +25,7 @@ pub fn shutdown(
             let eg = &table.egress[out.egress];
             let _ = writeln!(
                 s,
-                "rule={} output={} group={} port={} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={}",
+                "rule={} output={} group={} port={} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={} too_large={} interface_down={}",
                 rule.name,
                 eg.name,
                 out.action.group.unwrap_or(rule.group),
@@ -41,6 +41,8 @@ pub fn shutdown(
                 oc.tx_ring_full,
                 oc.handoff_full,
                 oc.malformed,
+                oc.too_large,
+                oc.interface_down,
             );
         }
     }

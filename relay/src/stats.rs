@@ -102,6 +102,8 @@ impl StatsView {
                             ("tx_ring_full", oc.tx_ring_full),
                             ("handoff_full", oc.handoff_full),
                             ("malformed", oc.malformed),
+                            ("too_large", oc.too_large),
+                            ("interface_down", oc.interface_down),
                         ]
                         .into_iter()
                         .map(|(k, v)| (k.to_owned(), v))

@@ -29,12 +29,43 @@ impl System for LiveSystem {
             })
             .unwrap_or(1)
             .max(1);
+        let mtu = fs::read_to_string(dir.join("mtu"))
+            .ok()
+            .and_then(|m| m.trim().parse().ok())
+            .unwrap_or(1500);
         Some(InterfaceInfo {
             ifindex,
             mac,
             rx_queues,
+            mtu,
         })
     }
+}
+
+/// Whether `iface` can transmit now: administratively up with its link up (operstate `up`,
+/// or `unknown` for interfaces that do not report one). A deleted interface is down.
+pub fn link_up(iface: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/operstate"))
+        .map(|s| matches!(s.trim(), "up" | "unknown"))
+        .unwrap_or(false)
+}
+
+/// The interface's MTU now, if it exists.
+pub fn mtu(iface: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The interface's index now, if it exists.
+pub fn ifindex(iface: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/ifindex"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.

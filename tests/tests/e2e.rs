@@ -787,3 +787,176 @@ fn runs_with_only_its_capabilities() {
         );
     }
 }
+
+/// Reads `relay stats --json` until `done` holds (workers publish every 100 ms), at most 3 s.
+fn stats_until(
+    ctl: &std::path::Path,
+    done: impl Fn(&relay::stats::StatsView) -> bool,
+) -> relay::stats::StatsView {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = std::process::Command::new(relay_bin())
+            .args(["stats", "--json", "--control", ctl.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let v: relay::stats::StatsView = serde_json::from_slice(&out.stdout).unwrap();
+        if done(&v) || std::time::Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An egress that goes down costs only its own output (counted as interface_down) and
+/// resumes when it comes back; frames larger than an egress's MTU are dropped there
+/// (too_large); a reload that names a new input interface attaches to it, and one that drops
+/// it detaches.
+#[test]
+fn egress_faults_and_interfaces_coming_and_going() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(2).unwrap();
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
+    let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
+    let out1 = |v: &relay::stats::StatsView, k: &str| v.rules[0].outputs[1].dropped[k];
+
+    // rout1 down: rout0 keeps flowing, rout1's frames are counted.
+    topo.relay
+        .exec(&["ip", "link", "set", "rout1", "down"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(100)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, 100))).unwrap();
+    assert_eq!(
+        join(rx0).unwrap().len(),
+        100,
+        "the other output keeps flowing"
+    );
+    let v = stats_until(&relay.control, |v| out1(v, "interface_down") == 100);
+    assert_eq!(out1(&v, "interface_down"), 100, "{v:?}");
+    assert_eq!(v.rules[0].outputs[0].sent, 100);
+
+    // Back up: rout1 resumes.
+    topo.relay
+        .exec(&["ip", "link", "set", "rout1", "up"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let rx1 = listen(&r1.ns, G2, 6000, r1.addr, Limits::new(100)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, 100))).unwrap();
+    assert_eq!(
+        join(rx1).unwrap().len(),
+        100,
+        "the output resumes when its link is back"
+    );
+
+    // rout1's MTU below the packets: dropped there as too_large, rout0 unaffected.
+    topo.relay
+        .exec(&["ip", "link", "set", "rout1", "mtu", "576"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(50)).unwrap();
+    let mut big = Flow::new(G1, 5000, 50);
+    big.len = 1000;
+    join(send(&topo.sender, SENDER_ADDR, big)).unwrap();
+    assert_eq!(join(rx0).unwrap().len(), 50);
+    let v = stats_until(&relay.control, |v| out1(v, "too_large") == 50);
+    assert_eq!(out1(&v, "too_large"), 50, "{v:?}");
+
+    // A second input interface arrives with a reload, and goes with the next one.
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        "snd1",
+        "netns",
+        topo.sender.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "rin2",
+        "netns",
+        topo.relay.name(),
+    ])
+    .unwrap();
+    for (ns, ifc, addr) in [
+        (&topo.sender, "snd1", "198.18.9.1/24"),
+        (&topo.relay, "rin2", "198.18.9.2/24"),
+    ] {
+        ns.exec(&["ip", "addr", "add", addr, "dev", ifc]).unwrap();
+        ns.exec(&["ip", "link", "set", ifc, "up"]).unwrap();
+    }
+    topo.sender
+        .exec(&["ethtool", "-K", "snd1", "tx", "off"])
+        .unwrap();
+    let base = std::fs::read_to_string(&relay.config).unwrap();
+    let second = format!(
+        "{base}  - name: second\n    input: {{ interface: rin2, group: 239.7.7.7, port: 5000 }}\n    outputs:\n      - interface: rout0\n"
+    );
+    let reload = || {
+        let out = std::process::Command::new(relay_bin())
+            .args(["reload", "--control", relay.control.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(&relay.config, &second).unwrap();
+    reload();
+    let g7 = Ipv4Addr::new(239, 7, 7, 7);
+    let rx = listen(&r0.ns, g7, 5000, r0.addr, Limits::new(40)).unwrap();
+    join(send(
+        &topo.sender,
+        Ipv4Addr::new(198, 18, 9, 1),
+        Flow::new(g7, 5000, 40),
+    ))
+    .unwrap();
+    assert_eq!(
+        join(rx).unwrap().len(),
+        40,
+        "the new input interface relays"
+    );
+    let links = topo
+        .relay
+        .exec(&["ip", "-d", "link", "show", "rin2"])
+        .unwrap();
+    assert!(links.contains("prog/xdp"), "XDP attached to rin2: {links}");
+
+    std::fs::write(&relay.config, &base).unwrap();
+    reload();
+    let links = topo
+        .relay
+        .exec(&["ip", "-d", "link", "show", "rin2"])
+        .unwrap();
+    assert!(
+        !links.contains("prog/xdp"),
+        "XDP detached from rin2: {links}"
+    );
+    let links = topo
+        .relay
+        .exec(&["ip", "-d", "link", "show", "rin"])
+        .unwrap();
+    assert!(links.contains("prog/xdp"), "still attached to rin: {links}");
+
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    for said in [
+        "rout1: link down",
+        "rout1: link up",
+        "rin2: XDP program attached",
+        "rin2: XDP program detached",
+        "rin2: joined 239.7.7.7",
+        "rin2: left 239.7.7.7",
+    ] {
+        assert!(exit.stderr.contains(said), "{said}\n{}", exit.stderr);
+    }
+    assert_eq!(
+        report_value(&exit.stdout, &["frames"], "leaked"),
+        Some(0),
+        "{}",
+        exit.stdout
+    );
+}

@@ -76,6 +76,7 @@ pub type XskBinding = (u32, u32, RawFd);
 /// A socket the data path has opened, as the main thread remembers it.
 struct PortMeta {
     name: String,
+    ifindex: u32,
     queue: u32,
     owner: usize,
 }
@@ -255,7 +256,7 @@ impl Datapath {
             if let Some(id) = self
                 .ports
                 .iter()
-                .position(|p| p.name == name && p.queue == queue)
+                .position(|p| p.name == name && p.queue == queue && p.ifindex == ifindex)
             {
                 // Already open (perhaps as an egress-only socket): an ingress now needs it in
                 // the XSKMAP.
@@ -281,10 +282,12 @@ impl Datapath {
             }
             self.ports.push(PortMeta {
                 name: name.clone(),
+                ifindex,
                 queue,
                 owner: w,
             });
             self.fds.push(fd);
+            let mtu = crate::sys::mtu(&name).unwrap_or(1500);
             opened.push((
                 w,
                 id,
@@ -301,6 +304,8 @@ impl Datapath {
                     in_fill: 0,
                     in_tx: 0,
                     fill_target: self.fill_target,
+                    down: false,
+                    mtu,
                 },
             ));
         }
@@ -313,19 +318,23 @@ impl Datapath {
 
     /// Makes `table` the current plan (the workers take it up on their next pass).
     fn publish_plan(&mut self, table: RuleTable) -> u64 {
-        let find = |name: &str, queue: u32| {
+        let find = |name: &str, ifindex: u32, queue: u32| {
             self.ports
                 .iter()
-                .position(|p| p.name == name && p.queue == queue)
+                .position(|p| p.name == name && p.queue == queue && p.ifindex == ifindex)
                 .expect("a socket was opened for every interface of the table")
         };
-        let egress_port: Vec<usize> = table.egress.iter().map(|e| find(&e.name, 0)).collect();
+        let egress_port: Vec<usize> = table
+            .egress
+            .iter()
+            .map(|e| find(&e.name, e.info.ifindex, 0))
+            .collect();
         let egress_owner = egress_port.iter().map(|&id| self.ports[id].owner).collect();
         let ingress_ports = table
             .ingress
             .iter()
-            .flat_map(|i| (0..i.info.rx_queues).map(move |q| (i.name.clone(), q)))
-            .map(|(n, q)| find(&n, q))
+            .flat_map(|i| (0..i.info.rx_queues).map(move |q| (i.name.clone(), i.info.ifindex, q)))
+            .map(|(n, ifindex, q)| find(&n, ifindex, q))
             .collect();
         let generation = self.shared.plan_gen.load(Ordering::Acquire) + 1;
         let plan = Arc::new(Plan {

@@ -12,11 +12,21 @@ pub struct OutputCounters {
     /// The worker that transmits on this output had no room to take the frame.
     pub handoff_full: u64,
     pub malformed: u64,
+    /// Larger than the egress interface's MTU.
+    pub too_large: u64,
+    /// The egress interface was down (or gone).
+    pub interface_down: u64,
 }
 
 impl OutputCounters {
     pub fn dropped(&self) -> u64 {
-        self.ttl_expired + self.no_frame + self.tx_ring_full + self.handoff_full + self.malformed
+        self.ttl_expired
+            + self.no_frame
+            + self.tx_ring_full
+            + self.handoff_full
+            + self.malformed
+            + self.too_large
+            + self.interface_down
     }
 
     fn add(&mut self, o: &OutputCounters) {
@@ -27,6 +37,8 @@ impl OutputCounters {
         self.tx_ring_full += o.tx_ring_full;
         self.handoff_full += o.handoff_full;
         self.malformed += o.malformed;
+        self.too_large += o.too_large;
+        self.interface_down += o.interface_down;
     }
 }
 

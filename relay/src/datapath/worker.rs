@@ -163,6 +163,10 @@ pub(super) struct Port {
     /// Frames produced to the TX ring and not yet consumed from the completion ring.
     pub in_tx: usize,
     pub fill_target: usize,
+    /// The interface was down (or gone) when last looked at.
+    pub down: bool,
+    /// Its MTU when last looked at: the largest IP packet it sends.
+    pub mtu: u32,
 }
 
 /// What a worker hands back when it ends.
@@ -283,6 +287,7 @@ impl Worker {
             // lock is taken ten times a second, never per packet.
             if published.elapsed() >= PUBLISH_EVERY {
                 self.publish();
+                self.check_links();
                 published = Instant::now();
             }
         }
@@ -341,6 +346,35 @@ impl Worker {
             }
         }
         moved > 0 || self.ports.iter().any(|p| p.in_tx > 0)
+    }
+
+    /// Notes which egress interfaces are down, so their frames are dropped and counted rather
+    /// than left to fill a TX ring nothing drains.
+    fn check_links(&mut self) {
+        for p in &mut self.ports {
+            // A socket is bound to an ifindex: an interface deleted and created again under
+            // the same name is another device, which only a reload binds to.
+            p.mtu = crate::sys::mtu(&p.name).unwrap_or(p.mtu);
+            let now = crate::sys::ifindex(&p.name);
+            let replaced = now.is_some_and(|i| i != p.ifindex);
+            let down = replaced || !crate::sys::link_up(&p.name);
+            if down != p.down {
+                if replaced {
+                    log::warn!(
+                        "{}: the interface was deleted and created again; `relay reload` binds to the new one (its frames are dropped as interface_down until then)",
+                        p.name
+                    );
+                } else if down {
+                    log::warn!(
+                        "{}: link down; its outputs' frames are dropped (interface_down) until it is back",
+                        p.name
+                    );
+                } else {
+                    log::info!("{}: link up; transmitting again", p.name);
+                }
+                p.down = down;
+            }
+        }
     }
 
     fn publish(&self) {
@@ -557,10 +591,37 @@ impl Worker {
 
     /// Puts staged frames on a port's TX ring and kicks the kernel.
     fn transmit(&mut self, pi: usize) -> usize {
-        let staged = std::mem::take(&mut self.staged[pi]);
-        let tags = std::mem::take(&mut self.staged_tags[pi]);
+        let mut staged = std::mem::take(&mut self.staged[pi]);
+        let mut tags = std::mem::take(&mut self.staged_tags[pi]);
         let mut sent = 0;
-        if !staged.is_empty() {
+        if !staged.is_empty() && self.ports[pi].down {
+            for (desc, tag) in staged.iter().zip(&tags) {
+                if let Some(oc) = self.counters(*tag) {
+                    oc.interface_down += 1;
+                }
+                let f = self.frame_index(desc);
+                self.cache.give(f);
+            }
+        } else if !staged.is_empty() {
+            // Frames too large for the interface's MTU now are dropped here, where the MTU is
+            // current: the kernel would refuse them anyway.
+            let mtu = self.ports[pi].mtu;
+            let mut kept = 0;
+            for k in 0..staged.len() {
+                if ip_len(&self.shared, &staged[k]) <= mtu {
+                    staged[kept] = staged[k];
+                    tags[kept] = tags[k];
+                    kept += 1;
+                } else {
+                    if let Some(oc) = self.counters(tags[k]) {
+                        oc.too_large += 1;
+                    }
+                    let f = self.frame_index(&staged[k]);
+                    self.cache.give(f);
+                }
+            }
+            staged.truncate(kept);
+            tags.truncate(kept);
             let port = &mut self.ports[pi];
             // SAFETY: every staged frame is ours (off an RX ring, out of the pool, or handed
             // over through a lane) and is on no ring.
@@ -644,6 +705,17 @@ impl Worker {
             let _ = port.fq.wakeup(port.rx.fd_mut(), 0);
         }
     }
+}
+
+/// The length of the IP packet in a frame: what must fit the egress MTU. The frame keeps an
+/// 802.1Q tag it arrived with, which does not count.
+fn ip_len(shared: &Shared, desc: &FrameDesc) -> u32 {
+    // SAFETY: the frame is staged, so it is ours and only read here.
+    let data = unsafe { shared.umem.data(desc) }.contents();
+    let tagged = data
+        .get(12..14)
+        .is_some_and(|t| t == [0x81, 0x00] || t == [0x88, 0xa8]);
+    data.len().saturating_sub(if tagged { 18 } else { 14 }) as u32
 }
 
 /// Re-shapes counters kept under `old` to `new`: a rule keeps its counters if the new table
