@@ -57,6 +57,15 @@ impl Watermarks {
         }
     }
 
+    fn snapshot(&self, capacity: usize, free: usize) -> PoolStats {
+        PoolStats {
+            capacity,
+            free,
+            low_water: self.low_water.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+        }
+    }
+
     fn observe(&self, free: usize) {
         // Read first: the common case writes nothing, so the cache line stays shared.
         if free < self.low_water.load(Ordering::Relaxed) {
@@ -183,12 +192,7 @@ impl FramePool for LockFreePool {
     }
 
     fn stats(&self) -> PoolStats {
-        PoolStats {
-            capacity: self.capacity,
-            free: self.free(),
-            low_water: self.marks.low_water.load(Ordering::Relaxed),
-            rejected: self.marks.rejected.load(Ordering::Relaxed),
-        }
+        self.marks.snapshot(self.capacity, self.free())
     }
 }
 
@@ -250,12 +254,7 @@ impl FramePool for MutexPool {
     }
 
     fn stats(&self) -> PoolStats {
-        PoolStats {
-            capacity: self.capacity,
-            free: self.free(),
-            low_water: self.marks.low_water.load(Ordering::Relaxed),
-            rejected: self.marks.rejected.load(Ordering::Relaxed),
-        }
+        self.marks.snapshot(self.capacity, self.free())
     }
 }
 

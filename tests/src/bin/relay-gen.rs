@@ -126,6 +126,49 @@ fn pin(cpu: Option<usize>) {
     }
 }
 
+/// Buffers and the headers sendmmsg/recvmmsg take, pointing at each other. The vectors' heap
+/// storage never moves, so the pointers stay valid for as long as the batch lives.
+struct MsgBatch {
+    bufs: Vec<Vec<u8>>,
+    _iovs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+impl MsgBatch {
+    /// `n` buffers of `size` bytes; every header names `dst` as its address, if given (it
+    /// must outlive the batch).
+    fn new(n: usize, size: usize, dst: Option<&mut libc::sockaddr_in>) -> Self {
+        let mut bufs = vec![vec![0u8; size]; n];
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let dst: *mut libc::sockaddr_in = dst.map_or(std::ptr::null_mut(), |d| d as *mut _);
+        let msgs = iovs
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: mmsghdr is plain data; zero is a valid value for every field.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                if !dst.is_null() {
+                    m.msg_hdr.msg_name = dst.cast();
+                    m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                }
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        Self {
+            bufs,
+            _iovs: iovs,
+            msgs,
+        }
+    }
+}
+
 fn setsockopt<T>(fd: i32, level: i32, name: i32, value: &T) -> Result<()> {
     // SAFETY: `value` is a valid T of the size passed.
     let rc = unsafe {
@@ -180,27 +223,7 @@ fn send(
     dst.sin_port = port.to_be();
     dst.sin_addr.s_addr = u32::from_ne_bytes(group.octets());
 
-    let mut bufs = vec![vec![0u8; size]; batch];
-    let mut iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    let mut msgs: Vec<libc::mmsghdr> = iovs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: mmsghdr is plain data; the pointers set below outlive every use.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_name = (&mut dst as *mut libc::sockaddr_in).cast();
-            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
-
+    let mut io = MsgBatch::new(batch, size, Some(&mut dst));
     let limit = count.unwrap_or(u64::MAX);
     let end = Duration::from_secs_f64(duration);
     let start = Instant::now();
@@ -220,11 +243,11 @@ fn send(
         }
         let n = (batch as u64).min(limit - seq) as usize;
         let t = now_ns();
-        for (i, b) in bufs[..n].iter_mut().enumerate() {
+        for (i, b) in io.bufs[..n].iter_mut().enumerate() {
             stamp(b, flow, seq + i as u64, t);
         }
         // SAFETY: msgs[..n] point at live buffers, iovecs and the destination address.
-        let rc = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), n as u32, 0) };
+        let rc = unsafe { libc::sendmmsg(fd, io.msgs.as_mut_ptr(), n as u32, 0) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             match e.raw_os_error() {
@@ -264,24 +287,7 @@ fn recv(
     eprintln!("ready");
 
     const BATCH: usize = 64;
-    let mut bufs = vec![vec![0u8; 2048]; BATCH];
-    let mut iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    let mut msgs: Vec<libc::mmsghdr> = iovs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: mmsghdr is plain data; the iovec it points at outlives every use.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+    let mut io = MsgBatch::new(BATCH, 2048, None);
     let mut stats = RecvStats::new();
     let start = Instant::now();
     let mut last: Option<Instant> = None;
@@ -292,7 +298,7 @@ fn recv(
         let rc = unsafe {
             libc::recvmmsg(
                 fd,
-                msgs.as_mut_ptr(),
+                io.msgs.as_mut_ptr(),
                 BATCH as u32,
                 libc::MSG_WAITFORONE,
                 std::ptr::null_mut(),
@@ -304,8 +310,8 @@ fn recv(
         let now = now_ns();
         last = Some(Instant::now());
         for k in 0..rc as usize {
-            let len = msgs[k].msg_len as usize;
-            stats.record(&bufs[k][..len], now);
+            let len = io.msgs[k].msg_len as usize;
+            stats.record(&io.bufs[k][..len], now);
         }
     }
     Ok(stats)
