@@ -250,7 +250,17 @@ impl Config {
             if rule.outputs.is_empty() {
                 return Err(err("no outputs".to_owned()));
             }
+            let mut seen_outputs = HashSet::new();
             for out in &rule.outputs {
+                let g = out.group.unwrap_or(input.group);
+                let p = out.port.or(input.port);
+                if !seen_outputs.insert((&out.interface, g, p)) {
+                    return Err(err(format!(
+                        "two outputs send the same group {g} and port {} on '{}'",
+                        p.map_or("(as received)".to_owned(), |p| p.to_string()),
+                        out.interface
+                    )));
+                }
                 if sys.interface(&out.interface).is_none() {
                     return Err(err(format!(
                         "output interface '{}' does not exist",
@@ -414,6 +424,10 @@ rules:
             ),
             (rule(ok_in, "[]"), "r.yaml: rule 'r1': no outputs"),
             (
+                rule(ok_in, "[{interface: out0}, {interface: out0, ttl: 4}]"),
+                "r.yaml: rule 'r1': two outputs send the same group 239.1.1.1 and port 5000 on 'out0'",
+            ),
+            (
                 rule(
                     "{interface: in0, group: 239.1.1.1, source: 239.9.9.9}",
                     ok_out,
@@ -458,33 +472,63 @@ rules:
         }
     }
 
+    /// Files that do not parse, and the exact message each produces (file, key path, value,
+    /// line and column).
     #[test]
     fn parse_errors_carry_position_and_reject_unknown_keys() {
-        let unknown = "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, prot: 5}\n    outputs: [{interface: out0}]\n";
-        let e = Config::parse("r.yaml", unknown).unwrap_err().to_string();
-        assert!(
-            e.starts_with("r.yaml: rules[0].input: unknown field `prot`"),
-            "{e}"
-        );
-        assert!(e.contains("line 3"), "{e}");
-
-        let big_port = "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, port: 70000}\n    outputs: [{interface: out0}]\n";
-        let e = Config::parse("r.yaml", big_port).unwrap_err().to_string();
-        assert!(e.contains("70000") && e.contains("u16"), "{e}");
-
-        let bad_group = "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0}\n    outputs: [{interface: out0}]\n";
-        let e = Config::parse("r.yaml", bad_group).unwrap_err().to_string();
-        assert!(e.contains("invalid IPv4 address syntax"), "{e}");
-
-        let syntax = "rules:\n  - name: [a\n";
-        let e = Config::parse("r.yaml", syntax).unwrap_err().to_string();
-        assert!(e.contains("line") && e.contains("column"), "{e}");
-
-        let alloc = "allocator: spinlock\nrules: []\n";
-        let e = Config::parse("r.yaml", alloc).unwrap_err().to_string();
-        assert!(
-            e.contains("unknown variant `spinlock`") && e.contains("lockfree"),
-            "{e}"
-        );
+        let cases = [
+            (
+                "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, prot: 5}\n    outputs: [{interface: out0}]\n",
+                "r.yaml: rules[0].input: unknown field `prot`, expected one of `interface`, `group`, `port`, `source` at line 3 column 47",
+            ),
+            (
+                "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, port: 70000}\n    outputs: [{interface: out0}]\n",
+                "r.yaml: rules[0].input.port: invalid value: integer `70000`, expected u16 at line 3 column 53",
+            ),
+            (
+                "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0}\n    outputs: [{interface: out0}]\n",
+                "r.yaml: rules[0].input.group: invalid IPv4 address syntax at line 3 column 36",
+            ),
+            (
+                "rules:\n  - name: [a\n",
+                "r.yaml: rules[0].name: invalid type: sequence, expected a string at line 2 column 11",
+            ),
+            (
+                "allocator: spinlock\nrules: []\n",
+                "r.yaml: allocator: unknown variant `spinlock`, expected `lockfree` or `mutex` at line 1 column 12",
+            ),
+            (
+                "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1}\n    outputs: [{interface: out0, ttl: 300}]\n",
+                "r.yaml: rules[0].outputs[0].ttl: invalid value: integer `300`, expected u8 at line 4 column 38",
+            ),
+            (
+                "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1}\n",
+                "r.yaml: rules[0]: missing field `outputs` at line 2 column 5",
+            ),
+            (
+                "rules: 5\n",
+                "r.yaml: rules: invalid type: integer `5`, expected a sequence at line 1 column 8",
+            ),
+            (
+                "umem: {frames: -1}\nrules: []\n",
+                "r.yaml: umem.frames: invalid type: integer `-1`, expected u32 at line 1 column 16",
+            ),
+            (
+                "xdp_mode: fast\nrules: []\n",
+                "r.yaml: xdp_mode: unknown variant `fast`, expected one of `auto`, `native`, `skb` at line 1 column 11",
+            ),
+            (
+                "rules:\n\t- name: a\n",
+                "r.yaml: found character that cannot start any token at line 2 column 1, while scanning for the next token",
+            ),
+            (
+                "rules: [\n",
+                "r.yaml: did not find expected node content at line 2 column 1, while parsing a flow node",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let got = Config::parse("r.yaml", yaml).expect_err(yaml).to_string();
+            assert_eq!(got, want, "for\n{yaml}");
+        }
     }
 }
