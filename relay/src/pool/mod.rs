@@ -160,8 +160,8 @@ impl FramePool for LockFreePool {
     fn take_batch(&self, out: &mut Vec<u32>, n: usize) -> usize {
         let got = self.ring.pop_bulk(out, n);
         // Reading the free count touches the producers' index too, a cache line another core
-        // is writing; sample it on a sixteenth of the takes (and on every short one), which
-        // keeps the low-water mark honest without that cost on every take.
+        // is writing; sample it on a sixteenth of the small takes (and on every short or large
+        // one), which keeps the low-water mark honest without that cost on every take.
         thread_local! {
             static TAKES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
         }
@@ -170,7 +170,7 @@ impl FramePool for LockFreePool {
             t.set(v);
             v
         });
-        if got < n || tick.is_multiple_of(16) {
+        if got < n || n >= 16 || tick.is_multiple_of(16) {
             self.marks.observe(self.ring.len());
         }
         got
@@ -301,6 +301,11 @@ mod tests {
             assert_eq!(pool.free(), 64);
             let s = pool.stats();
             assert_eq!((s.low_water, s.rejected, s.in_flight()), (0, 0, 0));
+            // A large take is always seen by the low-water mark.
+            let fresh = new_pool(pool.kind(), 64);
+            let mut held = Vec::new();
+            fresh.take_batch(&mut held, 40);
+            assert_eq!(fresh.stats().low_water, 24, "{:?}", pool.kind());
         });
     }
 
