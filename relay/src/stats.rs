@@ -200,11 +200,22 @@ impl StatsView {
                 let _ = writeln!(s, "{name}{labels} {v}");
             }
         };
-        let rl = |r: &RuleView| format!("{{rule=\"{}\"}}", escape(&r.name));
+        // `interface` is the interface the counted frames cross: the input's for a rule, the
+        // output's for an output; `output` names an output within its rule.
+        let rl = |r: &RuleView| {
+            format!(
+                "{{rule=\"{}\",interface=\"{}\"}}",
+                escape(&r.name),
+                escape(r.input.split(' ').next().unwrap_or(""))
+            )
+        };
         let ol = |r: &RuleView, o: &OutputView| {
             format!(
-                "rule=\"{}\",output=\"{}\",group=\"{}\"",
+                "rule=\"{}\",output=\"{} {}:{}\",interface=\"{}\",group=\"{}\"",
                 escape(&r.name),
+                escape(&o.interface),
+                o.group,
+                o.port,
                 escape(&o.interface),
                 o.group
             )
@@ -357,14 +368,14 @@ mod tests {
     fn prometheus_names_labels_and_escapes() {
         let p = view().render_prometheus();
         assert!(
-            p.contains("relay_rule_received_packets_total{rule=\"v\\\"a\"} 10"),
+            p.contains("relay_rule_received_packets_total{rule=\"v\\\"a\",interface=\"in0\"} 10"),
             "{p}"
         );
         assert!(p.contains(
-            "relay_output_sent_packets_total{rule=\"v\\\"a\",output=\"out1\",group=\"239.2.2.2\"} 10"
+            "relay_output_sent_packets_total{rule=\"v\\\"a\",output=\"out1 239.2.2.2:6000\",interface=\"out1\",group=\"239.2.2.2\"} 10"
         ), "{p}");
         assert!(p.contains(
-            "relay_output_dropped_packets_total{rule=\"v\\\"a\",output=\"out0\",group=\"239.1.1.1\",reason=\"ttl_expired\"} 1"
+            "relay_output_dropped_packets_total{rule=\"v\\\"a\",output=\"out0 239.1.1.1:5000\",interface=\"out0\",group=\"239.1.1.1\",reason=\"ttl_expired\"} 1"
         ), "{p}");
         assert!(
             p.contains("relay_xdp_packets_total{counter=\"seen\"} 12"),

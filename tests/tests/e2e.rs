@@ -519,12 +519,12 @@ fn stats_ping_and_metrics_while_running() {
     assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
     assert!(
         body.contains(&format!(
-            "relay_output_sent_packets_total{{rule=\"video-a\",output=\"rout1\",group=\"239.2.2.2\"}} {N}"
+            "relay_output_sent_packets_total{{rule=\"video-a\",output=\"rout1 239.2.2.2:6000\",interface=\"rout1\",group=\"239.2.2.2\"}} {N}"
         )),
         "{body}"
     );
     assert!(body.contains(&format!(
-        "relay_rule_received_packets_total{{rule=\"video-a\"}} {N}"
+        "relay_rule_received_packets_total{{rule=\"video-a\",interface=\"rin\"}} {N}"
     )));
 
     let exit = relay.stop(Duration::from_secs(3)).unwrap();
