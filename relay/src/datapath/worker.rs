@@ -193,6 +193,7 @@ pub(super) struct Worker {
     /// Workers this one handed frames to during the current pass.
     to_wake: Vec<bool>,
     rx_buf: Vec<FrameDesc>,
+    comp_buf: Vec<FrameDesc>,
     take_buf: Vec<u32>,
     desc_buf: Vec<FrameDesc>,
 }
@@ -223,6 +224,7 @@ impl Worker {
             staged_tags: vec![Vec::with_capacity(BATCH * 4); n],
             to_wake: vec![false; workers],
             rx_buf: vec![FrameDesc::default(); BATCH],
+            comp_buf: vec![FrameDesc::default(); RING_SIZE as usize],
             take_buf: Vec::with_capacity(RING_SIZE as usize),
             desc_buf: Vec::with_capacity(RING_SIZE as usize),
         };
@@ -664,14 +666,14 @@ impl Worker {
         if port.in_tx == 0 {
             return 0;
         }
-        self.desc_buf.clear();
-        self.desc_buf
-            .resize(port.in_tx.min(RING_SIZE as usize), FrameDesc::default());
+        // A buffer of RING_SIZE descriptors made once: consume() overwrites what it fills, so
+        // nothing needs resetting between passes.
+        let want = port.in_tx.min(self.comp_buf.len());
         // SAFETY: the completion ring hands back frames the kernel has finished sending.
-        let n = unsafe { port.cq.consume(&mut self.desc_buf) };
+        let n = unsafe { port.cq.consume(&mut self.comp_buf[..want]) };
         port.in_tx -= n;
         for k in 0..n {
-            let f = (self.desc_buf[k].addr() / self.shared.frame_size) as u32;
+            let f = (self.comp_buf[k].addr() / self.shared.frame_size) as u32;
             self.cache.give(f);
         }
         n
