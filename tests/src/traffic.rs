@@ -80,18 +80,31 @@ fn set_multicast_if(sock: &UdpSocket, addr: Ipv4Addr) -> Result<()> {
     let a = libc::in_addr {
         s_addr: u32::from_ne_bytes(addr.octets()),
     };
-    // SAFETY: a valid socket and a properly sized in_addr.
+    setsockopt(
+        sock.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_MULTICAST_IF,
+        &a,
+    )
+}
+
+/// setsockopt(2) with a typed value.
+pub fn setsockopt<T>(fd: i32, level: i32, name: i32, value: &T) -> Result<()> {
+    // SAFETY: `value` is a valid T of the size passed.
     let rc = unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MULTICAST_IF,
-            (&a as *const libc::in_addr).cast(),
-            std::mem::size_of::<libc::in_addr>() as libc::socklen_t,
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc != 0 {
-        bail!("IP_MULTICAST_IF: {}", std::io::Error::last_os_error());
+        bail!(
+            "setsockopt({level}, {name}): {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -192,16 +205,7 @@ pub fn capture(
             tv_sec: 0,
             tv_usec: 50_000,
         };
-        // SAFETY: a valid socket and a properly sized timeval.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
+        setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
         let _ = ready_tx.send(());
         let mut got = Vec::new();
         let mut buf = vec![0u8; 65536];

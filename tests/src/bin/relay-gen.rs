@@ -17,6 +17,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use relay_tests::loadgen::{HEADER, RecvStats, SendSummary, due, now_ns, stamp};
+use relay_tests::traffic::setsockopt;
 
 #[derive(Parser)]
 #[command(about = "multicast UDP generator and receiver with loss and latency accounting")]
@@ -167,26 +168,6 @@ impl MsgBatch {
             msgs,
         }
     }
-}
-
-fn setsockopt<T>(fd: i32, level: i32, name: i32, value: &T) -> Result<()> {
-    // SAFETY: `value` is a valid T of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "setsockopt({level}, {name}): {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
