@@ -107,14 +107,16 @@ pub fn bind(path: &Path) -> Result<ControlSocket> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         if Some(dir) == Path::new(DEFAULT_SOCKET).parent() {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("making {} root-only", dir.display()))?;
         }
     }
     // A socket file nobody answers on is left over from a relay that died.
     let _ = std::fs::remove_file(path);
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} root-only", path.display()))?;
     Ok(ControlSocket {
         listener,
         path: path.to_path_buf(),

@@ -189,10 +189,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        warn!(
-            "not running as root: loading XDP and binding AF_XDP need CAP_NET_ADMIN, CAP_BPF and CAP_NET_RAW"
+    let missing = relay::sys::missing_capabilities();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "the relay lacks {}: run it as root (sudo), or as the relay.service unit, which \
+             grants CAP_NET_ADMIN, CAP_NET_RAW, CAP_BPF, CAP_PERFMON and CAP_IPC_LOCK",
+            missing.join(", ")
         );
     }
 

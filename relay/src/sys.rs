@@ -50,6 +50,29 @@ pub fn link_up(iface: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The capabilities the relay cannot run without, each with its bit in the capability sets.
+pub const REQUIRED_CAPS: [(&str, u32); 4] = [
+    ("CAP_NET_ADMIN", 12),
+    ("CAP_NET_RAW", 13),
+    ("CAP_PERFMON", 38),
+    ("CAP_BPF", 39),
+];
+
+/// Which of [`REQUIRED_CAPS`] this process lacks in its effective set (none for root).
+pub fn missing_capabilities() -> Vec<&'static str> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    REQUIRED_CAPS
+        .iter()
+        .filter(|(_, bit)| eff & (1 << bit) == 0)
+        .map(|(name, _)| *name)
+        .collect()
+}
+
 /// The interface's MTU now, if it exists.
 pub fn mtu(iface: &str) -> Option<u32> {
     std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))

@@ -786,6 +786,32 @@ fn runs_with_only_its_capabilities() {
             "nothing left attached without {named}"
         );
     }
+
+    // Not root at all: one line that says what to do.
+    let err = match RelayProc::start_wrapped(
+        &relay_bin(),
+        &topo.relay,
+        RULES,
+        &[],
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+        ],
+    ) {
+        Ok(_) => panic!("the relay started as nobody"),
+        Err(e) => format!("{e:#}"),
+    };
+    let errors: Vec<&str> = err.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains(
+            "the relay lacks CAP_NET_ADMIN, CAP_NET_RAW, CAP_PERFMON, CAP_BPF: run it as root"
+        ),
+        "{err}"
+    );
 }
 
 /// Reads `relay stats --json` until `done` holds (workers publish every 100 ms), at most 3 s.
@@ -959,4 +985,49 @@ fn egress_faults_and_interfaces_coming_and_going() {
         "{}",
         exit.stdout
     );
+}
+
+/// One rule with 64 outputs on 64 veth interfaces — twice what kernel multicast routing can
+/// take (MAXVIFS is 32) — delivers every packet to every receiver.
+#[test]
+fn fans_out_to_64_interfaces() {
+    require_root();
+    let _serial = serial();
+    const OUTPUTS: usize = 64;
+    const N: u64 = 200;
+    let topo = Topology::new(OUTPUTS).unwrap();
+    let mut yaml = String::from(
+        "umem: { frames: 16384 }\nrules:\n  - name: wide\n    input: { interface: rin, group: 239.1.1.1, port: 5000 }\n    outputs:\n",
+    );
+    for i in 0..OUTPUTS {
+        yaml.push_str(&format!("      - interface: rout{i}\n"));
+    }
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, &yaml, &[]).unwrap();
+    let rxs: Vec<_> = topo
+        .receivers
+        .iter()
+        .map(|r| listen(&r.ns, G1, 5000, r.addr, Limits::new(N)).unwrap())
+        .collect();
+    let mut flow = Flow::new(G1, 5000, N);
+    // 64 copies of every packet: keep the offered rate well inside what one CPU transmits.
+    flow.burst = 4;
+    flow.pause = Duration::from_millis(2);
+    join(send(&topo.sender, SENDER_ADDR, flow)).unwrap();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let got = seqs(&join(rx).unwrap());
+        assert_eq!(got.len() as u64, N, "receiver {i} got {} of {N}", got.len());
+    }
+    let exit = relay.stop(Duration::from_secs(5)).unwrap();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    assert_eq!(
+        report_value(&exit.stdout, &["rule=wide"], "received"),
+        Some(N)
+    );
+    assert_eq!(
+        report_value(&exit.stdout, &["output=rout63"], "sent"),
+        Some(N),
+        "{}",
+        exit.stdout
+    );
+    assert_eq!(report_value(&exit.stdout, &["frames"], "leaked"), Some(0));
 }
