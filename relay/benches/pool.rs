@@ -113,6 +113,14 @@ fn source(pool: &Arc<dyn FramePool>, cached: bool) -> Box<dyn Source + Send> {
     }
 }
 
+fn label(name: &str, cached: bool) -> String {
+    if cached {
+        format!("{name}+cache")
+    } else {
+        name.to_owned()
+    }
+}
+
 fn single_thread(c: &mut Criterion) {
     let mut g = c.benchmark_group("single_thread");
     g.measurement_time(Duration::from_secs(2))
@@ -121,11 +129,7 @@ fn single_thread(c: &mut Criterion) {
         g.throughput(Throughput::Elements(batch as u64));
         for (name, pool) in pools() {
             for cached in [false, true] {
-                let label = if cached {
-                    format!("{name}+cache")
-                } else {
-                    name.to_owned()
-                };
+                let label = label(name, cached);
                 let mut src = source(&pool, cached);
                 let mut buf = Vec::with_capacity(batch);
                 g.bench_function(BenchmarkId::new(label, batch), |b| {
@@ -154,11 +158,7 @@ fn cross_thread(c: &mut Criterion) {
         g.throughput(Throughput::Elements(1));
         for (name, pool) in pools() {
             for cached in [false, true] {
-                let label = if cached {
-                    format!("{name}+cache")
-                } else {
-                    name.to_owned()
-                };
+                let label = label(name, cached);
                 g.bench_function(BenchmarkId::new(label, batch), |b| {
                     b.iter_custom(|iters| run_cross(&pool, cached, batch, iters, cpus))
                 });

@@ -124,6 +124,20 @@ fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr_storage {
     ss
 }
 
+/// setsockopt(IPPROTO_IP, `name`) with a typed value; the raw return code.
+fn set_ip_opt<T>(sock: &OwnedFd, name: i32, value: &T) -> i32 {
+    // SAFETY: a valid socket and a fully initialised T of the size passed.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    }
+}
+
 fn join_one((name, ifindex, group, source): &Membership) -> Result<OwnedFd> {
     // SAFETY: socket(2); the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -136,39 +150,23 @@ fn join_one((name, ifindex, group, source): &Membership) -> Result<OwnedFd> {
     // SAFETY: a fresh descriptor nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let rc = match source {
-        None => {
-            let req = libc::group_req {
+        None => set_ip_opt(
+            &sock,
+            libc::MCAST_JOIN_GROUP,
+            &libc::group_req {
                 gr_interface: *ifindex,
                 gr_group: sockaddr(*group),
-            };
-            // SAFETY: a valid socket and a fully initialised group_req of the size passed.
-            unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::IPPROTO_IP,
-                    libc::MCAST_JOIN_GROUP,
-                    (&req as *const libc::group_req).cast(),
-                    std::mem::size_of::<libc::group_req>() as libc::socklen_t,
-                )
-            }
-        }
-        Some(src) => {
-            let req = libc::group_source_req {
+            },
+        ),
+        Some(src) => set_ip_opt(
+            &sock,
+            libc::MCAST_JOIN_SOURCE_GROUP,
+            &libc::group_source_req {
                 gsr_interface: *ifindex,
                 gsr_group: sockaddr(*group),
                 gsr_source: sockaddr(*src),
-            };
-            // SAFETY: as above, with a group_source_req.
-            unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::IPPROTO_IP,
-                    libc::MCAST_JOIN_SOURCE_GROUP,
-                    (&req as *const libc::group_source_req).cast(),
-                    std::mem::size_of::<libc::group_source_req>() as libc::socklen_t,
-                )
-            }
-        }
+            },
+        ),
     };
     if rc != 0 {
         bail!(

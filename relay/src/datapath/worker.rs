@@ -194,6 +194,7 @@ pub(super) struct Worker {
     to_wake: Vec<bool>,
     rx_buf: Vec<FrameDesc>,
     comp_buf: Vec<FrameDesc>,
+    poll_fds: Vec<libc::pollfd>,
     take_buf: Vec<u32>,
     desc_buf: Vec<FrameDesc>,
 }
@@ -225,10 +226,12 @@ impl Worker {
             to_wake: vec![false; workers],
             rx_buf: vec![FrameDesc::default(); BATCH],
             comp_buf: vec![FrameDesc::default(); RING_SIZE as usize],
+            poll_fds: Vec::new(),
             take_buf: Vec::with_capacity(RING_SIZE as usize),
             desc_buf: Vec::with_capacity(RING_SIZE as usize),
         };
         w.local_egress = w.map_egress();
+        w.poll_fds = w.poll_set();
         w.shared.adopted[id].store(w.plan.generation, Ordering::Release);
         for i in 0..n {
             w.refill(i);
@@ -273,6 +276,7 @@ impl Worker {
         self.stats = remap(&self.plan, &self.stats, &plan);
         self.plan = plan;
         self.local_egress = self.map_egress();
+        self.poll_fds = self.poll_set();
         self.publish();
         self.shared.adopted[self.id].store(self.plan.generation, Ordering::Release);
     }
@@ -407,24 +411,31 @@ impl Worker {
             .any(|&g| self.shared.lanes[g].get().is_some_and(|l| !l.is_empty()));
         let new_plan = self.shared.plan_gen.load(Ordering::Acquire) != self.plan.generation;
         if !pending && !new_plan && self.shared.phase.load(Ordering::Relaxed) == RUN {
-            let mut fds: Vec<libc::pollfd> = self
-                .ports
-                .iter()
-                .filter(|p| p.ingress)
-                .map(|p| p.rx.fd().as_raw_fd())
-                .chain(std::iter::once(waker.event.as_raw_fd()))
-                .map(|fd| libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .collect();
+            let fds = &mut self.poll_fds;
             // SAFETY: `fds` is a valid array of initialised pollfd for the duration of the
             // call. EINTR (a stop signal) simply ends the wait.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, IDLE_POLL_MS) };
         }
         waker.sleeping.store(false, Ordering::Relaxed);
         waker.clear();
+    }
+
+    /// What an idle worker waits on: its ingress sockets and its eventfd. Built when its
+    /// sockets change, not on every wait.
+    fn poll_set(&self) -> Vec<libc::pollfd> {
+        self.ports
+            .iter()
+            .filter(|p| p.ingress)
+            .map(|p| p.rx.fd().as_raw_fd())
+            .chain(std::iter::once(
+                self.shared.wakers[self.id].event.as_raw_fd(),
+            ))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect()
     }
 
     fn frame_index(&self, desc: &FrameDesc) -> u32 {
@@ -455,9 +466,9 @@ impl Worker {
         let frame_no = self.frame_index(&desc);
         // SAFETY: the frame came off the RX ring, so neither the kernel nor another descriptor
         // refers to it until we hand it on.
-        let len = unsafe { shared.umem.data(&desc) }.contents().len();
-        // SAFETY: as above.
-        let Some(flow) = classify(unsafe { shared.umem.data(&desc) }.contents()) else {
+        let bytes = unsafe { shared.umem.data(&desc) }.contents();
+        let len = bytes.len();
+        let Some(flow) = classify(bytes) else {
             self.stats.malformed += 1;
             self.cache.give(frame_no);
             return;
@@ -472,6 +483,11 @@ impl Worker {
         rc.packets += 1;
         rc.bytes += len as u64;
         let last = rule.outputs.len() - 1;
+        let tag = |output: usize| Tag {
+            rule: rule_id,
+            output: output as u16,
+            plan: plan.generation as u16,
+        };
 
         for (oi, out) in rule.outputs.iter().enumerate().take(last) {
             let Some(copy_no) = self.cache.take() else {
@@ -491,18 +507,7 @@ impl Worker {
                     .expect("a frame's data fits in any frame");
                 rewrite(dst.contents_mut(), &flow, &out.action)
             };
-            let tag = Tag {
-                rule: rule_id,
-                output: oi as u16,
-                plan: plan.generation as u16,
-            };
-            match result {
-                Ok(()) => self.dispatch(out.egress, copy, tag),
-                Err(e) => {
-                    self.count_rewrite_error(tag, e);
-                    self.cache.give(copy_no);
-                }
-            }
+            self.settle(out.egress, copy, tag(oi), result);
         }
 
         let out = &rule.outputs[last];
@@ -514,16 +519,24 @@ impl Worker {
                 &out.action,
             )
         };
-        let tag = Tag {
-            rule: rule_id,
-            output: last as u16,
-            plan: plan.generation as u16,
-        };
+        self.settle(out.egress, desc, tag(last), result);
+    }
+
+    /// Sends a rewritten frame on its way, or, if the rewrite refused it, counts why and
+    /// returns the frame to the pool.
+    fn settle(
+        &mut self,
+        egress: usize,
+        desc: FrameDesc,
+        tag: Tag,
+        result: Result<(), RewriteError>,
+    ) {
         match result {
-            Ok(()) => self.dispatch(out.egress, desc, tag),
+            Ok(()) => self.dispatch(egress, desc, tag),
             Err(e) => {
                 self.count_rewrite_error(tag, e);
-                self.cache.give(frame_no);
+                let f = self.frame_index(&desc);
+                self.cache.give(f);
             }
         }
     }
