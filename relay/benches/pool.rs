@@ -168,14 +168,6 @@ fn cross_thread(c: &mut Criterion) {
     g.finish();
 }
 
-/// A batch on its way from the taking thread to the giving one: fixed size, so the hand-off
-/// allocates nothing and costs one queue operation per batch.
-#[derive(Clone, Copy)]
-struct Batch {
-    n: usize,
-    frames: [u32; 64],
-}
-
 /// Busy-waits without PAUSE: under KVM, a vCPU that executes PAUSE in a loop is taken off the
 /// CPU by pause-loop exiting, which turns a cross-core hand-off into tens of microseconds and
 /// measures the hypervisor instead of the pool.
@@ -204,25 +196,32 @@ fn run_cross(
     iters: u64,
     cpus: usize,
 ) -> Duration {
-    // Short, so at most a few batches are in flight and the pool stays well stocked, as a
-    // relay's pool is: the threads meet in the pool, not at an empty one.
-    let handoff = Arc::new(ArrayQueue::<Batch>::new(8));
+    // The frames travel as they do in the relay: through a single-producer single-consumer
+    // ring of frame numbers, as the TX and completion rings carry them, so the hand-off costs
+    // a shared index update per batch and the pools are what differs between rows. Short, so
+    // at most 256 frames are in flight and the pool stays well stocked, as a relay's pool is:
+    // the threads meet in the pool, not at an empty one.
+    let (mut to_giver, mut from_taker) = rtrb::RingBuffer::<u32>::new(256);
     let barrier = Arc::new(Barrier::new(2));
     pin(0);
     let giver = {
-        let (handoff, barrier, mut src) = (handoff.clone(), barrier.clone(), source(pool, cached));
+        let (barrier, mut src) = (barrier.clone(), source(pool, cached));
         std::thread::spawn(move || {
             pin(1 % cpus);
             barrier.wait();
             let mut returned = 0u64;
             while returned < iters {
-                match handoff.pop() {
-                    Some(b) => {
-                        returned += b.n as u64;
-                        src.give_batch(&b.frames[..b.n]);
-                    }
-                    None => wait_a_moment(),
+                let ready = from_taker.slots().min(64);
+                if ready == 0 {
+                    wait_a_moment();
+                    continue;
                 }
+                let chunk = from_taker.read_chunk(ready).expect("slots() said so");
+                let (a, b) = chunk.as_slices();
+                src.give_batch(a);
+                src.give_batch(b);
+                chunk.commit_all();
+                returned += ready as u64;
             }
         })
     };
@@ -240,12 +239,16 @@ fn run_cross(
             continue;
         }
         taken += n as u64;
-        let mut b = Batch { n, frames: [0; 64] };
-        b.frames[..n].copy_from_slice(&buf);
-        while let Err(back) = handoff.push(b) {
-            b = back;
+        while to_giver.slots() < n {
             wait_a_moment();
         }
+        let mut chunk = to_giver.write_chunk_uninit(n).expect("slots() said so");
+        let (a, b) = chunk.as_mut_slices();
+        for (slot, &f) in a.iter_mut().chain(b.iter_mut()).zip(&buf) {
+            slot.write(f);
+        }
+        // SAFETY: the loop above initialised all n slots of the chunk.
+        unsafe { chunk.commit_all() };
     }
     giver.join().unwrap();
     let elapsed = start.elapsed();

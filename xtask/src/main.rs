@@ -12,6 +12,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod pool_bench;
+
 #[derive(Parser)]
 #[command(about = "relay's developer tasks")]
 struct Cli {
@@ -32,6 +34,16 @@ enum Task {
         /// Extra arguments for `cargo test`, after `--`.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run the frame pool benchmark (criterion) several times and write the median tables into
+    /// docs/PERFORMANCE.md (takes a few minutes per run; no root needed).
+    BenchPool {
+        /// Runs; the tables show the median with the range.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Print the tables without touching docs/PERFORMANCE.md.
+        #[arg(long)]
+        no_write: bool,
     },
     /// Build, then relay multicast on a throw-away veth topology and print what happened.
     Demo {
@@ -128,6 +140,21 @@ fn main() -> Result<()> {
             println!("{section}");
             if !no_write {
                 write_section(&root.join("docs/PERFORMANCE.md"), "bench", &section)?;
+            }
+            Ok(())
+        }
+        Task::BenchPool { repeats, no_write } => {
+            setup(&root)?;
+            build_ebpf(&root)?;
+            let tables = pool_bench::run(&root, &target_dir(&root), repeats)?;
+            let section = format!(
+                "{tables}\nMeasured {} with `cargo xtask bench-pool --repeats {repeats}` on {}.\n",
+                now_utc()?,
+                machine()?
+            );
+            println!("{section}");
+            if !no_write {
+                write_section(&root.join("docs/PERFORMANCE.md"), "pool", &section)?;
             }
             Ok(())
         }

@@ -6,28 +6,20 @@ pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// An `UnsafeCell` with loom's closure-based access API, so one body of code serves both.
+/// Loom's `UnsafeCell` checks every access in the model; natively a transparent wrapper whose
+/// layout is the value's, so spans of cells can be copied as plain memory.
 #[cfg(loom)]
 pub(crate) use loom::cell::UnsafeCell;
 
 #[cfg(not(loom))]
 #[derive(Debug)]
+#[repr(transparent)]
 pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
 
 #[cfg(not(loom))]
 impl<T> UnsafeCell<T> {
     pub(crate) fn new(v: T) -> Self {
         Self(std::cell::UnsafeCell::new(v))
-    }
-
-    #[inline(always)]
-    pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
-        f(self.0.get())
-    }
-
-    #[inline(always)]
-    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
-        f(self.0.get())
     }
 }
 
