@@ -27,18 +27,21 @@ pub const MAX_RULE_KEYS: u32 = 65536;
 
 /// Lookup key of the rule map.
 ///
-/// A rule with no source stores `source = 0`; one with no port stores `port = 0` (UDP port 0 is
-/// not a valid destination, so it cannot collide with a real one). The XDP program looks up the
-/// exact (S,G,port) key first, then (S,G,*), (*,G,port) and (*,G,*).
+/// Addresses are 16 bytes: IPv6 as it is, IPv4 as an IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`, RFC 4291), so one map serves both families and no IPv4 key can equal an
+/// IPv6 one. A rule with no source stores an all-zero source; one with no port stores
+/// `port = 0` (UDP port 0 is not a valid destination, so it cannot collide with a real one).
+/// The XDP program looks up the exact (S,G,port) key first, then (S,G,*), (*,G,port) and
+/// (*,G,*).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct RuleKey {
     /// Ingress interface index.
     pub ifindex: u32,
-    /// Destination group, network byte order (the four bytes as on the wire).
-    pub group: [u8; 4],
-    /// Source address, network byte order; all zero for any source.
-    pub source: [u8; 4],
+    /// Destination group, network byte order (the bytes as on the wire, IPv4 mapped).
+    pub group: [u8; 16],
+    /// Source address, network byte order (IPv4 mapped); all zero for any source.
+    pub source: [u8; 16],
     /// Destination UDP port, network byte order; zero for any port.
     pub port: [u8; 2],
     /// Always zero: keeps the struct free of uninitialised padding, which a BPF hash key must
@@ -46,9 +49,16 @@ pub struct RuleKey {
     pub pad: [u8; 2],
 }
 
+/// The IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) of an IPv4 address, as the rule keys hold it.
+pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
 impl RuleKey {
     /// A key from host-order fields, as the daemon builds it from the YAML.
-    pub const fn new(ifindex: u32, group: [u8; 4], source: [u8; 4], port: u16) -> Self {
+    pub const fn new(ifindex: u32, group: [u8; 16], source: [u8; 16], port: u16) -> Self {
         Self {
             ifindex,
             group,

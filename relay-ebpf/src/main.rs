@@ -1,7 +1,7 @@
 //! The relay's XDP program.
 //!
-//! Runs on every frame that arrives on an ingress interface. Multicast IPv4 UDP that matches a
-//! rule is redirected into the AF_XDP socket bound to the frame's rx queue; every other frame
+//! Runs on every frame that arrives on an ingress interface. Multicast UDP (IPv4 or IPv6) that
+//! matches a rule is redirected into the AF_XDP socket bound to the frame's rx queue; every other frame
 //! is passed to the kernel untouched. The program never modifies a frame: rewriting happens in
 //! userspace, per output.
 #![no_std]
@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use relay_common::{
     MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS, RuleKey, RuleValue, XSK_MAP_SIZE,
-    XdpCounter,
+    XdpCounter, v4_mapped,
 };
 
 #[map(name = "XSKS")]
@@ -33,6 +33,16 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XdpCounter::CO
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPV6_HLEN: usize = 40;
+/// IPv6 extension headers the program steps over (hop-by-hop, routing, destination options);
+/// a fragment header (44) or anything else ends the walk and the frame is passed.
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_DEST: u8 = 60;
+/// At most this many extension headers before UDP; more are passed to the kernel. The same
+/// bound as the daemon's parser (relay::wire::IPV6_MAX_EXT_HEADERS).
+const IPV6_MAX_EXT_HEADERS: usize = 4;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_UDP: u8 = 17;
@@ -109,8 +119,8 @@ fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> 
     Some(unsafe { core::ptr::read_unaligned((start + offset) as *const [u8; N]) })
 }
 
-/// Parses Ethernet (one optional VLAN tag), IPv4 and UDP, and looks the frame up in the rule
-/// map. `None` for anything that is not an unfragmented IPv4 UDP multicast frame of a rule.
+/// Parses Ethernet (one optional VLAN tag), IPv4 or IPv6 and UDP, and looks the frame up in
+/// the rule map. `None` for anything that is not an unfragmented UDP multicast frame of a rule.
 #[inline(always)]
 fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     let mut l3 = ETH_HLEN;
@@ -119,31 +129,12 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
         ethertype = u16::from_be_bytes(bytes_at::<2>(ctx, ETH_HLEN + 2)?);
         l3 += VLAN_HLEN;
     }
-    if ethertype != ETH_P_IP {
-        return None;
-    }
-    // Version/IHL .. TTL/protocol: the first 10 bytes, then the addresses at 12..20.
-    let head = bytes_at::<10>(ctx, l3)?;
-    if head[0] >> 4 != 4 {
-        return None;
-    }
-    let ihl = ((head[0] & 0x0f) as usize) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    // More-fragments set or a non-zero offset: only the first fragment carries the UDP header,
-    // and the relay does not reassemble, so all fragments go to the kernel.
-    let frag = u16::from_be_bytes([head[6], head[7]]);
-    if frag & 0x3fff != 0 || head[9] != IPPROTO_UDP {
-        return None;
-    }
-    let addrs = bytes_at::<8>(ctx, l3 + 12)?;
-    let source = [addrs[0], addrs[1], addrs[2], addrs[3]];
-    let group = [addrs[4], addrs[5], addrs[6], addrs[7]];
-    if group[0] & 0xf0 != 0xe0 {
-        return None;
-    }
-    let udp = bytes_at::<UDP_HLEN>(ctx, l3 + ihl)?;
+    let (source, group, l4) = match ethertype {
+        ETH_P_IP => ipv4(ctx, l3)?,
+        ETH_P_IPV6 => ipv6(ctx, l3)?,
+        _ => return None,
+    };
+    let udp = bytes_at::<UDP_HLEN>(ctx, l4)?;
     let port = [udp[2], udp[3]];
     // SAFETY: the ifindex field of a valid xdp_md.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
@@ -164,13 +155,69 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     if let Some(v) = lookup(&key) {
         return Some(v);
     }
-    key.source = [0; 4];
+    key.source = [0; 16];
     key.port = port;
     if let Some(v) = lookup(&key) {
         return Some(v);
     }
     key.port = [0; 2];
     lookup(&key)
+}
+
+/// An unfragmented IPv4 UDP packet to a group: its (source, group) as key bytes and where the
+/// UDP header starts.
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, l3: usize) -> Option<([u8; 16], [u8; 16], usize)> {
+    // Version/IHL .. TTL/protocol: the first 10 bytes, then the addresses at 12..20.
+    let head = bytes_at::<10>(ctx, l3)?;
+    if head[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = ((head[0] & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    // More-fragments set or a non-zero offset: only the first fragment carries the UDP header,
+    // and the relay does not reassemble, so all fragments go to the kernel.
+    let frag = u16::from_be_bytes([head[6], head[7]]);
+    if frag & 0x3fff != 0 || head[9] != IPPROTO_UDP {
+        return None;
+    }
+    let addrs = bytes_at::<8>(ctx, l3 + 12)?;
+    if addrs[4] & 0xf0 != 0xe0 {
+        return None;
+    }
+    let source = v4_mapped([addrs[0], addrs[1], addrs[2], addrs[3]]);
+    let group = v4_mapped([addrs[4], addrs[5], addrs[6], addrs[7]]);
+    Some((source, group, l3 + ihl))
+}
+
+/// An IPv6 UDP packet to a group (ff00::/8), after at most four hop-by-hop, routing or
+/// destination-options headers: its (source, group) and where the UDP header starts.
+/// Fragments, and chains the walk does not finish, are left to the kernel.
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, l3: usize) -> Option<([u8; 16], [u8; 16], usize)> {
+    let head = bytes_at::<8>(ctx, l3)?;
+    if head[0] >> 4 != 6 {
+        return None;
+    }
+    let source = bytes_at::<16>(ctx, l3 + 8)?;
+    let group = bytes_at::<16>(ctx, l3 + 24)?;
+    if group[0] != 0xff {
+        return None;
+    }
+    let mut next = head[6];
+    let mut off = l3 + IPV6_HLEN;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        if next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST {
+            break;
+        }
+        let ext = bytes_at::<2>(ctx, off)?;
+        next = ext[0];
+        // Hdr Ext Len counts 8-octet units beyond the first, so a header is 8 to 2048 bytes.
+        off += (ext[1] as usize + 1) * 8;
+    }
+    (next == IPPROTO_UDP).then_some((source, group, off))
 }
 
 #[inline(always)]

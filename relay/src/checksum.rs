@@ -1,6 +1,6 @@
 //! The Internet checksum (RFC 1071) and its incremental update (RFC 1624).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// One's-complement sum of `data` as big-endian 16-bit words (an odd byte is padded with
 /// zero), folded to 16 bits, starting from `initial`.
@@ -47,6 +47,31 @@ pub fn update32(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
         u16::from_be_bytes([old[2], old[3]]),
         u16::from_be_bytes([new[2], new[3]]),
     )
+}
+
+/// As [`update16`] for a field of any even length, word by word: an IPv6 address.
+pub fn update_words(check: u16, old: &[u8], new: &[u8]) -> u16 {
+    debug_assert_eq!(old.len(), new.len());
+    let (old, new) = (old.as_chunks::<2>().0, new.as_chunks::<2>().0);
+    old.iter().zip(new).fold(check, |c, (o, n)| {
+        update16(c, u16::from_be_bytes(*o), u16::from_be_bytes(*n))
+    })
+}
+
+/// The UDP checksum of `udp` (header and payload, checksum field zeroed) over the IPv6
+/// pseudo-header (RFC 8200 section 8.1). Zero is sent as 0xffff: in IPv6 a zero UDP checksum
+/// is not allowed.
+pub fn udp_ipv6(src: Ipv6Addr, dst: Ipv6Addr, udp: &[u8]) -> u16 {
+    let mut pseudo = [0u8; 40];
+    pseudo[0..16].copy_from_slice(&src.octets());
+    pseudo[16..32].copy_from_slice(&dst.octets());
+    pseudo[32..36].copy_from_slice(&(udp.len() as u32).to_be_bytes());
+    pseudo[39] = crate::wire::IPPROTO_UDP;
+    let partial = u32::from(sum(0, &pseudo));
+    match !sum(partial, udp) {
+        0 => 0xffff,
+        c => c,
+    }
 }
 
 /// The UDP checksum of `udp` (header and payload, checksum field zeroed) over the IPv4

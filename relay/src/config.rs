@@ -1,7 +1,7 @@
 //! The YAML configuration: its shape, its defaults, and the checks that run before anything is
 //! attached (`relay --check` runs exactly these).
 
-use std::{collections::HashSet, fmt, net::Ipv4Addr, path::Path};
+use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
 
 use serde::Deserialize;
 
@@ -92,11 +92,12 @@ pub struct Rule {
 #[serde(deny_unknown_fields)]
 pub struct Input {
     pub interface: String,
-    pub group: Ipv4Addr,
+    /// An IPv4 or IPv6 group; the source and the outputs' groups are of the same family.
+    pub group: IpAddr,
     /// Any UDP port when absent.
     pub port: Option<u16>,
     /// Any source when absent.
-    pub source: Option<Ipv4Addr>,
+    pub source: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -104,10 +105,11 @@ pub struct Input {
 pub struct Output {
     pub interface: String,
     /// Remapped destination group; the input's group when absent.
-    pub group: Option<Ipv4Addr>,
+    pub group: Option<IpAddr>,
     /// Remapped destination port; the received port when absent.
     pub port: Option<u16>,
-    /// TTL to set; the received TTL minus one when absent.
+    /// TTL (IPv4) or hop limit (IPv6) to set; the received value minus one when absent.
+    #[serde(alias = "hop_limit")]
     pub ttl: Option<u8>,
 }
 
@@ -145,6 +147,14 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// The multicast range of `addr`'s family, for messages.
+fn multicast_range(addr: IpAddr) -> &'static str {
+    match addr {
+        IpAddr::V4(_) => "224.0.0.0/4",
+        IpAddr::V6(_) => "ff00::/8",
+    }
+}
 
 impl Config {
     fn default_workers() -> usize {
@@ -223,19 +233,28 @@ impl Config {
             }
             if !input.group.is_multicast() {
                 return Err(err(format!(
-                    "input group {} is not a multicast address (224.0.0.0/4)",
-                    input.group
+                    "input group {} is not a multicast address ({})",
+                    input.group,
+                    multicast_range(input.group)
                 )));
             }
             if input.port == Some(0) {
                 return Err(err("input port 0 is not a valid UDP port".to_owned()));
             }
-            if let Some(src) = input.source
-                && (src.is_multicast() || src.is_unspecified() || src.is_broadcast())
-            {
-                return Err(err(format!(
-                    "input source {src} is not a unicast host address"
-                )));
+            if let Some(src) = input.source {
+                if src.is_ipv4() != input.group.is_ipv4() {
+                    return Err(err(format!(
+                        "input source {src} and group {} are of different families: a rule is \
+                         all IPv4 or all IPv6",
+                        input.group
+                    )));
+                }
+                let broadcast = matches!(src, IpAddr::V4(a) if a.is_broadcast());
+                if src.is_multicast() || src.is_unspecified() || broadcast {
+                    return Err(err(format!(
+                        "input source {src} is not a unicast host address"
+                    )));
+                }
             }
             let key = (&input.interface, input.group, input.port, input.source);
             if !inputs.insert(key) {
@@ -267,13 +286,20 @@ impl Config {
                         out.interface
                     )));
                 }
-                if let Some(g) = out.group
-                    && !g.is_multicast()
-                {
-                    return Err(err(format!(
-                        "output group {g} on '{}' is not a multicast address",
-                        out.interface
-                    )));
+                if let Some(g) = out.group {
+                    if g.is_ipv4() != input.group.is_ipv4() {
+                        return Err(err(format!(
+                            "output group {g} on '{}' and input group {} are of different \
+                             families: a rule is all IPv4 or all IPv6",
+                            out.interface, input.group
+                        )));
+                    }
+                    if !g.is_multicast() {
+                        return Err(err(format!(
+                            "output group {g} on '{}' is not a multicast address",
+                            out.interface
+                        )));
+                    }
                 }
                 if out.port == Some(0) {
                     return Err(err(format!(
@@ -357,10 +383,10 @@ rules:
         c.validate("rules.yaml", &fake()).unwrap();
         assert_eq!(
             c.rules[0].outputs[1].group,
-            Some(Ipv4Addr::new(239, 2, 2, 2))
+            Some(IpAddr::from([239, 2, 2, 2]))
         );
         assert_eq!(c.rules[0].outputs[1].ttl, Some(16));
-        assert_eq!(c.rules[0].input.source, Some(Ipv4Addr::new(198, 18, 1, 1)));
+        assert_eq!(c.rules[0].input.source, Some(IpAddr::from([198, 18, 1, 1])));
     }
 
     #[test]
@@ -383,6 +409,21 @@ rules:
         assert_eq!(c.workers, 1);
         assert_eq!(c.rules[0].input.port, None);
         c.validate("r.yaml", &fake()).unwrap();
+    }
+
+    #[test]
+    fn ipv6_rules_parse_with_hop_limit() {
+        let c = Config::parse(
+            "r.yaml",
+            "rules:\n  - name: v6\n    input: {interface: in0, group: ff18::1:1, port: 5000, source: 2001:2::1}\n    outputs: [{interface: out0, group: 'ff18::2:2', hop_limit: 9}]\n",
+        )
+        .unwrap();
+        c.validate("r.yaml", &fake()).unwrap();
+        let r = &c.rules[0];
+        assert_eq!(r.input.group, "ff18::1:1".parse::<IpAddr>().unwrap());
+        assert_eq!(r.input.source, Some("2001:2::1".parse().unwrap()));
+        assert_eq!(r.outputs[0].group, Some("ff18::2:2".parse().unwrap()));
+        assert_eq!(r.outputs[0].ttl, Some(9));
     }
 
     /// Each broken config and the exact message it must produce.
@@ -439,6 +480,32 @@ rules:
                 "r.yaml: rule 'r1': output on 'in0' sends the input's own group and port back out of its input interface: a loop",
             ),
             (
+                rule(
+                    "{interface: in0, group: 'ff18::1', source: 198.18.0.1}",
+                    ok_out,
+                ),
+                "r.yaml: rule 'r1': input source 198.18.0.1 and group ff18::1 are of different families: a rule is all IPv4 or all IPv6",
+            ),
+            (
+                rule(ok_in, "[{interface: out0, group: 'ff18::1'}]"),
+                "r.yaml: rule 'r1': output group ff18::1 on 'out0' and input group 239.1.1.1 are of different families: a rule is all IPv4 or all IPv6",
+            ),
+            (
+                rule("{interface: in0, group: '2001:2::1'}", ok_out),
+                "r.yaml: rule 'r1': input group 2001:2::1 is not a multicast address (ff00::/8)",
+            ),
+            (
+                rule("{interface: in0, group: 'ff18::1', source: '::'}", ok_out),
+                "r.yaml: rule 'r1': input source :: is not a unicast host address",
+            ),
+            (
+                rule(
+                    "{interface: in0, group: 'ff18::1'}",
+                    "[{interface: out0, group: 'fe80::1'}]",
+                ),
+                "r.yaml: rule 'r1': output group fe80::1 on 'out0' is not a multicast address",
+            ),
+            (
                 format!(
                     "{}  - name: r1\n    input: {{interface: in0, group: 239.1.1.2}}\n    outputs: {ok_out}\n",
                     rule(ok_in, ok_out)
@@ -487,7 +554,7 @@ rules:
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0}\n    outputs: [{interface: out0}]\n",
-                "r.yaml: rules[0].input.group: invalid IPv4 address syntax at line 3 column 36",
+                "r.yaml: rules[0].input.group: invalid IP address syntax at line 3 column 36",
             ),
             (
                 "rules:\n  - name: [a\n",

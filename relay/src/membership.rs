@@ -1,16 +1,16 @@
 //! Group membership on the ingress interfaces.
 //!
-//! An AF_XDP socket cannot join a multicast group, yet a switch that snoops IGMP, or a NIC's
-//! multicast filter, delivers a group only to ports where someone joined it. So for every
-//! ingress (interface, group) the relay joins through an ordinary UDP socket: source-specific
-//! (IGMPv3 INCLUDE) for (S,G) rules, any-source otherwise. The socket is never bound to a
+//! An AF_XDP socket cannot join a multicast group, yet a switch that snoops IGMP or MLD, or a
+//! NIC's multicast filter, delivers a group only to ports where someone joined it. So for every
+//! ingress (interface, group) the relay joins through an ordinary UDP socket of the group's
+//! family: source-specific (IGMPv3 / MLDv2 INCLUDE) for (S,G) rules, any-source otherwise. The socket is never bound to a
 //! port, so it receives nothing; it only holds the membership, and closing it leaves.
 //! One socket per membership keeps clear of the per-socket limits (igmp_max_memberships,
-//! igmp_max_msf).
+//! igmp_max_msf, and their MLD counterparts).
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
@@ -20,18 +20,18 @@ use log::info;
 use crate::rules::RuleTable;
 
 /// One membership: (interface name, ifindex, group, source for source-specific joins).
-pub type Membership = (String, u32, Ipv4Addr, Option<Ipv4Addr>);
+pub type Membership = (String, u32, IpAddr, Option<IpAddr>);
 
 /// The memberships a rule table needs, one per (interface, group, source); an any-source
 /// membership makes source-specific ones for the same (interface, group) redundant.
 pub fn wanted(table: &RuleTable) -> Vec<Membership> {
-    let mut any: BTreeSet<(u32, Ipv4Addr)> = BTreeSet::new();
+    let mut any: BTreeSet<(u32, IpAddr)> = BTreeSet::new();
     for r in &table.rules {
         if r.source.is_none() {
             any.insert((r.ingress_ifindex, r.group));
         }
     }
-    let mut out: BTreeSet<(u32, Ipv4Addr, Option<Ipv4Addr>)> = BTreeSet::new();
+    let mut out: BTreeSet<(u32, IpAddr, Option<IpAddr>)> = BTreeSet::new();
     for r in &table.rules {
         let src = if any.contains(&(r.ingress_ifindex, r.group)) {
             None
@@ -63,9 +63,10 @@ impl Memberships {
         let mut held = Vec::new();
         for m in wanted(table) {
             let fd = join_one(&m)?;
+            let proto = if m.2.is_ipv4() { "IGMP" } else { "MLD" };
             match m.3 {
-                Some(s) => info!("{}: joined ({s}, {}) (IGMPv3 source-specific)", m.0, m.2),
-                None => info!("{}: joined {} (IGMP)", m.0, m.2),
+                Some(s) => info!("{}: joined ({s}, {}) ({proto} source-specific)", m.0, m.2),
+                None => info!("{}: joined {} ({proto})", m.0, m.2),
             }
             held.push((m, fd));
         }
@@ -114,23 +115,34 @@ impl Drop for Memberships {
     }
 }
 
-fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr_storage {
-    // SAFETY: sockaddr_storage is plain data, large and aligned enough for a sockaddr_in.
+fn sockaddr(addr: IpAddr) -> libc::sockaddr_storage {
+    // SAFETY: sockaddr_storage is plain data, large and aligned enough for any sockaddr.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; the cast views the start of the storage as a sockaddr_in.
-    let sin = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-    sin.sin_family = libc::AF_INET as libc::sa_family_t;
-    sin.sin_addr.s_addr = u32::from_ne_bytes(addr.octets());
+    let p = &mut ss as *mut libc::sockaddr_storage;
+    match addr {
+        IpAddr::V4(a) => {
+            // SAFETY: as above; the cast views the start of the storage as a sockaddr_in.
+            let sin = unsafe { &mut *p.cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
+        }
+        IpAddr::V6(a) => {
+            // SAFETY: as above, as a sockaddr_in6.
+            let sin6 = unsafe { &mut *p.cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_addr.s6_addr = a.octets();
+        }
+    }
     ss
 }
 
-/// setsockopt(IPPROTO_IP, `name`) with a typed value; the raw return code.
-fn set_ip_opt<T>(sock: &OwnedFd, name: i32, value: &T) -> i32 {
+/// setsockopt(`level`, `name`) with a typed value; the raw return code.
+fn set_opt<T>(sock: &OwnedFd, level: i32, name: i32, value: &T) -> i32 {
     // SAFETY: a valid socket and a fully initialised T of the size passed.
     unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
-            libc::IPPROTO_IP,
+            level,
             name,
             (value as *const T).cast(),
             std::mem::size_of::<T>() as libc::socklen_t,
@@ -139,8 +151,12 @@ fn set_ip_opt<T>(sock: &OwnedFd, name: i32, value: &T) -> i32 {
 }
 
 fn join_one((name, ifindex, group, source): &Membership) -> Result<OwnedFd> {
+    let (family, level) = match group {
+        IpAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_IP),
+        IpAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_IPV6),
+    };
     // SAFETY: socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         bail!(
             "socket for joining {group}: {}",
@@ -150,16 +166,18 @@ fn join_one((name, ifindex, group, source): &Membership) -> Result<OwnedFd> {
     // SAFETY: a fresh descriptor nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let rc = match source {
-        None => set_ip_opt(
+        None => set_opt(
             &sock,
+            level,
             libc::MCAST_JOIN_GROUP,
             &libc::group_req {
                 gr_interface: *ifindex,
                 gr_group: sockaddr(*group),
             },
         ),
-        Some(src) => set_ip_opt(
+        Some(src) => set_opt(
             &sock,
+            level,
             libc::MCAST_JOIN_SOURCE_GROUP,
             &libc::group_source_req {
                 gsr_interface: *ifindex,
@@ -207,19 +225,18 @@ mod tests {
 ";
         let c = Config::parse("t", yaml).unwrap();
         let t = RuleTable::compile(&c, "t", &fake()).unwrap();
-        let w: Vec<(Ipv4Addr, Option<Ipv4Addr>)> =
-            wanted(&t).into_iter().map(|m| (m.2, m.3)).collect();
+        let w: Vec<(IpAddr, Option<IpAddr>)> = wanted(&t).into_iter().map(|m| (m.2, m.3)).collect();
         assert_eq!(
             w,
             [
-                (Ipv4Addr::new(239, 1, 1, 1), None),
+                (IpAddr::from([239, 1, 1, 1]), None),
                 (
-                    Ipv4Addr::new(239, 2, 2, 2),
-                    Some(Ipv4Addr::new(198, 18, 1, 1))
+                    IpAddr::from([239, 2, 2, 2]),
+                    Some(IpAddr::from([198, 18, 1, 1]))
                 ),
                 (
-                    Ipv4Addr::new(239, 2, 2, 2),
-                    Some(Ipv4Addr::new(198, 18, 1, 9))
+                    IpAddr::from([239, 2, 2, 2]),
+                    Some(IpAddr::from([198, 18, 1, 9]))
                 ),
             ]
         );

@@ -1,13 +1,16 @@
-//! Per-output rewrite of a relayed frame, in place: MACs, group, port, TTL and both checksums.
+//! Per-output rewrite of a relayed frame, in place: MACs, group, port, TTL or hop limit, and
+//! the checksums.
 //!
 //! Checksums are updated incrementally (RFC 1624) from the fields that change, so the cost does
-//! not grow with the payload and a payload the relay never reads stays unread.
+//! not grow with the payload and a payload the relay never reads stays unread. The one
+//! exception is an IPv6 frame that arrives with a zero UDP checksum, which IPv6 does not allow
+//! (RFC 8200 section 8.1): its checksum is computed from scratch, so receivers accept it.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::{
-    checksum::{update16, update32},
-    wire::{EthernetFrame, Flow, Ipv4Packet, UdpPacket, ipv4_multicast_mac},
+    checksum::{udp_ipv6, update_words, update16, update32},
+    wire::{EthernetFrame, Flow, Ipv4Packet, Ipv6Packet, UdpPacket, multicast_mac},
 };
 
 /// What one output does to a frame.
@@ -15,19 +18,19 @@ use crate::{
 pub struct OutputAction {
     /// The egress interface's MAC: the relayed frame's source.
     pub src_mac: [u8; 6],
-    /// New destination group, if the output remaps it.
-    pub group: Option<Ipv4Addr>,
+    /// New destination group, if the output remaps it (the input's family).
+    pub group: Option<IpAddr>,
     /// New destination UDP port, if the output remaps it.
     pub port: Option<u16>,
-    /// A TTL to set instead of decrementing the received one.
+    /// A TTL (IPv4) or hop limit (IPv6) to set instead of decrementing the received one.
     pub ttl: Option<u8>,
 }
 
 /// Why a frame was not sent on an output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RewriteError {
-    /// It arrived with TTL 0 or 1 and the output does not set the TTL: forwarding it would
-    /// exceed its scope.
+    /// It arrived with TTL (or hop limit) 0 or 1 and the output does not set it: forwarding it
+    /// would exceed its scope.
     TtlExpired,
     /// The frame does not hold the headers `flow` describes.
     Malformed,
@@ -39,19 +42,49 @@ pub fn rewrite(frame: &mut [u8], flow: &Flow, action: &OutputAction) -> Result<(
     if frame.len() < flow.l4 || flow.l4 < flow.l3 {
         return Err(RewriteError::Malformed);
     }
-    let (head, l4) = frame.split_at_mut(flow.l4);
-    let (l2, l3) = head.split_at_mut(flow.l3);
-    let mut ip = Ipv4Packet::new_checked(l3).map_err(|_| RewriteError::Malformed)?;
-    let mut udp = UdpPacket::new_checked(l4).map_err(|_| RewriteError::Malformed)?;
-
-    let old_ttl = ip.ttl();
-    let new_ttl = match action.ttl {
-        Some(ttl) => ttl,
-        None if old_ttl <= 1 => return Err(RewriteError::TtlExpired),
-        None => old_ttl - 1,
-    };
     let group = action.group.unwrap_or(flow.group);
     let port = action.port.unwrap_or(flow.port);
+    let (head, l4) = frame.split_at_mut(flow.l4);
+    let (l2, l3) = head.split_at_mut(flow.l3);
+    let mut udp = UdpPacket::new_checked(l4).map_err(|_| RewriteError::Malformed)?;
+    match (flow.group, group) {
+        (IpAddr::V4(old), IpAddr::V4(new)) => {
+            ipv4(l3, &mut udp, old, new, flow.port, port, action.ttl)?
+        }
+        (IpAddr::V6(old), IpAddr::V6(new)) => {
+            ipv6(l3, &mut udp, old, new, flow.port, port, action.ttl)?
+        }
+        _ => return Err(RewriteError::Malformed),
+    }
+    udp.set_dst_port(port);
+
+    let mut eth = EthernetFrame::new_checked(l2).map_err(|_| RewriteError::Malformed)?;
+    eth.set_dst_mac(multicast_mac(group));
+    eth.set_src_mac(action.src_mac);
+    Ok(())
+}
+
+/// The TTL or hop limit to send with, or why not.
+fn next_hops(received: u8, set: Option<u8>) -> Result<u8, RewriteError> {
+    match set {
+        Some(ttl) => Ok(ttl),
+        None if received <= 1 => Err(RewriteError::TtlExpired),
+        None => Ok(received - 1),
+    }
+}
+
+fn ipv4(
+    l3: &mut [u8],
+    udp: &mut UdpPacket<&mut [u8]>,
+    old_group: Ipv4Addr,
+    group: Ipv4Addr,
+    old_port: u16,
+    port: u16,
+    ttl: Option<u8>,
+) -> Result<(), RewriteError> {
+    let mut ip = Ipv4Packet::new_checked(l3).map_err(|_| RewriteError::Malformed)?;
+    let old_ttl = ip.ttl();
+    let new_ttl = next_hops(old_ttl, ttl)?;
 
     // TTL shares its 16-bit word with the protocol byte.
     let proto = u16::from(ip.protocol());
@@ -61,8 +94,6 @@ pub fn rewrite(frame: &mut [u8], flow: &Flow, action: &OutputAction) -> Result<(
         u16::from(new_ttl) << 8 | proto,
     );
     ip.set_ttl(new_ttl);
-
-    let old_group = ip.dst_addr();
     if group != old_group {
         ip_sum = update32(ip_sum, old_group.octets(), group.octets());
         ip.set_dst_addr(group);
@@ -71,17 +102,51 @@ pub fn rewrite(frame: &mut [u8], flow: &Flow, action: &OutputAction) -> Result<(
 
     // A zero UDP checksum means "none" over IPv4 and stays zero; the group is in the
     // pseudo-header, so it changes the UDP checksum too.
-    let old_udp_sum = udp.checksum();
-    if old_udp_sum != 0 {
-        let mut s = update32(old_udp_sum, old_group.octets(), group.octets());
-        s = update16(s, flow.port, port);
+    let old_sum = udp.checksum();
+    if old_sum != 0 {
+        let mut s = update32(old_sum, old_group.octets(), group.octets());
+        s = update16(s, old_port, port);
         udp.set_checksum(if s == 0 { 0xffff } else { s });
     }
-    udp.set_dst_port(port);
+    Ok(())
+}
 
-    let mut eth = EthernetFrame::new_checked(l2).map_err(|_| RewriteError::Malformed)?;
-    eth.set_dst_mac(ipv4_multicast_mac(group));
-    eth.set_src_mac(action.src_mac);
+fn ipv6(
+    l3: &mut [u8],
+    udp: &mut UdpPacket<&mut [u8]>,
+    old_group: Ipv6Addr,
+    group: Ipv6Addr,
+    old_port: u16,
+    port: u16,
+    hops: Option<u8>,
+) -> Result<(), RewriteError> {
+    let mut ip = Ipv6Packet::new_checked(l3).map_err(|_| RewriteError::Malformed)?;
+    // The hop limit is in no checksum.
+    let new_hops = next_hops(ip.hop_limit(), hops)?;
+    ip.set_hop_limit(new_hops);
+    ip.set_dst_addr(group);
+
+    let old_sum = udp.checksum();
+    let s = if old_sum == 0 {
+        // Not allowed in IPv6, so nothing to update: compute it over the datagram the UDP
+        // length names, with the new port in place.
+        let len = usize::from(udp.len());
+        let source = ip.src_addr();
+        udp.set_dst_port(port);
+        let datagram = udp
+            .as_bytes()
+            .get(..len)
+            .filter(|d| d.len() >= 8)
+            .ok_or(RewriteError::Malformed)?;
+        udp_ipv6(source, group, datagram)
+    } else {
+        let s = update_words(old_sum, &old_group.octets(), &group.octets());
+        match update16(s, old_port, port) {
+            0 => 0xffff,
+            s => s,
+        }
+    };
+    udp.set_checksum(s);
     Ok(())
 }
 
@@ -91,140 +156,213 @@ mod tests {
     use crate::{
         checksum::{checksum, udp_ipv4},
         craft::{UdpFrame, build_udp_frame},
-        wire::classify,
+        wire::{Ipv6Packet, classify},
     };
     use proptest::prelude::*;
 
     const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x42];
 
-    fn verify(frame: &[u8]) -> (Ipv4Addr, u16, u8) {
-        let flow = classify(frame).expect("still a multicast UDP frame");
-        let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
-        assert_eq!(checksum(ip.header()), 0, "IPv4 header checksum");
-        let udp_bytes = &frame[flow.l4..flow.l3 + usize::from(ip.total_len())];
-        let udp = UdpPacket::new_checked(udp_bytes).unwrap();
-        if udp.checksum() != 0 {
-            let mut zeroed = udp_bytes.to_vec();
-            zeroed[6..8].fill(0);
-            assert_eq!(
-                udp.checksum(),
-                udp_ipv4(ip.src_addr(), ip.dst_addr(), &zeroed),
-                "UDP checksum"
-            );
-        }
-        let eth = EthernetFrame::new_checked(frame).unwrap();
-        assert_eq!(eth.dst_mac(), ipv4_multicast_mac(ip.dst_addr()));
-        assert_eq!(eth.src_mac(), OUT_MAC);
-        (flow.group, flow.port, ip.ttl())
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
     }
 
-    fn sample() -> UdpFrame {
-        UdpFrame {
-            vlan: None,
-            src_mac: [0x02, 0, 0, 0, 0, 1],
-            source: Ipv4Addr::new(198, 18, 1, 1),
-            group: Ipv4Addr::new(239, 1, 1, 1),
-            src_port: 4000,
-            dst_port: 5000,
-            ttl: 8,
-            ip_options: Vec::new(),
-            payload: b"hello multicast".to_vec(),
-            udp_checksum: true,
+    /// Checks every checksum and MAC of a rewritten frame from scratch; returns its group,
+    /// port and TTL or hop limit.
+    fn verify(frame: &[u8]) -> (IpAddr, u16, u8) {
+        let flow = classify(frame).expect("still a multicast UDP frame");
+        let (udp_bytes, hops) = match flow.group {
+            IpAddr::V4(_) => {
+                let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
+                assert_eq!(checksum(ip.header()), 0, "IPv4 header checksum");
+                (
+                    &frame[flow.l4..flow.l3 + usize::from(ip.total_len())],
+                    ip.ttl(),
+                )
+            }
+            IpAddr::V6(_) => {
+                let ip = Ipv6Packet::new_checked(&frame[flow.l3..]).unwrap();
+                let end = flow.l3 + 40 + usize::from(ip.payload_len());
+                (&frame[flow.l4..end], ip.hop_limit())
+            }
+        };
+        let udp = UdpPacket::new_checked(udp_bytes).unwrap();
+        let mut zeroed = udp_bytes.to_vec();
+        zeroed[6..8].fill(0);
+        match (flow.source, flow.group) {
+            (IpAddr::V4(s), IpAddr::V4(g)) => {
+                if udp.checksum() != 0 {
+                    assert_eq!(udp.checksum(), udp_ipv4(s, g, &zeroed), "UDP checksum");
+                }
+            }
+            (IpAddr::V6(s), IpAddr::V6(g)) => {
+                assert_eq!(udp.checksum(), udp_ipv6(s, g, &zeroed), "UDP checksum");
+            }
+            _ => panic!("mixed families"),
+        }
+        let eth = EthernetFrame::new_checked(frame).unwrap();
+        assert_eq!(eth.dst_mac(), multicast_mac(flow.group));
+        assert_eq!(eth.src_mac(), OUT_MAC);
+        (flow.group, flow.port, hops)
+    }
+
+    fn samples() -> [UdpFrame; 2] {
+        [
+            UdpFrame::simple(
+                ip("198.18.1.1"),
+                ip("239.1.1.1"),
+                5000,
+                8,
+                b"hello multicast",
+            ),
+            UdpFrame::simple(
+                ip("2001:2::1"),
+                ip("ff18::1:1"),
+                5000,
+                8,
+                b"hello multicast",
+            ),
+        ]
+    }
+
+    fn action(group: Option<IpAddr>, port: Option<u16>, ttl: Option<u8>) -> OutputAction {
+        OutputAction {
+            src_mac: OUT_MAC,
+            group,
+            port,
+            ttl,
         }
     }
 
     #[test]
     fn same_group_decrements_ttl() {
-        let mut f = build_udp_frame(&sample());
-        let flow = classify(&f).unwrap();
-        let action = OutputAction {
-            src_mac: OUT_MAC,
-            group: None,
-            port: None,
-            ttl: None,
-        };
-        rewrite(&mut f, &flow, &action).unwrap();
-        assert_eq!(verify(&f), (Ipv4Addr::new(239, 1, 1, 1), 5000, 7));
+        for s in samples() {
+            let mut f = build_udp_frame(&s);
+            let flow = classify(&f).unwrap();
+            rewrite(&mut f, &flow, &action(None, None, None)).unwrap();
+            assert_eq!(verify(&f), (s.group, 5000, 7));
+        }
     }
 
     #[test]
     fn remap_and_set_ttl() {
-        let mut f = build_udp_frame(&sample());
+        for (s, to) in samples()
+            .into_iter()
+            .zip([ip("239.2.2.2"), ip("ff18::2:2")])
+        {
+            let mut f = build_udp_frame(&s);
+            let flow = classify(&f).unwrap();
+            rewrite(&mut f, &flow, &action(Some(to), Some(6000), Some(16))).unwrap();
+            assert_eq!(verify(&f), (to, 6000, 16));
+            assert_eq!(&f[f.len() - 15..], b"hello multicast");
+        }
+    }
+
+    #[test]
+    fn ipv6_group_maps_to_33_33_and_low_32_bits() {
+        let [_, s] = samples();
+        let mut f = build_udp_frame(&s);
         let flow = classify(&f).unwrap();
-        let action = OutputAction {
-            src_mac: OUT_MAC,
-            group: Some(Ipv4Addr::new(239, 2, 2, 2)),
-            port: Some(6000),
-            ttl: Some(16),
-        };
-        rewrite(&mut f, &flow, &action).unwrap();
-        assert_eq!(verify(&f), (Ipv4Addr::new(239, 2, 2, 2), 6000, 16));
-        assert_eq!(&f[f.len() - 15..], b"hello multicast");
+        rewrite(
+            &mut f,
+            &flow,
+            &action(Some(ip("ff18::aabb:ccdd")), None, None),
+        )
+        .unwrap();
+        assert_eq!(f[..6], [0x33, 0x33, 0xaa, 0xbb, 0xcc, 0xdd]);
     }
 
     #[test]
     fn ttl_one_is_dropped_unless_set() {
-        let mut s = sample();
-        s.ttl = 1;
-        let mut f = build_udp_frame(&s);
-        let before = f.clone();
-        let flow = classify(&f).unwrap();
-        let dec = OutputAction {
-            src_mac: OUT_MAC,
-            group: None,
-            port: None,
-            ttl: None,
-        };
-        assert_eq!(rewrite(&mut f, &flow, &dec), Err(RewriteError::TtlExpired));
-        assert_eq!(f, before, "a refused frame is left as it was");
-        let set = OutputAction {
-            ttl: Some(1),
-            ..dec
-        };
-        rewrite(&mut f, &flow, &set).unwrap();
-        assert_eq!(verify(&f).2, 1);
+        for mut s in samples() {
+            s.ttl = 1;
+            let mut f = build_udp_frame(&s);
+            let before = f.clone();
+            let flow = classify(&f).unwrap();
+            let dec = action(None, None, None);
+            assert_eq!(rewrite(&mut f, &flow, &dec), Err(RewriteError::TtlExpired));
+            assert_eq!(f, before, "a refused frame is left as it was");
+            rewrite(&mut f, &flow, &action(None, None, Some(1))).unwrap();
+            assert_eq!(verify(&f).2, 1);
+        }
     }
 
     #[test]
-    fn zero_udp_checksum_stays_zero() {
-        let mut s = sample();
+    fn zero_udp_checksum_stays_zero_over_ipv4() {
+        let [mut s, _] = samples();
         s.udp_checksum = false;
         let mut f = build_udp_frame(&s);
         let flow = classify(&f).unwrap();
-        let action = OutputAction {
-            src_mac: OUT_MAC,
-            group: Some(Ipv4Addr::new(239, 9, 9, 9)),
-            port: Some(7),
-            ttl: None,
-        };
-        rewrite(&mut f, &flow, &action).unwrap();
+        rewrite(&mut f, &flow, &action(Some(ip("239.9.9.9")), Some(7), None)).unwrap();
         let udp = UdpPacket::new_checked(&f[flow.l4..]).unwrap();
         assert_eq!(udp.checksum(), 0);
         verify(&f);
     }
 
     #[test]
-    fn truncated_flow_is_malformed() {
-        let f = build_udp_frame(&sample());
+    fn zero_udp_checksum_is_computed_over_ipv6() {
+        let [_, mut s] = samples();
+        s.udp_checksum = false;
+        s.ipv6_ext = vec![0, 60];
+        let mut f = build_udp_frame(&s);
         let flow = classify(&f).unwrap();
-        let mut short = f[..flow.l4 + 4].to_vec();
-        let action = OutputAction {
-            src_mac: OUT_MAC,
-            group: None,
-            port: None,
-            ttl: None,
-        };
+        rewrite(&mut f, &flow, &action(Some(ip("ff18::9")), Some(7), None)).unwrap();
+        let udp = UdpPacket::new_checked(&f[flow.l4..]).unwrap();
+        assert_ne!(udp.checksum(), 0);
+        assert_eq!(verify(&f), (ip("ff18::9"), 7, 7));
+    }
+
+    #[test]
+    fn truncated_flow_is_malformed() {
+        for s in samples() {
+            let f = build_udp_frame(&s);
+            let flow = classify(&f).unwrap();
+            let mut short = f[..flow.l4 + 4].to_vec();
+            assert_eq!(
+                rewrite(&mut short, &flow, &action(None, None, None)),
+                Err(RewriteError::Malformed)
+            );
+        }
+        // An IPv6 zero checksum with a UDP length past the frame cannot be computed.
+        let [_, mut s] = samples();
+        s.udp_checksum = false;
+        let mut f = build_udp_frame(&s);
+        let flow = classify(&f).unwrap();
+        f[flow.l4 + 4..flow.l4 + 6].copy_from_slice(&1000u16.to_be_bytes());
         assert_eq!(
-            rewrite(&mut short, &flow, &action),
+            rewrite(&mut f, &flow, &action(None, None, None)),
             Err(RewriteError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_group_of_the_other_family_is_refused() {
+        for (s, other) in samples().into_iter().zip([ip("ff18::1"), ip("239.1.1.1")]) {
+            let mut f = build_udp_frame(&s);
+            let flow = classify(&f).unwrap();
+            assert_eq!(
+                rewrite(&mut f, &flow, &action(Some(other), None, None)),
+                Err(RewriteError::Malformed)
+            );
+        }
+    }
+
+    fn arb_v4() -> impl Strategy<Value = (IpAddr, IpAddr)> {
+        (any::<[u8; 4]>(), 224u8..=239, any::<[u8; 3]>())
+            .prop_map(|(s, g0, g)| (IpAddr::from(s), IpAddr::from([g0, g[0], g[1], g[2]])))
+    }
+
+    fn arb_v6() -> impl Strategy<Value = (IpAddr, IpAddr)> {
+        (any::<[u8; 16]>(), any::<[u8; 15]>()).prop_map(|(s, g)| {
+            let mut group = [0xffu8; 16];
+            group[1..].copy_from_slice(&g);
+            (IpAddr::from(s), IpAddr::from(group))
+        })
     }
 
     fn arb_frame() -> impl Strategy<Value = UdpFrame> {
         (
             proptest::option::of(any::<u16>()),
-            any::<[u8; 4]>(),
-            (224u8..=239, any::<[u8; 3]>()),
+            prop_oneof![arb_v4(), arb_v6()],
             any::<u16>(),
             1u16..,
             2u8..,
@@ -232,51 +370,83 @@ mod tests {
                 let words = v.len() / 4 * 4;
                 v[..words].to_vec()
             }),
+            proptest::collection::vec(prop::sample::select(vec![0u8, 43, 60]), 0..=4),
             proptest::collection::vec(any::<u8>(), 0..300),
             any::<bool>(),
         )
             .prop_map(
-                |(vlan, src, (g0, g), sp, dp, ttl, ip_options, payload, udp_checksum)| UdpFrame {
+                |(
                     vlan,
-                    src_mac: [0x02, 0, 0, 0, 0, 1],
-                    source: Ipv4Addr::from(src),
-                    group: Ipv4Addr::new(g0, g[0], g[1], g[2]),
-                    src_port: sp,
-                    dst_port: dp,
+                    (source, group),
+                    sp,
+                    dp,
                     ttl,
                     ip_options,
+                    ipv6_ext,
                     payload,
                     udp_checksum,
+                )| {
+                    UdpFrame {
+                        vlan,
+                        src_mac: [0x02, 0, 0, 0, 0, 1],
+                        source,
+                        group,
+                        src_port: sp,
+                        dst_port: dp,
+                        ttl,
+                        ip_options,
+                        ipv6_ext,
+                        payload,
+                        udp_checksum,
+                    }
                 },
             )
     }
 
     proptest! {
+        /// A rewritten frame is byte for byte the frame a sender would build from scratch with
+        /// the output's values (checksums compared by value, as one's complement has two zeros).
         #[test]
         fn rewrite_matches_from_scratch(
             spec in arb_frame(),
-            group in proptest::option::of((224u8..=239, any::<[u8; 3]>())),
+            group in proptest::option::of(any::<[u8; 16]>()),
             port in proptest::option::of(1u16..),
             ttl in proptest::option::of(1u8..),
         ) {
             let mut f = build_udp_frame(&spec);
             let flow = classify(&f).unwrap();
-            let group = group.map(|(a, b)| Ipv4Addr::new(a, b[0], b[1], b[2]));
-            let action = OutputAction { src_mac: OUT_MAC, group, port, ttl };
-            rewrite(&mut f, &flow, &action).unwrap();
+            // A remap within the frame's family.
+            let group = group.map(|g| match spec.group {
+                IpAddr::V4(_) => IpAddr::from([224 | (g[0] & 0x0f), g[1], g[2], g[3]]),
+                IpAddr::V6(_) => {
+                    let mut a = g;
+                    a[0] = 0xff;
+                    IpAddr::from(a)
+                }
+            });
+            rewrite(&mut f, &flow, &action(group, port, ttl)).unwrap();
 
-            // The same frame built from scratch with the output's values.
             let mut expect_spec = spec.clone();
             expect_spec.src_mac = OUT_MAC;
             expect_spec.group = group.unwrap_or(spec.group);
             expect_spec.dst_port = port.unwrap_or(spec.dst_port);
             expect_spec.ttl = ttl.unwrap_or(spec.ttl - 1);
+            // IPv6 forbids a zero UDP checksum, so the relay sends a computed one.
+            expect_spec.udp_checksum |= spec.group.is_ipv6();
             let expect = build_udp_frame(&expect_spec);
-            // Checksums may differ only in one's complement's two zeros.
-            let (gi, ui) = (flow.l3 + 10, flow.l4 + 6);
-            prop_assert_eq!(&f[..gi], &expect[..gi]);
-            prop_assert_eq!(&f[gi + 2..ui], &expect[gi + 2..ui]);
-            prop_assert_eq!(&f[ui + 2..], &expect[ui + 2..]);
+            let ui = flow.l4 + 6;
+            let sum_at = |b: &[u8]| u16::from_be_bytes([b[ui], b[ui + 1]]);
+            let same_sum = |a: u16, b: u16| a == b || (a | b == 0xffff && (a == 0 || b == 0));
+            prop_assert!(same_sum(sum_at(&f), sum_at(&expect)));
+            let mut a = f.clone();
+            let mut b = expect.clone();
+            for x in [&mut a, &mut b] {
+                x[ui..ui + 2].fill(0);
+                if spec.group.is_ipv4() {
+                    x[flow.l3 + 10..flow.l3 + 12].fill(0);
+                }
+            }
+            prop_assert_eq!(a, b);
             verify(&f);
         }
     }

@@ -1,9 +1,9 @@
 //! The compiled rule table: what the XDP program's maps hold, and what the data path looks up
 //! for each redirected frame.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{collections::HashMap, net::IpAddr};
 
-use relay_common::{RuleKey, RuleValue};
+use relay_common::{RuleKey, RuleValue, v4_mapped};
 
 use crate::{
     config::{Config, ConfigError, InterfaceInfo, System},
@@ -36,9 +36,9 @@ pub struct CompiledOutput {
 pub struct CompiledRule {
     pub name: String,
     pub ingress_ifindex: u32,
-    pub group: Ipv4Addr,
+    pub group: IpAddr,
     pub port: Option<u16>,
-    pub source: Option<Ipv4Addr>,
+    pub source: Option<IpAddr>,
     pub outputs: Vec<CompiledOutput>,
 }
 
@@ -97,8 +97,8 @@ impl RuleTable {
             }
             let key = RuleKey::new(
                 in_info.ifindex,
-                rule.input.group.octets(),
-                rule.input.source.map_or([0; 4], |s| s.octets()),
+                key_addr(rule.input.group),
+                rule.input.source.map_or([0; 16], key_addr),
                 rule.input.port.unwrap_or(0),
             );
             table.keys.insert(key, id as u32);
@@ -124,11 +124,19 @@ impl RuleTable {
     /// The rule for a frame that arrived on `ifindex`, in the XDP program's order: (S,G,port),
     /// (S,G,*), (*,G,port), (*,G,*).
     pub fn lookup(&self, ifindex: u32, flow: &Flow) -> Option<u32> {
-        let (g, s, p) = (flow.group.octets(), flow.source.octets(), flow.port);
-        [(s, p), (s, 0), ([0; 4], p), ([0; 4], 0)]
+        let (g, s, p) = (key_addr(flow.group), key_addr(flow.source), flow.port);
+        [(s, p), (s, 0), ([0; 16], p), ([0; 16], 0)]
             .into_iter()
             .find_map(|(src, port)| self.keys.get(&RuleKey::new(ifindex, g, src, port)))
             .copied()
+    }
+}
+
+/// An address as the rule map's keys hold it: IPv6 as is, IPv4 mapped into IPv6.
+pub fn key_addr(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
     }
 }
 

@@ -2,14 +2,14 @@
 //! `wire` module: a view wraps any `T: AsRef<[u8]>`, `new_checked` proves the buffer is long
 //! enough for every accessor, and nothing here panics on short or odd input.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Why a buffer is not a frame the relay handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Malformed {
     /// Shorter than the header it should hold.
     Truncated,
-    /// A header field says something impossible (IPv4 version, IHL below 5, lengths that
+    /// A header field says something impossible (IP version, IHL below 5, lengths that
     /// point past the frame).
     BadHeader,
 }
@@ -19,7 +19,14 @@ pub const VLAN_HLEN: usize = 4;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPV4_MIN_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+/// IPv6 extension headers stepped over on the way to UDP: hop-by-hop, routing, destination
+/// options. A fragment header or any other ends the walk, and the frame is not relayed.
+pub const IPV6_SKIPPED_EXT_HEADERS: [u8; 3] = [0, 43, 60];
+/// At most this many extension headers before UDP, the XDP program's bound too.
+pub const IPV6_MAX_EXT_HEADERS: usize = 4;
 pub const UDP_HLEN: usize = 8;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -182,6 +189,88 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     }
 }
 
+/// An IPv6 fixed header and what follows it (extension headers included).
+#[derive(Debug, Clone)]
+pub struct Ipv6Packet<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+impl<T: AsRef<[u8]>> Ipv6Packet<T> {
+    /// Checks the version and that the fixed header is in the buffer.
+    pub fn new_checked(buffer: T) -> Result<Self, Malformed> {
+        let b = buffer.as_ref();
+        if b.len() < IPV6_HLEN {
+            return Err(Malformed::Truncated);
+        }
+        if b[0] >> 4 != 6 {
+            return Err(Malformed::BadHeader);
+        }
+        Ok(Self { buffer })
+    }
+
+    pub fn payload_len(&self) -> u16 {
+        be16(self.buffer.as_ref(), 4)
+    }
+
+    pub fn next_header(&self) -> u8 {
+        self.buffer.as_ref()[6]
+    }
+
+    pub fn hop_limit(&self) -> u8 {
+        self.buffer.as_ref()[7]
+    }
+
+    pub fn src_addr(&self) -> Ipv6Addr {
+        let b: [u8; 16] = self.buffer.as_ref()[8..24]
+            .try_into()
+            .expect("checked length");
+        Ipv6Addr::from(b)
+    }
+
+    pub fn dst_addr(&self) -> Ipv6Addr {
+        let b: [u8; 16] = self.buffer.as_ref()[24..40]
+            .try_into()
+            .expect("checked length");
+        Ipv6Addr::from(b)
+    }
+
+    /// Everything after the fixed header: extension headers, then the upper layer.
+    pub fn payload(&self) -> &[u8] {
+        &self.buffer.as_ref()[IPV6_HLEN..]
+    }
+
+    /// The offset of the upper-layer header and its protocol, after stepping over at most
+    /// [`IPV6_MAX_EXT_HEADERS`] skippable extension headers; `None` when the chain is longer,
+    /// or runs past the buffer.
+    pub fn upper_layer(&self) -> Option<(usize, u8)> {
+        let b = self.buffer.as_ref();
+        let mut next = self.next_header();
+        let mut off = IPV6_HLEN;
+        for _ in 0..IPV6_MAX_EXT_HEADERS {
+            if !IPV6_SKIPPED_EXT_HEADERS.contains(&next) {
+                break;
+            }
+            let ext = b.get(off..off + 2)?;
+            next = ext[0];
+            off += (usize::from(ext[1]) + 1) * 8;
+        }
+        if IPV6_SKIPPED_EXT_HEADERS.contains(&next) || off > b.len() {
+            return None;
+        }
+        Some((off, next))
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
+    pub fn set_hop_limit(&mut self, hops: u8) {
+        self.buffer.as_mut()[7] = hops;
+    }
+
+    pub fn set_dst_addr(&mut self, addr: Ipv6Addr) {
+        self.buffer.as_mut()[24..40].copy_from_slice(&addr.octets());
+    }
+}
+
 /// A UDP header and its payload.
 #[derive(Debug, Clone)]
 pub struct UdpPacket<T: AsRef<[u8]>> {
@@ -219,6 +308,11 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
     pub fn payload(&self) -> &[u8] {
         &self.buffer.as_ref()[UDP_HLEN..]
     }
+
+    /// The header and everything after it.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.buffer.as_ref()
+    }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
@@ -231,39 +325,61 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
     }
 }
 
-/// Where the headers of a multicast IPv4 UDP frame sit, and the fields the relay matches on.
+/// Where the headers of a multicast UDP frame sit, and the fields the relay matches on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flow {
-    /// Offset of the IPv4 header.
+    /// Offset of the IP header.
     pub l3: usize,
-    /// Offset of the UDP header.
+    /// Offset of the UDP header (after any IPv6 extension headers).
     pub l4: usize,
-    pub source: Ipv4Addr,
-    pub group: Ipv4Addr,
+    /// The source and the group are of one family.
+    pub source: IpAddr,
+    pub group: IpAddr,
     pub port: u16,
 }
 
 /// What the XDP program decides for a frame, computed the same way in userspace: `Some` for
-/// an unfragmented IPv4 UDP frame to a multicast group, `None` (pass to the kernel) for
-/// everything else. Used by the data path to find the rule and header offsets of a frame the
-/// XDP program redirected, and by tests as the model of the XDP program.
+/// an unfragmented IPv4 or IPv6 UDP frame to a multicast group, `None` (pass to the kernel)
+/// for everything else. Used by the data path to find the rule and header offsets of a frame
+/// the XDP program redirected, and by tests as the model of the XDP program.
 pub fn classify(frame: &[u8]) -> Option<Flow> {
     let eth = EthernetFrame::new_checked(frame).ok()?;
-    if eth.ethertype() != ETH_P_IP {
-        return None;
-    }
     let l3 = eth.header_len();
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    if ip.is_fragment() || ip.protocol() != IPPROTO_UDP || !ip.dst_addr().is_multicast() {
-        return None;
-    }
-    let l4 = l3 + ip.header_len();
-    let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+    let (source, group, l4) = match eth.ethertype() {
+        ETH_P_IP => {
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            if ip.is_fragment() || ip.protocol() != IPPROTO_UDP || !ip.dst_addr().is_multicast() {
+                return None;
+            }
+            (
+                IpAddr::V4(ip.src_addr()),
+                IpAddr::V4(ip.dst_addr()),
+                l3 + ip.header_len(),
+            )
+        }
+        ETH_P_IPV6 => {
+            let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+            if !ip.dst_addr().is_multicast() {
+                return None;
+            }
+            let (off, proto) = ip.upper_layer()?;
+            if proto != IPPROTO_UDP {
+                return None;
+            }
+            (
+                IpAddr::V6(ip.src_addr()),
+                IpAddr::V6(ip.dst_addr()),
+                l3 + off,
+            )
+        }
+        _ => return None,
+    };
+    let udp = UdpPacket::new_checked(frame.get(l4..)?).ok()?;
     Some(Flow {
         l3,
         l4,
-        source: ip.src_addr(),
-        group: ip.dst_addr(),
+        source,
+        group,
         port: udp.dst_port(),
     })
 }
@@ -272,6 +388,20 @@ pub fn classify(frame: &[u8]) -> Option<Flow> {
 pub fn ipv4_multicast_mac(group: Ipv4Addr) -> [u8; 6] {
     let o = group.octets();
     [0x01, 0x00, 0x5e, o[1] & 0x7f, o[2], o[3]]
+}
+
+/// The Ethernet address an IPv6 group maps to (RFC 2464): 33:33 and the group's low 32 bits.
+pub fn ipv6_multicast_mac(group: Ipv6Addr) -> [u8; 6] {
+    let o = group.octets();
+    [0x33, 0x33, o[12], o[13], o[14], o[15]]
+}
+
+/// The Ethernet address of a group of either family.
+pub fn multicast_mac(group: IpAddr) -> [u8; 6] {
+    match group {
+        IpAddr::V4(g) => ipv4_multicast_mac(g),
+        IpAddr::V6(g) => ipv6_multicast_mac(g),
+    }
 }
 
 #[cfg(test)]
@@ -328,12 +458,62 @@ mod tests {
         );
     }
 
+    fn v6(ext: &[u8]) -> Vec<u8> {
+        let mut f = crate::craft::UdpFrame::simple(
+            "2001:2::1".parse().unwrap(),
+            "ff18::1:1".parse().unwrap(),
+            5000,
+            8,
+            b"x",
+        );
+        f.ipv6_ext = ext.to_vec();
+        crate::craft::build_udp_frame(&f)
+    }
+
+    #[test]
+    fn ipv6_udp_is_found_after_up_to_four_extension_headers() {
+        for ext in [&[][..], &[0], &[0, 43], &[0, 60, 43, 60]] {
+            let f = v6(ext);
+            let flow = classify(&f).unwrap_or_else(|| panic!("{ext:?}"));
+            assert_eq!(flow.l4, ETH_HLEN + IPV6_HLEN + 8 * ext.len());
+            assert_eq!(flow.group, "ff18::1:1".parse::<IpAddr>().unwrap());
+            assert_eq!(flow.source, "2001:2::1".parse::<IpAddr>().unwrap());
+            assert_eq!(flow.port, 5000);
+        }
+        // A fifth header is beyond the bound; fragments are never relayed.
+        assert_eq!(classify(&v6(&[0, 60, 43, 60, 60])), None);
+        assert_eq!(classify(&v6(&[crate::craft::NEXTHDR_FRAGMENT])), None);
+        assert_eq!(classify(&v6(&[60, crate::craft::NEXTHDR_FRAGMENT])), None);
+    }
+
+    #[test]
+    fn ipv6_that_is_not_multicast_udp_is_passed() {
+        let mut f = v6(&[]);
+        f[ETH_HLEN + 6] = 58; // ICMPv6, as neighbour discovery is
+        assert_eq!(classify(&f), None);
+        let mut f = v6(&[]);
+        f[ETH_HLEN + 24] = 0xfe; // fe..: not a group
+        assert_eq!(classify(&f), None);
+        // Truncated inside an extension header and inside the UDP header.
+        let f = v6(&[0, 60]);
+        assert_eq!(classify(&f[..ETH_HLEN + IPV6_HLEN + 9]), None);
+        assert_eq!(classify(&f[..ETH_HLEN + IPV6_HLEN + 16 + 7]), None);
+        // The multicast MAC keeps the group's low 32 bits.
+        assert_eq!(
+            ipv6_multicast_mac("ff18::1:2:3".parse().unwrap()),
+            [0x33, 0x33, 0x00, 0x02, 0x00, 0x03]
+        );
+    }
+
     proptest! {
         #[test]
         fn views_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
             let _ = classify(&bytes);
             if let Ok(eth) = EthernetFrame::new_checked(&bytes[..]) {
                 let _ = (eth.dst_mac(), eth.src_mac(), eth.ethertype());
+                if let Ok(ip) = Ipv6Packet::new_checked(eth.payload()) {
+                    let _ = (ip.hop_limit(), ip.src_addr(), ip.dst_addr(), ip.payload_len(), ip.upper_layer());
+                }
                 if let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) {
                     let _ = (ip.ttl(), ip.protocol(), ip.src_addr(), ip.dst_addr(), ip.total_len());
                     if let Ok(udp) = UdpPacket::new_checked(ip.payload()) {

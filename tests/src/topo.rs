@@ -6,8 +6,12 @@
 //!                       rout0 198.18.2.1 -------------- rcv0 198.18.2.2   (rx0)
 //!                       rout1 198.18.3.1 -------------- rcv1 198.18.3.2   (rx1)
 //! ```
+//!
+//! Each link also has IPv6 addresses from the benchmarking prefix 2001:2::/48 (RFC 5180):
+//! 2001:2:0:N::1 on the relay's side and 2001:2:0:N::2 on the other, N as the IPv4 subnet
+//! (the sender is 2001:2:0:1::1, the relay's ingress 2001:2:0:1::2).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 
@@ -15,6 +19,8 @@ use crate::netns::Netns;
 
 pub const SENDER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 pub const RELAY_IN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub const SENDER_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1);
+pub const RELAY_IN_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2);
 pub const RELAY_IN: &str = "rin";
 pub const SENDER_IF: &str = "snd0";
 
@@ -23,6 +29,7 @@ pub struct Receiver {
     pub ns: Netns,
     pub iface: String,
     pub addr: Ipv4Addr,
+    pub addr6: Ipv6Addr,
     /// The relay's interface that faces it.
     pub relay_iface: String,
 }
@@ -42,6 +49,8 @@ impl Topology {
         link(&sender, SENDER_IF, &relay, RELAY_IN)?;
         addr(&sender, SENDER_IF, SENDER_ADDR)?;
         addr(&relay, RELAY_IN, RELAY_IN_ADDR)?;
+        addr6(&sender, SENDER_IF, SENDER_ADDR6)?;
+        addr6(&relay, RELAY_IN, RELAY_IN_ADDR6)?;
         // A wire computes checksums in full; a veth with tx offload would hand the relay a
         // partial UDP checksum that no receiver could verify after the frame is copied.
         sender.exec(&["ethtool", "-K", SENDER_IF, "tx", "off"])?;
@@ -56,6 +65,14 @@ impl Topology {
             addr(&relay, &relay_iface, Ipv4Addr::new(198, 18, subnet, 1))?;
             let a = Ipv4Addr::new(198, 18, subnet, 2);
             addr(&ns, &iface, a)?;
+            let subnet6 = u16::from(subnet);
+            addr6(
+                &relay,
+                &relay_iface,
+                Ipv6Addr::new(0x2001, 2, 0, subnet6, 0, 0, 0, 1),
+            )?;
+            let a6 = Ipv6Addr::new(0x2001, 2, 0, subnet6, 0, 0, 0, 2);
+            addr6(&ns, &iface, a6)?;
             // Relayed frames keep the sender's source address, which is not reachable through
             // the receiver's interface; strict reverse-path filtering would drop them.
             for conf in ["all", "default", iface.as_str()] {
@@ -69,6 +86,7 @@ impl Topology {
                 ns,
                 iface,
                 addr: a,
+                addr6: a6,
                 relay_iface,
             });
         }
@@ -109,5 +127,21 @@ fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
 
 fn addr(ns: &Netns, iface: &str, a: Ipv4Addr) -> Result<()> {
     ns.exec(&["ip", "addr", "add", &format!("{a}/24"), "dev", iface])?;
+    Ok(())
+}
+
+fn addr6(ns: &Netns, iface: &str, a: Ipv6Addr) -> Result<()> {
+    // No duplicate address detection: the address is usable at once, and these links hold
+    // nobody else.
+    ns.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{a}/64"),
+        "dev",
+        iface,
+        "nodad",
+    ])?;
     Ok(())
 }

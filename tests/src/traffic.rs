@@ -4,7 +4,7 @@
 //! receiver can tell which packets arrived and that their payloads are intact.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::mpsc,
     thread::JoinHandle,
@@ -33,24 +33,30 @@ pub fn check_payload(p: &[u8]) -> Option<u64> {
 /// What to send.
 #[derive(Debug, Clone)]
 pub struct Flow {
-    pub group: Ipv4Addr,
+    /// An IPv4 or IPv6 group; the source it is sent from is of the same family.
+    pub group: IpAddr,
     pub port: u16,
     pub count: u64,
     pub len: usize,
+    /// TTL or hop limit.
     pub ttl: u32,
+    /// Send IPv6 datagrams with a zero UDP checksum (UDP_NO_CHECK6_TX), which IPv6 forbids
+    /// and receivers drop: a relay must repair it.
+    pub zero_checksum: bool,
     /// Pause after every `burst` packets, to stay below what a veth and the relay absorb.
     pub burst: u64,
     pub pause: Duration,
 }
 
 impl Flow {
-    pub fn new(group: Ipv4Addr, port: u16, count: u64) -> Self {
+    pub fn new(group: impl Into<IpAddr>, port: u16, count: u64) -> Self {
         Flow {
-            group,
+            group: group.into(),
             port,
             count,
             len: 100,
             ttl: 8,
+            zero_checksum: false,
             burst: 16,
             pause: Duration::from_micros(500),
         }
@@ -58,13 +64,29 @@ impl Flow {
 }
 
 /// Sends `flow` from `source` (an address of the namespace) and returns how many were sent.
-pub fn send(ns: &Netns, source: Ipv4Addr, flow: Flow) -> JoinHandle<Result<u64>> {
+pub fn send(ns: &Netns, source: impl Into<IpAddr>, flow: Flow) -> JoinHandle<Result<u64>> {
+    let source = source.into();
     ns.run(move || {
-        let sock = UdpSocket::bind(SocketAddrV4::new(source, 0)).context("binding sender")?;
-        sock.set_multicast_ttl_v4(flow.ttl)?;
-        sock.set_multicast_loop_v4(false)?;
-        set_multicast_if(&sock, source)?;
-        let dst = SocketAddrV4::new(flow.group, flow.port);
+        let sock = UdpSocket::bind(SocketAddr::new(source, 0)).context("binding sender")?;
+        match source {
+            IpAddr::V4(a) => {
+                sock.set_multicast_ttl_v4(flow.ttl)?;
+                sock.set_multicast_loop_v4(false)?;
+                set_multicast_if(&sock, a)?;
+            }
+            IpAddr::V6(a) => {
+                let fd = sock.as_raw_fd();
+                let hops = flow.ttl as libc::c_int;
+                setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, &hops)?;
+                sock.set_multicast_loop_v6(false)?;
+                let ifindex = ifindex_of(a)? as libc::c_int;
+                setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_IF, &ifindex)?;
+                if flow.zero_checksum {
+                    setsockopt(fd, libc::SOL_UDP, UDP_NO_CHECK6_TX, &1 as &libc::c_int)?;
+                }
+            }
+        }
+        let dst = SocketAddr::new(flow.group, flow.port);
         for seq in 0..flow.count {
             sock.send_to(&payload(seq, flow.len), dst)
                 .with_context(|| format!("sending packet {seq}"))?;
@@ -74,6 +96,25 @@ pub fn send(ns: &Netns, source: Ipv4Addr, flow: Flow) -> JoinHandle<Result<u64>>
         }
         Ok(flow.count)
     })
+}
+
+/// linux/udp.h: send IPv6 UDP with a zero checksum (not in the libc crate).
+const UDP_NO_CHECK6_TX: i32 = 101;
+
+/// The index of the interface that holds `addr` in the calling thread's namespace, from
+/// /proc/thread-self/net/if_inet6 (a thread's own view: the harness moves threads, not
+/// processes, into namespaces).
+pub fn ifindex_of(addr: Ipv6Addr) -> Result<u32> {
+    let table = std::fs::read_to_string("/proc/thread-self/net/if_inet6")?;
+    let hex: String = addr.octets().iter().map(|b| format!("{b:02x}")).collect();
+    table
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some(hex.as_str())).then(|| f.next())?
+        })
+        .and_then(|i| u32::from_str_radix(i, 16).ok())
+        .with_context(|| format!("no interface has {addr}"))
 }
 
 fn set_multicast_if(sock: &UdpSocket, addr: Ipv4Addr) -> Result<()> {
@@ -134,17 +175,22 @@ impl Limits {
 /// payloads. Returns once the socket has joined; the handle yields the payloads.
 pub fn listen(
     ns: &Netns,
-    group: Ipv4Addr,
+    group: impl Into<IpAddr>,
     port: u16,
-    iface_addr: Ipv4Addr,
+    iface_addr: impl Into<IpAddr>,
     limits: Limits,
 ) -> Result<JoinHandle<Result<Vec<Vec<u8>>>>> {
+    let (group, iface_addr) = (group.into(), iface_addr.into());
     let (ready_tx, ready_rx) = mpsc::channel();
     let handle = ns.run(move || {
-        let sock = UdpSocket::bind(SocketAddrV4::new(group, port))
+        let sock = UdpSocket::bind(SocketAddr::new(group, port))
             .with_context(|| format!("binding {group}:{port}"))?;
-        sock.join_multicast_v4(&group, &iface_addr)
-            .with_context(|| format!("joining {group} on {iface_addr}"))?;
+        match (group, iface_addr) {
+            (IpAddr::V4(g), IpAddr::V4(a)) => sock.join_multicast_v4(&g, &a),
+            (IpAddr::V6(g), IpAddr::V6(a)) => sock.join_multicast_v6(&g, ifindex_of(a)?),
+            _ => bail!("{group} and {iface_addr} are of different families"),
+        }
+        .with_context(|| format!("joining {group} on {iface_addr}"))?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let _ = ready_tx.send(());
         let mut got = Vec::new();
