@@ -63,10 +63,14 @@ impl Memberships {
         let mut held = Vec::new();
         for m in wanted(table) {
             let fd = join_one(&m)?;
-            let proto = if m.2.is_ipv4() { "IGMP" } else { "MLD" };
+            let (any, ssm) = if m.2.is_ipv4() {
+                ("IGMP", "IGMPv3")
+            } else {
+                ("MLD", "MLDv2")
+            };
             match m.3 {
-                Some(s) => info!("{}: joined ({s}, {}) ({proto} source-specific)", m.0, m.2),
-                None => info!("{}: joined {} ({proto})", m.0, m.2),
+                Some(s) => info!("{}: joined ({s}, {}) ({ssm} source-specific)", m.0, m.2),
+                None => info!("{}: joined {} ({any})", m.0, m.2),
             }
             held.push((m, fd));
         }

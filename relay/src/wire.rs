@@ -384,6 +384,38 @@ pub fn classify(frame: &[u8]) -> Option<Flow> {
     })
 }
 
+/// Checks that the lengths in a classified frame's headers agree with the frame: the IP
+/// packet fits in the frame (Ethernet padding after it is fine), and the UDP datagram fits in
+/// the IP packet and is at least a header long. The XDP program does not read lengths; the
+/// data path drops what fails here rather than forward a packet its receivers would discard.
+pub fn check_lengths(frame: &[u8], flow: &Flow) -> Result<(), Malformed> {
+    let bad = Err(Malformed::BadHeader);
+    let l3 = frame.get(flow.l3..).ok_or(Malformed::Truncated)?;
+    let ip_end = match flow.group {
+        IpAddr::V4(_) => {
+            let ip = Ipv4Packet::new_checked(l3)?;
+            let total = usize::from(ip.total_len());
+            if total < ip.header_len() + UDP_HLEN {
+                return bad;
+            }
+            flow.l3 + total
+        }
+        IpAddr::V6(_) => {
+            let ip = Ipv6Packet::new_checked(l3)?;
+            flow.l3 + IPV6_HLEN + usize::from(ip.payload_len())
+        }
+    };
+    if ip_end > frame.len() {
+        return bad;
+    }
+    let udp = UdpPacket::new_checked(frame.get(flow.l4..).ok_or(Malformed::Truncated)?)?;
+    let udp_len = usize::from(udp.len());
+    if udp_len < UDP_HLEN || flow.l4 + udp_len > ip_end {
+        return bad;
+    }
+    Ok(())
+}
+
 /// The Ethernet address an IPv4 group maps to (RFC 1112): 01:00:5e and the group's low 23 bits.
 pub fn ipv4_multicast_mac(group: Ipv4Addr) -> [u8; 6] {
     let o = group.octets();
@@ -505,10 +537,57 @@ mod tests {
         );
     }
 
+    #[test]
+    fn lengths_must_agree_with_the_frame() {
+        let build = |group: &str, source: &str| {
+            crate::craft::build_udp_frame(&crate::craft::UdpFrame::simple(
+                source.parse().unwrap(),
+                group.parse().unwrap(),
+                5000,
+                8,
+                &[7; 32],
+            ))
+        };
+        for f in [
+            build("239.1.1.1", "198.18.1.1"),
+            build("ff18::1", "2001:2::1"),
+        ] {
+            let flow = classify(&f).unwrap();
+            assert_eq!(check_lengths(&f, &flow), Ok(()));
+            // Ethernet padding after the packet is fine.
+            let mut padded = f.clone();
+            padded.extend([0; 20]);
+            assert_eq!(check_lengths(&padded, &flow), Ok(()));
+            // The frame cut short of the IP length.
+            assert_eq!(
+                check_lengths(&f[..f.len() - 1], &flow),
+                Err(Malformed::BadHeader)
+            );
+            // UDP length past the IP packet, and below a header.
+            let ulen = flow.l4 + 4;
+            for bad in [41u16, 7] {
+                let mut g = f.clone();
+                g[ulen..ulen + 2].copy_from_slice(&bad.to_be_bytes());
+                assert_eq!(check_lengths(&g, &flow), Err(Malformed::BadHeader), "{bad}");
+            }
+            // A UDP length shorter than the IP payload is allowed (the rest is trailer).
+            let mut g = f.clone();
+            g[ulen..ulen + 2].copy_from_slice(&20u16.to_be_bytes());
+            assert_eq!(check_lengths(&g, &flow), Ok(()));
+        }
+        // An IPv4 total length too small for the headers.
+        let mut f = build("239.1.1.1", "198.18.1.1");
+        let flow = classify(&f).unwrap();
+        f[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&27u16.to_be_bytes());
+        assert_eq!(check_lengths(&f, &flow), Err(Malformed::BadHeader));
+    }
+
     proptest! {
         #[test]
         fn views_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
-            let _ = classify(&bytes);
+            if let Some(flow) = classify(&bytes) {
+                let _ = check_lengths(&bytes, &flow);
+            }
             if let Ok(eth) = EthernetFrame::new_checked(&bytes[..]) {
                 let _ = (eth.dst_mac(), eth.src_mac(), eth.ethertype());
                 if let Ok(ip) = Ipv6Packet::new_checked(eth.payload()) {

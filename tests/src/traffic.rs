@@ -218,35 +218,7 @@ pub fn capture(
     let (ready_tx, ready_rx) = mpsc::channel();
     let iface = std::ffi::CString::new(iface)?;
     let handle = ns.run(move || {
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        if fd < 0 {
-            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: iface is a valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(iface.as_ptr()) };
-        if ifindex == 0 {
-            bail!("no interface {iface:?}");
-        }
-        // SAFETY: sockaddr_ll is plain data; zero is a valid starting value.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: a valid socket and a properly sized sockaddr_ll.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            bail!("binding AF_PACKET: {}", std::io::Error::last_os_error());
-        }
+        let fd = packet_socket(&iface)?;
         let tv = libc::timeval {
             tv_sec: 0,
             tv_usec: 50_000,
@@ -276,6 +248,67 @@ pub fn capture(
         .recv_timeout(Duration::from_secs(5))
         .context("capture did not start")?;
     Ok(handle)
+}
+
+/// An AF_PACKET socket that sees and sends every frame of `iface`, as the frame is.
+fn packet_socket(iface: &std::ffi::CStr) -> Result<OwnedFd> {
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    if fd < 0 {
+        bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: iface is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(iface.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no interface {iface:?}");
+    }
+    // SAFETY: sockaddr_ll is plain data; zero is a valid starting value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: a valid socket and a properly sized sockaddr_ll.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("binding AF_PACKET: {}", std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Sends `frames` out of `iface` exactly as given (no checksums or lengths fixed up), `gap`
+/// apart; returns how many were sent.
+pub fn inject(
+    ns: &Netns,
+    iface: &str,
+    frames: Vec<Vec<u8>>,
+    gap: Duration,
+) -> Result<JoinHandle<Result<usize>>> {
+    let iface = std::ffi::CString::new(iface)?;
+    Ok(ns.run(move || {
+        let fd = packet_socket(&iface)?;
+        for (i, f) in frames.iter().enumerate() {
+            // SAFETY: a bound socket and a buffer valid for its length.
+            let n = unsafe { libc::send(fd.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+            if n != f.len() as isize {
+                bail!(
+                    "injecting frame {i} ({} bytes): {}",
+                    f.len(),
+                    std::io::Error::last_os_error()
+                );
+            }
+            std::thread::sleep(gap);
+        }
+        Ok(frames.len())
+    }))
 }
 
 fn recv_loop(limits: Limits, got: &mut Vec<Vec<u8>>, mut recv: impl FnMut() -> Option<Vec<u8>>) {

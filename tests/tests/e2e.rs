@@ -19,6 +19,9 @@ use relay_tests::{
     traffic::{Flow, Limits, capture, check_payload, join, listen, send},
 };
 
+mod common;
+use common::stats_until;
+
 /// The machine has two cores: tests that push traffic run one at a time so that one test's
 /// load cannot cost another packets.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -552,7 +555,7 @@ fn ipv6_end_to_end(allocator: &str) {
     let log = std::fs::read_to_string(&relay.stderr).unwrap();
     assert!(log.contains("rin: joined ff18::1:1 (MLD)"), "{log}");
     assert!(
-        log.contains("rin: joined (2001:2:0:1::1, ff38::5:5) (MLD source-specific)"),
+        log.contains("rin: joined (2001:2:0:1::1, ff38::5:5) (MLDv2 source-specific)"),
         "{log}"
     );
     let maddr = topo
@@ -1104,23 +1107,6 @@ fn runs_with_only_its_capabilities() {
 }
 
 /// Reads `relay stats --json` until `done` holds (workers publish every 100 ms), at most 3 s.
-fn stats_until(
-    ctl: &std::path::Path,
-    done: impl Fn(&relay::stats::StatsView) -> bool,
-) -> relay::stats::StatsView {
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        let out = std::process::Command::new(relay_bin())
-            .args(["stats", "--json", "--control", ctl.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let v: relay::stats::StatsView = serde_json::from_slice(&out.stdout).unwrap();
-        if done(&v) || std::time::Instant::now() > deadline {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// An egress that goes down costs only its own output (counted as interface_down) and
 /// resumes when it comes back; frames larger than an egress's MTU are dropped there

@@ -29,7 +29,7 @@ use crate::{
     pool::{FrameCache, FramePool},
     rewrite::{RewriteError, rewrite},
     rules::RuleTable,
-    wire::classify,
+    wire::{check_lengths, classify},
 };
 
 /// Where the data path is in its life.
@@ -478,6 +478,11 @@ impl Worker {
             self.cache.give(frame_no);
             return;
         };
+        if check_lengths(bytes, &flow).is_err() {
+            self.stats.malformed += 1;
+            self.cache.give(frame_no);
+            return;
+        }
         let rule = &plan.table.rules[rule_id as usize];
         let rc = &mut self.stats.rules[rule_id as usize];
         rc.packets += 1;

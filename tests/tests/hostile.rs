@@ -1,0 +1,534 @@
+//! Hostile and odd frames through the real path: each crafted frame is injected raw on the
+//! sender's link, and the test checks that the XDP program and the daemon do what
+//! docs/ARCHITECTURE.md says for it — pass it to the kernel untouched, drop it with a
+//! counter, or relay it correctly — and that the table there is this test's table.
+
+use std::{collections::BTreeSet, net::IpAddr, time::Duration};
+
+use relay::{
+    checksum::{checksum, udp_ipv4, udp_ipv6},
+    craft::{NEXTHDR_FRAGMENT, UdpFrame, build_udp_frame},
+    wire::{ETH_HLEN, Ipv4Packet, Ipv6Packet, UdpPacket, classify},
+};
+use relay_tests::{
+    netns::require_root,
+    relay_proc::{RelayProc, relay_bin},
+    topo::{
+        RELAY_IN, RELAY_IN_ADDR, RELAY_IN_ADDR6, SENDER_ADDR, SENDER_ADDR6, SENDER_IF, Topology,
+    },
+    traffic::{Limits, capture, check_payload, inject, join, payload},
+};
+
+mod common;
+use common::stats_until;
+
+/// The source MAC of every injected frame, so captures can tell them from the links' own
+/// traffic (neighbour discovery, MLD).
+const INJECT_MAC: [u8; 6] = [0x02, 0xde, 0xad, 0xbe, 0xef, 0x01];
+
+const RULES: &str = "\
+rules:
+  - name: v4
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs: [{ interface: rout0 }]
+  - name: v6
+    input: { interface: rin, group: 'ff18::1:1', port: 5000 }
+    outputs: [{ interface: rout0 }]
+";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Relayed, rewritten, with valid checksums.
+    Relayed,
+    /// XDP_PASS: the kernel's own stack gets it, untouched.
+    Passed,
+    /// Redirected, then dropped and counted as `ttl_expired` on the output.
+    TtlExpired,
+    /// Redirected, then dropped and counted as `malformed` by the data path: its lengths
+    /// disagree with the frame.
+    Malformed,
+}
+
+impl Outcome {
+    fn describe(self) -> &'static str {
+        match self {
+            Outcome::Relayed => "relayed",
+            Outcome::Passed => "passed to the kernel (XDP_PASS)",
+            Outcome::TtlExpired => "dropped, counted as ttl_expired",
+            Outcome::Malformed => "dropped, counted as datapath malformed",
+        }
+    }
+}
+
+struct Case {
+    what: &'static str,
+    frame: Vec<u8>,
+    outcome: Outcome,
+}
+
+fn v4(id: u64) -> UdpFrame {
+    let mut f = UdpFrame::simple(
+        SENDER_ADDR.into(),
+        "239.1.1.1".parse().unwrap(),
+        5000,
+        8,
+        &payload(id, 64),
+    );
+    f.src_mac = INJECT_MAC;
+    f
+}
+
+fn v6(id: u64) -> UdpFrame {
+    let mut f = UdpFrame::simple(
+        SENDER_ADDR6.into(),
+        "ff18::1:1".parse().unwrap(),
+        5000,
+        8,
+        &payload(id, 64),
+    );
+    f.src_mac = INJECT_MAC;
+    f
+}
+
+/// Applies `edit` to the IPv4 header of an untagged frame and fixes the header checksum.
+fn edit_ipv4(mut frame: Vec<u8>, edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let ihl = usize::from(frame[ETH_HLEN] & 0x0f) * 4;
+    let hdr = &mut frame[ETH_HLEN..ETH_HLEN + ihl.max(20)];
+    edit(hdr);
+    hdr[10..12].fill(0);
+    let sum = checksum(hdr);
+    hdr[10..12].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
+/// The UDP length field of an untagged IPv4 frame without options.
+const V4_UDP_LEN: usize = ETH_HLEN + 20 + 4;
+
+fn cases(rin_mac: [u8; 6]) -> Vec<Case> {
+    let mut id = 0u64;
+    let mut next = || {
+        id += 1;
+        id
+    };
+    let case = |what, frame, outcome| Case {
+        what,
+        frame,
+        outcome,
+    };
+    use Outcome::*;
+    vec![
+        case(
+            "IPv4 UDP to a rule's group and port",
+            build_udp_frame(&v4(next())),
+            Relayed,
+        ),
+        case(
+            "IPv4 with options (IHL 6)",
+            build_udp_frame(&UdpFrame {
+                ip_options: vec![1, 1, 1, 1],
+                ..v4(next())
+            }),
+            Relayed,
+        ),
+        case(
+            "802.1Q tag",
+            build_udp_frame(&UdpFrame {
+                vlan: Some(100),
+                ..v4(next())
+            }),
+            Relayed,
+        ),
+        case(
+            "IPv4 UDP checksum 0 (none)",
+            build_udp_frame(&UdpFrame {
+                udp_checksum: false,
+                ..v4(next())
+            }),
+            Relayed,
+        ),
+        case(
+            "TTL 1",
+            build_udp_frame(&UdpFrame {
+                ttl: 1,
+                ..v4(next())
+            }),
+            TtlExpired,
+        ),
+        case(
+            "TTL 0",
+            build_udp_frame(&UdpFrame {
+                ttl: 0,
+                ..v4(next())
+            }),
+            TtlExpired,
+        ),
+        case(
+            "IPv4 first fragment (more-fragments set)",
+            edit_ipv4(build_udp_frame(&v4(next())), |h| {
+                h[6..8].copy_from_slice(&[0x20, 0])
+            }),
+            Passed,
+        ),
+        case(
+            "IPv4 later fragment (offset 1480)",
+            edit_ipv4(build_udp_frame(&v4(next())), |h| {
+                h[6..8].copy_from_slice(&185u16.to_be_bytes())
+            }),
+            Passed,
+        ),
+        case(
+            "QinQ: 802.1ad outer and 802.1Q inner tag",
+            {
+                let mut f = build_udp_frame(&UdpFrame {
+                    vlan: Some(100),
+                    ..v4(next())
+                });
+                f.splice(12..12, [0x88, 0xa8, 0x00, 0x07]);
+                f
+            },
+            Passed,
+        ),
+        case(
+            "IGMP to the rule's group",
+            edit_ipv4(build_udp_frame(&v4(next())), |h| h[9] = 2),
+            Passed,
+        ),
+        case(
+            "PIM to 224.0.0.13",
+            edit_ipv4(
+                build_udp_frame(&UdpFrame {
+                    group: "224.0.0.13".parse().unwrap(),
+                    ..v4(next())
+                }),
+                |h| h[9] = 103,
+            ),
+            Passed,
+        ),
+        case(
+            "broadcast UDP to the rule's port",
+            {
+                let mut f = edit_ipv4(build_udp_frame(&v4(next())), |h| h[16..20].fill(0xff));
+                f[..6].fill(0xff);
+                f
+            },
+            Passed,
+        ),
+        case(
+            "unicast UDP to the relay's address",
+            {
+                let mut f = edit_ipv4(build_udp_frame(&v4(next())), |h| {
+                    h[16..20].copy_from_slice(&RELAY_IN_ADDR.octets())
+                });
+                f[..6].copy_from_slice(&rin_mac);
+                f
+            },
+            Passed,
+        ),
+        case(
+            "IPv4 UDP to a port no rule has",
+            build_udp_frame(&UdpFrame {
+                dst_port: 5001,
+                ..v4(next())
+            }),
+            Passed,
+        ),
+        case(
+            "Ethernet header only",
+            build_udp_frame(&v4(next()))[..ETH_HLEN].to_vec(),
+            Passed,
+        ),
+        case(
+            "IPv4 header cut at 10 bytes",
+            build_udp_frame(&v4(next()))[..ETH_HLEN + 10].to_vec(),
+            Passed,
+        ),
+        case(
+            "UDP header cut at 4 bytes",
+            build_udp_frame(&v4(next()))[..ETH_HLEN + 24].to_vec(),
+            Passed,
+        ),
+        case(
+            "IP version 5 in an IPv4 ethertype",
+            edit_ipv4(build_udp_frame(&v4(next())), |h| h[0] = 0x55),
+            Passed,
+        ),
+        case(
+            "IHL 4 (below the minimum)",
+            edit_ipv4(build_udp_frame(&v4(next())), |h| h[0] = 0x44),
+            Passed,
+        ),
+        case(
+            "IPv4 total length past the frame",
+            edit_ipv4(build_udp_frame(&v4(next())), |h| {
+                let t = u16::from_be_bytes([h[2], h[3]]) + 100;
+                h[2..4].copy_from_slice(&t.to_be_bytes());
+            }),
+            Malformed,
+        ),
+        case(
+            "IPv4 total length below its headers",
+            edit_ipv4(build_udp_frame(&v4(next())), |h| {
+                h[2..4].copy_from_slice(&24u16.to_be_bytes())
+            }),
+            Malformed,
+        ),
+        case(
+            "UDP length past the IP packet",
+            {
+                let mut f = build_udp_frame(&v4(next()));
+                f[V4_UDP_LEN..V4_UDP_LEN + 2].copy_from_slice(&200u16.to_be_bytes());
+                f
+            },
+            Malformed,
+        ),
+        case(
+            "UDP length below its header",
+            {
+                let mut f = build_udp_frame(&v4(next()));
+                f[V4_UDP_LEN..V4_UDP_LEN + 2].copy_from_slice(&4u16.to_be_bytes());
+                f
+            },
+            Malformed,
+        ),
+        case(
+            "IPv6 UDP to a rule's group and port",
+            build_udp_frame(&v6(next())),
+            Relayed,
+        ),
+        case(
+            "IPv6 with four extension headers (hop-by-hop, destination, routing, destination)",
+            build_udp_frame(&UdpFrame {
+                ipv6_ext: vec![0, 60, 43, 60],
+                ..v6(next())
+            }),
+            Relayed,
+        ),
+        case(
+            "IPv6 with five extension headers",
+            build_udp_frame(&UdpFrame {
+                ipv6_ext: vec![0, 60, 43, 60, 60],
+                ..v6(next())
+            }),
+            Passed,
+        ),
+        case(
+            "IPv6 fragment header",
+            build_udp_frame(&UdpFrame {
+                ipv6_ext: vec![NEXTHDR_FRAGMENT],
+                ..v6(next())
+            }),
+            Passed,
+        ),
+        case(
+            "ICMPv6 to the rule's group",
+            {
+                let mut f = build_udp_frame(&v6(next()));
+                f[ETH_HLEN + 6] = 58;
+                f
+            },
+            Passed,
+        ),
+        case(
+            "IPv6 hop limit 1",
+            build_udp_frame(&UdpFrame {
+                ttl: 1,
+                ..v6(next())
+            }),
+            TtlExpired,
+        ),
+        case(
+            "IPv6 UDP checksum 0 (forbidden): recomputed",
+            build_udp_frame(&UdpFrame {
+                udp_checksum: false,
+                ..v6(next())
+            }),
+            Relayed,
+        ),
+        case(
+            "IPv6 cut inside an extension header",
+            build_udp_frame(&UdpFrame {
+                ipv6_ext: vec![0, 60],
+                ..v6(next())
+            })[..ETH_HLEN + 40 + 12]
+                .to_vec(),
+            Passed,
+        ),
+        case(
+            "IPv6 payload length past the frame",
+            {
+                let mut f = build_udp_frame(&v6(next()));
+                let at = ETH_HLEN + 4;
+                let len = u16::from_be_bytes([f[at], f[at + 1]]) + 100;
+                f[at..at + 2].copy_from_slice(&len.to_be_bytes());
+                f
+            },
+            Malformed,
+        ),
+        case(
+            "IPv6 UDP to the relay's unicast address",
+            {
+                let mut f = build_udp_frame(&v6(next()));
+                f[ETH_HLEN + 24..ETH_HLEN + 40].copy_from_slice(&RELAY_IN_ADDR6.octets());
+                f[..6].copy_from_slice(&rin_mac);
+                f
+            },
+            Passed,
+        ),
+    ]
+}
+
+fn is_injected(frame: &[u8]) -> bool {
+    frame.get(6..12) == Some(&INJECT_MAC)
+}
+
+fn is_relayed(frame: &[u8]) -> bool {
+    classify(frame).is_some()
+}
+
+/// The frame as an AF_PACKET socket sees it arrive: the kernel moves the outer VLAN tag
+/// into the packet's metadata before the taps run.
+fn as_received(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    if f.len() >= 16 && matches!(f[12..14], [0x81, 0x00] | [0x88, 0xa8]) {
+        f.drain(12..16);
+    }
+    f
+}
+
+/// Checks a relayed frame's checksums and hop count; returns the payload's sequence number.
+fn verify_relayed(frame: &[u8]) -> u64 {
+    let flow = classify(frame).unwrap();
+    let (udp_bytes, hops, expected) = match (flow.source, flow.group) {
+        (IpAddr::V4(s), IpAddr::V4(g)) => {
+            let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
+            assert_eq!(checksum(ip.header()), 0, "IPv4 header checksum");
+            let udp = &frame[flow.l4..flow.l3 + usize::from(ip.total_len())];
+            let mut z = udp.to_vec();
+            z[6..8].fill(0);
+            (udp, ip.ttl(), udp_ipv4(s, g, &z))
+        }
+        (IpAddr::V6(s), IpAddr::V6(g)) => {
+            let ip = Ipv6Packet::new_checked(&frame[flow.l3..]).unwrap();
+            let udp = &frame[flow.l4..flow.l3 + 40 + usize::from(ip.payload_len())];
+            let mut z = udp.to_vec();
+            z[6..8].fill(0);
+            (udp, ip.hop_limit(), udp_ipv6(s, g, &z))
+        }
+        _ => panic!("mixed families"),
+    };
+    assert_eq!(hops, 7, "TTL or hop limit 8 - 1");
+    let udp = UdpPacket::new_checked(udp_bytes).unwrap();
+    if udp.checksum() != 0 || flow.group.is_ipv6() {
+        assert_eq!(udp.checksum(), expected, "UDP checksum of {frame:02x?}");
+    }
+    check_payload(udp.payload()).expect("payload intact")
+}
+
+/// The table in docs/ARCHITECTURE.md, as this test renders it.
+fn table_rows(cases: &[Case]) -> Vec<String> {
+    cases
+        .iter()
+        .map(|c| format!("| {} | {} |", c.what, c.outcome.describe()))
+        .collect()
+}
+
+#[test]
+fn hostile_frames_get_the_documented_outcome() {
+    require_root();
+    let topo = Topology::new(1).unwrap();
+    let rin_mac = {
+        let s = topo
+            .relay
+            .exec(&["cat", &format!("/sys/class/net/{RELAY_IN}/address")])
+            .unwrap();
+        relay::sys::parse_mac(s.trim()).unwrap()
+    };
+    let cases = cases(rin_mac);
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
+    let count = |o: Outcome| cases.iter().filter(|c| c.outcome == o).count() as u64;
+    let before = stats_until(&relay.control, |_| true);
+
+    let rx = &topo.receivers[0];
+    let mut limits = Limits::new(count(Outcome::Relayed));
+    limits.idle = Duration::from_secs(2);
+    let relayed = capture(&rx.ns, &rx.iface, limits, is_relayed).unwrap();
+    let mut limits = Limits::new(count(Outcome::Passed));
+    limits.idle = Duration::from_secs(2);
+    let passed = capture(&topo.relay, RELAY_IN, limits, is_injected).unwrap();
+    let frames: Vec<Vec<u8>> = cases.iter().map(|c| c.frame.clone()).collect();
+    let sent =
+        join(inject(&topo.sender, SENDER_IF, frames, Duration::from_millis(5)).unwrap()).unwrap();
+    assert_eq!(sent, cases.len());
+
+    // Relayed: exactly the cases that should be, each rewritten correctly.
+    let relayed: Vec<Vec<u8>> = join(relayed).unwrap();
+    let ids: BTreeSet<u64> = relayed.iter().map(|f| verify_relayed(f)).collect();
+    let want: BTreeSet<u64> = (1..=cases.len() as u64)
+        .filter(|i| cases[*i as usize - 1].outcome == Outcome::Relayed)
+        .collect();
+    assert_eq!(ids, want, "the relayed cases");
+    assert_eq!(relayed.len(), want.len(), "each relayed once");
+
+    // Passed: the kernel's stack saw exactly these, byte for byte; redirected frames never
+    // reach it.
+    let seen: Vec<Vec<u8>> = join(passed).unwrap();
+    for c in &cases {
+        let arrived = seen.contains(&as_received(&c.frame));
+        assert_eq!(
+            arrived,
+            c.outcome == Outcome::Passed,
+            "{}: reached the relay's own stack: {arrived}",
+            c.what
+        );
+    }
+
+    // The data path publishes its counters every 100 ms; wait until it has seen them all.
+    let redirected = cases.len() as u64 - count(Outcome::Passed);
+    let after = stats_until(&relay.control, |v| {
+        let received: u64 = v.rules.iter().map(|r| r.received).sum();
+        received + v.malformed == redirected
+    });
+    let delta = |k: &str| after.xdp[k] - before.xdp[k];
+    assert_eq!(
+        delta("matched"),
+        count(Outcome::Relayed) + count(Outcome::TtlExpired) + count(Outcome::Malformed),
+        "{after:?}"
+    );
+    assert_eq!(delta("redirected"), delta("matched"), "{after:?}");
+    assert_eq!(
+        after.malformed - before.malformed,
+        count(Outcome::Malformed),
+        "{after:?}"
+    );
+    let out = |k: &str| -> u64 {
+        after
+            .rules
+            .iter()
+            .map(|r| r.outputs[0].dropped.get(k).copied().unwrap_or(0))
+            .sum()
+    };
+    assert_eq!(out("ttl_expired"), count(Outcome::TtlExpired), "{after:?}");
+    let sent: u64 = after.rules.iter().map(|r| r.outputs[0].sent).sum();
+    assert_eq!(sent, count(Outcome::Relayed), "{after:?}");
+
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
+    assert!(!topo.relay_has_xdp().unwrap());
+
+    // The documented table is this one.
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/ARCHITECTURE.md"
+    ))
+    .unwrap();
+    let missing: Vec<String> = table_rows(&cases)
+        .into_iter()
+        .filter(|row| !doc.contains(row.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/ARCHITECTURE.md lacks these rows of the hostile-frame table:\n{}",
+        missing.join("\n")
+    );
+}
