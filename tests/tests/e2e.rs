@@ -1106,8 +1106,6 @@ fn runs_with_only_its_capabilities() {
     );
 }
 
-/// Reads `relay stats --json` until `done` holds (workers publish every 100 ms), at most 3 s.
-
 /// An egress that goes down costs only its own output (counted as interface_down) and
 /// resumes when it comes back; frames larger than an egress's MTU are dropped there
 /// (too_large); a reload that names a new input interface attaches to it, and one that drops
