@@ -74,4 +74,10 @@ if ! cargo +"$STABLE" deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; 
   say "installing cargo-deb $CARGO_DEB_VERSION"
   cargo +"$STABLE" install cargo-deb --version "$CARGO_DEB_VERSION" --locked
 fi
-say "ready: $STABLE, $NIGHTLY (+rust-src, miri), bpf-linker $BPF_LINKER_VERSION (LLVM $llvm_major), cargo-deb $CARGO_DEB_VERSION"
+# --- cargo-fuzz (the test suite runs the fuzz targets for a bounded time) ---------------------
+CARGO_FUZZ_VERSION=0.13.1
+if ! cargo +"$STABLE" fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  say "installing cargo-fuzz $CARGO_FUZZ_VERSION"
+  cargo +"$STABLE" install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
+fi
+say "ready: $STABLE, $NIGHTLY (+rust-src, miri), bpf-linker $BPF_LINKER_VERSION (LLVM $llvm_major), cargo-deb $CARGO_DEB_VERSION, cargo-fuzz $CARGO_FUZZ_VERSION"

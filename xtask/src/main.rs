@@ -307,6 +307,9 @@ fn build_relay(root: &Path) -> Result<()> {
 
 /// Runs every suite: the workspace's tests, the lock-free ring's loom models, and the pool's
 /// unit tests under Miri; closes with one line that totals them: `tests: N passed, M failed`.
+/// Seconds each fuzz target runs in the test suite.
+const FUZZ_SECONDS: u32 = 20;
+
 fn test(root: &Path, args: &[String]) -> Result<()> {
     let mut tally = Tally::default();
     let mut failures = Vec::new();
@@ -362,6 +365,24 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         .args(["pool::", "--", "--skip", "stress"]);
     tally.run("miri", &mut miri, &mut failures)?;
 
+    // The fuzz targets, from the committed corpus, for a bounded time each: a crash fails the
+    // run and leaves the input in fuzz/artifacts/.
+    for target in ["frame", "config"] {
+        let mut fuzz = Command::new("cargo");
+        fuzz.current_dir(root.join("fuzz"))
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env("RELAY_XDP_OBJ", xdp_object(root))
+            .args([
+                &format!("+{}", nightly(root)?),
+                "fuzz",
+                "run",
+                target,
+                "--",
+                &format!("-max_total_time={FUZZ_SECONDS}"),
+            ]);
+        tally.check(&format!("fuzz {target}"), &mut fuzz, &mut failures)?;
+    }
+
     println!("tests: {} passed, {} failed", tally.passed, tally.failed);
     if !failures.is_empty() || tally.failed > 0 {
         bail!("failed: {}", failures.join(", "));
@@ -379,6 +400,18 @@ struct Tally {
 }
 
 impl Tally {
+    /// Runs a command that is one check, passed if it exits 0.
+    fn check(&mut self, name: &str, cmd: &mut Command, failures: &mut Vec<String>) -> Result<()> {
+        let status = cmd.status().with_context(|| format!("starting {name}"))?;
+        if status.success() {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+            failures.push(format!("{name} ({status})"));
+        }
+        Ok(())
+    }
+
     /// Runs a libtest command, echoing its output and adding up its summaries.
     fn run(&mut self, name: &str, cmd: &mut Command, failures: &mut Vec<String>) -> Result<()> {
         let mut child = cmd
