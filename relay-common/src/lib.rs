@@ -13,6 +13,13 @@ pub const RULE_MAP: &str = "RULES";
 pub const IFACE_MAP: &str = "IFACES";
 /// Name of the per-CPU counter array.
 pub const COUNTER_MAP: &str = "COUNTERS";
+/// Name of the XDP program's global holding the longest frame a UMEM frame takes, which the
+/// daemon sets at load time.
+pub const MAX_FRAME_LEN_GLOBAL: &str = "MAX_FRAME_LEN";
+/// The headroom the kernel keeps in front of each received frame in copy mode
+/// (XDP_PACKET_HEADROOM): a UMEM frame of N bytes holds a frame of N - 256.
+pub const XDP_PACKET_HEADROOM: u32 = 256;
+
 /// Name of the XDP program in the object file.
 pub const PROGRAM: &str = "relay";
 
@@ -91,16 +98,20 @@ pub enum XdpCounter {
     Passed = 3,
     /// Matched frames whose redirect failed (no socket on that queue): these are passed.
     RedirectFailed = 4,
+    /// Matched frames longer than a UMEM frame holds: an AF_XDP socket would drop them, so
+    /// they are passed to the kernel instead.
+    Oversize = 5,
 }
 
 impl XdpCounter {
     /// Every counter, in index order.
-    pub const ALL: [XdpCounter; 5] = [
+    pub const ALL: [XdpCounter; 6] = [
         XdpCounter::Seen,
         XdpCounter::Matched,
         XdpCounter::Redirected,
         XdpCounter::Passed,
         XdpCounter::RedirectFailed,
+        XdpCounter::Oversize,
     ];
     /// Number of counters, the size of the counter array.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -113,6 +124,7 @@ impl XdpCounter {
             XdpCounter::Redirected => "redirected",
             XdpCounter::Passed => "passed",
             XdpCounter::RedirectFailed => "redirect_failed",
+            XdpCounter::Oversize => "oversize",
         }
     }
 }

@@ -48,6 +48,11 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_UDP: u8 = 17;
 const UDP_HLEN: usize = 8;
 
+/// The longest frame an AF_XDP socket can take: the UMEM frame size less the kernel's
+/// headroom. The daemon sets it when it loads the program (a read-only global).
+#[unsafe(no_mangle)]
+static MAX_FRAME_LEN: u32 = 2048 - relay_common::XDP_PACKET_HEADROOM;
+
 #[xdp]
 pub fn relay(ctx: XdpContext) -> u32 {
     count(XdpCounter::Seen);
@@ -63,6 +68,15 @@ pub fn relay(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn steer(ctx: &XdpContext, _rule: RuleValue) -> u32 {
     count(XdpCounter::Matched);
+    // SAFETY: a read of a u32 global; volatile, so the value the loader set is the one used
+    // rather than the compile-time default.
+    let max = unsafe { core::ptr::read_volatile(&MAX_FRAME_LEN) } as usize;
+    if ctx.data_end() - ctx.data() > max {
+        // The socket would drop it (ENOSPC) and no counter of ours would show it.
+        count(XdpCounter::Oversize);
+        count(XdpCounter::Passed);
+        return xdp_action::XDP_PASS;
+    }
     // SAFETY: the kernel hands the program a valid xdp_md for the duration of the call.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let queue = ctx.rx_queue_index();

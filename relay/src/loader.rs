@@ -6,7 +6,7 @@ use std::{os::fd::AsRawFd, sync::Arc};
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
-    Ebpf, include_bytes_aligned,
+    Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{HashMap, MapData, PerCpuArray, XskMap},
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
@@ -64,12 +64,17 @@ impl AttachedMode {
 
 impl Steering {
     /// Loads the program and fills the rule map. Nothing is attached yet.
-    pub fn load(table: &RuleTable) -> Result<Self> {
+    /// Loads the program for UMEM frames of `frame_size` bytes.
+    pub fn load(table: &RuleTable, frame_size: u32) -> Result<Self> {
         raise_memlock();
-        let mut ebpf = Ebpf::load(XDP_OBJECT).context(
-            "loading the XDP object (creating its maps needs CAP_BPF, and the XSKMAP \
+        let max_frame_len = frame_size - relay_common::XDP_PACKET_HEADROOM;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(relay_common::MAX_FRAME_LEN_GLOBAL, &max_frame_len, true)
+            .load(XDP_OBJECT)
+            .context(
+                "loading the XDP object (creating its maps needs CAP_BPF, and the XSKMAP \
              CAP_NET_ADMIN: run as root, or see docs/OPERATIONS.md for the capabilities)",
-        )?;
+            )?;
         let xsks = XskMap::try_from(
             ebpf.take_map(XSK_MAP)
                 .ok_or_else(|| anyhow!("no {XSK_MAP} map"))?,

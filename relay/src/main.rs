@@ -204,7 +204,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
     let control_path = control::socket_path(config.control.as_ref());
     let control_socket = control::bind(&control_path)?;
-    let mut steering = Steering::load(&table)?;
+    let mut steering = Steering::load(&table, config.umem.frame_size)?;
     let ingress: Vec<String> = table.ingress.iter().map(|i| i.name.clone()).collect();
     let workers = config.workers;
     let (mut datapath, bindings) = Datapath::new(

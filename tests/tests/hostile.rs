@@ -47,6 +47,11 @@ enum Outcome {
     /// Redirected, then dropped and counted as `malformed` by the data path: its lengths
     /// disagree with the frame.
     Malformed,
+    /// Redirected, then dropped and counted as `too_large` on the output: longer than the
+    /// egress interface's MTU.
+    TooLarge,
+    /// Matched, but longer than a UMEM frame holds: passed, and counted as `oversize`.
+    Oversize,
 }
 
 impl Outcome {
@@ -56,7 +61,14 @@ impl Outcome {
             Outcome::Passed => "passed to the kernel (XDP_PASS)",
             Outcome::TtlExpired => "dropped, counted as ttl_expired",
             Outcome::Malformed => "dropped, counted as datapath malformed",
+            Outcome::TooLarge => "dropped, counted as too_large on the output",
+            Outcome::Oversize => "passed to the kernel (XDP_PASS), counted as oversize",
         }
+    }
+
+    /// Whether the relay's own stack receives the frame.
+    fn reaches_stack(self) -> bool {
+        matches!(self, Outcome::Passed | Outcome::Oversize)
     }
 }
 
@@ -258,6 +270,22 @@ fn cases(rin_mac: [u8; 6]) -> Vec<Case> {
             Passed,
         ),
         case(
+            "1700-byte frame, above the egress MTU (1500)",
+            build_udp_frame(&UdpFrame {
+                payload: payload(next(), 1700 - 42),
+                ..v4(0)
+            }),
+            TooLarge,
+        ),
+        case(
+            "2500-byte frame, above what a 2048-byte UMEM frame holds",
+            build_udp_frame(&UdpFrame {
+                payload: payload(next(), 2500 - 42),
+                ..v4(0)
+            }),
+            Oversize,
+        ),
+        case(
             "IPv4 total length past the frame",
             edit_ipv4(build_udp_frame(&v4(next())), |h| {
                 let t = u16::from_be_bytes([h[2], h[3]]) + 100;
@@ -436,6 +464,13 @@ fn table_rows(cases: &[Case]) -> Vec<String> {
 fn hostile_frames_get_the_documented_outcome() {
     require_root();
     let topo = Topology::new(1).unwrap();
+    // Room on the ingress link for frames longer than a UMEM frame (the egress stays at 1500).
+    topo.sender
+        .exec(&["ip", "link", "set", SENDER_IF, "mtu", "3000"])
+        .unwrap();
+    topo.relay
+        .exec(&["ip", "link", "set", RELAY_IN, "mtu", "3000"])
+        .unwrap();
     let rin_mac = {
         let s = topo
             .relay
@@ -452,7 +487,7 @@ fn hostile_frames_get_the_documented_outcome() {
     let mut limits = Limits::new(count(Outcome::Relayed));
     limits.idle = Duration::from_secs(2);
     let relayed = capture(&rx.ns, &rx.iface, limits, is_relayed).unwrap();
-    let mut limits = Limits::new(count(Outcome::Passed));
+    let mut limits = Limits::new(count(Outcome::Passed) + count(Outcome::Oversize));
     limits.idle = Duration::from_secs(2);
     let passed = capture(&topo.relay, RELAY_IN, limits, is_injected).unwrap();
     let frames: Vec<Vec<u8>> = cases.iter().map(|c| c.frame.clone()).collect();
@@ -476,25 +511,29 @@ fn hostile_frames_get_the_documented_outcome() {
         let arrived = seen.contains(&as_received(&c.frame));
         assert_eq!(
             arrived,
-            c.outcome == Outcome::Passed,
+            c.outcome.reaches_stack(),
             "{}: reached the relay's own stack: {arrived}",
             c.what
         );
     }
 
     // The data path publishes its counters every 100 ms; wait until it has seen them all.
-    let redirected = cases.len() as u64 - count(Outcome::Passed);
+    let redirected = count(Outcome::Relayed)
+        + count(Outcome::TtlExpired)
+        + count(Outcome::Malformed)
+        + count(Outcome::TooLarge);
     let after = stats_until(&relay.control, |v| {
         let received: u64 = v.rules.iter().map(|r| r.received).sum();
         received + v.malformed == redirected
     });
     let delta = |k: &str| after.xdp[k] - before.xdp[k];
+    assert_eq!(delta("redirected"), redirected, "{after:?}");
+    assert_eq!(delta("oversize"), count(Outcome::Oversize), "{after:?}");
     assert_eq!(
         delta("matched"),
-        count(Outcome::Relayed) + count(Outcome::TtlExpired) + count(Outcome::Malformed),
+        redirected + count(Outcome::Oversize),
         "{after:?}"
     );
-    assert_eq!(delta("redirected"), delta("matched"), "{after:?}");
     assert_eq!(
         after.malformed - before.malformed,
         count(Outcome::Malformed),
@@ -508,6 +547,7 @@ fn hostile_frames_get_the_documented_outcome() {
             .sum()
     };
     assert_eq!(out("ttl_expired"), count(Outcome::TtlExpired), "{after:?}");
+    assert_eq!(out("too_large"), count(Outcome::TooLarge), "{after:?}");
     let sent: u64 = after.rules.iter().map(|r| r.outputs[0].sent).sum();
     assert_eq!(sent, count(Outcome::Relayed), "{after:?}");
 
