@@ -267,9 +267,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         steering,
         datapath,
         memberships,
+        gone: Vec::new(),
     };
 
+    let mut last_watch = std::time::Instant::now();
     while !STOP.load(Ordering::Relaxed) {
+        if last_watch.elapsed() >= Duration::from_millis(500) {
+            last_watch = std::time::Instant::now();
+            relay.watch_interfaces();
+        }
         if RELOAD.swap(false, Ordering::Relaxed) {
             match relay.reload() {
                 Ok(summary) => info!("SIGHUP: {summary}"),
@@ -325,9 +331,58 @@ struct Running {
     steering: Steering,
     datapath: Datapath,
     memberships: Memberships,
+    /// Interfaces of the running rules that do not exist right now.
+    gone: Vec<String>,
 }
 
 impl Running {
+    /// Notices interfaces of the running rules that were deleted, and binds to them again
+    /// when an interface of the same name reappears: its sockets and XDP program belonged to
+    /// the old device, so the running rules are applied again, which opens sockets on the new
+    /// one, attaches the program to a new ingress and joins its groups. Rules on other
+    /// interfaces keep flowing throughout.
+    fn watch_interfaces(&mut self) {
+        let table = self.datapath.table();
+        let known = table
+            .ingress
+            .iter()
+            .map(|i| (&i.name, i.info.ifindex, true))
+            .chain(table.egress.iter().map(|e| (&e.name, e.info.ifindex, false)));
+        let mut replaced = Vec::new();
+        for (name, ifindex, ingress) in known {
+            match relay::sys::ifindex(name) {
+                None if !self.gone.contains(name) => {
+                    warn!(
+                        "{name}: the interface is gone; {} until an interface of that name is back",
+                        if ingress {
+                            "its rules receive nothing"
+                        } else {
+                            "its outputs' frames are dropped (interface_down)"
+                        }
+                    );
+                    self.gone.push(name.clone());
+                }
+                Some(now) if now != ifindex => replaced.push((name.clone(), ingress)),
+                _ => {}
+            }
+        }
+        if replaced.is_empty() {
+            return;
+        }
+        for (name, ingress) in &replaced {
+            self.gone.retain(|g| g != name);
+            info!("{name}: the interface is back (a new device); binding to it");
+            if *ingress && let Err(e) = self.steering.detach_iface(name) {
+                // The kernel took the old link away with the old device.
+                info!("{name}: the old XDP link is already gone ({e:#})");
+            }
+        }
+        match self.apply(self.config.clone()) {
+            Ok(summary) => info!("rebound: {summary}"),
+            Err(e) => error!("binding to the new interface failed; the running rules stay: {e:#}"),
+        }
+    }
+
     /// Re-reads the config file and switches to its rules. Everything is validated before
     /// anything changes; a refused file leaves the running rules as they were. Rules present
     /// before and after keep flowing: their BPF map entries are replaced in place and the

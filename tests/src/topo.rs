@@ -97,6 +97,32 @@ impl Topology {
         })
     }
 
+    /// Creates receiver `i`'s link again, with the same names and addresses, after its
+    /// relay-side interface was deleted (which deletes the peer too).
+    pub fn relink_receiver(&self, i: usize) -> Result<()> {
+        let r = &self.receivers[i];
+        link(&self.relay, &r.relay_iface, &r.ns, &r.iface)?;
+        let subnet = 2 + i as u8;
+        addr(&self.relay, &r.relay_iface, Ipv4Addr::new(198, 18, subnet, 1))?;
+        addr(&r.ns, &r.iface, r.addr)?;
+        let subnet6 = u16::from(subnet);
+        addr6(&self.relay, &r.relay_iface, Ipv6Addr::new(0x2001, 2, 0, subnet6, 0, 0, 0, 1))?;
+        addr6(&r.ns, &r.iface, r.addr6)?;
+        r.ns.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{}.rp_filter=0", r.iface)])?;
+        Ok(())
+    }
+
+    /// A second link from the sender to the relay, `sender_if` 198.18.`subnet`.1 to
+    /// `relay_if` 198.18.`subnet`.2; returns the sender's address on it.
+    pub fn add_ingress(&self, relay_if: &str, sender_if: &str, subnet: u8) -> Result<Ipv4Addr> {
+        link(&self.sender, sender_if, &self.relay, relay_if)?;
+        let a = Ipv4Addr::new(198, 18, subnet, 1);
+        addr(&self.sender, sender_if, a)?;
+        addr(&self.relay, relay_if, Ipv4Addr::new(198, 18, subnet, 2))?;
+        self.sender.exec(&["ethtool", "-K", sender_if, "tx", "off"])?;
+        Ok(a)
+    }
+
     /// Whether any interface in the relay namespace still has an XDP program attached.
     pub fn relay_has_xdp(&self) -> Result<bool> {
         let links = self.relay.exec(&["ip", "-d", "link", "show"])?;

@@ -1304,3 +1304,119 @@ fn fans_out_to_64_interfaces() {
     );
     assert_eq!(report_value(&exit.stdout, &["frames"], "leaked"), Some(0));
 }
+
+/// Interfaces that go away while the relay runs: an egress deleted costs only its own output
+/// (counted as interface_down) and is bound again, by itself, when an interface of that name
+/// comes back; an ingress deleted stops only its own rules, and the others keep relaying;
+/// at the end every frame is accounted for and nothing stays attached.
+#[test]
+fn interfaces_deleted_and_created_again() {
+    require_root();
+    let _serial = serial();
+    const N: u64 = 200;
+    let topo = Topology::new(2).unwrap();
+    let second = topo.add_ingress("rin2", "snd1", 100).unwrap();
+    let rules = "\
+rules:
+  - name: a
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs: [{ interface: rout0 }, { interface: rout1 }]
+  - name: b
+    input: { interface: rin2, group: 239.3.3.3, port: 5000 }
+    outputs: [{ interface: rout0, group: 239.1.1.1 }]
+";
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, rules, &[]).unwrap();
+    let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
+    let all: BTreeSet<u64> = (0..N).collect();
+    let log = || std::fs::read_to_string(&relay.stderr).unwrap();
+    let wait_log = |what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !log().contains(what) {
+            assert!(std::time::Instant::now() < deadline, "no '{what}' in:\n{}", log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // An egress deleted: the other output carries on, this one counts its drops.
+    topo.relay.exec(&["ip", "link", "del", "rout1"]).unwrap();
+    wait_log("rout1: the interface is gone");
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
+    assert_eq!(seqs(&join(rx0).unwrap()), all, "rout0 kept relaying");
+    let v = stats_until(&relay.control, |v| {
+        v.rules[0].outputs[1].dropped["interface_down"] == N
+    });
+    assert_eq!(v.rules[0].outputs[1].dropped["interface_down"], N, "{v:?}");
+    assert_eq!(v.rules[0].outputs[1].sent, 0, "{v:?}");
+
+    // Created again: the relay binds to the new device by itself.
+    topo.relink_receiver(1).unwrap();
+    wait_log("rout1: the interface is back (a new device); binding to it");
+    wait_log("rebound: 2 rules");
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
+    let rx1 = listen(&r1.ns, G1, 5000, r1.addr, Limits::new(N)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
+    assert_eq!(seqs(&join(rx0).unwrap()), all, "rout0 after the rebind");
+    assert_eq!(seqs(&join(rx1).unwrap()), all, "rout1 relays again on the new device");
+
+    // The second ingress works, then is deleted: the first keeps relaying.
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
+    join(send(&topo.sender, second, Flow::new(Ipv4Addr::new(239, 3, 3, 3), 5000, N))).unwrap();
+    assert_eq!(seqs(&join(rx0).unwrap()), all, "rule b relays from rin2");
+    topo.relay.exec(&["ip", "link", "del", "rin2"]).unwrap();
+    wait_log("rin2: the interface is gone; its rules receive nothing");
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
+    let rx1 = listen(&r1.ns, G1, 5000, r1.addr, Limits::new(N)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
+    assert_eq!(seqs(&join(rx0).unwrap()), all, "rule a still relays on rout0");
+    assert_eq!(seqs(&join(rx1).unwrap()), all, "rule a still relays on rout1");
+
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
+    assert!(exit.stderr.contains("all 4096 frames accounted for"), "{}", exit.stderr);
+    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
+    assert!(!topo.relay_has_xdp().unwrap());
+}
+
+/// The one error line a refused start prints, and that it stopped non-zero.
+fn refused(topo: &Topology, yaml: &str, why: &str) -> String {
+    let err = match RelayProc::start(&relay_bin(), &topo.relay, yaml, &[]) {
+        Ok(_) => panic!("the relay started despite {why}"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("exited early (exit status: 1)"), "{why}:\n{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert_eq!(errors.len(), 1, "one error line for {why}:\n{err}");
+    errors[0].to_owned()
+}
+
+/// A second relay on an interface the first one holds, and a kernel feature the interface
+/// lacks (zero-copy AF_XDP on veth): each start stops with one error line that names the
+/// cause and what to do, exits non-zero, and leaves the running relay and the interfaces as
+/// they were.
+#[test]
+fn second_relay_and_missing_feature_are_refused_clearly() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(2).unwrap();
+    let first = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
+
+    let line = refused(&topo, RULES, "a second relay on the same interfaces");
+    assert!(
+        line.contains("is another relay (or AF_XDP program) running on rin? Stop it"),
+        "{line}"
+    );
+    // The first relay is unharmed.
+    let r0 = &topo.receivers[0];
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(100)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, 100))).unwrap();
+    assert_eq!(join(rx0).unwrap().len(), 100, "the first relay still relays");
+    assert!(first.stop(Duration::from_secs(3)).unwrap().status.success());
+
+    let line = refused(&topo, &format!("bind: zerocopy\n{RULES}"), "zero-copy on veth");
+    assert!(
+        line.contains("zero-copy") && line.contains("not supported") && line.contains("bind: auto"),
+        "{line}"
+    );
+    assert!(!topo.relay_has_xdp().unwrap());
+}

@@ -73,6 +73,12 @@ pub(super) fn open_socket(
                 "{iface} queue {queue} already has an AF_XDP socket bound: is another relay (or \
                  AF_XDP program) running on {iface}? Stop it, or remove {iface} from this config"
             )
+        } else if bind == BindMode::Zerocopy && os_error(&e) == Some(libc::EOPNOTSUPP) {
+            anyhow!(
+                "{iface} queue {queue}: zero-copy AF_XDP is not supported by {iface}'s driver \
+                 (veth and many others have copy mode only): use `bind: auto`, which falls back \
+                 to copy mode, or `bind: copy`"
+            )
         } else {
             anyhow!(
                 "binding an AF_XDP socket to {iface} queue {queue}: {}",

@@ -359,7 +359,8 @@ impl Worker {
     fn check_links(&mut self) {
         for p in &mut self.ports {
             // A socket is bound to an ifindex: an interface deleted and created again under
-            // the same name is another device, which only a reload binds to.
+            // the same name is another device, which the main thread binds to with new
+            // sockets (`watch_interfaces`).
             p.mtu = crate::sys::mtu(&p.name).unwrap_or(p.mtu);
             let now = crate::sys::ifindex(&p.name);
             let replaced = now.is_some_and(|i| i != p.ifindex);
@@ -367,7 +368,7 @@ impl Worker {
             if down != p.down {
                 if replaced {
                     log::warn!(
-                        "{}: the interface was deleted and created again; `relay reload` binds to the new one (its frames are dropped as interface_down until then)",
+                        "{}: this socket's interface was deleted; its frames are dropped as interface_down",
                         p.name
                     );
                 } else if down {
