@@ -6,7 +6,6 @@
 
 use std::{
     fmt::Write as _,
-    io::{BufRead, BufReader},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -16,7 +15,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    loadgen::{RecvSummary, SendSummary},
+    genproc::{GenReceiver, GenSender, SendSpec, rss_kib},
+    loadgen::RecvSummary,
     mroute::KernelMroute,
     netns::{Netns, require_root, sh},
     relay_proc::RelayProc,
@@ -312,68 +312,37 @@ fn run_one(
     let fwd = start(topo, relay_bin, sc, cpus)?;
     let mut receivers = Vec::new();
     for r in &topo.receivers[..sc.outputs] {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", r.ns.name()])
-            .arg(gen_bin)
-            .args([
-                "recv",
-                "--group",
-                &GROUP.to_string(),
-                "--port",
-                &PORT.to_string(),
-            ])
-            .args(["--iface-addr", &r.addr.to_string(), "--idle-ms", "1000"])
-            .args(["--max-secs", &(duration + 20.0).to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting a receiver")?;
-        let mut line = String::new();
-        BufReader::new(child.stderr.take().expect("piped")).read_line(&mut line)?;
-        if line.trim() != "ready" {
-            bail!("receiver did not start: {line}");
-        }
-        receivers.push(child);
+        receivers.push(GenReceiver::spawn(
+            gen_bin,
+            &r.ns,
+            GROUP,
+            PORT,
+            r.addr,
+            1000,
+            duration + 20.0,
+        )?);
     }
     let pid = fwd.pid();
     let cpu_before = pid.map(cpu_ns).transpose()?;
-    let sender = Command::new("ip")
-        .args(["netns", "exec", topo.sender.name()])
-        .arg(gen_bin)
-        .args([
-            "send",
-            "--group",
-            &GROUP.to_string(),
-            "--port",
-            &PORT.to_string(),
-        ])
-        .args([
-            "--source",
-            &SENDER_ADDR.to_string(),
-            "--size",
-            &size.to_string(),
-        ])
-        .args([
-            "--rate",
-            &rate.to_string(),
-            "--duration",
-            &duration.to_string(),
-        ])
-        .args(["--cpu", "0"])
-        .output()
-        .context("running the sender")?;
-    if !sender.status.success() {
-        bail!("sender failed: {}", String::from_utf8_lossy(&sender.stderr));
-    }
-    let sent: SendSummary = serde_json::from_slice(&sender.stdout).context("sender output")?;
+    let spec = SendSpec {
+        group: GROUP,
+        port: PORT,
+        source: SENDER_ADDR,
+        size,
+        rate,
+        duration_s: duration,
+        cpu: Some(0),
+    };
+    let sent = GenSender::spawn(gen_bin, &topo.sender, &spec)?.finish()?;
     let mut got = Vec::new();
-    for child in receivers {
-        let out = child.wait_with_output()?;
-        got.push(serde_json::from_slice::<RecvSummary>(&out.stdout).context("receiver output")?);
+    for r in receivers {
+        got.push(r.finish()?);
     }
     // Read after the receivers' idle period, so late frames the forwarder worked on count.
     let cpu_after = pid.map(cpu_ns).transpose()?;
-    let rss = pid.map(rss_mib).transpose()?;
+    let rss = pid
+        .map(|p| rss_kib(p).map(|k| k as f64 / 1024.0))
+        .transpose()?;
     fwd.stop()?;
 
     let delivered: u64 = got.iter().map(|g| g.unique).sum();
@@ -411,12 +380,3 @@ fn cpu_ns(pid: u32) -> Result<u64> {
     Ok(total)
 }
 
-fn rss_mib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
-    Ok(kb / 1024.0)
-}

@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod genproc;
 pub mod loadgen;
 pub mod mroute;
 pub mod netns;

@@ -1,0 +1,131 @@
+//! `relay-gen` processes in namespaces: receivers that account for what arrives, and senders
+//! at a rate or flat out. Shared by the benchmark, the overload test and the soak.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    loadgen::{RecvSummary, SendSummary},
+    netns::Netns,
+};
+
+/// A running `relay-gen recv`.
+pub struct GenReceiver {
+    child: Child,
+}
+
+impl GenReceiver {
+    /// Starts a receiver that joins `group` on the interface with `iface_addr` and returns
+    /// once it has joined.
+    pub fn spawn(
+        gen_bin: &Path,
+        ns: &Netns,
+        group: Ipv4Addr,
+        port: u16,
+        iface_addr: Ipv4Addr,
+        idle_ms: u64,
+        max_secs: f64,
+    ) -> Result<Self> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(gen_bin)
+            .args(["recv", "--group", &group.to_string(), "--port", &port.to_string()])
+            .args(["--iface-addr", &iface_addr.to_string()])
+            .args(["--idle-ms", &idle_ms.to_string(), "--max-secs", &max_secs.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting a receiver")?;
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().expect("piped")).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("receiver did not start: {line}");
+        }
+        Ok(Self { child })
+    }
+
+    /// Waits for the receiver to stop (idle or at its time limit) and returns its account.
+    pub fn finish(self) -> Result<RecvSummary> {
+        let out = self.child.wait_with_output()?;
+        serde_json::from_slice(&out.stdout).context("receiver output")
+    }
+}
+
+/// What a sender sends.
+#[derive(Debug, Clone)]
+pub struct SendSpec {
+    pub group: Ipv4Addr,
+    pub port: u16,
+    pub source: Ipv4Addr,
+    /// UDP payload bytes.
+    pub size: usize,
+    /// Packets per second; 0 for flat out.
+    pub rate: u64,
+    pub duration_s: f64,
+    pub cpu: Option<usize>,
+}
+
+/// A running `relay-gen send`.
+pub struct GenSender {
+    child: Child,
+}
+
+impl GenSender {
+    pub fn spawn(gen_bin: &Path, ns: &Netns, spec: &SendSpec) -> Result<Self> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()])
+            .arg(gen_bin)
+            .args(["send", "--group", &spec.group.to_string()])
+            .args(["--port", &spec.port.to_string()])
+            .args(["--source", &spec.source.to_string()])
+            .args(["--size", &spec.size.to_string(), "--rate", &spec.rate.to_string()])
+            .args(["--duration", &spec.duration_s.to_string()]);
+        if let Some(cpu) = spec.cpu {
+            cmd.args(["--cpu", &cpu.to_string()]);
+        }
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the sender")?;
+        Ok(Self { child })
+    }
+
+    pub fn finish(self) -> Result<SendSummary> {
+        let out = self.child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("sender failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).context("sender output")
+    }
+}
+
+/// `relay-gen` next to the running binary (the test and xtask executables live in
+/// target/*/deps or target/*, and cargo builds relay-gen into target/*).
+pub fn gen_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("RELAY_GEN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("the running executable");
+    let mut dir = exe.parent().expect("a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("relay-gen")
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
