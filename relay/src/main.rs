@@ -347,7 +347,12 @@ impl Running {
             .ingress
             .iter()
             .map(|i| (&i.name, i.info.ifindex, true))
-            .chain(table.egress.iter().map(|e| (&e.name, e.info.ifindex, false)));
+            .chain(
+                table
+                    .egress
+                    .iter()
+                    .map(|e| (&e.name, e.info.ifindex, false)),
+            );
         let mut replaced = Vec::new();
         for (name, ifindex, ingress) in known {
             match relay::sys::ifindex(name) {

@@ -379,4 +379,3 @@ fn cpu_ns(pid: u32) -> Result<u64> {
     }
     Ok(total)
 }
-

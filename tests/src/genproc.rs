@@ -35,9 +35,20 @@ impl GenReceiver {
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns.name()])
             .arg(gen_bin)
-            .args(["recv", "--group", &group.to_string(), "--port", &port.to_string()])
+            .args([
+                "recv",
+                "--group",
+                &group.to_string(),
+                "--port",
+                &port.to_string(),
+            ])
             .args(["--iface-addr", &iface_addr.to_string()])
-            .args(["--idle-ms", &idle_ms.to_string(), "--max-secs", &max_secs.to_string()])
+            .args([
+                "--idle-ms",
+                &idle_ms.to_string(),
+                "--max-secs",
+                &max_secs.to_string(),
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -84,7 +95,12 @@ impl GenSender {
             .args(["send", "--group", &spec.group.to_string()])
             .args(["--port", &spec.port.to_string()])
             .args(["--source", &spec.source.to_string()])
-            .args(["--size", &spec.size.to_string(), "--rate", &spec.rate.to_string()])
+            .args([
+                "--size",
+                &spec.size.to_string(),
+                "--rate",
+                &spec.rate.to_string(),
+            ])
             .args(["--duration", &spec.duration_s.to_string()]);
         if let Some(cpu) = spec.cpu {
             cmd.args(["--cpu", &cpu.to_string()]);

@@ -12,5 +12,6 @@ pub mod loadgen;
 pub mod mroute;
 pub mod netns;
 pub mod relay_proc;
+pub mod soak;
 pub mod topo;
 pub mod traffic;

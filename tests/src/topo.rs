@@ -103,12 +103,24 @@ impl Topology {
         let r = &self.receivers[i];
         link(&self.relay, &r.relay_iface, &r.ns, &r.iface)?;
         let subnet = 2 + i as u8;
-        addr(&self.relay, &r.relay_iface, Ipv4Addr::new(198, 18, subnet, 1))?;
+        addr(
+            &self.relay,
+            &r.relay_iface,
+            Ipv4Addr::new(198, 18, subnet, 1),
+        )?;
         addr(&r.ns, &r.iface, r.addr)?;
         let subnet6 = u16::from(subnet);
-        addr6(&self.relay, &r.relay_iface, Ipv6Addr::new(0x2001, 2, 0, subnet6, 0, 0, 0, 1))?;
+        addr6(
+            &self.relay,
+            &r.relay_iface,
+            Ipv6Addr::new(0x2001, 2, 0, subnet6, 0, 0, 0, 1),
+        )?;
         addr6(&r.ns, &r.iface, r.addr6)?;
-        r.ns.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{}.rp_filter=0", r.iface)])?;
+        r.ns.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{}.rp_filter=0", r.iface),
+        ])?;
         Ok(())
     }
 
@@ -119,7 +131,8 @@ impl Topology {
         let a = Ipv4Addr::new(198, 18, subnet, 1);
         addr(&self.sender, sender_if, a)?;
         addr(&self.relay, relay_if, Ipv4Addr::new(198, 18, subnet, 2))?;
-        self.sender.exec(&["ethtool", "-K", sender_if, "tx", "off"])?;
+        self.sender
+            .exec(&["ethtool", "-K", sender_if, "tx", "off"])?;
         Ok(a)
     }
 

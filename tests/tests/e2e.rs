@@ -1332,7 +1332,11 @@ rules:
     let wait_log = |what: &str| {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !log().contains(what) {
-            assert!(std::time::Instant::now() < deadline, "no '{what}' in:\n{}", log());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no '{what}' in:\n{}",
+                log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     };
@@ -1357,23 +1361,44 @@ rules:
     let rx1 = listen(&r1.ns, G1, 5000, r1.addr, Limits::new(N)).unwrap();
     join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
     assert_eq!(seqs(&join(rx0).unwrap()), all, "rout0 after the rebind");
-    assert_eq!(seqs(&join(rx1).unwrap()), all, "rout1 relays again on the new device");
+    assert_eq!(
+        seqs(&join(rx1).unwrap()),
+        all,
+        "rout1 relays again on the new device"
+    );
 
     // The second ingress works, then is deleted: the first keeps relaying.
     let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
-    join(send(&topo.sender, second, Flow::new(Ipv4Addr::new(239, 3, 3, 3), 5000, N))).unwrap();
+    join(send(
+        &topo.sender,
+        second,
+        Flow::new(Ipv4Addr::new(239, 3, 3, 3), 5000, N),
+    ))
+    .unwrap();
     assert_eq!(seqs(&join(rx0).unwrap()), all, "rule b relays from rin2");
     topo.relay.exec(&["ip", "link", "del", "rin2"]).unwrap();
     wait_log("rin2: the interface is gone; its rules receive nothing");
     let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
     let rx1 = listen(&r1.ns, G1, 5000, r1.addr, Limits::new(N)).unwrap();
     join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
-    assert_eq!(seqs(&join(rx0).unwrap()), all, "rule a still relays on rout0");
-    assert_eq!(seqs(&join(rx1).unwrap()), all, "rule a still relays on rout1");
+    assert_eq!(
+        seqs(&join(rx0).unwrap()),
+        all,
+        "rule a still relays on rout0"
+    );
+    assert_eq!(
+        seqs(&join(rx1).unwrap()),
+        all,
+        "rule a still relays on rout1"
+    );
 
     let exit = relay.stop(Duration::from_secs(3)).unwrap();
     assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
-    assert!(exit.stderr.contains("all 4096 frames accounted for"), "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains("all 4096 frames accounted for"),
+        "{}",
+        exit.stderr
+    );
     assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
     assert!(!topo.relay_has_xdp().unwrap());
 }
@@ -1384,7 +1409,10 @@ fn refused(topo: &Topology, yaml: &str, why: &str) -> String {
         Ok(_) => panic!("the relay started despite {why}"),
         Err(e) => format!("{e:#}"),
     };
-    assert!(err.contains("exited early (exit status: 1)"), "{why}:\n{err}");
+    assert!(
+        err.contains("exited early (exit status: 1)"),
+        "{why}:\n{err}"
+    );
     let errors: Vec<&str> = err.lines().filter(|l| l.contains(" ERROR ")).collect();
     assert_eq!(errors.len(), 1, "one error line for {why}:\n{err}");
     errors[0].to_owned()
@@ -1410,10 +1438,18 @@ fn second_relay_and_missing_feature_are_refused_clearly() {
     let r0 = &topo.receivers[0];
     let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(100)).unwrap();
     join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, 100))).unwrap();
-    assert_eq!(join(rx0).unwrap().len(), 100, "the first relay still relays");
+    assert_eq!(
+        join(rx0).unwrap().len(),
+        100,
+        "the first relay still relays"
+    );
     assert!(first.stop(Duration::from_secs(3)).unwrap().status.success());
 
-    let line = refused(&topo, &format!("bind: zerocopy\n{RULES}"), "zero-copy on veth");
+    let line = refused(
+        &topo,
+        &format!("bind: zerocopy\n{RULES}"),
+        "zero-copy on veth",
+    );
     assert!(
         line.contains("zero-copy") && line.contains("not supported") && line.contains("bind: auto"),
         "{line}"

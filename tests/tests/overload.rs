@@ -50,7 +50,10 @@ fn overload_drops_are_counted_memory_is_flat_and_it_recovers() {
     }
     let sent = sender.finish().unwrap();
     rss.push(rss_kib(pid).unwrap());
-    eprintln!("offered {:.0} pps for {:.1} s; relay RSS samples (KiB): {rss:?}", sent.pps, sent.elapsed_s);
+    eprintln!(
+        "offered {:.0} pps for {:.1} s; relay RSS samples (KiB): {rss:?}",
+        sent.pps, sent.elapsed_s
+    );
     let (lo, hi) = (*rss.iter().min().unwrap(), *rss.iter().max().unwrap());
     assert!(hi - lo <= 1024, "RSS grew under load: {rss:?} KiB");
 
@@ -68,7 +71,11 @@ fn overload_drops_are_counted_memory_is_flat_and_it_recovers() {
 
     let exit = relay.stop(Duration::from_secs(5)).unwrap();
     assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
-    assert!(exit.stderr.contains("all 4096 frames accounted for"), "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains("all 4096 frames accounted for"),
+        "{}",
+        exit.stderr
+    );
     let r = &exit.stdout;
     let v = |filters: &[&str], key: &str| {
         report_value(r, filters, key).unwrap_or_else(|| panic!("no {key} in:\n{r}"))

@@ -35,6 +35,20 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// A steady flow with a reload every 10 s for N minutes: fails on any lost datagram,
+    /// growing memory or a leaked frame (needs root). The result goes into docs/PERFORMANCE.md
+    /// unless --no-write.
+    Soak {
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Packets per second of the steady flow (well below the relay's capacity).
+        #[arg(long, default_value_t = 50_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long)]
+        no_write: bool,
+    },
     /// Run the frame pool benchmark (criterion) several times and write the median tables into
     /// docs/PERFORMANCE.md (takes a few minutes per run; no root needed).
     BenchPool {
@@ -113,15 +127,7 @@ fn main() -> Result<()> {
             setup(&root)?;
             build_ebpf(&root)?;
             build_relay(&root)?;
-            run(Command::new("cargo").current_dir(&root).args([
-                "build",
-                "--release",
-                "-p",
-                "relay-tests",
-                "--bin",
-                "relay-gen",
-            ]))?;
-            let gen_bin = target_dir(&root).join("release/relay-gen");
+            let gen_bin = build_gen(&root)?;
             let opts = relay_tests::bench::BenchOpts {
                 repeats,
                 duration,
@@ -140,6 +146,35 @@ fn main() -> Result<()> {
             println!("{section}");
             if !no_write {
                 write_section(&root.join("docs/PERFORMANCE.md"), "bench", &section)?;
+            }
+            Ok(())
+        }
+        Task::Soak {
+            minutes,
+            rate,
+            size,
+            no_write,
+        } => {
+            setup(&root)?;
+            build_ebpf(&root)?;
+            build_relay(&root)?;
+            let gen_bin = build_gen(&root)?;
+            let opts = relay_tests::soak::SoakOpts {
+                minutes,
+                rate,
+                size,
+            };
+            let table = relay_tests::soak::run(&relay_bin(&root), &gen_bin, &opts)?;
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            let section = format!(
+                "Measured {} with `cargo xtask {}` on {}.\n\n{table}",
+                now_utc()?,
+                args.join(" "),
+                machine()?
+            );
+            println!("{section}");
+            if !no_write {
+                write_section(&root.join("docs/PERFORMANCE.md"), "soak", &section)?;
             }
             Ok(())
         }
@@ -232,6 +267,19 @@ fn setup(root: &Path) -> Result<()> {
 }
 
 /// The pinned nightly that builds the eBPF crate, from relay-ebpf/NIGHTLY.
+/// Builds the traffic generator; returns its path.
+fn build_gen(root: &Path) -> Result<PathBuf> {
+    run(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "relay-tests",
+        "--bin",
+        "relay-gen",
+    ]))?;
+    Ok(target_dir(root).join("release/relay-gen"))
+}
+
 fn nightly(root: &Path) -> Result<String> {
     let path = root.join("relay-ebpf/NIGHTLY");
     Ok(std::fs::read_to_string(&path)
@@ -381,6 +429,30 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
                 &format!("-max_total_time={FUZZ_SECONDS}"),
             ]);
         tally.check(&format!("fuzz {target}"), &mut fuzz, &mut failures)?;
+    }
+
+    // The soak, for one minute: a steady flow through periodic reloads loses nothing, leaks
+    // nothing and holds its memory (`cargo xtask soak` runs it longer).
+    let gen_bin = build_gen(root)?;
+    let soak = relay_tests::soak::run(
+        &relay_bin(root),
+        &gen_bin,
+        &relay_tests::soak::SoakOpts {
+            minutes: 1.0,
+            rate: 50_000,
+            size: 64,
+        },
+    );
+    match soak {
+        Ok(table) => {
+            println!("soak (1 minute):\n{table}");
+            tally.passed += 1;
+        }
+        Err(e) => {
+            println!("soak (1 minute): {e:#}");
+            tally.failed += 1;
+            failures.push("soak".to_owned());
+        }
     }
 
     println!("tests: {} passed, {} failed", tally.passed, tally.failed);
