@@ -81,7 +81,7 @@ pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &SoakOpts) -> Result<String> 
         }
         if now >= next_reload {
             next_reload += Duration::from_secs(10);
-            let yaml = if reloads % 2 == 0 {
+            let yaml = if reloads.is_multiple_of(2) {
                 format!("{base}{EXTRA}")
             } else {
                 base.clone()
