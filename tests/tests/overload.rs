@@ -92,7 +92,8 @@ fn overload_drops_are_counted_memory_is_flat_and_it_recovers() {
     );
     // Every frame the rule received went out on each output or was counted as dropped there.
     for i in 0..OUTPUTS {
-        let out = [&"rule=load"[..], &format!("output=rout{i}")];
+        let output = format!("output=rout{i}");
+        let out = ["rule=load", output.as_str()];
         assert_eq!(
             v(&out, "sent") + v(&out, "dropped"),
             received,
