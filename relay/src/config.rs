@@ -18,10 +18,14 @@ pub struct Config {
     pub xdp_mode: XdpModeConfig,
     #[serde(default)]
     pub bind: BindMode,
-    /// Data path threads. Sockets are shared out among them; frames for an egress owned by
-    /// another worker are handed over through a lock-free lane.
-    #[serde(default = "Config::default_workers")]
-    pub workers: usize,
+    /// Data path threads; when absent, one per ingress rx queue, up to the number of CPUs
+    /// (see [`default_workers`]). Sockets are shared out among them; frames for an egress
+    /// owned by another worker are handed over through a lock-free lane.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// CPUs to pin the workers to: worker i runs on `cpus[i % len]`. Unpinned when absent.
+    #[serde(default)]
+    pub cpus: Option<Vec<usize>>,
     /// The control socket (`relay stats`, ...); /run/relay/relay.sock when absent.
     #[serde(default)]
     pub control: Option<std::path::PathBuf>,
@@ -156,11 +160,13 @@ fn multicast_range(addr: IpAddr) -> &'static str {
     }
 }
 
-impl Config {
-    fn default_workers() -> usize {
-        1
-    }
+/// The worker count when the config names none: one per ingress rx queue (each queue's
+/// socket then has a thread of its own), but no more than there are CPUs to run them.
+pub fn default_workers(ingress_queues: usize, cpus: usize) -> usize {
+    ingress_queues.clamp(1, cpus.max(1))
+}
 
+impl Config {
     /// Parses YAML; `file` names the source in errors.
     pub fn parse(file: &str, yaml: &str) -> Result<Config, ConfigError> {
         serde_yaml::from_str(yaml).map_err(|e| ConfigError {
@@ -200,11 +206,29 @@ impl Config {
                 "umem.frame_size is {frame_size}: AF_XDP takes 2048 or 4096"
             )));
         }
-        if !(1..=256).contains(&self.workers) {
-            return Err(top(format!(
-                "workers is {}: it must be from 1 to 256",
-                self.workers
-            )));
+        if let Some(w) = self.workers
+            && !(1..=256).contains(&w)
+        {
+            return Err(top(format!("workers is {w}: it must be from 1 to 256")));
+        }
+        if let Some(cpus) = &self.cpus {
+            if cpus.is_empty() {
+                return Err(top(
+                    "cpus is empty: list the CPUs to pin the workers to, or leave it out"
+                        .to_owned(),
+                ));
+            }
+            let mut seen = HashSet::new();
+            for &c in cpus {
+                if c >= 1024 {
+                    return Err(top(format!(
+                        "cpus: CPU {c} is beyond the 1024 the relay can pin to"
+                    )));
+                }
+                if !seen.insert(c) {
+                    return Err(top(format!("cpus lists CPU {c} twice")));
+                }
+            }
         }
         if self.rules.is_empty() {
             return Err(top("no rules: there is nothing to relay".to_owned()));
@@ -406,7 +430,7 @@ rules:
         );
         assert_eq!(c.xdp_mode, XdpModeConfig::Auto);
         assert_eq!(c.bind, BindMode::Auto);
-        assert_eq!(c.workers, 1);
+        assert_eq!((c.workers, c.cpus.clone()), (None, None));
         assert_eq!(c.rules[0].input.port, None);
         c.validate("r.yaml", &fake()).unwrap();
     }
@@ -424,6 +448,15 @@ rules:
         assert_eq!(r.input.source, Some("2001:2::1".parse().unwrap()));
         assert_eq!(r.outputs[0].group, Some("ff18::2:2".parse().unwrap()));
         assert_eq!(r.outputs[0].ttl, Some(9));
+    }
+
+    #[test]
+    fn default_workers_is_one_per_queue_up_to_the_cpus() {
+        assert_eq!(default_workers(1, 2), 1);
+        assert_eq!(default_workers(2, 2), 2);
+        assert_eq!(default_workers(8, 2), 2);
+        assert_eq!(default_workers(0, 2), 1);
+        assert_eq!(default_workers(3, 0), 1);
     }
 
     /// Each broken config and the exact message it must produce.
@@ -530,6 +563,22 @@ rules:
             (
                 format!("umem: {{frame_size: 1024}}\n{}", rule(ok_in, ok_out)),
                 "r.yaml: umem.frame_size is 1024: AF_XDP takes 2048 or 4096",
+            ),
+            (
+                format!("workers: 0\n{}", rule(ok_in, ok_out)),
+                "r.yaml: workers is 0: it must be from 1 to 256",
+            ),
+            (
+                format!("cpus: []\n{}", rule(ok_in, ok_out)),
+                "r.yaml: cpus is empty: list the CPUs to pin the workers to, or leave it out",
+            ),
+            (
+                format!("cpus: [0, 1, 0]\n{}", rule(ok_in, ok_out)),
+                "r.yaml: cpus lists CPU 0 twice",
+            ),
+            (
+                format!("cpus: [4096]\n{}", rule(ok_in, ok_out)),
+                "r.yaml: cpus: CPU 4096 is beyond the 1024 the relay can pin to",
             ),
         ];
         for (yaml, want) in cases {

@@ -2,7 +2,10 @@
 //! ingress interface through a bpf_link, so that a relay that dies for any reason leaves
 //! nothing attached.
 
-use std::{os::fd::AsRawFd, sync::Arc};
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    sync::Arc,
+};
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
@@ -46,6 +49,27 @@ impl XdpCounters {
     }
 }
 
+/// The `test` member of `union bpf_attr` (BPF_PROG_TEST_RUN).
+#[repr(C, align(8))]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+}
+
 /// Which XDP mode an interface got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachedMode {
@@ -63,8 +87,8 @@ impl AttachedMode {
 }
 
 impl Steering {
-    /// Loads the program and fills the rule map. Nothing is attached yet.
-    /// Loads the program for UMEM frames of `frame_size` bytes.
+    /// Loads the program for UMEM frames of `frame_size` bytes and fills the rule map.
+    /// Nothing is attached yet.
     pub fn load(table: &RuleTable, frame_size: u32) -> Result<Self> {
         raise_memlock();
         let max_frame_len = frame_size - relay_common::XDP_PACKET_HEADROOM;
@@ -243,6 +267,65 @@ impl Steering {
                 Err(e) => warn!("{iface}: detaching XDP failed: {e}"),
             }
         }
+    }
+
+    /// Runs the loaded program on `frame` as if it arrived on `ifindex`'s rx queue 0
+    /// (BPF_PROG_TEST_RUN), `repeat` times; returns the XDP action and the kernel's mean
+    /// time per run in nanoseconds. The frame is not sent anywhere: the kernel only reports
+    /// what the program decided, and the program's counters move as they would. Used by the
+    /// tests that check the program against the rule model, and to measure its cost.
+    pub fn test_run(&self, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(u32, u32)> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(PROGRAM)
+            .ok_or_else(|| anyhow!("no {PROGRAM} program"))?
+            .try_into()?;
+        let fd = prog.fd()?.as_fd().as_raw_fd();
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex. Only the ifindex and queue may be set on input.
+        let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+        let mut attr = TestRunAttr {
+            prog_fd: fd as u32,
+            data_size_in: frame.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            repeat,
+            ctx_size_in: std::mem::size_of_val(&ctx) as u32,
+            ctx_in: ctx.as_ptr() as u64,
+            ..TestRunAttr::default()
+        };
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        // SAFETY: `attr` is the kernel's test-run attribute layout, zero where unused; the
+        // frame and ctx buffers it points to outlive the call, and nothing is written back
+        // into them (no data_out or ctx_out given).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &mut attr as *mut TestRunAttr,
+                std::mem::size_of::<TestRunAttr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("BPF_PROG_TEST_RUN");
+        }
+        Ok((attr.retval, attr.duration))
+    }
+
+    /// Kernel memory charged to the rule map, from its fdinfo (`memlock`).
+    pub fn rule_map_memory(&self) -> Result<u64> {
+        let map = self
+            .ebpf
+            .map(RULE_MAP)
+            .ok_or_else(|| anyhow!("no {RULE_MAP} map"))?;
+        let aya::maps::Map::HashMap(data) = map else {
+            return Err(anyhow!("{RULE_MAP} is not a hash map"));
+        };
+        let fd = data.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| anyhow!("no memlock in the rule map's fdinfo"))
     }
 
     /// A handle on the program's counters.

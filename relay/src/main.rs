@@ -177,7 +177,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let file = config_path.display().to_string();
     let mut config = Config::load(config_path)?;
     if let Some(w) = cli.workers {
-        config.workers = w;
+        config.workers = Some(w);
     }
     let table = RuleTable::compile(&config, &file, &LiveSystem)?;
     if cli.check {
@@ -206,7 +206,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let control_socket = control::bind(&control_path)?;
     let mut steering = Steering::load(&table, config.umem.frame_size)?;
     let ingress: Vec<String> = table.ingress.iter().map(|i| i.name.clone()).collect();
-    let workers = config.workers;
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = config.workers.unwrap_or_else(|| {
+        let queues = table
+            .ingress
+            .iter()
+            .map(|i| i.info.rx_queues as usize)
+            .sum();
+        relay::config::default_workers(queues, online)
+    });
+    if let Some(cpus) = &config.cpus {
+        let allowed = relay::sys::allowed_cpus()?;
+        if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
+            anyhow::bail!(
+                "cpus: CPU {c} is not available to the relay (it may run on {}): fix `cpus:` \
+                 or leave it out",
+                relay::sys::cpu_list(&allowed)
+            );
+        }
+    }
     let (mut datapath, bindings) = Datapath::new(
         table.clone(),
         config.umem.frames,
@@ -214,6 +232,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         config.bind,
         pool,
         workers,
+        config.cpus.clone(),
     )?;
     for (ifindex, queue, fd) in &bindings {
         steering.set_socket(*ifindex, *queue, fd)?;
@@ -429,6 +448,7 @@ impl Running {
             ("allocator", new_config.allocator != self.config.allocator),
             ("umem", new_config.umem != self.config.umem),
             ("workers", new_config.workers != self.config.workers),
+            ("cpus", new_config.cpus != self.config.cpus),
             ("bind", new_config.bind != self.config.bind),
             ("control", new_config.control != self.config.control),
             ("metrics", new_config.metrics != self.config.metrics),

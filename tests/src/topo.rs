@@ -43,10 +43,17 @@ pub struct Topology {
 impl Topology {
     /// Builds the topology with `n` receivers (at most 200).
     pub fn new(n: usize) -> Result<Self> {
+        Self::with_queues(n, 1)
+    }
+
+    /// As [`Topology::new`], with `queues` rx and tx queues on both ends of the sender's
+    /// link: the sender's flows spread over the queues by their hash, and each lands on the
+    /// relay's rx queue of the same number.
+    pub fn with_queues(n: usize, queues: u32) -> Result<Self> {
         assert!((1..=200).contains(&n));
         let sender = Netns::new("snd")?;
         let relay = Netns::new("rly")?;
-        link(&sender, SENDER_IF, &relay, RELAY_IN)?;
+        link_queues(&sender, SENDER_IF, &relay, RELAY_IN, queues)?;
         addr(&sender, SENDER_IF, SENDER_ADDR)?;
         addr(&relay, RELAY_IN, RELAY_IN_ADDR)?;
         addr6(&sender, SENDER_IF, SENDER_ADDR6)?;
@@ -144,6 +151,11 @@ impl Topology {
 }
 
 fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    link_queues(a, a_if, b, b_if, 1)
+}
+
+fn link_queues(a: &Netns, a_if: &str, b: &Netns, b_if: &str, queues: u32) -> Result<()> {
+    let q = queues.to_string();
     crate::netns::sh(&[
         "ip",
         "link",
@@ -151,6 +163,10 @@ fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
         a_if,
         "netns",
         a.name(),
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
         "type",
         "veth",
         "peer",
@@ -158,6 +174,10 @@ fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
         b_if,
         "netns",
         b.name(),
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
     ])?;
     a.exec(&["ip", "link", "set", a_if, "up"])?;
     b.exec(&["ip", "link", "set", b_if, "up"])?;

@@ -37,6 +37,8 @@ pub struct Flow {
     pub group: IpAddr,
     pub port: u16,
     pub count: u64,
+    /// The first sequence number (so several flows to one group can be told apart).
+    pub first_seq: u64,
     pub len: usize,
     /// TTL or hop limit.
     pub ttl: u32,
@@ -54,6 +56,7 @@ impl Flow {
             group: group.into(),
             port,
             count,
+            first_seq: 0,
             len: 100,
             ttl: 8,
             zero_checksum: false,
@@ -87,10 +90,11 @@ pub fn send(ns: &Netns, source: impl Into<IpAddr>, flow: Flow) -> JoinHandle<Res
             }
         }
         let dst = SocketAddr::new(flow.group, flow.port);
-        for seq in 0..flow.count {
+        for i in 0..flow.count {
+            let seq = flow.first_seq + i;
             sock.send_to(&payload(seq, flow.len), dst)
                 .with_context(|| format!("sending packet {seq}"))?;
-            if (seq + 1) % flow.burst == 0 {
+            if (i + 1) % flow.burst == 0 {
                 std::thread::sleep(flow.pause);
             }
         }

@@ -1456,3 +1456,68 @@ fn second_relay_and_missing_feature_are_refused_clearly() {
     );
     assert!(!topo.relay_has_xdp().unwrap());
 }
+
+/// One worker per ingress rx queue, pinned where `cpus:` says: a two-queue ingress gets a
+/// socket and a worker for each queue by default, flows from 32 sockets spread over both
+/// queues (the kernel's own per-queue counters show it), and every datagram of every flow
+/// arrives on both outputs, whichever worker received it and whichever transmits.
+#[test]
+fn one_worker_per_rx_queue_pinned_to_cpus() {
+    require_root();
+    let _serial = serial();
+    const FLOWS: u64 = 32;
+    const PER_FLOW: u64 = 100;
+    let topo = Topology::with_queues(2, 2).unwrap();
+    let rules = "\
+cpus: [1, 0]
+rules:
+  - name: mq
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs: [{ interface: rout0 }, { interface: rout1 }]
+";
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, rules, &[]).unwrap();
+    let log = std::fs::read_to_string(&relay.stderr).unwrap();
+    for line in [
+        "2 worker threads",
+        "rin queue 0: AF_XDP socket bound in copy mode (ingress, worker 0)",
+        "rin queue 1: AF_XDP socket bound in copy mode (ingress, worker 1)",
+        "worker 0 pinned to CPU 1",
+        "worker 1 pinned to CPU 0",
+    ] {
+        assert!(log.contains(line), "{line}\n{log}");
+    }
+    let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
+    let n = FLOWS * PER_FLOW;
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(n)).unwrap();
+    let rx1 = listen(&r1.ns, G1, 5000, r1.addr, Limits::new(n)).unwrap();
+    // One socket per flow, so each has its own source port and hash, one after another.
+    for f in 0..FLOWS {
+        let mut flow = Flow::new(G1, 5000, PER_FLOW);
+        flow.first_seq = f * PER_FLOW;
+        join(send(&topo.sender, SENDER_ADDR, flow)).unwrap();
+    }
+    for (name, rx) in [("rout0", rx0), ("rout1", rx1)] {
+        let got = seqs(&join(rx).unwrap());
+        let missing: Vec<u64> = (0..n).filter(|s| !got.contains(s)).collect();
+        assert!(
+            missing.is_empty(),
+            "{name} lacks {} datagrams: {missing:?}",
+            missing.len()
+        );
+    }
+
+    let stats = topo.relay.exec(&["ethtool", "-S", "rin"]).unwrap();
+    let queue = |q: u32| -> u64 {
+        let key = format!("rx_queue_{q}_xdp_redirect:");
+        stats
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in\n{stats}"))
+    };
+    let (q0, q1) = (queue(0), queue(1));
+    assert_eq!(q0 + q1, n, "{stats}");
+    assert!(q0 > 0 && q1 > 0, "both queues carried flows: {q0} and {q1}");
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}", exit.stderr);
+}

@@ -91,6 +91,8 @@ pub struct Datapath {
     fill_target: usize,
     /// The rx ring fd of each socket, by global id, for XSKMAP bindings.
     fds: Vec<RawFd>,
+    /// CPUs to pin the workers to (worker i on `cpus[i % len]`).
+    cpus: Option<Vec<usize>>,
 }
 
 /// Reads the data path's counters from any thread: each worker's last publication (at most
@@ -161,6 +163,7 @@ impl Datapath {
         bind: BindMode,
         pool: Arc<dyn FramePool>,
         workers: usize,
+        cpus: Option<Vec<usize>>,
     ) -> Result<(Self, Vec<XskBinding>)> {
         let workers = workers.max(1);
         let umem_config = UmemConfig::builder()
@@ -233,6 +236,7 @@ impl Datapath {
             bind,
             fill_target,
             fds: Vec::new(),
+            cpus: cpus.filter(|c| !c.is_empty()),
         };
         let (opened, bindings) = dp.open_sockets(&table)?;
         for (w, id, port) in opened {
@@ -361,13 +365,23 @@ impl Datapath {
         }
     }
 
-    /// Starts the worker threads; each fills its ingress rings first.
+    /// Starts the worker threads, each pinned to its CPU if `cpus:` names them; each fills
+    /// its ingress rings first.
     pub fn start(&mut self) -> Result<()> {
         for (id, ports) in std::mem::take(&mut self.pending).into_iter().enumerate() {
             let shared = self.shared.clone();
+            let cpu = self.cpus.as_ref().map(|c| c[id % c.len()]);
             let handle = std::thread::Builder::new()
                 .name(format!("relay-worker-{id}"))
-                .spawn(move || Worker::new(id, shared, ports).run())
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        match crate::sys::pin_to_cpu(cpu) {
+                            Ok(()) => info!("worker {id} pinned to CPU {cpu}"),
+                            Err(e) => warn!("worker {id}: pinning to CPU {cpu} failed: {e}"),
+                        }
+                    }
+                    Worker::new(id, shared, ports).run()
+                })
                 .context("spawning a worker")?;
             self.running.push(handle);
         }
