@@ -49,6 +49,12 @@ enum Task {
         #[arg(long)]
         no_write: bool,
     },
+    /// Measure the XDP program's cost per frame against the number of rules (kernel test
+    /// runs; needs root) and write the table into docs/PERFORMANCE.md.
+    BenchXdp {
+        #[arg(long)]
+        no_write: bool,
+    },
     /// Run the frame pool benchmark (criterion) several times and write the median tables into
     /// docs/PERFORMANCE.md (takes a few minutes per run; no root needed).
     BenchPool {
@@ -175,6 +181,29 @@ fn main() -> Result<()> {
             println!("{section}");
             if !no_write {
                 write_section(&root.join("docs/PERFORMANCE.md"), "soak", &section)?;
+            }
+            Ok(())
+        }
+        Task::BenchXdp { no_write } => {
+            setup(&root)?;
+            build_ebpf(&root)?;
+            let out = Command::new("cargo")
+                .current_dir(&root)
+                .args(["bench", "-p", "relay", "--bench", "xdp"])
+                .stderr(Stdio::inherit())
+                .output()?;
+            if !out.status.success() {
+                bail!("the XDP benchmark failed: {}", out.status);
+            }
+            let table = String::from_utf8(out.stdout)?;
+            let section = format!(
+                "{table}\nMeasured {} with `cargo xtask bench-xdp` on {}.\n",
+                now_utc()?,
+                machine()?
+            );
+            println!("{section}");
+            if !no_write {
+                write_section(&root.join("docs/PERFORMANCE.md"), "xdp", &section)?;
             }
             Ok(())
         }
