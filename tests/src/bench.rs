@@ -54,6 +54,8 @@ struct Scenario {
     name: String,
     fwd: Forwarder,
     outputs: usize,
+    /// Rules the relay holds besides the measured one (other groups, never matched).
+    extra_rules: usize,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -62,6 +64,11 @@ fn scenarios() -> Vec<Scenario> {
         name: name.to_owned(),
         fwd,
         outputs,
+        extra_rules: 0,
+    };
+    let many = |name: &str, rules: usize| Scenario {
+        extra_rules: rules - 1,
+        ..s(name, relay("lockfree", 1), 1)
     };
     vec![
         s("relay lock-free 1→1", relay("lockfree", 1), 1),
@@ -74,6 +81,10 @@ fn scenarios() -> Vec<Scenario> {
         s("kernel ipmr 1→2", Forwarder::Kernel, 2),
         s("relay lock-free 1→8", relay("lockfree", 1), 8),
         s("kernel ipmr 1→8", Forwarder::Kernel, 8),
+        s("relay lock-free 1→32", relay("lockfree", 1), 32),
+        s("relay lock-free 1→64", relay("lockfree", 1), 64),
+        many("relay lock-free 1→1, 100 rules", 100),
+        many("relay lock-free 1→1, 10,000 rules", 10_000),
     ]
 }
 
@@ -96,7 +107,13 @@ struct Sample {
 pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String> {
     require_root();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let topo = Topology::new(8)?;
+    let wanted = scenarios()
+        .into_iter()
+        .filter(|sc| opts.only.is_empty() || opts.only.iter().any(|o| sc.name.contains(o.as_str())))
+        .map(|sc| sc.outputs)
+        .max()
+        .unwrap_or(1);
+    let topo = Topology::new(wanted)?;
     // Receivers read their sockets with large buffers; let them have what they ask for.
     for r in &topo.receivers {
         r.ns.exec(&["sysctl", "-qw", "net.core.rmem_max=16777216"])?;
@@ -227,12 +244,22 @@ impl Running {
     }
 }
 
-fn relay_yaml(outputs: usize, workers: usize, allocator: &str) -> String {
+fn relay_yaml(outputs: usize, workers: usize, allocator: &str, extra_rules: usize) -> String {
     let mut y = format!(
         "allocator: {allocator}\nworkers: {workers}\nrules:\n  - name: bench\n    input: {{ interface: {RELAY_IN}, group: {GROUP}, port: {PORT} }}\n    outputs:\n"
     );
     for i in 0..outputs {
         let _ = writeln!(y, "      - interface: rout{i}");
+    }
+    // Other rules on the same ingress, 100 ports on each of a few groups (few groups keep the
+    // relay's memberships few), none of which the measured flow matches.
+    for i in 0..extra_rules {
+        let _ = writeln!(
+            y,
+            "  - name: extra{i}\n    input: {{ interface: {RELAY_IN}, group: 239.20.{}.1, port: {} }}\n    outputs: [{{ interface: rout0 }}]",
+            i / 100,
+            6000 + i % 100
+        );
     }
     y
 }
@@ -241,7 +268,7 @@ fn start(topo: &Topology, relay_bin: &Path, sc: &Scenario, cpus: usize) -> Resul
     let relay_cpu = (1 % cpus).to_string();
     let running = match sc.fwd {
         Forwarder::Relay { allocator, workers } => {
-            let yaml = relay_yaml(sc.outputs, workers, allocator);
+            let yaml = relay_yaml(sc.outputs, workers, allocator, sc.extra_rules);
             let r = RelayProc::start(relay_bin, &topo.relay, &yaml, &[])?;
             // All its threads on the CPU the sender does not use (with two workers on two
             // CPUs, the second shares the sender's).
