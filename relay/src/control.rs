@@ -234,6 +234,7 @@ mod tests {
             },
             unmatched: 0,
             malformed: 0,
+            copies: 0,
         })
     }
 

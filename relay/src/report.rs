@@ -55,8 +55,8 @@ pub fn shutdown(
     }
     let _ = writeln!(
         s,
-        "datapath unmatched={} malformed={}",
-        stats.unmatched, stats.malformed
+        "datapath unmatched={} malformed={} copies={}",
+        stats.unmatched, stats.malformed, stats.copies
     );
     for (name, queue, st) in sockets {
         let _ = writeln!(

@@ -22,6 +22,9 @@ pub struct StatsView {
     /// Redirected frames the data path could not attribute to a rule.
     pub unmatched: u64,
     pub malformed: u64,
+    /// Fan-out copies made (outputs - 1 per frame at most).
+    #[serde(default)]
+    pub copies: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +135,7 @@ impl StatsView {
             },
             unmatched: stats.unmatched,
             malformed: stats.malformed,
+            copies: stats.copies,
         }
     }
 

@@ -223,6 +223,11 @@ fn relays_and_remaps(allocator: &str, log_name: &str, workers: usize) {
     assert_eq!(report_value(r, &["output=rout0"], "sent"), Some(N), "{r}");
     assert_eq!(report_value(r, &["output=rout1"], "sent"), Some(N), "{r}");
     assert_eq!(
+        report_value(r, &["datapath"], "copies"),
+        Some(N),
+        "one copy per packet for two outputs: {r}"
+    );
+    assert_eq!(
         report_value(r, &["output=rout0"], "dropped"),
         Some(0),
         "{r}"
@@ -1303,6 +1308,13 @@ fn fans_out_to_64_interfaces() {
         exit.stdout
     );
     assert_eq!(report_value(&exit.stdout, &["frames"], "leaked"), Some(0));
+    // 63 copies per packet: the 64th output sends the received frame itself.
+    assert_eq!(
+        report_value(&exit.stdout, &["datapath"], "copies"),
+        Some(63 * N),
+        "{}",
+        exit.stdout
+    );
 }
 
 /// Interfaces that go away while the relay runs: an egress deleted costs only its own output

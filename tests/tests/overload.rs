@@ -100,6 +100,16 @@ fn overload_drops_are_counted_memory_is_flat_and_it_recovers() {
             "rout{i}: every received frame sent or counted\n{r}"
         );
     }
+    // Each received frame was copied for the first seven outputs, or the copy was counted as
+    // no_frame there; the eighth output sends the received frame itself.
+    let no_frame: u64 = (0..OUTPUTS - 1)
+        .map(|i| v(&["rule=load", &format!("output=rout{i}")], "no_frame"))
+        .sum();
+    assert_eq!(
+        v(&["datapath"], "copies") + no_frame,
+        received * (OUTPUTS as u64 - 1),
+        "{r}"
+    );
     // Every frame XDP redirected reached the relay or was counted by the kernel's socket.
     let socket = ["socket=rin"];
     let kernel_drops = v(&socket, "rx_dropped") + v(&socket, "rx_ring_full");

@@ -56,8 +56,12 @@ pub struct DatapathStats {
     pub rules: Vec<RuleCounters>,
     /// Redirected frames that matched no rule in userspace (a map/table mismatch).
     pub unmatched: u64,
-    /// Redirected frames that are not multicast IPv4 UDP after all.
+    /// Redirected frames that are not multicast UDP after all, or whose lengths disagree
+    /// with the frame.
     pub malformed: u64,
+    /// Fan-out copies made: a frame with N outputs is copied N - 1 times (the last output
+    /// gets the received frame itself), so a frame that goes to one output never is.
+    pub copies: u64,
 }
 
 impl DatapathStats {
@@ -85,6 +89,7 @@ impl DatapathStats {
         }
         self.unmatched += other.unmatched;
         self.malformed += other.malformed;
+        self.copies += other.copies;
     }
 }
 

@@ -500,6 +500,7 @@ impl Worker {
                 self.stats.rules[rule_id as usize].outputs[oi].no_frame += 1;
                 continue;
             };
+            self.stats.copies += 1;
             let mut copy = shared.frames[copy_no as usize];
             // SAFETY: `copy` is a free frame just taken from the pool, distinct from `desc`'s
             // frame, and no ring holds it; `desc`'s frame is only read here.
@@ -749,6 +750,7 @@ pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathSt
     let mut out = DatapathStats::new(new.table.rules.iter().map(|r| r.outputs.len()));
     out.unmatched = stats.unmatched;
     out.malformed = stats.malformed;
+    out.copies = stats.copies;
     for (ni, nr) in new.table.rules.iter().enumerate() {
         let Some(oi) = old.table.rules.iter().position(|r| r.name == nr.name) else {
             continue;
