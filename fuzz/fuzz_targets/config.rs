@@ -3,32 +3,26 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay::config::{Config, InterfaceInfo, System};
+use relay::config::{Config, StaticSystem};
 
-/// A machine with the interfaces the seed configs name.
-struct Fake;
-
-impl System for Fake {
-    fn interface(&self, name: &str) -> Option<InterfaceInfo> {
-        let i = ["in0", "in1", "out0", "out1", "eth0", "eth1", "eth2"]
-            .iter()
-            .position(|n| *n == name)?;
-        Some(InterfaceInfo {
-            ifindex: i as u32 + 2,
-            mac: [0x02, 0, 0, 0, 0, i as u8],
-            rx_queues: 1,
-            mtu: 1500,
-        })
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    // A machine with the interfaces the seed configs name.
+    let sys = StaticSystem::new(&[
+        ("in0", 2),
+        ("in1", 3),
+        ("out0", 4),
+        ("out1", 5),
+        ("eth0", 6),
+        ("eth1", 7),
+        ("eth2", 8),
+    ]);
     match Config::parse("fuzz.yaml", text) {
         Ok(cfg) => {
-            if let Err(e) = cfg.validate("fuzz.yaml", &Fake) {
+            if let Err(e) = cfg.validate("fuzz.yaml", &sys) {
                 assert!(e.to_string().starts_with("fuzz.yaml: "), "{e}");
             }
         }

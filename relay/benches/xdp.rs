@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use relay::{
-    config::{Config, Input, InterfaceInfo, Output, Rule, System},
+    config::{Config, Input, Output, Rule, StaticSystem},
     craft::{UdpFrame, build_udp_frame},
     loader::Steering,
     rules::RuleTable,
@@ -15,24 +15,6 @@ use relay::{
 const LO: u32 = 1;
 const REPEAT: u32 = 1_000_000;
 const RUNS: usize = 3;
-
-struct Fake;
-
-impl System for Fake {
-    fn interface(&self, name: &str) -> Option<InterfaceInfo> {
-        let ifindex = match name {
-            "in0" => LO,
-            "out0" => 1000,
-            _ => return None,
-        };
-        Some(InterfaceInfo {
-            ifindex,
-            mac: [2, 0, 0, 0, 0, 1],
-            rx_queues: 1,
-            mtu: 1500,
-        })
-    }
-}
 
 /// `n` rules: (group, port) pairs over 239.10.x.1 and ff18::10:x, ports 5000-5099, the
 /// families alternating (so two rules are one of each).
@@ -101,7 +83,12 @@ fn main() {
         let config = Config::parse("bench", "rules: []")
             .map(|c| Config { rules, ..c })
             .expect("an empty config parses");
-        let table = RuleTable::compile(&config, "bench", &Fake).expect("the rules compile");
+        let table = RuleTable::compile(
+            &config,
+            "bench",
+            &StaticSystem::new(&[("in0", LO), ("out0", 1000)]),
+        )
+        .expect("the rules compile");
         let steering = Steering::load(&table, 2048).expect("load the XDP program (needs root)");
         let cells = [
             median_ns(&steering, &v4([239, 10, 0, 1], 5000)),

@@ -132,6 +132,31 @@ pub trait System {
     fn interface(&self, name: &str) -> Option<InterfaceInfo>;
 }
 
+/// A fixed set of interfaces, for checking rules without the running system (tests,
+/// benchmarks, fuzzing): each named interface has the given ifindex, a MAC derived from it,
+/// one rx queue and a 1500-byte MTU.
+#[derive(Debug, Clone, Default)]
+pub struct StaticSystem(pub Vec<(String, u32)>);
+
+impl StaticSystem {
+    pub fn new(ifaces: &[(&str, u32)]) -> Self {
+        Self(ifaces.iter().map(|(n, i)| ((*n).to_owned(), *i)).collect())
+    }
+}
+
+impl System for StaticSystem {
+    fn interface(&self, name: &str) -> Option<InterfaceInfo> {
+        let &(_, ifindex) = self.0.iter().find(|(n, _)| n == name)?;
+        let b = ifindex.to_be_bytes();
+        Some(InterfaceInfo {
+            ifindex,
+            mac: [0x02, 0, b[0], b[1], b[2], b[3]],
+            rx_queues: 1,
+            mtu: 1500,
+        })
+    }
+}
+
 /// A configuration the relay refuses, with where and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {

@@ -7,7 +7,7 @@ use std::{net::IpAddr, time::Instant};
 
 use proptest::prelude::*;
 use relay::{
-    config::{Config, Input, InterfaceInfo, Output, Rule, System},
+    config::{Config, Input, Output, Rule, StaticSystem},
     craft::{UdpFrame, build_udp_frame},
     loader::Steering,
     rules::RuleTable,
@@ -15,27 +15,9 @@ use relay::{
 use relay_common::XdpCounter;
 use relay_tests::netns::require_root;
 
-/// The loopback interface: the test run needs a real device for the frame's ingress.
+/// The loopback interface: the test run needs a real device for the frame's ingress; `in0`
+/// is it, and the output exists only on paper (no socket is opened).
 const LO: u32 = 1;
-
-/// `in0` is the loopback interface; outputs exist only on paper (no socket is opened).
-struct Fake;
-
-impl System for Fake {
-    fn interface(&self, name: &str) -> Option<InterfaceInfo> {
-        let ifindex = match name {
-            "in0" => LO,
-            "out0" => 1000,
-            _ => return None,
-        };
-        Some(InterfaceInfo {
-            ifindex,
-            mac: [2, 0, 0, 0, 0, ifindex as u8],
-            rx_queues: 1,
-            mtu: 1500,
-        })
-    }
-}
 
 fn rule(i: usize, group: IpAddr, port: Option<u16>, source: Option<IpAddr>) -> Rule {
     Rule {
@@ -59,7 +41,12 @@ fn table(rules: Vec<Rule>) -> RuleTable {
     let config = Config::parse("t", "rules: []")
         .map(|c| Config { rules, ..c })
         .unwrap();
-    RuleTable::compile(&config, "t", &Fake).unwrap()
+    RuleTable::compile(
+        &config,
+        "t",
+        &StaticSystem::new(&[("in0", LO), ("out0", 1000)]),
+    )
+    .unwrap()
 }
 
 /// The reference model: a rule covers the frame if its group matches and its port and source

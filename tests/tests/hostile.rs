@@ -550,7 +550,10 @@ fn hostile_frames_get_the_documented_outcome() {
     assert_eq!(out("too_large"), count(Outcome::TooLarge), "{after:?}");
     let sent: u64 = after.rules.iter().map(|r| r.outputs[0].sent).sum();
     assert_eq!(sent, count(Outcome::Relayed), "{after:?}");
-    assert_eq!(after.copies, 0, "one output: the received frame itself goes out");
+    assert_eq!(
+        after.copies, 0,
+        "one output: the received frame itself goes out"
+    );
 
     let exit = relay.stop(Duration::from_secs(3)).unwrap();
     assert!(exit.status.success(), "{}", exit.stderr);

@@ -142,18 +142,7 @@ fn main() -> Result<()> {
                 only,
             };
             let table = relay_tests::bench::run(&relay_bin(&root), &gen_bin, &opts)?;
-            let args: Vec<String> = std::env::args().skip(1).collect();
-            let section = format!(
-                "Measured {} with `cargo xtask {}` on {}.\n\n{table}",
-                now_utc()?,
-                args.join(" "),
-                machine()?
-            );
-            println!("{section}");
-            if !no_write {
-                write_section(&root.join("docs/PERFORMANCE.md"), "bench", &section)?;
-            }
-            Ok(())
+            record(&root, "bench", &table, no_write)
         }
         Task::Soak {
             minutes,
@@ -171,18 +160,7 @@ fn main() -> Result<()> {
                 size,
             };
             let table = relay_tests::soak::run(&relay_bin(&root), &gen_bin, &opts)?;
-            let args: Vec<String> = std::env::args().skip(1).collect();
-            let section = format!(
-                "Measured {} with `cargo xtask {}` on {}.\n\n{table}",
-                now_utc()?,
-                args.join(" "),
-                machine()?
-            );
-            println!("{section}");
-            if !no_write {
-                write_section(&root.join("docs/PERFORMANCE.md"), "soak", &section)?;
-            }
-            Ok(())
+            record(&root, "soak", &table, no_write)
         }
         Task::BenchXdp { no_write } => {
             setup(&root)?;
@@ -196,31 +174,13 @@ fn main() -> Result<()> {
                 bail!("the XDP benchmark failed: {}", out.status);
             }
             let table = String::from_utf8(out.stdout)?;
-            let section = format!(
-                "{table}\nMeasured {} with `cargo xtask bench-xdp` on {}.\n",
-                now_utc()?,
-                machine()?
-            );
-            println!("{section}");
-            if !no_write {
-                write_section(&root.join("docs/PERFORMANCE.md"), "xdp", &section)?;
-            }
-            Ok(())
+            record(&root, "xdp", &table, no_write)
         }
         Task::BenchPool { repeats, no_write } => {
             setup(&root)?;
             build_ebpf(&root)?;
             let tables = pool_bench::run(&root, &target_dir(&root), repeats)?;
-            let section = format!(
-                "{tables}\nMeasured {} with `cargo xtask bench-pool --repeats {repeats}` on {}.\n",
-                now_utc()?,
-                machine()?
-            );
-            println!("{section}");
-            if !no_write {
-                write_section(&root.join("docs/PERFORMANCE.md"), "pool", &section)?;
-            }
-            Ok(())
+            record(&root, "pool", &tables, no_write)
         }
         Task::Demo { packets } => {
             setup(&root)?;
@@ -229,6 +189,23 @@ fn main() -> Result<()> {
             relay_tests::demo::run(&relay_bin(&root), packets)
         }
     }
+}
+
+/// Prints a measured table with when, how and where it was measured, and (unless
+/// `no_write`) puts it into docs/PERFORMANCE.md's section `name`.
+fn record(root: &Path, name: &str, table: &str, no_write: bool) -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let section = format!(
+        "Measured {} with `cargo xtask {}` on {}.\n\n{table}",
+        now_utc()?,
+        args.join(" "),
+        machine()?
+    );
+    println!("{section}");
+    if !no_write {
+        write_section(&root.join("docs/PERFORMANCE.md"), name, &section)?;
+    }
+    Ok(())
 }
 
 /// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `path`.
