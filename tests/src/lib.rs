@@ -15,3 +15,4 @@ pub mod relay_proc;
 pub mod soak;
 pub mod topo;
 pub mod traffic;
+pub mod xdpgen;

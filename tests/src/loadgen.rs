@@ -32,6 +32,53 @@ pub fn stamp(buf: &mut [u8], flow: u32, seq: u64, sent_ns: u64) {
     buf[16..24].copy_from_slice(&sent_ns.to_be_bytes());
 }
 
+/// Where the payload starts in a frame from [`udp4_frame`].
+pub const UDP4_PAYLOAD_AT: usize = 14 + 20 + 8;
+
+/// A whole Ethernet frame carrying an IPv4 UDP datagram of `payload_len` zero bytes to
+/// `group`, for a sender that writes frames itself (AF_XDP). The UDP checksum is zero ("none",
+/// valid over IPv4), so stamping the payload needs no checksum update; the IPv4 header
+/// checksum is computed.
+pub fn udp4_frame(
+    src_mac: [u8; 6],
+    source: std::net::Ipv4Addr,
+    group: std::net::Ipv4Addr,
+    dst_port: u16,
+    ttl: u8,
+    payload_len: usize,
+) -> Vec<u8> {
+    let g = group.octets();
+    let mut f = vec![0x01, 0x00, 0x5e, g[1] & 0x7f, g[2], g[3]];
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + payload_len) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6] = 0x40; // don't fragment
+    ip[8] = ttl;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&source.octets());
+    ip[16..20].copy_from_slice(&g);
+    let mut sum: u32 = ip
+        .as_chunks::<2>()
+        .0
+        .iter()
+        .map(|w| u32::from(u16::from_be_bytes(*w)))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&4000u16.to_be_bytes());
+    f.extend_from_slice(&dst_port.to_be_bytes());
+    f.extend_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.resize(UDP4_PAYLOAD_AT + payload_len, 0);
+    f
+}
+
 /// Reads a header: (flow, seq, sent_ns), or `None` for anything that is not one.
 pub fn parse(buf: &[u8]) -> Option<(u32, u64, u64)> {
     if buf.len() < HEADER || buf[0..4] != MAGIC.to_be_bytes() {
@@ -162,6 +209,26 @@ pub fn due(n: u64, rate: u64) -> Duration {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn udp4_frames_are_valid_multicast_udp() {
+        let f = udp4_frame(
+            [2, 0, 0, 0, 0, 1],
+            [198, 18, 1, 1].into(),
+            [239, 1, 2, 3].into(),
+            5000,
+            8,
+            64,
+        );
+        let flow = relay::wire::classify(&f).expect("multicast UDP");
+        assert_eq!((flow.port, flow.l4), (5000, 34));
+        assert_eq!(flow.group, std::net::IpAddr::from([239, 1, 2, 3]));
+        assert_eq!(relay::checksum::checksum(&f[14..34]), 0, "header checksum");
+        assert_eq!(relay::wire::check_lengths(&f, &flow), Ok(()));
+        assert_eq!(f.len(), UDP4_PAYLOAD_AT + 64);
+        assert_eq!(f[..6], [0x01, 0x00, 0x5e, 0x01, 0x02, 0x03]);
+    }
+
     use super::*;
 
     fn pkt(seq: u64, sent: u64) -> Vec<u8> {

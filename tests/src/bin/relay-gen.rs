@@ -59,6 +59,11 @@ enum Cmd {
         /// Pin to this CPU.
         #[arg(long)]
         cpu: Option<usize>,
+        /// Write frames into an AF_XDP socket on this interface (queue 0, copy mode) instead
+        /// of sending through a UDP socket: no socket layer or routing on the sender's side,
+        /// so the relay rather than the generator is the bottleneck. The UDP checksum is 0.
+        #[arg(long, value_name = "IFACE")]
+        afxdp: Option<String>,
     },
     /// Join a group and account for what arrives.
     Recv {
@@ -94,11 +99,26 @@ fn main() -> Result<()> {
             batch,
             flow,
             cpu,
+            afxdp,
         } => {
             pin(cpu);
-            let s = send(
-                group, port, source, size, rate, count, duration, ttl, batch, flow,
-            )?;
+            let s = match afxdp {
+                Some(iface) => relay_tests::xdpgen::send(&relay_tests::xdpgen::XdpSend {
+                    iface,
+                    source,
+                    group,
+                    port,
+                    ttl: ttl.min(255) as u8,
+                    size,
+                    rate,
+                    count,
+                    duration: Duration::from_secs_f64(duration),
+                    flow,
+                })?,
+                None => send(
+                    group, port, source, size, rate, count, duration, ttl, batch, flow,
+                )?,
+            };
             println!("{}", serde_json::to_string(&s)?);
         }
         Cmd::Recv {
