@@ -20,7 +20,7 @@ use crate::{
     mroute::KernelMroute,
     netns::{Netns, require_root, sh},
     relay_proc::RelayProc,
-    topo::{RELAY_IN, RELAY_IN_ADDR, SENDER_ADDR, Topology},
+    topo::{RELAY_IN, RELAY_IN_ADDR, SENDER_ADDR, SENDER_IF, Topology},
 };
 
 const GROUP: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
@@ -37,6 +37,8 @@ pub struct BenchOpts {
     pub sizes: Vec<usize>,
     /// Only these scenarios (by name substring); all when empty.
     pub only: Vec<String>,
+    /// Send through an AF_XDP socket (copy mode) instead of a UDP socket with sendmmsg.
+    pub afxdp_sender: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,6 +90,45 @@ fn scenarios() -> Vec<Scenario> {
     ]
 }
 
+/// How fast the generator sends on its own, each way, with nothing forwarding (the frames
+/// end at the relay namespace's stack): the ceiling of every row below.
+fn generator_ceiling(topo: &Topology, gen_bin: &Path, opts: &BenchOpts) -> Result<String> {
+    let mut out = String::from(
+        "Generator alone, flat out, 64-byte payloads, no forwarder (median of the runs):\n\n| sender | pps |\n|---|---|\n",
+    );
+    for (name, afxdp) in [
+        ("UDP socket, sendmmsg", None),
+        ("AF_XDP, copy mode", Some(SENDER_IF)),
+    ] {
+        let mut pps = Vec::new();
+        for _ in 0..opts.repeats {
+            let spec = SendSpec {
+                group: GROUP,
+                port: PORT,
+                source: SENDER_ADDR,
+                size: 64,
+                rate: 0,
+                duration_s: opts.duration,
+                cpu: Some(0),
+                afxdp: afxdp.map(str::to_owned),
+            };
+            pps.push(
+                GenSender::spawn(gen_bin, &topo.sender, &spec)?
+                    .finish()?
+                    .pps,
+            );
+        }
+        pps.sort_by(f64::total_cmp);
+        let _ = writeln!(out, "| {name} | {:.0} |", pps[pps.len() / 2]);
+    }
+    out.push_str(if opts.afxdp_sender {
+        "\nThe rows below were sent with the AF_XDP sender.\n\n"
+    } else {
+        "\nThe rows below were sent with sendmmsg.\n\n"
+    });
+    Ok(out)
+}
+
 /// One run's measurements.
 #[derive(Debug, Clone)]
 struct Sample {
@@ -118,7 +159,7 @@ pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String>
     for r in &topo.receivers {
         r.ns.exec(&["sysctl", "-qw", "net.core.rmem_max=16777216"])?;
     }
-    let mut table = String::new();
+    let mut table = generator_ceiling(&topo, gen_bin, opts)?;
     let _ = writeln!(
         table,
         "| scenario | payload B | offered | delivered pps per output (median, min–max) | loss % | p50 µs | p99 µs | p99.9 µs | forwarder CPU ns/pkt | forwarder RSS MiB |"
@@ -141,6 +182,7 @@ pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String>
                         rate,
                         opts.duration,
                         cpus,
+                        opts.afxdp_sender,
                     )
                     .with_context(|| format!("{} {size} B rate {rate} run {rep}", sc.name))?;
                     eprintln!(
@@ -335,6 +377,7 @@ fn run_one(
     rate: u64,
     duration: f64,
     cpus: usize,
+    afxdp_sender: bool,
 ) -> Result<Sample> {
     let fwd = start(topo, relay_bin, sc, cpus)?;
     let mut receivers = Vec::new();
@@ -359,6 +402,7 @@ fn run_one(
         rate,
         duration_s: duration,
         cpu: Some(0),
+        afxdp: afxdp_sender.then(|| SENDER_IF.to_owned()),
     };
     let sent = GenSender::spawn(gen_bin, &topo.sender, &spec)?.finish()?;
     let mut got = Vec::new();

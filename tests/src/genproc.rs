@@ -80,6 +80,8 @@ pub struct SendSpec {
     pub rate: u64,
     pub duration_s: f64,
     pub cpu: Option<usize>,
+    /// Send through an AF_XDP socket on this interface instead of a UDP socket.
+    pub afxdp: Option<String>,
 }
 
 /// A running `relay-gen send`.
@@ -104,6 +106,9 @@ impl GenSender {
             .args(["--duration", &spec.duration_s.to_string()]);
         if let Some(cpu) = spec.cpu {
             cmd.args(["--cpu", &cpu.to_string()]);
+        }
+        if let Some(iface) = &spec.afxdp {
+            cmd.args(["--afxdp", iface]);
         }
         let child = cmd
             .stdout(Stdio::piped())

@@ -63,6 +63,7 @@ pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &SoakOpts) -> Result<String> 
         rate: opts.rate,
         duration_s: secs,
         cpu: None,
+        afxdp: None,
     };
     let sender = GenSender::spawn(gen_bin, &topo.sender, &spec)?;
 

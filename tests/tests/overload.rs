@@ -39,6 +39,7 @@ fn overload_drops_are_counted_memory_is_flat_and_it_recovers() {
         rate: 0,
         duration_s: LOAD_SECS as f64,
         cpu: Some(0),
+        afxdp: None,
     };
     let sender = GenSender::spawn(gen_bin, &topo.sender, &spec).unwrap();
     // Memory, sampled once the load has settled and every 5 s after.

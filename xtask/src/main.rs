@@ -89,6 +89,9 @@ enum Task {
         /// Only scenarios whose name contains one of these.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Send with the generator's AF_XDP sender instead of sendmmsg.
+        #[arg(long)]
+        afxdp_sender: bool,
         /// Print the table without touching docs/PERFORMANCE.md.
         #[arg(long)]
         no_write: bool,
@@ -128,6 +131,7 @@ fn main() -> Result<()> {
             rate,
             sizes,
             only,
+            afxdp_sender,
             no_write,
         } => {
             setup(&root)?;
@@ -140,6 +144,7 @@ fn main() -> Result<()> {
                 rate,
                 sizes,
                 only,
+                afxdp_sender,
             };
             let table = relay_tests::bench::run(&relay_bin(&root), &gen_bin, &opts)?;
             record(&root, "bench", &table, no_write)
