@@ -81,10 +81,21 @@ pub fn send(spec: &XdpSend) -> Result<SendSummary> {
         .iface
         .parse()
         .map_err(|e| anyhow!("interface name {}: {e:?}", spec.iface))?;
-    // SAFETY: libxdp's program loading is inhibited (the sender receives nothing) and the
-    // queue is bound once.
-    let (mut tx, _rx, rings) = unsafe { Socket::new(config, &umem, &ifname, 0) }
-        .map_err(|e| anyhow!("binding an AF_XDP socket to {} queue 0: {e}", spec.iface))?;
+    // The kernel releases the previous run's hold on the queue a moment after that process
+    // exits (from a work queue), so a bind right after one can find the queue busy.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let (mut tx, _rx, rings) = loop {
+        // SAFETY: libxdp's program loading is inhibited (the sender receives nothing) and
+        // the queue is bound once at a time.
+        match unsafe { Socket::new(config, &umem, &ifname, 0) } {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => bail!("binding an AF_XDP socket to {} queue 0: {e}", spec.iface),
+        }
+    };
     let (_fq, mut cq) = rings.ok_or_else(|| anyhow!("no completion ring"))?;
 
     let mut comp: Vec<FrameDesc> = free[..BATCH].to_vec();
