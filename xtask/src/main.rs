@@ -278,6 +278,20 @@ fn setup(root: &Path) -> Result<()> {
 }
 
 /// The pinned nightly that builds the eBPF crate, from relay-ebpf/NIGHTLY.
+/// The machine's target triple, as the pinned nightly names it.
+fn host_triple(root: &Path) -> Result<String> {
+    let out = Command::new("rustc")
+        .current_dir(root)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args([&format!("+{}", nightly(root)?), "-vV"])
+        .output()?;
+    String::from_utf8(out.stdout)?
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .context("rustc -vV names no host")
+}
+
 /// Builds the traffic generator; returns its path.
 fn build_gen(root: &Path) -> Result<PathBuf> {
     run(Command::new("cargo").current_dir(root).args([
@@ -423,6 +437,27 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         ])
         .args(["pool::", "--", "--skip", "stress"]);
     tally.run("miri", &mut miri, &mut failures)?;
+
+    // ThreadSanitizer on the pool's tests, the cross-thread and stress ones included: std is
+    // rebuilt with the sanitizer (rust-src), in its own target dir.
+    let mut tsan = Command::new("cargo");
+    tsan.current_dir(root)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env("RUSTFLAGS", "-Zsanitizer=thread")
+        .env("CARGO_TARGET_DIR", target_dir(root).join("tsan"))
+        .env("RELAY_XDP_OBJ", xdp_object(root))
+        .args([
+            &format!("+{}", nightly(root)?),
+            "test",
+            "-Zbuild-std",
+            "--target",
+            &host_triple(root)?,
+            "-p",
+            "relay",
+            "--lib",
+            "pool::",
+        ]);
+    tally.run("tsan", &mut tsan, &mut failures)?;
 
     // The fuzz targets, from the committed corpus, for a bounded time each: a crash fails the
     // run and leaves the input in fuzz/artifacts/.
