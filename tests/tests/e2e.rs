@@ -100,6 +100,29 @@ fn inspect(frame: &[u8], src_mac: [u8; 6]) -> (IpAddr, u16, u8, Vec<u8>) {
     (flow.group, flow.port, hops, udp.payload().to_vec())
 }
 
+/// Stops the relay with SIGTERM and checks that it ended well: exit 0, every UMEM frame
+/// accounted for, no panic, no XDP program left in the relay's namespace.
+fn stop_clean(relay: RelayProc, topo: &Topology) -> relay_tests::relay_proc::Exit {
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(
+        exit.status.success(),
+        "SIGTERM exits 0: {}\n{}",
+        exit.status,
+        exit.stderr
+    );
+    assert!(
+        exit.stderr.contains("all 4096 frames accounted for"),
+        "{}",
+        exit.stderr
+    );
+    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
+    assert!(
+        !topo.relay_has_xdp().unwrap(),
+        "no XDP program left attached"
+    );
+    exit
+}
+
 /// Three pings from `ns` to `addr` are all answered.
 fn ping_answers(ns: &relay_tests::netns::Netns, addr: IpAddr) {
     let family = if addr.is_ipv6() { "-6" } else { "-4" };
@@ -205,13 +228,7 @@ fn relays_and_remaps(allocator: &str, log_name: &str, workers: usize) {
         assert!(check_payload(&payload).is_some());
     }
 
-    let exit = relay.stop(Duration::from_secs(3)).unwrap();
-    assert!(
-        exit.status.success(),
-        "SIGTERM exits 0: {}\n{}",
-        exit.status,
-        exit.stderr
-    );
+    let exit = stop_clean(relay, &topo);
     let r = &exit.stdout;
     assert_eq!(
         report_value(r, &["rule=video-a"], "received"),
@@ -232,15 +249,6 @@ fn relays_and_remaps(allocator: &str, log_name: &str, workers: usize) {
     );
     assert_eq!(report_value(r, &["xdp"], "redirected"), Some(N), "{r}");
     assert_eq!(report_value(r, &["frames"], "leaked"), Some(0), "{r}");
-    assert!(
-        exit.stderr.contains("all 4096 frames accounted for"),
-        "{}",
-        exit.stderr
-    );
-    assert!(
-        !topo.relay_has_xdp().unwrap(),
-        "no XDP program left attached"
-    );
 }
 
 #[test]
@@ -673,8 +681,7 @@ fn ipv6_end_to_end(allocator: &str) {
         );
     }
 
-    let exit = relay.stop(Duration::from_secs(3)).unwrap();
-    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
+    let exit = stop_clean(relay, &topo);
     let r = &exit.stdout;
     assert_eq!(
         report_value(r, &["rule=v6"], "received"),
@@ -705,10 +712,6 @@ fn ipv6_end_to_end(allocator: &str) {
         exit.stderr.contains("rin: left ff18::1:1"),
         "{}",
         exit.stderr
-    );
-    assert!(
-        !topo.relay_has_xdp().unwrap(),
-        "no XDP program left attached"
     );
 }
 
@@ -1389,15 +1392,7 @@ rules:
         "rule a still relays on rout1"
     );
 
-    let exit = relay.stop(Duration::from_secs(3)).unwrap();
-    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
-    assert!(
-        exit.stderr.contains("all 4096 frames accounted for"),
-        "{}",
-        exit.stderr
-    );
-    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
-    assert!(!topo.relay_has_xdp().unwrap());
+    stop_clean(relay, &topo);
 }
 
 /// The one error line a refused start prints, and that it stopped non-zero.
@@ -1515,6 +1510,5 @@ rules:
     let (q0, q1) = (queue(0), queue(1));
     assert_eq!(q0 + q1, n, "{stats}");
     assert!(q0 > 0 && q1 > 0, "both queues carried flows: {q0} and {q1}");
-    let exit = relay.stop(Duration::from_secs(3)).unwrap();
-    assert!(exit.status.success(), "{}", exit.stderr);
+    stop_clean(relay, &topo);
 }
