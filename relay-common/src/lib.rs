@@ -11,6 +11,33 @@ pub const XSK_MAP: &str = "XSKS";
 pub const RULE_MAP: &str = "RULES";
 /// Name of the hash map from ingress interface index to its slot in the XSKMAP.
 pub const IFACE_MAP: &str = "IFACES";
+/// Name of the one-entry array saying which key shapes the rule map holds (`SHAPE_*` bits),
+/// so the XDP program skips lookups that cannot hit.
+pub const SHAPE_MAP: &str = "SHAPES";
+
+/// A rule with a source and a port: the (S,G,P) lookup.
+pub const SHAPE_SOURCE_PORT: u32 = 1;
+/// A rule with a source and any port: (S,G,*).
+pub const SHAPE_SOURCE: u32 = 2;
+/// A rule with any source and a port: (*,G,P).
+pub const SHAPE_PORT: u32 = 4;
+/// A rule with any source and any port: (*,G,*).
+pub const SHAPE_GROUP: u32 = 8;
+
+impl RuleKey {
+    /// This key's `SHAPE_*` bit.
+    pub fn shape(&self) -> u32 {
+        let any_source = self.source == [0; 16];
+        let any_port = self.port == [0; 2];
+        match (any_source, any_port) {
+            (false, false) => SHAPE_SOURCE_PORT,
+            (false, true) => SHAPE_SOURCE,
+            (true, false) => SHAPE_PORT,
+            (true, true) => SHAPE_GROUP,
+        }
+    }
+}
+
 /// Name of the per-CPU counter array.
 pub const COUNTER_MAP: &str = "COUNTERS";
 /// Name of the XDP program's global holding the longest frame a UMEM frame takes, which the

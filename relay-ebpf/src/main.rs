@@ -10,12 +10,12 @@
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray, XskMap},
+    maps::{Array, HashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
 use relay_common::{
-    MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS, RuleKey, RuleValue, XSK_MAP_SIZE,
-    XdpCounter, v4_mapped,
+    MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS, RuleKey, RuleValue, SHAPE_GROUP,
+    SHAPE_PORT, SHAPE_SOURCE, SHAPE_SOURCE_PORT, XSK_MAP_SIZE, XdpCounter, v4_mapped,
 };
 
 #[map(name = "XSKS")]
@@ -26,6 +26,10 @@ static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RULE_K
 
 #[map(name = "IFACES")]
 static IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INGRESS_IFACES, 0);
+
+/// Which key shapes the rule map holds, so a lookup that cannot hit is not made.
+#[map(name = "SHAPES")]
+static SHAPES: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XdpCounter::COUNT, 0);
@@ -153,6 +157,9 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     // SAFETY: the ifindex field of a valid xdp_md.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
 
+    // Only the shapes some rule has are looked up: most rule sets name no source, and then
+    // one lookup of four is made instead of three.
+    let shapes = SHAPES.get(0).copied().unwrap_or(0);
     let mut key = RuleKey {
         ifindex,
         group,
@@ -160,22 +167,31 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
         port,
         pad: [0; 2],
     };
-    if let Some(v) = lookup(&key) {
+    if shapes & SHAPE_SOURCE_PORT != 0
+        && let Some(v) = lookup(&key)
+    {
         return Some(v);
     }
     // The same order as the daemon's matcher (relay::rules::RuleTable::lookup): the source is
     // more specific than the port.
     key.port = [0; 2];
-    if let Some(v) = lookup(&key) {
+    if shapes & SHAPE_SOURCE != 0
+        && let Some(v) = lookup(&key)
+    {
         return Some(v);
     }
     key.source = [0; 16];
     key.port = port;
-    if let Some(v) = lookup(&key) {
+    if shapes & SHAPE_PORT != 0
+        && let Some(v) = lookup(&key)
+    {
         return Some(v);
     }
     key.port = [0; 2];
-    lookup(&key)
+    if shapes & SHAPE_GROUP != 0 {
+        return lookup(&key);
+    }
+    None
 }
 
 /// An unfragmented IPv4 UDP packet to a group: its (source, group) as key bytes and where the

@@ -10,13 +10,13 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{HashMap, MapData, PerCpuArray, XskMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, XskMap},
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use log::{info, warn};
 use relay_common::{
-    COUNTER_MAP, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM, RULE_MAP, RuleKey, RuleValue, XSK_MAP,
-    XdpCounter,
+    COUNTER_MAP, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM, RULE_MAP, RuleKey, RuleValue, SHAPE_MAP,
+    XSK_MAP, XdpCounter,
 };
 
 use crate::{config::XdpModeConfig, rules::RuleTable};
@@ -139,6 +139,8 @@ impl Steering {
     /// missing: every entry of `new` is written (a key that exists is replaced in place),
     /// then the keys only `old` has are deleted.
     pub fn update_rules(&mut self, old: &RuleTable, new: &RuleTable) -> Result<()> {
+        // While both tables' keys may be in the map, the program looks up both tables' shapes.
+        self.set_shapes(old.shapes() | new.shapes())?;
         let mut rules = self.rule_map()?;
         for (key, value) in new.bpf_entries() {
             rules
@@ -151,7 +153,16 @@ impl Steering {
                 rules.remove(&key).context("deleting from the rule map")?;
             }
         }
-        Ok(())
+        self.set_shapes(new.shapes())
+    }
+
+    fn set_shapes(&mut self, shapes: u32) -> Result<()> {
+        let mut map: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(SHAPE_MAP)
+                .ok_or_else(|| anyhow!("no {SHAPE_MAP} map"))?,
+        )?;
+        map.set(0, &shapes, 0).context("writing the rule shapes")
     }
 
     /// The XSKMAP slot of an ingress interface: given out once and kept, so a reload never

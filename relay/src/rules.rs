@@ -126,6 +126,11 @@ impl RuleTable {
             .map(|(k, &rule_id)| (*k, RuleValue { rule_id }))
     }
 
+    /// The `SHAPE_*` bits of the keys in the rule map: which of the four lookups can hit.
+    pub fn shapes(&self) -> u32 {
+        self.keys.keys().fold(0, |s, k| s | k.shape())
+    }
+
     /// The rule for a frame that arrived on `ifindex`, in the XDP program's order: (S,G,port),
     /// (S,G,*), (*,G,port), (*,G,*).
     pub fn lookup(&self, ifindex: u32, flow: &Flow) -> Option<u32> {

@@ -86,7 +86,7 @@ fn source(v6: bool, s: u8) -> IpAddr {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// Random rule sets of both families and random frames: the program matches exactly
     /// the frames some rule covers.
@@ -115,6 +115,38 @@ proptest! {
                 "{} -> {}:{}", s, g, port
             );
         }
+    }
+}
+
+/// A reload from rules of one shape to rules of others: the program looks up the shapes the
+/// new table has (it skips the lookups no rule can answer), and stops matching the old ones.
+#[test]
+fn a_reload_moves_the_program_to_the_new_shapes() {
+    require_root();
+    let g = group(false, 1);
+    let src = source(false, 1);
+    let old = vec![rule(0, g, Some(5000), None)];
+    let new = vec![
+        rule(0, g, None, Some(src)),
+        rule(1, group(true, 2), None, None),
+    ];
+    let old_t = table(old.clone());
+    let new_t = table(new.clone());
+    let mut steering = Steering::load(&old_t, 2048).unwrap();
+    let f_old = build_udp_frame(&UdpFrame::simple(source(false, 2), g, 5000, 8, b"x"));
+    let f_src = build_udp_frame(&UdpFrame::simple(src, g, 7000, 8, b"x"));
+    let f_v6 = build_udp_frame(&UdpFrame::simple(
+        source(true, 3),
+        group(true, 2),
+        9,
+        8,
+        b"x",
+    ));
+    assert!(bpf_matches(&steering, &f_old));
+    assert!(!bpf_matches(&steering, &f_src));
+    steering.update_rules(&old_t, &new_t).unwrap();
+    for (f, want) in [(&f_old, false), (&f_src, true), (&f_v6, true)] {
+        assert_eq!(bpf_matches(&steering, f), want);
     }
 }
 
