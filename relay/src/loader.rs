@@ -49,27 +49,6 @@ impl XdpCounters {
     }
 }
 
-/// The `test` member of `union bpf_attr` (BPF_PROG_TEST_RUN).
-#[repr(C, align(8))]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-}
-
 /// Which XDP mode an interface got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachedMode {
@@ -295,31 +274,23 @@ impl Steering {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex. Only the ifindex and queue may be set on input.
         let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-        let mut attr = TestRunAttr {
-            prog_fd: fd as u32,
+        let mut opts = libbpf_sys::bpf_test_run_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _,
+            data_in: frame.as_ptr().cast(),
             data_size_in: frame.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            repeat,
+            ctx_in: ctx.as_ptr().cast(),
             ctx_size_in: std::mem::size_of_val(&ctx) as u32,
-            ctx_in: ctx.as_ptr() as u64,
-            ..TestRunAttr::default()
+            repeat: repeat as i32,
+            ..Default::default()
         };
-        const BPF_PROG_TEST_RUN: libc::c_long = 10;
-        // SAFETY: `attr` is the kernel's test-run attribute layout, zero where unused; the
-        // frame and ctx buffers it points to outlive the call, and nothing is written back
-        // into them (no data_out or ctx_out given).
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &mut attr as *mut TestRunAttr,
-                std::mem::size_of::<TestRunAttr>(),
-            )
-        };
+        // SAFETY: `opts` is libbpf's own options struct with its size set; the frame and ctx
+        // buffers it points to outlive the call, and nothing is written back into them (no
+        // data_out or ctx_out given).
+        let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(fd, &mut opts) };
         if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("BPF_PROG_TEST_RUN");
+            return Err(std::io::Error::from_raw_os_error(-rc)).context("BPF_PROG_TEST_RUN");
         }
-        Ok((attr.retval, attr.duration))
+        Ok((opts.retval, opts.duration))
     }
 
     /// Kernel memory charged to the rule map, from its fdinfo (`memlock`).
