@@ -15,9 +15,28 @@ use crate::{
     netns::Netns,
 };
 
-/// A running `relay-gen recv`.
+/// A running `relay-gen recv`; killed if dropped before [`GenReceiver::finish`] (a test
+/// that fails half-way leaves no generator behind in a namespace it is removing).
 pub struct GenReceiver {
-    child: Child,
+    child: KillOnDrop,
+}
+
+/// A child process that is killed and reaped if it is still there when dropped.
+struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    fn wait_with_output(mut self) -> std::io::Result<std::process::Output> {
+        self.0.take().expect("taken once").wait_with_output()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl GenReceiver {
@@ -55,6 +74,7 @@ impl GenReceiver {
             .context("starting a receiver")?;
         let mut line = String::new();
         BufReader::new(child.stderr.take().expect("piped")).read_line(&mut line)?;
+        let child = KillOnDrop(Some(child));
         if line.trim() != "ready" {
             bail!("receiver did not start: {line}");
         }
@@ -84,9 +104,9 @@ pub struct SendSpec {
     pub afxdp: Option<String>,
 }
 
-/// A running `relay-gen send`.
+/// A running `relay-gen send`; killed if dropped before [`GenSender::finish`].
 pub struct GenSender {
-    child: Child,
+    child: KillOnDrop,
 }
 
 impl GenSender {
@@ -115,7 +135,9 @@ impl GenSender {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting the sender")?;
-        Ok(Self { child })
+        Ok(Self {
+            child: KillOnDrop(Some(child)),
+        })
     }
 
     pub fn finish(self) -> Result<SendSummary> {

@@ -105,20 +105,20 @@ pub fn send(ns: &Netns, source: impl Into<IpAddr>, flow: Flow) -> JoinHandle<Res
 /// linux/udp.h: send IPv6 UDP with a zero checksum (not in the libc crate).
 const UDP_NO_CHECK6_TX: i32 = 101;
 
-/// The index of the interface that holds `addr` in the calling thread's namespace, from
-/// /proc/thread-self/net/if_inet6 (a thread's own view: the harness moves threads, not
+/// The index of the interface that holds `addr` in the calling thread's namespace
+/// (getifaddrs asks over netlink from this thread, and the harness moves threads, not
 /// processes, into namespaces).
 pub fn ifindex_of(addr: Ipv6Addr) -> Result<u32> {
-    let table = std::fs::read_to_string("/proc/thread-self/net/if_inet6")?;
-    let hex: String = addr.octets().iter().map(|b| format!("{b:02x}")).collect();
-    table
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next() == Some(hex.as_str())).then(|| f.next())?
+    let name = nix::ifaddrs::getifaddrs()?
+        .find(|i| {
+            i.address
+                .as_ref()
+                .and_then(|a| a.as_sockaddr_in6())
+                .is_some_and(|a| a.ip() == addr)
         })
-        .and_then(|i| u32::from_str_radix(i, 16).ok())
-        .with_context(|| format!("no interface has {addr}"))
+        .map(|i| i.interface_name)
+        .with_context(|| format!("no interface has {addr}"))?;
+    Ok(nix::net::if_::if_nametoindex(name.as_str())?)
 }
 
 fn set_multicast_if(sock: &UdpSocket, addr: Ipv4Addr) -> Result<()> {
