@@ -134,10 +134,7 @@ fn main() -> Result<()> {
             afxdp_sender,
             no_write,
         } => {
-            setup(&root)?;
-            build_ebpf(&root)?;
-            build_relay(&root)?;
-            let gen_bin = build_gen(&root)?;
+            let gen_bin = build_for_traffic(&root)?;
             let opts = relay_tests::bench::BenchOpts {
                 repeats,
                 duration,
@@ -155,10 +152,7 @@ fn main() -> Result<()> {
             size,
             no_write,
         } => {
-            setup(&root)?;
-            build_ebpf(&root)?;
-            build_relay(&root)?;
-            let gen_bin = build_gen(&root)?;
+            let gen_bin = build_for_traffic(&root)?;
             let opts = relay_tests::soak::SoakOpts {
                 minutes,
                 rate,
@@ -290,6 +284,15 @@ fn host_triple(root: &Path) -> Result<String> {
         .find_map(|l| l.strip_prefix("host: "))
         .map(str::to_owned)
         .context("rustc -vV names no host")
+}
+
+/// Everything a run with traffic needs: the toolchains, the XDP program, the relay and the
+/// generator; returns the generator's path.
+fn build_for_traffic(root: &Path) -> Result<PathBuf> {
+    setup(root)?;
+    build_ebpf(root)?;
+    build_relay(root)?;
+    build_gen(root)
 }
 
 /// Builds the traffic generator; returns its path.
