@@ -363,21 +363,23 @@ impl Running {
     /// one, attaches the program to a new ingress and joins its groups. Rules on other
     /// interfaces keep flowing throughout.
     fn watch_interfaces(&mut self) {
-        let table = self.datapath.table();
-        let known = table
-            .ingress
-            .iter()
-            .map(|i| (&i.name, i.info.ifindex, true))
-            .chain(
-                table
-                    .egress
-                    .iter()
-                    .map(|e| (&e.name, e.info.ifindex, false)),
-            );
+        // Names and ifindexes only: the table itself (perhaps thousands of rules) is not
+        // copied twice a second.
+        let known: Vec<(String, u32, bool)> = self.datapath.with_table(|t| {
+            t.ingress
+                .iter()
+                .map(|i| (i.name.clone(), i.info.ifindex, true))
+                .chain(
+                    t.egress
+                        .iter()
+                        .map(|e| (e.name.clone(), e.info.ifindex, false)),
+                )
+                .collect()
+        });
         let mut replaced = Vec::new();
         for (name, ifindex, ingress) in known {
-            match relay::sys::ifindex(name) {
-                None if !self.gone.contains(name) => {
+            match relay::sys::ifindex(&name) {
+                None if !self.gone.contains(&name) => {
                     warn!(
                         "{name}: the interface is gone; {} until an interface of that name is back",
                         if ingress {
@@ -386,9 +388,9 @@ impl Running {
                             "its outputs' frames are dropped (interface_down)"
                         }
                     );
-                    self.gone.push(name.clone());
+                    self.gone.push(name);
                 }
-                Some(now) if now != ifindex => replaced.push((name.clone(), ingress)),
+                Some(now) if now != ifindex => replaced.push((name, ingress)),
                 _ => {}
             }
         }

@@ -358,6 +358,11 @@ impl Datapath {
         self.shared.current_plan().table.clone()
     }
 
+    /// Calls `f` on the current rule table without copying it.
+    pub fn with_table<R>(&self, f: impl FnOnce(&RuleTable) -> R) -> R {
+        f(&self.shared.current_plan().table)
+    }
+
     /// A handle other threads use to read live counters.
     pub fn monitor(&self) -> Monitor {
         Monitor {
