@@ -76,13 +76,14 @@ fn main() {
     };
     let unicast = v4([198, 18, 1, 2], 5000);
     println!(
-        "| rules | IPv4, matching | IPv4, no rule | IPv6, matching | IPv4 unicast | rule map memory |\n|---|---|---|---|---|---|"
+        "| rules | compile and load | IPv4, matching | IPv4, no rule | IPv6, matching | IPv4 unicast | rule map memory |\n|---|---|---|---|---|---|---|"
     );
     for n in [2usize, 100, 10_000] {
         let rules = rules(n);
         let config = Config::parse("bench", "rules: []")
             .map(|c| Config { rules, ..c })
             .expect("an empty config parses");
+        let start = std::time::Instant::now();
         let table = RuleTable::compile(
             &config,
             "bench",
@@ -90,6 +91,7 @@ fn main() {
         )
         .expect("the rules compile");
         let steering = Steering::load(&table, 2048).expect("load the XDP program (needs root)");
+        let loaded = start.elapsed();
         let cells = [
             median_ns(&steering, &v4([239, 10, 0, 1], 5000)),
             median_ns(&steering, &v4([239, 10, 0, 1], 5999)),
@@ -97,7 +99,8 @@ fn main() {
             median_ns(&steering, &unicast),
         ];
         println!(
-            "| {n} | {} ns | {} ns | {} ns | {} ns | {} KiB |",
+            "| {n} | {:.1} ms | {} ns | {} ns | {} ns | {} ns | {} KiB |",
+            loaded.as_secs_f64() * 1000.0,
             cells[0],
             cells[1],
             cells[2],

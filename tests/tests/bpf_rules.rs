@@ -150,10 +150,11 @@ fn a_reload_moves_the_program_to_the_new_shapes() {
     }
 }
 
-/// 10,000 rules (100 groups x 100 ports) compile and load into the kernel in well under a
-/// second, every one of them matches its frames, and a port next to them does not.
+/// 10,000 rules (100 groups x 100 ports) compile and load into the kernel, every one of them
+/// matches its frames, and a port next to them does not. (How long loading takes is measured
+/// by `cargo xtask bench-xdp`, not asserted here.)
 #[test]
-fn ten_thousand_rules_load_fast_and_all_match() {
+fn ten_thousand_rules_load_and_all_match() {
     require_root();
     let rules: Vec<Rule> = (0..10_000)
         .map(|i| {
@@ -170,7 +171,6 @@ fn ten_thousand_rules_load_fast_and_all_match() {
         "10,000 rules: compiled and loaded in {took:?}; rule map memory {} KiB",
         memory / 1024
     );
-    assert!(took.as_secs_f64() < 1.0, "loading took {took:?}");
     assert_eq!(t.bpf_entries().count(), 10_000);
     let src = IpAddr::from([198, 18, 1, 1]);
     for r in &rules {
