@@ -29,7 +29,8 @@ pub struct Steering {
     xsks: XskMap<MapData>,
     counters: Arc<XdpCounters>,
     links: Vec<(String, XdpLinkId)>,
-    /// Ingress ifindex of each XSKMAP slot, in the order they were given out.
+    /// Ingress ifindex of each XSKMAP slot, in the order they were given out; 0 for a slot
+    /// freed when its device went away, to be given out again.
     slots: Vec<u32>,
 }
 
@@ -150,14 +151,22 @@ impl Steering {
         if let Some(i) = self.slots.iter().position(|&x| x == ifindex) {
             return Ok(i as u32);
         }
-        if self.slots.len() as u32 >= relay_common::MAX_INGRESS_IFACES {
-            return Err(anyhow!(
-                "more than {} ingress interfaces",
-                relay_common::MAX_INGRESS_IFACES
-            ));
-        }
-        self.slots.push(ifindex);
-        let slot = self.slots.len() as u32 - 1;
+        let slot = match self.slots.iter().position(|&x| x == 0) {
+            Some(free) => {
+                self.slots[free] = ifindex;
+                free as u32
+            }
+            None if (self.slots.len() as u32) < relay_common::MAX_INGRESS_IFACES => {
+                self.slots.push(ifindex);
+                self.slots.len() as u32 - 1
+            }
+            None => {
+                return Err(anyhow!(
+                    "more than {} ingress interfaces",
+                    relay_common::MAX_INGRESS_IFACES
+                ));
+            }
+        };
         let mut ifaces: HashMap<_, u32, u32> = HashMap::try_from(
             self.ebpf
                 .map_mut(IFACE_MAP)
@@ -180,6 +189,26 @@ impl Steering {
         self.xsks
             .set(index, fd.as_raw_fd(), 0)
             .context("adding the AF_XDP socket to the XSKMAP")
+    }
+
+    /// Forgets a device that went away: its sockets leave the XSKMAP and its slot is free for
+    /// the next ingress, so interfaces can be re-created any number of times.
+    pub fn release_iface(&mut self, ifindex: u32) -> Result<()> {
+        let Some(slot) = self.slots.iter().position(|&x| x == ifindex) else {
+            return Ok(());
+        };
+        let mut ifaces: HashMap<_, u32, u32> = HashMap::try_from(
+            self.ebpf
+                .map_mut(IFACE_MAP)
+                .ok_or_else(|| anyhow!("no {IFACE_MAP} map"))?,
+        )?;
+        // Already gone if the kernel never had it; nothing else can fail here.
+        let _ = ifaces.remove(&ifindex);
+        for q in 0..MAX_QUEUES_PER_IFACE {
+            let _ = self.xsks.unset(slot as u32 * MAX_QUEUES_PER_IFACE + q);
+        }
+        self.slots[slot] = 0;
+        Ok(())
     }
 
     /// The interfaces the program is attached to.

@@ -394,6 +394,9 @@ impl Running {
                 _ => {}
             }
         }
+        if let Err(e) = self.retire_gone() {
+            error!("closing the sockets of interfaces that went away: {e:#}");
+        }
         if replaced.is_empty() {
             return;
         }
@@ -443,10 +446,25 @@ impl Running {
         self.apply(config)
     }
 
+    /// Closes the sockets of devices that no longer exist, with their frames taken back, and
+    /// makes the XDP program forget them.
+    fn retire_gone(&mut self) -> Result<()> {
+        let retired = self.datapath.retire_gone()?;
+        for r in &retired {
+            if r.ingress {
+                self.steering.release_iface(r.ifindex)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Validates `new_config` against the system and switches to its rules.
     fn apply(&mut self, new_config: Config) -> Result<String> {
         let file = self.config_path.display().to_string();
         let new = RuleTable::compile(&new_config, &file, &LiveSystem)?;
+        // An interface re-created since the last look has new sockets coming: the old ones
+        // go first, so the new ones can share the UMEM through a live socket.
+        self.retire_gone()?;
         let old = self.datapath.table();
         for (what, changed) in [
             ("allocator", new_config.allocator != self.config.allocator),

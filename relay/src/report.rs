@@ -82,11 +82,12 @@ pub fn shutdown(
     );
     let _ = writeln!(
         s,
-        "frames total={} in_pool={} in_fill={} in_tx={} leaked={}",
+        "frames total={} in_pool={} in_fill={} in_tx={} lost_with_devices={} leaked={}",
         account.frames,
         account.in_pool,
         account.in_fill,
         account.in_tx,
+        account.abandoned,
         account.leaked()
     );
     s

@@ -26,6 +26,14 @@ pub struct OutputAction {
     pub ttl: Option<u8>,
 }
 
+impl OutputAction {
+    /// Whether two actions are the same output as the user wrote it. The source MAC is left
+    /// out: it is the egress device's, which changes when the interface is created again.
+    pub fn same_output(&self, other: &Self) -> bool {
+        (self.group, self.port, self.ttl) == (other.group, other.port, other.ttl)
+    }
+}
+
 /// Why a frame was not sent on an output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RewriteError {

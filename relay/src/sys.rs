@@ -174,3 +174,10 @@ mod cpu_tests {
         assert_eq!(cpu_list(&[]), "");
     }
 }
+
+/// Whether a device with this ifindex still exists in the relay's namespace (under any name).
+pub fn ifindex_exists(ifindex: u32) -> bool {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has the IF_NAMESIZE bytes if_indextoname may write.
+    !unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) }.is_null()
+}

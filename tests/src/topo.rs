@@ -53,15 +53,7 @@ impl Topology {
         assert!((1..=200).contains(&n));
         let sender = Netns::new("snd")?;
         let relay = Netns::new("rly")?;
-        link_queues(&sender, SENDER_IF, &relay, RELAY_IN, queues)?;
-        addr(&sender, SENDER_IF, SENDER_ADDR)?;
-        addr(&relay, RELAY_IN, RELAY_IN_ADDR)?;
-        addr6(&sender, SENDER_IF, SENDER_ADDR6)?;
-        addr6(&relay, RELAY_IN, RELAY_IN_ADDR6)?;
-        // A wire computes checksums in full; a veth with tx offload would hand the relay a
-        // partial UDP checksum that no receiver could verify after the frame is copied.
-        sender.exec(&["ethtool", "-K", SENDER_IF, "tx", "off"])?;
-        sender.exec(&["ip", "route", "add", "224.0.0.0/4", "dev", SENDER_IF])?;
+        sender_link(&sender, &relay, queues)?;
         let mut receivers = Vec::with_capacity(n);
         for i in 0..n {
             let ns = Netns::new(&format!("rx{i}"))?;
@@ -131,6 +123,12 @@ impl Topology {
         Ok(())
     }
 
+    /// Creates the sender's link (snd0 -- rin) again, with the same names and addresses,
+    /// after `rin` was deleted (which deletes snd0 too).
+    pub fn relink_ingress(&self) -> Result<()> {
+        sender_link(&self.sender, &self.relay, 1)
+    }
+
     /// A second link from the sender to the relay, `sender_if` 198.18.`subnet`.1 to
     /// `relay_if` 198.18.`subnet`.2; returns the sender's address on it.
     pub fn add_ingress(&self, relay_if: &str, sender_if: &str, subnet: u8) -> Result<Ipv4Addr> {
@@ -148,6 +146,20 @@ impl Topology {
         let links = self.relay.exec(&["ip", "-d", "link", "show"])?;
         Ok(links.contains("prog/xdp") || links.contains(" xdp"))
     }
+}
+
+/// The sender's link to the relay's ingress, with its addresses and multicast route.
+fn sender_link(sender: &Netns, relay: &Netns, queues: u32) -> Result<()> {
+    link_queues(sender, SENDER_IF, relay, RELAY_IN, queues)?;
+    addr(sender, SENDER_IF, SENDER_ADDR)?;
+    addr(relay, RELAY_IN, RELAY_IN_ADDR)?;
+    addr6(sender, SENDER_IF, SENDER_ADDR6)?;
+    addr6(relay, RELAY_IN, RELAY_IN_ADDR6)?;
+    // A wire computes checksums in full; a veth with tx offload would hand the relay a
+    // partial UDP checksum that no receiver could verify after the frame is copied.
+    sender.exec(&["ethtool", "-K", SENDER_IF, "tx", "off"])?;
+    sender.exec(&["ip", "route", "add", "224.0.0.0/4", "dev", SENDER_IF])?;
+    Ok(())
 }
 
 fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {

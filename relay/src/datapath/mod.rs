@@ -8,6 +8,8 @@
 //! whenever the workers have stopped, so at shutdown `pool + in_fill + in_tx == frames` must
 //! hold, and the relay says so.
 
+pub mod budget;
+mod ringlog;
 mod socket;
 pub mod stats;
 mod worker;
@@ -57,12 +59,14 @@ pub struct FrameAccount {
     pub in_pool: usize,
     pub in_fill: usize,
     pub in_tx: usize,
+    /// Lost with a device that went away while the kernel held them (see `Worker::retire`).
+    pub abandoned: usize,
 }
 
 impl FrameAccount {
     /// Frames that are in none of the places a frame can be.
     pub fn leaked(&self) -> isize {
-        self.frames as isize - (self.in_pool + self.in_fill + self.in_tx) as isize
+        self.frames as isize - (self.in_pool + self.in_fill + self.in_tx + self.abandoned) as isize
     }
 }
 
@@ -79,6 +83,19 @@ struct PortMeta {
     ifindex: u32,
     queue: u32,
     owner: usize,
+    ingress: bool,
+    /// Its device is gone and its worker has closed it.
+    retired: bool,
+}
+
+/// An AF_XDP socket the data path closed because its device went away: the XDP program's
+/// maps must forget it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retired {
+    pub name: String,
+    pub ifindex: u32,
+    pub queue: u32,
+    pub ingress: bool,
 }
 
 /// The data path before and while it runs.
@@ -88,9 +105,15 @@ pub struct Datapath {
     running: Vec<JoinHandle<WorkerReport>>,
     ports: Vec<PortMeta>,
     bind: BindMode,
-    fill_target: usize,
+    /// How the UMEM's frames are shared out.
+    budget: budget::Budget,
+    frames: usize,
     /// The rx ring fd of each socket, by global id, for XSKMAP bindings.
     fds: Vec<RawFd>,
+    /// The descriptor libxdp names as the UMEM's in every shared bind (the first socket's),
+    /// and the socket it refers to now (see [`Datapath::reanchor`]).
+    umem_fd: RawFd,
+    anchor: usize,
     /// CPUs to pin the workers to (worker i on `cpus[i % len]`).
     cpus: Option<Vec<usize>>,
 }
@@ -152,6 +175,19 @@ fn wanted_sockets(table: &RuleTable) -> Vec<(String, u32, u32, bool)> {
     wanted
 }
 
+/// Refuses a UMEM too small for the sockets and workers that would share it.
+fn check_budget(frames: usize, ingress_queues: usize, workers: usize) -> Result<()> {
+    let min = budget::minimum_frames(ingress_queues, workers);
+    if frames < min {
+        return Err(anyhow!(
+            "umem: frames: {frames} is too few for {ingress_queues} ingress queue(s) and \
+             {workers} worker(s): at least {min} are needed (each fill ring needs two RX batches, \
+             each worker room for its cache and its frames in flight)"
+        ));
+    }
+    Ok(())
+}
+
 impl Datapath {
     /// Creates the UMEM and every socket, and assigns the sockets to `workers` threads. The
     /// XDP program is not involved yet: the caller puts the returned bindings into the XSKMAP,
@@ -197,9 +233,9 @@ impl Datapath {
                 descs.len()
             ));
         }
-        let ingress_queues = wanted_sockets(&table).iter().filter(|w| w.3).count().max(1);
-        // Half the frames may sit in fill rings; the rest serve TX and fan-out copies.
-        let fill_target = (frames as usize / 2 / ingress_queues).min(RING_SIZE as usize);
+        let queues = wanted_sockets(&table).iter().filter(|w| w.3).count();
+        check_budget(frames as usize, queues, workers)?;
+        let budget = budget::Budget::new(frames as usize, workers);
         let wakers = (0..workers)
             .map(|_| Waker::new())
             .collect::<std::io::Result<Vec<_>>>()
@@ -210,6 +246,8 @@ impl Datapath {
             egress_port: Vec::new(),
             egress_owner: Vec::new(),
             ingress_ports: Vec::new(),
+            retire: Vec::new(),
+            fill_target: 0,
         });
         let shared = Arc::new(Shared {
             umem,
@@ -224,6 +262,8 @@ impl Datapath {
             wakers,
             phase: AtomicU8::new(RUN),
             rx_done: AtomicUsize::new(0),
+            abandoned: AtomicUsize::new(0),
+            cache_frames: budget.cache,
             snapshots: (0..workers)
                 .map(|_| Mutex::new((empty.clone(), DatapathStats::default())))
                 .collect(),
@@ -234,22 +274,42 @@ impl Datapath {
             running: Vec::new(),
             ports: Vec::new(),
             bind,
-            fill_target,
+            budget,
+            frames: frames as usize,
             fds: Vec::new(),
+            umem_fd: -1,
+            anchor: 0,
             cpus: cpus.filter(|c| !c.is_empty()),
         };
         let (opened, bindings) = dp.open_sockets(&table)?;
+        dp.umem_fd = dp.fds[0];
         for (w, id, port) in opened {
             dp.pending[w].push((id, port));
         }
-        dp.publish_plan(table);
+        dp.publish_plan(table, Vec::new());
         Ok((dp, bindings))
     }
 
     /// Opens a socket for every (interface, queue) the table needs that has none yet, and
-    /// deals them to the workers round-robin (ingress first, so RX spreads before TX).
+    /// deals them to the workers round-robin (ingress first, so RX spreads before TX). All or
+    /// nothing: if one fails, the ones this call opened are closed and forgotten, so the next
+    /// attempt does not take them for open.
     #[allow(clippy::type_complexity)]
     fn open_sockets(
+        &mut self,
+        table: &RuleTable,
+    ) -> Result<(Vec<(usize, usize, Port)>, Vec<XskBinding>)> {
+        let known = self.ports.len();
+        let result = self.try_open_sockets(table);
+        if result.is_err() {
+            self.ports.truncate(known);
+            self.fds.truncate(known);
+        }
+        result
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn try_open_sockets(
         &mut self,
         table: &RuleTable,
     ) -> Result<(Vec<(usize, usize, Port)>, Vec<XskBinding>)> {
@@ -257,11 +317,9 @@ impl Datapath {
         let mut opened = Vec::new();
         let mut bindings = Vec::new();
         for (name, ifindex, queue, ingress) in wanted_sockets(table) {
-            if let Some(id) = self
-                .ports
-                .iter()
-                .position(|p| p.name == name && p.queue == queue && p.ifindex == ifindex)
-            {
+            if let Some(id) = self.ports.iter().position(|p| {
+                !p.retired && p.name == name && p.queue == queue && p.ifindex == ifindex
+            }) {
                 // Already open (perhaps as an egress-only socket): an ingress now needs it in
                 // the XSKMAP.
                 if ingress && let Some(fd) = self.known_fd(id) {
@@ -272,6 +330,12 @@ impl Datapath {
             let id = self.ports.len();
             if id >= MAX_PORTS {
                 return Err(anyhow!("more than {MAX_PORTS} sockets"));
+            }
+            if id > 0 && self.ports[self.anchor].retired {
+                return Err(anyhow!(
+                    "{name} queue {queue}: every interface the relay had sockets on is gone, and \
+                     a new socket can only share the UMEM through a live one: restart the relay"
+                ));
             }
             let b = socket::open_socket(&self.shared.umem, &name, queue, self.bind, id == 0)?;
             let w = id % workers;
@@ -289,6 +353,8 @@ impl Datapath {
                 ifindex,
                 queue,
                 owner: w,
+                ingress,
+                retired: false,
             });
             self.fds.push(fd);
             let mtu = crate::sys::mtu(&name).unwrap_or(1500);
@@ -307,9 +373,13 @@ impl Datapath {
                     cq: b.cq,
                     in_fill: 0,
                     in_tx: 0,
-                    fill_target: self.fill_target,
+                    // Set from the plan the socket arrives with.
+                    fill_target: 0,
                     down: false,
                     mtu,
+                    fill_log: ringlog::RingLog::new(RING_SIZE as usize),
+                    tx_log: ringlog::RingLog::new(RING_SIZE as usize),
+                    dead: false,
                 },
             ));
         }
@@ -320,26 +390,32 @@ impl Datapath {
         self.fds.get(id).copied()
     }
 
-    /// Makes `table` the current plan (the workers take it up on their next pass).
-    fn publish_plan(&mut self, table: RuleTable) -> u64 {
-        let find = |name: &str, ifindex: u32, queue: u32| {
-            self.ports
-                .iter()
-                .position(|p| p.name == name && p.queue == queue && p.ifindex == ifindex)
-                .expect("a socket was opened for every interface of the table")
+    /// Makes `table` the current plan (the workers take it up on their next pass), with the
+    /// sockets in `retire` to be closed by their workers.
+    fn publish_plan(&mut self, table: RuleTable, retire: Vec<usize>) -> u64 {
+        let live = |name: &str, ifindex: u32, queue: u32| {
+            self.ports.iter().position(|p| {
+                !p.retired && p.name == name && p.queue == queue && p.ifindex == ifindex
+            })
         };
-        let egress_port: Vec<usize> = table
+        let egress_port: Vec<Option<usize>> = table
             .egress
             .iter()
-            .map(|e| find(&e.name, e.info.ifindex, 0))
+            .map(|e| live(&e.name, e.info.ifindex, 0))
             .collect();
-        let egress_owner = egress_port.iter().map(|&id| self.ports[id].owner).collect();
-        let ingress_ports = table
+        let egress_owner = egress_port
+            .iter()
+            .map(|id| id.map(|id| self.ports[id].owner))
+            .collect();
+        let ingress_ports: Vec<usize> = table
             .ingress
             .iter()
             .flat_map(|i| (0..i.info.rx_queues).map(move |q| (i.name.clone(), i.info.ifindex, q)))
-            .map(|(n, ifindex, q)| find(&n, ifindex, q))
+            .filter_map(|(n, ifindex, q)| live(&n, ifindex, q))
             .collect();
+        let fill_target = self
+            .budget
+            .fill_target(ingress_ports.len(), RING_SIZE as usize);
         let generation = self.shared.plan_gen.load(Ordering::Acquire) + 1;
         let plan = Arc::new(Plan {
             generation,
@@ -347,10 +423,117 @@ impl Datapath {
             egress_port,
             egress_owner,
             ingress_ports,
+            retire,
+            fill_target,
         });
         *self.shared.plan.lock().unwrap_or_else(|p| p.into_inner()) = plan;
         self.shared.plan_gen.store(generation, Ordering::Release);
         generation
+    }
+
+    /// Wakes every worker and waits until each has taken up plan `generation`.
+    fn wait_adopted(&self, generation: u64) -> Result<()> {
+        for w in &self.shared.wakers {
+            w.wake_now();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while self
+            .shared
+            .adopted
+            .iter()
+            .any(|a| a.load(Ordering::Acquire) < generation)
+        {
+            if std::time::Instant::now() > deadline {
+                return Err(anyhow!("a worker did not take up the new plan within 2 s"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Closes the sockets whose device no longer exists (deleted, or deleted and created
+    /// again: a socket is bound to an ifindex), taking their frames back, and gives the fill
+    /// budget to the ingress queues that remain. Returns what was closed, for the XDP maps.
+    pub fn retire_gone(&mut self) -> Result<Vec<Retired>> {
+        let gone: Vec<usize> = (0..self.ports.len())
+            .filter(|&id| {
+                let p = &self.ports[id];
+                !p.retired && !crate::sys::ifindex_exists(p.ifindex)
+            })
+            .collect();
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        for &id in &gone {
+            self.ports[id].retired = true;
+        }
+        let table = self.table();
+        if self.running.is_empty() {
+            // Not started: the sockets wait in `pending`; close them here.
+            for list in &mut self.pending {
+                list.retain(|(id, _)| !gone.contains(id));
+            }
+            self.publish_plan(table, Vec::new());
+        } else {
+            let generation = self.publish_plan(table, gone.clone());
+            self.wait_adopted(generation)?;
+        }
+        // Frames a worker on an older plan handed over after the owner closed the socket.
+        for &id in &gone {
+            if let Some(lane) = self.shared.lanes[id].get() {
+                while let Some((desc, _)) = lane.pop() {
+                    self.shared
+                        .pool
+                        .give((desc.addr() / self.shared.frame_size) as u32);
+                }
+            }
+        }
+        if self.ports[self.anchor].retired {
+            self.reanchor()?;
+        }
+        Ok(gone
+            .iter()
+            .map(|&id| {
+                let p = &self.ports[id];
+                Retired {
+                    name: p.name.clone(),
+                    ifindex: p.ifindex,
+                    queue: p.queue,
+                    ingress: p.ingress,
+                }
+            })
+            .collect())
+    }
+
+    /// Points the UMEM's descriptor at a live socket. The kernel lets a socket share a UMEM
+    /// through any bound socket that uses it, but libxdp always names the first socket's
+    /// descriptor, and a socket whose device is gone is unbound for good: binding through it
+    /// fails with EBADF, so without this every new socket would fail once the first
+    /// interface is re-created. dup2 makes that descriptor number refer to another socket of
+    /// the same UMEM.
+    fn reanchor(&mut self) -> Result<()> {
+        let Some(live) = self.ports.iter().position(|p| !p.retired) else {
+            warn!(
+                "every interface the relay had sockets on is gone: new sockets cannot share the \
+                 UMEM any more, so the relay must be restarted when they are back"
+            );
+            return Ok(());
+        };
+        // SAFETY: both descriptors are open: `umem_fd` is libxdp's, which it closes only when
+        // the UMEM is deleted (at exit), and `fds[live]` belongs to a socket that stays open
+        // until this thread retires it. dup2 replaces only the descriptor-table entry; the old
+        // socket is released by its owner's close.
+        let rc = unsafe { libc::dup2(self.fds[live], self.umem_fd) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("pointing the UMEM's descriptor at a live socket");
+        }
+        info!(
+            "the UMEM's first socket is gone; new sockets share it through {} queue {}",
+            self.ports[live].name, self.ports[live].queue
+        );
+        self.anchor = live;
+        Ok(())
     }
 
     /// The rules in force.
@@ -404,6 +587,8 @@ impl Datapath {
     /// Sockets of interfaces no longer used stay open (the caller detaches XDP from them), so
     /// a rule that comes back later finds them ready.
     pub fn reload(&mut self, table: RuleTable) -> Result<Vec<XskBinding>> {
+        let queues = wanted_sockets(&table).iter().filter(|w| w.3).count();
+        check_budget(self.frames, queues, self.shared.wakers.len())?;
         let (opened, bindings) = self.open_sockets(&table)?;
         for (w, id, port) in opened {
             self.shared.incoming[w]
@@ -411,22 +596,8 @@ impl Datapath {
                 .unwrap_or_else(|p| p.into_inner())
                 .push((id, port));
         }
-        let generation = self.publish_plan(table);
-        for w in &self.shared.wakers {
-            w.wake_now();
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while self
-            .shared
-            .adopted
-            .iter()
-            .any(|a| a.load(Ordering::Acquire) < generation)
-        {
-            if std::time::Instant::now() > deadline {
-                return Err(anyhow!("a worker did not take up the new rules within 2 s"));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let generation = self.publish_plan(table, Vec::new());
+        self.wait_adopted(generation)?;
         Ok(bindings)
     }
 
@@ -468,6 +639,7 @@ impl Datapath {
             in_pool: self.shared.pool.free(),
             in_fill: ports.iter().map(|p| p.in_fill).sum(),
             in_tx: ports.iter().map(|p| p.in_tx).sum(),
+            abandoned: self.shared.abandoned.load(Ordering::Acquire),
         };
         let sockets = ports
             .iter()

@@ -23,6 +23,7 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
 
 use super::{
     BATCH, DRAIN_TIMEOUT, IDLE_POLL_MS, RING_SIZE,
+    ringlog::RingLog,
     stats::{DatapathStats, OutputCounters},
 };
 use crate::{
@@ -51,12 +52,19 @@ pub(super) struct Tag {
 pub(super) struct Plan {
     pub generation: u64,
     pub table: RuleTable,
-    /// For each egress of the table, the global id of the socket that transmits on it.
-    pub egress_port: Vec<usize>,
+    /// For each egress of the table, the global id of the socket that transmits on it; `None`
+    /// while its device is gone (its frames are dropped as `interface_down`).
+    pub egress_port: Vec<Option<usize>>,
     /// For each egress, the worker that owns that socket.
-    pub egress_owner: Vec<usize>,
+    pub egress_owner: Vec<Option<usize>>,
     /// Global ids of the sockets that receive (bound to an ingress queue).
     pub ingress_ports: Vec<usize>,
+    /// Sockets whose device is gone: their owner takes back what frames it can and closes
+    /// them when it takes this plan up.
+    pub retire: Vec<usize>,
+    /// How full each ingress socket's fill ring is kept: the UMEM's fill budget shared by the
+    /// ingress queues there are now.
+    pub fill_target: usize,
 }
 
 /// Frames handed from one worker to the owner of a socket.
@@ -87,6 +95,11 @@ pub(super) struct Shared {
     pub phase: AtomicU8,
     /// Workers that have emptied their RX rings while draining.
     pub rx_done: AtomicUsize,
+    /// Frames lost with sockets whose device went away: the kernel had taken them from the
+    /// fill or TX ring and never gave them back. Counted so the books still balance.
+    pub abandoned: AtomicUsize,
+    /// Frames each worker's cache may hold (see `budget`).
+    pub cache_frames: usize,
     /// Each worker's counters as of its last publication, with the plan they are shaped by.
     pub snapshots: Vec<Mutex<(Arc<Plan>, DatapathStats)>>,
 }
@@ -167,6 +180,13 @@ pub(super) struct Port {
     pub down: bool,
     /// Its MTU when last looked at: the largest IP packet it sends.
     pub mtu: u32,
+    /// The frames last given to the fill ring and the TX ring, to take back the ones the
+    /// kernel had not consumed when the socket is retired.
+    pub fill_log: RingLog,
+    pub tx_log: RingLog,
+    /// The kernel refuses to transmit on it (ENXIO: the device was unregistered): stop kicking
+    /// it; its frames come back when the main thread retires the socket.
+    pub dead: bool,
 }
 
 /// What a worker hands back when it ends.
@@ -199,18 +219,19 @@ pub(super) struct Worker {
     desc_buf: Vec<FrameDesc>,
 }
 
-/// Frames a worker keeps in its private cache before spilling half back to the pool.
-const CACHE_FRAMES: usize = 512;
 /// How often a worker publishes its counters.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
 impl Worker {
     pub fn new(id: usize, shared: Arc<Shared>, ports: Vec<(usize, Port)>) -> Self {
         let plan = shared.current_plan();
-        let (port_ids, ports): (Vec<usize>, Vec<Port>) = ports.into_iter().unzip();
+        let (port_ids, mut ports): (Vec<usize>, Vec<Port>) = ports.into_iter().unzip();
+        for p in &mut ports {
+            p.fill_target = plan.fill_target;
+        }
         let n = ports.len();
         let stats = DatapathStats::new(plan.table.rules.iter().map(|r| r.outputs.len()));
-        let cache = FrameCache::new(shared.pool.clone(), CACHE_FRAMES);
+        let cache = FrameCache::new(shared.pool.clone(), shared.cache_frames);
         let workers = shared.wakers.len();
         let mut w = Worker {
             id,
@@ -243,12 +264,11 @@ impl Worker {
     fn map_egress(&self) -> Vec<Option<usize>> {
         (0..self.plan.table.egress.len())
             .map(|e| {
-                if self.plan.egress_owner[e] != self.id {
+                if self.plan.egress_owner[e] != Some(self.id) {
                     return None;
                 }
-                self.port_ids
-                    .iter()
-                    .position(|&g| g == self.plan.egress_port[e])
+                let port = self.plan.egress_port[e]?;
+                self.port_ids.iter().position(|&g| g == port)
             })
             .collect()
     }
@@ -270,15 +290,99 @@ impl Worker {
             self.staged.push(Vec::with_capacity(BATCH * 4));
             self.staged_tags.push(Vec::with_capacity(BATCH * 4));
         }
-        for (port, id) in self.ports.iter_mut().zip(&self.port_ids) {
-            port.ingress = plan.ingress_ports.contains(id);
+        // Retired under the old plan, whose generation the staged frames' tags carry, so their
+        // drops are counted before the counters are re-shaped.
+        let mut pi = 0;
+        while pi < self.ports.len() {
+            if plan.retire.contains(&self.port_ids[pi]) {
+                self.retire(pi);
+            } else {
+                pi += 1;
+            }
         }
         self.stats = remap(&self.plan, &self.stats, &plan);
         self.plan = plan;
+        let plan = Arc::clone(&self.plan);
+        for (port, id) in self.ports.iter_mut().zip(&self.port_ids) {
+            port.ingress = plan.ingress_ports.contains(id);
+            port.fill_target = plan.fill_target;
+        }
         self.local_egress = self.map_egress();
         self.poll_fds = self.poll_set();
         self.publish();
         self.shared.adopted[self.id].store(self.plan.generation, Ordering::Release);
+    }
+
+    /// Takes back what frames it can from a socket whose device is gone, and closes it. The
+    /// kernel no longer touches its rings: what is left on the RX and completion rings is
+    /// consumed as usual, and the fill and TX entries it never consumed are the last ones
+    /// produced. Frames the kernel held anywhere else are lost with the device, and counted.
+    fn retire(&mut self, pi: usize) {
+        let id = self.port_ids.remove(pi);
+        let mut port = self.ports.remove(pi);
+        let staged = self.staged.remove(pi);
+        let tags = self.staged_tags.remove(pi);
+        let lane = self.shared.lanes[id].get();
+        let handed: Vec<(FrameDesc, Tag)> =
+            std::iter::from_fn(|| lane.and_then(ArrayQueue::pop)).collect();
+        for (desc, tag) in staged.into_iter().zip(tags).chain(handed) {
+            if let Some(c) = self.counters(tag) {
+                c.interface_down += 1;
+            }
+            let f = self.frame_index(&desc);
+            self.cache.give(f);
+        }
+        let before = port.in_fill + port.in_tx;
+        loop {
+            // SAFETY: as in `receive`: descriptors on the RX ring name frames the kernel has
+            // handed back to us.
+            let n = unsafe { port.rx.consume(&mut self.rx_buf) };
+            if n == 0 {
+                break;
+            }
+            port.in_fill = port.in_fill.saturating_sub(n);
+            for k in 0..n {
+                let f = self.frame_index(&self.rx_buf[k]);
+                self.cache.give(f);
+            }
+        }
+        let unfilled = (RING_SIZE - port.fq.nb_free_exact()) as usize;
+        let unfilled = unfilled.min(port.in_fill);
+        for f in port.fill_log.last(unfilled) {
+            self.cache.give(f);
+        }
+        port.in_fill -= unfilled;
+        loop {
+            // SAFETY: the completion ring hands back frames the kernel has finished with.
+            let n = unsafe { port.cq.consume(&mut self.comp_buf) };
+            if n == 0 {
+                break;
+            }
+            port.in_tx = port.in_tx.saturating_sub(n);
+            for k in 0..n {
+                let f = self.frame_index(&self.comp_buf[k]);
+                self.cache.give(f);
+            }
+        }
+        let unsent = (RING_SIZE - port.tx.nb_free_exact()) as usize;
+        let unsent = unsent.min(port.in_tx);
+        for f in port.tx_log.last(unsent) {
+            self.cache.give(f);
+        }
+        port.in_tx -= unsent;
+        let lost = port.in_fill + port.in_tx;
+        self.shared.abandoned.fetch_add(lost, Ordering::AcqRel);
+        log::info!(
+            "{} queue {}: socket closed, its device is gone; {} frames taken back{}",
+            port.name,
+            port.queue,
+            before - lost,
+            if lost > 0 {
+                format!(", {lost} lost with the device")
+            } else {
+                String::new()
+            }
+        );
     }
 
     /// Runs until the data path is told to drain, then drains, and reports.
@@ -298,6 +402,7 @@ impl Worker {
             }
         }
         self.drain();
+        self.drop_staged();
         self.cache.flush();
         self.publish();
         WorkerReport {
@@ -324,10 +429,31 @@ impl Worker {
                 .port_ids
                 .iter()
                 .all(|&g| self.shared.lanes[g].get().is_none_or(|l| l.is_empty()));
-            if everyone_done && lanes_empty && self.ports.iter().all(|p| p.in_tx == 0) {
+            let sent = self
+                .ports
+                .iter()
+                .enumerate()
+                .all(|(i, p)| p.dead || (p.in_tx == 0 && self.staged[i].is_empty()));
+            if everyone_done && lanes_empty && sent {
                 break;
             }
             std::thread::yield_now();
+        }
+    }
+
+    /// Frames still staged when the drain ends were never put on a TX ring: they go back to the
+    /// pool, counted as the ring's drops.
+    fn drop_staged(&mut self) {
+        for pi in 0..self.ports.len() {
+            let staged = std::mem::take(&mut self.staged[pi]);
+            let tags = std::mem::take(&mut self.staged_tags[pi]);
+            for (desc, tag) in staged.iter().zip(tags) {
+                if let Some(c) = self.counters(tag) {
+                    c.tx_ring_full += 1;
+                }
+                let f = self.frame_index(desc);
+                self.cache.give(f);
+            }
         }
     }
 
@@ -351,7 +477,7 @@ impl Worker {
                 self.refill(i);
             }
         }
-        moved > 0 || self.ports.iter().any(|p| p.in_tx > 0)
+        moved > 0 || self.ports.iter().any(|p| p.in_tx > 0 && !p.dead)
     }
 
     /// Notes which egress interfaces are down, so their frames are dropped and counted rather
@@ -449,6 +575,15 @@ impl Worker {
         // were handed to the kernel through the fill ring and are now ours.
         let n = unsafe { self.ports[pi].rx.consume(&mut self.rx_buf) };
         self.ports[pi].in_fill -= n;
+        if n == 0 {
+            // A zero-copy driver sets the flag when it runs out of fill entries, which may be
+            // long after we last produced; an empty receive is when to look (as xdpsock does).
+            let port = &mut self.ports[pi];
+            if port.fq.needs_wakeup() {
+                let _ = port.fq.wakeup(port.rx.fd_mut(), 0);
+            }
+            return 0;
+        }
         let ifindex = self.ports[pi].ifindex;
         // One reference count for the batch, not one per frame: the count is shared by every
         // worker, and touching it per frame would bounce its cache line between them.
@@ -488,14 +623,31 @@ impl Worker {
         let rc = &mut self.stats.rules[rule_id as usize];
         rc.packets += 1;
         rc.bytes += len as u64;
-        let last = rule.outputs.len() - 1;
         let tag = |output: usize| Tag {
             rule: rule_id,
             output: output as u16,
             plan: plan.generation as u16,
         };
+        // A frame at the end of its scope goes only to outputs that set the TTL: decided here,
+        // so no copy is made for an output that would refuse it.
+        let expired = arrived_ttl(bytes, &flow) <= 1;
+        let takes = |o: &crate::rules::CompiledOutput| !expired || o.action.ttl.is_some();
+        let Some(last) = rule.outputs.iter().rposition(takes) else {
+            for c in &mut self.stats.rules[rule_id as usize].outputs {
+                c.ttl_expired += 1;
+            }
+            self.cache.give(frame_no);
+            return;
+        };
+        for oi in last + 1..rule.outputs.len() {
+            self.stats.rules[rule_id as usize].outputs[oi].ttl_expired += 1;
+        }
 
         for (oi, out) in rule.outputs.iter().enumerate().take(last) {
+            if !takes(out) {
+                self.stats.rules[rule_id as usize].outputs[oi].ttl_expired += 1;
+                continue;
+            }
             let Some(copy_no) = self.cache.take() else {
                 self.stats.rules[rule_id as usize].outputs[oi].no_frame += 1;
                 continue;
@@ -555,12 +707,20 @@ impl Worker {
             self.staged_tags[pi].push(tag);
             return;
         }
-        match self
-            .shared
-            .lane(self.plan.egress_port[egress])
-            .push((desc, tag))
-        {
-            Ok(()) => self.to_wake[self.plan.egress_owner[egress]] = true,
+        let (Some(port), Some(owner)) = (
+            self.plan.egress_port[egress],
+            self.plan.egress_owner[egress],
+        ) else {
+            // Its device is gone and no new one has come yet.
+            if let Some(c) = self.counters(tag) {
+                c.interface_down += 1;
+            }
+            let f = self.frame_index(&desc);
+            self.cache.give(f);
+            return;
+        };
+        match self.shared.lane(port).push((desc, tag)) {
+            Ok(()) => self.to_wake[owner] = true,
             Err((desc, tag)) => {
                 if let Some(c) = self.counters(tag) {
                     c.handoff_full += 1;
@@ -616,7 +776,7 @@ impl Worker {
         let mut staged = std::mem::take(&mut self.staged[pi]);
         let mut tags = std::mem::take(&mut self.staged_tags[pi]);
         let mut sent = 0;
-        if !staged.is_empty() && self.ports[pi].down {
+        if !staged.is_empty() && (self.ports[pi].down || self.ports[pi].dead) {
             for (desc, tag) in staged.iter().zip(&tags) {
                 if let Some(oc) = self.counters(*tag) {
                     oc.interface_down += 1;
@@ -624,6 +784,8 @@ impl Worker {
                 let f = self.frame_index(desc);
                 self.cache.give(f);
             }
+            staged.clear();
+            tags.clear();
         } else if !staged.is_empty() {
             // Frames too large for the interface's MTU now are dropped here, where the MTU is
             // current: the kernel would refuse them anyway.
@@ -644,38 +806,58 @@ impl Worker {
             }
             staged.truncate(kept);
             tags.truncate(kept);
+            let frame_size = self.shared.frame_size;
             let port = &mut self.ports[pi];
+            // The ring takes a batch whole or not at all, so offer what fits.
+            let room = (port.tx.nb_free(staged.len() as u32) as usize).min(staged.len());
             // SAFETY: every staged frame is ours (off an RX ring, out of the pool, or handed
             // over through a lane) and is on no ring.
-            sent = unsafe { port.tx.produce(&staged) };
+            sent = unsafe { port.tx.produce(&staged[..room]) };
             port.in_tx += sent;
+            for desc in &staged[..sent] {
+                port.tx_log.record((desc.addr() / frame_size) as u32);
+            }
             for (desc, tag) in staged[..sent].iter().zip(&tags[..sent]) {
                 if let Some(oc) = self.counters(*tag) {
                     oc.packets += 1;
                     oc.bytes += desc.lengths().data() as u64;
                 }
             }
-            for (desc, tag) in staged[sent..].iter().zip(&tags[sent..]) {
+            // What did not fit waits for the next pass, up to a ring's worth; beyond that the
+            // receiver is not keeping up and the newest frames are dropped.
+            let keep = sent + (staged.len() - sent).min(RING_SIZE as usize);
+            for (desc, tag) in staged[keep..].iter().zip(&tags[keep..]) {
                 if let Some(oc) = self.counters(*tag) {
                     oc.tx_ring_full += 1;
                 }
                 let f = self.frame_index(desc);
                 self.cache.give(f);
             }
+            staged.truncate(keep);
+            tags.truncate(keep);
+            staged.drain(..sent);
+            tags.drain(..sent);
         }
-        // Hand the buffers back so their capacity is reused.
+        // Hand the buffers back so their capacity is reused (with what waits for room).
         self.staged[pi] = staged;
-        self.staged[pi].clear();
         self.staged_tags[pi] = tags;
-        self.staged_tags[pi].clear();
         let port = &mut self.ports[pi];
         // Copy mode transmits only inside sendto(), a bounded batch per call, so kick while
         // anything is outstanding; zero-copy drivers say when they need it.
         if port.in_tx > 0
+            && !port.dead
             && (port.copy_mode || port.tx.needs_wakeup())
             && let Err(e) = port.tx.wakeup()
         {
-            debug!("{}: TX wakeup: {e}", port.name);
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                log::warn!(
+                    "{}: the kernel no longer transmits on this socket (its device was unregistered); its frames are dropped as interface_down",
+                    port.name
+                );
+                port.dead = true;
+            } else {
+                debug!("{}: TX wakeup: {e}", port.name);
+            }
         }
         sent
     }
@@ -721,12 +903,22 @@ impl Worker {
         // SAFETY: the frames came from the pool, so nothing else refers to them.
         let produced = unsafe { port.fq.produce(&self.desc_buf) };
         port.in_fill += produced;
+        for &f in &self.take_buf[..produced] {
+            port.fill_log.record(f);
+        }
         // The fill ring is ours alone and had room for `want`, so this is empty.
         self.cache.give_batch(&self.take_buf[produced..]);
         if port.fq.needs_wakeup() {
             let _ = port.fq.wakeup(port.rx.fd_mut(), 0);
         }
     }
+}
+
+/// The TTL (IPv4) or hop limit (IPv6) a frame arrived with; 0 if the frame is too short to
+/// hold one, which `classify` has already ruled out.
+fn arrived_ttl(frame: &[u8], flow: &crate::wire::Flow) -> u8 {
+    let at = flow.l3 + if flow.group.is_ipv4() { 8 } else { 7 };
+    frame.get(at).copied().unwrap_or(0)
 }
 
 /// The length of the IP packet in a frame: what must fit the egress MTU. The frame keeps an
@@ -741,8 +933,10 @@ fn ip_len(shared: &Shared, desc: &FrameDesc) -> u32 {
 }
 
 /// Re-shapes counters kept under `old` to `new`: a rule keeps its counters if the new table
-/// has a rule of the same name, and an output its counters if it is the same interface with
-/// the same rewrite at the same position.
+/// has a rule of the same name, and an output its counters if it is the same interface (by
+/// name: counters belong to the rule's output, not to a device, which may be created again)
+/// with the same rewrite at the same position. Linear in the rules: workers run it at every
+/// reload, between two passes.
 pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathStats {
     if old.generation == new.generation {
         return stats.clone();
@@ -751,8 +945,15 @@ pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathSt
     out.unmatched = stats.unmatched;
     out.malformed = stats.malformed;
     out.copies = stats.copies;
+    let by_name: rustc_hash::FxHashMap<&str, usize> = old
+        .table
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.name.as_str(), i))
+        .collect();
     for (ni, nr) in new.table.rules.iter().enumerate() {
-        let Some(oi) = old.table.rules.iter().position(|r| r.name == nr.name) else {
+        let Some(&oi) = by_name.get(nr.name.as_str()) else {
             continue;
         };
         let (or, oc) = (&old.table.rules[oi], &stats.rules[oi]);
@@ -761,7 +962,7 @@ pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathSt
         for (k, no) in nr.outputs.iter().enumerate() {
             if let Some(oo) = or.outputs.get(k)
                 && old.table.egress[oo.egress].name == new.table.egress[no.egress].name
-                && oo.action == no.action
+                && oo.action.same_output(&no.action)
             {
                 out.rules[ni].outputs[k] = oc.outputs[k];
             }

@@ -1,0 +1,76 @@
+//! How the UMEM's frames are shared between the places a frame can wait, so that none of them
+//! can starve the others: the ingress fill rings, the workers' caches, and what is in flight
+//! (TX and completion rings, lanes between workers, fan-out copies).
+
+/// Frames one RX batch takes; an ingress fill ring needs at least this many to receive.
+const BATCH: usize = super::BATCH;
+/// A worker's cache never holds more than this.
+const CACHE_MAX: usize = 512;
+const CACHE_MIN: usize = 16;
+
+/// The shares of a UMEM of a given size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Frames the fill rings hold between them: half the UMEM.
+    pub fill_total: usize,
+    /// Frames one worker's cache may hold: all caches together at most a quarter of the UMEM,
+    /// so the rest (a quarter at least) is always there for frames in flight.
+    pub cache: usize,
+}
+
+impl Budget {
+    pub fn new(frames: usize, workers: usize) -> Self {
+        Budget {
+            fill_total: frames / 2,
+            cache: (frames / 4 / workers.max(1)).clamp(CACHE_MIN, CACHE_MAX),
+        }
+    }
+
+    /// The fill target of each of `ingress_queues` queues, at most a ring's worth.
+    pub fn fill_target(&self, ingress_queues: usize, ring_size: usize) -> usize {
+        (self.fill_total / ingress_queues.max(1)).min(ring_size)
+    }
+}
+
+/// The smallest UMEM that works with `ingress_queues` ingress queues and `workers` workers:
+/// every fill ring gets two RX batches (from half the UMEM), and every worker one batch for its
+/// cache and one in flight (from a quarter each).
+pub fn minimum_frames(ingress_queues: usize, workers: usize) -> usize {
+    4 * BATCH * ingress_queues.max(workers).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// At the minimum size and above, every fill ring gets at least two batches, the caches
+        /// leave at least a quarter of the UMEM, and no share exceeds the whole.
+        #[test]
+        fn shares_fit(queues in 1usize..64, workers in 1usize..64, extra in 0usize..100_000) {
+            let frames = minimum_frames(queues, workers) + extra;
+            let b = Budget::new(frames, workers);
+            prop_assert!(b.fill_target(queues, 2048) >= 2 * BATCH);
+            prop_assert!(b.fill_target(queues, 2048) * queues <= b.fill_total);
+            prop_assert!(b.cache * workers <= frames / 4);
+            prop_assert!(b.fill_total + b.cache * workers + BATCH * workers <= frames);
+        }
+    }
+
+    #[test]
+    fn what_the_issue_saw() {
+        // 16 queues and 16 workers at the default 4096 frames left 5 workers with empty fill
+        // rings (512-frame caches hoarded the UMEM): now each cache holds 64 and each fill
+        // ring 128.
+        assert_eq!(minimum_frames(16, 16), 4096);
+        let b = Budget::new(4096, 16);
+        assert_eq!((b.cache, b.fill_target(16, 2048)), (64, 128));
+        // 512 frames and 2 workers delivered 128 of 64,000: now each cache holds 64.
+        assert_eq!(minimum_frames(1, 2), 512);
+        assert_eq!(Budget::new(512, 2).cache, 64);
+        // The defaults on a small machine keep the full-size cache.
+        assert_eq!(Budget::new(4096, 2).cache, 512);
+        assert!(minimum_frames(17, 1) > 4096);
+    }
+}

@@ -1,0 +1,251 @@
+//! Interfaces that come and go under a running relay: the ingress that owns the UMEM
+//! re-created three times, an egress twice while a flow runs, then a reload and an add-rule.
+//! Counters never go backwards, every frame is accounted for, and the XDP program's maps
+//! hold no trace of the deleted devices.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Mutex, time::Duration};
+
+use relay::stats::StatsView;
+use relay_tests::{
+    netns::require_root,
+    relay_proc::{RelayProc, relay_bin, report_value},
+    topo::{SENDER_ADDR, Topology},
+    traffic::{Flow, Limits, check_payload, join, listen, send},
+};
+
+mod common;
+use common::stats_until;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const G1: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
+
+const RULES: &str = "\
+rules:
+  - name: a
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs: [{ interface: rout0 }, { interface: rout1 }]
+";
+
+fn seqs(payloads: &[Vec<u8>]) -> BTreeSet<u64> {
+    let set: BTreeSet<u64> = payloads
+        .iter()
+        .map(|p| check_payload(p).expect("payload intact"))
+        .collect();
+    assert_eq!(set.len(), payloads.len(), "no duplicates");
+    set
+}
+
+/// Every counter of `now` is at least what it was in `before`.
+fn never_backwards(before: &StatsView, now: &StatsView, when: &str) {
+    let (b, n) = (&before.rules[0], &now.rules[0]);
+    assert!(
+        n.received >= b.received,
+        "{when}: received went back: {b:?} -> {n:?}"
+    );
+    for (bo, no) in b.outputs.iter().zip(&n.outputs) {
+        assert!(
+            no.sent >= bo.sent,
+            "{when}: sent went back: {bo:?} -> {no:?}"
+        );
+        for (why, &count) in &bo.dropped {
+            let now = no.dropped.get(why).copied().unwrap_or(0);
+            assert!(now >= count, "{when}: {why} went back: {bo:?} -> {no:?}");
+        }
+    }
+}
+
+/// The entries of the relay's IFACES map (ingress ifindex -> XSKMAP slot). The map is found
+/// among the map ids the relay's own descriptors hold, so no other relay's map is read.
+fn iface_map_entries(pid: u32) -> usize {
+    let mut held = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let info = std::fs::read_to_string(fd.unwrap().path()).unwrap_or_default();
+        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) {
+            held.push(id.trim().parse::<u64>().unwrap());
+        }
+    }
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show"])
+        .output()
+        .unwrap();
+    let maps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let id = maps
+        .iter()
+        .find(|m| m["name"] == "IFACES" && m["id"].as_u64().is_some_and(|id| held.contains(&id)))
+        .unwrap_or_else(|| panic!("no IFACES map among {held:?} held by pid {pid}"))["id"]
+        .as_u64()
+        .unwrap();
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "id", &id.to_string()])
+        .output()
+        .unwrap();
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    entries.len()
+}
+
+fn recreated_under_a_running_flow(allocator: &str) {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const N: u64 = 500;
+    let all: BTreeSet<u64> = (0..N).collect();
+    let topo = Topology::new(2).unwrap();
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        RULES,
+        &["--allocator", allocator],
+    )
+    .unwrap();
+    let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
+    let log = || std::fs::read_to_string(&relay.stderr).unwrap();
+    let wait_log_count = |what: &str, n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while log().matches(what).count() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not {n} times '{what}' in:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let both_get_all = |when: &str| {
+        let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
+        let rx1 = listen(&r1.ns, G1, 5000, r1.addr, Limits::new(N)).unwrap();
+        join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
+        assert_eq!(seqs(&join(rx0).unwrap()), all, "rout0 {when}\n{}", log());
+        assert_eq!(seqs(&join(rx1).unwrap()), all, "rout1 {when}\n{}", log());
+    };
+    let stats =
+        |min_received: u64| stats_until(&relay.control, |v| v.rules[0].received >= min_received);
+
+    both_get_all("at start");
+    let mut last = stats(N);
+    let mut expected = N;
+
+    // The first ingress owns the UMEM: before, a new socket could never share it again.
+    for i in 1..=3 {
+        topo.relay.exec(&["ip", "link", "del", "rin"]).unwrap();
+        wait_log_count("rin queue 0: socket closed, its device is gone", i);
+        topo.relink_ingress().unwrap();
+        wait_log_count(
+            "rin: the interface is back (a new device); binding to it",
+            i,
+        );
+        wait_log_count("rebound: 1 rules", i);
+        both_get_all(&format!("after the ingress was re-created {i} times"));
+        expected += N;
+        let now = stats(expected);
+        never_backwards(&last, &now, &format!("ingress re-created {i} times"));
+        assert_eq!(now.rules[0].received, expected, "{now:?}");
+        for o in &now.rules[0].outputs {
+            assert_eq!(
+                o.dropped.get("no_frame").copied().unwrap_or(0),
+                0,
+                "{now:?}"
+            );
+        }
+        last = now;
+    }
+    assert_eq!(iface_map_entries(relay.pid()), 1, "one ingress, one slot");
+
+    // An egress deleted and created again while a flow runs: the other output gets every
+    // datagram, and the re-created one's counters carry on from where they were.
+    const LONG: u64 = 20_000;
+    for i in 1..=2 {
+        let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(LONG)).unwrap();
+        let sender = send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, LONG));
+        std::thread::sleep(Duration::from_millis(150));
+        topo.relay.exec(&["ip", "link", "del", "rout1"]).unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        topo.relink_receiver(1).unwrap();
+        assert_eq!(join(sender).unwrap(), LONG);
+        let got: BTreeSet<u64> = seqs(&join(rx0).unwrap());
+        assert_eq!(
+            got,
+            (0..LONG).collect(),
+            "rout0 while rout1 was re-created {i}\n{}",
+            log()
+        );
+        wait_log_count(
+            "rout1: the interface is back (a new device); binding to it",
+            i,
+        );
+        expected += LONG;
+        let now = stats(expected);
+        never_backwards(&last, &now, &format!("egress re-created {i} times"));
+        let down = now.rules[0].outputs[1].dropped["interface_down"];
+        assert!(
+            down > last.rules[0].outputs[1].dropped["interface_down"],
+            "the outage is counted: {now:?}"
+        );
+        last = now;
+        both_get_all(&format!("after the egress was re-created {i} times"));
+        expected += N;
+        let now = stats(expected);
+        never_backwards(&last, &now, "after the egress came back");
+        last = now;
+    }
+
+    // A reload and an add-rule work on the rebound sockets.
+    let ctl = relay.control.to_str().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(relay_bin())
+            .args(args)
+            .args(["--control", &ctl])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            log()
+        );
+    };
+    run(&["reload"]);
+    let extra = relay.config.with_file_name("extra.yaml");
+    std::fs::write(
+        &extra,
+        "name: b\ninput: { interface: rin, group: 239.3.3.3, port: 5000 }\noutputs: [{ interface: rout1 }]\n",
+    )
+    .unwrap();
+    run(&["add-rule", extra.to_str().unwrap()]);
+    both_get_all("after a reload and an add-rule");
+    let g3 = Ipv4Addr::new(239, 3, 3, 3);
+    let rx = listen(&r1.ns, g3, 5000, r1.addr, Limits::new(N)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(g3, 5000, N))).unwrap();
+    assert_eq!(seqs(&join(rx).unwrap()), all, "the added rule relays");
+    expected += N;
+    never_backwards(&last, &stats(expected), "after the reload");
+
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
+    assert_eq!(
+        report_value(&exit.stdout, &["frames"], "leaked"),
+        Some(0),
+        "{}",
+        exit.stdout
+    );
+    assert!(
+        exit.stderr.contains("all 4096 frames accounted for"),
+        "{}",
+        exit.stderr
+    );
+    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
+    assert!(
+        !topo.relay_has_xdp().unwrap(),
+        "no XDP program left attached"
+    );
+}
+
+#[test]
+fn recreated_under_a_running_flow_with_lockfree_pool() {
+    recreated_under_a_running_flow("lockfree");
+}
+
+#[test]
+fn recreated_under_a_running_flow_with_mutex_pool() {
+    recreated_under_a_running_flow("mutex");
+}
