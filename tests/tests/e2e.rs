@@ -306,6 +306,8 @@ fn ttl_one_is_relayed_only_where_the_output_sets_ttl() {
     );
     assert_eq!(report_value(r, &["output=rout0"], "sent"), Some(0), "{r}");
     assert_eq!(report_value(r, &["output=rout1"], "sent"), Some(N), "{r}");
+    // Decided before the fan-out: no copy is made for the output that would refuse it.
+    assert_eq!(report_value(r, &["datapath"], "copies"), Some(0), "{r}");
 }
 
 /// A killed relay leaves nothing attached (the program hangs off a bpf_link the process
