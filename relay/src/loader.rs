@@ -32,6 +32,8 @@ pub struct Steering {
     /// Ingress ifindex of each XSKMAP slot, in the order they were given out; 0 for a slot
     /// freed when its device went away, to be given out again.
     slots: Vec<u32>,
+    /// The (ifindex, queue) XSKMAP entries that hold a socket.
+    entries: std::collections::HashSet<(u32, u32)>,
 }
 
 /// The XDP program's per-CPU counters, readable from any thread.
@@ -102,6 +104,7 @@ impl Steering {
             counters,
             links: Vec::new(),
             slots: Vec::new(),
+            entries: std::collections::HashSet::new(),
         };
         steering.update_rules(&RuleTable::default(), table)?;
         Ok(steering)
@@ -179,7 +182,8 @@ impl Steering {
     }
 
     /// Puts an AF_XDP socket where the program redirects frames from `ifindex`'s `queue`.
-    pub fn set_socket(&mut self, ifindex: u32, queue: u32, fd: &impl AsRawFd) -> Result<()> {
+    /// Returns whether that entry was empty (so an undo knows what to clear).
+    pub fn set_socket(&mut self, ifindex: u32, queue: u32, fd: &impl AsRawFd) -> Result<bool> {
         if queue >= MAX_QUEUES_PER_IFACE {
             return Err(anyhow!(
                 "rx queue {queue} is beyond the {MAX_QUEUES_PER_IFACE} queues per interface the relay steers"
@@ -188,7 +192,24 @@ impl Steering {
         let index = self.slot(ifindex)? * MAX_QUEUES_PER_IFACE + queue;
         self.xsks
             .set(index, fd.as_raw_fd(), 0)
-            .context("adding the AF_XDP socket to the XSKMAP")
+            .context("adding the AF_XDP socket to the XSKMAP")?;
+        Ok(self.entries.insert((ifindex, queue)))
+    }
+
+    /// Undoes a [`Steering::set_socket`] that filled an empty entry; frees the interface's
+    /// slot when it has no entry left.
+    pub fn unset_socket(&mut self, ifindex: u32, queue: u32) -> Result<()> {
+        let Some(slot) = self.slots.iter().position(|&x| x == ifindex) else {
+            return Ok(());
+        };
+        self.xsks
+            .unset(slot as u32 * MAX_QUEUES_PER_IFACE + queue)
+            .context("removing an AF_XDP socket from the XSKMAP")?;
+        self.entries.remove(&(ifindex, queue));
+        if !self.entries.iter().any(|&(i, _)| i == ifindex) {
+            self.release_iface(ifindex)?;
+        }
+        Ok(())
     }
 
     /// Forgets a device that went away: its sockets leave the XSKMAP and its slot is free for
@@ -207,6 +228,7 @@ impl Steering {
         for q in 0..MAX_QUEUES_PER_IFACE {
             let _ = self.xsks.unset(slot as u32 * MAX_QUEUES_PER_IFACE + q);
         }
+        self.entries.retain(|&(i, _)| i != ifindex);
         self.slots[slot] = 0;
         Ok(())
     }

@@ -479,28 +479,7 @@ impl Running {
                 warn!("{file}: `{what}` changed; it takes effect at the next start");
             }
         }
-        let bindings = self.datapath.reload(new.clone())?;
-        for (ifindex, queue, fd) in &bindings {
-            self.steering.set_socket(*ifindex, *queue, fd)?;
-        }
-        self.steering.update_rules(&old, &new)?;
-        let attached = self.steering.attached();
-        for i in &new.ingress {
-            if !attached.contains(&i.name) {
-                let mode = self.steering.attach(&i.name, new_config.xdp_mode)?;
-                info!(
-                    "{}: XDP program attached in {} mode",
-                    i.name,
-                    mode.describe()
-                );
-            }
-        }
-        for a in attached {
-            if !new.ingress.iter().any(|i| i.name == a) {
-                self.steering.detach_iface(&a)?;
-            }
-        }
-        self.memberships.update(&new)?;
+        self.switch(&old, &new, new_config.xdp_mode)?;
         let names = |t: &RuleTable| t.rules.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
         let (before, after) = (names(&old), names(&new));
         let added = after.iter().filter(|n| !before.contains(n)).count();
@@ -520,6 +499,108 @@ impl Running {
             "{} rules ({added} added, {removed} removed, {changed} changed)",
             new.rules.len()
         ))
+    }
+}
+
+/// What a change did before its switch, so that a failure can put it back.
+#[derive(Default)]
+struct Undo {
+    /// XSKMAP entries that were empty.
+    xsks: Vec<(u32, u32)>,
+    attached: Vec<String>,
+    joined: Vec<relay::membership::Membership>,
+}
+
+impl Running {
+    /// Moves every part of the relay from `old` to `new`, all or nothing. What can fail
+    /// without touching traffic comes first (sockets, XSKMAP entries, XDP on new inputs,
+    /// joins: the rule map has no key for a new input yet, so its frames still pass); then the
+    /// workers switch, then the rule map; only then are old inputs detached and old groups
+    /// left. A failure at any step puts back what the steps before it did.
+    fn switch(
+        &mut self,
+        old: &RuleTable,
+        new: &RuleTable,
+        xdp_mode: relay::config::XdpModeConfig,
+    ) -> Result<()> {
+        let prepared = self.datapath.prepare(new)?;
+        let mut undo = Undo::default();
+        if let Err(e) = self.stage(new, xdp_mode, &prepared, &mut undo) {
+            self.roll_back(undo);
+            self.datapath.abort(prepared);
+            return Err(e);
+        }
+        if let Err(e) = self.datapath.commit(prepared, new.clone()) {
+            self.back_to(old, undo);
+            return Err(e);
+        }
+        if let Err(e) = self.steering.update_rules(old, new) {
+            if let Err(e2) = self.steering.update_rules(new, old) {
+                error!("putting the old rules back into the rule map failed too: {e2:#}");
+            }
+            self.back_to(old, undo);
+            return Err(e);
+        }
+        for a in self.steering.attached() {
+            if !new.ingress.iter().any(|i| i.name == a)
+                && let Err(e) = self.steering.detach_iface(&a)
+            {
+                warn!("{a}: {e:#}");
+            }
+        }
+        self.memberships.leave_unwanted(new);
+        Ok(())
+    }
+
+    /// The steps of a switch that traffic does not see yet.
+    fn stage(
+        &mut self,
+        new: &RuleTable,
+        xdp_mode: relay::config::XdpModeConfig,
+        prepared: &relay::datapath::Prepared,
+        undo: &mut Undo,
+    ) -> Result<()> {
+        for (ifindex, queue, fd) in &prepared.bindings {
+            if self.steering.set_socket(*ifindex, *queue, fd)? {
+                undo.xsks.push((*ifindex, *queue));
+            }
+        }
+        let attached = self.steering.attached();
+        for i in &new.ingress {
+            if !attached.contains(&i.name) {
+                let mode = self.steering.attach(&i.name, xdp_mode)?;
+                info!(
+                    "{}: XDP program attached in {} mode",
+                    i.name,
+                    mode.describe()
+                );
+                undo.attached.push(i.name.clone());
+            }
+        }
+        undo.joined = self.memberships.join_new(new)?;
+        Ok(())
+    }
+
+    /// Puts the workers back on `old`, then undoes the staged steps.
+    fn back_to(&mut self, old: &RuleTable, undo: Undo) {
+        if let Err(e) = self.datapath.switch_table(old.clone()) {
+            error!("putting the workers back on the running rules: {e:#}");
+        }
+        self.roll_back(undo);
+    }
+
+    fn roll_back(&mut self, undo: Undo) {
+        self.memberships.leave(&undo.joined);
+        for iface in undo.attached {
+            if let Err(e) = self.steering.detach_iface(&iface) {
+                warn!("{iface}: {e:#}");
+            }
+        }
+        for (ifindex, queue) in undo.xsks {
+            if let Err(e) = self.steering.unset_socket(ifindex, queue) {
+                warn!("{e:#}");
+            }
+        }
     }
 }
 

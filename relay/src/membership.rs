@@ -79,26 +79,55 @@ impl Memberships {
 
     /// Leaves what `table` no longer needs and joins what it newly needs.
     pub fn update(&mut self, table: &RuleTable) -> Result<()> {
-        let want = wanted(table);
-        let mut kept = Vec::new();
-        for (m, fd) in self.held.drain(..) {
-            if want.contains(&m) {
-                kept.push((m, fd));
-            } else {
-                drop(fd);
-                info!("{}: left {}", m.0, m.2);
-            }
-        }
-        self.held = kept;
-        for m in want {
+        self.join_new(table)?;
+        self.leave_unwanted(table);
+        Ok(())
+    }
+
+    /// Joins what `table` needs and is not held yet; all or nothing (what this call joined is
+    /// left again if one join fails). Returns what it joined, for [`Memberships::leave`].
+    pub fn join_new(&mut self, table: &RuleTable) -> Result<Vec<Membership>> {
+        let mut joined = Vec::new();
+        for m in wanted(table) {
             if self.held.iter().any(|(h, _)| *h == m) {
                 continue;
             }
-            let fd = join_one(&m)?;
-            info!("{}: joined {}", m.0, m.2);
-            self.held.push((m, fd));
+            match join_one(&m) {
+                Ok(fd) => {
+                    info!("{}: joined {}", m.0, m.2);
+                    self.held.push((m.clone(), fd));
+                    joined.push(m);
+                }
+                Err(e) => {
+                    self.leave(&joined);
+                    return Err(e);
+                }
+            }
         }
-        Ok(())
+        Ok(joined)
+    }
+
+    /// Leaves what `table` no longer needs.
+    pub fn leave_unwanted(&mut self, table: &RuleTable) {
+        let want = wanted(table);
+        let unwanted: Vec<Membership> = self
+            .held
+            .iter()
+            .filter(|(m, _)| !want.contains(m))
+            .map(|(m, _)| m.clone())
+            .collect();
+        self.leave(&unwanted);
+    }
+
+    /// Leaves these memberships.
+    pub fn leave(&mut self, these: &[Membership]) {
+        self.held.retain(|(m, _)| {
+            let go = these.contains(m);
+            if go {
+                info!("{}: left {}", m.0, m.2);
+            }
+            !go
+        });
     }
 
     pub fn len(&self) -> usize {

@@ -249,3 +249,134 @@ fn recreated_under_a_running_flow_with_lockfree_pool() {
 fn recreated_under_a_running_flow_with_mutex_pool() {
     recreated_under_a_running_flow("mutex");
 }
+
+/// A reload that fails half way — a socket the kernel refuses (EBUSY: another relay holds
+/// the queue) after another was opened, or an XDP attach the driver refuses (native mode on
+/// `lo`) after sockets, XSKMAP entries and joins — leaves the running relay exactly as it
+/// was, and the next reload finds nothing stale.
+#[test]
+fn a_reload_that_fails_half_way_changes_nothing() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const N: u64 = 300;
+    let all: BTreeSet<u64> = (0..N).collect();
+    let g3 = Ipv4Addr::new(239, 3, 3, 3);
+    let topo = Topology::new(2).unwrap();
+    let from2 = topo.add_ingress("rin2", "snd1", 100).unwrap();
+    let from3 = topo.add_ingress("rin3", "snd2", 101).unwrap();
+    // Another relay holds rin2's queue.
+    let other = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        "rules:\n  - name: o\n    input: { interface: rin2, group: 239.9.9.9 }\n    outputs: [{ interface: rout1 }]\n",
+        &[],
+    )
+    .unwrap();
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, "rules:\n  - name: a\n    input: { interface: rin, group: 239.1.1.1, port: 5000 }\n    outputs: [{ interface: rout0 }]\n", &[]).unwrap();
+    let base = std::fs::read_to_string(&relay.config).unwrap();
+    let rule_x = "  - name: x\n    input: { interface: rin3, group: 239.3.3.3, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
+    let rule_y = "  - name: y\n    input: { interface: rin2, group: 239.3.3.3, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
+    let rule_lo = "  - name: l\n    input: { interface: lo, group: 239.4.4.4, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
+    let ctl = relay.control.to_str().unwrap().to_owned();
+    let reload = |yaml: &str| {
+        std::fs::write(&relay.config, yaml).unwrap();
+        let out = std::process::Command::new(relay_bin())
+            .args(["reload", "--control", &ctl])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let log = || std::fs::read_to_string(&relay.stderr).unwrap();
+    let r0 = &topo.receivers[0];
+    let relays = |group: Ipv4Addr, from: Ipv4Addr, when: &str| {
+        let rx = listen(&r0.ns, group, 5000, r0.addr, Limits::new(N)).unwrap();
+        join(send(&topo.sender, from, Flow::new(group, 5000, N))).unwrap();
+        assert_eq!(
+            seqs(&join(rx).unwrap()),
+            all,
+            "{group} from {from} {when}\n{}",
+            log()
+        );
+    };
+    let rules_now = || {
+        stats_until(&relay.control, |_| true)
+            .rules
+            .iter()
+            .map(|r| r.name.clone())
+            .collect::<Vec<_>>()
+    };
+    relays(G1, SENDER_ADDR, "at start");
+
+    // rin3's socket opens, rin2's is refused: the reload fails and rin3's is closed again.
+    let (ok, said) = reload(&format!("{base}{rule_x}{rule_y}"));
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("rin2 queue 0 already has an AF_XDP socket bound"),
+        "{said}"
+    );
+    assert_eq!(rules_now(), ["a"], "the running rules stay");
+    relays(G1, SENDER_ADDR, "after the refused reload");
+
+    // Sockets, XSKMAP entries and joins done, then the attach is refused: all undone.
+    let (ok, said) = reload(&format!("xdp_mode: native\n{base}{rule_x}{rule_lo}"));
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("attaching XDP to lo in native mode"),
+        "{said}"
+    );
+    assert_eq!(rules_now(), ["a"], "the running rules stay");
+    relays(G1, SENDER_ADDR, "after the refused attach");
+    let lo = topo
+        .relay
+        .exec(&["ip", "-d", "link", "show", "lo"])
+        .unwrap();
+    assert!(!lo.contains("xdp"), "no XDP left on lo: {lo}");
+    let rin3 = topo
+        .relay
+        .exec(&["ip", "-d", "link", "show", "rin3"])
+        .unwrap();
+    assert!(!rin3.contains("xdp"), "no XDP left on rin3: {rin3}");
+    let maddr = topo
+        .relay
+        .exec(&["ip", "maddr", "show", "dev", "rin3"])
+        .unwrap();
+    assert!(
+        !maddr.contains("239.3.3.3"),
+        "the join on rin3 was left: {maddr}"
+    );
+
+    // The next reload opens rin3 afresh and relays from it.
+    let (ok, said) = reload(&format!("{base}{rule_x}"));
+    assert!(ok, "{said}\n{}", log());
+    relays(G1, SENDER_ADDR, "after rule x was added");
+    relays(g3, from3, "from rin3");
+
+    // Once the other relay has gone, rin2 can be had too.
+    let exit = other.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    let (ok, said) = reload(&format!("{base}{rule_x}{rule_y}"));
+    assert!(ok, "{said}\n{}", log());
+    relays(g3, from2, "from rin2");
+    relays(g3, from3, "from rin3, still");
+    assert_eq!(rules_now(), ["a", "x", "y"]);
+
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
+    assert_eq!(
+        report_value(&exit.stdout, &["frames"], "leaked"),
+        Some(0),
+        "{}",
+        exit.stdout
+    );
+    assert!(
+        !topo.relay_has_xdp().unwrap(),
+        "no XDP program left attached"
+    );
+}

@@ -88,6 +88,14 @@ struct PortMeta {
     retired: bool,
 }
 
+/// Sockets opened for a table the data path is not running yet.
+pub struct Prepared {
+    opened: Vec<(usize, usize, Port)>,
+    pub bindings: Vec<XskBinding>,
+    /// How many sockets the data path knew before.
+    known: usize,
+}
+
 /// An AF_XDP socket the data path closed because its device went away: the XDP program's
 /// maps must forget it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -581,24 +589,51 @@ impl Datapath {
         Ok(())
     }
 
-    /// Switches the running data path to `table`: opens sockets for interfaces it did not
-    /// have, hands them to their workers with the new plan, and waits until every worker has
-    /// taken the plan up. Returns the ingress sockets the XDP program must now redirect to.
-    /// Sockets of interfaces no longer used stay open (the caller detaches XDP from them), so
-    /// a rule that comes back later finds them ready.
-    pub fn reload(&mut self, table: RuleTable) -> Result<Vec<XskBinding>> {
-        let queues = wanted_sockets(&table).iter().filter(|w| w.3).count();
+    /// The first half of switching to `table`: checks the frame budget and opens sockets for
+    /// the (interface, queue) pairs it needs and the relay does not have, all or nothing.
+    /// Nothing the workers see changes yet. Returns the ingress sockets the XDP program must
+    /// redirect to (new ones, and open ones that become an ingress); follow with
+    /// [`Datapath::commit`] or [`Datapath::abort`].
+    pub fn prepare(&mut self, table: &RuleTable) -> Result<Prepared> {
+        let queues = wanted_sockets(table).iter().filter(|w| w.3).count();
         check_budget(self.frames, queues, self.shared.wakers.len())?;
-        let (opened, bindings) = self.open_sockets(&table)?;
-        for (w, id, port) in opened {
+        let known = self.ports.len();
+        let (opened, bindings) = self.open_sockets(table)?;
+        Ok(Prepared {
+            opened,
+            bindings,
+            known,
+        })
+    }
+
+    /// Closes what [`Datapath::prepare`] opened and forgets it: the sockets were never given
+    /// to a worker, so nothing else refers to them once the caller has taken them out of the
+    /// XSKMAP.
+    pub fn abort(&mut self, prepared: Prepared) {
+        drop(prepared.opened);
+        self.ports.truncate(prepared.known);
+        self.fds.truncate(prepared.known);
+    }
+
+    /// Hands the prepared sockets to their workers with `table`'s plan, and waits until every
+    /// worker has taken it up. Sockets of interfaces no longer used stay open (the caller
+    /// detaches XDP from them), so a rule that comes back later finds them ready. On a time-out
+    /// the caller goes back with [`Datapath::switch_table`].
+    pub fn commit(&mut self, prepared: Prepared, table: RuleTable) -> Result<()> {
+        for (w, id, port) in prepared.opened {
             self.shared.incoming[w]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push((id, port));
         }
         let generation = self.publish_plan(table, Vec::new());
-        self.wait_adopted(generation)?;
-        Ok(bindings)
+        self.wait_adopted(generation)
+    }
+
+    /// Switches the workers to `table` over the sockets already open (a roll-back).
+    pub fn switch_table(&mut self, table: RuleTable) -> Result<()> {
+        let generation = self.publish_plan(table, Vec::new());
+        self.wait_adopted(generation)
     }
 
     /// Tells the workers to drain (the caller has detached the XDP program), waits for them,
