@@ -127,6 +127,22 @@ pub struct InterfaceInfo {
     pub mtu: u32,
 }
 
+impl InterfaceInfo {
+    /// What the rule table holds for an interface that does not exist (yet).
+    pub fn absent() -> Self {
+        InterfaceInfo {
+            ifindex: 0,
+            mac: [0; 6],
+            rx_queues: 1,
+            mtu: 1500,
+        }
+    }
+
+    pub fn exists(&self) -> bool {
+        self.ifindex != 0
+    }
+}
+
 /// The running system, as the checks see it; tests substitute a fixed one.
 pub trait System {
     fn interface(&self, name: &str) -> Option<InterfaceInfo>;

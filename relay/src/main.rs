@@ -207,7 +207,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let control_path = control::socket_path(config.control.as_ref());
     let control_socket = control::bind(&control_path)?;
     let mut steering = Steering::load(&table, config.umem.frame_size)?;
-    let ingress: Vec<String> = table.ingress.iter().map(|i| i.name.clone()).collect();
+    let absent = table
+        .ingress
+        .iter()
+        .map(|i| (&i.name, i.info))
+        .chain(table.egress.iter().map(|e| (&e.name, e.info)))
+        .filter(|(_, info)| !info.exists());
+    for (name, _) in absent {
+        warn!("{name}: the interface does not exist yet; its rules are idle until it appears");
+    }
+    let ingress: Vec<String> = table
+        .ingress
+        .iter()
+        .filter(|i| i.info.exists())
+        .map(|i| i.name.clone())
+        .collect();
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = config.workers.unwrap_or_else(|| {
         let queues = table
@@ -289,6 +303,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         datapath,
         memberships,
         gone: Vec::new(),
+        bind_error: None,
     };
 
     let mut last_watch = std::time::Instant::now();
@@ -354,6 +369,8 @@ struct Running {
     memberships: Memberships,
     /// Interfaces of the running rules that do not exist right now.
     gone: Vec<String>,
+    /// Why binding to a re-created interface failed last time, so it is logged once.
+    bind_error: Option<String>,
 }
 
 impl Running {
@@ -379,6 +396,8 @@ impl Running {
         let mut replaced = Vec::new();
         for (name, ifindex, ingress) in known {
             match relay::sys::ifindex(&name) {
+                // Never seen: said at start, and nothing to close.
+                None if ifindex == 0 => {}
                 None if !self.gone.contains(&name) => {
                     warn!(
                         "{name}: the interface is gone; {} until an interface of that name is back",
@@ -390,7 +409,7 @@ impl Running {
                     );
                     self.gone.push(name);
                 }
-                Some(now) if now != ifindex => replaced.push((name, ingress)),
+                Some(now) if now != ifindex => replaced.push((name, ingress, ifindex == 0)),
                 _ => {}
             }
         }
@@ -400,17 +419,34 @@ impl Running {
         if replaced.is_empty() {
             return;
         }
-        for (name, ingress) in &replaced {
+        for (name, ingress, new) in &replaced {
             self.gone.retain(|g| g != name);
-            info!("{name}: the interface is back (a new device); binding to it");
+            if *new {
+                info!("{name}: the interface has appeared; binding to it");
+            } else {
+                info!("{name}: the interface is back (a new device); binding to it");
+            }
             if *ingress && let Err(e) = self.steering.detach_iface(name) {
                 // The kernel took the old link away with the old device.
                 info!("{name}: the old XDP link is already gone ({e:#})");
             }
         }
         match self.apply(self.config.clone()) {
-            Ok(summary) => info!("rebound: {summary}"),
-            Err(e) => error!("binding to the new interface failed; the running rules stay: {e:#}"),
+            Ok(summary) => {
+                self.bind_error = None;
+                info!("rebound: {summary}");
+            }
+            // Tried again at the next look; said again only if the reason changes.
+            Err(e) => {
+                let e = format!("{e:#}");
+                if self.bind_error.as_ref() != Some(&e) {
+                    error!(
+                        "binding to the new interface failed; the running rules stay, and it is \
+                         tried again every 0.5 s: {e}"
+                    );
+                    self.bind_error = Some(e);
+                }
+            }
         }
     }
 
@@ -566,7 +602,7 @@ impl Running {
             }
         }
         let attached = self.steering.attached();
-        for i in &new.ingress {
+        for i in new.ingress.iter().filter(|i| i.info.exists()) {
             if !attached.contains(&i.name) {
                 let mode = self.steering.attach(&i.name, xdp_mode)?;
                 info!(

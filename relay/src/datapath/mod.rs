@@ -170,12 +170,13 @@ pub struct Finished {
 /// interface that is not also an ingress. `(name, ifindex, queue, ingress)`.
 fn wanted_sockets(table: &RuleTable) -> Vec<(String, u32, u32, bool)> {
     let mut wanted: Vec<(String, u32, u32, bool)> = Vec::new();
-    for ing in &table.ingress {
+    // Interfaces that do not exist yet have no socket until they do.
+    for ing in table.ingress.iter().filter(|i| i.info.exists()) {
         for q in 0..ing.info.rx_queues {
             wanted.push((ing.name.clone(), ing.info.ifindex, q, true));
         }
     }
-    for eg in &table.egress {
+    for eg in table.egress.iter().filter(|e| e.info.exists()) {
         if !wanted.iter().any(|(n, _, q, _)| *n == eg.name && *q == 0) {
             wanted.push((eg.name.clone(), eg.info.ifindex, 0, false));
         }
