@@ -130,6 +130,12 @@ pub struct InterfaceInfo {
 /// The running system, as the checks see it; tests substitute a fixed one.
 pub trait System {
     fn interface(&self, name: &str) -> Option<InterfaceInfo>;
+
+    /// The CPUs the relay may run on, which `cpus:` must stay within; `None` when any CPU
+    /// is allowed (a fixed system, for checks that do not concern the machine).
+    fn allowed_cpus(&self) -> Option<Vec<usize>> {
+        None
+    }
 }
 
 /// A fixed set of interfaces, for checking rules without the running system (tests,
@@ -253,6 +259,15 @@ impl Config {
                 if !seen.insert(c) {
                     return Err(top(format!("cpus lists CPU {c} twice")));
                 }
+            }
+            if let Some(allowed) = sys.allowed_cpus()
+                && let Some(c) = cpus.iter().find(|c| !allowed.contains(c))
+            {
+                return Err(top(format!(
+                    "cpus: CPU {c} is not available to the relay (it may run on {}): fix \
+                     `cpus:` or leave it out",
+                    crate::sys::cpu_list(&allowed)
+                )));
             }
         }
         if self.rules.is_empty() {
@@ -611,6 +626,38 @@ rules:
             let got = c.validate("r.yaml", &fake()).expect_err(&yaml).to_string();
             assert_eq!(got, want, "for\n{yaml}");
         }
+    }
+
+    /// A system that lets the relay run on some CPUs only.
+    struct OnCpus(FakeSystem, Vec<usize>);
+
+    impl System for OnCpus {
+        fn interface(&self, name: &str) -> Option<InterfaceInfo> {
+            self.0.interface(name)
+        }
+        fn allowed_cpus(&self) -> Option<Vec<usize>> {
+            Some(self.1.clone())
+        }
+    }
+
+    const ONE_RULE: &str = "rules:\n  - name: r1\n    input: {interface: in0, group: 239.1.1.1}\n    outputs: [{interface: out0}]\n";
+
+    /// The README's `cpus: [2, 3]` on a machine (or cgroup) with CPUs 0 and 1: refused by
+    /// the validation that `--check`, the start and a reload all run, naming the CPU.
+    #[test]
+    fn cpus_the_relay_may_not_use_are_refused() {
+        let c = Config::parse("r.yaml", &format!("cpus: [1, 2, 3]\n{ONE_RULE}")).unwrap();
+        assert_eq!(
+            c.validate("r.yaml", &OnCpus(fake(), vec![0, 1]))
+                .unwrap_err()
+                .to_string(),
+            "r.yaml: cpus: CPU 2 is not available to the relay (it may run on 0-1): fix \
+             `cpus:` or leave it out"
+        );
+        c.validate("r.yaml", &OnCpus(fake(), vec![0, 1, 2, 3]))
+            .unwrap();
+        // A system that says nothing about CPUs (tests, fuzzing) takes any below 1024.
+        c.validate("r.yaml", &fake()).unwrap();
     }
 
     /// Files that do not parse, and the exact message each produces (file, key path, value,

@@ -181,6 +181,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(w) = cli.workers {
         config.workers = Some(w);
     }
+    // The file against this machine: its interfaces, and the CPUs `cpus:` names.
     let table = RuleTable::compile(&config, &file, &LiveSystem)?;
     if cli.check {
         println!(
@@ -217,16 +218,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             .sum();
         relay::config::default_workers(queues, online)
     });
-    if let Some(cpus) = &config.cpus {
-        let allowed = relay::sys::allowed_cpus()?;
-        if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
-            anyhow::bail!(
-                "cpus: CPU {c} is not available to the relay (it may run on {}): fix `cpus:` \
-                 or leave it out",
-                relay::sys::cpu_list(&allowed)
-            );
-        }
-    }
     let (mut datapath, bindings) = Datapath::new(
         table.clone(),
         config.umem.frames,

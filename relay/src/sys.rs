@@ -40,6 +40,10 @@ impl System for LiveSystem {
             mtu,
         })
     }
+
+    fn allowed_cpus(&self) -> Option<Vec<usize>> {
+        allowed_cpus().ok()
+    }
 }
 
 /// Whether `iface` can transmit now: administratively up with its link up (operstate `up`,
