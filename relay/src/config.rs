@@ -3,6 +3,7 @@
 
 use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
 
+use relay_common::{MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE};
 use serde::Deserialize;
 
 use crate::pool::AllocatorKind;
@@ -276,6 +277,7 @@ impl Config {
 
         let mut names = HashSet::new();
         let mut inputs = HashSet::new();
+        let mut ingress = HashSet::new();
         for rule in &self.rules {
             let err = |message: String| ConfigError {
                 file: file.to_owned(),
@@ -289,9 +291,25 @@ impl Config {
                 return Err(err("duplicate rule name".to_owned()));
             }
             let input = &rule.input;
-            if sys.interface(&input.interface).is_none() {
+            let Some(info) = sys.interface(&input.interface) else {
                 return Err(err(format!(
                     "input interface '{}' does not exist",
+                    input.interface
+                )));
+            };
+            if info.rx_queues > MAX_QUEUES_PER_IFACE {
+                return Err(err(format!(
+                    "input interface '{}' has {} rx queues: the relay steers at most \
+                     {MAX_QUEUES_PER_IFACE} per interface (`ethtool -L {} combined \
+                     {MAX_QUEUES_PER_IFACE}` lowers them)",
+                    input.interface, info.rx_queues, input.interface
+                )));
+            }
+            ingress.insert(input.interface.as_str());
+            if ingress.len() > MAX_INGRESS_IFACES as usize {
+                return Err(err(format!(
+                    "input interface '{}' is one more than the {MAX_INGRESS_IFACES} input \
+                     interfaces the relay steers",
                     input.interface
                 )));
             }
@@ -658,6 +676,48 @@ rules:
             .unwrap();
         // A system that says nothing about CPUs (tests, fuzzing) takes any below 1024.
         c.validate("r.yaml", &fake()).unwrap();
+    }
+
+    /// The XDP program steers 64 rx queues per interface and 256 input interfaces.
+    #[test]
+    fn more_queues_or_inputs_than_the_program_steers_are_refused() {
+        let mut sys = fake();
+        sys.0.get_mut("in0").unwrap().rx_queues = 65;
+        let c = Config::parse("r.yaml", ONE_RULE).unwrap();
+        assert_eq!(
+            c.validate("r.yaml", &sys).unwrap_err().to_string(),
+            "r.yaml: rule 'r1': input interface 'in0' has 65 rx queues: the relay steers at \
+             most 64 per interface (`ethtool -L in0 combined 64` lowers them)"
+        );
+        sys.0.get_mut("in0").unwrap().rx_queues = 64;
+        c.validate("r.yaml", &sys).unwrap();
+
+        let names: Vec<String> = (0..257).map(|i| format!("in{i}")).collect();
+        let mut many = HashMap::new();
+        for (i, n) in names.iter().enumerate() {
+            let info = InterfaceInfo {
+                ifindex: 100 + i as u32,
+                mac: [2, 0, 0, 0, 1, 0],
+                rx_queues: 1,
+                mtu: 1500,
+            };
+            many.insert(&*n.clone().leak(), info);
+        }
+        many.insert("out0", fake().0["out0"]);
+        let mut yaml = "rules:\n".to_owned();
+        for (i, n) in names.iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - name: r{i}\n    input: {{interface: {n}, group: 239.1.1.1}}\n    outputs: [{{interface: out0}}]\n"
+            ));
+        }
+        let c = Config::parse("r.yaml", &yaml).unwrap();
+        assert_eq!(
+            c.validate("r.yaml", &FakeSystem(many))
+                .unwrap_err()
+                .to_string(),
+            "r.yaml: rule 'r256': input interface 'in256' is one more than the 256 input \
+             interfaces the relay steers"
+        );
     }
 
     /// Files that do not parse, and the exact message each produces (file, key path, value,
