@@ -200,11 +200,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             missing.join(", ")
         );
     }
+    // Before anything is created that must be cleaned up: a SIGTERM during the start then
+    // stops the relay through its normal exit, which removes the control socket.
+    install_signal_handlers()?;
 
     let allocator = cli.allocator.unwrap_or(config.allocator);
     info!("frame allocator: {}", allocator.describe());
     let pool: Arc<dyn relay::pool::FramePool> = Arc::from(new_pool(allocator, config.umem.frames));
 
+    // Dropping `control_socket` (or, once served, `control_file`) removes the socket file, so
+    // every way out of this function from here on, an error included, leaves none behind.
     let control_path = control::socket_path(config.control.as_ref());
     let control_socket = control::bind(&control_path)?;
     let mut steering = Steering::load(&table, config.umem.frame_size)?;
@@ -230,7 +235,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
     for (ifindex, queue, fd) in &bindings {
         steering.set_socket(*ifindex, *queue, fd)?;
     }
-    install_signal_handlers()?;
     datapath.start()?;
     for iface in &ingress {
         let mode = steering.attach(iface, config.xdp_mode)?;
@@ -263,9 +267,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         rx.recv_timeout(Duration::from_secs(30))
             .map_err(|_| "the reload did not finish within 30 s".to_owned())?
     });
-    control_socket.serve(snapshot.clone(), reloader)?;
+    let control_file = control_socket.serve(snapshot.clone(), reloader)?;
     if let Some(addr) = config.metrics {
-        control::serve_metrics(addr, snapshot)?;
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        control::serve_metrics(listener, snapshot)?;
     }
     let memberships = Memberships::join(&table)?;
     info!(
@@ -327,7 +333,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let account = finished.account;
     drop(finished);
     drop(steering);
-    let _ = std::fs::remove_file(&control_path);
+    drop(control_file);
     if account.leaked() != 0 {
         error!("{} frames leaked", account.leaked());
         return Ok(ExitCode::FAILURE);
