@@ -1,5 +1,6 @@
-//! The YAML configuration: its shape, its defaults, and the checks that run before anything is
-//! attached (`relay --check` runs exactly these).
+//! The YAML configuration: its shape, its defaults, and the checks of the file against the
+//! machine's interfaces and CPUs that run before anything is attached (`relay --check` runs
+//! these, then [`crate::preflight`]'s; a reload runs these).
 
 use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
 
