@@ -1,9 +1,10 @@
 //! What `relay --check` checks beyond the file and the interfaces ([`Config::validate`], which
 //! also checks `cpus:`), so that "exit 0 if it would run" holds: the capabilities, the control
 //! socket's path, the metrics address, the XDP program (loaded through the verifier, not
-//! attached) and the UMEM against RLIMIT_MEMLOCK. The start runs the same checks before it
-//! touches an interface, so it stops with the same messages. Each names the file, the key
-//! and the value.
+//! attached), the UMEM against RLIMIT_MEMLOCK, and a throw-away AF_XDP bind on every queue
+//! the relay will bind ([`crate::probe`]). The start runs the same checks (all but the
+//! throw-away binds, as it binds for real) before it touches an interface, so it stops with
+//! the same messages. Each names the file, the key and the value.
 
 use std::{
     io::ErrorKind,
@@ -16,6 +17,7 @@ use crate::{
     config::{Config, ConfigError, UmemConfig},
     control,
     loader::Steering,
+    probe,
     rules::RuleTable,
     sys,
 };
@@ -147,7 +149,7 @@ pub fn check(config: &Config, file: &str, table: &RuleTable) -> anyhow::Result<V
     }
     drop(Steering::load(table, config.umem.frame_size)?);
     umem_memlock(file, config.umem)?;
-    Ok(Vec::new())
+    probe::check(file, config, table)
 }
 
 #[cfg(test)]
