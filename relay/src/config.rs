@@ -1,8 +1,10 @@
-//! The YAML configuration: its shape, its defaults, and the checks that run before anything is
-//! attached (`relay --check` runs exactly these).
+//! The YAML configuration: its shape, its defaults, and the checks of the file against the
+//! machine's interfaces and CPUs that run before anything is attached (`relay --check` runs
+//! these, then [`crate::preflight`]'s; a reload runs these).
 
 use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
 
+use relay_common::{MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE};
 use serde::Deserialize;
 
 use crate::pool::AllocatorKind;
@@ -146,6 +148,12 @@ impl InterfaceInfo {
 /// The running system, as the checks see it; tests substitute a fixed one.
 pub trait System {
     fn interface(&self, name: &str) -> Option<InterfaceInfo>;
+
+    /// The CPUs the relay may run on, which `cpus:` must stay within; `None` when any CPU
+    /// is allowed (a fixed system, for checks that do not concern the machine).
+    fn allowed_cpus(&self) -> Option<Vec<usize>> {
+        None
+    }
 }
 
 /// A fixed set of interfaces, for checking rules without the running system (tests,
@@ -270,6 +278,15 @@ impl Config {
                     return Err(top(format!("cpus lists CPU {c} twice")));
                 }
             }
+            if let Some(allowed) = sys.allowed_cpus()
+                && let Some(c) = cpus.iter().find(|c| !allowed.contains(c))
+            {
+                return Err(top(format!(
+                    "cpus: CPU {c} is not available to the relay (it may run on {}): fix \
+                     `cpus:` or leave it out",
+                    crate::sys::cpu_list(&allowed)
+                )));
+            }
         }
         if self.rules.is_empty() {
             return Err(top("no rules: there is nothing to relay".to_owned()));
@@ -277,6 +294,7 @@ impl Config {
 
         let mut names = HashSet::new();
         let mut inputs = HashSet::new();
+        let mut ingress = HashSet::new();
         for rule in &self.rules {
             let err = |message: String| ConfigError {
                 file: file.to_owned(),
@@ -290,9 +308,25 @@ impl Config {
                 return Err(err("duplicate rule name".to_owned()));
             }
             let input = &rule.input;
-            if sys.interface(&input.interface).is_none() {
+            let Some(info) = sys.interface(&input.interface) else {
                 return Err(err(format!(
                     "input interface '{}' does not exist",
+                    input.interface
+                )));
+            };
+            if info.rx_queues > MAX_QUEUES_PER_IFACE {
+                return Err(err(format!(
+                    "input interface '{}' has {} rx queues: the relay steers at most \
+                     {MAX_QUEUES_PER_IFACE} per interface (`ethtool -L {} combined \
+                     {MAX_QUEUES_PER_IFACE}` lowers them)",
+                    input.interface, info.rx_queues, input.interface
+                )));
+            }
+            ingress.insert(input.interface.as_str());
+            if ingress.len() > MAX_INGRESS_IFACES as usize {
+                return Err(err(format!(
+                    "input interface '{}' is one more than the {MAX_INGRESS_IFACES} input \
+                     interfaces the relay steers",
                     input.interface
                 )));
             }
@@ -627,6 +661,80 @@ rules:
             let got = c.validate("r.yaml", &fake()).expect_err(&yaml).to_string();
             assert_eq!(got, want, "for\n{yaml}");
         }
+    }
+
+    /// A system that lets the relay run on some CPUs only.
+    struct OnCpus(FakeSystem, Vec<usize>);
+
+    impl System for OnCpus {
+        fn interface(&self, name: &str) -> Option<InterfaceInfo> {
+            self.0.interface(name)
+        }
+        fn allowed_cpus(&self) -> Option<Vec<usize>> {
+            Some(self.1.clone())
+        }
+    }
+
+    const ONE_RULE: &str = "rules:\n  - name: r1\n    input: {interface: in0, group: 239.1.1.1}\n    outputs: [{interface: out0}]\n";
+
+    /// The README's `cpus: [2, 3]` on a machine (or cgroup) with CPUs 0 and 1: refused by
+    /// the validation that `--check`, the start and a reload all run, naming the CPU.
+    #[test]
+    fn cpus_the_relay_may_not_use_are_refused() {
+        let c = Config::parse("r.yaml", &format!("cpus: [1, 2, 3]\n{ONE_RULE}")).unwrap();
+        assert_eq!(
+            c.validate("r.yaml", &OnCpus(fake(), vec![0, 1]))
+                .unwrap_err()
+                .to_string(),
+            "r.yaml: cpus: CPU 2 is not available to the relay (it may run on 0-1): fix \
+             `cpus:` or leave it out"
+        );
+        c.validate("r.yaml", &OnCpus(fake(), vec![0, 1, 2, 3]))
+            .unwrap();
+        // A system that says nothing about CPUs (tests, fuzzing) takes any below 1024.
+        c.validate("r.yaml", &fake()).unwrap();
+    }
+
+    /// The XDP program steers 64 rx queues per interface and 256 input interfaces.
+    #[test]
+    fn more_queues_or_inputs_than_the_program_steers_are_refused() {
+        let mut sys = fake();
+        sys.0.get_mut("in0").unwrap().rx_queues = 65;
+        let c = Config::parse("r.yaml", ONE_RULE).unwrap();
+        assert_eq!(
+            c.validate("r.yaml", &sys).unwrap_err().to_string(),
+            "r.yaml: rule 'r1': input interface 'in0' has 65 rx queues: the relay steers at \
+             most 64 per interface (`ethtool -L in0 combined 64` lowers them)"
+        );
+        sys.0.get_mut("in0").unwrap().rx_queues = 64;
+        c.validate("r.yaml", &sys).unwrap();
+
+        let names: Vec<String> = (0..257).map(|i| format!("in{i}")).collect();
+        let mut many = HashMap::new();
+        for (i, n) in names.iter().enumerate() {
+            let info = InterfaceInfo {
+                ifindex: 100 + i as u32,
+                mac: [2, 0, 0, 0, 1, 0],
+                rx_queues: 1,
+                mtu: 1500,
+            };
+            many.insert(&*n.clone().leak(), info);
+        }
+        many.insert("out0", fake().0["out0"]);
+        let mut yaml = "rules:\n".to_owned();
+        for (i, n) in names.iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - name: r{i}\n    input: {{interface: {n}, group: 239.1.1.1}}\n    outputs: [{{interface: out0}}]\n"
+            ));
+        }
+        let c = Config::parse("r.yaml", &yaml).unwrap();
+        assert_eq!(
+            c.validate("r.yaml", &FakeSystem(many))
+                .unwrap_err()
+                .to_string(),
+            "r.yaml: rule 'r256': input interface 'in256' is one more than the 256 input \
+             interfaces the relay steers"
+        );
     }
 
     /// Files that do not parse, and the exact message each produces (file, key path, value,

@@ -21,7 +21,7 @@ use relay::{
     loader::Steering,
     membership::Memberships,
     pool::{AllocatorKind, new_pool},
-    report,
+    preflight, report,
     rules::RuleTable,
     stats::StatsView,
     sys::LiveSystem,
@@ -46,7 +46,14 @@ struct Cli {
     /// Data path threads; overrides `workers:` in the file.
     #[arg(long)]
     workers: Option<usize>,
-    /// Validate the file against this system and exit: 0 if it would run.
+    /// Check everything the start needs, without starting, and exit: 0 if it would run.
+    ///
+    /// The file against this machine's interfaces and CPUs, the capabilities, the control
+    /// socket path, the metrics address (bound and closed), the XDP program (loaded, not
+    /// attached), the UMEM against RLIMIT_MEMLOCK, and a throw-away AF_XDP bind on every
+    /// queue the relay binds (zero-copy support, a queue another relay holds). Notes, such as
+    /// that `bind: auto` will run in copy mode, go to standard output; the first problem is
+    /// the error, with the message the start would give.
     #[arg(long)]
     check: bool,
 }
@@ -98,7 +105,9 @@ enum ClientCmd {
 
 const AFTER_HELP: &str = "\
 Running:
-  relay --config /etc/relay/rules.yaml --check   validate against this machine, exit 0 if it would run
+  relay --config /etc/relay/rules.yaml --check   check against this machine, exit 0 if it would run
+                                                 (nothing is attached; notes such as copy mode
+                                                 are printed, the first problem is the error)
   relay --config /etc/relay/rules.yaml           run (as root, or with CAP_NET_ADMIN, CAP_NET_RAW,
                                                  CAP_BPF, CAP_PERFMON and CAP_IPC_LOCK)
 
@@ -181,8 +190,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(w) = cli.workers {
         config.workers = Some(w);
     }
+    // The file against this machine: its interfaces, and the CPUs `cpus:` names.
     let table = RuleTable::compile(&config, &file, &LiveSystem)?;
     if cli.check {
+        // Everything else the start needs, short of attaching XDP and binding for real.
+        for note in preflight::check(&config, &file, &table)? {
+            println!("{file}: note: {note}");
+        }
         println!(
             "{file}: OK: {} rules, {} ingress and {} egress interfaces",
             table.rules.len(),
@@ -191,22 +205,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let missing = relay::sys::missing_capabilities();
-    if !missing.is_empty() {
-        anyhow::bail!(
-            "the relay lacks {}: run it as root (sudo), or as the relay.service unit, which \
-             grants CAP_NET_ADMIN, CAP_NET_RAW, CAP_BPF, CAP_PERFMON and CAP_IPC_LOCK",
-            missing.join(", ")
-        );
-    }
+    relay::sys::require_capabilities()?;
+    // Before anything is created that must be cleaned up: a SIGTERM during the start then
+    // stops the relay through its normal exit, which removes the control socket.
+    install_signal_handlers()?;
 
     let allocator = cli.allocator.unwrap_or(config.allocator);
     info!("frame allocator: {}", allocator.describe());
     let pool: Arc<dyn relay::pool::FramePool> = Arc::from(new_pool(allocator, config.umem.frames));
 
-    let control_path = control::socket_path(config.control.as_ref());
+    // Dropping `control_socket` (or, once served, `control_file`) removes the socket file, so
+    // every way out of this function from here on, an error included, leaves none behind.
+    let control_path = preflight::control_path(&file, config.control.as_ref())?;
     let control_socket = control::bind(&control_path)?;
+    let metrics = config
+        .metrics
+        .map(|addr| preflight::metrics(&file, addr))
+        .transpose()?;
     let mut steering = Steering::load(&table, config.umem.frame_size)?;
+    preflight::umem_memlock(&file, config.umem)?;
     let absent = table
         .ingress
         .iter()
@@ -231,16 +248,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             .sum();
         relay::config::default_workers(queues, online)
     });
-    if let Some(cpus) = &config.cpus {
-        let allowed = relay::sys::allowed_cpus()?;
-        if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
-            anyhow::bail!(
-                "cpus: CPU {c} is not available to the relay (it may run on {}): fix `cpus:` \
-                 or leave it out",
-                relay::sys::cpu_list(&allowed)
-            );
-        }
-    }
     let (mut datapath, bindings) = Datapath::new(
         table.clone(),
         config.umem.frames,
@@ -253,7 +260,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
     for (ifindex, queue, fd) in &bindings {
         steering.set_socket(*ifindex, *queue, fd)?;
     }
-    install_signal_handlers()?;
     datapath.start()?;
     for iface in &ingress {
         let mode = steering.attach(iface, config.xdp_mode)?;
@@ -286,9 +292,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         rx.recv_timeout(Duration::from_secs(30))
             .map_err(|_| "the reload did not finish within 30 s".to_owned())?
     });
-    control_socket.serve(snapshot.clone(), reloader)?;
-    if let Some(addr) = config.metrics {
-        control::serve_metrics(addr, snapshot)?;
+    let control_file = control_socket.serve(snapshot.clone(), reloader)?;
+    if let Some(listener) = metrics {
+        control::serve_metrics(listener, snapshot)?;
     }
     let memberships = Memberships::join(&table)?;
     info!(
@@ -351,7 +357,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let account = finished.account;
     drop(finished);
     drop(steering);
-    let _ = std::fs::remove_file(&control_path);
+    drop(control_file);
     if account.leaked() != 0 {
         error!("{} frames leaked", account.leaked());
         return Ok(ExitCode::FAILURE);
