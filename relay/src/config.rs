@@ -209,6 +209,25 @@ fn multicast_range(addr: IpAddr) -> &'static str {
     }
 }
 
+/// A name Linux could give an interface: 1 to 15 bytes, no '/', no white space, not '.' or
+/// '..'. Checked even when the interface does not exist yet, so a typo that can never match
+/// is an error rather than a rule that waits forever.
+fn check_interface_name(name: &str, side: &str) -> Result<(), String> {
+    let ok = (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.chars().any(|c| c.is_whitespace() || c == ':');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{side} interface '{name}' is not a valid interface name (1 to 15 characters, no \
+             '/', ':' or spaces)"
+        ))
+    }
+}
+
 /// The worker count when the config names none: one per ingress rx queue (each queue's
 /// socket then has a thread of its own), but no more than there are CPUs to run them.
 pub fn default_workers(ingress_queues: usize, cpus: usize) -> usize {
@@ -238,6 +257,31 @@ impl Config {
 
     /// Every check that does not need the kernel's cooperation: interfaces exist, addresses and
     /// ports are valid, names and inputs are unique, no output loops back into its input.
+    /// Warnings for the interfaces the rules name that do not exist (yet): their rules start
+    /// idle and come alive when the interface appears.
+    pub fn absent_interfaces(&self, file: &str, sys: &dyn System) -> Vec<String> {
+        let mut out = Vec::new();
+        for rule in &self.rules {
+            let sides = std::iter::once(("input", &rule.input.interface))
+                .chain(rule.outputs.iter().map(|o| ("output", &o.interface)));
+            for (side, name) in sides {
+                if sys.interface(name).is_none() {
+                    out.push(format!(
+                        "{file}: rule '{}': {side} interface '{name}' does not exist yet: {} \
+                         until it appears",
+                        rule.name,
+                        if side == "input" {
+                            "the rule is idle"
+                        } else {
+                            "this output drops its frames (interface_down)"
+                        }
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     pub fn validate(&self, file: &str, sys: &dyn System) -> Result<(), ConfigError> {
         let top = |message: String| ConfigError {
             file: file.to_owned(),
@@ -308,12 +352,12 @@ impl Config {
                 return Err(err("duplicate rule name".to_owned()));
             }
             let input = &rule.input;
-            let Some(info) = sys.interface(&input.interface) else {
-                return Err(err(format!(
-                    "input interface '{}' does not exist",
-                    input.interface
-                )));
-            };
+            check_interface_name(&input.interface, "input").map_err(err)?;
+            // An interface that does not exist yet leaves the rule idle until it appears
+            // (see `absent_interfaces`).
+            let info = sys
+                .interface(&input.interface)
+                .unwrap_or_else(InterfaceInfo::absent);
             if info.rx_queues > MAX_QUEUES_PER_IFACE {
                 return Err(err(format!(
                     "input interface '{}' has {} rx queues: the relay steers at most \
@@ -379,12 +423,7 @@ impl Config {
                         out.interface
                     )));
                 }
-                if sys.interface(&out.interface).is_none() {
-                    return Err(err(format!(
-                        "output interface '{}' does not exist",
-                        out.interface
-                    )));
-                }
+                check_interface_name(&out.interface, "output").map_err(err)?;
                 if let Some(g) = out.group {
                     if g.is_ipv4() != input.group.is_ipv4() {
                         return Err(err(format!(
@@ -544,12 +583,14 @@ rules:
         let ok_out = "[{interface: out0}]";
         let cases: Vec<(String, &str)> = vec![
             (
-                rule("{interface: eth9, group: 239.1.1.1}", ok_out),
-                "r.yaml: rule 'r1': input interface 'eth9' does not exist",
+                rule("{interface: eth9/1, group: 239.1.1.1}", ok_out),
+                "r.yaml: rule 'r1': input interface 'eth9/1' is not a valid interface name (1 to \
+                 15 characters, no '/', ':' or spaces)",
             ),
             (
-                rule(ok_in, "[{interface: nope0}]"),
-                "r.yaml: rule 'r1': output interface 'nope0' does not exist",
+                rule(ok_in, "[{interface: a-name-far-too-long0}]"),
+                "r.yaml: rule 'r1': output interface 'a-name-far-too-long0' is not a valid \
+                 interface name (1 to 15 characters, no '/', ':' or spaces)",
             ),
             (
                 rule("{interface: in0, group: 10.1.1.1}", ok_out),

@@ -194,6 +194,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let table = RuleTable::compile(&config, &file, &LiveSystem)?;
     if cli.check {
         // Everything else the start needs, short of attaching XDP and binding for real.
+        for warning in config.absent_interfaces(&file, &LiveSystem) {
+            println!("warning: {warning}");
+        }
         for note in preflight::check(&config, &file, &table)? {
             println!("{file}: note: {note}");
         }

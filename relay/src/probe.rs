@@ -92,12 +92,13 @@ pub struct Probed {
 /// them). `(interface, queue, ingress)`.
 pub fn sockets(table: &RuleTable) -> Vec<(String, u32, bool)> {
     let mut wanted: Vec<(String, u32, bool)> = Vec::new();
-    for ing in &table.ingress {
+    // Interfaces that do not exist yet have nothing to probe (their rules start idle).
+    for ing in table.ingress.iter().filter(|i| i.info.exists()) {
         for q in 0..ing.info.rx_queues {
             wanted.push((ing.name.clone(), q, true));
         }
     }
-    for eg in &table.egress {
+    for eg in table.egress.iter().filter(|e| e.info.exists()) {
         if !wanted.iter().any(|(n, q, _)| *n == eg.name && *q == 0) {
             wanted.push((eg.name.clone(), 0, false));
         }

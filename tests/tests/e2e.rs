@@ -347,7 +347,7 @@ fn check_names_file_rule_and_bad_value() {
     let good = dir.join("good.yaml");
     std::fs::write(&good, RULES).unwrap();
     let bad = dir.join("bad.yaml");
-    std::fs::write(&bad, RULES.replace("interface: rout1", "interface: rout9")).unwrap();
+    std::fs::write(&bad, RULES.replace("group: 239.2.2.2", "group: 198.18.2.2")).unwrap();
     let bin = relay_bin();
     let run = |file: &std::path::Path| {
         std::process::Command::new("ip")
@@ -370,7 +370,7 @@ fn check_names_file_rule_and_bad_value() {
     let msg = String::from_utf8_lossy(&fail.stderr);
     assert!(
         msg.contains(&format!(
-            "{}: rule 'video-a': output interface 'rout9' does not exist",
+            "{}: rule 'video-a': output group 198.18.2.2 on 'rout1' is not a multicast address",
             bad.display()
         )),
         "{msg}"
@@ -902,14 +902,14 @@ fn reload_lossless(workers: usize) {
     // A file that does not validate is refused with --check's message; the rules stay.
     std::fs::write(
         &relay.config,
-        with_extra.replace("interface: rout1\n", "interface: rout9\n"),
+        with_extra.replace("group: 239.3.3.3", "group: 198.18.3.3"),
     )
     .unwrap();
     let out = reload();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("output interface 'rout9' does not exist"),
+        err.contains("input group 198.18.3.3 is not a multicast address"),
         "{err}"
     );
     let still = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(20)).unwrap();
