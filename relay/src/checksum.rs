@@ -58,16 +58,33 @@ pub fn update_words(check: u16, old: &[u8], new: &[u8]) -> u16 {
     })
 }
 
+/// The IPv6 pseudo-header (RFC 8200 section 8.1) of a UDP datagram of `udp_len` bytes, summed
+/// and folded but not complemented: what a sender that leaves the checksum to its NIC (or to
+/// the peer of a veth) writes into the checksum field.
+pub fn pseudo_ipv6(src: Ipv6Addr, dst: Ipv6Addr, udp_len: u32) -> u16 {
+    let mut pseudo = [0u8; 40];
+    pseudo[0..16].copy_from_slice(&src.octets());
+    pseudo[16..32].copy_from_slice(&dst.octets());
+    pseudo[32..36].copy_from_slice(&udp_len.to_be_bytes());
+    pseudo[39] = crate::wire::IPPROTO_UDP;
+    sum(0, &pseudo)
+}
+
+/// As [`pseudo_ipv6`] for the IPv4 pseudo-header (RFC 768).
+pub fn pseudo_ipv4(src: Ipv4Addr, dst: Ipv4Addr, udp_len: u16) -> u16 {
+    let mut pseudo = [0u8; 12];
+    pseudo[0..4].copy_from_slice(&src.octets());
+    pseudo[4..8].copy_from_slice(&dst.octets());
+    pseudo[9] = crate::wire::IPPROTO_UDP;
+    pseudo[10..12].copy_from_slice(&udp_len.to_be_bytes());
+    sum(0, &pseudo)
+}
+
 /// The UDP checksum of `udp` (header and payload, checksum field zeroed) over the IPv6
 /// pseudo-header (RFC 8200 section 8.1). Zero is sent as 0xffff: in IPv6 a zero UDP checksum
 /// is not allowed.
 pub fn udp_ipv6(src: Ipv6Addr, dst: Ipv6Addr, udp: &[u8]) -> u16 {
-    let mut pseudo = [0u8; 40];
-    pseudo[0..16].copy_from_slice(&src.octets());
-    pseudo[16..32].copy_from_slice(&dst.octets());
-    pseudo[32..36].copy_from_slice(&(udp.len() as u32).to_be_bytes());
-    pseudo[39] = crate::wire::IPPROTO_UDP;
-    let partial = u32::from(sum(0, &pseudo));
+    let partial = u32::from(pseudo_ipv6(src, dst, udp.len() as u32));
     match !sum(partial, udp) {
         0 => 0xffff,
         c => c,
@@ -77,12 +94,7 @@ pub fn udp_ipv6(src: Ipv6Addr, dst: Ipv6Addr, udp: &[u8]) -> u16 {
 /// The UDP checksum of `udp` (header and payload, checksum field zeroed) over the IPv4
 /// pseudo-header, as a sender computes it from scratch. Zero is sent as 0xffff (RFC 768).
 pub fn udp_ipv4(src: Ipv4Addr, dst: Ipv4Addr, udp: &[u8]) -> u16 {
-    let mut pseudo = [0u8; 12];
-    pseudo[0..4].copy_from_slice(&src.octets());
-    pseudo[4..8].copy_from_slice(&dst.octets());
-    pseudo[9] = crate::wire::IPPROTO_UDP;
-    pseudo[10..12].copy_from_slice(&(udp.len() as u16).to_be_bytes());
-    let partial = u32::from(sum(0, &pseudo));
+    let partial = u32::from(pseudo_ipv4(src, dst, udp.len() as u16));
     match !sum(partial, udp) {
         0 => 0xffff,
         c => c,
