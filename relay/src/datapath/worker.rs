@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     pool::{FrameCache, FramePool},
-    rewrite::{RewriteError, rewrite},
+    rewrite::{RewriteError, complete_partial_udp_checksum, rewrite},
     rules::RuleTable,
     wire::{check_lengths, classify},
 };
@@ -484,10 +484,18 @@ impl Worker {
             self.cache.give(frame_no);
             return;
         }
+        // Once per received frame, before any copy: every copy then starts from a full
+        // checksum, which each output's incremental update keeps valid.
+        // SAFETY: the frame came off the RX ring and no copy of it exists yet, so this is its
+        // only user; `bytes` is not read again.
+        let completed = unsafe {
+            complete_partial_udp_checksum(shared.umem.data_mut(&mut desc).contents_mut(), &flow)
+        };
         let rule = &plan.table.rules[rule_id as usize];
         let rc = &mut self.stats.rules[rule_id as usize];
         rc.packets += 1;
         rc.bytes += len as u64;
+        rc.checksum_completed += u64::from(completed);
         let last = rule.outputs.len() - 1;
         let tag = |output: usize| Tag {
             rule: rule_id,
@@ -758,6 +766,7 @@ pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathSt
         let (or, oc) = (&old.table.rules[oi], &stats.rules[oi]);
         out.rules[ni].packets = oc.packets;
         out.rules[ni].bytes = oc.bytes;
+        out.rules[ni].checksum_completed = oc.checksum_completed;
         for (k, no) in nr.outputs.iter().enumerate() {
             if let Some(oo) = or.outputs.get(k)
                 && old.table.egress[oo.egress].name == new.table.egress[no.egress].name
