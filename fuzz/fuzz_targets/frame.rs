@@ -1,15 +1,16 @@
-//! Any bytes as a received frame: classification, the length check and every kind of
-//! rewrite must not panic, and a rewrite of a frame the data path accepts must leave a frame
-//! that classifies again with the output's group and port and valid IPv4 header checksum.
+//! Any bytes as a received frame: classification, the length check, completing a partial UDP
+//! checksum and every kind of rewrite must not panic; a completed checksum must verify from
+//! scratch; and a rewrite of a frame the data path accepts must leave a frame that classifies
+//! again with the output's group and port and valid IPv4 header checksum.
 #![no_main]
 
 use std::net::IpAddr;
 
 use libfuzzer_sys::fuzz_target;
 use relay::{
-    checksum::checksum,
-    rewrite::{OutputAction, rewrite},
-    wire::{Ipv4Packet, check_lengths, classify},
+    checksum::{checksum, udp_ipv4, udp_ipv6},
+    rewrite::{OutputAction, complete_partial_udp_checksum, rewrite},
+    wire::{Ipv4Packet, UdpPacket, check_lengths, classify},
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -38,7 +39,20 @@ fuzz_target!(|data: &[u8]| {
             .is_ok_and(|ip| checksum(ip.header()) == 0),
         IpAddr::V6(_) => false,
     };
+    // As the data path does: completed once, on the received frame, before the rewrites.
     let mut out = frame.to_vec();
+    if complete_partial_udp_checksum(&mut out, &flow) {
+        let udp = UdpPacket::new_checked(&out[flow.l4..]).unwrap();
+        let mut datagram = out[flow.l4..flow.l4 + usize::from(udp.len())].to_vec();
+        let completed = udp.checksum();
+        datagram[6..8].fill(0);
+        let expected = match (flow.source, flow.group) {
+            (IpAddr::V4(s), IpAddr::V4(g)) => udp_ipv4(s, g, &datagram),
+            (IpAddr::V6(s), IpAddr::V6(g)) => udp_ipv6(s, g, &datagram),
+            _ => unreachable!("classify keeps one family"),
+        };
+        assert_eq!(completed, expected, "a completed checksum verifies");
+    }
     if rewrite(&mut out, &flow, &action).is_ok() && accepted {
         assert_eq!(out.len(), frame.len());
         let again = classify(&out).expect("a rewritten frame is still relayable");

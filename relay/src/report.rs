@@ -18,8 +18,8 @@ pub fn shutdown(
     for (rule, rc) in table.rules.iter().zip(&stats.rules) {
         let _ = writeln!(
             s,
-            "rule={} received={} bytes={}",
-            rule.name, rc.packets, rc.bytes
+            "rule={} received={} bytes={} checksum_completed={}",
+            rule.name, rc.packets, rc.bytes, rc.checksum_completed
         );
         for (out, oc) in rule.outputs.iter().zip(&rc.outputs) {
             let eg = &table.egress[out.egress];

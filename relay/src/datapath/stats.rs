@@ -47,6 +47,9 @@ impl OutputCounters {
 pub struct RuleCounters {
     pub packets: u64,
     pub bytes: u64,
+    /// Received frames whose partial UDP checksum (a sender's transmit offload, over a veth)
+    /// the data path completed before sending them on.
+    pub checksum_completed: u64,
     pub outputs: Vec<OutputCounters>,
 }
 
@@ -83,6 +86,7 @@ impl DatapathStats {
         for (r, o) in self.rules.iter_mut().zip(&other.rules) {
             r.packets += o.packets;
             r.bytes += o.bytes;
+            r.checksum_completed += o.checksum_completed;
             for (a, b) in r.outputs.iter_mut().zip(&o.outputs) {
                 a.add(b);
             }
@@ -106,11 +110,14 @@ mod tests {
         b.rules[0].packets = 4;
         b.rules[0].outputs[1].handoff_full = 5;
         b.rules[1].outputs[0].bytes = 7;
+        a.rules[1].checksum_completed = 2;
+        b.rules[1].checksum_completed = 3;
         b.malformed = 1;
         a.add(&b);
         assert_eq!(a.rules[0].packets, 7);
         assert_eq!(a.rules[0].outputs[1].dropped(), 7);
         assert_eq!(a.rules[1].outputs[0].bytes, 7);
+        assert_eq!(a.rules[1].checksum_completed, 5);
         assert_eq!(a.malformed, 1);
     }
 }

@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     pool::{FrameCache, FramePool},
-    rewrite::{RewriteError, rewrite},
+    rewrite::{RewriteError, complete_partial_udp_checksum, rewrite},
     rules::RuleTable,
     wire::{check_lengths, classify},
 };
@@ -619,10 +619,20 @@ impl Worker {
             self.cache.give(frame_no);
             return;
         }
+        // Read before the frame is borrowed mutably below.
+        let expired = arrived_ttl(bytes, &flow) <= 1;
+        // Once per received frame, before any copy: every copy then starts from a full
+        // checksum, which each output's incremental update keeps valid.
+        // SAFETY: the frame came off the RX ring and no copy of it exists yet, so this is its
+        // only user; `bytes` is not read again.
+        let completed = unsafe {
+            complete_partial_udp_checksum(shared.umem.data_mut(&mut desc).contents_mut(), &flow)
+        };
         let rule = &plan.table.rules[rule_id as usize];
         let rc = &mut self.stats.rules[rule_id as usize];
         rc.packets += 1;
         rc.bytes += len as u64;
+        rc.checksum_completed += u64::from(completed);
         let tag = |output: usize| Tag {
             rule: rule_id,
             output: output as u16,
@@ -630,7 +640,6 @@ impl Worker {
         };
         // A frame at the end of its scope goes only to outputs that set the TTL: decided here,
         // so no copy is made for an output that would refuse it.
-        let expired = arrived_ttl(bytes, &flow) <= 1;
         let takes = |o: &crate::rules::CompiledOutput| !expired || o.action.ttl.is_some();
         let Some(last) = rule.outputs.iter().rposition(takes) else {
             for c in &mut self.stats.rules[rule_id as usize].outputs {
@@ -959,6 +968,7 @@ pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathSt
         let (or, oc) = (&old.table.rules[oi], &stats.rules[oi]);
         out.rules[ni].packets = oc.packets;
         out.rules[ni].bytes = oc.bytes;
+        out.rules[ni].checksum_completed = oc.checksum_completed;
         for (k, no) in nr.outputs.iter().enumerate() {
             if let Some(oo) = or.outputs.get(k)
                 && old.table.egress[oo.egress].name == new.table.egress[no.egress].name
