@@ -313,6 +313,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         memberships,
         gone: Vec::new(),
         bind_error: None,
+        allocator,
     };
 
     let mut last_watch = std::time::Instant::now();
@@ -380,6 +381,8 @@ struct Running {
     gone: Vec<String>,
     /// Why binding to a re-created interface failed last time, so it is logged once.
     bind_error: Option<String>,
+    /// The frame pool kind in force (a rebuild makes a new pool of it).
+    allocator: relay::pool::AllocatorKind,
 }
 
 impl Running {
@@ -499,6 +502,22 @@ impl Running {
             if r.ingress {
                 self.steering.release_iface(r.ifindex)?;
             }
+        }
+        if self.datapath.is_orphaned() {
+            warn!(
+                "every interface the relay had sockets on is gone: starting over on a new UMEM, \
+                 the rules idle until their interfaces are back"
+            );
+            let pool: Arc<dyn relay::pool::FramePool> =
+                Arc::from(new_pool(self.allocator, self.config.umem.frames));
+            let account = self.datapath.rebuild(pool)?;
+            info!(
+                "the old UMEM: {} frames, {} back in the pool, {} lost with devices, {} leaked",
+                account.frames,
+                account.in_pool + account.in_fill + account.in_tx,
+                account.abandoned,
+                account.leaked()
+            );
         }
         Ok(())
     }

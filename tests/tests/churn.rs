@@ -508,3 +508,90 @@ rules:
         "no XDP program left attached"
     );
 }
+
+/// Every interface of the relay deleted at once (a container pair restarted): no socket is
+/// left to share the UMEM through, so the relay starts over on a new one, keeps its counters,
+/// and relays again when the interfaces are back.
+#[test]
+fn every_interface_gone_at_once_starts_over_on_a_new_umem() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const N: u64 = 300;
+    let all: BTreeSet<u64> = (0..N).collect();
+    let topo = Topology::new(1).unwrap();
+    let rules = "\
+rules:
+  - name: a
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs: [{ interface: rout0, port: 6000 }]
+";
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, rules, &[]).unwrap();
+    let log = || std::fs::read_to_string(&relay.stderr).unwrap();
+    let wait_log = |what: &str, n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while log().matches(what).count() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no '{what}' in:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let r0 = &topo.receivers[0];
+    let relays = |when: &str| {
+        let rx = listen(&r0.ns, G1, 6000, r0.addr, Limits::new(N)).unwrap();
+        join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
+        assert_eq!(seqs(&join(rx).unwrap()), all, "{when}\n{}", log());
+    };
+    relays("at start");
+    for round in 1..=2u64 {
+        let n = round as usize;
+        topo.relay.exec(&["ip", "link", "del", "rin"]).unwrap();
+        topo.relay.exec(&["ip", "link", "del", "rout0"]).unwrap();
+        wait_log("starting over on a new UMEM", n);
+        topo.relink_ingress().unwrap();
+        topo.relink_receiver(0).unwrap();
+        wait_log(
+            "rin: the interface is back (a new device); binding to it",
+            n,
+        );
+        wait_log(
+            "rout0: the interface is back (a new device); binding to it",
+            n,
+        );
+        std::thread::sleep(Duration::from_millis(600));
+        relays(&format!("after starting over {round} times"));
+        let v = stats_until(&relay.control, |v| v.rules[0].received >= N * (round + 1));
+        assert_eq!(
+            v.rules[0].received,
+            N * (round + 1),
+            "counters carried over: {v:?}"
+        );
+        assert_eq!(v.rules[0].outputs[0].sent, N * (round + 1), "{v:?}");
+    }
+    assert!(log().contains("the old UMEM: 4096 frames"), "{}", log());
+    assert!(
+        !log().contains(" 1 leaked") && log().contains(" 0 leaked"),
+        "{}",
+        log()
+    );
+
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
+    assert_eq!(
+        report_value(&exit.stdout, &["frames"], "leaked"),
+        Some(0),
+        "{}",
+        exit.stdout
+    );
+    assert!(
+        exit.stderr.contains("all 4096 frames accounted for"),
+        "{}",
+        exit.stderr
+    );
+    assert!(
+        !topo.relay_has_xdp().unwrap(),
+        "no XDP program left attached"
+    );
+}

@@ -124,33 +124,45 @@ pub struct Datapath {
     anchor: usize,
     /// CPUs to pin the workers to (worker i on `cpus[i % len]`).
     cpus: Option<Vec<usize>>,
+    /// What monitors read: this data path's shared state, or its successor's after a rebuild.
+    current: Arc<Mutex<Arc<Shared>>>,
 }
 
 /// Reads the data path's counters from any thread: each worker's last publication (at most
 /// 100 ms old), re-shaped to the current rules and summed, and the pool's state.
+/// It follows the data path through a rebuild (see [`Datapath::rebuild`]).
 #[derive(Clone)]
 pub struct Monitor {
-    shared: Arc<Shared>,
+    current: Arc<Mutex<Arc<Shared>>>,
 }
 
 impl Monitor {
+    fn shared(&self) -> Arc<Shared> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The current rule table and the counters shaped by it.
     pub fn stats(&self) -> (RuleTable, DatapathStats) {
-        let plan = self.shared.current_plan();
+        let shared = self.shared();
+        let plan = shared.current_plan();
         let mut sum = DatapathStats::new(plan.table.rules.iter().map(|r| r.outputs.len()));
-        for s in &self.shared.snapshots {
+        for s in &shared.snapshots {
             let s = s.lock().unwrap_or_else(|p| p.into_inner());
             sum.add(&worker::remap(&s.0, &s.1, &plan));
         }
+        sum.add(&shared.inherited(&plan));
         (plan.table.clone(), sum)
     }
 
     pub fn pool(&self) -> PoolStats {
-        self.shared.pool.stats()
+        self.shared().pool.stats()
     }
 
     pub fn allocator(&self) -> crate::pool::AllocatorKind {
-        self.shared.pool.kind()
+        self.shared().pool.kind()
     }
 }
 
@@ -272,13 +284,14 @@ impl Datapath {
             phase: AtomicU8::new(RUN),
             rx_done: AtomicUsize::new(0),
             abandoned: AtomicUsize::new(0),
+            base: Mutex::new(None),
             cache_frames: budget.cache,
             snapshots: (0..workers)
                 .map(|_| Mutex::new((empty.clone(), DatapathStats::default())))
                 .collect(),
         });
         let mut dp = Datapath {
-            shared,
+            shared: shared.clone(),
             pending: (0..workers).map(|_| Vec::new()).collect(),
             running: Vec::new(),
             ports: Vec::new(),
@@ -288,10 +301,10 @@ impl Datapath {
             fds: Vec::new(),
             umem_fd: -1,
             anchor: 0,
+            current: Arc::new(Mutex::new(shared.clone())),
             cpus: cpus.filter(|c| !c.is_empty()),
         };
         let (opened, bindings) = dp.open_sockets(&table)?;
-        dp.umem_fd = dp.fds[0];
         for (w, id, port) in opened {
             dp.pending[w].push((id, port));
         }
@@ -366,6 +379,10 @@ impl Datapath {
                 retired: false,
             });
             self.fds.push(fd);
+            if id == 0 {
+                // libxdp made the first socket on the UMEM's own descriptor.
+                self.umem_fd = fd;
+            }
             let mtu = crate::sys::mtu(&name).unwrap_or(1500);
             opened.push((
                 w,
@@ -497,7 +514,7 @@ impl Datapath {
                 }
             }
         }
-        if self.ports[self.anchor].retired {
+        if self.ports.get(self.anchor).is_some_and(|p| p.retired) {
             self.reanchor()?;
         }
         Ok(gone
@@ -522,10 +539,7 @@ impl Datapath {
     /// the same UMEM.
     fn reanchor(&mut self) -> Result<()> {
         let Some(live) = self.ports.iter().position(|p| !p.retired) else {
-            warn!(
-                "every interface the relay had sockets on is gone: new sockets cannot share the \
-                 UMEM any more, so the relay must be restarted when they are back"
-            );
+            // Nothing to share through: the caller starts over (`Datapath::rebuild`).
             return Ok(());
         };
         // SAFETY: both descriptors are open: `umem_fd` is libxdp's, which it closes only when
@@ -558,8 +572,51 @@ impl Datapath {
     /// A handle other threads use to read live counters.
     pub fn monitor(&self) -> Monitor {
         Monitor {
-            shared: self.shared.clone(),
+            current: self.current.clone(),
         }
+    }
+
+    /// Whether every socket the data path had is closed: none is left to share the UMEM
+    /// through (see [`Datapath::reanchor`]).
+    pub fn is_orphaned(&self) -> bool {
+        !self.ports.is_empty() && self.ports.iter().all(|p| p.retired)
+    }
+
+    /// Starts over on a new UMEM, for when every interface went away at once and no socket is
+    /// left to share the old one through. Nothing is in flight then (every socket is closed
+    /// and its frames taken back), so the old data path stops at once; the new one keeps the
+    /// old one's counters and runs the same rules, idle until their interfaces are back and
+    /// the caller applies them again, which opens sockets on the new UMEM.
+    pub fn rebuild(&mut self, pool: Arc<dyn FramePool>) -> Result<FrameAccount> {
+        let table = self.table();
+        let (mut next, _) = Datapath::new(
+            RuleTable::default(),
+            self.frames as u32,
+            self.shared.frame_size as u32,
+            self.bind,
+            pool,
+            self.shared.wakers.len(),
+            self.cpus.clone(),
+        )?;
+        next.current = self.current.clone();
+        let old = std::mem::replace(self, next);
+        let finished = old.stop();
+        let shape = Arc::new(Plan {
+            // A generation no plan of the new data path has, so counters are re-shaped by name.
+            generation: u64::MAX,
+            table: finished.table.clone(),
+            egress_port: Vec::new(),
+            egress_owner: Vec::new(),
+            ingress_ports: Vec::new(),
+            retire: Vec::new(),
+            fill_target: 0,
+        });
+        *self.shared.base.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((shape, finished.stats.clone()));
+        self.publish_plan(table, Vec::new());
+        self.start()?;
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = self.shared.clone();
+        Ok(finished.account)
     }
 
     /// Starts the worker threads, each pinned to its CPU if `cpus:` names them; each fills
@@ -653,6 +710,7 @@ impl Datapath {
                 Err(_) => warn!("a worker thread panicked; its counters are lost"),
             }
         }
+        stats.add(&self.shared.inherited(&plan));
         // Sockets a reload opened that no worker took up before stopping.
         for slot in &self.shared.incoming {
             ports.extend(

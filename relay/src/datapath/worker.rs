@@ -100,6 +100,9 @@ pub(super) struct Shared {
     pub abandoned: AtomicUsize,
     /// Frames each worker's cache may hold (see `budget`).
     pub cache_frames: usize,
+    /// Counters a data path this one replaced had (see `Datapath::rebuild`), with the plan
+    /// they are shaped by.
+    pub base: Mutex<Option<(Arc<Plan>, DatapathStats)>>,
     /// Each worker's counters as of its last publication, with the plan they are shaped by.
     pub snapshots: Vec<Mutex<(Arc<Plan>, DatapathStats)>>,
 }
@@ -107,6 +110,15 @@ pub(super) struct Shared {
 impl Shared {
     pub fn lane(&self, port: usize) -> &Lane {
         self.lanes[port].get_or_init(|| ArrayQueue::new(super::LANE_FRAMES))
+    }
+
+    /// The inherited counters, re-shaped to `plan`.
+    pub fn inherited(&self, plan: &Plan) -> DatapathStats {
+        let base = self.base.lock().unwrap_or_else(|p| p.into_inner());
+        match &*base {
+            Some((shape, stats)) => remap(shape, stats, plan),
+            None => DatapathStats::new(plan.table.rules.iter().map(|r| r.outputs.len())),
+        }
     }
 
     pub fn current_plan(&self) -> Arc<Plan> {
