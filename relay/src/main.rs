@@ -242,15 +242,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .filter(|i| i.info.exists())
         .map(|i| i.name.clone())
         .collect();
-    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = config.workers.unwrap_or_else(|| {
-        let queues = table
-            .ingress
-            .iter()
-            .map(|i| i.info.rx_queues as usize)
-            .sum();
-        relay::config::default_workers(queues, online)
-    });
+    let workers = preflight::workers(&config, &table);
+    preflight::frame_budget(&file, config.umem.frames, &table, workers)?;
     let (mut datapath, bindings) = Datapath::new(
         table.clone(),
         config.umem.frames,

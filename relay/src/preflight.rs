@@ -149,7 +149,47 @@ pub fn check(config: &Config, file: &str, table: &RuleTable) -> anyhow::Result<V
     }
     drop(Steering::load(table, config.umem.frame_size)?);
     umem_memlock(file, config.umem)?;
+    frame_budget(file, config.umem.frames, table, workers(config, table))?;
     probe::check(file, config, table)
+}
+
+/// The worker count: `workers:` or one per ingress rx queue, up to the CPUs.
+pub fn workers(config: &Config, table: &RuleTable) -> usize {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    config.workers.unwrap_or_else(|| {
+        let queues = table
+            .ingress
+            .iter()
+            .map(|i| i.info.rx_queues as usize)
+            .sum();
+        crate::config::default_workers(queues, online)
+    })
+}
+
+/// Refuses a UMEM too small to give every fill ring, worker cache and frame in flight its
+/// share (docs/ARCHITECTURE.md, "The frame budget").
+pub fn frame_budget(
+    file: &str,
+    frames: u32,
+    table: &RuleTable,
+    workers: usize,
+) -> anyhow::Result<()> {
+    let queues: usize = table
+        .ingress
+        .iter()
+        .filter(|i| i.info.exists())
+        .map(|i| i.info.rx_queues as usize)
+        .sum();
+    let min = crate::datapath::budget::minimum_frames(queues, workers);
+    if (frames as usize) < min {
+        anyhow::bail!(
+            "{file}: umem: frames: {frames} is too few for {queues} ingress queue(s) and \
+             {workers} worker(s): at least {min} are needed (each fill ring needs two RX \
+             batches, each worker room for its cache and its frames in flight); raise \
+             umem.frames or set fewer workers"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

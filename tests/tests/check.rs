@@ -419,3 +419,32 @@ fn check_without_privileges_is_refused_like_the_start() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A UMEM too small for its fill rings, worker caches and frames in flight (512 frames with
+/// four workers starved fill rings before) is refused by `--check` and the start, naming the
+/// minimum; the minimum itself is accepted.
+#[test]
+fn check_refuses_a_umem_too_small_for_its_workers() {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let files = Scratch::new();
+    let yaml = format!("umem: {{ frames: 512 }}\nworkers: 4\n{RULES}");
+    let file = files.config("small.yaml", &yaml);
+    let want = "umem: frames: 512 is too few for 1 ingress queue(s) and 4 worker(s): at least \
+                1024 are needed";
+    let line = check_refused(&topo, &file, &[], "a UMEM too small");
+    assert!(
+        line.contains(&format!("{}: {want}", file.display())),
+        "{line}"
+    );
+    let line = start_refused(&topo, &yaml, "a UMEM too small");
+    assert!(line.contains(want), "{line}");
+    let enough = files.config("enough.yaml", &yaml.replace("frames: 512", "frames: 1024"));
+    let out = check(&topo, &enough, &[]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
