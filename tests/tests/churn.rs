@@ -595,3 +595,54 @@ rules:
         "no XDP program left attached"
     );
 }
+
+/// The relay's CPU time (user + system) so far, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// An egress deleted while frames sit in its TX ring: the kernel will never complete them, so
+/// a relay that waits for them spins at 100% CPU calling sendto forever. Its socket is closed
+/// and the frames taken back instead: the relay idles, and stops with every frame accounted
+/// for.
+#[test]
+fn an_egress_deleted_with_frames_in_flight_does_not_spin() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let topo = Topology::new(2).unwrap();
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
+    let mut flow = Flow::new(G1, 5000, 200_000);
+    flow.burst = 256;
+    flow.pause = Duration::from_micros(50);
+    let sender = send(&topo.sender, SENDER_ADDR, flow);
+    std::thread::sleep(Duration::from_millis(300));
+    topo.relay.exec(&["ip", "link", "del", "rout1"]).unwrap();
+    join(sender).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = cpu_time(relay.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_time(relay.pid()) - before;
+    let log = std::fs::read_to_string(&relay.stderr).unwrap();
+    assert!(
+        used < Duration::from_millis(500),
+        "the relay used {used:?} of CPU in 2 s of idling\n{log}"
+    );
+    assert!(
+        log.contains("rout1 queue 0: socket closed, its device is gone"),
+        "{log}"
+    );
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
+    assert_eq!(
+        report_value(&exit.stdout, &["frames"], "leaked"),
+        Some(0),
+        "{}",
+        exit.stdout
+    );
+}
