@@ -37,13 +37,18 @@ pub struct Config {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UmemConfig {
     #[serde(default = "UmemConfig::default_frames")]
     pub frames: u32,
     #[serde(default = "UmemConfig::default_frame_size")]
     pub frame_size: u32,
+    /// Interfaces whose sockets get a UMEM of their own (of `frames` frames): their frames
+    /// cannot starve the others', at the cost of a copy for every frame that crosses to or
+    /// from them. Every other socket shares one UMEM per bind mode.
+    #[serde(default)]
+    pub separate: Vec<String>,
 }
 
 impl UmemConfig {
@@ -60,6 +65,7 @@ impl Default for UmemConfig {
         Self {
             frames: Self::default_frames(),
             frame_size: Self::default_frame_size(),
+            separate: Vec::new(),
         }
     }
 }
@@ -209,6 +215,9 @@ fn multicast_range(addr: IpAddr) -> &'static str {
     }
 }
 
+/// Interfaces `umem.separate` may list (each UMEM is `frames` frames of memory).
+pub const MAX_SEPARATE_UMEMS: usize = 8;
+
 /// A name Linux could give an interface: 1 to 15 bytes, no '/', no white space, not '.' or
 /// '..'. Checked even when the interface does not exist yet, so a typo that can never match
 /// is an error rather than a rule that waits forever.
@@ -288,7 +297,20 @@ impl Config {
             rule: None,
             message,
         };
-        let UmemConfig { frames, frame_size } = self.umem;
+        let UmemConfig {
+            frames,
+            frame_size,
+            ref separate,
+        } = self.umem;
+        for name in separate {
+            check_interface_name(name, "umem.separate").map_err(top)?;
+        }
+        if separate.len() > MAX_SEPARATE_UMEMS {
+            return Err(top(format!(
+                "umem.separate lists {} interfaces: at most {MAX_SEPARATE_UMEMS} get a UMEM of their own",
+                separate.len()
+            )));
+        }
         if !frames.is_power_of_two() || !(512..=1 << 20).contains(&frames) {
             return Err(top(format!(
                 "umem.frames is {frames}: it must be a power of two from 512 to 1048576"
@@ -539,7 +561,8 @@ rules:
             c.umem,
             UmemConfig {
                 frames: 4096,
-                frame_size: 2048
+                frame_size: 2048,
+                separate: Vec::new(),
             }
         );
         assert_eq!(c.xdp_mode, XdpModeConfig::Auto);

@@ -289,6 +289,7 @@ mod tests {
             unmatched: 0,
             malformed: 0,
             copies: 0,
+            cross_umem: 0,
         })
     }
 

@@ -20,7 +20,7 @@ use relay::{
     datapath::Datapath,
     loader::Steering,
     membership::Memberships,
-    pool::{AllocatorKind, new_pool},
+    pool::AllocatorKind,
     preflight, report,
     rules::RuleTable,
     stats::StatsView,
@@ -215,7 +215,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
     let allocator = cli.allocator.unwrap_or(config.allocator);
     info!("frame allocator: {}", allocator.describe());
-    let pool: Arc<dyn relay::pool::FramePool> = Arc::from(new_pool(allocator, config.umem.frames));
 
     // Dropping `control_socket` (or, once served, `control_file`) removes the socket file, so
     // every way out of this function from here on, an error included, leaves none behind.
@@ -226,7 +225,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .map(|addr| preflight::metrics(&file, addr))
         .transpose()?;
     let mut steering = Steering::load(&table, config.umem.frame_size)?;
-    preflight::umem_memlock(&file, config.umem)?;
+    preflight::umem_memlock(&file, &config.umem)?;
     let absent = table
         .ingress
         .iter()
@@ -249,7 +248,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         config.umem.frames,
         config.umem.frame_size,
         config.bind,
-        pool,
+        allocator,
+        config.umem.separate.clone(),
         workers,
         config.cpus.clone(),
     )?;
@@ -306,7 +306,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         memberships,
         gone: Vec::new(),
         bind_error: None,
-        allocator,
     };
 
     let mut last_watch = std::time::Instant::now();
@@ -374,8 +373,6 @@ struct Running {
     gone: Vec<String>,
     /// Why binding to a re-created interface failed last time, so it is logged once.
     bind_error: Option<String>,
-    /// The frame pool kind in force (a rebuild makes a new pool of it).
-    allocator: relay::pool::AllocatorKind,
 }
 
 impl Running {
@@ -501,9 +498,7 @@ impl Running {
                 "every interface the relay had sockets on is gone: starting over on a new UMEM, \
                  the rules idle until their interfaces are back"
             );
-            let pool: Arc<dyn relay::pool::FramePool> =
-                Arc::from(new_pool(self.allocator, self.config.umem.frames));
-            let account = self.datapath.rebuild(pool)?;
+            let account = self.datapath.rebuild()?;
             info!(
                 "the old UMEM: {} frames, {} back in the pool, {} lost with devices, {} leaked",
                 account.frames,

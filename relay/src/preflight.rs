@@ -117,16 +117,19 @@ pub fn umem_exceeds_memlock(bytes: u64, limit: Option<u64>, ipc_lock: bool) -> b
 
 /// Refuses a UMEM the kernel will not register (see [`umem_exceeds_memlock`]). Checked after
 /// the XDP program is loaded, which raises RLIMIT_MEMLOCK as far as the relay may.
-pub fn umem_memlock(file: &str, umem: UmemConfig) -> Result<(), ConfigError> {
-    let bytes = u64::from(umem.frames) * u64::from(umem.frame_size);
+pub fn umem_memlock(file: &str, umem: &UmemConfig) -> Result<(), ConfigError> {
+    // One UMEM for the shared sockets and one per `separate` interface.
+    let umems = 1 + umem.separate.len() as u64;
+    let bytes = umems * u64::from(umem.frames) * u64::from(umem.frame_size);
     let limit = sys::memlock_limit();
     if umem_exceeds_memlock(bytes, limit, sys::has_capability(sys::CAP_IPC_LOCK)) {
         return Err(top(
             file,
             format!(
-                "umem: {} frames of {} bytes ({} KiB) are more than RLIMIT_MEMLOCK ({} KiB) \
-                 lets the relay lock, and it lacks CAP_IPC_LOCK: grant CAP_IPC_LOCK, raise the \
-                 limit (LimitMEMLOCK=infinity), or lower umem.frames",
+                "umem: {} UMEM(s) of {} frames of {} bytes ({} KiB) are more than \
+                 RLIMIT_MEMLOCK ({} KiB) lets the relay lock, and it lacks CAP_IPC_LOCK: grant \
+                 CAP_IPC_LOCK, raise the limit (LimitMEMLOCK=infinity), or lower umem.frames",
+                umems,
                 umem.frames,
                 umem.frame_size,
                 bytes >> 10,
@@ -148,7 +151,7 @@ pub fn check(config: &Config, file: &str, table: &RuleTable) -> anyhow::Result<V
         drop(metrics(file, addr)?);
     }
     drop(Steering::load(table, config.umem.frame_size)?);
-    umem_memlock(file, config.umem)?;
+    umem_memlock(file, &config.umem)?;
     frame_budget(file, config.umem.frames, table, workers(config, table))?;
     probe::check(file, config, table)
 }

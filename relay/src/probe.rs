@@ -228,10 +228,9 @@ fn settle(iface: &Interface, queue: u32, frame_size: u32) {
 /// What the relay would make of these binds, taken in the order it binds its sockets: the
 /// first problem the start would meet is the error; otherwise notes worth printing.
 ///
-/// Every socket shares one UMEM, and the kernel binds each one after the first in the first
-/// one's mode. So with `bind: auto` the first socket decides: zero-copy if its driver has it,
-/// and then every other socket must have it too (the start would fail on one that does not),
-/// or copy mode for all.
+/// With `bind: auto` the sockets whose drivers have zero-copy share a zero-copy UMEM and the
+/// rest a copy-mode one (the kernel gives a socket that shares a UMEM the UMEM's mode, so
+/// one UMEM cannot hold both); frames that cross between them are copied, and a note says so.
 pub fn judge(file: &str, config: &Config, probes: &[Probed]) -> Result<Vec<String>, ConfigError> {
     let error = |rule: Option<String>, message: String| ConfigError {
         file: file.to_owned(),
@@ -295,19 +294,6 @@ pub fn judge(file: &str, config: &Config, probes: &[Probed]) -> Result<Vec<Strin
                         ));
                     }
                     BindMode::Auto => {
-                        if *zero_copy.get_or_insert(false) {
-                            let first = &probes[0];
-                            return Err(error(
-                                None,
-                                format!(
-                                    "bind: auto: {} queue {} binds first, in zero-copy mode, \
-                                     and every other socket shares its UMEM and so its mode, \
-                                     but {at} has no zero-copy AF_XDP ({why}): the start \
-                                     would fail there; set `bind: copy`",
-                                    first.iface, first.queue
-                                ),
-                            ));
-                        }
                         if !copy_only.iter().any(|(i, _)| *i == p.iface) {
                             copy_only.push((&p.iface, why));
                         }
@@ -329,9 +315,17 @@ pub fn judge(file: &str, config: &Config, probes: &[Probed]) -> Result<Vec<Strin
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        notes.push(format!(
-            "bind: auto: no zero-copy AF_XDP on {what}: the relay will run in copy mode"
-        ));
+        if zero_copy == Some(true) {
+            notes.push(format!(
+                "bind: auto: no zero-copy AF_XDP on {what}: those sockets share a copy-mode \
+                 UMEM beside the zero-copy one, and frames crossing between the two are copied \
+                 (counted as cross_umem)"
+            ));
+        } else {
+            notes.push(format!(
+                "bind: auto: no zero-copy AF_XDP on {what}: the relay will run in copy mode"
+            ));
+        }
     }
     Ok(notes)
 }
@@ -456,34 +450,25 @@ rules:
         }
     }
 
-    /// The first socket binds in zero-copy mode; the kernel then binds the rest in zero-copy
-    /// mode too, which a copy-only egress refuses.
+    /// A zero-copy NIC beside a copy-only device: each gets a UMEM of its mode, and the note
+    /// says frames between them are copied, whichever binds first.
     #[test]
-    fn auto_with_a_zero_copy_first_socket_needs_zero_copy_everywhere() {
+    fn auto_mixes_a_zero_copy_umem_and_a_copy_one() {
+        let want = vec![
+            "bind: auto: no zero-copy AF_XDP on out0 (the driver has copy mode only): those \
+             sockets share a copy-mode UMEM beside the zero-copy one, and frames crossing \
+             between the two are copied (counted as cross_umem)",
+        ];
         let probes = vec![
             probed("in0", 0, true, Outcome::ZeroCopy),
             probed("out0", 0, false, Outcome::Copy(Some(unsupported()))),
         ];
-        assert_eq!(
-            judge("r.yaml", &config("auto"), &probes)
-                .unwrap_err()
-                .to_string(),
-            "r.yaml: bind: auto: in0 queue 0 binds first, in zero-copy mode, and every other \
-             socket shares its UMEM and so its mode, but out0 queue 0 has no zero-copy AF_XDP \
-             (the driver has copy mode only): the start would fail there; set `bind: copy`"
-        );
-        // The other way round, everything runs in copy mode.
+        assert_eq!(judge("r.yaml", &config("auto"), &probes).unwrap(), want);
         let probes = vec![
-            probed("in0", 0, true, Outcome::Copy(Some(unsupported()))),
-            probed("out0", 0, false, Outcome::ZeroCopy),
+            probed("out0", 0, false, Outcome::Copy(Some(unsupported()))),
+            probed("in0", 0, true, Outcome::ZeroCopy),
         ];
-        assert_eq!(
-            judge("r.yaml", &config("auto"), &probes).unwrap(),
-            vec![
-                "bind: auto: no zero-copy AF_XDP on in0 (the driver has copy mode only): the \
-                 relay will run in copy mode"
-            ]
-        );
+        assert_eq!(judge("r.yaml", &config("auto"), &probes).unwrap(), want);
     }
 
     #[test]

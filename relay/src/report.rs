@@ -55,8 +55,8 @@ pub fn shutdown(
     }
     let _ = writeln!(
         s,
-        "datapath unmatched={} malformed={} copies={}",
-        stats.unmatched, stats.malformed, stats.copies
+        "datapath unmatched={} malformed={} copies={} cross_umem={}",
+        stats.unmatched, stats.malformed, stats.copies, stats.cross_umem
     );
     for (name, queue, st) in sockets {
         let _ = writeln!(

@@ -25,6 +25,9 @@ pub struct StatsView {
     /// Fan-out copies made (outputs - 1 per frame at most).
     #[serde(default)]
     pub copies: u64,
+    /// Of those, copies from one UMEM into another.
+    #[serde(default)]
+    pub cross_umem: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +144,7 @@ impl StatsView {
             unmatched: stats.unmatched,
             malformed: stats.malformed,
             copies: stats.copies,
+            cross_umem: stats.cross_umem,
         }
     }
 

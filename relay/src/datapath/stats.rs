@@ -65,6 +65,9 @@ pub struct DatapathStats {
     /// Fan-out copies made: a frame with N outputs is copied N - 1 times (the last output
     /// gets the received frame itself), so a frame that goes to one output never is.
     pub copies: u64,
+    /// Of those, copies into another UMEM: the output's socket is on a UMEM of its own
+    /// (`umem.separate`) or of another mode (zero-copy beside copy).
+    pub cross_umem: u64,
 }
 
 impl DatapathStats {
@@ -94,6 +97,7 @@ impl DatapathStats {
         self.unmatched += other.unmatched;
         self.malformed += other.malformed;
         self.copies += other.copies;
+        self.cross_umem += other.cross_umem;
     }
 }
 
