@@ -113,12 +113,14 @@ Running:
 
 Signals: SIGTERM/SIGINT stop (detach XDP, drain, print counters, exit 0); SIGHUP reloads the file.
 
-Config file (YAML): allocator (lockfree|mutex), umem {frames, frame_size}, xdp_mode
+Config file (YAML): allocator (lockfree|mutex), umem {frames, frame_size, separate
+[interfaces with a UMEM of their own]}, xdp_mode
 (auto|native|skb), bind (auto|zerocopy|copy), workers (default: one per ingress rx queue,
 up to the CPUs), cpus (CPUs to pin the workers to), control (socket path), metrics (address
 for Prometheus), rules: [{name, input {interface, group, port?, source?}, outputs
 [{interface, group?, port?, ttl? (alias hop_limit)}]}]. Groups and sources are IPv4 or IPv6,
-one family per rule. Unknown keys are errors.
+one family per rule. Unknown keys are errors. An interface that does not exist yet is a
+warning: its rules start idle and come alive when it appears.
 
 Files: /etc/relay/rules.yaml (the packaged config), /run/relay/relay.sock (control socket).
 More: /usr/share/doc/relay/OPERATIONS.md, or docs/OPERATIONS.md in the source.";
