@@ -15,7 +15,8 @@ use aya_ebpf::{
 };
 use relay_common::{
     MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS, RuleKey, RuleValue, SHAPE_GROUP,
-    SHAPE_PORT, SHAPE_SOURCE, SHAPE_SOURCE_PORT, XSK_MAP_SIZE, XdpCounter, v4_mapped,
+    SHAPE_PORT, SHAPE_SOURCE, SHAPE_SOURCE_PORT, SHAPE_VLAN_SHIFT, SHAPES_VLAN, VLAN_ANY,
+    XSK_MAP_SIZE, XdpCounter, frame_vlan, v4_mapped,
 };
 
 #[map(name = "XSKS")]
@@ -139,12 +140,17 @@ fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> 
 
 /// Parses Ethernet (one optional VLAN tag), IPv4 or IPv6 and UDP, and looks the frame up in
 /// the rule map. `None` for anything that is not an unfragmented UDP multicast frame of a rule.
+/// Two tags (QinQ) end the parse: the inner ethertype is a tag, not IP, so such frames are
+/// passed, never relayed with a VLAN the rules did not name.
 #[inline(always)]
 fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     let mut l3 = ETH_HLEN;
     let mut ethertype = u16::from_be_bytes(bytes_at::<2>(ctx, 12)?);
+    let mut tci = None;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        ethertype = u16::from_be_bytes(bytes_at::<2>(ctx, ETH_HLEN + 2)?);
+        let tag = bytes_at::<4>(ctx, ETH_HLEN)?;
+        tci = Some(u16::from_be_bytes([tag[0], tag[1]]));
+        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
         l3 += VLAN_HLEN;
     }
     let (source, group, l4) = match ethertype {
@@ -157,41 +163,60 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     // SAFETY: the ifindex field of a valid xdp_md.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
 
-    // Only the shapes some rule has are looked up: most rule sets name no source, and then
-    // one lookup of four is made instead of three.
+    // Only the shapes some rule has are looked up: most rule sets name no source and no VLAN,
+    // and then one lookup of eight is made instead of seven more.
     let shapes = SHAPES.get(0).copied().unwrap_or(0);
     let mut key = RuleKey {
         ifindex,
         group,
         source,
         port,
-        pad: [0; 2],
+        vlan: frame_vlan(tci),
     };
-    if shapes & SHAPE_SOURCE_PORT != 0
-        && let Some(v) = lookup(&key)
+    // The same order as the daemon's matcher (relay::rules::RuleTable::lookup): the frame's
+    // own VLAN (or "untagged") before any VLAN, as a VLAN is an interface of its own.
+    if shapes & SHAPES_VLAN != 0
+        && let Some(v) = lookup_shapes(&mut key, shapes >> SHAPE_VLAN_SHIFT)
     {
         return Some(v);
     }
-    // The same order as the daemon's matcher (relay::rules::RuleTable::lookup): the source is
-    // more specific than the port.
+    key.vlan = VLAN_ANY;
+    lookup_shapes(&mut key, shapes)
+}
+
+/// Looks `key` up in the four shapes whose `SHAPE_*` bits are set in `shapes`, most specific
+/// first. A miss leaves `key` as it came (the frame's source and port), for the next call.
+#[inline(always)]
+fn lookup_shapes(key: &mut RuleKey, shapes: u32) -> Option<RuleValue> {
+    let (source, port) = (key.source, key.port);
+    if shapes & SHAPE_SOURCE_PORT != 0
+        && let Some(v) = lookup(key)
+    {
+        return Some(v);
+    }
+    // The source is more specific than the port.
     key.port = [0; 2];
     if shapes & SHAPE_SOURCE != 0
-        && let Some(v) = lookup(&key)
+        && let Some(v) = lookup(key)
     {
         return Some(v);
     }
     key.source = [0; 16];
     key.port = port;
     if shapes & SHAPE_PORT != 0
-        && let Some(v) = lookup(&key)
+        && let Some(v) = lookup(key)
     {
         return Some(v);
     }
     key.port = [0; 2];
-    if shapes & SHAPE_GROUP != 0 {
-        return lookup(&key);
-    }
-    None
+    let found = if shapes & SHAPE_GROUP != 0 {
+        lookup(key)
+    } else {
+        None
+    };
+    key.source = source;
+    key.port = port;
+    found
 }
 
 /// An unfragmented IPv4 UDP packet to a group: its (source, group) as key bytes and where the

@@ -17,4 +17,5 @@ pub mod rewrite;
 pub mod rules;
 pub mod stats;
 pub mod sys;
+pub mod vlan;
 pub mod wire;

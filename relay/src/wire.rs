@@ -80,6 +80,11 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
         be16(self.buffer.as_ref(), self.header_len - 2)
     }
 
+    /// The tag control word (PCP, DEI, VID) of the frame's 802.1Q/802.1ad tag, if it has one.
+    pub fn tci(&self) -> Option<u16> {
+        (self.header_len > ETH_HLEN).then(|| be16(self.buffer.as_ref(), ETH_HLEN))
+    }
+
     /// Length of the Ethernet header including the VLAN tag: where the payload starts.
     pub fn header_len(&self) -> usize {
         self.header_len
@@ -328,6 +333,9 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
 /// Where the headers of a multicast UDP frame sit, and the fields the relay matches on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flow {
+    /// The tag control word of the VLAN tag the frame has (the XDP program's too), `None`
+    /// when it is untagged; the rule lookup uses its VID.
+    pub tci: Option<u16>,
     /// Offset of the IP header.
     pub l3: usize,
     /// Offset of the UDP header (after any IPv6 extension headers).
@@ -376,6 +384,7 @@ pub fn classify(frame: &[u8]) -> Option<Flow> {
     };
     let udp = UdpPacket::new_checked(frame.get(l4..)?).ok()?;
     Some(Flow {
+        tci: eth.tci(),
         l3,
         l4,
         source,

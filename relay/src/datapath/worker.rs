@@ -19,7 +19,7 @@ use std::{
 
 use crossbeam_queue::ArrayQueue;
 use log::debug;
-use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem, umem::frame::DataMut};
 
 use super::{
     BATCH, DRAIN_TIMEOUT, IDLE_POLL_MS, RING_SIZE,
@@ -30,6 +30,7 @@ use crate::{
     pool::{FrameCache, FramePool},
     rewrite::{RewriteError, rewrite},
     rules::RuleTable,
+    vlan::retag,
     wire::{check_lengths, classify},
 };
 
@@ -664,20 +665,15 @@ impl Worker {
                 cursor
                     .write_all(src)
                     .expect("a frame's data fits in any frame");
-                rewrite(dst.contents_mut(), &flow, &out.action)
+                rewrite_frame(&mut dst, &flow, &out.action)
             };
             self.settle(out.egress, copy, tag(oi), result);
         }
 
         let out = &rule.outputs[last];
         // SAFETY: the copies are done, so this is the frame's only user.
-        let result = unsafe {
-            rewrite(
-                shared.umem.data_mut(&mut desc).contents_mut(),
-                &flow,
-                &out.action,
-            )
-        };
+        let result =
+            unsafe { rewrite_frame(&mut shared.umem.data_mut(&mut desc), &flow, &out.action) };
         self.settle(out.egress, desc, tag(last), result);
     }
 
@@ -750,6 +746,7 @@ impl Worker {
         match e {
             RewriteError::TtlExpired => c.ttl_expired += 1,
             RewriteError::Malformed => c.malformed += 1,
+            RewriteError::TooLarge => c.too_large += 1,
         }
     }
 
@@ -914,6 +911,33 @@ impl Worker {
     }
 }
 
+/// Rewrites a frame in its UMEM frame for one output: its VLAN tag first, which may move
+/// everything after the MAC addresses by the 4 bytes of a tag and so change the frame's length
+/// and header offsets, then MACs, group, port, TTL and checksums at the new offsets.
+fn rewrite_frame(
+    data: &mut DataMut<'_>,
+    flow: &crate::wire::Flow,
+    action: &crate::rewrite::OutputAction,
+) -> Result<(), RewriteError> {
+    if flow.tci.is_none() && action.vlan.is_none() {
+        return rewrite(data.contents_mut(), flow, action);
+    }
+    let len = data.contents().len();
+    let grows = flow.tci.is_none();
+    if grows {
+        // The data segment runs to the end of the UMEM frame; the cursor's position is the
+        // frame's length, so moving it past the data lends the tag's 4 bytes.
+        let mut cursor = data.cursor();
+        if cursor.buf_len() < len + crate::wire::VLAN_HLEN {
+            return Err(RewriteError::TooLarge);
+        }
+        cursor.set_pos(len + crate::wire::VLAN_HLEN);
+    }
+    let (new_len, flow) = retag(data.contents_mut(), len, flow, action.vlan)?;
+    data.cursor().set_pos(new_len);
+    rewrite(data.contents_mut(), &flow, action)
+}
+
 /// The TTL (IPv4) or hop limit (IPv6) a frame arrived with; 0 if the frame is too short to
 /// hold one, which `classify` has already ruled out.
 fn arrived_ttl(frame: &[u8], flow: &crate::wire::Flow) -> u8 {
@@ -921,8 +945,8 @@ fn arrived_ttl(frame: &[u8], flow: &crate::wire::Flow) -> u8 {
     frame.get(at).copied().unwrap_or(0)
 }
 
-/// The length of the IP packet in a frame: what must fit the egress MTU. The frame keeps an
-/// 802.1Q tag it arrived with, which does not count.
+/// The length of the IP packet in a frame: what must fit the egress MTU. A VLAN tag the output
+/// sends with does not count.
 fn ip_len(shared: &Shared, desc: &FrameDesc) -> u32 {
     // SAFETY: the frame is staged, so it is ours and only read here.
     let data = unsafe { shared.umem.data(desc) }.contents();
