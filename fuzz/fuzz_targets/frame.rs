@@ -1,6 +1,7 @@
 //! Any bytes as a received frame: classification, the length check and every kind of
-//! rewrite must not panic, and a rewrite of a frame the data path accepts must leave a frame
-//! that classifies again with the output's group and port and valid IPv4 header checksum.
+//! rewrite (the VLAN tag kept, replaced, inserted or removed included) must not panic, and a
+//! rewrite of a frame the data path accepts must leave a frame that classifies again with the
+//! output's group, port and tag and a valid IPv4 header checksum.
 #![no_main]
 
 use std::net::IpAddr;
@@ -9,6 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use relay::{
     checksum::checksum,
     rewrite::{OutputAction, rewrite},
+    vlan::retag,
     wire::{Ipv4Packet, check_lengths, classify},
 };
 
@@ -27,21 +29,36 @@ fuzz_target!(|data: &[u8]| {
     });
     let port = (ctl[0] & 2 == 2).then(|| u16::from_be_bytes([ctl[1], ctl[3]]).max(1));
     let ttl = (ctl[0] & 4 == 4).then_some(ctl[2].max(1));
+    let vlan = (ctl[0] & 8 == 8).then(|| (u16::from_be_bytes([ctl[3], ctl[1]]) & 0x0fff).max(1));
     let action = OutputAction {
         src_mac: [0x02, 0, 0, 0, 0, 0x42],
         group,
         port,
         ttl,
+        vlan,
     };
     let ipv4_sum_ok = match flow.group {
         IpAddr::V4(_) => Ipv4Packet::new_checked(&frame[flow.l3..])
             .is_ok_and(|ip| checksum(ip.header()) == 0),
         IpAddr::V6(_) => false,
     };
+    // As in a UMEM frame: room after the data for a tag.
     let mut out = frame.to_vec();
-    if rewrite(&mut out, &flow, &action).is_ok() && accepted {
-        assert_eq!(out.len(), frame.len());
+    out.extend([0u8; 4]);
+    let Ok((len, out_flow)) = retag(&mut out, frame.len(), &flow, vlan) else {
+        return;
+    };
+    out.truncate(len);
+    let tag_len = |tci: Option<u16>| if tci.is_some() { 4 } else { 0 };
+    assert_eq!(out.len() + tag_len(flow.tci), frame.len() + tag_len(vlan));
+    if rewrite(&mut out, &out_flow, &action).is_ok() && accepted {
         let again = classify(&out).expect("a rewritten frame is still relayable");
+        assert_eq!(
+            (again.l3, again.l4, again.tci),
+            (out_flow.l3, out_flow.l4, out_flow.tci),
+            "headers where retag said"
+        );
+        assert_eq!(again.tci.map(|t| t & 0x0fff), vlan);
         assert_eq!(again.group, group.unwrap_or(flow.group));
         assert_eq!(again.port, port.unwrap_or(flow.port));
         assert_eq!(again.source, flow.source);
