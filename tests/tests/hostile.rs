@@ -16,7 +16,7 @@ use relay_tests::{
     topo::{
         RELAY_IN, RELAY_IN_ADDR, RELAY_IN_ADDR6, SENDER_ADDR, SENDER_ADDR6, SENDER_IF, Topology,
     },
-    traffic::{Limits, capture, check_payload, inject, join, payload},
+    traffic::{Limits, capture, capture_tagged, check_payload, inject, join, payload},
 };
 
 mod common;
@@ -143,11 +143,31 @@ fn cases(rin_mac: [u8; 6]) -> Vec<Case> {
             Relayed,
         ),
         case(
-            "802.1Q tag",
+            "802.1Q tag, output without vlan: sent untagged",
             build_udp_frame(&UdpFrame {
                 vlan: Some(100),
                 ..v4(next())
             }),
+            Relayed,
+        ),
+        case(
+            "802.1Q priority tag (VID 0), output without vlan: sent untagged",
+            build_udp_frame(&UdpFrame {
+                vlan: Some(0xa000),
+                ..v4(next())
+            }),
+            Relayed,
+        ),
+        case(
+            "one 802.1ad tag, output without vlan: sent untagged",
+            {
+                let mut f = build_udp_frame(&UdpFrame {
+                    vlan: Some(100),
+                    ..v4(next())
+                });
+                f[12..14].copy_from_slice(&[0x88, 0xa8]);
+                f
+            },
             Relayed,
         ),
         case(
@@ -426,6 +446,7 @@ fn as_received(frame: &[u8]) -> Vec<u8> {
 /// Checks a relayed frame's checksums and hop count; returns the payload's sequence number.
 fn verify_relayed(frame: &[u8]) -> u64 {
     let flow = classify(frame).unwrap();
+    assert_eq!(flow.tci, None, "sent untagged: {frame:02x?}");
     let (udp_bytes, hops, expected) = match (flow.source, flow.group) {
         (IpAddr::V4(s), IpAddr::V4(g)) => {
             let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
@@ -486,7 +507,8 @@ fn hostile_frames_get_the_documented_outcome() {
     let rx = &topo.receivers[0];
     let mut limits = Limits::new(count(Outcome::Relayed));
     limits.idle = Duration::from_secs(2);
-    let relayed = capture(&rx.ns, &rx.iface, limits, is_relayed).unwrap();
+    // With the tags as sent: the relay's output has no `vlan:`, so every frame leaves untagged.
+    let relayed = capture_tagged(&rx.ns, &rx.iface, limits, is_relayed).unwrap();
     let mut limits = Limits::new(count(Outcome::Passed) + count(Outcome::Oversize));
     limits.idle = Duration::from_secs(2);
     let passed = capture(&topo.relay, RELAY_IN, limits, is_injected).unwrap();
