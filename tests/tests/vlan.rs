@@ -329,3 +329,106 @@ rules:
     assert_eq!(r.passed, [2, 3]);
     assert_eq!((r.matched, r.copies), (2, 2));
 }
+
+/// A reload that changes an input's VLAN and one output's VLAN: frames follow the new rules
+/// at once, and counters carry over only for the output whose identity (interface, group,
+/// port, TTL, VLAN) stayed the same.
+#[test]
+fn a_reload_moves_vlans_and_keeps_counters_by_output_identity() {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let mac = |iface: &str| {
+        let s = topo
+            .relay
+            .exec(&["cat", &format!("/sys/class/net/{iface}/address")])
+            .unwrap();
+        relay::sys::parse_mac(s.trim()).unwrap()
+    };
+    let macs: Vec<[u8; 6]> = topo.receivers.iter().map(|r| mac(&r.relay_iface)).collect();
+    let rules = |input_vlan: u16, out_vlan: u16| {
+        format!(
+            "rules:
+  - name: trunk
+    input: {{ interface: rin, group: 239.1.1.1, port: 5000, vlan: {input_vlan} }}
+    outputs: [{{ interface: rout0, vlan: {out_vlan} }}, {{ interface: rout1 }}]
+"
+        )
+    };
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, &rules(10, 30), &[]).unwrap();
+    let mut limits = Limits::new(3);
+    limits.idle = Duration::from_secs(6);
+    let captures: Vec<_> = topo
+        .receivers
+        .iter()
+        .map(|r| capture_tagged(&r.ns, &r.iface, limits, is_relayed).unwrap())
+        .collect();
+    let send = |frames: Vec<Vec<u8>>| {
+        join(inject(&topo.sender, SENDER_IF, frames, Duration::from_millis(5)).unwrap()).unwrap()
+    };
+    let sent = |v: &relay::stats::StatsView| -> Vec<u64> {
+        v.rules[0].outputs.iter().map(|o| o.sent).collect()
+    };
+    send(vec![
+        frame("239.1.1.1", 5000, Some(10), 1, 64),
+        frame("239.1.1.1", 5000, Some(10), 2, 64),
+    ]);
+    let v = stats_until(&relay.control, |v| sent(v) == [2, 2]);
+    assert_eq!(sent(&v), [2, 2], "{v:?}");
+
+    // The control socket's path stays: it is the first line of the file the relay wrote.
+    let config = std::fs::read_to_string(&relay.config).unwrap();
+    let control = config.lines().next().unwrap();
+    std::fs::write(&relay.config, format!("{control}\n{}", rules(11, 31))).unwrap();
+    let out = std::process::Command::new(relay_bin())
+        .args(["reload", "--control"])
+        .arg(&relay.control)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = stats_until(&relay.control, |v| v.rules[0].input.ends_with("vlan 11"));
+    assert_eq!(v.rules[0].input, "rin 239.1.1.1:5000 from any vlan 11");
+    assert_eq!(
+        sent(&v),
+        [0, 2],
+        "rout0's VLAN changed, so it is a new output; rout1's counters carry over"
+    );
+    assert_eq!(
+        (v.rules[0].outputs[0].vlan, v.rules[0].outputs[1].vlan),
+        (Some(31), None)
+    );
+
+    send(vec![
+        frame("239.1.1.1", 5000, Some(10), 3, 64),
+        frame("239.1.1.1", 5000, Some(11), 4, 64),
+    ]);
+    let v = stats_until(&relay.control, |v| sent(v) == [1, 3]);
+    assert_eq!(sent(&v), [1, 3], "{v:?}");
+    let got: Vec<BTreeMap<u64, Option<u16>>> = captures
+        .into_iter()
+        .zip(&macs)
+        .map(|(c, mac)| {
+            join(c)
+                .unwrap()
+                .iter()
+                .map(|f| {
+                    let (seq, got) = verify(f, *mac);
+                    (seq, got.tci)
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        got[0],
+        [(1, Some(30)), (2, Some(30)), (4, Some(31))].into(),
+        "VID 10 before the reload, VID 11 after; tagged 30, then 31"
+    );
+    assert_eq!(got[1], [(1, None), (2, None), (4, None)].into());
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    assert!(
+        exit.stdout
+            .contains("output=rout0 group=239.1.1.1 port=5000 vlan=31 sent=1 "),
+        "{}",
+        exit.stdout
+    );
+}
