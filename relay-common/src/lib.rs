@@ -65,6 +65,31 @@ impl RuleKey {
     }
 }
 
+/// Name of the LRU hash map from a fragmented datagram (see [`FragKey`]) to the rule its
+/// first fragment matched, which the later fragments follow.
+pub const FRAG_MAP: &str = "FRAGS";
+/// Datagrams in flight whose fragments the XDP program remembers; the least recently used
+/// go first. A datagram's fragments arrive within microseconds of each other, so this
+/// holds far more than the datagrams any link carries in flight at once.
+pub const MAX_FRAG_FLOWS: u32 = 16384;
+
+/// Key of the fragment map: what identifies one fragmented datagram (RFC 791 and 8200: the
+/// source, the destination and the identification) on one ingress interface. The protocol,
+/// which IPv4 also names, is UDP for every entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    /// Ingress interface index.
+    pub ifindex: u32,
+    /// The IPv4 header's 16-bit identification, or the IPv6 fragment header's 32-bit one, as
+    /// the bytes are on the wire (big-endian, an IPv4 one in the low two bytes).
+    pub id: [u8; 4],
+    /// Source address, as in [`RuleKey`] (IPv4 mapped).
+    pub source: [u8; 16],
+    /// Destination group, as in [`RuleKey`].
+    pub group: [u8; 16],
+}
+
 /// Name of the per-CPU counter array.
 pub const COUNTER_MAP: &str = "COUNTERS";
 /// Name of the XDP program's global holding the longest frame a UMEM frame takes, which the
@@ -163,17 +188,25 @@ pub enum XdpCounter {
     /// Matched frames longer than a UMEM frame holds: an AF_XDP socket would drop them, so
     /// they are passed to the kernel instead.
     Oversize = 5,
+    /// Later fragments (offset above zero) that followed the rule their first fragment
+    /// matched (counted in `matched` too).
+    Fragments = 6,
+    /// Later fragments with no first fragment seen: it has not arrived yet, or it matched no
+    /// rule. They are passed to the kernel.
+    FragmentsUnknown = 7,
 }
 
 impl XdpCounter {
     /// Every counter, in index order.
-    pub const ALL: [XdpCounter; 6] = [
+    pub const ALL: [XdpCounter; 8] = [
         XdpCounter::Seen,
         XdpCounter::Matched,
         XdpCounter::Redirected,
         XdpCounter::Passed,
         XdpCounter::RedirectFailed,
         XdpCounter::Oversize,
+        XdpCounter::Fragments,
+        XdpCounter::FragmentsUnknown,
     ];
     /// Number of counters, the size of the counter array.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -187,6 +220,8 @@ impl XdpCounter {
             XdpCounter::Passed => "passed",
             XdpCounter::RedirectFailed => "redirect_failed",
             XdpCounter::Oversize => "oversize",
+            XdpCounter::Fragments => "fragments",
+            XdpCounter::FragmentsUnknown => "fragments_unknown",
         }
     }
 }
@@ -197,6 +232,9 @@ mod user {
     // (RuleKey's `vlan` sits where padding would be: 4 + 16 + 16 + 2 + 2 = 40, a multiple of
     // its alignment), so every bit pattern is valid and none is uninitialised.
     unsafe impl aya::Pod for super::RuleKey {}
+    // SAFETY: a #[repr(C)] struct of a u32 and byte arrays, 4 + 4 + 16 + 16 = 40 bytes with
+    // no padding: every bit pattern is valid and none is uninitialised.
+    unsafe impl aya::Pod for super::FragKey {}
     // SAFETY: as above, a single u32.
     unsafe impl aya::Pod for super::RuleValue {}
 }

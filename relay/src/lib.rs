@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod craft;
 pub mod datapath;
+pub mod frag;
 pub mod loader;
 pub mod membership;
 pub mod pool;

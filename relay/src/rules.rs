@@ -185,6 +185,7 @@ mod tests {
             source: source.into(),
             group: group.into(),
             port,
+            frag: None,
         }
     }
 

@@ -366,6 +366,7 @@ mod tests {
                 source: IpAddr::from([1, 2, 3, 4]),
                 group: IpAddr::from([239, 1, 2, 3]),
                 port: 1,
+                frag: None,
             };
             let mut buf = bytes;
             if let Ok((n, f)) = retag(&mut buf, len, &flow, vid) {

@@ -289,3 +289,92 @@ fn ten_thousand_rules_load_and_all_match() {
         assert!(!bpf_matches(&steering, &frame), "port 5100 has no rule");
     }
 }
+
+/// A fragment of a datagram to `g`:`port` from `s`, made from a whole frame: `id` its
+/// identification, `offset` in 8-byte units (0: the first, with more to come).
+fn fragment(v6: bool, g: IpAddr, s: IpAddr, port: u16, id: u16, offset: u16) -> Vec<u8> {
+    let mut f = build_udp_frame(&UdpFrame {
+        ipv6_ext: if v6 { vec![44] } else { vec![] },
+        ..UdpFrame::simple(s, g, port, 8, b"fragment")
+    });
+    let l3 = 14;
+    if v6 {
+        let fh = l3 + 40;
+        f[fh + 2..fh + 4].copy_from_slice(&(offset << 3 | 1).to_be_bytes());
+        f[fh + 4..fh + 8].copy_from_slice(&u32::from(id).to_be_bytes());
+    } else {
+        f[l3 + 4..l3 + 6].copy_from_slice(&id.to_be_bytes());
+        f[l3 + 6..l3 + 8].copy_from_slice(&(0x2000 | offset).to_be_bytes());
+    }
+    f
+}
+
+/// Later fragments follow what their datagram's first fragment matched, in the XDP program
+/// and in the daemon's model of it (`FragTable` beside `RuleTable::lookup`, as a worker
+/// keeps them); a later fragment before its first, or of a datagram whose first matched
+/// nothing, is passed and counted.
+#[test]
+fn fragments_follow_their_first() {
+    require_root();
+    for v6 in [false, true] {
+        let (g, s) = (group(v6, 1), source(v6, 1));
+        let rules = vec![rule(0, g, Some(5000), None)];
+        let t = table(rules);
+        let steering = Steering::load(&t, 2048).unwrap();
+        let mut frags = relay::frag::FragTable::new(64);
+        let mut model = |frame: &[u8]| {
+            let flow = classify(frame).unwrap();
+            let frag = flow.frag.unwrap();
+            let key = relay::frag::key(LO, &flow, frag);
+            if flow.is_later_fragment() {
+                return frags.get(&key, 0).is_some();
+            }
+            let rule = t.lookup(LO, &flow);
+            if let Some(r) = rule {
+                frags.insert(key, r, 0);
+            }
+            rule.is_some()
+        };
+        let count = |c: XdpCounter| steering.counters().read().unwrap()[c as usize];
+        let (known, unknown) = (
+            count(XdpCounter::Fragments),
+            count(XdpCounter::FragmentsUnknown),
+        );
+        let probes = [
+            (
+                fragment(v6, g, s, 5000, 5, 185),
+                false,
+                "later before its first",
+            ),
+            (fragment(v6, g, s, 5000, 5, 0), true, "first"),
+            (
+                fragment(v6, g, s, 5000, 5, 185),
+                true,
+                "later after its first",
+            ),
+            (fragment(v6, g, s, 5000, 5, 370), true, "another later"),
+            (
+                fragment(v6, g, s, 5000, 6, 185),
+                false,
+                "another datagram's later",
+            ),
+            (
+                fragment(v6, g, source(v6, 2), 5000, 5, 185),
+                false,
+                "another source's later",
+            ),
+            (
+                fragment(v6, g, s, 5001, 8, 0),
+                false,
+                "a first no rule takes",
+            ),
+            (fragment(v6, g, s, 5001, 8, 185), false, "its later"),
+        ];
+        for (frame, want, what) in &probes {
+            assert_eq!(bpf_matches(&steering, frame), *want, "v6 {v6}: {what}");
+            assert_eq!(model(frame), *want, "model, v6 {v6}: {what}");
+        }
+        assert_eq!(count(XdpCounter::Fragments) - known, 2);
+        assert_eq!(count(XdpCounter::FragmentsUnknown) - unknown, 4);
+    }
+}

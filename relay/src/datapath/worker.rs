@@ -27,8 +27,9 @@ use super::{
     stats::{DatapathStats, OutputCounters},
 };
 use crate::{
+    frag::{FragTable, rewrite_packet},
     pool::{FrameCache, FramePool},
-    rewrite::{RewriteError, rewrite},
+    rewrite::RewriteError,
     rules::RuleTable,
     vlan::retag,
     wire::{check_lengths, classify},
@@ -218,7 +219,12 @@ pub(super) struct Worker {
     poll_fds: Vec<libc::pollfd>,
     take_buf: Vec<u32>,
     desc_buf: Vec<FrameDesc>,
+    /// The rules the first fragments of recent datagrams matched, for their later fragments.
+    frags: FragTable,
 }
+
+/// Datagrams whose fragments a worker follows at once (see `FragTable`).
+const FRAG_SLOTS: usize = 4096;
 
 /// How often a worker publishes its counters.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
@@ -251,6 +257,7 @@ impl Worker {
             poll_fds: Vec::new(),
             take_buf: Vec::with_capacity(RING_SIZE as usize),
             desc_buf: Vec::with_capacity(RING_SIZE as usize),
+            frags: FragTable::new(FRAG_SLOTS),
         };
         w.local_egress = w.map_egress();
         w.poll_fds = w.poll_set();
@@ -610,7 +617,7 @@ impl Worker {
             self.cache.give(frame_no);
             return;
         };
-        let Some(rule_id) = plan.table.lookup(ifindex, &flow) else {
+        let Some(rule_id) = self.find_rule(plan, ifindex, &flow) else {
             self.stats.unmatched += 1;
             self.cache.give(frame_no);
             return;
@@ -675,6 +682,21 @@ impl Worker {
         let result =
             unsafe { rewrite_frame(&mut shared.umem.data_mut(&mut desc), &flow, &out.action) };
         self.settle(out.egress, desc, tag(last), result);
+    }
+
+    /// The rule of a frame: by the rule table, as the XDP program found it; for a later
+    /// fragment, the rule its datagram's first fragment matched, which is remembered here.
+    fn find_rule(&mut self, plan: &Plan, ifindex: u32, flow: &crate::wire::Flow) -> Option<u32> {
+        let Some(frag) = flow.frag else {
+            return plan.table.lookup(ifindex, flow);
+        };
+        let key = crate::frag::key(ifindex, flow, frag);
+        if flow.is_later_fragment() {
+            return self.frags.get(&key, plan.generation);
+        }
+        let rule = plan.table.lookup(ifindex, flow)?;
+        self.frags.insert(key, rule, plan.generation);
+        Some(rule)
     }
 
     /// Sends a rewritten frame on its way, or, if the rewrite refused it, counts why and
@@ -913,14 +935,15 @@ impl Worker {
 
 /// Rewrites a frame in its UMEM frame for one output: its VLAN tag first, which may move
 /// everything after the MAC addresses by the 4 bytes of a tag and so change the frame's length
-/// and header offsets, then MACs, group, port, TTL and checksums at the new offsets.
+/// and header offsets, then MACs, group, port, TTL and checksums at the new offsets (only the
+/// IP header's in a later fragment).
 fn rewrite_frame(
     data: &mut DataMut<'_>,
     flow: &crate::wire::Flow,
     action: &crate::rewrite::OutputAction,
 ) -> Result<(), RewriteError> {
     if flow.tci.is_none() && action.vlan.is_none() {
-        return rewrite(data.contents_mut(), flow, action);
+        return rewrite_packet(data.contents_mut(), flow, action);
     }
     let len = data.contents().len();
     let grows = flow.tci.is_none();
@@ -935,7 +958,7 @@ fn rewrite_frame(
     }
     let (new_len, flow) = retag(data.contents_mut(), len, flow, action.vlan)?;
     data.cursor().set_pos(new_len);
-    rewrite(data.contents_mut(), &flow, action)
+    rewrite_packet(data.contents_mut(), &flow, action)
 }
 
 /// The TTL (IPv4) or hop limit (IPv6) a frame arrived with; 0 if the frame is too short to
