@@ -1,7 +1,9 @@
 //! Any bytes as a received frame: classification, the length check and every kind of
-//! rewrite (the VLAN tag kept, replaced, inserted or removed included) must not panic, and a
-//! rewrite of a frame the data path accepts must leave a frame that classifies again with the
-//! output's group, port and tag and a valid IPv4 header checksum.
+//! rewrite (the VLAN tag kept, replaced, inserted or removed, and the IP-header-only rewrite
+//! of a later fragment included) must not panic, and a rewrite of a frame the data path
+//! accepts must leave a frame that classifies again with the output's group, port and tag,
+//! the same fragment fields, a later fragment's data untouched, and a valid IPv4 header
+//! checksum.
 #![no_main]
 
 use std::net::IpAddr;
@@ -9,7 +11,8 @@ use std::net::IpAddr;
 use libfuzzer_sys::fuzz_target;
 use relay::{
     checksum::checksum,
-    rewrite::{OutputAction, rewrite},
+    frag::rewrite_packet,
+    rewrite::OutputAction,
     vlan::retag,
     wire::{Ipv4Packet, check_lengths, classify},
 };
@@ -51,7 +54,9 @@ fuzz_target!(|data: &[u8]| {
     out.truncate(len);
     let tag_len = |tci: Option<u16>| if tci.is_some() { 4 } else { 0 };
     assert_eq!(out.len() + tag_len(flow.tci), frame.len() + tag_len(vlan));
-    if rewrite(&mut out, &out_flow, &action).is_ok() && accepted {
+    let later = flow.is_later_fragment();
+    let data = frame.get(flow.l4..).map(<[u8]>::to_vec);
+    if rewrite_packet(&mut out, &out_flow, &action).is_ok() && accepted {
         let again = classify(&out).expect("a rewritten frame is still relayable");
         assert_eq!(
             (again.l3, again.l4, again.tci),
@@ -60,7 +65,14 @@ fuzz_target!(|data: &[u8]| {
         );
         assert_eq!(again.tci.map(|t| t & 0x0fff), vlan);
         assert_eq!(again.group, group.unwrap_or(flow.group));
-        assert_eq!(again.port, port.unwrap_or(flow.port));
+        if later {
+            // Only the IP header changes: the fragment's data is the datagram's, unread.
+            assert_eq!(again.port, 0);
+            assert_eq!(out.get(again.l4..).map(<[u8]>::to_vec), data);
+        } else {
+            assert_eq!(again.port, port.unwrap_or(flow.port));
+        }
+        assert_eq!(again.frag, flow.frag);
         assert_eq!(again.source, flow.source);
         if ipv4_sum_ok {
             let ip = Ipv4Packet::new_checked(&out[again.l3..]).unwrap();
