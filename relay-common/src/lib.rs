@@ -74,8 +74,8 @@ pub const FRAG_MAP: &str = "FRAGS";
 pub const MAX_FRAG_FLOWS: u32 = 16384;
 
 /// Key of the fragment map: what identifies one fragmented datagram (RFC 791 and 8200: the
-/// source, the destination and the identification) on one ingress interface. The protocol,
-/// which IPv4 also names, is UDP for every entry.
+/// source, the destination and the identification) on one ingress interface and VLAN. The
+/// protocol, which IPv4 also names, is UDP for every entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FragKey {
@@ -88,6 +88,11 @@ pub struct FragKey {
     pub source: [u8; 16],
     /// Destination group, as in [`RuleKey`].
     pub group: [u8; 16],
+    /// The frame's VLAN as [`frame_vlan`] gives it: two VLANs of a trunk are two networks,
+    /// and a datagram on one must not lend its rule to fragments on another.
+    pub vlan: u16,
+    /// Always zero: keeps the struct free of uninitialised padding.
+    pub pad: u16,
 }
 
 /// Name of the per-CPU counter array.
@@ -232,8 +237,8 @@ mod user {
     // (RuleKey's `vlan` sits where padding would be: 4 + 16 + 16 + 2 + 2 = 40, a multiple of
     // its alignment), so every bit pattern is valid and none is uninitialised.
     unsafe impl aya::Pod for super::RuleKey {}
-    // SAFETY: a #[repr(C)] struct of a u32 and byte arrays, 4 + 4 + 16 + 16 = 40 bytes with
-    // no padding: every bit pattern is valid and none is uninitialised.
+    // SAFETY: a #[repr(C)] struct of a u32, byte arrays and two u16s, 4 + 4 + 16 + 16 + 2 + 2
+    // = 44 bytes with no padding: every bit pattern is valid and none is uninitialised.
     unsafe impl aya::Pod for super::FragKey {}
     // SAFETY: as above, a single u32.
     unsafe impl aya::Pod for super::RuleValue {}

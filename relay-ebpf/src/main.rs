@@ -177,16 +177,16 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
         _ => return None,
     };
     if let Frag::Later(id) = frag {
-        return later_fragment(&key, id);
+        return later_fragment(&key, id, key.vlan);
     }
     let udp = bytes_at::<UDP_HLEN>(ctx, l4)?;
     key.port = [udp[2], udp[3]];
 
     // Only the shapes some rule has are looked up: most rule sets name no source and no VLAN,
-    // and then one lookup of eight is made instead of seven more.
+    // and then one lookup is made, not eight.
     let shapes = SHAPES.get(0).copied().unwrap_or(0);
-    // A hit leaves the key's source zeroed if the rule has none.
-    let source = key.source;
+    // A hit leaves the key's source zeroed if the rule has none, and its VLAN "any".
+    let (source, vlan) = (key.source, key.vlan);
     let rule_id = find_rule(&mut key, shapes);
     if rule_id == NO_RULE {
         return None;
@@ -196,29 +196,32 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
         // The later fragments carry no ports, so they follow what the first one matched.
         // A full map drops its least recently used entry: a datagram long since complete.
         key.source = source;
-        let _ = FRAGS.insert(&frag_key(&key, id), &rule, 0);
+        let _ = FRAGS.insert(&frag_key(&key, id, vlan), &rule, 0);
     }
     Some(rule)
 }
 
-/// The fragment map's key for a datagram of `key`'s ingress, source and group.
+/// The fragment map's key for a datagram of `key`'s ingress, VLAN, source and group. `vlan`
+/// is the frame's, as `key.vlan` may have become "any" in the lookups.
 #[inline(always)]
-fn frag_key(key: &RuleKey, id: [u8; 4]) -> FragKey {
+fn frag_key(key: &RuleKey, id: [u8; 4], vlan: u16) -> FragKey {
     FragKey {
         ifindex: key.ifindex,
         id,
         source: key.source,
         group: key.group,
+        vlan,
+        pad: 0,
     }
 }
 
 /// The rule of a later fragment: the one its datagram's first fragment matched, if that has
 /// been seen. Otherwise the fragment goes to the kernel: the relay never reassembles.
 #[inline(always)]
-fn later_fragment(key: &RuleKey, id: [u8; 4]) -> Option<RuleValue> {
+fn later_fragment(key: &RuleKey, id: [u8; 4], vlan: u16) -> Option<RuleValue> {
     // SAFETY: RuleValue is a plain u32; an update or eviction racing this read yields another
     // valid value or none.
-    match unsafe { FRAGS.get(&frag_key(key, id)) } {
+    match unsafe { FRAGS.get(&frag_key(key, id, vlan)) } {
         Some(rule) => {
             count(XdpCounter::Fragments);
             Some(*rule)

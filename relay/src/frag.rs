@@ -2,8 +2,8 @@
 //!
 //! A datagram larger than the path's MTU arrives as fragments, and only the first carries the
 //! UDP header, so only the first can be matched against the rules. The XDP program remembers
-//! what each first fragment matched in an LRU map (`FRAGS`, keyed by ingress, source, group
-//! and identification) and steers the later fragments by it; the data path keeps the same
+//! what each first fragment matched in an LRU map (`FRAGS`, keyed by ingress, VLAN, source,
+//! group and identification) and steers the later fragments by it; the data path keeps the same
 //! memory here, per worker (a datagram's fragments share their addresses, which is all an rx
 //! queue's hash sees of them, so they reach one socket and one worker). A later fragment whose
 //! first has not been seen is passed to the kernel: the relay never reassembles.
@@ -20,7 +20,7 @@
 
 use std::net::IpAddr;
 
-use relay_common::FragKey;
+use relay_common::{FragKey, frame_vlan};
 
 use crate::{
     checksum::{update16, update32},
@@ -36,6 +36,8 @@ pub fn key(ifindex: u32, flow: &Flow, frag: Fragment) -> FragKey {
         id: frag.id,
         source: key_addr(flow.source),
         group: key_addr(flow.group),
+        vlan: frame_vlan(flow.tci),
+        pad: 0,
     }
 }
 

@@ -369,12 +369,21 @@ fn fragments_follow_their_first() {
                 "a first no rule takes",
             ),
             (fragment(v6, g, s, 5001, 8, 185), false, "its later"),
+            (
+                {
+                    let mut f = fragment(v6, g, s, 5000, 5, 185);
+                    f.splice(12..12, [0x81, 0x00, 0x00, 20]);
+                    f
+                },
+                false,
+                "a later with the first's identification, on VLAN 20",
+            ),
         ];
         for (frame, want, what) in &probes {
             assert_eq!(bpf_matches(&steering, frame), *want, "v6 {v6}: {what}");
             assert_eq!(model(frame), *want, "model, v6 {v6}: {what}");
         }
         assert_eq!(count(XdpCounter::Fragments) - known, 2);
-        assert_eq!(count(XdpCounter::FragmentsUnknown) - unknown, 4);
+        assert_eq!(count(XdpCounter::FragmentsUnknown) - unknown, 5);
     }
 }
