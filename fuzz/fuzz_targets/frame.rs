@@ -1,20 +1,20 @@
-//! Any bytes as a received frame: classification, the length check and every kind of
-//! rewrite (the VLAN tag kept, replaced, inserted or removed, and the IP-header-only rewrite
-//! of a later fragment included) must not panic, and a rewrite of a frame the data path
-//! accepts must leave a frame that classifies again with the output's group, port and tag,
-//! the same fragment fields, a later fragment's data untouched, and a valid IPv4 header
-//! checksum.
+//! Any bytes as a received frame: classification, the length check, completing a partial UDP
+//! checksum and every kind of rewrite (the VLAN tag kept, replaced, inserted or removed, and
+//! the IP-header-only rewrite of a later fragment included) must not panic; a completed
+//! checksum must verify from scratch; and a rewrite of a frame the data path accepts must
+//! leave a frame that classifies again with the output's group, port and tag, the same
+//! fragment fields, a later fragment's data untouched, and a valid IPv4 header checksum.
 #![no_main]
 
 use std::net::IpAddr;
 
 use libfuzzer_sys::fuzz_target;
 use relay::{
-    checksum::checksum,
+    checksum::{checksum, udp_ipv4, udp_ipv6},
     frag::rewrite_packet,
-    rewrite::OutputAction,
+    rewrite::{OutputAction, complete_partial_udp_checksum},
     vlan::retag,
-    wire::{Ipv4Packet, check_lengths, classify},
+    wire::{Ipv4Packet, UdpPacket, check_lengths, classify},
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -45,8 +45,23 @@ fuzz_target!(|data: &[u8]| {
             .is_ok_and(|ip| checksum(ip.header()) == 0),
         IpAddr::V6(_) => false,
     };
-    // As in a UMEM frame: room after the data for a tag.
+    // As the data path does: completed once, on the received frame, before the rewrites
+    // (never in a fragment).
     let mut out = frame.to_vec();
+    if flow.frag.is_none() && complete_partial_udp_checksum(&mut out, &flow) {
+        let udp = UdpPacket::new_checked(&out[flow.l4..]).unwrap();
+        let mut datagram = out[flow.l4..flow.l4 + usize::from(udp.len())].to_vec();
+        let completed = udp.checksum();
+        datagram[6..8].fill(0);
+        let expected = match (flow.source, flow.group) {
+            (IpAddr::V4(s), IpAddr::V4(g)) => udp_ipv4(s, g, &datagram),
+            (IpAddr::V6(s), IpAddr::V6(g)) => udp_ipv6(s, g, &datagram),
+            _ => unreachable!("classify keeps one family"),
+        };
+        assert_eq!(completed, expected, "a completed checksum verifies");
+    }
+    // As in a UMEM frame: room after the data for a tag.
+    let received = out.clone();
     out.extend([0u8; 4]);
     let Ok((len, out_flow)) = retag(&mut out, frame.len(), &flow, vlan) else {
         return;
@@ -55,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
     let tag_len = |tci: Option<u16>| if tci.is_some() { 4 } else { 0 };
     assert_eq!(out.len() + tag_len(flow.tci), frame.len() + tag_len(vlan));
     let later = flow.is_later_fragment();
-    let data = frame.get(flow.l4..).map(<[u8]>::to_vec);
+    let data = received.get(flow.l4..).map(<[u8]>::to_vec);
     if rewrite_packet(&mut out, &out_flow, &action).is_ok() && accepted {
         let again = classify(&out).expect("a rewritten frame is still relayable");
         assert_eq!(

@@ -58,16 +58,35 @@ pub fn update_words(check: u16, old: &[u8], new: &[u8]) -> u16 {
     })
 }
 
+/// The IPv6 pseudo-header (RFC 8200 section 8.1) of a UDP datagram of `udp_len` bytes, summed
+/// and folded but not complemented: what a sender that leaves the checksum to its NIC (or to
+/// the peer of a veth) writes into the checksum field.
+pub fn pseudo_ipv6(src: Ipv6Addr, dst: Ipv6Addr, udp_len: u32) -> u16 {
+    // The data path asks this of every IPv6 frame it receives, so the addresses are added in
+    // 32-bit pieces rather than 16-bit words: 2^16 = 1 modulo 0xffff, so a number is
+    // congruent to the sum of its 16-bit words, and folding keeps that.
+    let pieces = |a: Ipv6Addr| -> u64 {
+        let b = a.to_bits();
+        (0..4).map(|i| u64::from((b >> (32 * i)) as u32)).sum()
+    };
+    fold(pieces(src) + pieces(dst) + u64::from(udp_len) + u64::from(crate::wire::IPPROTO_UDP))
+}
+
+/// As [`pseudo_ipv6`] for the IPv4 pseudo-header (RFC 768).
+pub fn pseudo_ipv4(src: Ipv4Addr, dst: Ipv4Addr, udp_len: u16) -> u16 {
+    fold(
+        u64::from(src.to_bits())
+            + u64::from(dst.to_bits())
+            + u64::from(udp_len)
+            + u64::from(crate::wire::IPPROTO_UDP),
+    )
+}
+
 /// The UDP checksum of `udp` (header and payload, checksum field zeroed) over the IPv6
 /// pseudo-header (RFC 8200 section 8.1). Zero is sent as 0xffff: in IPv6 a zero UDP checksum
 /// is not allowed.
 pub fn udp_ipv6(src: Ipv6Addr, dst: Ipv6Addr, udp: &[u8]) -> u16 {
-    let mut pseudo = [0u8; 40];
-    pseudo[0..16].copy_from_slice(&src.octets());
-    pseudo[16..32].copy_from_slice(&dst.octets());
-    pseudo[32..36].copy_from_slice(&(udp.len() as u32).to_be_bytes());
-    pseudo[39] = crate::wire::IPPROTO_UDP;
-    let partial = u32::from(sum(0, &pseudo));
+    let partial = u32::from(pseudo_ipv6(src, dst, udp.len() as u32));
     match !sum(partial, udp) {
         0 => 0xffff,
         c => c,
@@ -77,12 +96,7 @@ pub fn udp_ipv6(src: Ipv6Addr, dst: Ipv6Addr, udp: &[u8]) -> u16 {
 /// The UDP checksum of `udp` (header and payload, checksum field zeroed) over the IPv4
 /// pseudo-header, as a sender computes it from scratch. Zero is sent as 0xffff (RFC 768).
 pub fn udp_ipv4(src: Ipv4Addr, dst: Ipv4Addr, udp: &[u8]) -> u16 {
-    let mut pseudo = [0u8; 12];
-    pseudo[0..4].copy_from_slice(&src.octets());
-    pseudo[4..8].copy_from_slice(&dst.octets());
-    pseudo[9] = crate::wire::IPPROTO_UDP;
-    pseudo[10..12].copy_from_slice(&(udp.len() as u16).to_be_bytes());
-    let partial = u32::from(sum(0, &pseudo));
+    let partial = u32::from(pseudo_ipv4(src, dst, udp.len() as u16));
     match !sum(partial, udp) {
         0 => 0xffff,
         c => c,
@@ -115,6 +129,28 @@ mod tests {
     }
 
     proptest! {
+        /// The pseudo-header sums are those of the headers RFC 768 and RFC 8200 lay out.
+        #[test]
+        fn pseudo_header_sums_match_the_laid_out_headers(
+            src in any::<[u8; 16]>(),
+            dst in any::<[u8; 16]>(),
+            len in any::<u32>(),
+        ) {
+            let mut v6 = [0u8; 40];
+            v6[0..16].copy_from_slice(&src);
+            v6[16..32].copy_from_slice(&dst);
+            v6[32..36].copy_from_slice(&len.to_be_bytes());
+            v6[39] = 17;
+            prop_assert_eq!(pseudo_ipv6(src.into(), dst.into(), len), sum(0, &v6));
+            let (s4, d4) = ([src[0], src[1], src[2], src[3]], [dst[0], dst[1], dst[2], dst[3]]);
+            let mut v4 = [0u8; 12];
+            v4[0..4].copy_from_slice(&s4);
+            v4[4..8].copy_from_slice(&d4);
+            v4[9] = 17;
+            v4[10..12].copy_from_slice(&(len as u16).to_be_bytes());
+            prop_assert_eq!(pseudo_ipv4(s4.into(), d4.into(), len as u16), sum(0, &v4));
+        }
+
         #[test]
         fn incremental_matches_recompute(
             mut data in proptest::collection::vec(any::<u8>(), 2..64),

@@ -1,8 +1,10 @@
-//! The YAML configuration: its shape, its defaults, and the checks that run before anything is
-//! attached (`relay --check` runs exactly these).
+//! The YAML configuration: its shape, its defaults, and the checks of the file against the
+//! machine's interfaces and CPUs that run before anything is attached (`relay --check` runs
+//! these, then [`crate::preflight`]'s; a reload runs these).
 
 use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
 
+use relay_common::{MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE};
 use serde::Deserialize;
 
 use crate::{pool::AllocatorKind, vlan::Vlan};
@@ -35,13 +37,18 @@ pub struct Config {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UmemConfig {
     #[serde(default = "UmemConfig::default_frames")]
     pub frames: u32,
     #[serde(default = "UmemConfig::default_frame_size")]
     pub frame_size: u32,
+    /// Interfaces whose sockets get a UMEM of their own (of `frames` frames): their frames
+    /// cannot starve the others', at the cost of a copy for every frame that crosses to or
+    /// from them. Every other socket shares one UMEM per bind mode.
+    #[serde(default)]
+    pub separate: Vec<String>,
 }
 
 impl UmemConfig {
@@ -58,6 +65,7 @@ impl Default for UmemConfig {
         Self {
             frames: Self::default_frames(),
             frame_size: Self::default_frame_size(),
+            separate: Vec::new(),
         }
     }
 }
@@ -135,9 +143,31 @@ pub struct InterfaceInfo {
     pub mtu: u32,
 }
 
+impl InterfaceInfo {
+    /// What the rule table holds for an interface that does not exist (yet).
+    pub fn absent() -> Self {
+        InterfaceInfo {
+            ifindex: 0,
+            mac: [0; 6],
+            rx_queues: 1,
+            mtu: 1500,
+        }
+    }
+
+    pub fn exists(&self) -> bool {
+        self.ifindex != 0
+    }
+}
+
 /// The running system, as the checks see it; tests substitute a fixed one.
 pub trait System {
     fn interface(&self, name: &str) -> Option<InterfaceInfo>;
+
+    /// The CPUs the relay may run on, which `cpus:` must stay within; `None` when any CPU
+    /// is allowed (a fixed system, for checks that do not concern the machine).
+    fn allowed_cpus(&self) -> Option<Vec<usize>> {
+        None
+    }
 }
 
 /// A fixed set of interfaces, for checking rules without the running system (tests,
@@ -193,6 +223,28 @@ fn multicast_range(addr: IpAddr) -> &'static str {
     }
 }
 
+/// Interfaces `umem.separate` may list (each UMEM is `frames` frames of memory).
+pub const MAX_SEPARATE_UMEMS: usize = 8;
+
+/// A name Linux could give an interface: 1 to 15 bytes, no '/', no white space, not '.' or
+/// '..'. Checked even when the interface does not exist yet, so a typo that can never match
+/// is an error rather than a rule that waits forever.
+fn check_interface_name(name: &str, side: &str) -> Result<(), String> {
+    let ok = (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.chars().any(|c| c.is_whitespace() || c == ':');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{side} interface '{name}' is not a valid interface name (1 to 15 characters, no \
+             '/', ':' or spaces)"
+        ))
+    }
+}
+
 /// The worker count when the config names none: one per ingress rx queue (each queue's
 /// socket then has a thread of its own), but no more than there are CPUs to run them.
 pub fn default_workers(ingress_queues: usize, cpus: usize) -> usize {
@@ -222,13 +274,51 @@ impl Config {
 
     /// Every check that does not need the kernel's cooperation: interfaces exist, addresses and
     /// ports are valid, names and inputs are unique, no output loops back into its input.
+    /// Warnings for the interfaces the rules name that do not exist (yet): their rules start
+    /// idle and come alive when the interface appears.
+    pub fn absent_interfaces(&self, file: &str, sys: &dyn System) -> Vec<String> {
+        let mut out = Vec::new();
+        for rule in &self.rules {
+            let sides = std::iter::once(("input", &rule.input.interface))
+                .chain(rule.outputs.iter().map(|o| ("output", &o.interface)));
+            for (side, name) in sides {
+                if sys.interface(name).is_none() {
+                    out.push(format!(
+                        "{file}: rule '{}': {side} interface '{name}' does not exist yet: {} \
+                         until it appears",
+                        rule.name,
+                        if side == "input" {
+                            "the rule is idle"
+                        } else {
+                            "this output drops its frames (interface_down)"
+                        }
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     pub fn validate(&self, file: &str, sys: &dyn System) -> Result<(), ConfigError> {
         let top = |message: String| ConfigError {
             file: file.to_owned(),
             rule: None,
             message,
         };
-        let UmemConfig { frames, frame_size } = self.umem;
+        let UmemConfig {
+            frames,
+            frame_size,
+            ref separate,
+        } = self.umem;
+        for name in separate {
+            check_interface_name(name, "umem.separate").map_err(top)?;
+        }
+        if separate.len() > MAX_SEPARATE_UMEMS {
+            return Err(top(format!(
+                "umem.separate lists {} interfaces: at most {MAX_SEPARATE_UMEMS} get a UMEM of their own",
+                separate.len()
+            )));
+        }
         if !frames.is_power_of_two() || !(512..=1 << 20).contains(&frames) {
             return Err(top(format!(
                 "umem.frames is {frames}: it must be a power of two from 512 to 1048576"
@@ -262,6 +352,15 @@ impl Config {
                     return Err(top(format!("cpus lists CPU {c} twice")));
                 }
             }
+            if let Some(allowed) = sys.allowed_cpus()
+                && let Some(c) = cpus.iter().find(|c| !allowed.contains(c))
+            {
+                return Err(top(format!(
+                    "cpus: CPU {c} is not available to the relay (it may run on {}): fix \
+                     `cpus:` or leave it out",
+                    crate::sys::cpu_list(&allowed)
+                )));
+            }
         }
         if self.rules.is_empty() {
             return Err(top("no rules: there is nothing to relay".to_owned()));
@@ -269,6 +368,7 @@ impl Config {
 
         let mut names = HashSet::new();
         let mut inputs = HashSet::new();
+        let mut ingress = HashSet::new();
         for rule in &self.rules {
             let err = |message: String| ConfigError {
                 file: file.to_owned(),
@@ -282,9 +382,25 @@ impl Config {
                 return Err(err("duplicate rule name".to_owned()));
             }
             let input = &rule.input;
-            if sys.interface(&input.interface).is_none() {
+            check_interface_name(&input.interface, "input").map_err(err)?;
+            // An interface that does not exist yet leaves the rule idle until it appears
+            // (see `absent_interfaces`).
+            let info = sys
+                .interface(&input.interface)
+                .unwrap_or_else(InterfaceInfo::absent);
+            if info.rx_queues > MAX_QUEUES_PER_IFACE {
                 return Err(err(format!(
-                    "input interface '{}' does not exist",
+                    "input interface '{}' has {} rx queues: the relay steers at most \
+                     {MAX_QUEUES_PER_IFACE} per interface (`ethtool -L {} combined \
+                     {MAX_QUEUES_PER_IFACE}` lowers them)",
+                    input.interface, info.rx_queues, input.interface
+                )));
+            }
+            ingress.insert(input.interface.as_str());
+            if ingress.len() > MAX_INGRESS_IFACES as usize {
+                return Err(err(format!(
+                    "input interface '{}' is one more than the {MAX_INGRESS_IFACES} input \
+                     interfaces the relay steers",
                     input.interface
                 )));
             }
@@ -362,12 +478,7 @@ impl Config {
                         out.interface
                     )));
                 }
-                if sys.interface(&out.interface).is_none() {
-                    return Err(err(format!(
-                        "output interface '{}' does not exist",
-                        out.interface
-                    )));
-                }
+                check_interface_name(&out.interface, "output").map_err(err)?;
                 if let Some(g) = out.group {
                     if g.is_ipv4() != input.group.is_ipv4() {
                         return Err(err(format!(
@@ -487,7 +598,8 @@ rules:
             c.umem,
             UmemConfig {
                 frames: 4096,
-                frame_size: 2048
+                frame_size: 2048,
+                separate: Vec::new(),
             }
         );
         assert_eq!(c.xdp_mode, XdpModeConfig::Auto);
@@ -531,12 +643,14 @@ rules:
         let ok_out = "[{interface: out0}]";
         let cases: Vec<(String, &str)> = vec![
             (
-                rule("{interface: eth9, group: 239.1.1.1}", ok_out),
-                "r.yaml: rule 'r1': input interface 'eth9' does not exist",
+                rule("{interface: eth9/1, group: 239.1.1.1}", ok_out),
+                "r.yaml: rule 'r1': input interface 'eth9/1' is not a valid interface name (1 to \
+                 15 characters, no '/', ':' or spaces)",
             ),
             (
-                rule(ok_in, "[{interface: nope0}]"),
-                "r.yaml: rule 'r1': output interface 'nope0' does not exist",
+                rule(ok_in, "[{interface: a-name-far-too-long0}]"),
+                "r.yaml: rule 'r1': output interface 'a-name-far-too-long0' is not a valid \
+                 interface name (1 to 15 characters, no '/', ':' or spaces)",
             ),
             (
                 rule("{interface: in0, group: 10.1.1.1}", ok_out),
@@ -648,6 +762,80 @@ rules:
             let got = c.validate("r.yaml", &fake()).expect_err(&yaml).to_string();
             assert_eq!(got, want, "for\n{yaml}");
         }
+    }
+
+    /// A system that lets the relay run on some CPUs only.
+    struct OnCpus(FakeSystem, Vec<usize>);
+
+    impl System for OnCpus {
+        fn interface(&self, name: &str) -> Option<InterfaceInfo> {
+            self.0.interface(name)
+        }
+        fn allowed_cpus(&self) -> Option<Vec<usize>> {
+            Some(self.1.clone())
+        }
+    }
+
+    const ONE_RULE: &str = "rules:\n  - name: r1\n    input: {interface: in0, group: 239.1.1.1}\n    outputs: [{interface: out0}]\n";
+
+    /// The README's `cpus: [2, 3]` on a machine (or cgroup) with CPUs 0 and 1: refused by
+    /// the validation that `--check`, the start and a reload all run, naming the CPU.
+    #[test]
+    fn cpus_the_relay_may_not_use_are_refused() {
+        let c = Config::parse("r.yaml", &format!("cpus: [1, 2, 3]\n{ONE_RULE}")).unwrap();
+        assert_eq!(
+            c.validate("r.yaml", &OnCpus(fake(), vec![0, 1]))
+                .unwrap_err()
+                .to_string(),
+            "r.yaml: cpus: CPU 2 is not available to the relay (it may run on 0-1): fix \
+             `cpus:` or leave it out"
+        );
+        c.validate("r.yaml", &OnCpus(fake(), vec![0, 1, 2, 3]))
+            .unwrap();
+        // A system that says nothing about CPUs (tests, fuzzing) takes any below 1024.
+        c.validate("r.yaml", &fake()).unwrap();
+    }
+
+    /// The XDP program steers 64 rx queues per interface and 256 input interfaces.
+    #[test]
+    fn more_queues_or_inputs_than_the_program_steers_are_refused() {
+        let mut sys = fake();
+        sys.0.get_mut("in0").unwrap().rx_queues = 65;
+        let c = Config::parse("r.yaml", ONE_RULE).unwrap();
+        assert_eq!(
+            c.validate("r.yaml", &sys).unwrap_err().to_string(),
+            "r.yaml: rule 'r1': input interface 'in0' has 65 rx queues: the relay steers at \
+             most 64 per interface (`ethtool -L in0 combined 64` lowers them)"
+        );
+        sys.0.get_mut("in0").unwrap().rx_queues = 64;
+        c.validate("r.yaml", &sys).unwrap();
+
+        let names: Vec<String> = (0..257).map(|i| format!("in{i}")).collect();
+        let mut many = HashMap::new();
+        for (i, n) in names.iter().enumerate() {
+            let info = InterfaceInfo {
+                ifindex: 100 + i as u32,
+                mac: [2, 0, 0, 0, 1, 0],
+                rx_queues: 1,
+                mtu: 1500,
+            };
+            many.insert(&*n.clone().leak(), info);
+        }
+        many.insert("out0", fake().0["out0"]);
+        let mut yaml = "rules:\n".to_owned();
+        for (i, n) in names.iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - name: r{i}\n    input: {{interface: {n}, group: 239.1.1.1}}\n    outputs: [{{interface: out0}}]\n"
+            ));
+        }
+        let c = Config::parse("r.yaml", &yaml).unwrap();
+        assert_eq!(
+            c.validate("r.yaml", &FakeSystem(many))
+                .unwrap_err()
+                .to_string(),
+            "r.yaml: rule 'r256': input interface 'in256' is one more than the 256 input \
+             interfaces the relay steers"
+        );
     }
 
     /// Files that do not parse, and the exact message each produces (file, key path, value,

@@ -7,9 +7,9 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener},
+    net::TcpListener,
     os::unix::{
-        fs::PermissionsExt,
+        fs::{FileTypeExt, PermissionsExt},
         net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
@@ -81,10 +81,50 @@ pub fn answer(line: &str, snapshot: &Snapshot, reloader: &Reloader) -> Reply {
     }
 }
 
-/// The bound control socket, not yet served.
+/// The bound control socket, not yet served. Dropping it removes the socket file.
 pub struct ControlSocket {
     listener: UnixListener,
+    file: SocketFile,
+}
+
+/// The control socket file this relay created: removed when this is dropped, on every path
+/// out of the relay (a start that fails half-way, or a normal stop), so no socket file is
+/// left behind that names a relay that is not running. A file at the path that is not the
+/// one this relay bound (another relay's, after this one's was removed) is left alone.
+#[derive(Debug)]
+pub struct SocketFile {
     path: PathBuf,
+    /// Device and inode of the file as bound.
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Whether `path` is in the relay's own runtime directory (that of [`DEFAULT_SOCKET`]),
+/// which the relay creates, root-only, when it is missing. The directory of any other path
+/// must exist: a `control:` naming a directory that does not is a mistake the relay reports
+/// rather than papers over with a `mkdir -p`.
+pub fn in_own_directory(path: &Path) -> bool {
+    path.parent() == Path::new(DEFAULT_SOCKET).parent()
 }
 
 fn changed(result: Result<String, String>) -> Reply {
@@ -95,7 +135,9 @@ fn changed(result: Result<String, String>) -> Reply {
 }
 
 /// Binds the control socket. Done first thing at start, so that a second relay with the same
-/// socket stops before it touches any interface.
+/// socket stops before it touches any interface. Only the relay's own directory
+/// ([`in_own_directory`]) is created; the file is removed again when the returned socket (or
+/// the [`SocketFile`] that serving it returns) is dropped.
 pub fn bind(path: &Path) -> Result<ControlSocket> {
     if UnixStream::connect(path).is_ok() {
         bail!(
@@ -104,30 +146,40 @@ pub fn bind(path: &Path) -> Result<ControlSocket> {
             path.display()
         );
     }
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent().filter(|_| in_own_directory(path)) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        if Some(dir) == Path::new(DEFAULT_SOCKET).parent() {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("making {} root-only", dir.display()))?;
-        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} root-only", dir.display()))?;
     }
-    // A socket file nobody answers on is left over from a relay that died.
-    let _ = std::fs::remove_file(path);
+    match std::fs::symlink_metadata(path) {
+        // A socket file nobody answers on is left over from a relay that died.
+        Ok(m) if m.file_type().is_socket() => {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket: the relay does not replace it",
+            path.display()
+        ),
+        Err(_) => {}
+    }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let file = SocketFile {
+        path: path.to_path_buf(),
+        id: file_id(path),
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("making {} root-only", path.display()))?;
-    Ok(ControlSocket {
-        listener,
-        path: path.to_path_buf(),
-    })
+    Ok(ControlSocket { listener, file })
 }
 
 impl ControlSocket {
-    /// Answers requests on a thread of its own.
-    pub fn serve(self, snapshot: Snapshot, reloader: Reloader) -> Result<()> {
-        info!("control socket at {}", self.path.display());
-        let ControlSocket { listener, path } = self;
+    /// Answers requests on a thread of its own. The socket file stays until the returned
+    /// guard is dropped.
+    pub fn serve(self, snapshot: Snapshot, reloader: Reloader) -> Result<SocketFile> {
+        info!("control socket at {}", self.file.path.display());
+        let ControlSocket { listener, file } = self;
+        let path = file.path.clone();
         std::thread::Builder::new()
             .name("relay-control".into())
             .spawn(move || {
@@ -142,12 +194,12 @@ impl ControlSocket {
                     }
                 }
             })?;
-        Ok(())
+        Ok(file)
     }
 }
 
-/// Binds and serves in one step.
-pub fn serve(path: &Path, snapshot: Snapshot, reloader: Reloader) -> Result<()> {
+/// Binds and serves in one step; the socket file stays until the returned guard is dropped.
+pub fn serve(path: &Path, snapshot: Snapshot, reloader: Reloader) -> Result<SocketFile> {
     bind(path)?.serve(snapshot, reloader)
 }
 
@@ -185,9 +237,11 @@ pub fn request(path: &Path, req: &Request) -> Result<Reply> {
     serde_json::from_str(&reply).with_context(|| format!("reply: {reply}"))
 }
 
-/// Serves the Prometheus text format on `addr` (any path) on a thread of its own.
-pub fn serve_metrics(addr: SocketAddr, snapshot: Snapshot) -> Result<()> {
-    let listener = TcpListener::bind(addr).with_context(|| format!("binding metrics on {addr}"))?;
+/// Serves the Prometheus text format (any path) on a thread of its own, on a listener bound
+/// early in the start (`preflight::metrics`), so that an address that cannot be bound stops
+/// the relay before it touches an interface.
+pub fn serve_metrics(listener: TcpListener, snapshot: Snapshot) -> Result<()> {
+    let addr = listener.local_addr()?;
     info!("Prometheus metrics at http://{addr}/metrics");
     std::thread::Builder::new()
         .name("relay-metrics".into())
@@ -235,6 +289,7 @@ mod tests {
             unmatched: 0,
             malformed: 0,
             copies: 0,
+            cross_umem: 0,
         })
     }
 
@@ -282,8 +337,9 @@ mod tests {
     #[test]
     fn serves_over_a_unix_socket_and_survives_abuse() {
         let dir = std::env::temp_dir().join(format!("relay-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.sock");
-        serve(&path, snap(), reloader()).unwrap();
+        let _file = serve(&path, snap(), reloader()).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         // An oversized request, then a client that hangs up at once, then a good request.
@@ -303,6 +359,58 @@ mod tests {
         ));
         // A second daemon on the same path is refused.
         assert!(serve(&path, snap(), reloader()).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The socket file goes with the guard, whichever way the relay leaves; only the relay's
+    /// own directory is created; a file that is not a socket is never replaced.
+    #[test]
+    fn the_socket_file_is_removed_and_other_files_are_left_alone() {
+        let dir = std::env::temp_dir().join(format!("relay-ctl-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.sock");
+
+        // Bound, then dropped before serving (a start that fails half-way).
+        let bound = bind(&path).unwrap();
+        assert!(path.exists());
+        drop(bound);
+        assert!(
+            !path.exists(),
+            "dropping the unserved socket removes its file"
+        );
+
+        // Served, then the guard dropped (a normal stop).
+        let file = serve(&path, snap(), reloader()).unwrap();
+        assert_eq!(file.path(), path);
+        assert!(path.exists());
+        drop(file);
+        assert!(!path.exists(), "dropping the guard removes the file");
+
+        // A file that replaced ours under the same name is not ours to remove.
+        let bound = bind(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "someone else's").unwrap();
+        drop(bound);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "someone else's");
+
+        // ... nor to replace.
+        let err = bind(&path).err().unwrap().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{} exists and is not a socket: the relay does not replace it",
+                path.display()
+            )
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "someone else's");
+
+        // A missing directory other than the relay's own is not created.
+        let missing = dir.join("no-such-dir").join("c.sock");
+        assert!(bind(&missing).is_err());
+        assert!(!dir.join("no-such-dir").exists());
+        assert!(in_own_directory(Path::new(DEFAULT_SOCKET)));
+        assert!(in_own_directory(Path::new("/run/relay/other.sock")));
+        assert!(!in_own_directory(&missing));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 
 use crate::{
-    checksum::{checksum, udp_ipv4, udp_ipv6},
-    wire::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, UDP_HLEN, multicast_mac},
+    checksum::{checksum, pseudo_ipv4, pseudo_ipv6, udp_ipv4, udp_ipv6},
+    wire::{ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, UDP_HLEN, classify, multicast_mac},
 };
 
 /// The IPv6 fragment header's next-header number.
@@ -123,4 +123,20 @@ pub fn build_udp_frame(f: &UdpFrame) -> Vec<u8> {
         out[l4 + 6..l4 + 8].copy_from_slice(&s.to_be_bytes());
     }
     out
+}
+
+/// Puts in a built frame's UDP checksum field what a sender with transmit checksum offload
+/// hands to its NIC or veth (Linux's CHECKSUM_PARTIAL): the pseudo-header's folded sum over the
+/// datagram's UDP length, to be completed by whoever transmits it. Panics on a frame
+/// [`build_udp_frame`] would not make.
+pub fn make_udp_checksum_partial(frame: &mut [u8]) {
+    let flow = classify(frame).expect("a multicast UDP frame");
+    let at = flow.l4;
+    let udp_len = u16::from_be_bytes([frame[at + 4], frame[at + 5]]);
+    let partial = match (flow.source, flow.group) {
+        (IpAddr::V4(s), IpAddr::V4(g)) => pseudo_ipv4(s, g, udp_len),
+        (IpAddr::V6(s), IpAddr::V6(g)) => pseudo_ipv6(s, g, u32::from(udp_len)),
+        _ => unreachable!("classify keeps one family"),
+    };
+    frame[at + 6..at + 8].copy_from_slice(&partial.to_be_bytes());
 }

@@ -2,7 +2,7 @@
 //!
 //! The modules split as quinn splits `quinn-proto` from `quinn`: [`wire`], [`checksum`],
 //! [`rewrite`], [`config`], [`rules`] and [`pool`] are logic with no I/O, tested without root;
-//! [`sys`], [`loader`] and [`datapath`] talk to the kernel.
+//! [`sys`], [`loader`], [`datapath`], [`probe`] and [`preflight`] talk to the kernel.
 
 pub mod checksum;
 pub mod config;
@@ -13,6 +13,8 @@ pub mod frag;
 pub mod loader;
 pub mod membership;
 pub mod pool;
+pub mod preflight;
+pub mod probe;
 pub mod report;
 pub mod rewrite;
 pub mod rules;

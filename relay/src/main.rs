@@ -20,8 +20,8 @@ use relay::{
     datapath::Datapath,
     loader::Steering,
     membership::Memberships,
-    pool::{AllocatorKind, new_pool},
-    report,
+    pool::AllocatorKind,
+    preflight, report,
     rules::RuleTable,
     stats::StatsView,
     sys::LiveSystem,
@@ -46,7 +46,14 @@ struct Cli {
     /// Data path threads; overrides `workers:` in the file.
     #[arg(long)]
     workers: Option<usize>,
-    /// Validate the file against this system and exit: 0 if it would run.
+    /// Check everything the start needs, without starting, and exit: 0 if it would run.
+    ///
+    /// The file against this machine's interfaces and CPUs, the capabilities, the control
+    /// socket path, the metrics address (bound and closed), the XDP program (loaded, not
+    /// attached), the UMEM against RLIMIT_MEMLOCK, and a throw-away AF_XDP bind on every
+    /// queue the relay binds (zero-copy support, a queue another relay holds). Notes, such as
+    /// that `bind: auto` will run in copy mode, go to standard output; the first problem is
+    /// the error, with the message the start would give.
     #[arg(long)]
     check: bool,
 }
@@ -98,7 +105,9 @@ enum ClientCmd {
 
 const AFTER_HELP: &str = "\
 Running:
-  relay --config /etc/relay/rules.yaml --check   validate against this machine, exit 0 if it would run
+  relay --config /etc/relay/rules.yaml --check   check against this machine, exit 0 if it would run
+                                                 (nothing is attached; notes such as copy mode
+                                                 are printed, the first problem is the error)
   relay --config /etc/relay/rules.yaml           run (as root, or with CAP_NET_ADMIN, CAP_NET_RAW,
                                                  CAP_BPF, CAP_PERFMON and CAP_IPC_LOCK)
 
@@ -182,8 +191,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(w) = cli.workers {
         config.workers = Some(w);
     }
+    // The file against this machine: its interfaces, and the CPUs `cpus:` names.
     let table = RuleTable::compile(&config, &file, &LiveSystem)?;
     if cli.check {
+        // Everything else the start needs, short of attaching XDP and binding for real.
+        for warning in config.absent_interfaces(&file, &LiveSystem) {
+            println!("warning: {warning}");
+        }
+        for note in preflight::check(&config, &file, &table)? {
+            println!("{file}: note: {note}");
+        }
         println!(
             "{file}: OK: {} rules, {} ingress and {} egress interfaces",
             table.rules.len(),
@@ -192,55 +209,54 @@ fn run(cli: Cli) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let missing = relay::sys::missing_capabilities();
-    if !missing.is_empty() {
-        anyhow::bail!(
-            "the relay lacks {}: run it as root (sudo), or as the relay.service unit, which \
-             grants CAP_NET_ADMIN, CAP_NET_RAW, CAP_BPF, CAP_PERFMON and CAP_IPC_LOCK",
-            missing.join(", ")
-        );
-    }
+    relay::sys::require_capabilities()?;
+    // Before anything is created that must be cleaned up: a SIGTERM during the start then
+    // stops the relay through its normal exit, which removes the control socket.
+    install_signal_handlers()?;
 
     let allocator = cli.allocator.unwrap_or(config.allocator);
     info!("frame allocator: {}", allocator.describe());
-    let pool: Arc<dyn relay::pool::FramePool> = Arc::from(new_pool(allocator, config.umem.frames));
 
-    let control_path = control::socket_path(config.control.as_ref());
+    // Dropping `control_socket` (or, once served, `control_file`) removes the socket file, so
+    // every way out of this function from here on, an error included, leaves none behind.
+    let control_path = preflight::control_path(&file, config.control.as_ref())?;
     let control_socket = control::bind(&control_path)?;
+    let metrics = config
+        .metrics
+        .map(|addr| preflight::metrics(&file, addr))
+        .transpose()?;
     let mut steering = Steering::load(&table, config.umem.frame_size)?;
-    let ingress: Vec<String> = table.ingress.iter().map(|i| i.name.clone()).collect();
-    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = config.workers.unwrap_or_else(|| {
-        let queues = table
-            .ingress
-            .iter()
-            .map(|i| i.info.rx_queues as usize)
-            .sum();
-        relay::config::default_workers(queues, online)
-    });
-    if let Some(cpus) = &config.cpus {
-        let allowed = relay::sys::allowed_cpus()?;
-        if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
-            anyhow::bail!(
-                "cpus: CPU {c} is not available to the relay (it may run on {}): fix `cpus:` \
-                 or leave it out",
-                relay::sys::cpu_list(&allowed)
-            );
-        }
+    preflight::umem_memlock(&file, &config.umem)?;
+    let absent = table
+        .ingress
+        .iter()
+        .map(|i| (&i.name, i.info))
+        .chain(table.egress.iter().map(|e| (&e.name, e.info)))
+        .filter(|(_, info)| !info.exists());
+    for (name, _) in absent {
+        warn!("{name}: the interface does not exist yet; its rules are idle until it appears");
     }
+    let ingress: Vec<String> = table
+        .ingress
+        .iter()
+        .filter(|i| i.info.exists())
+        .map(|i| i.name.clone())
+        .collect();
+    let workers = preflight::workers(&config, &table);
+    preflight::frame_budget(&file, config.umem.frames, &table, workers)?;
     let (mut datapath, bindings) = Datapath::new(
         table.clone(),
         config.umem.frames,
         config.umem.frame_size,
         config.bind,
-        pool,
+        allocator,
+        config.umem.separate.clone(),
         workers,
         config.cpus.clone(),
     )?;
     for (ifindex, queue, fd) in &bindings {
         steering.set_socket(*ifindex, *queue, fd)?;
     }
-    install_signal_handlers()?;
     datapath.start()?;
     for iface in &ingress {
         let mode = steering.attach(iface, config.xdp_mode)?;
@@ -273,9 +289,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         rx.recv_timeout(Duration::from_secs(30))
             .map_err(|_| "the reload did not finish within 30 s".to_owned())?
     });
-    control_socket.serve(snapshot.clone(), reloader)?;
-    if let Some(addr) = config.metrics {
-        control::serve_metrics(addr, snapshot)?;
+    let control_file = control_socket.serve(snapshot.clone(), reloader)?;
+    if let Some(listener) = metrics {
+        control::serve_metrics(listener, snapshot)?;
     }
     let memberships = Memberships::join(&table)?;
     info!(
@@ -290,6 +306,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         datapath,
         memberships,
         gone: Vec::new(),
+        bind_error: None,
     };
 
     let mut last_watch = std::time::Instant::now();
@@ -337,7 +354,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let account = finished.account;
     drop(finished);
     drop(steering);
-    let _ = std::fs::remove_file(&control_path);
+    drop(control_file);
     if account.leaked() != 0 {
         error!("{} frames leaked", account.leaked());
         return Ok(ExitCode::FAILURE);
@@ -355,6 +372,8 @@ struct Running {
     memberships: Memberships,
     /// Interfaces of the running rules that do not exist right now.
     gone: Vec<String>,
+    /// Why binding to a re-created interface failed last time, so it is logged once.
+    bind_error: Option<String>,
 }
 
 impl Running {
@@ -380,6 +399,8 @@ impl Running {
         let mut replaced = Vec::new();
         for (name, ifindex, ingress) in known {
             match relay::sys::ifindex(&name) {
+                // Never seen: said at start, and nothing to close.
+                None if ifindex == 0 => {}
                 None if !self.gone.contains(&name) => {
                     warn!(
                         "{name}: the interface is gone; {} until an interface of that name is back",
@@ -391,7 +412,7 @@ impl Running {
                     );
                     self.gone.push(name);
                 }
-                Some(now) if now != ifindex => replaced.push((name, ingress)),
+                Some(now) if now != ifindex => replaced.push((name, ingress, ifindex == 0)),
                 _ => {}
             }
         }
@@ -401,17 +422,34 @@ impl Running {
         if replaced.is_empty() {
             return;
         }
-        for (name, ingress) in &replaced {
+        for (name, ingress, new) in &replaced {
             self.gone.retain(|g| g != name);
-            info!("{name}: the interface is back (a new device); binding to it");
+            if *new {
+                info!("{name}: the interface has appeared; binding to it");
+            } else {
+                info!("{name}: the interface is back (a new device); binding to it");
+            }
             if *ingress && let Err(e) = self.steering.detach_iface(name) {
                 // The kernel took the old link away with the old device.
                 info!("{name}: the old XDP link is already gone ({e:#})");
             }
         }
         match self.apply(self.config.clone()) {
-            Ok(summary) => info!("rebound: {summary}"),
-            Err(e) => error!("binding to the new interface failed; the running rules stay: {e:#}"),
+            Ok(summary) => {
+                self.bind_error = None;
+                info!("rebound: {summary}");
+            }
+            // Tried again at the next look; said again only if the reason changes.
+            Err(e) => {
+                let e = format!("{e:#}");
+                if self.bind_error.as_ref() != Some(&e) {
+                    error!(
+                        "binding to the new interface failed; the running rules stay, and it is \
+                         tried again every 0.5 s: {e}"
+                    );
+                    self.bind_error = Some(e);
+                }
+            }
         }
     }
 
@@ -455,6 +493,20 @@ impl Running {
             if r.ingress {
                 self.steering.release_iface(r.ifindex)?;
             }
+        }
+        if self.datapath.is_orphaned() {
+            warn!(
+                "every interface the relay had sockets on is gone: starting over on a new UMEM, \
+                 the rules idle until their interfaces are back"
+            );
+            let account = self.datapath.rebuild()?;
+            info!(
+                "the old UMEM: {} frames, {} back in the pool, {} lost with devices, {} leaked",
+                account.frames,
+                account.in_pool + account.in_fill + account.in_tx,
+                account.abandoned,
+                account.leaked()
+            );
         }
         Ok(())
     }
@@ -567,7 +619,7 @@ impl Running {
             }
         }
         let attached = self.steering.attached();
-        for i in &new.ingress {
+        for i in new.ingress.iter().filter(|i| i.info.exists()) {
             if !attached.contains(&i.name) {
                 let mode = self.steering.attach(&i.name, xdp_mode)?;
                 info!(

@@ -26,13 +26,15 @@ pub type Membership = (String, u32, IpAddr, Option<IpAddr>);
 /// membership makes source-specific ones for the same (interface, group) redundant.
 pub fn wanted(table: &RuleTable) -> Vec<Membership> {
     let mut any: BTreeSet<(u32, IpAddr)> = BTreeSet::new();
-    for r in &table.rules {
+    // A rule whose input does not exist yet joins nothing until it does.
+    let rules = || table.rules.iter().filter(|r| r.ingress_ifindex != 0);
+    for r in rules() {
         if r.source.is_none() {
             any.insert((r.ingress_ifindex, r.group));
         }
     }
     let mut out: BTreeSet<(u32, IpAddr, Option<IpAddr>)> = BTreeSet::new();
-    for r in &table.rules {
+    for r in rules() {
         let src = if any.contains(&(r.ingress_ifindex, r.group)) {
             None
         } else {

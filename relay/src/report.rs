@@ -18,8 +18,8 @@ pub fn shutdown(
     for (rule, rc) in table.rules.iter().zip(&stats.rules) {
         let _ = writeln!(
             s,
-            "rule={} received={} bytes={}",
-            rule.name, rc.packets, rc.bytes
+            "rule={} received={} bytes={} checksum_completed={}",
+            rule.name, rc.packets, rc.bytes, rc.checksum_completed
         );
         for (out, oc) in rule.outputs.iter().zip(&rc.outputs) {
             let eg = &table.egress[out.egress];
@@ -59,8 +59,8 @@ pub fn shutdown(
     }
     let _ = writeln!(
         s,
-        "datapath unmatched={} malformed={} copies={}",
-        stats.unmatched, stats.malformed, stats.copies
+        "datapath unmatched={} malformed={} copies={} cross_umem={}",
+        stats.unmatched, stats.malformed, stats.copies, stats.cross_umem
     );
     for (name, queue, st) in sockets {
         let _ = writeln!(

@@ -5,12 +5,17 @@
 //! not grow with the payload and a payload the relay never reads stays unread. The one
 //! exception is an IPv6 frame that arrives with a zero UDP checksum, which IPv6 does not allow
 //! (RFC 8200 section 8.1): its checksum is computed from scratch, so receivers accept it.
+//!
+//! A frame from a sender on the same host (a container behind a veth) may also arrive with a
+//! *partial* UDP checksum, left for a NIC that it never reached: the data path completes it
+//! once per received frame with [`complete_partial_udp_checksum`], before the fan-out, so the
+//! incremental updates here start from a full checksum.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::{
-    checksum::{udp_ipv6, update_words, update16, update32},
-    wire::{EthernetFrame, Flow, Ipv4Packet, Ipv6Packet, UdpPacket, multicast_mac},
+    checksum::{pseudo_ipv4, pseudo_ipv6, sum, udp_ipv6, update_words, update16, update32},
+    wire::{EthernetFrame, Flow, Ipv4Packet, Ipv6Packet, UDP_HLEN, UdpPacket, multicast_mac},
 };
 
 /// What one output does to a frame.
@@ -77,6 +82,62 @@ pub fn rewrite(frame: &mut [u8], flow: &Flow, action: &OutputAction) -> Result<(
     eth.set_dst_mac(multicast_mac(group));
     eth.set_src_mac(action.src_mac);
     Ok(())
+}
+
+/// Completes a partial UDP checksum in `frame`, in place; true if there was one to complete.
+///
+/// A sender with transmit checksum offload (the default on a veth) writes only the folded sum
+/// of the pseudo-header into the checksum field (Linux's CHECKSUM_PARTIAL) and leaves the rest
+/// to the device. A NIC would finish it on the way out; a veth hands the frame over as it is,
+/// and the kernel's own receive path would have trusted it (it knows the frame never left the
+/// host), but the relay sends it on to other hosts, where every receiver would drop it. So a
+/// field that equals the pseudo-header's sum, over the flow's addresses and the UDP length
+/// field, is replaced by the checksum computed over the pseudo-header and the datagram.
+///
+/// Recognising one costs a sum over the 12- or 40-byte pseudo-header, never the payload, so
+/// frames with full checksums pay next to nothing. A full checksum that happens to equal the
+/// pseudo-header's sum is recomputed too, and harmlessly: a from-scratch checksum of an intact
+/// datagram is the value it already holds. (A datagram damaged on the way whose checksum
+/// field also matched would leave with a valid checksum; the link's own frame check drops
+/// such frames first, and the chance of the match is 1 in 65,536 anyway.)
+///
+/// Left untouched, and false: an IPv4 checksum of zero ("none"; a pseudo-header sum is never
+/// zero, so this is no partial one either), an IPv6 zero checksum ([`rewrite`] computes that
+/// one per output), and a UDP length below a header or past the end of `frame`. The datagram
+/// summed is the one the UDP length field names, not the rest of the frame, which may hold
+/// Ethernet padding. `flow` is [`crate::wire::classify`]'s answer for this frame.
+pub fn complete_partial_udp_checksum(frame: &mut [u8], flow: &Flow) -> bool {
+    let Some(Ok(udp)) = frame.get(flow.l4..).map(UdpPacket::new_checked) else {
+        return false;
+    };
+    let (len, field) = (udp.len(), udp.checksum());
+    if field == 0 {
+        return false;
+    }
+    let partial = match (flow.source, flow.group) {
+        (IpAddr::V4(s), IpAddr::V4(g)) => pseudo_ipv4(s, g, len),
+        (IpAddr::V6(s), IpAddr::V6(g)) => pseudo_ipv6(s, g, u32::from(len)),
+        _ => return false,
+    };
+    if field != partial {
+        return false;
+    }
+    let Some(datagram) = frame
+        .get_mut(flow.l4..flow.l4 + usize::from(len))
+        .filter(|d| d.len() >= UDP_HLEN)
+    else {
+        return false;
+    };
+    // From scratch, as `udp_ipv4` and `udp_ipv6` compute it, reusing the pseudo-header sum:
+    // it covers the same addresses and length. A zero result is sent as 0xffff, since zero
+    // would mean "none" (IPv4) or be forbidden (IPv6).
+    datagram[6..8].fill(0);
+    let full = match !sum(u32::from(partial), datagram) {
+        0 => 0xffff,
+        c => c,
+    };
+    datagram[6..8].copy_from_slice(&full.to_be_bytes());
+    true
 }
 
 /// The TTL or hop limit to send with, or why not.
@@ -170,7 +231,7 @@ mod tests {
     use super::*;
     use crate::{
         checksum::{checksum, udp_ipv4},
-        craft::{UdpFrame, build_udp_frame},
+        craft::{UdpFrame, build_udp_frame, make_udp_checksum_partial},
         wire::{Ipv6Packet, classify},
     };
     use proptest::prelude::*;
@@ -362,6 +423,233 @@ mod tests {
         }
     }
 
+    /// `spec` built with a full UDP checksum, and the same frame as a sender with transmit
+    /// checksum offload hands it to its veth.
+    fn full_and_partial(spec: &UdpFrame) -> (Vec<u8>, Vec<u8>) {
+        let full = build_udp_frame(&UdpFrame {
+            udp_checksum: true,
+            ..spec.clone()
+        });
+        let mut partial = full.clone();
+        make_udp_checksum_partial(&mut partial);
+        (full, partial)
+    }
+
+    fn udp_sum(frame: &[u8], flow: &Flow) -> u16 {
+        u16::from_be_bytes([frame[flow.l4 + 6], frame[flow.l4 + 7]])
+    }
+
+    fn set_udp_len(frame: &mut [u8], flow: &Flow, len: u16) {
+        frame[flow.l4 + 4..flow.l4 + 6].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// A second group of `s`'s family to remap to.
+    fn other_group(s: &UdpFrame) -> IpAddr {
+        match s.group {
+            IpAddr::V4(_) => ip("239.2.2.2"),
+            IpAddr::V6(_) => ip("ff18::2:2"),
+        }
+    }
+
+    #[test]
+    fn partial_checksum_is_completed_in_both_families() {
+        let [v4, v6] = samples();
+        let specs = [
+            v4.clone(),
+            v6.clone(),
+            UdpFrame {
+                ip_options: vec![1; 8],
+                vlan: Some(7),
+                ..v4
+            },
+            UdpFrame {
+                ipv6_ext: vec![0, 60, 43, 60],
+                ..v6
+            },
+        ];
+        for s in specs {
+            let (full, mut f) = full_and_partial(&s);
+            assert_ne!(
+                f, full,
+                "{s:?}: the partial sum differs from the full checksum"
+            );
+            let flow = classify(&f).unwrap();
+            assert!(complete_partial_udp_checksum(&mut f, &flow), "{s:?}");
+            assert_eq!(f, full, "{s:?}: completed to what a sender computes itself");
+            assert!(
+                !complete_partial_udp_checksum(&mut f, &flow),
+                "{s:?}: nothing left to complete"
+            );
+            let to = other_group(&s);
+            rewrite(&mut f, &flow, &action(Some(to), Some(6000), None)).unwrap();
+            assert_eq!(verify(&f), (to, 6000, 7));
+        }
+    }
+
+    /// Two frames as Linux 6.18 handed them over a veth with tx offload on (captured with
+    /// tcpdump, which flagged the checksums as bad and named the right ones).
+    #[test]
+    fn frames_captured_from_a_veth_with_offload_are_completed() {
+        let hex = |s: &str| -> Vec<u8> {
+            let s: String = s.split_whitespace().collect();
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let v4 = hex("0100 5e01 0101 3ece 8d6d e0ae 0800 4500
+                      002c 639c 4000 0811 0c0f c612 4d01 ef01
+                      0101 0fa0 1388 0018 0340 7061 7274 6961
+                      6c20 6368 6563 6b73 756d");
+        let v6 = hex("3333 0001 0001 3ece 8d6d e0ae 86dd 600e
+                      f985 0018 1108 2001 0002 0000 0077 0000
+                      0000 0000 0001 ff18 0000 0000 0000 0000
+                      0000 0001 0001 0fa0 1388 0018 1fbf 7061
+                      7274 6961 6c20 6368 6563 6b73 756d");
+        for (mut f, partial, full) in [(v4, 0x0340, 0x777b), (v6, 0x1fbf, 0x5afc)] {
+            let flow = classify(&f).unwrap();
+            assert_eq!(udp_sum(&f, &flow), partial);
+            assert!(complete_partial_udp_checksum(&mut f, &flow));
+            assert_eq!(udp_sum(&f, &flow), full);
+            assert_eq!(&f[f.len() - 16..], b"partial checksum");
+        }
+    }
+
+    /// Why the data path completes before rewriting: the incremental update carries the
+    /// partial sum's error along, and the receiver drops the frame.
+    #[test]
+    fn a_partial_checksum_rewritten_as_it_is_stays_wrong() {
+        for s in samples() {
+            let (full, mut partial) = full_and_partial(&s);
+            let flow = classify(&full).unwrap();
+            let mut good = full.clone();
+            let a = action(Some(other_group(&s)), Some(6000), None);
+            rewrite(&mut good, &flow, &a).unwrap();
+            rewrite(&mut partial, &flow, &a).unwrap();
+            assert_ne!(udp_sum(&partial, &flow), udp_sum(&good, &flow));
+        }
+    }
+
+    #[test]
+    fn full_and_absent_checksums_are_left_alone() {
+        for s in samples() {
+            let before = build_udp_frame(&s);
+            let mut f = before.clone();
+            let flow = classify(&f).unwrap();
+            assert!(!complete_partial_udp_checksum(&mut f, &flow));
+            assert_eq!(f, before);
+        }
+        // Zero: "none" over IPv4, which stays so; over IPv6 `rewrite` computes it per output.
+        for mut s in samples() {
+            s.udp_checksum = false;
+            let before = build_udp_frame(&s);
+            let mut f = before.clone();
+            let flow = classify(&f).unwrap();
+            assert!(!complete_partial_udp_checksum(&mut f, &flow));
+            assert_eq!(f, before);
+            rewrite(&mut f, &flow, &action(None, None, None)).unwrap();
+            assert_eq!(udp_sum(&f, &flow) != 0, s.group.is_ipv6());
+            verify(&f);
+        }
+    }
+
+    /// A full checksum that happens to equal the pseudo-header's sum is taken for a partial
+    /// one, and recomputed to the value it already had.
+    #[test]
+    fn a_full_checksum_that_looks_partial_is_kept() {
+        for mut s in samples() {
+            s.payload.extend([0, 0]);
+            let (_, partial) = full_and_partial(&s);
+            let flow = classify(&partial).unwrap();
+            let pseudo = udp_sum(&partial, &flow);
+            // The last payload word that makes the full checksum equal the pseudo-header sum.
+            let end = s.payload.len();
+            let look_alike = (0..=u16::MAX)
+                .map(|w| {
+                    let mut spec = s.clone();
+                    spec.payload[end - 2..].copy_from_slice(&w.to_be_bytes());
+                    build_udp_frame(&spec)
+                })
+                .find(|f| udp_sum(f, &flow) == pseudo)
+                .expect("some word does it");
+            let mut f = look_alike.clone();
+            assert!(complete_partial_udp_checksum(&mut f, &flow));
+            assert_eq!(f, look_alike);
+        }
+    }
+
+    #[test]
+    fn only_the_datagram_the_udp_length_names_is_summed() {
+        for s in samples() {
+            // Ethernet padding after the packet.
+            let (full, mut f) = full_and_partial(&s);
+            f.extend([0xaa; 20]);
+            let flow = classify(&f).unwrap();
+            assert!(complete_partial_udp_checksum(&mut f, &flow));
+            assert_eq!(f[..full.len()], full[..]);
+            assert_eq!(f[full.len()..], [0xaa; 20]);
+
+            // A UDP length shorter than the IP payload: the rest is a trailer.
+            let mut f = build_udp_frame(&s);
+            set_udp_len(&mut f, &flow, 12);
+            let mut zeroed = f[flow.l4..flow.l4 + 12].to_vec();
+            zeroed[6..8].fill(0);
+            let expected = match (s.source, s.group) {
+                (IpAddr::V4(a), IpAddr::V4(g)) => udp_ipv4(a, g, &zeroed),
+                (IpAddr::V6(a), IpAddr::V6(g)) => udp_ipv6(a, g, &zeroed),
+                _ => unreachable!(),
+            };
+            make_udp_checksum_partial(&mut f);
+            assert!(complete_partial_udp_checksum(&mut f, &flow));
+            assert_eq!(udp_sum(&f, &flow), expected);
+        }
+    }
+
+    #[test]
+    fn lengths_that_do_not_fit_are_refused_untouched() {
+        for s in samples() {
+            let (_, partial) = full_and_partial(&s);
+            let flow = classify(&partial).unwrap();
+            // A UDP length past the frame, or below a header, with the partial sum a sender
+            // would write for it.
+            let past = (partial.len() - flow.l4 + 1) as u16;
+            for len in [past, 7, 0] {
+                let mut f = partial.clone();
+                set_udp_len(&mut f, &flow, len);
+                make_udp_checksum_partial(&mut f);
+                let before = f.clone();
+                assert!(!complete_partial_udp_checksum(&mut f, &flow), "{len}");
+                assert_eq!(f, before);
+            }
+            // Cut inside the UDP header, or a flow that points past the frame.
+            let mut f = partial[..flow.l4 + 7].to_vec();
+            assert!(!complete_partial_udp_checksum(&mut f, &flow));
+            let mut f = partial.clone();
+            for l4 in [partial.len(), partial.len() - 7, usize::MAX] {
+                assert!(!complete_partial_udp_checksum(&mut f, &Flow { l4, ..flow }));
+            }
+            // A flow whose source and group are of different families.
+            let mixed = Flow {
+                source: other_group(&samples()[usize::from(s.group.is_ipv4())]),
+                ..flow
+            };
+            assert!(!complete_partial_udp_checksum(&mut f, &mixed));
+            assert_eq!(f, partial);
+        }
+    }
+
+    /// A group of `family`'s family made from arbitrary bytes.
+    fn group_like(family: IpAddr, g: [u8; 16]) -> IpAddr {
+        match family {
+            IpAddr::V4(_) => IpAddr::from([224 | (g[0] & 0x0f), g[1], g[2], g[3]]),
+            IpAddr::V6(_) => {
+                let mut a = g;
+                a[0] = 0xff;
+                IpAddr::from(a)
+            }
+        }
+    }
+
     fn arb_v4() -> impl Strategy<Value = (IpAddr, IpAddr)> {
         (any::<[u8; 4]>(), 224u8..=239, any::<[u8; 3]>())
             .prop_map(|(s, g0, g)| (IpAddr::from(s), IpAddr::from([g0, g[0], g[1], g[2]])))
@@ -431,15 +719,7 @@ mod tests {
         ) {
             let mut f = build_udp_frame(&spec);
             let flow = classify(&f).unwrap();
-            // A remap within the frame's family.
-            let group = group.map(|g| match spec.group {
-                IpAddr::V4(_) => IpAddr::from([224 | (g[0] & 0x0f), g[1], g[2], g[3]]),
-                IpAddr::V6(_) => {
-                    let mut a = g;
-                    a[0] = 0xff;
-                    IpAddr::from(a)
-                }
-            });
+            let group = group.map(|g| group_like(spec.group, g));
             rewrite(&mut f, &flow, &action(group, port, ttl)).unwrap();
 
             let mut expect_spec = spec.clone();
@@ -464,6 +744,95 @@ mod tests {
             }
             prop_assert_eq!(a, b);
             verify(&f);
+        }
+    }
+
+    proptest! {
+        /// A frame that arrives with a partial checksum, completed and then rewritten (group,
+        /// port, TTL), leaves with a checksum that verifies from scratch: completion gives
+        /// exactly the frame its sender would have built with the checksum computed.
+        #[test]
+        fn partial_completed_then_rewritten_verifies(
+            spec in arb_frame(),
+            group in proptest::option::of(any::<[u8; 16]>()),
+            port in proptest::option::of(1u16..),
+            ttl in proptest::option::of(1u8..),
+        ) {
+            let (full, mut f) = full_and_partial(&spec);
+            let flow = classify(&f).unwrap();
+            prop_assert!(complete_partial_udp_checksum(&mut f, &flow));
+            prop_assert_eq!(&f, &full);
+            let group = group.map(|g| group_like(spec.group, g));
+            rewrite(&mut f, &flow, &action(group, port, ttl)).unwrap();
+            let (g, p, hops) = verify(&f);
+            prop_assert_eq!(g, group.unwrap_or(spec.group));
+            prop_assert_eq!(p, port.unwrap_or(spec.dst_port));
+            prop_assert_eq!(hops, ttl.unwrap_or(spec.ttl - 1));
+        }
+
+        /// A frame whose checksum is full (or absent) is never changed: at most its checksum
+        /// is recomputed to the value it holds.
+        #[test]
+        fn full_checksums_stay_valid(spec in arb_frame()) {
+            let before = build_udp_frame(&spec);
+            let mut f = before.clone();
+            let flow = classify(&f).unwrap();
+            complete_partial_udp_checksum(&mut f, &flow);
+            prop_assert_eq!(f, before);
+        }
+
+        /// A partial frame with any UDP length, cut anywhere: completed only when the datagram
+        /// fits, and then valid; otherwise untouched.
+        #[test]
+        fn odd_lengths_are_completed_only_when_they_fit(
+            spec in arb_frame(),
+            udp_len in any::<u16>(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let (_, mut f) = full_and_partial(&spec);
+            let flow = classify(&f).unwrap();
+            set_udp_len(&mut f, &flow, udp_len);
+            make_udp_checksum_partial(&mut f);
+            f.truncate(cut.index(f.len() + 1));
+            let before = f.clone();
+            let end = flow.l4 + usize::from(udp_len);
+            if complete_partial_udp_checksum(&mut f, &flow) {
+                prop_assert!(usize::from(udp_len) >= 8 && end <= f.len());
+                let mut zeroed = f[flow.l4..end].to_vec();
+                zeroed[6..8].fill(0);
+                let expected = match (flow.source, flow.group) {
+                    (IpAddr::V4(s), IpAddr::V4(g)) => udp_ipv4(s, g, &zeroed),
+                    (IpAddr::V6(s), IpAddr::V6(g)) => udp_ipv6(s, g, &zeroed),
+                    _ => unreachable!(),
+                };
+                prop_assert_eq!(udp_sum(&f, &flow), expected);
+            } else {
+                prop_assert!(usize::from(udp_len) < 8 || end > f.len());
+                prop_assert_eq!(f, before);
+            }
+        }
+
+        /// Any bytes, with their own flow or an arbitrary one, never panic.
+        #[test]
+        fn completion_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256),
+            l4 in 0usize..300,
+            v6 in any::<bool>(),
+            source in any::<[u8; 16]>(),
+            group in any::<[u8; 16]>(),
+        ) {
+            let mut b = bytes.clone();
+            if let Some(flow) = classify(&bytes) {
+                complete_partial_udp_checksum(&mut b, &flow);
+            }
+            let (source, group) = if v6 {
+                (IpAddr::from(source), IpAddr::from(group))
+            } else {
+                let four = |a: [u8; 16]| IpAddr::from([a[0], a[1], a[2], a[3]]);
+                (four(source), four(group))
+            };
+            let flow = Flow { tci: None, l3: 0, l4, source, group, port: 0, frag: None };
+            complete_partial_udp_checksum(&mut b, &flow);
         }
     }
 }

@@ -67,14 +67,12 @@ impl RuleTable {
         cfg.validate(file, sys)?;
         let mut table = RuleTable::default();
         for (id, rule) in cfg.rules.iter().enumerate() {
-            let missing = |name: &str| ConfigError {
-                file: file.to_owned(),
-                rule: Some(rule.name.clone()),
-                message: format!("interface '{name}' disappeared while loading"),
-            };
+            // An interface that does not exist (yet) gets ifindex 0: its rules are idle (no
+            // socket, no XDP, no map key) until the interface appears and the running rules
+            // are applied again (`watch_interfaces`).
             let in_info = sys
                 .interface(&rule.input.interface)
-                .ok_or_else(|| missing(&rule.input.interface))?;
+                .unwrap_or_else(InterfaceInfo::absent);
             if !table.ingress.iter().any(|i| i.name == rule.input.interface) {
                 table.ingress.push(Ingress {
                     name: rule.input.interface.clone(),
@@ -85,7 +83,7 @@ impl RuleTable {
             for out in &rule.outputs {
                 let info = sys
                     .interface(&out.interface)
-                    .ok_or_else(|| missing(&out.interface))?;
+                    .unwrap_or_else(InterfaceInfo::absent);
                 let egress = match table.egress.iter().position(|e| e.name == out.interface) {
                     Some(i) => i,
                     None => {
@@ -114,8 +112,10 @@ impl RuleTable {
                 rule.input.port.unwrap_or(0),
             )
             .with_vlan(rule.input.vlan.map_or(VLAN_ANY, Vlan::key));
-            table.vlan_keys |= key.vlan != VLAN_ANY;
-            table.keys.insert(key, id as u32);
+            if in_info.exists() {
+                table.vlan_keys |= key.vlan != VLAN_ANY;
+                table.keys.insert(key, id as u32);
+            }
             table.rules.push(CompiledRule {
                 name: rule.name.clone(),
                 ingress_ifindex: in_info.ifindex,

@@ -25,6 +25,9 @@ pub struct StatsView {
     /// Fan-out copies made (outputs - 1 per frame at most).
     #[serde(default)]
     pub copies: u64,
+    /// Of those, copies from one UMEM into another.
+    #[serde(default)]
+    pub cross_umem: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +38,10 @@ pub struct RuleView {
     pub input: String,
     pub received: u64,
     pub bytes: u64,
+    /// Received frames whose partial UDP checksum the data path completed (senders with
+    /// transmit checksum offload behind a veth).
+    #[serde(default)]
+    pub checksum_completed: u64,
     pub outputs: Vec<OutputView>,
 }
 
@@ -90,6 +97,7 @@ impl StatsView {
                 ),
                 received: rc.packets,
                 bytes: rc.bytes,
+                checksum_completed: rc.checksum_completed,
                 outputs: r
                     .outputs
                     .iter()
@@ -142,6 +150,7 @@ impl StatsView {
             unmatched: stats.unmatched,
             malformed: stats.malformed,
             copies: stats.copies,
+            cross_umem: stats.cross_umem,
         }
     }
 
@@ -154,9 +163,15 @@ impl StatsView {
             "RULE", "INPUT", "RECEIVED", "BYTES"
         );
         for r in &self.rules {
+            // Only where it happens: most relays never see a partial checksum.
+            let completed = if r.checksum_completed > 0 {
+                format!("  checksum_completed={}", r.checksum_completed)
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "{:<16} {:<28} {:>12} {:>14}",
+                "{:<16} {:<28} {:>12} {:>14}{completed}",
                 r.name, r.input, r.received, r.bytes
             );
             for o in &r.outputs {
@@ -243,6 +258,15 @@ impl StatsView {
             "counter",
             "Bytes of the frames the rule matched.",
             self.rules.iter().map(|r| (rl(r), r.bytes)).collect(),
+        );
+        family(
+            "relay_rule_checksum_completed_total",
+            "counter",
+            "Frames the rule matched whose partial UDP checksum (sender's transmit offload) was completed.",
+            self.rules
+                .iter()
+                .map(|r| (rl(r), r.checksum_completed))
+                .collect(),
         );
         family(
             "relay_output_sent_packets_total",
@@ -341,6 +365,7 @@ mod tests {
         let mut d = DatapathStats::new([2].into_iter());
         d.rules[0].packets = 10;
         d.rules[0].bytes = 1000;
+        d.rules[0].checksum_completed = 4;
         d.rules[0].outputs[0].packets = 9;
         d.rules[0].outputs[0].ttl_expired = 1;
         d.rules[0].outputs[1].packets = 10;
@@ -373,6 +398,12 @@ mod tests {
         assert_eq!(v.rules[0].outputs[1].port, "6000");
         assert_eq!(v.xdp["redirected"], 10);
         assert_eq!(v.pool.in_flight, 4);
+        assert_eq!(v.rules[0].checksum_completed, 4);
+        // A view from a relay that did not have the counter yet still reads.
+        let old = json.replace("\"checksum_completed\":4,", "");
+        assert_ne!(old, json);
+        let read: StatsView = serde_json::from_str(&old).unwrap();
+        assert_eq!(read.rules[0].checksum_completed, 0);
     }
 
     #[test]
@@ -380,6 +411,7 @@ mod tests {
         let t = view().render_table();
         assert!(t.contains("dropped 1 (ttl_expired=1)"), "{t}");
         assert!(t.contains("239.2.2.2:6000 vlan 30"), "{t}");
+        assert!(t.contains("1000  checksum_completed=4\n"), "{t}");
         assert!(
             t.contains("pool: lock-free allocator, 64 frames, 60 free, 4 in flight"),
             "{t}"
@@ -399,6 +431,10 @@ mod tests {
         assert!(p.contains(
             "relay_output_dropped_packets_total{rule=\"v\\\"a\",output=\"out0 239.1.1.1:5000\",interface=\"out0\",group=\"239.1.1.1\",reason=\"ttl_expired\"} 1"
         ), "{p}");
+        assert!(
+            p.contains("relay_rule_checksum_completed_total{rule=\"v\\\"a\",interface=\"in0\"} 4"),
+            "{p}"
+        );
         assert!(
             p.contains("relay_xdp_packets_total{counter=\"seen\"} 12"),
             "{p}"

@@ -40,6 +40,10 @@ impl System for LiveSystem {
             mtu,
         })
     }
+
+    fn allowed_cpus(&self) -> Option<Vec<usize>> {
+        allowed_cpus().ok()
+    }
 }
 
 /// Whether `iface` can transmit now: administratively up with its link up (operstate `up`,
@@ -58,19 +62,66 @@ pub const REQUIRED_CAPS: [(&str, u32); 4] = [
     ("CAP_BPF", 39),
 ];
 
-/// Which of [`REQUIRED_CAPS`] this process lacks in its effective set (none for root).
-pub fn missing_capabilities() -> Vec<&'static str> {
+/// CAP_IPC_LOCK's bit: locking more memory than RLIMIT_MEMLOCK allows (a large UMEM).
+pub const CAP_IPC_LOCK: u32 = 14;
+
+/// This process's effective capability set, as a bit mask (0 if it cannot be read).
+fn effective_capabilities() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
+    status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// Whether the capability with bit `bit` is in this process's effective set.
+pub fn has_capability(bit: u32) -> bool {
+    effective_capabilities() & (1 << bit) != 0
+}
+
+/// Which of [`REQUIRED_CAPS`] this process lacks in its effective set (none for root).
+pub fn missing_capabilities() -> Vec<&'static str> {
+    let eff = effective_capabilities();
     REQUIRED_CAPS
         .iter()
         .filter(|(_, bit)| eff & (1 << bit) == 0)
         .map(|(name, _)| *name)
         .collect()
+}
+
+/// The one line the relay stops with when it lacks capabilities it needs (`missing` is
+/// [`missing_capabilities`]), or `None` when it has them all. The start and `--check` both
+/// say exactly this.
+pub fn capabilities_message(missing: &[&str]) -> Option<String> {
+    (!missing.is_empty()).then(|| {
+        format!(
+            "the relay lacks {}: run it as root (sudo), or as the relay.service unit, which \
+             grants CAP_NET_ADMIN, CAP_NET_RAW, CAP_BPF, CAP_PERFMON and CAP_IPC_LOCK",
+            missing.join(", ")
+        )
+    })
+}
+
+/// Fails with [`capabilities_message`] if this process lacks a capability it needs.
+pub fn require_capabilities() -> anyhow::Result<()> {
+    match capabilities_message(&missing_capabilities()) {
+        Some(message) => Err(anyhow::anyhow!(message)),
+        None => Ok(()),
+    }
+}
+
+/// This process's RLIMIT_MEMLOCK soft limit in bytes; `None` when unlimited.
+pub fn memlock_limit() -> Option<u64> {
+    let mut rlim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the valid, initialised struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rlim) } != 0 {
+        return None;
+    }
+    (rlim.rlim_cur != libc::RLIM_INFINITY).then_some(rlim.rlim_cur)
 }
 
 /// The interface's MTU now, if it exists.
@@ -114,6 +165,17 @@ mod tests {
         assert_eq!(parse_mac("02:00:5e:0a:ff"), None);
         assert_eq!(parse_mac("02:00:5e:0a:ff:01:02"), None);
         assert_eq!(parse_mac("zz:00:5e:0a:ff:01"), None);
+    }
+
+    #[test]
+    fn the_capabilities_message_names_what_is_missing() {
+        assert_eq!(capabilities_message(&[]), None);
+        assert_eq!(
+            capabilities_message(&["CAP_NET_ADMIN", "CAP_BPF"]).unwrap(),
+            "the relay lacks CAP_NET_ADMIN, CAP_BPF: run it as root (sudo), or as the \
+             relay.service unit, which grants CAP_NET_ADMIN, CAP_NET_RAW, CAP_BPF, CAP_PERFMON \
+             and CAP_IPC_LOCK"
+        );
     }
 
     #[test]

@@ -141,6 +141,21 @@ impl Topology {
         Ok(a)
     }
 
+    /// Turns the sender's transmit checksum offload back on, as a veth has it by default: its
+    /// UDP frames then reach the relay with a partial checksum, as a container's do.
+    pub fn sender_tx_offload_on(&self) -> Result<()> {
+        self.sender
+            .exec(&["ethtool", "-K", SENDER_IF, "tx", "on"])?;
+        let features = self.sender.exec(&["ethtool", "-k", SENDER_IF])?;
+        anyhow::ensure!(
+            features
+                .lines()
+                .any(|l| l.trim() == "tx-checksum-ip-generic: on"),
+            "{SENDER_IF}: tx checksum offload did not turn on:\n{features}"
+        );
+        Ok(())
+    }
+
     /// Whether any interface in the relay namespace still has an XDP program attached.
     pub fn relay_has_xdp(&self) -> Result<bool> {
         let links = self.relay.exec(&["ip", "-d", "link", "show"])?;
@@ -155,8 +170,9 @@ fn sender_link(sender: &Netns, relay: &Netns, queues: u32) -> Result<()> {
     addr(relay, RELAY_IN, RELAY_IN_ADDR)?;
     addr6(sender, SENDER_IF, SENDER_ADDR6)?;
     addr6(relay, RELAY_IN, RELAY_IN_ADDR6)?;
-    // A wire computes checksums in full; a veth with tx offload would hand the relay a
-    // partial UDP checksum that no receiver could verify after the frame is copied.
+    // A wire carries checksums in full, and so does the sender here, by default: a veth
+    // with tx offload hands over partial UDP checksums, which the relay completes, and
+    // `sender_tx_offload_on` is for the tests of that.
     sender.exec(&["ethtool", "-K", SENDER_IF, "tx", "off"])?;
     sender.exec(&["ip", "route", "add", "224.0.0.0/4", "dev", SENDER_IF])?;
     Ok(())

@@ -380,3 +380,269 @@ fn a_reload_that_fails_half_way_changes_nothing() {
         "no XDP program left attached"
     );
 }
+
+/// Rules may name interfaces that do not exist yet (VLANs, tunnels and container veths come
+/// up later): `--check` warns, the relay starts with those rules idle and brings each to life
+/// when its interface appears, an input and an output alike.
+#[test]
+fn rules_wait_for_interfaces_that_do_not_exist_yet() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const N: u64 = 300;
+    let all: BTreeSet<u64> = (0..N).collect();
+    let g3 = Ipv4Addr::new(239, 3, 3, 3);
+    let topo = Topology::new(2).unwrap();
+    topo.relay.exec(&["ip", "link", "del", "rout1"]).unwrap();
+    let rules = "\
+rules:
+  - name: a
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs: [{ interface: rout0 }, { interface: rout1 }]
+  - name: later
+    input: { interface: rin2, group: 239.3.3.3, port: 5000 }
+    outputs: [{ interface: rout0 }]
+";
+    let dir = std::env::temp_dir().join(relay_tests::netns::unique_name("idle"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("rules.yaml");
+    std::fs::write(&file, rules).unwrap();
+    let check = std::process::Command::new("ip")
+        .args(["netns", "exec", topo.relay.name()])
+        .arg(relay_bin())
+        .arg("--config")
+        .arg(&file)
+        .arg("--check")
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(check.status.success(), "{said}");
+    for iface in ["rin2", "rout1"] {
+        assert!(
+            said.contains(&format!("interface '{iface}' does not exist yet")),
+            "--check warns about {iface}: {said}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, rules, &[]).unwrap();
+    let log = || std::fs::read_to_string(&relay.stderr).unwrap();
+    let wait_log = |what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !log().contains(what) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no '{what}' in:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    for iface in ["rin2", "rout1"] {
+        assert!(
+            log().contains(&format!(
+                "{iface}: the interface does not exist yet; its rules are idle until it appears"
+            )),
+            "{}",
+            log()
+        );
+    }
+    let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
+    assert_eq!(
+        seqs(&join(rx0).unwrap()),
+        all,
+        "rule a relays to rout0 meanwhile"
+    );
+    let v = stats_until(&relay.control, |v| {
+        v.rules[0].outputs[1].dropped.get("interface_down") == Some(&N)
+    });
+    assert_eq!(v.rules[0].outputs[1].dropped["interface_down"], N, "{v:?}");
+
+    // The output appears.
+    topo.relink_receiver(1).unwrap();
+    wait_log("rout1: the interface has appeared; binding to it");
+    wait_log("rebound: 2 rules");
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
+    let rx1 = listen(&r1.ns, G1, 5000, r1.addr, Limits::new(N)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
+    assert_eq!(seqs(&join(rx0).unwrap()), all, "rout0\n{}", log());
+    assert_eq!(
+        seqs(&join(rx1).unwrap()),
+        all,
+        "rout1, once it exists\n{}",
+        log()
+    );
+
+    // The input appears.
+    let from2 = topo.add_ingress("rin2", "snd1", 100).unwrap();
+    wait_log("rin2: the interface has appeared; binding to it");
+    let rx0 = listen(&r0.ns, g3, 5000, r0.addr, Limits::new(N)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while log().matches("rebound: 2 rules").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    join(send(&topo.sender, from2, Flow::new(g3, 5000, N))).unwrap();
+    assert_eq!(
+        seqs(&join(rx0).unwrap()),
+        all,
+        "rule 'later' relays from rin2\n{}",
+        log()
+    );
+
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
+    assert_eq!(
+        report_value(&exit.stdout, &["frames"], "leaked"),
+        Some(0),
+        "{}",
+        exit.stdout
+    );
+    assert!(
+        !topo.relay_has_xdp().unwrap(),
+        "no XDP program left attached"
+    );
+}
+
+/// Every interface of the relay deleted at once (a container pair restarted): no socket is
+/// left to share the UMEM through, so the relay starts over on a new one, keeps its counters,
+/// and relays again when the interfaces are back.
+#[test]
+fn every_interface_gone_at_once_starts_over_on_a_new_umem() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const N: u64 = 300;
+    let all: BTreeSet<u64> = (0..N).collect();
+    let topo = Topology::new(1).unwrap();
+    let rules = "\
+rules:
+  - name: a
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs: [{ interface: rout0, port: 6000 }]
+";
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, rules, &[]).unwrap();
+    let log = || std::fs::read_to_string(&relay.stderr).unwrap();
+    let wait_log = |what: &str, n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while log().matches(what).count() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no '{what}' in:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let r0 = &topo.receivers[0];
+    let relays = |when: &str| {
+        let rx = listen(&r0.ns, G1, 6000, r0.addr, Limits::new(N)).unwrap();
+        join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
+        assert_eq!(seqs(&join(rx).unwrap()), all, "{when}\n{}", log());
+    };
+    relays("at start");
+    for round in 1..=2u64 {
+        let n = round as usize;
+        topo.relay.exec(&["ip", "link", "del", "rin"]).unwrap();
+        topo.relay.exec(&["ip", "link", "del", "rout0"]).unwrap();
+        wait_log("starting over on a new UMEM", n);
+        topo.relink_ingress().unwrap();
+        topo.relink_receiver(0).unwrap();
+        wait_log(
+            "rin: the interface is back (a new device); binding to it",
+            n,
+        );
+        wait_log(
+            "rout0: the interface is back (a new device); binding to it",
+            n,
+        );
+        std::thread::sleep(Duration::from_millis(600));
+        relays(&format!("after starting over {round} times"));
+        let v = stats_until(&relay.control, |v| v.rules[0].received >= N * (round + 1));
+        assert_eq!(
+            v.rules[0].received,
+            N * (round + 1),
+            "counters carried over: {v:?}"
+        );
+        assert_eq!(v.rules[0].outputs[0].sent, N * (round + 1), "{v:?}");
+    }
+    assert!(log().contains("the old UMEM: 4096 frames"), "{}", log());
+    assert!(
+        !log().contains(" 1 leaked") && log().contains(" 0 leaked"),
+        "{}",
+        log()
+    );
+
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
+    assert_eq!(
+        report_value(&exit.stdout, &["frames"], "leaked"),
+        Some(0),
+        "{}",
+        exit.stdout
+    );
+    assert!(
+        exit.stderr.contains("all 4096 frames accounted for"),
+        "{}",
+        exit.stderr
+    );
+    assert!(
+        !topo.relay_has_xdp().unwrap(),
+        "no XDP program left attached"
+    );
+}
+
+/// The relay's CPU time (user + system) so far, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// An egress deleted while frames sit in its TX ring: the kernel will never complete them, so
+/// a relay that waits for them spins at 100% CPU calling sendto forever. Its socket is closed
+/// and the frames taken back instead: the relay idles, and stops with every frame accounted
+/// for.
+#[test]
+fn an_egress_deleted_with_frames_in_flight_does_not_spin() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let topo = Topology::new(2).unwrap();
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
+    let mut flow = Flow::new(G1, 5000, 200_000);
+    flow.burst = 256;
+    flow.pause = Duration::from_micros(50);
+    let sender = send(&topo.sender, SENDER_ADDR, flow);
+    std::thread::sleep(Duration::from_millis(300));
+    topo.relay.exec(&["ip", "link", "del", "rout1"]).unwrap();
+    join(sender).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = cpu_time(relay.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_time(relay.pid()) - before;
+    let log = std::fs::read_to_string(&relay.stderr).unwrap();
+    assert!(
+        used < Duration::from_millis(500),
+        "the relay used {used:?} of CPU in 2 s of idling\n{log}"
+    );
+    assert!(
+        log.contains("rout1 queue 0: socket closed, its device is gone"),
+        "{log}"
+    );
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
+    assert_eq!(
+        report_value(&exit.stdout, &["frames"], "leaked"),
+        Some(0),
+        "{}",
+        exit.stdout
+    );
+}

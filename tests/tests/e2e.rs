@@ -4,14 +4,10 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::Mutex,
     time::Duration,
 };
 
-use relay::{
-    checksum::{checksum, udp_ipv4, udp_ipv6},
-    wire::{EthernetFrame, Ipv4Packet, Ipv6Packet, UdpPacket, classify, multicast_mac},
-};
+use relay::wire::Ipv6Packet;
 use relay_tests::{
     netns::{require_root, sh},
     relay_proc::{RelayProc, relay_bin, report_value},
@@ -20,15 +16,7 @@ use relay_tests::{
 };
 
 mod common;
-use common::stats_until;
-
-/// The machine has two cores: tests that push traffic run one at a time so that one test's
-/// load cannot cost another packets.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+use common::{inspect, is_udp_to_test_group, mac_of, seqs, serial, stats_until, stop_clean};
 
 const G1: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
 const G2: Ipv4Addr = Ipv4Addr::new(239, 2, 2, 2);
@@ -46,83 +34,6 @@ rules:
         ttl: 16
 ";
 
-fn mac_of(topo: &Topology, iface: &str) -> [u8; 6] {
-    let s = topo
-        .relay
-        .exec(&["cat", &format!("/sys/class/net/{iface}/address")])
-        .unwrap();
-    relay::sys::parse_mac(s.trim()).unwrap()
-}
-
-/// UDP to the test groups: 239.0.0.0/8, or IPv6 groups of organisation scope (ff?8::/16).
-fn is_udp_to_test_group(frame: &[u8]) -> bool {
-    classify(frame).is_some_and(|f| match f.group {
-        IpAddr::V4(g) => g.octets()[0] == 239,
-        IpAddr::V6(g) => g.octets()[0] == 0xff && g.octets()[1] & 0x0f == 8,
-    })
-}
-
-/// Checks one captured frame (MACs, checksums, the sender's source address) and returns
-/// (group, port, TTL or hop limit, payload).
-fn inspect(frame: &[u8], src_mac: [u8; 6]) -> (IpAddr, u16, u8, Vec<u8>) {
-    let flow = classify(frame).expect("a multicast UDP frame");
-    let eth = EthernetFrame::new_checked(frame).unwrap();
-    assert_eq!(
-        eth.src_mac(),
-        src_mac,
-        "source MAC is the egress interface's"
-    );
-    assert_eq!(eth.dst_mac(), multicast_mac(flow.group));
-    let (udp_bytes, hops, expected_sum) = match (flow.source, flow.group) {
-        (IpAddr::V4(source), IpAddr::V4(group)) => {
-            let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
-            assert_eq!(checksum(ip.header()), 0, "IPv4 header checksum is valid");
-            assert_eq!(source, SENDER_ADDR, "the source address is kept");
-            let udp_bytes = &frame[flow.l4..flow.l3 + usize::from(ip.total_len())];
-            let mut zeroed = udp_bytes.to_vec();
-            zeroed[6..8].fill(0);
-            (udp_bytes, ip.ttl(), udp_ipv4(source, group, &zeroed))
-        }
-        (IpAddr::V6(source), IpAddr::V6(group)) => {
-            let ip = Ipv6Packet::new_checked(&frame[flow.l3..]).unwrap();
-            assert_eq!(source, SENDER_ADDR6, "the source address is kept");
-            let end = flow.l3 + 40 + usize::from(ip.payload_len());
-            let udp_bytes = &frame[flow.l4..end];
-            let mut zeroed = udp_bytes.to_vec();
-            zeroed[6..8].fill(0);
-            (udp_bytes, ip.hop_limit(), udp_ipv6(source, group, &zeroed))
-        }
-        _ => panic!("mixed families in {frame:02x?}"),
-    };
-    let udp = UdpPacket::new_checked(udp_bytes).unwrap();
-    assert_ne!(udp.checksum(), 0, "the UDP checksum is present");
-    assert_eq!(udp.checksum(), expected_sum, "UDP checksum is valid");
-    (flow.group, flow.port, hops, udp.payload().to_vec())
-}
-
-/// Stops the relay with SIGTERM and checks that it ended well: exit 0, every UMEM frame
-/// accounted for, no panic, no XDP program left in the relay's namespace.
-fn stop_clean(relay: RelayProc, topo: &Topology) -> relay_tests::relay_proc::Exit {
-    let exit = relay.stop(Duration::from_secs(3)).unwrap();
-    assert!(
-        exit.status.success(),
-        "SIGTERM exits 0: {}\n{}",
-        exit.status,
-        exit.stderr
-    );
-    assert!(
-        exit.stderr.contains("all 4096 frames accounted for"),
-        "{}",
-        exit.stderr
-    );
-    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
-    assert!(
-        !topo.relay_has_xdp().unwrap(),
-        "no XDP program left attached"
-    );
-    exit
-}
-
 /// Three pings from `ns` to `addr` are all answered.
 fn ping_answers(ns: &relay_tests::netns::Netns, addr: IpAddr) {
     let family = if addr.is_ipv6() { "-6" } else { "-4" };
@@ -131,15 +42,6 @@ fn ping_answers(ns: &relay_tests::netns::Netns, addr: IpAddr) {
         .exec(&["ping", family, "-c", "3", "-i", "0.2", "-W", "1", &to])
         .unwrap_or_else(|e| panic!("ping {to}: {e:#}"));
     assert!(ping.contains("3 received"), "{ping}");
-}
-
-fn seqs(payloads: &[Vec<u8>]) -> BTreeSet<u64> {
-    let set: BTreeSet<u64> = payloads
-        .iter()
-        .map(|p| check_payload(p).expect("payload intact"))
-        .collect();
-    assert_eq!(set.len(), payloads.len(), "no duplicates");
-    set
 }
 
 fn relays_and_remaps(allocator: &str, log_name: &str, workers: usize) {
@@ -347,7 +249,7 @@ fn check_names_file_rule_and_bad_value() {
     let good = dir.join("good.yaml");
     std::fs::write(&good, RULES).unwrap();
     let bad = dir.join("bad.yaml");
-    std::fs::write(&bad, RULES.replace("interface: rout1", "interface: rout9")).unwrap();
+    std::fs::write(&bad, RULES.replace("group: 239.2.2.2", "group: 198.18.2.2")).unwrap();
     let bin = relay_bin();
     let run = |file: &std::path::Path| {
         std::process::Command::new("ip")
@@ -370,7 +272,7 @@ fn check_names_file_rule_and_bad_value() {
     let msg = String::from_utf8_lossy(&fail.stderr);
     assert!(
         msg.contains(&format!(
-            "{}: rule 'video-a': output interface 'rout9' does not exist",
+            "{}: rule 'video-a': output group 198.18.2.2 on 'rout1' is not a multicast address",
             bad.display()
         )),
         "{msg}"
@@ -902,14 +804,14 @@ fn reload_lossless(workers: usize) {
     // A file that does not validate is refused with --check's message; the rules stay.
     std::fs::write(
         &relay.config,
-        with_extra.replace("interface: rout1\n", "interface: rout9\n"),
+        with_extra.replace("group: 239.3.3.3", "group: 198.18.3.3"),
     )
     .unwrap();
     let out = reload();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("output interface 'rout9' does not exist"),
+        err.contains("input group 198.18.3.3 is not a multicast address"),
         "{err}"
     );
     let still = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(20)).unwrap();

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use relay::{
     checksum::{checksum, udp_ipv4, udp_ipv6},
-    craft::{NEXTHDR_FRAGMENT, UdpFrame, build_udp_frame},
+    craft::{NEXTHDR_FRAGMENT, UdpFrame, build_udp_frame, make_udp_checksum_partial},
     wire::{ETH_HLEN, Ipv4Packet, Ipv6Packet, UdpPacket, classify},
 };
 use relay_tests::{
@@ -131,6 +131,23 @@ fn v6_later_fragment(mut frame: Vec<u8>, id: u32) -> Vec<u8> {
     frame
 }
 
+/// `frame` as a sender with transmit checksum offload hands it to a veth: the UDP checksum
+/// field holds only the pseudo-header's sum.
+fn partial(mut frame: Vec<u8>) -> Vec<u8> {
+    make_udp_checksum_partial(&mut frame);
+    frame
+}
+
+/// Whether a frame's UDP checksum is partial (what the relay completes).
+fn is_partial(frame: &[u8]) -> bool {
+    let Some(flow) = classify(frame) else {
+        return false;
+    };
+    let mut p = frame.to_vec();
+    make_udp_checksum_partial(&mut p);
+    p[flow.l4 + 6..flow.l4 + 8] == frame[flow.l4 + 6..flow.l4 + 8]
+}
+
 /// The UDP length field of an untagged IPv4 frame without options.
 const V4_UDP_LEN: usize = ETH_HLEN + 20 + 4;
 
@@ -194,6 +211,14 @@ fn cases(rin_mac: [u8; 6]) -> Vec<Case> {
                 udp_checksum: false,
                 ..v4(next())
             }),
+            Relayed,
+        ),
+        case(
+            "IPv4 UDP partial checksum (sender's tx offload), with options: completed",
+            partial(build_udp_frame(&UdpFrame {
+                ip_options: vec![1, 1, 1, 1],
+                ..v4(next())
+            })),
             Relayed,
         ),
         case(
@@ -443,6 +468,14 @@ fn cases(rin_mac: [u8; 6]) -> Vec<Case> {
             Relayed,
         ),
         case(
+            "IPv6 UDP partial checksum (sender's tx offload), after two extension headers: completed",
+            partial(build_udp_frame(&UdpFrame {
+                ipv6_ext: vec![0, 60],
+                ..v6(next())
+            })),
+            Relayed,
+        ),
+        case(
             "IPv6 cut inside an extension header",
             build_udp_frame(&UdpFrame {
                 ipv6_ext: vec![0, 60],
@@ -651,6 +684,18 @@ fn hostile_frames_get_the_documented_outcome() {
     assert_eq!(out("too_large"), count(Outcome::TooLarge), "{after:?}");
     let sent: u64 = after.rules.iter().map(|r| r.outputs[0].sent).sum();
     assert_eq!(sent, count(Outcome::Relayed), "{after:?}");
+    let completed =
+        |v: &relay::stats::StatsView| -> u64 { v.rules.iter().map(|r| r.checksum_completed).sum() };
+    let partials = cases
+        .iter()
+        .filter(|c| c.outcome == Outcome::Relayed && is_partial(&c.frame))
+        .count() as u64;
+    assert_eq!(partials, 2, "the two partial-checksum cases, and only they");
+    assert_eq!(
+        completed(&after) - completed(&before),
+        partials,
+        "{after:?}"
+    );
     assert_eq!(
         after.copies, 0,
         "one output: the received frame itself goes out"

@@ -33,11 +33,14 @@ use xsk_rs::{
 };
 
 pub use stats::{DatapathStats, OutputCounters, RuleCounters};
-use worker::{DRAIN, MAX_PORTS, Plan, Port, RUN, Shared, Waker, Worker, WorkerReport};
+use worker::{
+    DRAIN, Domain, MAX_DOMAINS, MAX_PORTS, NO_DOMAIN, Plan, Port, RUN, Shared, Waker, Worker,
+    WorkerReport,
+};
 
 use crate::{
     config::BindMode,
-    pool::{FramePool, PoolStats},
+    pool::{AllocatorKind, PoolStats, new_pool},
     rules::RuleTable,
 };
 
@@ -86,6 +89,28 @@ struct PortMeta {
     ingress: bool,
     /// Its device is gone and its worker has closed it.
     retired: bool,
+    /// The UMEM it shares.
+    domain: usize,
+}
+
+/// Which sockets share a UMEM: one per bind mode, and one per `umem.separate` interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Copy,
+    Zerocopy,
+    Own(String),
+}
+
+/// A UMEM as the main thread keeps track of it.
+struct DomainMeta {
+    kind: Kind,
+    /// The descriptor libxdp names in every shared bind (its first socket's), once it has one.
+    umem_fd: Option<RawFd>,
+    /// The socket that descriptor refers to now (see [`Datapath::reanchor`]).
+    anchor: Option<usize>,
+    /// Every socket on it went away: nothing can share it any more, and new sockets of its
+    /// kind get a new UMEM.
+    orphaned: bool,
 }
 
 /// Sockets opened for a table the data path is not running yet.
@@ -118,39 +143,55 @@ pub struct Datapath {
     frames: usize,
     /// The rx ring fd of each socket, by global id, for XSKMAP bindings.
     fds: Vec<RawFd>,
-    /// The descriptor libxdp names as the UMEM's in every shared bind (the first socket's),
-    /// and the socket it refers to now (see [`Datapath::reanchor`]).
-    umem_fd: RawFd,
-    anchor: usize,
+    /// The UMEMs made so far, by their slot in `Shared::domains`.
+    domains: Vec<DomainMeta>,
+    /// Interfaces whose sockets get a UMEM of their own.
+    separate: Vec<String>,
+    allocator: AllocatorKind,
+    /// Drivers a zero-copy bind failed on: not tried again.
+    no_zerocopy: std::collections::HashSet<String>,
     /// CPUs to pin the workers to (worker i on `cpus[i % len]`).
     cpus: Option<Vec<usize>>,
+    /// What monitors read: this data path's shared state, or its successor's after a rebuild.
+    current: Arc<Mutex<Arc<Shared>>>,
 }
 
 /// Reads the data path's counters from any thread: each worker's last publication (at most
 /// 100 ms old), re-shaped to the current rules and summed, and the pool's state.
+/// It follows the data path through a rebuild (see [`Datapath::rebuild`]).
 #[derive(Clone)]
 pub struct Monitor {
-    shared: Arc<Shared>,
+    current: Arc<Mutex<Arc<Shared>>>,
 }
 
 impl Monitor {
+    fn shared(&self) -> Arc<Shared> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The current rule table and the counters shaped by it.
     pub fn stats(&self) -> (RuleTable, DatapathStats) {
-        let plan = self.shared.current_plan();
+        let shared = self.shared();
+        let plan = shared.current_plan();
         let mut sum = DatapathStats::new(plan.table.rules.iter().map(|r| r.outputs.len()));
-        for s in &self.shared.snapshots {
+        for s in &shared.snapshots {
             let s = s.lock().unwrap_or_else(|p| p.into_inner());
             sum.add(&worker::remap(&s.0, &s.1, &plan));
         }
+        sum.add(&shared.inherited(&plan));
         (plan.table.clone(), sum)
     }
 
+    /// The pools of every UMEM, added up.
     pub fn pool(&self) -> PoolStats {
-        self.shared.pool.stats()
+        self.shared().pool_stats()
     }
 
     pub fn allocator(&self) -> crate::pool::AllocatorKind {
-        self.shared.pool.kind()
+        self.shared().allocator
     }
 }
 
@@ -170,12 +211,13 @@ pub struct Finished {
 /// interface that is not also an ingress. `(name, ifindex, queue, ingress)`.
 fn wanted_sockets(table: &RuleTable) -> Vec<(String, u32, u32, bool)> {
     let mut wanted: Vec<(String, u32, u32, bool)> = Vec::new();
-    for ing in &table.ingress {
+    // Interfaces that do not exist yet have no socket until they do.
+    for ing in table.ingress.iter().filter(|i| i.info.exists()) {
         for q in 0..ing.info.rx_queues {
             wanted.push((ing.name.clone(), ing.info.ifindex, q, true));
         }
     }
-    for eg in &table.egress {
+    for eg in table.egress.iter().filter(|e| e.info.exists()) {
         if !wanted.iter().any(|(n, _, q, _)| *n == eg.name && *q == 0) {
             wanted.push((eg.name.clone(), eg.info.ifindex, 0, false));
         }
@@ -200,47 +242,20 @@ impl Datapath {
     /// Creates the UMEM and every socket, and assigns the sockets to `workers` threads. The
     /// XDP program is not involved yet: the caller puts the returned bindings into the XSKMAP,
     /// then calls [`Datapath::start`].
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         table: RuleTable,
         frames: u32,
         frame_size: u32,
         bind: BindMode,
-        pool: Arc<dyn FramePool>,
+        allocator: AllocatorKind,
+        separate: Vec<String>,
         workers: usize,
         cpus: Option<Vec<usize>>,
     ) -> Result<(Self, Vec<XskBinding>)> {
         let workers = workers.max(1);
-        let umem_config = UmemConfig::builder()
-            .frame_size(FrameSize::new(frame_size).map_err(|e| anyhow!("frame size: {e}"))?)
-            .fill_queue_size(QueueSize::new(RING_SIZE).map_err(|e| anyhow!("{e}"))?)
-            .comp_queue_size(QueueSize::new(RING_SIZE).map_err(|e| anyhow!("{e}"))?)
-            .build()
-            .map_err(|e| anyhow!("UMEM config: {e}"))?;
-        let count = NonZeroU32::new(frames).ok_or_else(|| anyhow!("zero frames"))?;
-        let (umem, descs) = Umem::new(umem_config, count, false).map_err(|e| {
-            let why = std::error::Error::source(&e)
-                .and_then(|s| s.downcast_ref::<std::io::Error>())
-                .and_then(std::io::Error::raw_os_error);
-            let hint = match why {
-                Some(libc::ENOBUFS) | Some(libc::ENOMEM) => format!(
-                    "the UMEM ({} MiB) is larger than RLIMIT_MEMLOCK allows: give the relay \
-                     CAP_IPC_LOCK, raise the limit (LimitMEMLOCK=infinity), or lower umem.frames",
-                    (frames as u64 * frame_size as u64) >> 20
-                ),
-                Some(libc::EPERM) | Some(libc::EACCES) => {
-                    "AF_XDP sockets need CAP_NET_RAW: run as root".to_owned()
-                }
-                _ => "is AF_XDP (CONFIG_XDP_SOCKETS) available?".to_owned(),
-            };
-            anyhow!("creating the UMEM: {e}: {}; {hint}", describe_source(&e))
-        })?;
-        if descs.len() != pool.capacity() {
-            return Err(anyhow!(
-                "pool holds {} frames, UMEM {}",
-                pool.capacity(),
-                descs.len()
-            ));
-        }
+        FrameSize::new(frame_size).map_err(|e| anyhow!("frame size: {e}"))?;
+        NonZeroU32::new(frames).ok_or_else(|| anyhow!("zero frames"))?;
         let queues = wanted_sockets(&table).iter().filter(|w| w.3).count();
         check_budget(frames as usize, queues, workers)?;
         let budget = budget::Budget::new(frames as usize, workers);
@@ -255,13 +270,13 @@ impl Datapath {
             egress_owner: Vec::new(),
             ingress_ports: Vec::new(),
             retire: Vec::new(),
-            fill_target: 0,
+            egress_domain: Vec::new(),
+            fill_targets: Vec::new(),
         });
         let shared = Arc::new(Shared {
-            umem,
-            frames: descs,
+            domains: (0..MAX_DOMAINS).map(|_| OnceLock::new()).collect(),
             frame_size: frame_size as usize,
-            pool,
+            allocator,
             plan: Mutex::new(empty.clone()),
             plan_gen: AtomicU64::new(0),
             adopted: (0..workers).map(|_| AtomicU64::new(0)).collect(),
@@ -271,13 +286,14 @@ impl Datapath {
             phase: AtomicU8::new(RUN),
             rx_done: AtomicUsize::new(0),
             abandoned: AtomicUsize::new(0),
+            base: Mutex::new(None),
             cache_frames: budget.cache,
             snapshots: (0..workers)
                 .map(|_| Mutex::new((empty.clone(), DatapathStats::default())))
                 .collect(),
         });
         let mut dp = Datapath {
-            shared,
+            shared: shared.clone(),
             pending: (0..workers).map(|_| Vec::new()).collect(),
             running: Vec::new(),
             ports: Vec::new(),
@@ -285,12 +301,14 @@ impl Datapath {
             budget,
             frames: frames as usize,
             fds: Vec::new(),
-            umem_fd: -1,
-            anchor: 0,
+            domains: Vec::new(),
+            separate,
+            allocator,
+            no_zerocopy: std::collections::HashSet::new(),
+            current: Arc::new(Mutex::new(shared.clone())),
             cpus: cpus.filter(|c| !c.is_empty()),
         };
         let (opened, bindings) = dp.open_sockets(&table)?;
-        dp.umem_fd = dp.fds[0];
         for (w, id, port) in opened {
             dp.pending[w].push((id, port));
         }
@@ -339,16 +357,10 @@ impl Datapath {
             if id >= MAX_PORTS {
                 return Err(anyhow!("more than {MAX_PORTS} sockets"));
             }
-            if id > 0 && self.ports[self.anchor].retired {
-                return Err(anyhow!(
-                    "{name} queue {queue}: every interface the relay had sockets on is gone, and \
-                     a new socket can only share the UMEM through a live one: restart the relay"
-                ));
-            }
-            let b = socket::open_socket(&self.shared.umem, &name, queue, self.bind, id == 0)?;
+            let (domain, b) = self.bind_socket(&name, queue, id)?;
             let w = id % workers;
             info!(
-                "{name} queue {queue}: AF_XDP socket bound in {} mode ({}, worker {w})",
+                "{name} queue {queue}: AF_XDP socket bound in {} mode ({}, worker {w}) on UMEM {domain}",
                 if b.copy_mode { "copy" } else { "zero-copy" },
                 if ingress { "ingress" } else { "egress" }
             );
@@ -363,13 +375,21 @@ impl Datapath {
                 owner: w,
                 ingress,
                 retired: false,
+                domain,
             });
             self.fds.push(fd);
+            let meta = &mut self.domains[domain];
+            if meta.umem_fd.is_none() {
+                // libxdp made the UMEM's first socket on the UMEM's own descriptor.
+                meta.umem_fd = Some(fd);
+                meta.anchor = Some(id);
+            }
             let mtu = crate::sys::mtu(&name).unwrap_or(1500);
             opened.push((
                 w,
                 id,
                 Port {
+                    domain,
                     name,
                     ifindex,
                     queue,
@@ -392,6 +412,131 @@ impl Datapath {
             ));
         }
         Ok((opened, bindings))
+    }
+
+    /// Binds socket `id` for (`iface`, `queue`) on the UMEM its kind calls for, making the
+    /// UMEM if it has none yet. With `bind: auto`, a physical interface tries the zero-copy
+    /// UMEM first and the copy one if its driver refuses; a virtual one (veth, bridge, VLAN,
+    /// tunnel) goes to the copy UMEM at once. Returns the UMEM's slot and the socket.
+    fn bind_socket(
+        &mut self,
+        iface: &str,
+        queue: u32,
+        id: usize,
+    ) -> Result<(usize, socket::Bound)> {
+        let kinds = if self.separate.iter().any(|s| s == iface) {
+            vec![Kind::Own(iface.to_owned())]
+        } else {
+            match self.bind {
+                BindMode::Copy => vec![Kind::Copy],
+                BindMode::Zerocopy => vec![Kind::Zerocopy],
+                BindMode::Auto => {
+                    let known_copy_only =
+                        socket::driver(iface).is_some_and(|d| self.no_zerocopy.contains(&d));
+                    if socket::is_virtual(iface) || known_copy_only {
+                        vec![Kind::Copy]
+                    } else {
+                        vec![Kind::Zerocopy, Kind::Copy]
+                    }
+                }
+            }
+        };
+        let mut last_err = None;
+        for kind in kinds {
+            let d = match self
+                .domains
+                .iter()
+                .position(|m| m.kind == kind && !m.orphaned)
+            {
+                Some(d) => d,
+                None => self.make_domain(kind.clone())?,
+            };
+            let first = self.domains[d].umem_fd.is_none();
+            let mode = match &kind {
+                Kind::Copy => BindMode::Copy,
+                Kind::Zerocopy => BindMode::Zerocopy,
+                Kind::Own(_) => self.bind,
+            };
+            let umem = &self.shared.domain(d).umem;
+            match socket::open_socket(umem, iface, queue, mode, first) {
+                Ok(b) => return Ok((d, b)),
+                Err(e) if e.downcast_ref::<socket::NoZeroCopy>().is_some() => {
+                    if let Some(driver) = socket::driver(iface) {
+                        self.no_zerocopy.insert(driver);
+                    }
+                    if first
+                        && !self
+                            .domains
+                            .iter()
+                            .any(|m| m.kind == Kind::Copy && !m.orphaned)
+                    {
+                        // The UMEM just made has no socket yet: it serves as the copy one.
+                        self.domains[d].kind = Kind::Copy;
+                    }
+                    info!(
+                        "{iface} queue {queue}: no zero-copy AF_XDP ({e}); using a copy-mode UMEM"
+                    );
+                    last_err = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+            let _ = id;
+        }
+        Err(last_err.unwrap_or_else(|| anyhow!("{iface} queue {queue}: no UMEM to bind to")))
+    }
+
+    /// Makes a UMEM of `frames` frames, and its pool, for sockets of `kind`.
+    fn make_domain(&mut self, kind: Kind) -> Result<usize> {
+        let slot = self.domains.len();
+        if slot >= MAX_DOMAINS {
+            return Err(anyhow!(
+                "the relay has made {MAX_DOMAINS} UMEMs (interfaces re-created many times over): \
+                 restart it"
+            ));
+        }
+        let frames = self.frames as u32;
+        let frame_size = self.shared.frame_size as u32;
+        let umem_config = UmemConfig::builder()
+            .frame_size(FrameSize::new(frame_size).map_err(|e| anyhow!("frame size: {e}"))?)
+            .fill_queue_size(QueueSize::new(RING_SIZE).map_err(|e| anyhow!("{e}"))?)
+            .comp_queue_size(QueueSize::new(RING_SIZE).map_err(|e| anyhow!("{e}"))?)
+            .build()
+            .map_err(|e| anyhow!("UMEM config: {e}"))?;
+        let count = NonZeroU32::new(frames).ok_or_else(|| anyhow!("zero frames"))?;
+        let (umem, descs) = Umem::new(umem_config, count, false).map_err(|e| {
+            let why = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .and_then(std::io::Error::raw_os_error);
+            let hint = match why {
+                Some(libc::ENOBUFS) | Some(libc::ENOMEM) => format!(
+                    "the UMEM ({} MiB) is larger than RLIMIT_MEMLOCK allows: give the relay \
+                     CAP_IPC_LOCK, raise the limit (LimitMEMLOCK=infinity), or lower umem.frames",
+                    (frames as u64 * frame_size as u64) >> 20
+                ),
+                Some(libc::EPERM) | Some(libc::EACCES) => {
+                    "AF_XDP sockets need CAP_NET_RAW: run as root".to_owned()
+                }
+                _ => "is AF_XDP (CONFIG_XDP_SOCKETS) available?".to_owned(),
+            };
+            anyhow!("creating the UMEM: {e}: {}; {hint}", describe_source(&e))
+        })?;
+        let pool: Arc<dyn crate::pool::FramePool> = Arc::from(new_pool(self.allocator, frames));
+        let made = self.shared.domains[slot].set(Domain {
+            umem,
+            frames: descs,
+            pool,
+        });
+        if made.is_err() {
+            return Err(anyhow!("UMEM slot {slot} was already taken"));
+        }
+        info!("UMEM {slot}: {frames} frames of {frame_size} bytes, for {kind:?} sockets");
+        self.domains.push(DomainMeta {
+            kind,
+            umem_fd: None,
+            anchor: None,
+            orphaned: false,
+        });
+        Ok(slot)
     }
 
     fn known_fd(&self, id: usize) -> Option<RawFd> {
@@ -421,18 +566,30 @@ impl Datapath {
             .flat_map(|i| (0..i.info.rx_queues).map(move |q| (i.name.clone(), i.info.ifindex, q)))
             .filter_map(|(n, ifindex, q)| live(&n, ifindex, q))
             .collect();
-        let fill_target = self
-            .budget
-            .fill_target(ingress_ports.len(), RING_SIZE as usize);
+        let egress_domain = egress_port
+            .iter()
+            .map(|id| id.map_or(NO_DOMAIN, |id| self.ports[id].domain))
+            .collect();
+        // Each UMEM's fill budget is shared by the ingress queues on it.
+        let fill_targets = (0..self.domains.len())
+            .map(|d| {
+                let queues = ingress_ports
+                    .iter()
+                    .filter(|&&id| self.ports[id].domain == d)
+                    .count();
+                self.budget.fill_target(queues, RING_SIZE as usize)
+            })
+            .collect();
         let generation = self.shared.plan_gen.load(Ordering::Acquire) + 1;
         let plan = Arc::new(Plan {
             generation,
             table,
             egress_port,
             egress_owner,
+            egress_domain,
             ingress_ports,
             retire,
-            fill_target,
+            fill_targets,
         });
         *self.shared.plan.lock().unwrap_or_else(|p| p.into_inner()) = plan;
         self.shared.plan_gen.store(generation, Ordering::Release);
@@ -489,15 +646,17 @@ impl Datapath {
         // Frames a worker on an older plan handed over after the owner closed the socket.
         for &id in &gone {
             if let Some(lane) = self.shared.lanes[id].get() {
+                let pool = &self.shared.domain(self.ports[id].domain).pool;
                 while let Some((desc, _)) = lane.pop() {
-                    self.shared
-                        .pool
-                        .give((desc.addr() / self.shared.frame_size) as u32);
+                    pool.give((desc.addr() / self.shared.frame_size) as u32);
                 }
             }
         }
-        if self.ports[self.anchor].retired {
-            self.reanchor()?;
+        for d in 0..self.domains.len() {
+            let anchor = self.domains[d].anchor;
+            if anchor.is_some_and(|a| self.ports[a].retired) {
+                self.reanchor(d)?;
+            }
         }
         Ok(gone
             .iter()
@@ -513,34 +672,37 @@ impl Datapath {
             .collect())
     }
 
-    /// Points the UMEM's descriptor at a live socket. The kernel lets a socket share a UMEM
-    /// through any bound socket that uses it, but libxdp always names the first socket's
+    /// Points UMEM `d`'s descriptor at a live socket of it. The kernel lets a socket share a
+    /// UMEM through any bound socket that uses it, but libxdp always names the first socket's
     /// descriptor, and a socket whose device is gone is unbound for good: binding through it
     /// fails with EBADF, so without this every new socket would fail once the first
     /// interface is re-created. dup2 makes that descriptor number refer to another socket of
-    /// the same UMEM.
-    fn reanchor(&mut self) -> Result<()> {
-        let Some(live) = self.ports.iter().position(|p| !p.retired) else {
-            warn!(
-                "every interface the relay had sockets on is gone: new sockets cannot share the \
-                 UMEM any more, so the relay must be restarted when they are back"
-            );
+    /// the same UMEM. With none left, the UMEM is orphaned: new sockets of its kind get a new
+    /// one (and when every socket is gone, the caller starts over: `Datapath::rebuild`).
+    fn reanchor(&mut self, d: usize) -> Result<()> {
+        let Some(umem_fd) = self.domains[d].umem_fd else {
+            return Ok(());
+        };
+        let Some(live) = self.ports.iter().position(|p| !p.retired && p.domain == d) else {
+            info!("UMEM {d}: every socket on it is gone; new sockets of its kind get a new UMEM");
+            self.domains[d].orphaned = true;
+            self.domains[d].anchor = None;
             return Ok(());
         };
         // SAFETY: both descriptors are open: `umem_fd` is libxdp's, which it closes only when
         // the UMEM is deleted (at exit), and `fds[live]` belongs to a socket that stays open
         // until this thread retires it. dup2 replaces only the descriptor-table entry; the old
         // socket is released by its owner's close.
-        let rc = unsafe { libc::dup2(self.fds[live], self.umem_fd) };
+        let rc = unsafe { libc::dup2(self.fds[live], umem_fd) };
         if rc < 0 {
             return Err(std::io::Error::last_os_error())
                 .context("pointing the UMEM's descriptor at a live socket");
         }
         info!(
-            "the UMEM's first socket is gone; new sockets share it through {} queue {}",
+            "UMEM {d}: its first socket is gone; new sockets share it through {} queue {}",
             self.ports[live].name, self.ports[live].queue
         );
-        self.anchor = live;
+        self.domains[d].anchor = Some(live);
         Ok(())
     }
 
@@ -557,8 +719,53 @@ impl Datapath {
     /// A handle other threads use to read live counters.
     pub fn monitor(&self) -> Monitor {
         Monitor {
-            shared: self.shared.clone(),
+            current: self.current.clone(),
         }
+    }
+
+    /// Whether every socket the data path had is closed: none is left to share the UMEM
+    /// through (see [`Datapath::reanchor`]).
+    pub fn is_orphaned(&self) -> bool {
+        !self.ports.is_empty() && self.ports.iter().all(|p| p.retired)
+    }
+
+    /// Starts over on a new UMEM, for when every interface went away at once and no socket is
+    /// left to share the old one through. Nothing is in flight then (every socket is closed
+    /// and its frames taken back), so the old data path stops at once; the new one keeps the
+    /// old one's counters and runs the same rules, idle until their interfaces are back and
+    /// the caller applies them again, which opens sockets on the new UMEM.
+    pub fn rebuild(&mut self) -> Result<FrameAccount> {
+        let table = self.table();
+        let (mut next, _) = Datapath::new(
+            RuleTable::default(),
+            self.frames as u32,
+            self.shared.frame_size as u32,
+            self.bind,
+            self.allocator,
+            self.separate.clone(),
+            self.shared.wakers.len(),
+            self.cpus.clone(),
+        )?;
+        next.current = self.current.clone();
+        let old = std::mem::replace(self, next);
+        let finished = old.stop();
+        let shape = Arc::new(Plan {
+            // A generation no plan of the new data path has, so counters are re-shaped by name.
+            generation: u64::MAX,
+            table: finished.table.clone(),
+            egress_port: Vec::new(),
+            egress_owner: Vec::new(),
+            egress_domain: Vec::new(),
+            ingress_ports: Vec::new(),
+            retire: Vec::new(),
+            fill_targets: Vec::new(),
+        });
+        *self.shared.base.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((shape, finished.stats.clone()));
+        self.publish_plan(table, Vec::new());
+        self.start()?;
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = self.shared.clone();
+        Ok(finished.account)
     }
 
     /// Starts the worker threads, each pinned to its CPU if `cpus:` names them; each fills
@@ -652,6 +859,7 @@ impl Datapath {
                 Err(_) => warn!("a worker thread panicked; its counters are lost"),
             }
         }
+        stats.add(&self.shared.inherited(&plan));
         // Sockets a reload opened that no worker took up before stopping.
         for slot in &self.shared.incoming {
             ports.extend(
@@ -662,16 +870,17 @@ impl Datapath {
         }
         // Frames still in a lane were handed over after their transmitting worker stopped:
         // they were never sent, so they go back to the pool.
-        for lane in self.shared.lanes.iter().filter_map(OnceLock::get) {
+        for (id, lane) in self.shared.lanes.iter().enumerate() {
+            let Some(lane) = lane.get() else { continue };
+            // A lane is made only for a socket that exists, so it has a UMEM.
+            let pool = &self.shared.domain(self.ports[id].domain).pool;
             while let Some((desc, _)) = lane.pop() {
-                self.shared
-                    .pool
-                    .give((desc.addr() / self.shared.frame_size) as u32);
+                pool.give((desc.addr() / self.shared.frame_size) as u32);
             }
         }
         let account = FrameAccount {
-            frames: self.shared.frames.len(),
-            in_pool: self.shared.pool.free(),
+            frames: self.shared.made_domains().map(|d| d.frames.len()).sum(),
+            in_pool: self.shared.made_domains().map(|d| d.pool.free()).sum(),
             in_fill: ports.iter().map(|p| p.in_fill).sum(),
             in_tx: ports.iter().map(|p| p.in_tx).sum(),
             abandoned: self.shared.abandoned.load(Ordering::Acquire),
@@ -690,7 +899,7 @@ impl Datapath {
             table: plan.table.clone(),
             stats,
             account,
-            pool: self.shared.pool.stats(),
+            pool: self.shared.pool_stats(),
             sockets,
             _ports: ports,
         }

@@ -68,16 +68,17 @@ pub(super) fn open_socket(
         },
     };
     let (tx, rx, rings) = result.map_err(|e| {
-        if os_error(&e) == Some(libc::EBUSY) {
+        if os_error(&e) == Some(libc::EOPNOTSUPP) && (bind == BindMode::Zerocopy || !first) {
+            // The caller may try a copy-mode UMEM instead: a type it can recognise.
+            anyhow::Error::new(NoZeroCopy {
+                iface: iface.to_owned(),
+                queue,
+                shared: !first,
+            })
+        } else if os_error(&e) == Some(libc::EBUSY) {
             anyhow!(
                 "{iface} queue {queue} already has an AF_XDP socket bound: is another relay (or \
                  AF_XDP program) running on {iface}? Stop it, or remove {iface} from this config"
-            )
-        } else if bind == BindMode::Zerocopy && os_error(&e) == Some(libc::EOPNOTSUPP) {
-            anyhow!(
-                "{iface} queue {queue}: zero-copy AF_XDP is not supported by {iface}'s driver \
-                 (veth and many others have copy mode only): use `bind: auto`, which falls back \
-                 to copy mode, or `bind: copy`"
             )
         } else {
             anyhow!(
@@ -99,6 +100,49 @@ pub(super) fn open_socket(
         cq,
         copy_mode: !zerocopy,
     })
+}
+
+/// A zero-copy bind the driver refused: binding first with `bind: zerocopy`, or sharing a
+/// UMEM whose sockets run zero-copy (the kernel gives a shared socket the UMEM's mode).
+#[derive(Debug)]
+pub(super) struct NoZeroCopy {
+    pub iface: String,
+    pub queue: u32,
+    pub shared: bool,
+}
+
+impl std::fmt::Display for NoZeroCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (iface, queue) = (&self.iface, self.queue);
+        if self.shared {
+            write!(
+                f,
+                "{iface} queue {queue}: {iface}'s driver has no zero-copy AF_XDP, and the UMEM \
+                 it would share runs zero-copy"
+            )
+        } else {
+            write!(
+                f,
+                "{iface} queue {queue}: zero-copy AF_XDP is not supported by {iface}'s driver \
+                 (veth and many others have copy mode only): use `bind: auto`, which falls back \
+                 to copy mode, or `bind: copy`"
+            )
+        }
+    }
+}
+
+impl std::error::Error for NoZeroCopy {}
+
+/// Whether an interface is a virtual device (veth, bridge, VLAN, tunnel, ...): those have no
+/// zero-copy AF_XDP, so the relay does not try it on them.
+pub(super) fn is_virtual(iface: &str) -> bool {
+    !std::path::Path::new(&format!("/sys/class/net/{iface}/device")).exists()
+}
+
+/// The driver of a physical interface, to remember which have no zero-copy.
+pub(super) fn driver(iface: &str) -> Option<String> {
+    let link = std::fs::read_link(format!("/sys/class/net/{iface}/device/driver")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
 }
 
 /// How long a bind keeps retrying EBUSY. The kernel releases a closed socket's hold on its

@@ -47,6 +47,9 @@ impl OutputCounters {
 pub struct RuleCounters {
     pub packets: u64,
     pub bytes: u64,
+    /// Received frames whose partial UDP checksum (a sender's transmit offload, over a veth)
+    /// the data path completed before sending them on.
+    pub checksum_completed: u64,
     pub outputs: Vec<OutputCounters>,
 }
 
@@ -62,6 +65,9 @@ pub struct DatapathStats {
     /// Fan-out copies made: a frame with N outputs is copied N - 1 times (the last output
     /// gets the received frame itself), so a frame that goes to one output never is.
     pub copies: u64,
+    /// Of those, copies into another UMEM: the output's socket is on a UMEM of its own
+    /// (`umem.separate`) or of another mode (zero-copy beside copy).
+    pub cross_umem: u64,
 }
 
 impl DatapathStats {
@@ -83,6 +89,7 @@ impl DatapathStats {
         for (r, o) in self.rules.iter_mut().zip(&other.rules) {
             r.packets += o.packets;
             r.bytes += o.bytes;
+            r.checksum_completed += o.checksum_completed;
             for (a, b) in r.outputs.iter_mut().zip(&o.outputs) {
                 a.add(b);
             }
@@ -90,6 +97,7 @@ impl DatapathStats {
         self.unmatched += other.unmatched;
         self.malformed += other.malformed;
         self.copies += other.copies;
+        self.cross_umem += other.cross_umem;
     }
 }
 
@@ -106,11 +114,14 @@ mod tests {
         b.rules[0].packets = 4;
         b.rules[0].outputs[1].handoff_full = 5;
         b.rules[1].outputs[0].bytes = 7;
+        a.rules[1].checksum_completed = 2;
+        b.rules[1].checksum_completed = 3;
         b.malformed = 1;
         a.add(&b);
         assert_eq!(a.rules[0].packets, 7);
         assert_eq!(a.rules[0].outputs[1].dropped(), 7);
         assert_eq!(a.rules[1].outputs[0].bytes, 7);
+        assert_eq!(a.rules[1].checksum_completed, 5);
         assert_eq!(a.malformed, 1);
     }
 }

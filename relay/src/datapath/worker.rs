@@ -29,7 +29,7 @@ use super::{
 use crate::{
     frag::{FragTable, rewrite_packet},
     pool::{FrameCache, FramePool},
-    rewrite::RewriteError,
+    rewrite::{RewriteError, complete_partial_udp_checksum},
     rules::RuleTable,
     vlan::retag,
     wire::{check_lengths, classify},
@@ -59,14 +59,16 @@ pub(super) struct Plan {
     pub egress_port: Vec<Option<usize>>,
     /// For each egress, the worker that owns that socket.
     pub egress_owner: Vec<Option<usize>>,
+    /// For each egress, the UMEM of that socket (`NO_DOMAIN` when there is none).
+    pub egress_domain: Vec<usize>,
     /// Global ids of the sockets that receive (bound to an ingress queue).
     pub ingress_ports: Vec<usize>,
     /// Sockets whose device is gone: their owner takes back what frames it can and closes
     /// them when it takes this plan up.
     pub retire: Vec<usize>,
-    /// How full each ingress socket's fill ring is kept: the UMEM's fill budget shared by the
-    /// ingress queues there are now.
-    pub fill_target: usize,
+    /// How full each ingress socket's fill ring is kept, by UMEM: its fill budget shared by
+    /// the ingress queues on it now.
+    pub fill_targets: Vec<usize>,
 }
 
 /// Frames handed from one worker to the owner of a socket.
@@ -75,13 +77,29 @@ pub(super) type Lane = ArrayQueue<(FrameDesc, Tag)>;
 /// Most sockets one relay opens over its lifetime.
 pub(super) const MAX_PORTS: usize = 1024;
 
-/// What the workers share.
-pub(super) struct Shared {
+/// One UMEM, the frames it holds and the pool of those that are free. Sockets share one per
+/// bind mode, and one per `umem.separate` interface; a frame is copied only to cross from
+/// one to another.
+pub(super) struct Domain {
     pub umem: Umem,
     /// The descriptor `Umem::new` made for each frame, indexed by frame number.
     pub frames: Vec<FrameDesc>,
-    pub frame_size: usize,
     pub pool: Arc<dyn FramePool>,
+}
+
+/// Most UMEMs one data path makes over its life (one per bind mode, one per `separate`
+/// interface, and new ones for kinds whose every socket went away).
+pub(super) const MAX_DOMAINS: usize = 32;
+
+/// No socket (the egress is gone): in `Plan::egress_domain`.
+pub(super) const NO_DOMAIN: usize = usize::MAX;
+
+/// What the workers share.
+pub(super) struct Shared {
+    /// The UMEMs, made when a socket first needs one and never moved.
+    pub domains: Box<[OnceLock<Domain>]>,
+    pub frame_size: usize,
+    pub allocator: crate::pool::AllocatorKind,
     /// The current plan; workers look at `plan_gen` every pass and take the lock only when it
     /// moved.
     pub plan: Mutex<Arc<Plan>>,
@@ -102,13 +120,55 @@ pub(super) struct Shared {
     pub abandoned: AtomicUsize,
     /// Frames each worker's cache may hold (see `budget`).
     pub cache_frames: usize,
+    /// Counters a data path this one replaced had (see `Datapath::rebuild`), with the plan
+    /// they are shaped by.
+    pub base: Mutex<Option<(Arc<Plan>, DatapathStats)>>,
     /// Each worker's counters as of its last publication, with the plan they are shaped by.
     pub snapshots: Vec<Mutex<(Arc<Plan>, DatapathStats)>>,
 }
 
 impl Shared {
+    /// A UMEM a socket uses (so it was made before the socket).
+    pub fn domain(&self, d: usize) -> &Domain {
+        self.domains[d]
+            .get()
+            .expect("a socket's UMEM is made before the socket")
+    }
+
+    /// The UMEMs made so far.
+    pub fn made_domains(&self) -> impl Iterator<Item = &Domain> {
+        self.domains.iter().filter_map(OnceLock::get)
+    }
+
+    /// The pools of every UMEM, added up.
+    pub fn pool_stats(&self) -> crate::pool::PoolStats {
+        let mut sum = crate::pool::PoolStats {
+            capacity: 0,
+            free: 0,
+            low_water: 0,
+            rejected: 0,
+        };
+        for d in self.made_domains() {
+            let s = d.pool.stats();
+            sum.capacity += s.capacity;
+            sum.free += s.free;
+            sum.low_water += s.low_water;
+            sum.rejected += s.rejected;
+        }
+        sum
+    }
+
     pub fn lane(&self, port: usize) -> &Lane {
         self.lanes[port].get_or_init(|| ArrayQueue::new(super::LANE_FRAMES))
+    }
+
+    /// The inherited counters, re-shaped to `plan`.
+    pub fn inherited(&self, plan: &Plan) -> DatapathStats {
+        let base = self.base.lock().unwrap_or_else(|p| p.into_inner());
+        match &*base {
+            Some((shape, stats)) => remap(shape, stats, plan),
+            None => DatapathStats::new(plan.table.rules.iter().map(|r| r.outputs.len())),
+        }
     }
 
     pub fn current_plan(&self) -> Arc<Plan> {
@@ -164,6 +224,8 @@ impl Waker {
 
 /// One AF_XDP socket, bound to one (interface, queue).
 pub(super) struct Port {
+    /// The UMEM its frames are in.
+    pub domain: usize,
     pub name: String,
     pub ifindex: u32,
     pub queue: u32,
@@ -205,7 +267,8 @@ pub(super) struct Worker {
     ports: Vec<Port>,
     /// The global id of each of `ports`.
     port_ids: Vec<usize>,
-    cache: FrameCache,
+    /// A frame cache per UMEM, made on first use.
+    caches: Vec<Option<FrameCache>>,
     stats: DatapathStats,
     /// For each egress of the plan's table, the index of this worker's port for it, if it
     /// owns it.
@@ -234,11 +297,10 @@ impl Worker {
         let plan = shared.current_plan();
         let (port_ids, mut ports): (Vec<usize>, Vec<Port>) = ports.into_iter().unzip();
         for p in &mut ports {
-            p.fill_target = plan.fill_target;
+            p.fill_target = plan.fill_targets.get(p.domain).copied().unwrap_or(0);
         }
         let n = ports.len();
         let stats = DatapathStats::new(plan.table.rules.iter().map(|r| r.outputs.len()));
-        let cache = FrameCache::new(shared.pool.clone(), shared.cache_frames);
         let workers = shared.wakers.len();
         let mut w = Worker {
             id,
@@ -246,7 +308,7 @@ impl Worker {
             plan,
             ports,
             port_ids,
-            cache,
+            caches: (0..MAX_DOMAINS).map(|_| None).collect(),
             stats,
             local_egress: Vec::new(),
             staged: vec![Vec::with_capacity(BATCH * 4); n],
@@ -313,7 +375,7 @@ impl Worker {
         let plan = Arc::clone(&self.plan);
         for (port, id) in self.ports.iter_mut().zip(&self.port_ids) {
             port.ingress = plan.ingress_ports.contains(id);
-            port.fill_target = plan.fill_target;
+            port.fill_target = plan.fill_targets.get(port.domain).copied().unwrap_or(0);
         }
         self.local_egress = self.map_egress();
         self.poll_fds = self.poll_set();
@@ -328,6 +390,7 @@ impl Worker {
     fn retire(&mut self, pi: usize) {
         let id = self.port_ids.remove(pi);
         let mut port = self.ports.remove(pi);
+        let dom = port.domain;
         let staged = self.staged.remove(pi);
         let tags = self.staged_tags.remove(pi);
         let lane = self.shared.lanes[id].get();
@@ -338,7 +401,7 @@ impl Worker {
                 c.interface_down += 1;
             }
             let f = self.frame_index(&desc);
-            self.cache.give(f);
+            self.cache(dom).give(f);
         }
         let before = port.in_fill + port.in_tx;
         loop {
@@ -351,13 +414,13 @@ impl Worker {
             port.in_fill = port.in_fill.saturating_sub(n);
             for k in 0..n {
                 let f = self.frame_index(&self.rx_buf[k]);
-                self.cache.give(f);
+                self.cache(dom).give(f);
             }
         }
         let unfilled = (RING_SIZE - port.fq.nb_free_exact()) as usize;
         let unfilled = unfilled.min(port.in_fill);
         for f in port.fill_log.last(unfilled) {
-            self.cache.give(f);
+            self.cache(dom).give(f);
         }
         port.in_fill -= unfilled;
         loop {
@@ -369,13 +432,13 @@ impl Worker {
             port.in_tx = port.in_tx.saturating_sub(n);
             for k in 0..n {
                 let f = self.frame_index(&self.comp_buf[k]);
-                self.cache.give(f);
+                self.cache(dom).give(f);
             }
         }
         let unsent = (RING_SIZE - port.tx.nb_free_exact()) as usize;
         let unsent = unsent.min(port.in_tx);
         for f in port.tx_log.last(unsent) {
-            self.cache.give(f);
+            self.cache(dom).give(f);
         }
         port.in_tx -= unsent;
         let lost = port.in_fill + port.in_tx;
@@ -411,7 +474,9 @@ impl Worker {
         }
         self.drain();
         self.drop_staged();
-        self.cache.flush();
+        for cache in self.caches.iter_mut().flatten() {
+            cache.flush();
+        }
         self.publish();
         WorkerReport {
             plan: self.plan,
@@ -453,6 +518,7 @@ impl Worker {
     /// pool, counted as the ring's drops.
     fn drop_staged(&mut self) {
         for pi in 0..self.ports.len() {
+            let dom = self.ports[pi].domain;
             let staged = std::mem::take(&mut self.staged[pi]);
             let tags = std::mem::take(&mut self.staged_tags[pi]);
             for (desc, tag) in staged.iter().zip(tags) {
@@ -460,7 +526,7 @@ impl Worker {
                     c.tx_ring_full += 1;
                 }
                 let f = self.frame_index(desc);
-                self.cache.give(f);
+                self.cache(dom).give(f);
             }
         }
     }
@@ -573,6 +639,14 @@ impl Worker {
             .collect()
     }
 
+    /// The frame cache in front of UMEM `d`'s pool.
+    fn cache(&mut self, d: usize) -> &mut FrameCache {
+        let shared = &self.shared;
+        self.caches[d].get_or_insert_with(|| {
+            FrameCache::new(shared.domain(d).pool.clone(), shared.cache_frames)
+        })
+    }
+
     fn frame_index(&self, desc: &FrameDesc) -> u32 {
         (desc.addr() / self.shared.frame_size) as u32
     }
@@ -593,44 +667,67 @@ impl Worker {
             return 0;
         }
         let ifindex = self.ports[pi].ifindex;
+        let dom = self.ports[pi].domain;
         // One reference count for the batch, not one per frame: the count is shared by every
         // worker, and touching it per frame would bounce its cache line between them.
         let plan = Arc::clone(&self.plan);
         let shared = Arc::clone(&self.shared);
         for k in 0..n {
             let desc = self.rx_buf[k];
-            self.forward(&shared, &plan, ifindex, desc);
+            self.forward(&shared, &plan, ifindex, dom, desc);
         }
         n
     }
 
-    /// Sends one received frame to each output of its rule: copies for all outputs but the
-    /// last, then the received frame itself, rewritten in place, for the last.
-    fn forward(&mut self, shared: &Shared, plan: &Plan, ifindex: u32, mut desc: FrameDesc) {
+    /// Sends one received frame (in UMEM `dom`) to each output of its rule: the received frame
+    /// itself, rewritten in place, to the last output whose socket is on the same UMEM, and a
+    /// copy to every other output, taken from the UMEM of its socket.
+    fn forward(
+        &mut self,
+        shared: &Shared,
+        plan: &Plan,
+        ifindex: u32,
+        dom: usize,
+        mut desc: FrameDesc,
+    ) {
         let frame_no = self.frame_index(&desc);
+        let home = shared.domain(dom);
         // SAFETY: the frame came off the RX ring, so neither the kernel nor another descriptor
         // refers to it until we hand it on.
-        let bytes = unsafe { shared.umem.data(&desc) }.contents();
+        let bytes = unsafe { home.umem.data(&desc) }.contents();
         let len = bytes.len();
         let Some(flow) = classify(bytes) else {
             self.stats.malformed += 1;
-            self.cache.give(frame_no);
+            self.cache(dom).give(frame_no);
             return;
         };
         let Some(rule_id) = self.find_rule(plan, ifindex, &flow) else {
             self.stats.unmatched += 1;
-            self.cache.give(frame_no);
+            self.cache(dom).give(frame_no);
             return;
         };
         if check_lengths(bytes, &flow).is_err() {
             self.stats.malformed += 1;
-            self.cache.give(frame_no);
+            self.cache(dom).give(frame_no);
             return;
         }
+        // Read before the frame is borrowed mutably below.
+        let expired = arrived_ttl(bytes, &flow) <= 1;
+        // Once per received frame, before any copy: every copy then starts from a full
+        // checksum, which each output's incremental update keeps valid.
+        // SAFETY: the frame came off the RX ring and no copy of it exists yet, so this is its
+        // only user; `bytes` is not read again.
+        // Not in fragments: the sender's stack completes the checksum before it fragments, and
+        // a later fragment's data is no UDP header.
+        let completed = flow.frag.is_none()
+            && unsafe {
+                complete_partial_udp_checksum(home.umem.data_mut(&mut desc).contents_mut(), &flow)
+            };
         let rule = &plan.table.rules[rule_id as usize];
         let rc = &mut self.stats.rules[rule_id as usize];
         rc.packets += 1;
         rc.bytes += len as u64;
+        rc.checksum_completed += u64::from(completed);
         let tag = |output: usize| Tag {
             rule: rule_id,
             output: output as u16,
@@ -638,35 +735,41 @@ impl Worker {
         };
         // A frame at the end of its scope goes only to outputs that set the TTL: decided here,
         // so no copy is made for an output that would refuse it.
-        let expired = arrived_ttl(bytes, &flow) <= 1;
         let takes = |o: &crate::rules::CompiledOutput| !expired || o.action.ttl.is_some();
-        let Some(last) = rule.outputs.iter().rposition(takes) else {
-            for c in &mut self.stats.rules[rule_id as usize].outputs {
-                c.ttl_expired += 1;
-            }
-            self.cache.give(frame_no);
-            return;
-        };
-        for oi in last + 1..rule.outputs.len() {
-            self.stats.rules[rule_id as usize].outputs[oi].ttl_expired += 1;
-        }
+        let on = |o: &crate::rules::CompiledOutput| plan.egress_domain[o.egress];
+        let last = rule.outputs.iter().rposition(|o| takes(o) && on(o) == dom);
 
-        for (oi, out) in rule.outputs.iter().enumerate().take(last) {
-            if !takes(out) {
-                self.stats.rules[rule_id as usize].outputs[oi].ttl_expired += 1;
+        for (oi, out) in rule.outputs.iter().enumerate() {
+            if Some(oi) == last {
                 continue;
             }
-            let Some(copy_no) = self.cache.take() else {
+            let counters = &mut self.stats.rules[rule_id as usize].outputs[oi];
+            if !takes(out) {
+                counters.ttl_expired += 1;
+                continue;
+            }
+            let to = on(out);
+            if to == NO_DOMAIN {
+                // Its device is gone and no new one has come yet: no copy for it.
+                counters.interface_down += 1;
+                continue;
+            }
+            let Some(copy_no) = self.cache(to).take() else {
                 self.stats.rules[rule_id as usize].outputs[oi].no_frame += 1;
                 continue;
             };
             self.stats.copies += 1;
-            let mut copy = shared.frames[copy_no as usize];
-            // SAFETY: `copy` is a free frame just taken from the pool, distinct from `desc`'s
-            // frame, and no ring holds it; `desc`'s frame is only read here.
+            if to != dom {
+                self.stats.cross_umem += 1;
+            }
+            let away = shared.domain(to);
+            let mut copy = away.frames[copy_no as usize];
+            // SAFETY: `copy` is a free frame just taken from its pool, distinct from `desc`'s
+            // frame (another frame, or another UMEM), and no ring holds it; `desc`'s frame is
+            // only read here.
             let result = unsafe {
-                let src = shared.umem.data(&desc).contents();
-                let mut dst = shared.umem.data_mut(&mut copy);
+                let src = home.umem.data(&desc).contents();
+                let mut dst = away.umem.data_mut(&mut copy);
                 let mut cursor = dst.cursor();
                 cursor.set_pos(0);
                 cursor
@@ -674,14 +777,19 @@ impl Worker {
                     .expect("a frame's data fits in any frame");
                 rewrite_frame(&mut dst, &flow, &out.action)
             };
-            self.settle(out.egress, copy, tag(oi), result);
+            self.settle(out.egress, to, copy, tag(oi), result);
         }
 
+        let Some(last) = last else {
+            // Every output got a copy (or refused the frame): the received one goes back.
+            self.cache(dom).give(frame_no);
+            return;
+        };
         let out = &rule.outputs[last];
         // SAFETY: the copies are done, so this is the frame's only user.
         let result =
-            unsafe { rewrite_frame(&mut shared.umem.data_mut(&mut desc), &flow, &out.action) };
-        self.settle(out.egress, desc, tag(last), result);
+            unsafe { rewrite_frame(&mut home.umem.data_mut(&mut desc), &flow, &out.action) };
+        self.settle(out.egress, dom, desc, tag(last), result);
     }
 
     /// The rule of a frame: by the rule table, as the XDP program found it; for a later
@@ -704,22 +812,24 @@ impl Worker {
     fn settle(
         &mut self,
         egress: usize,
+        dom: usize,
         desc: FrameDesc,
         tag: Tag,
         result: Result<(), RewriteError>,
     ) {
         match result {
-            Ok(()) => self.dispatch(egress, desc, tag),
+            Ok(()) => self.dispatch(egress, dom, desc, tag),
             Err(e) => {
                 self.count_rewrite_error(tag, e);
                 let f = self.frame_index(&desc);
-                self.cache.give(f);
+                self.cache(dom).give(f);
             }
         }
     }
 
-    /// Stages a frame on this worker's socket for `egress`, or hands it to the owner's lane.
-    fn dispatch(&mut self, egress: usize, desc: FrameDesc, tag: Tag) {
+    /// Stages a frame (in UMEM `dom`, the egress socket's) on this worker's socket for
+    /// `egress`, or hands it to the owner's lane.
+    fn dispatch(&mut self, egress: usize, dom: usize, desc: FrameDesc, tag: Tag) {
         if let Some(pi) = self.local_egress[egress] {
             self.staged[pi].push(desc);
             self.staged_tags[pi].push(tag);
@@ -734,7 +844,7 @@ impl Worker {
                 c.interface_down += 1;
             }
             let f = self.frame_index(&desc);
-            self.cache.give(f);
+            self.cache(dom).give(f);
             return;
         };
         match self.shared.lane(port).push((desc, tag)) {
@@ -744,7 +854,7 @@ impl Worker {
                     c.handoff_full += 1;
                 }
                 let f = self.frame_index(&desc);
-                self.cache.give(f);
+                self.cache(dom).give(f);
             }
         }
     }
@@ -792,6 +902,7 @@ impl Worker {
 
     /// Puts staged frames on a port's TX ring and kicks the kernel.
     fn transmit(&mut self, pi: usize) -> usize {
+        let dom = self.ports[pi].domain;
         let mut staged = std::mem::take(&mut self.staged[pi]);
         let mut tags = std::mem::take(&mut self.staged_tags[pi]);
         let mut sent = 0;
@@ -801,7 +912,7 @@ impl Worker {
                     oc.interface_down += 1;
                 }
                 let f = self.frame_index(desc);
-                self.cache.give(f);
+                self.cache(dom).give(f);
             }
             staged.clear();
             tags.clear();
@@ -811,7 +922,7 @@ impl Worker {
             let mtu = self.ports[pi].mtu;
             let mut kept = 0;
             for k in 0..staged.len() {
-                if ip_len(&self.shared, &staged[k]) <= mtu {
+                if ip_len(self.shared.domain(dom), &staged[k]) <= mtu {
                     staged[kept] = staged[k];
                     tags[kept] = tags[k];
                     kept += 1;
@@ -820,7 +931,7 @@ impl Worker {
                         oc.too_large += 1;
                     }
                     let f = self.frame_index(&staged[k]);
-                    self.cache.give(f);
+                    self.cache(dom).give(f);
                 }
             }
             staged.truncate(kept);
@@ -850,7 +961,7 @@ impl Worker {
                     oc.tx_ring_full += 1;
                 }
                 let f = self.frame_index(desc);
-                self.cache.give(f);
+                self.cache(dom).give(f);
             }
             staged.truncate(keep);
             tags.truncate(keep);
@@ -893,9 +1004,10 @@ impl Worker {
         // SAFETY: the completion ring hands back frames the kernel has finished sending.
         let n = unsafe { port.cq.consume(&mut self.comp_buf[..want]) };
         port.in_tx -= n;
+        let dom = port.domain;
         for k in 0..n {
             let f = (self.comp_buf[k].addr() / self.shared.frame_size) as u32;
-            self.cache.give(f);
+            self.cache(dom).give(f);
         }
         n
     }
@@ -911,14 +1023,18 @@ impl Worker {
         if want == 0 {
             return;
         }
+        let dom = port.domain;
         self.take_buf.clear();
-        self.cache.take_batch(&mut self.take_buf, want);
+        let shared = &self.shared;
+        let cache = self.caches[dom].get_or_insert_with(|| {
+            FrameCache::new(shared.domain(dom).pool.clone(), shared.cache_frames)
+        });
+        cache.take_batch(&mut self.take_buf, want);
+        let frames = &shared.domain(dom).frames;
         self.desc_buf.clear();
-        self.desc_buf.extend(
-            self.take_buf
-                .iter()
-                .map(|&f| self.shared.frames[f as usize]),
-        );
+        self.desc_buf
+            .extend(self.take_buf.iter().map(|&f| frames[f as usize]));
+        let port = &mut self.ports[pi];
         // SAFETY: the frames came from the pool, so nothing else refers to them.
         let produced = unsafe { port.fq.produce(&self.desc_buf) };
         port.in_fill += produced;
@@ -926,7 +1042,7 @@ impl Worker {
             port.fill_log.record(f);
         }
         // The fill ring is ours alone and had room for `want`, so this is empty.
-        self.cache.give_batch(&self.take_buf[produced..]);
+        cache.give_batch(&self.take_buf[produced..]);
         if port.fq.needs_wakeup() {
             let _ = port.fq.wakeup(port.rx.fd_mut(), 0);
         }
@@ -970,9 +1086,9 @@ fn arrived_ttl(frame: &[u8], flow: &crate::wire::Flow) -> u8 {
 
 /// The length of the IP packet in a frame: what must fit the egress MTU. A VLAN tag the output
 /// sends with does not count.
-fn ip_len(shared: &Shared, desc: &FrameDesc) -> u32 {
+fn ip_len(domain: &Domain, desc: &FrameDesc) -> u32 {
     // SAFETY: the frame is staged, so it is ours and only read here.
-    let data = unsafe { shared.umem.data(desc) }.contents();
+    let data = unsafe { domain.umem.data(desc) }.contents();
     let tagged = data
         .get(12..14)
         .is_some_and(|t| t == [0x81, 0x00] || t == [0x88, 0xa8]);
@@ -992,6 +1108,7 @@ pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathSt
     out.unmatched = stats.unmatched;
     out.malformed = stats.malformed;
     out.copies = stats.copies;
+    out.cross_umem = stats.cross_umem;
     let by_name: rustc_hash::FxHashMap<&str, usize> = old
         .table
         .rules
@@ -1006,6 +1123,7 @@ pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathSt
         let (or, oc) = (&old.table.rules[oi], &stats.rules[oi]);
         out.rules[ni].packets = oc.packets;
         out.rules[ni].bytes = oc.bytes;
+        out.rules[ni].checksum_completed = oc.checksum_completed;
         for (k, no) in nr.outputs.iter().enumerate() {
             if let Some(oo) = or.outputs.get(k)
                 && old.table.egress[oo.egress].name == new.table.egress[no.egress].name

@@ -1,9 +1,114 @@
 //! Helpers the end-to-end test files share.
 
-use std::{path::Path, time::Duration};
+// Each test file uses its own subset of these.
+#![allow(dead_code)]
 
-use relay::stats::StatsView;
-use relay_tests::relay_proc::relay_bin;
+use std::{collections::BTreeSet, net::IpAddr, path::Path, sync::Mutex, time::Duration};
+
+use relay::{
+    checksum::{checksum, udp_ipv4, udp_ipv6},
+    stats::StatsView,
+    wire::{EthernetFrame, Ipv4Packet, Ipv6Packet, UdpPacket, classify, multicast_mac},
+};
+use relay_tests::{
+    relay_proc::{RelayProc, relay_bin},
+    topo::{SENDER_ADDR, SENDER_ADDR6, Topology},
+    traffic::check_payload,
+};
+
+/// The machine has two cores: tests that push traffic run one at a time so that one test's
+/// load cannot cost another packets.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn mac_of(topo: &Topology, iface: &str) -> [u8; 6] {
+    let s = topo
+        .relay
+        .exec(&["cat", &format!("/sys/class/net/{iface}/address")])
+        .unwrap();
+    relay::sys::parse_mac(s.trim()).unwrap()
+}
+
+/// UDP to the test groups: 239.0.0.0/8, or IPv6 groups of organisation scope (ff?8::/16).
+pub fn is_udp_to_test_group(frame: &[u8]) -> bool {
+    classify(frame).is_some_and(|f| match f.group {
+        IpAddr::V4(g) => g.octets()[0] == 239,
+        IpAddr::V6(g) => g.octets()[0] == 0xff && g.octets()[1] & 0x0f == 8,
+    })
+}
+
+/// Checks one captured frame (MACs, checksums, the sender's source address) and returns
+/// (group, port, TTL or hop limit, payload).
+pub fn inspect(frame: &[u8], src_mac: [u8; 6]) -> (IpAddr, u16, u8, Vec<u8>) {
+    let flow = classify(frame).expect("a multicast UDP frame");
+    let eth = EthernetFrame::new_checked(frame).unwrap();
+    assert_eq!(
+        eth.src_mac(),
+        src_mac,
+        "source MAC is the egress interface's"
+    );
+    assert_eq!(eth.dst_mac(), multicast_mac(flow.group));
+    let (udp_bytes, hops, expected_sum) = match (flow.source, flow.group) {
+        (IpAddr::V4(source), IpAddr::V4(group)) => {
+            let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
+            assert_eq!(checksum(ip.header()), 0, "IPv4 header checksum is valid");
+            assert_eq!(source, SENDER_ADDR, "the source address is kept");
+            let udp_bytes = &frame[flow.l4..flow.l3 + usize::from(ip.total_len())];
+            let mut zeroed = udp_bytes.to_vec();
+            zeroed[6..8].fill(0);
+            (udp_bytes, ip.ttl(), udp_ipv4(source, group, &zeroed))
+        }
+        (IpAddr::V6(source), IpAddr::V6(group)) => {
+            let ip = Ipv6Packet::new_checked(&frame[flow.l3..]).unwrap();
+            assert_eq!(source, SENDER_ADDR6, "the source address is kept");
+            let end = flow.l3 + 40 + usize::from(ip.payload_len());
+            let udp_bytes = &frame[flow.l4..end];
+            let mut zeroed = udp_bytes.to_vec();
+            zeroed[6..8].fill(0);
+            (udp_bytes, ip.hop_limit(), udp_ipv6(source, group, &zeroed))
+        }
+        _ => panic!("mixed families in {frame:02x?}"),
+    };
+    let udp = UdpPacket::new_checked(udp_bytes).unwrap();
+    assert_ne!(udp.checksum(), 0, "the UDP checksum is present");
+    assert_eq!(udp.checksum(), expected_sum, "UDP checksum is valid");
+    (flow.group, flow.port, hops, udp.payload().to_vec())
+}
+
+/// Stops the relay with SIGTERM and checks that it ended well: exit 0, every UMEM frame
+/// accounted for, no panic, no XDP program left in the relay's namespace.
+pub fn stop_clean(relay: RelayProc, topo: &Topology) -> relay_tests::relay_proc::Exit {
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(
+        exit.status.success(),
+        "SIGTERM exits 0: {}\n{}",
+        exit.status,
+        exit.stderr
+    );
+    assert!(
+        exit.stderr.contains("all 4096 frames accounted for"),
+        "{}",
+        exit.stderr
+    );
+    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
+    assert!(
+        !topo.relay_has_xdp().unwrap(),
+        "no XDP program left attached"
+    );
+    exit
+}
+
+pub fn seqs(payloads: &[Vec<u8>]) -> BTreeSet<u64> {
+    let set: BTreeSet<u64> = payloads
+        .iter()
+        .map(|p| check_payload(p).expect("payload intact"))
+        .collect();
+    assert_eq!(set.len(), payloads.len(), "no duplicates");
+    set
+}
 
 /// `relay stats --json` against `control`, polled until `done` holds or three seconds pass;
 /// the last answer either way.

@@ -1,0 +1,450 @@
+//! `relay --check` promises "exit 0 if it would run": here each thing that stopped a start
+//! after `--check` had said OK — a CPU the relay may not use, zero-copy on a driver without
+//! it, a queue another relay holds, a metrics address that cannot be bound, missing
+//! capabilities, a control socket in a directory that does not exist — is refused by
+//! `--check` in the relay's namespace, with the start's message, naming the file, the key and
+//! the value. And a start that fails leaves no control socket file behind.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Output,
+    sync::mpsc,
+    time::Duration,
+};
+
+use relay_tests::{
+    netns::{require_root, unique_name},
+    relay_proc::{RelayProc, relay_bin},
+    topo::Topology,
+};
+
+const RULES: &str = "\
+rules:
+  - name: video-a
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs:
+      - interface: rout0
+      - interface: rout1
+        group: 239.2.2.2
+        port: 6000
+";
+
+/// A directory of its own for a test's files, removed at the end.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique_name("check"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    /// Writes a config with its own control socket (so that no test meets another's, or
+    /// the machine's /run/relay) unless `yaml` names one.
+    fn config(&self, name: &str, yaml: &str) -> PathBuf {
+        let yaml = if yaml.contains("control:") {
+            yaml.to_owned()
+        } else {
+            format!("control: {}\n{yaml}", self.control().display())
+        };
+        let path = self.0.join(name);
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    fn control(&self) -> PathBuf {
+        self.0.join("control.sock")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `relay --check --config FILE` in the relay's namespace, behind `wrapper` (such as
+/// `setpriv ...`) if given.
+fn check(topo: &Topology, file: &Path, wrapper: &[&str]) -> Output {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", topo.relay.name()])
+        .args(wrapper)
+        .arg(relay_bin())
+        .args(["--check", "--config"])
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
+/// The one error line a refused `--check` prints; it must have exited 1 and said no OK.
+fn check_refused(topo: &Topology, file: &Path, wrapper: &[&str], why: &str) -> String {
+    let out = check(topo, file, wrapper);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "--check passes despite {why}:\n{stdout}{stderr}"
+    );
+    assert!(!stdout.contains("OK"), "{why}: {stdout}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert_eq!(errors.len(), 1, "one error line for {why}:\n{stderr}");
+    errors[0].to_owned()
+}
+
+/// The one error line a refused start prints; it must have exited 1.
+fn start_refused(topo: &Topology, yaml: &str, why: &str) -> String {
+    let err = match RelayProc::start(&relay_bin(), &topo.relay, yaml, &[]) {
+        Ok(_) => panic!("the relay started despite {why}"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("exited early (exit status: 1)"),
+        "{why}:\n{err}"
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert_eq!(errors.len(), 1, "one error line for {why}:\n{err}");
+    errors[0].to_owned()
+}
+
+/// The README's `cpus: [2, 3]` on a two-CPU machine: any CPU this process may not run on
+/// (the relay inherits its affinity) is refused by `--check` with the start's own message.
+#[test]
+fn check_refuses_cpus_the_relay_may_not_use() {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let files = Scratch::new();
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    let allowed: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect();
+    let beyond = allowed.last().unwrap() + 1;
+    assert!(beyond < 1024, "this machine has a CPU for every number");
+    let yaml = format!("cpus: [{}, {beyond}]\n{RULES}", allowed[0]);
+    let file = files.config("cpus.yaml", &yaml);
+    let want = format!(
+        "{}: cpus: CPU {beyond} is not available to the relay (it may run on {}): fix `cpus:` \
+         or leave it out",
+        file.display(),
+        relay::sys::cpu_list(&allowed)
+    );
+    let line = check_refused(&topo, &file, &[], "a CPU it may not use");
+    assert!(line.ends_with(&want), "{line}");
+    // The start says the same (of its own copy of the file).
+    let line = start_refused(&topo, &yaml, "a CPU it may not use");
+    assert!(
+        line.contains(&want[want.find(": cpus:").unwrap()..]),
+        "{line}"
+    );
+    assert!(!topo.relay_has_xdp().unwrap());
+}
+
+/// veth has no zero-copy AF_XDP: `bind: zerocopy` is refused by `--check` (naming the file,
+/// the key, the value and the interface, and what to write instead), and `bind: auto` passes
+/// with a note that the relay will run in copy mode. Nothing is left attached or bound: a
+/// relay starts right after, as the systemd unit starts it after `--check`, without waiting
+/// for a queue.
+#[test]
+fn check_refuses_zerocopy_on_veth_and_notes_copy_mode() {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let files = Scratch::new();
+    let zc = files.config("zc.yaml", &format!("bind: zerocopy\n{RULES}"));
+    let line = check_refused(&topo, &zc, &[], "zero-copy on veth");
+    assert!(
+        line.ends_with(&format!(
+            "{}: bind: zerocopy: rin queue 0 has no zero-copy AF_XDP (the driver has copy mode \
+             only): use `bind: auto`, which falls back to copy mode, or `bind: copy`",
+            zc.display()
+        )),
+        "{line}"
+    );
+
+    let copy = files.config("copy.yaml", &format!("bind: copy\n{RULES}"));
+    let out = check(&topo, &copy, &[]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("note"));
+
+    let auto = files.config("auto.yaml", RULES);
+    let out = check(&topo, &auto, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "{}: note: bind: auto: no zero-copy AF_XDP on rin, rout0, rout1 (the driver has \
+             copy mode only): the relay will run in copy mode\n",
+            auto.display()
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("OK: 1 rules"), "{stdout}");
+
+    assert!(!topo.relay_has_xdp().unwrap(), "--check attaches nothing");
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    assert!(
+        !exit.stderr.contains("is busy"),
+        "the check left a queue busy:\n{}",
+        exit.stderr
+    );
+}
+
+/// A queue a running relay holds: a second `--check` on the same interfaces is refused,
+/// naming the rule, the interface and the queue, and so is a `--check` of the running relay's
+/// own file (its control socket answers). The second relay's start is refused too and leaves
+/// no control socket file behind; the first relay is unharmed.
+#[test]
+fn check_refuses_a_queue_a_running_relay_holds() {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let files = Scratch::new();
+    let first = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
+
+    let second = files.config("second.yaml", RULES);
+    let line = check_refused(&topo, &second, &[], "a queue another relay holds");
+    assert!(
+        line.ends_with(&format!(
+            "{}: rule 'video-a': input interface rin queue 0 already has an AF_XDP socket \
+             bound: is another relay (or AF_XDP program) running on rin? Stop it, or remove rin \
+             from this config",
+            second.display()
+        )),
+        "{line}"
+    );
+
+    let line = check_refused(&topo, &first.config, &[], "its own running relay");
+    assert!(
+        line.ends_with(&format!(
+            "{}: control: {}: a relay answers there: another relay is running with this \
+             control socket (stop it, or set `control:` to another path)",
+            first.config.display(),
+            first.control.display()
+        )),
+        "{line}"
+    );
+
+    // The start fails after its control socket was made: the file goes with it.
+    let control = files.control();
+    let yaml = format!("control: {}\n{RULES}", control.display());
+    let line = start_refused(&topo, &yaml, "a queue another relay holds");
+    assert!(
+        line.contains("already has an AF_XDP socket bound"),
+        "{line}"
+    );
+    assert!(!control.exists(), "{} left behind", control.display());
+
+    assert!(first.control.exists());
+    let exit = first.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains("all 4096 frames accounted for"),
+        "{}",
+        exit.stderr
+    );
+}
+
+/// A start that fails once the control socket exists — zero-copy on veth stops it when it
+/// binds its sockets — removes the socket file it made (and today's relay left behind).
+#[test]
+fn a_failed_start_leaves_no_control_socket() {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let files = Scratch::new();
+    let control = files.control();
+    let yaml = format!("control: {}\nbind: zerocopy\n{RULES}", control.display());
+    let line = start_refused(&topo, &yaml, "zero-copy on veth");
+    assert!(line.contains("zero-copy AF_XDP is not supported"), "{line}");
+    assert!(!control.exists(), "{} left behind", control.display());
+    assert!(!topo.relay_has_xdp().unwrap());
+    // A stale socket file from a relay that died is replaced, and removed at the end.
+    drop(std::os::unix::net::UnixListener::bind(&control).unwrap());
+    assert!(control.exists());
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        &format!("control: {}\n{RULES}", control.display()),
+        &[],
+    )
+    .unwrap();
+    assert!(relay.stop(Duration::from_secs(3)).unwrap().status.success());
+    assert!(
+        !control.exists(),
+        "a stopped relay removes its control socket"
+    );
+}
+
+/// A metrics address in use, and one that is not this host's, are refused by `--check` (which
+/// binds the address and closes it again) and at start, before anything is attached.
+#[test]
+fn check_refuses_a_metrics_address_it_cannot_bind() {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let files = Scratch::new();
+    // Someone else listens on the address, in the relay's namespace.
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let holder = topo.relay.run(move || {
+        let listener = std::net::TcpListener::bind("198.18.1.2:9469")?;
+        ready_tx.send(()).unwrap();
+        let _ = done_rx.recv();
+        drop(listener);
+        Ok(())
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    let in_use = files.config("in-use.yaml", &format!("metrics: 198.18.1.2:9469\n{RULES}"));
+    let line = check_refused(&topo, &in_use, &[], "a metrics address in use");
+    assert!(
+        line.ends_with(&format!(
+            "{}: metrics: 198.18.1.2:9469: the address is in use: another program (or another \
+             relay) listens there; pick another port",
+            in_use.display()
+        )),
+        "{line}"
+    );
+    let control = files.control();
+    let line = start_refused(
+        &topo,
+        &format!(
+            "control: {}\nmetrics: 198.18.1.2:9469\n{RULES}",
+            control.display()
+        ),
+        "a metrics address in use",
+    );
+    assert!(line.contains("metrics: 198.18.1.2:9469: the address is in use"));
+    assert!(!control.exists(), "{} left behind", control.display());
+    assert!(!topo.relay_has_xdp().unwrap());
+
+    let foreign = files.config(
+        "foreign.yaml",
+        &format!("metrics: 198.18.9.9:9469\n{RULES}"),
+    );
+    let line = check_refused(&topo, &foreign, &[], "a metrics address of no interface");
+    assert!(
+        line.ends_with(&format!(
+            "{}: metrics: 198.18.9.9:9469: 198.18.9.9 is not an address of this host",
+            foreign.display()
+        )),
+        "{line}"
+    );
+
+    done_tx.send(()).unwrap();
+    holder.join().unwrap().unwrap();
+    let out = check(&topo, &in_use, &[]);
+    assert!(
+        out.status.success(),
+        "free again: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `control:` in a directory that does not exist is refused by `--check` and by the start,
+/// naming the file, the key and the value, and the directory is not created.
+#[test]
+fn control_in_a_missing_directory_is_refused_at_check_and_start() {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let files = Scratch::new();
+    let dir = files.0.join("missing");
+    let control = dir.join("relay.sock");
+    let yaml = format!("control: {}\n{RULES}", control.display());
+    let file = files.config("missing.yaml", &yaml);
+    let want = format!(
+        "control: {}: the directory {} does not exist: create it, or leave `control:` out for \
+         the default /run/relay/relay.sock",
+        control.display(),
+        dir.display()
+    );
+    let line = check_refused(&topo, &file, &[], "a control socket in a missing directory");
+    assert!(
+        line.ends_with(&format!("{}: {want}", file.display())),
+        "{line}"
+    );
+    let line = start_refused(&topo, &yaml, "a control socket in a missing directory");
+    assert!(line.ends_with(&want), "{line}");
+    assert!(!dir.exists(), "the relay made {}", dir.display());
+    assert!(!topo.relay_has_xdp().unwrap());
+}
+
+/// Without the capabilities the relay needs, `--check` stops with the start's one line.
+#[test]
+fn check_without_privileges_is_refused_like_the_start() {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let files = Scratch::new();
+    let file = files.config("rules.yaml", RULES);
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+    ];
+    let line = check_refused(&topo, &file, &nobody, "no capabilities at all");
+    assert!(
+        line.ends_with(
+            "the relay lacks CAP_NET_ADMIN, CAP_NET_RAW, CAP_PERFMON, CAP_BPF: run it as root \
+             (sudo), or as the relay.service unit, which grants CAP_NET_ADMIN, CAP_NET_RAW, \
+             CAP_BPF, CAP_PERFMON and CAP_IPC_LOCK"
+        ),
+        "{line}"
+    );
+    let no_raw = [
+        "setpriv",
+        "--bounding-set",
+        "-all,+net_admin,+bpf,+perfmon,+ipc_lock",
+        "--",
+    ];
+    let line = check_refused(&topo, &file, &no_raw, "no CAP_NET_RAW");
+    assert!(
+        line.contains("the relay lacks CAP_NET_RAW: run it as root"),
+        "{line}"
+    );
+    // With exactly the unit's capabilities it passes.
+    let unit = [
+        "setpriv",
+        "--bounding-set",
+        "-all,+net_admin,+net_raw,+bpf,+perfmon,+ipc_lock",
+        "--",
+    ];
+    let out = check(&topo, &file, &unit);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A UMEM too small for its fill rings, worker caches and frames in flight (512 frames with
+/// four workers starved fill rings before) is refused by `--check` and the start, naming the
+/// minimum; the minimum itself is accepted.
+#[test]
+fn check_refuses_a_umem_too_small_for_its_workers() {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let files = Scratch::new();
+    let yaml = format!("umem: {{ frames: 512 }}\nworkers: 4\n{RULES}");
+    let file = files.config("small.yaml", &yaml);
+    let want = "umem: frames: 512 is too few for 1 ingress queue(s) and 4 worker(s): at least \
+                1024 are needed";
+    let line = check_refused(&topo, &file, &[], "a UMEM too small");
+    assert!(
+        line.contains(&format!("{}: {want}", file.display())),
+        "{line}"
+    );
+    let line = start_refused(&topo, &yaml, "a UMEM too small");
+    assert!(line.contains(want), "{line}");
+    let enough = files.config("enough.yaml", &yaml.replace("frames: 512", "frames: 1024"));
+    let out = check(&topo, &enough, &[]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
