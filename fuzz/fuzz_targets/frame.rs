@@ -1,7 +1,9 @@
 //! Any bytes as a received frame: classification, the length check, completing a partial UDP
-//! checksum and every kind of rewrite must not panic; a completed checksum must verify from
-//! scratch; and a rewrite of a frame the data path accepts must leave a frame that classifies
-//! again with the output's group and port and valid IPv4 header checksum.
+//! checksum and every kind of rewrite (the VLAN tag kept, replaced, inserted or removed, and
+//! the IP-header-only rewrite of a later fragment included) must not panic; a completed
+//! checksum must verify from scratch; and a rewrite of a frame the data path accepts must
+//! leave a frame that classifies again with the output's group, port and tag, the same
+//! fragment fields, a later fragment's data untouched, and a valid IPv4 header checksum.
 #![no_main]
 
 use std::net::IpAddr;
@@ -9,7 +11,9 @@ use std::net::IpAddr;
 use libfuzzer_sys::fuzz_target;
 use relay::{
     checksum::{checksum, udp_ipv4, udp_ipv6},
-    rewrite::{OutputAction, complete_partial_udp_checksum, rewrite},
+    frag::rewrite_packet,
+    rewrite::{OutputAction, complete_partial_udp_checksum},
+    vlan::retag,
     wire::{Ipv4Packet, UdpPacket, check_lengths, classify},
 };
 
@@ -28,20 +32,23 @@ fuzz_target!(|data: &[u8]| {
     });
     let port = (ctl[0] & 2 == 2).then(|| u16::from_be_bytes([ctl[1], ctl[3]]).max(1));
     let ttl = (ctl[0] & 4 == 4).then_some(ctl[2].max(1));
+    let vlan = (ctl[0] & 8 == 8).then(|| (u16::from_be_bytes([ctl[3], ctl[1]]) & 0x0fff).max(1));
     let action = OutputAction {
         src_mac: [0x02, 0, 0, 0, 0, 0x42],
         group,
         port,
         ttl,
+        vlan,
     };
     let ipv4_sum_ok = match flow.group {
         IpAddr::V4(_) => Ipv4Packet::new_checked(&frame[flow.l3..])
             .is_ok_and(|ip| checksum(ip.header()) == 0),
         IpAddr::V6(_) => false,
     };
-    // As the data path does: completed once, on the received frame, before the rewrites.
+    // As the data path does: completed once, on the received frame, before the rewrites
+    // (never in a fragment).
     let mut out = frame.to_vec();
-    if complete_partial_udp_checksum(&mut out, &flow) {
+    if flow.frag.is_none() && complete_partial_udp_checksum(&mut out, &flow) {
         let udp = UdpPacket::new_checked(&out[flow.l4..]).unwrap();
         let mut datagram = out[flow.l4..flow.l4 + usize::from(udp.len())].to_vec();
         let completed = udp.checksum();
@@ -53,11 +60,34 @@ fuzz_target!(|data: &[u8]| {
         };
         assert_eq!(completed, expected, "a completed checksum verifies");
     }
-    if rewrite(&mut out, &flow, &action).is_ok() && accepted {
-        assert_eq!(out.len(), frame.len());
+    // As in a UMEM frame: room after the data for a tag.
+    let received = out.clone();
+    out.extend([0u8; 4]);
+    let Ok((len, out_flow)) = retag(&mut out, frame.len(), &flow, vlan) else {
+        return;
+    };
+    out.truncate(len);
+    let tag_len = |tci: Option<u16>| if tci.is_some() { 4 } else { 0 };
+    assert_eq!(out.len() + tag_len(flow.tci), frame.len() + tag_len(vlan));
+    let later = flow.is_later_fragment();
+    let data = received.get(flow.l4..).map(<[u8]>::to_vec);
+    if rewrite_packet(&mut out, &out_flow, &action).is_ok() && accepted {
         let again = classify(&out).expect("a rewritten frame is still relayable");
+        assert_eq!(
+            (again.l3, again.l4, again.tci),
+            (out_flow.l3, out_flow.l4, out_flow.tci),
+            "headers where retag said"
+        );
+        assert_eq!(again.tci.map(|t| t & 0x0fff), vlan);
         assert_eq!(again.group, group.unwrap_or(flow.group));
-        assert_eq!(again.port, port.unwrap_or(flow.port));
+        if later {
+            // Only the IP header changes: the fragment's data is the datagram's, unread.
+            assert_eq!(again.port, 0);
+            assert_eq!(out.get(again.l4..).map(<[u8]>::to_vec), data);
+        } else {
+            assert_eq!(again.port, port.unwrap_or(flow.port));
+        }
+        assert_eq!(again.frag, flow.frag);
         assert_eq!(again.source, flow.source);
         if ipv4_sum_ok {
             let ip = Ipv4Packet::new_checked(&out[again.l3..]).unwrap();

@@ -23,19 +23,76 @@ pub const SHAPE_SOURCE: u32 = 2;
 pub const SHAPE_PORT: u32 = 4;
 /// A rule with any source and any port: (*,G,*).
 pub const SHAPE_GROUP: u32 = 8;
+/// The same four shapes for keys that name a VLAN (`vlan: N` or `vlan: untagged`): the base
+/// shape's bit shifted by this much. Kept apart so rules without `vlan:` cost no extra lookup.
+pub const SHAPE_VLAN_SHIFT: u32 = 4;
+/// Every shape of a key that names a VLAN.
+pub const SHAPES_VLAN: u32 = 0xf << SHAPE_VLAN_SHIFT;
+
+/// `RuleKey::vlan` of a rule that takes any VLAN or none: what keys held before rules had a
+/// `vlan:` (the field was padding, always zero).
+pub const VLAN_ANY: u16 = 0;
+/// `RuleKey::vlan` of a rule for untagged frames only, and of the lookup key of an untagged
+/// frame. Outside the 12-bit VID space, so it equals no VID.
+pub const VLAN_UNTAGGED: u16 = 0x1000;
+
+/// The `RuleKey::vlan` a frame is looked up with: its VID, or [`VLAN_UNTAGGED`] when it has
+/// no tag or a priority tag (VID 0, which 802.1Q says means "no VLAN": the frame belongs to
+/// the port's native VLAN, as an untagged one does).
+pub const fn frame_vlan(tci: Option<u16>) -> u16 {
+    match tci {
+        Some(tci) if tci & 0x0fff != 0 => tci & 0x0fff,
+        _ => VLAN_UNTAGGED,
+    }
+}
 
 impl RuleKey {
     /// This key's `SHAPE_*` bit.
     pub fn shape(&self) -> u32 {
         let any_source = self.source == [0; 16];
         let any_port = self.port == [0; 2];
-        match (any_source, any_port) {
+        let base = match (any_source, any_port) {
             (false, false) => SHAPE_SOURCE_PORT,
             (false, true) => SHAPE_SOURCE,
             (true, false) => SHAPE_PORT,
             (true, true) => SHAPE_GROUP,
+        };
+        if self.vlan == VLAN_ANY {
+            base
+        } else {
+            base << SHAPE_VLAN_SHIFT
         }
     }
+}
+
+/// Name of the LRU hash map from a fragmented datagram (see [`FragKey`]) to the rule its
+/// first fragment matched, which the later fragments follow.
+pub const FRAG_MAP: &str = "FRAGS";
+/// Datagrams in flight whose fragments the XDP program remembers; the least recently used
+/// go first. A datagram's fragments arrive within microseconds of each other, so this
+/// holds far more than the datagrams any link carries in flight at once.
+pub const MAX_FRAG_FLOWS: u32 = 16384;
+
+/// Key of the fragment map: what identifies one fragmented datagram (RFC 791 and 8200: the
+/// source, the destination and the identification) on one ingress interface and VLAN. The
+/// protocol, which IPv4 also names, is UDP for every entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    /// Ingress interface index.
+    pub ifindex: u32,
+    /// The IPv4 header's 16-bit identification, or the IPv6 fragment header's 32-bit one, as
+    /// the bytes are on the wire (big-endian, an IPv4 one in the low two bytes).
+    pub id: [u8; 4],
+    /// Source address, as in [`RuleKey`] (IPv4 mapped).
+    pub source: [u8; 16],
+    /// Destination group, as in [`RuleKey`].
+    pub group: [u8; 16],
+    /// The frame's VLAN as [`frame_vlan`] gives it: two VLANs of a trunk are two networks,
+    /// and a datagram on one must not lend its rule to fragments on another.
+    pub vlan: u16,
+    /// Always zero: keeps the struct free of uninitialised padding.
+    pub pad: u16,
 }
 
 /// Name of the per-CPU counter array.
@@ -66,7 +123,9 @@ pub const MAX_RULE_KEYS: u32 = 65536;
 /// IPv6 one. A rule with no source stores an all-zero source; one with no port stores
 /// `port = 0` (UDP port 0 is not a valid destination, so it cannot collide with a real one).
 /// The XDP program looks up the exact (S,G,port) key first, then (S,G,*), (*,G,port) and
-/// (*,G,*).
+/// (*,G,*), first with the frame's VLAN (its VID, or [`VLAN_UNTAGGED`]) and then with
+/// [`VLAN_ANY`]: a VLAN on a trunk is an interface of its own, so a rule for it is more
+/// specific than any rule for the whole port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct RuleKey {
@@ -78,9 +137,10 @@ pub struct RuleKey {
     pub source: [u8; 16],
     /// Destination UDP port, network byte order; zero for any port.
     pub port: [u8; 2],
-    /// Always zero: keeps the struct free of uninitialised padding, which a BPF hash key must
-    /// not contain.
-    pub pad: [u8; 2],
+    /// [`VLAN_ANY`], a VID (1..=4094), or [`VLAN_UNTAGGED`]; host byte order, as the program
+    /// computes it rather than copying it. It also fills what would be padding, which a BPF
+    /// hash key must not contain.
+    pub vlan: u16,
 }
 
 /// The IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) of an IPv4 address, as the rule keys hold it.
@@ -91,15 +151,20 @@ pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
 }
 
 impl RuleKey {
-    /// A key from host-order fields, as the daemon builds it from the YAML.
+    /// A key from host-order fields, as the daemon builds it from the YAML, for any VLAN.
     pub const fn new(ifindex: u32, group: [u8; 16], source: [u8; 16], port: u16) -> Self {
         Self {
             ifindex,
             group,
             source,
             port: port.to_be_bytes(),
-            pad: [0; 2],
+            vlan: VLAN_ANY,
         }
+    }
+
+    /// The same key for one VLAN (`vlan` as the field holds it).
+    pub const fn with_vlan(self, vlan: u16) -> Self {
+        Self { vlan, ..self }
     }
 }
 
@@ -128,17 +193,25 @@ pub enum XdpCounter {
     /// Matched frames longer than a UMEM frame holds: an AF_XDP socket would drop them, so
     /// they are passed to the kernel instead.
     Oversize = 5,
+    /// Later fragments (offset above zero) that followed the rule their first fragment
+    /// matched (counted in `matched` too).
+    Fragments = 6,
+    /// Later fragments with no first fragment seen: it has not arrived yet, or it matched no
+    /// rule. They are passed to the kernel.
+    FragmentsUnknown = 7,
 }
 
 impl XdpCounter {
     /// Every counter, in index order.
-    pub const ALL: [XdpCounter; 6] = [
+    pub const ALL: [XdpCounter; 8] = [
         XdpCounter::Seen,
         XdpCounter::Matched,
         XdpCounter::Redirected,
         XdpCounter::Passed,
         XdpCounter::RedirectFailed,
         XdpCounter::Oversize,
+        XdpCounter::Fragments,
+        XdpCounter::FragmentsUnknown,
     ];
     /// Number of counters, the size of the counter array.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -152,16 +225,21 @@ impl XdpCounter {
             XdpCounter::Passed => "passed",
             XdpCounter::RedirectFailed => "redirect_failed",
             XdpCounter::Oversize => "oversize",
+            XdpCounter::Fragments => "fragments",
+            XdpCounter::FragmentsUnknown => "fragments_unknown",
         }
     }
 }
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: both are #[repr(C)] structs of byte arrays and u32s with no padding (RuleKey's
-    // explicit `pad` field fills what would be padding), so every bit pattern is valid and
-    // none is uninitialised.
+    // SAFETY: both are #[repr(C)] structs of byte arrays, u32s and a u16 with no padding
+    // (RuleKey's `vlan` sits where padding would be: 4 + 16 + 16 + 2 + 2 = 40, a multiple of
+    // its alignment), so every bit pattern is valid and none is uninitialised.
     unsafe impl aya::Pod for super::RuleKey {}
+    // SAFETY: a #[repr(C)] struct of a u32, byte arrays and two u16s, 4 + 4 + 16 + 16 + 2 + 2
+    // = 44 bytes with no padding: every bit pattern is valid and none is uninitialised.
+    unsafe impl aya::Pod for super::FragKey {}
     // SAFETY: as above, a single u32.
     unsafe impl aya::Pod for super::RuleValue {}
 }

@@ -10,12 +10,13 @@
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray, XskMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
 use relay_common::{
-    MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS, RuleKey, RuleValue, SHAPE_GROUP,
-    SHAPE_PORT, SHAPE_SOURCE, SHAPE_SOURCE_PORT, XSK_MAP_SIZE, XdpCounter, v4_mapped,
+    FragKey, MAX_FRAG_FLOWS, MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS, RuleKey,
+    RuleValue, SHAPE_GROUP, SHAPE_PORT, SHAPE_SOURCE, SHAPE_SOURCE_PORT, SHAPE_VLAN_SHIFT,
+    SHAPES_VLAN, VLAN_ANY, XSK_MAP_SIZE, XdpCounter, frame_vlan, v4_mapped,
 };
 
 #[map(name = "XSKS")]
@@ -31,6 +32,10 @@ static IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INGRESS_IFACES,
 #[map(name = "SHAPES")]
 static SHAPES: Array<u32> = Array::with_max_entries(1, 0);
 
+/// The rule each fragmented datagram's first fragment matched, for its later fragments.
+#[map(name = "FRAGS")]
+static FRAGS: LruHashMap<FragKey, RuleValue> = LruHashMap::with_max_entries(MAX_FRAG_FLOWS, 0);
+
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XdpCounter::COUNT, 0);
 
@@ -44,6 +49,10 @@ const IPV6_HLEN: usize = 40;
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_DEST: u8 = 60;
+const NEXTHDR_FRAGMENT: u8 = 44;
+/// IPv4 flags and fragment offset: more fragments, and the offset's 13 bits.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 /// At most this many extension headers before UDP; more are passed to the kernel. The same
 /// bound as the daemon's parser (relay::wire::IPV6_MAX_EXT_HEADERS).
 const IPV6_MAX_EXT_HEADERS: usize = 4;
@@ -138,102 +147,207 @@ fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> 
 }
 
 /// Parses Ethernet (one optional VLAN tag), IPv4 or IPv6 and UDP, and looks the frame up in
-/// the rule map. `None` for anything that is not an unfragmented UDP multicast frame of a rule.
+/// the rule map. `None` for anything that is not a UDP multicast frame of a rule, or a later
+/// fragment of a datagram whose first fragment matched one.
+/// Two tags (QinQ) end the parse: the inner ethertype is a tag, not IP, so such frames are
+/// passed, never relayed with a VLAN the rules did not name.
 #[inline(always)]
 fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     let mut l3 = ETH_HLEN;
     let mut ethertype = u16::from_be_bytes(bytes_at::<2>(ctx, 12)?);
+    let mut tci = None;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        ethertype = u16::from_be_bytes(bytes_at::<2>(ctx, ETH_HLEN + 2)?);
+        let tag = bytes_at::<4>(ctx, ETH_HLEN)?;
+        tci = Some(u16::from_be_bytes([tag[0], tag[1]]));
+        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
         l3 += VLAN_HLEN;
     }
-    let (source, group, l4) = match ethertype {
-        ETH_P_IP => ipv4(ctx, l3)?,
-        ETH_P_IPV6 => ipv6(ctx, l3)?,
+    // The key is filled in place, as the BPF stack (512 bytes) has no room for copies of it.
+    let mut key = RuleKey {
+        // SAFETY: the ifindex field of a valid xdp_md.
+        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+        group: [0; 16],
+        source: [0; 16],
+        port: [0; 2],
+        vlan: frame_vlan(tci),
+    };
+    let (l4, frag) = match ethertype {
+        ETH_P_IP => ipv4(ctx, l3, &mut key)?,
+        ETH_P_IPV6 => ipv6(ctx, l3, &mut key)?,
         _ => return None,
     };
-    let udp = bytes_at::<UDP_HLEN>(ctx, l4)?;
-    let port = [udp[2], udp[3]];
-    // SAFETY: the ifindex field of a valid xdp_md.
-    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-
-    // Only the shapes some rule has are looked up: most rule sets name no source, and then
-    // one lookup of four is made instead of three.
-    let shapes = SHAPES.get(0).copied().unwrap_or(0);
-    let mut key = RuleKey {
-        ifindex,
-        group,
-        source,
-        port,
-        pad: [0; 2],
-    };
-    if shapes & SHAPE_SOURCE_PORT != 0
-        && let Some(v) = lookup(&key)
-    {
-        return Some(v);
+    if let Frag::Later(id) = frag {
+        return later_fragment(&key, id, key.vlan);
     }
-    // The same order as the daemon's matcher (relay::rules::RuleTable::lookup): the source is
-    // more specific than the port.
+    let udp = bytes_at::<UDP_HLEN>(ctx, l4)?;
+    key.port = [udp[2], udp[3]];
+
+    // Only the shapes some rule has are looked up: most rule sets name no source and no VLAN,
+    // and then one lookup is made, not eight.
+    let shapes = SHAPES.get(0).copied().unwrap_or(0);
+    // A hit leaves the key's source zeroed if the rule has none, and its VLAN "any".
+    let (source, vlan) = (key.source, key.vlan);
+    let rule_id = find_rule(&mut key, shapes);
+    if rule_id == NO_RULE {
+        return None;
+    }
+    let rule = RuleValue { rule_id };
+    if let Frag::First(id) = frag {
+        // The later fragments carry no ports, so they follow what the first one matched.
+        // A full map drops its least recently used entry: a datagram long since complete.
+        key.source = source;
+        let _ = FRAGS.insert(&frag_key(&key, id, vlan), &rule, 0);
+    }
+    Some(rule)
+}
+
+/// The fragment map's key for a datagram of `key`'s ingress, VLAN, source and group. `vlan`
+/// is the frame's, as `key.vlan` may have become "any" in the lookups.
+#[inline(always)]
+fn frag_key(key: &RuleKey, id: [u8; 4], vlan: u16) -> FragKey {
+    FragKey {
+        ifindex: key.ifindex,
+        id,
+        source: key.source,
+        group: key.group,
+        vlan,
+        pad: 0,
+    }
+}
+
+/// The rule of a later fragment: the one its datagram's first fragment matched, if that has
+/// been seen. Otherwise the fragment goes to the kernel: the relay never reassembles.
+#[inline(always)]
+fn later_fragment(key: &RuleKey, id: [u8; 4], vlan: u16) -> Option<RuleValue> {
+    // SAFETY: RuleValue is a plain u32; an update or eviction racing this read yields another
+    // valid value or none.
+    match unsafe { FRAGS.get(&frag_key(key, id, vlan)) } {
+        Some(rule) => {
+            count(XdpCounter::Fragments);
+            Some(*rule)
+        }
+        None => {
+            count(XdpCounter::FragmentsUnknown);
+            None
+        }
+    }
+}
+
+/// What the lookups below return for "no rule". They pass rule ids as plain u32s rather than
+/// `Option<RuleValue>`: a `None` leaves the payload undefined, and LLVM may then shift an
+/// uninitialised register while packing the option, which the verifier refuses.
+const NO_RULE: u32 = u32::MAX;
+
+/// The rule map lookups, in the same order as the daemon's matcher
+/// (relay::rules::RuleTable::lookup): the frame's own VLAN (or "untagged") before any VLAN, as
+/// a VLAN is an interface of its own. [`NO_RULE`] when none matches.
+#[inline(always)]
+fn find_rule(key: &mut RuleKey, shapes: u32) -> u32 {
+    if shapes & SHAPES_VLAN != 0 {
+        let rule = lookup_shapes(key, shapes >> SHAPE_VLAN_SHIFT);
+        if rule != NO_RULE {
+            return rule;
+        }
+    }
+    key.vlan = VLAN_ANY;
+    lookup_shapes(key, shapes)
+}
+
+/// Looks `key` up in the four shapes whose `SHAPE_*` bits are set in `shapes`, most specific
+/// first. A miss leaves `key` as it came (the frame's source and port), for the next call.
+#[inline(always)]
+fn lookup_shapes(key: &mut RuleKey, shapes: u32) -> u32 {
+    let (source, port) = (key.source, key.port);
+    if shapes & SHAPE_SOURCE_PORT != 0 {
+        let rule = lookup(key);
+        if rule != NO_RULE {
+            return rule;
+        }
+    }
+    // The source is more specific than the port.
     key.port = [0; 2];
-    if shapes & SHAPE_SOURCE != 0
-        && let Some(v) = lookup(&key)
-    {
-        return Some(v);
+    if shapes & SHAPE_SOURCE != 0 {
+        let rule = lookup(key);
+        if rule != NO_RULE {
+            return rule;
+        }
     }
     key.source = [0; 16];
     key.port = port;
-    if shapes & SHAPE_PORT != 0
-        && let Some(v) = lookup(&key)
-    {
-        return Some(v);
+    if shapes & SHAPE_PORT != 0 {
+        let rule = lookup(key);
+        if rule != NO_RULE {
+            return rule;
+        }
     }
     key.port = [0; 2];
-    if shapes & SHAPE_GROUP != 0 {
-        return lookup(&key);
-    }
-    None
+    let rule = if shapes & SHAPE_GROUP != 0 {
+        lookup(key)
+    } else {
+        NO_RULE
+    };
+    key.source = source;
+    key.port = port;
+    rule
 }
 
-/// An unfragmented IPv4 UDP packet to a group: its (source, group) as key bytes and where the
-/// UDP header starts.
+/// Where a packet stands in its datagram's fragments: the identification, as the bytes of
+/// the IP header (IPv4) or fragment header (IPv6) hold it.
+#[derive(Clone, Copy)]
+enum Frag {
+    /// Not fragmented (an IPv6 atomic fragment, offset 0 without more to come, included).
+    Whole,
+    /// Offset 0, more to come: it carries the UDP header.
+    First([u8; 4]),
+    /// Offset above 0: no UDP header.
+    Later([u8; 4]),
+}
+
+/// An IPv4 UDP packet to a group: its (source, group) into `key`, and where the UDP header
+/// (or, in a later fragment, the fragment's data) starts and where it stands among its
+/// fragments.
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, l3: usize) -> Option<([u8; 16], [u8; 16], usize)> {
+fn ipv4(ctx: &XdpContext, l3: usize, key: &mut RuleKey) -> Option<(usize, Frag)> {
     // Version/IHL .. TTL/protocol: the first 10 bytes, then the addresses at 12..20.
     let head = bytes_at::<10>(ctx, l3)?;
     if head[0] >> 4 != 4 {
         return None;
     }
     let ihl = ((head[0] & 0x0f) as usize) * 4;
-    if ihl < 20 {
+    if ihl < 20 || head[9] != IPPROTO_UDP {
         return None;
     }
-    // More-fragments set or a non-zero offset: only the first fragment carries the UDP header,
-    // and the relay does not reassemble, so all fragments go to the kernel.
-    let frag = u16::from_be_bytes([head[6], head[7]]);
-    if frag & 0x3fff != 0 || head[9] != IPPROTO_UDP {
-        return None;
-    }
+    let flags = u16::from_be_bytes([head[6], head[7]]);
+    let id = [0, 0, head[4], head[5]];
+    let frag = if flags & IP_OFFSET != 0 {
+        Frag::Later(id)
+    } else if flags & IP_MF != 0 {
+        Frag::First(id)
+    } else {
+        Frag::Whole
+    };
     let addrs = bytes_at::<8>(ctx, l3 + 12)?;
     if addrs[4] & 0xf0 != 0xe0 {
         return None;
     }
-    let source = v4_mapped([addrs[0], addrs[1], addrs[2], addrs[3]]);
-    let group = v4_mapped([addrs[4], addrs[5], addrs[6], addrs[7]]);
-    Some((source, group, l3 + ihl))
+    key.source = v4_mapped([addrs[0], addrs[1], addrs[2], addrs[3]]);
+    key.group = v4_mapped([addrs[4], addrs[5], addrs[6], addrs[7]]);
+    Some((l3 + ihl, frag))
 }
 
 /// An IPv6 UDP packet to a group (ff00::/8), after at most four hop-by-hop, routing or
-/// destination-options headers: its (source, group) and where the UDP header starts.
-/// Fragments, and chains the walk does not finish, are left to the kernel.
+/// destination-options headers and then, if fragmented, a fragment header: its (source,
+/// group) into `key`, and where the UDP header (or a later fragment's data) starts and where
+/// it stands among its fragments. Chains the walk does not finish are left to the kernel.
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, l3: usize) -> Option<([u8; 16], [u8; 16], usize)> {
+fn ipv6(ctx: &XdpContext, l3: usize, key: &mut RuleKey) -> Option<(usize, Frag)> {
     let head = bytes_at::<8>(ctx, l3)?;
     if head[0] >> 4 != 6 {
         return None;
     }
-    let source = bytes_at::<16>(ctx, l3 + 8)?;
-    let group = bytes_at::<16>(ctx, l3 + 24)?;
-    if group[0] != 0xff {
+    key.source = bytes_at::<16>(ctx, l3 + 8)?;
+    key.group = bytes_at::<16>(ctx, l3 + 24)?;
+    if key.group[0] != 0xff {
         return None;
     }
     let mut next = head[6];
@@ -247,13 +361,32 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Option<([u8; 16], [u8; 16], usize)> {
         // Hdr Ext Len counts 8-octet units beyond the first, so a header is 8 to 2048 bytes.
         off += (ext[1] as usize + 1) * 8;
     }
-    (next == IPPROTO_UDP).then_some((source, group, off))
+    let mut frag = Frag::Whole;
+    if next == NEXTHDR_FRAGMENT {
+        // Next header, reserved, offset (13 bits) / reserved (2) / M (1), identification.
+        let fh = bytes_at::<8>(ctx, off)?;
+        let id = [fh[4], fh[5], fh[6], fh[7]];
+        let offset = u16::from_be_bytes([fh[2], fh[3]]) >> 3;
+        off += 8;
+        if offset != 0 {
+            // What follows is the middle of the datagram, whatever its first header said.
+            return Some((off, Frag::Later(id)));
+        }
+        if fh[3] & 1 != 0 {
+            frag = Frag::First(id);
+        }
+        next = fh[0];
+    }
+    (next == IPPROTO_UDP).then_some((off, frag))
 }
 
 #[inline(always)]
-fn lookup(key: &RuleKey) -> Option<RuleValue> {
+fn lookup(key: &RuleKey) -> u32 {
     // SAFETY: RuleValue is a plain u32; an update racing this read yields another valid value.
-    unsafe { RULES.get(key) }.copied()
+    match unsafe { RULES.get(key) } {
+        Some(v) => v.rule_id,
+        None => NO_RULE,
+    }
 }
 
 #[cfg(not(test))]

@@ -34,12 +34,14 @@ fn rules(n: usize) -> Vec<Rule> {
                     group,
                     port: Some(5000 + (i / 2 % 100) as u16),
                     source: None,
+                    vlan: None,
                 },
                 outputs: vec![Output {
                     interface: "out0".into(),
                     group: None,
                     port: None,
                     ttl: None,
+                    vlan: None,
                 }],
             }
         })

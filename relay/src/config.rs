@@ -7,7 +7,7 @@ use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
 use relay_common::{MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE};
 use serde::Deserialize;
 
-use crate::pool::AllocatorKind;
+use crate::{pool::AllocatorKind, vlan::Vlan};
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -110,6 +110,10 @@ pub struct Input {
     pub port: Option<u16>,
     /// Any source when absent.
     pub source: Option<IpAddr>,
+    /// Frames of any VLAN or none when absent; a VID takes only frames tagged with it,
+    /// `untagged` only frames without a tag.
+    #[serde(default)]
+    pub vlan: Option<Vlan>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -123,6 +127,10 @@ pub struct Output {
     /// TTL (IPv4) or hop limit (IPv6) to set; the received value minus one when absent.
     #[serde(alias = "hop_limit")]
     pub ttl: Option<u8>,
+    /// Send tagged with this VID; untagged (a received tag removed) when absent or
+    /// `untagged`.
+    #[serde(default)]
+    pub vlan: Option<Vlan>,
 }
 
 /// What the relay needs to know about an interface on this machine.
@@ -421,14 +429,28 @@ impl Config {
                     )));
                 }
             }
-            let key = (&input.interface, input.group, input.port, input.source);
+            if let Some(v) = input.vlan
+                && !v.is_valid()
+            {
+                return Err(err(format!(
+                    "input vlan {v} is not a VLAN ID from 1 to 4094 or untagged"
+                )));
+            }
+            let key = (
+                &input.interface,
+                input.group,
+                input.port,
+                input.source,
+                input.vlan,
+            );
             if !inputs.insert(key) {
                 return Err(err(format!(
-                    "another rule already has the input {} {}:{} from {}",
+                    "another rule already has the input {} {}:{} from {}{}",
                     input.interface,
                     input.group,
                     input.port.map_or("any".to_owned(), |p| p.to_string()),
                     input.source.map_or("any".to_owned(), |s| s.to_string()),
+                    input.vlan.map_or(String::new(), |v| format!(" vlan {v}")),
                 )));
             }
             if rule.outputs.is_empty() {
@@ -438,10 +460,21 @@ impl Config {
             for out in &rule.outputs {
                 let g = out.group.unwrap_or(input.group);
                 let p = out.port.or(input.port);
-                if !seen_outputs.insert((&out.interface, g, p)) {
+                // Two VLANs of one trunk are two networks: the same group may go to each.
+                let vid = out.vlan.and_then(Vlan::vid);
+                if !seen_outputs.insert((&out.interface, g, p, vid)) {
                     return Err(err(format!(
-                        "two outputs send the same group {g} and port {} on '{}'",
+                        "two outputs send the same group {g} and port {} on '{}'{}",
                         p.map_or("(as received)".to_owned(), |p| p.to_string()),
+                        out.interface,
+                        vid.map_or(String::new(), |v| format!(" vlan {v}")),
+                    )));
+                }
+                if let Some(v) = out.vlan
+                    && !v.is_valid()
+                {
+                    return Err(err(format!(
+                        "output vlan {v} on '{}' is not a VLAN ID from 1 to 4094 or untagged",
                         out.interface
                     )));
                 }
@@ -475,7 +508,11 @@ impl Config {
                 }
                 let same_group = out.group.is_none_or(|g| g == input.group);
                 let same_port = out.port.is_none() || out.port == input.port;
-                if out.interface == input.interface && same_group && same_port {
+                if out.interface == input.interface
+                    && same_group
+                    && same_port
+                    && crate::vlan::may_loop(input.vlan, out.vlan)
+                {
                     return Err(err(format!(
                         "output on '{}' sends the input's own group and port back out of its \
                          input interface: a loop",
@@ -808,7 +845,7 @@ rules:
         let cases = [
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, prot: 5}\n    outputs: [{interface: out0}]\n",
-                "r.yaml: rules[0].input: unknown field `prot`, expected one of `interface`, `group`, `port`, `source` at line 3 column 47",
+                "r.yaml: rules[0].input: unknown field `prot`, expected one of `interface`, `group`, `port`, `source`, `vlan` at line 3 column 47",
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, port: 70000}\n    outputs: [{interface: out0}]\n",
@@ -859,5 +896,114 @@ rules:
             let got = Config::parse("r.yaml", yaml).expect_err(yaml).to_string();
             assert_eq!(got, want, "for\n{yaml}");
         }
+    }
+
+    /// `vlan:` on inputs and outputs: what is accepted, and each refusal naming the file, the
+    /// rule, the key and the value.
+    #[test]
+    fn vlan_keys_validate_and_errors_name_the_value() {
+        let rule = |input: &str, outputs: &str| {
+            format!("rules:\n  - name: r1\n    input: {input}\n    outputs: {outputs}\n")
+        };
+        let ok = [
+            rule(
+                "{interface: in0, group: 239.1.1.1, vlan: 10}",
+                "[{interface: out0}, {interface: out0, vlan: 30}, {interface: out1, vlan: untagged}]",
+            ),
+            rule(
+                "{interface: in0, group: 239.1.1.1, vlan: untagged}",
+                "[{interface: out0, vlan: 4094}]",
+            ),
+            // A trunk relaying between its own VLANs is no loop.
+            rule(
+                "{interface: in0, group: 239.1.1.1, vlan: 10}",
+                "[{interface: in0, vlan: 20}, {interface: in0}]",
+            ),
+            rule(
+                "{interface: in0, group: 239.1.1.1, vlan: untagged}",
+                "[{interface: in0, vlan: 20}]",
+            ),
+            // Two rules for one group on two VLANs of a trunk, and one for the rest.
+            format!(
+                "{}  - name: r2\n    input: {{interface: in0, group: 239.1.1.1, vlan: 11}}\n    outputs: [{{interface: out0}}]\n  - name: r3\n    input: {{interface: in0, group: 239.1.1.1}}\n    outputs: [{{interface: out0}}]\n",
+                rule(
+                    "{interface: in0, group: 239.1.1.1, vlan: 10}",
+                    "[{interface: out0}]"
+                )
+            ),
+        ];
+        for yaml in &ok {
+            let c = Config::parse("r.yaml", yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            c.validate("r.yaml", &fake())
+                .unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        }
+        let c = Config::parse("r.yaml", &ok[0]).unwrap();
+        assert_eq!(c.rules[0].input.vlan, Some(Vlan::Id(10)));
+        let outs: Vec<_> = c.rules[0].outputs.iter().map(|o| o.vlan).collect();
+        assert_eq!(outs, [None, Some(Vlan::Id(30)), Some(Vlan::Untagged)]);
+
+        let ok_out = "[{interface: out0}]";
+        let broken = [
+            (
+                rule("{interface: in0, group: 239.1.1.1, vlan: 4095}", ok_out),
+                "r.yaml: rule 'r1': input vlan 4095 is not a VLAN ID from 1 to 4094 or untagged",
+            ),
+            (
+                rule("{interface: in0, group: 239.1.1.1, vlan: 0}", ok_out),
+                "r.yaml: rule 'r1': input vlan 0 is not a VLAN ID from 1 to 4094 or untagged",
+            ),
+            (
+                rule(
+                    "{interface: in0, group: 239.1.1.1}",
+                    "[{interface: out0, vlan: 5000}]",
+                ),
+                "r.yaml: rule 'r1': output vlan 5000 on 'out0' is not a VLAN ID from 1 to 4094 or untagged",
+            ),
+            (
+                rule(
+                    "{interface: in0, group: 239.1.1.1}",
+                    "[{interface: out0, vlan: 7}, {interface: out0, vlan: 7, ttl: 3}]",
+                ),
+                "r.yaml: rule 'r1': two outputs send the same group 239.1.1.1 and port (as received) on 'out0' vlan 7",
+            ),
+            (
+                rule(
+                    "{interface: in0, group: 239.1.1.1}",
+                    "[{interface: out0}, {interface: out0, vlan: untagged}]",
+                ),
+                "r.yaml: rule 'r1': two outputs send the same group 239.1.1.1 and port (as received) on 'out0'",
+            ),
+            (
+                rule(
+                    "{interface: in0, group: 239.1.1.1, vlan: 10}",
+                    "[{interface: in0, vlan: 10}]",
+                ),
+                "r.yaml: rule 'r1': output on 'in0' sends the input's own group and port back out of its input interface: a loop",
+            ),
+            (
+                rule(
+                    "{interface: in0, group: 239.1.1.1}",
+                    "[{interface: in0, vlan: 10}]",
+                ),
+                "r.yaml: rule 'r1': output on 'in0' sends the input's own group and port back out of its input interface: a loop",
+            ),
+            (
+                format!(
+                    "{}  - name: r2\n    input: {{interface: in0, group: 239.1.1.1, vlan: untagged}}\n    outputs: {ok_out}\n",
+                    rule("{interface: in0, group: 239.1.1.1, vlan: untagged}", ok_out)
+                ),
+                "r.yaml: rule 'r2': another rule already has the input in0 239.1.1.1:any from any vlan untagged",
+            ),
+        ];
+        for (yaml, want) in broken {
+            let c = Config::parse("r.yaml", &yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            let got = c.validate("r.yaml", &fake()).expect_err(&yaml).to_string();
+            assert_eq!(got, want, "for\n{yaml}");
+        }
+        let bad = rule("{interface: in0, group: 239.1.1.1, vlan: trunk}", ok_out);
+        assert_eq!(
+            Config::parse("r.yaml", &bad).unwrap_err().to_string(),
+            "r.yaml: rules[0].input.vlan: invalid value: string \"trunk\", expected a VLAN ID from 1 to 4094 or `untagged` at line 3 column 53"
+        );
     }
 }

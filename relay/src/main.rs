@@ -117,8 +117,9 @@ Config file (YAML): allocator (lockfree|mutex), umem {frames, frame_size, separa
 [interfaces with a UMEM of their own]}, xdp_mode
 (auto|native|skb), bind (auto|zerocopy|copy), workers (default: one per ingress rx queue,
 up to the CPUs), cpus (CPUs to pin the workers to), control (socket path), metrics (address
-for Prometheus), rules: [{name, input {interface, group, port?, source?}, outputs
-[{interface, group?, port?, ttl? (alias hop_limit)}]}]. Groups and sources are IPv4 or IPv6,
+for Prometheus), rules: [{name, input {interface, group, port?, source?, vlan? (1-4094 or
+untagged; any when absent)}, outputs [{interface, group?, port?, ttl? (alias hop_limit),
+vlan? (tag with this VID; untagged when absent)}]}]. Groups and sources are IPv4 or IPv6,
 one family per rule. Unknown keys are errors. An interface that does not exist yet is a
 warning: its rules start idle and come alive when it appears.
 

@@ -25,7 +25,7 @@ pub fn shutdown(
             let eg = &table.egress[out.egress];
             let _ = writeln!(
                 s,
-                "rule={} output={} group={} port={} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={} too_large={} interface_down={}",
+                "rule={} output={} group={} port={}{} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={} too_large={} interface_down={}",
                 rule.name,
                 eg.name,
                 out.action.group.unwrap_or(rule.group),
@@ -33,6 +33,10 @@ pub fn shutdown(
                     || rule.port.map_or("same".into(), |p| p.to_string()),
                     |p| p.to_string()
                 ),
+                // Only for an output that tags: two outputs may differ in nothing else.
+                out.action
+                    .vlan
+                    .map_or(String::new(), |v| format!(" vlan={v}")),
                 oc.packets,
                 oc.bytes,
                 oc.dropped(),

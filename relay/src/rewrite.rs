@@ -29,13 +29,17 @@ pub struct OutputAction {
     pub port: Option<u16>,
     /// A TTL (IPv4) or hop limit (IPv6) to set instead of decrementing the received one.
     pub ttl: Option<u8>,
+    /// The VID to send tagged with; untagged when `None` (see [`crate::vlan::retag`], which
+    /// the data path applies before [`rewrite`]).
+    pub vlan: Option<u16>,
 }
 
 impl OutputAction {
     /// Whether two actions are the same output as the user wrote it. The source MAC is left
     /// out: it is the egress device's, which changes when the interface is created again.
     pub fn same_output(&self, other: &Self) -> bool {
-        (self.group, self.port, self.ttl) == (other.group, other.port, other.ttl)
+        (self.group, self.port, self.ttl, self.vlan)
+            == (other.group, other.port, other.ttl, other.vlan)
     }
 }
 
@@ -47,10 +51,13 @@ pub enum RewriteError {
     TtlExpired,
     /// The frame does not hold the headers `flow` describes.
     Malformed,
+    /// The output's VLAN tag does not fit in the frame's buffer.
+    TooLarge,
 }
 
 /// Rewrites `frame` for `action`. `flow` is [`crate::wire::classify`]'s answer for this frame
-/// (copies of a frame share it, since a rewrite never moves a header).
+/// (copies of a frame share it, since a rewrite never moves a header), or, after
+/// [`crate::vlan::retag`] moved the headers, the flow it returned.
 pub fn rewrite(frame: &mut [u8], flow: &Flow, action: &OutputAction) -> Result<(), RewriteError> {
     if frame.len() < flow.l4 || flow.l4 < flow.l3 {
         return Err(RewriteError::Malformed);
@@ -299,6 +306,7 @@ mod tests {
             group,
             port,
             ttl,
+            vlan: None,
         }
     }
 
@@ -823,7 +831,7 @@ mod tests {
                 let four = |a: [u8; 16]| IpAddr::from([a[0], a[1], a[2], a[3]]);
                 (four(source), four(group))
             };
-            let flow = Flow { l3: 0, l4, source, group, port: 0 };
+            let flow = Flow { tci: None, l3: 0, l4, source, group, port: 0, frag: None };
             complete_partial_udp_checksum(&mut b, &flow);
         }
     }

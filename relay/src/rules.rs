@@ -5,11 +5,12 @@ use std::net::IpAddr;
 
 use rustc_hash::FxHashMap;
 
-use relay_common::{RuleKey, RuleValue, v4_mapped};
+use relay_common::{RuleKey, RuleValue, VLAN_ANY, frame_vlan, v4_mapped};
 
 use crate::{
     config::{Config, ConfigError, InterfaceInfo, System},
     rewrite::OutputAction,
+    vlan::Vlan,
     wire::Flow,
 };
 
@@ -41,6 +42,8 @@ pub struct CompiledRule {
     pub group: IpAddr,
     pub port: Option<u16>,
     pub source: Option<IpAddr>,
+    /// The input's `vlan:`: any VLAN or none when absent.
+    pub vlan: Option<Vlan>,
     pub outputs: Vec<CompiledOutput>,
 }
 
@@ -53,6 +56,9 @@ pub struct RuleTable {
     /// showed SipHash as a third of the relay's own CPU time, and a lookup key from the wire
     /// cannot grow this table (only the config fills it), so flooding it is not a concern.
     keys: FxHashMap<RuleKey, u32>,
+    /// Some key names a VLAN: only then does a lookup try the frame's VLAN first, as the XDP
+    /// program skips those shapes too.
+    vlan_keys: bool,
 }
 
 impl RuleTable {
@@ -95,6 +101,7 @@ impl RuleTable {
                         group: out.group,
                         port: out.port,
                         ttl: out.ttl,
+                        vlan: out.vlan.and_then(Vlan::vid),
                     },
                 });
             }
@@ -103,8 +110,10 @@ impl RuleTable {
                 key_addr(rule.input.group),
                 rule.input.source.map_or([0; 16], key_addr),
                 rule.input.port.unwrap_or(0),
-            );
+            )
+            .with_vlan(rule.input.vlan.map_or(VLAN_ANY, Vlan::key));
             if in_info.exists() {
+                table.vlan_keys |= key.vlan != VLAN_ANY;
                 table.keys.insert(key, id as u32);
             }
             table.rules.push(CompiledRule {
@@ -113,6 +122,7 @@ impl RuleTable {
                 group: rule.input.group,
                 port: rule.input.port,
                 source: rule.input.source,
+                vlan: rule.input.vlan,
                 outputs,
             });
         }
@@ -132,12 +142,23 @@ impl RuleTable {
     }
 
     /// The rule for a frame that arrived on `ifindex`, in the XDP program's order: (S,G,port),
-    /// (S,G,*), (*,G,port), (*,G,*).
+    /// (S,G,*), (*,G,port), (*,G,*), first for the frame's VLAN (its VID, or untagged), then
+    /// for any VLAN.
     pub fn lookup(&self, ifindex: u32, flow: &Flow) -> Option<u32> {
         let (g, s, p) = (key_addr(flow.group), key_addr(flow.source), flow.port);
-        [(s, p), (s, 0), ([0; 16], p), ([0; 16], 0)]
-            .into_iter()
-            .find_map(|(src, port)| self.keys.get(&RuleKey::new(ifindex, g, src, port)))
+        let frame = frame_vlan(flow.tci);
+        let vlans: &[u16] = if self.vlan_keys {
+            &[frame, VLAN_ANY]
+        } else {
+            &[VLAN_ANY]
+        };
+        vlans
+            .iter()
+            .flat_map(|&v| {
+                [(s, p), (s, 0), ([0; 16], p), ([0; 16], 0)]
+                    .map(|(src, port)| RuleKey::new(ifindex, g, src, port).with_vlan(v))
+            })
+            .find_map(|k| self.keys.get(&k))
             .copied()
     }
 }
@@ -158,11 +179,13 @@ mod tests {
 
     fn flow(group: [u8; 4], source: [u8; 4], port: u16) -> Flow {
         Flow {
+            tci: None,
             l3: 14,
             l4: 34,
             source: source.into(),
             group: group.into(),
             port,
+            frag: None,
         }
     }
 
@@ -174,12 +197,14 @@ mod tests {
                 group: group.into(),
                 port,
                 source: source.map(Into::into),
+                vlan: None,
             },
             outputs: vec![Output {
                 interface: "out0".into(),
                 group: None,
                 port: None,
                 ttl: None,
+                vlan: None,
             }],
         }
     }
@@ -198,6 +223,7 @@ mod tests {
             group: Some([239, 2, 2, 2].into()),
             port: Some(6000),
             ttl: Some(3),
+            vlan: Some(Vlan::Id(30)),
         });
         let t = RuleTable::compile(&c, "t", &fake()).unwrap();
         assert_eq!(t.ingress.len(), 1);
@@ -209,7 +235,11 @@ mod tests {
         let o = &t.rules[0].outputs[1];
         assert_eq!(o.egress, 1);
         assert_eq!(o.action.src_mac, [2, 0, 0, 0, 0, 2]);
-        assert_eq!((o.action.port, o.action.ttl), (Some(6000), Some(3)));
+        assert_eq!(
+            (o.action.port, o.action.ttl, o.action.vlan),
+            (Some(6000), Some(3), Some(30))
+        );
+        assert_eq!(t.rules[0].outputs[0].action.vlan, None);
         assert_eq!(t.bpf_entries().count(), 1);
         assert_eq!(
             t.lookup(10, &flow([239, 1, 1, 1], [1, 2, 3, 4], 5000)),
@@ -225,8 +255,20 @@ mod tests {
         );
     }
 
-    /// The reference model: among the rules whose input covers the frame, the one with a
-    /// source wins over one without, then one with a port over one without.
+    /// Whether an input's `vlan:` takes a frame with this tag control word (VID 0 is a
+    /// priority tag: untagged).
+    pub(crate) fn vlan_covers(vlan: Option<Vlan>, tci: Option<u16>) -> bool {
+        let vid = tci.map(|t| t & 0x0fff).filter(|&v| v != 0);
+        match vlan {
+            None => true,
+            Some(Vlan::Untagged) => vid.is_none(),
+            Some(Vlan::Id(v)) => vid == Some(v),
+        }
+    }
+
+    /// The reference model: among the rules whose input covers the frame, one with a VLAN
+    /// wins over one without, then one with a source over one without, then one with a port
+    /// over one without.
     fn model(rules: &[Rule], f: &Flow) -> Option<u32> {
         rules
             .iter()
@@ -235,28 +277,47 @@ mod tests {
                 r.input.group == f.group
                     && r.input.port.is_none_or(|p| p == f.port)
                     && r.input.source.is_none_or(|s| s == f.source)
+                    && vlan_covers(r.input.vlan, f.tci)
             })
-            .max_by_key(|(_, r)| (r.input.source.is_some(), r.input.port.is_some()))
+            .max_by_key(|(_, r)| {
+                (
+                    r.input.vlan.is_some(),
+                    r.input.source.is_some(),
+                    r.input.port.is_some(),
+                )
+            })
             .map(|(i, _)| i as u32)
+    }
+
+    fn arb_vlan() -> impl Strategy<Value = Option<Vlan>> {
+        proptest::option::of(prop_oneof![
+            Just(Vlan::Untagged),
+            (10u16..12).prop_map(Vlan::Id)
+        ])
     }
 
     proptest! {
         #[test]
         fn lookup_agrees_with_model(
             specs in proptest::collection::vec(
-                (0u8..3, proptest::option::of(5000u16..5003), proptest::option::of(1u8..4)), 1..24),
-            probes in proptest::collection::vec((0u8..3, 5000u16..5003, 1u8..4), 1..32),
+                (0u8..3, proptest::option::of(5000u16..5003), proptest::option::of(1u8..4), arb_vlan()), 1..24),
+            probes in proptest::collection::vec(
+                (0u8..3, 5000u16..5003, 1u8..4, proptest::option::of(prop_oneof![Just(0x2000u16), Just(0xe00a), Just(11), Just(12)])), 1..32),
         ) {
             let mut seen = std::collections::HashSet::new();
             let rules: Vec<Rule> = specs
                 .into_iter()
                 .filter(|s| seen.insert(*s))
                 .enumerate()
-                .map(|(i, (g, p, s))| rule(format!("r{i}"), [239, 0, 0, g], p, s.map(|s| [198, 18, 0, s])))
+                .map(|(i, (g, p, s, v))| {
+                    let mut r = rule(format!("r{i}"), [239, 0, 0, g], p, s.map(|s| [198, 18, 0, s]));
+                    r.input.vlan = v;
+                    r
+                })
                 .collect();
             let t = RuleTable::compile(&config(rules.clone()), "t", &fake()).unwrap();
-            for (g, p, s) in probes {
-                let f = flow([239, 0, 0, g], [198, 18, 0, s], p);
+            for (g, p, s, tci) in probes {
+                let f = Flow { tci, ..flow([239, 0, 0, g], [198, 18, 0, s], p) };
                 prop_assert_eq!(t.lookup(10, &f), model(&rules, &f));
             }
         }

@@ -33,7 +33,8 @@ pub struct StatsView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleView {
     pub name: String,
-    /// The rule's input, as `interface group:port from source`.
+    /// The rule's input, as `interface group:port from source`, and ` vlan N` (or
+    /// ` vlan untagged`) when it names one.
     pub input: String,
     pub received: u64,
     pub bytes: u64,
@@ -49,6 +50,9 @@ pub struct OutputView {
     pub interface: String,
     pub group: String,
     pub port: String,
+    /// The VID the output tags its frames with; absent when it sends them untagged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
     pub sent: u64,
     pub bytes: u64,
     /// Drops by reason.
@@ -80,7 +84,7 @@ impl StatsView {
             .map(|(r, rc)| RuleView {
                 name: r.name.clone(),
                 input: format!(
-                    "{} {}:{} from {}",
+                    "{} {}:{} from {}{}",
                     table
                         .ingress
                         .iter()
@@ -89,6 +93,7 @@ impl StatsView {
                     r.group,
                     r.port.map_or("any".into(), |p| p.to_string()),
                     r.source.map_or("any".into(), |s| s.to_string()),
+                    r.vlan.map_or(String::new(), |v| format!(" vlan {v}")),
                 ),
                 received: rc.packets,
                 bytes: rc.bytes,
@@ -105,6 +110,7 @@ impl StatsView {
                             .port
                             .or(r.port)
                             .map_or("same".into(), |p| p.to_string()),
+                        vlan: o.action.vlan,
                         sent: oc.packets,
                         bytes: oc.bytes,
                         dropped: [
@@ -180,7 +186,7 @@ impl StatsView {
                     s,
                     "  -> {:<12} {:<22} {:>12} {:>14}  dropped {}{}",
                     o.interface,
-                    format!("{}:{}", o.group, o.port),
+                    format!("{}:{}{}", o.group, o.port, vlan_suffix(o.vlan)),
                     o.sent,
                     o.bytes,
                     dropped,
@@ -228,13 +234,15 @@ impl StatsView {
                 escape(r.input.split(' ').next().unwrap_or(""))
             )
         };
+        // Two outputs may differ only in their VLAN, so it is part of the output's name.
         let ol = |r: &RuleView, o: &OutputView| {
             format!(
-                "rule=\"{}\",output=\"{} {}:{}\",interface=\"{}\",group=\"{}\"",
+                "rule=\"{}\",output=\"{} {}:{}{}\",interface=\"{}\",group=\"{}\"",
                 escape(&r.name),
                 escape(&o.interface),
                 o.group,
                 o.port,
+                vlan_suffix(o.vlan),
                 escape(&o.interface),
                 o.group
             )
@@ -330,6 +338,11 @@ impl StatsView {
     }
 }
 
+/// ` vlan N` for an output that tags its frames, nothing for one that does not.
+fn vlan_suffix(vlan: Option<u16>) -> String {
+    vlan.map_or(String::new(), |v| format!(" vlan {v}"))
+}
+
 /// Escapes a Prometheus label value.
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -345,7 +358,7 @@ mod tests {
     fn view() -> StatsView {
         let c = Config::parse(
             "t",
-            "rules:\n  - name: v\"a\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs: [{interface: out0}, {interface: out1, group: 239.2.2.2, port: 6000}]\n",
+            "rules:\n  - name: v\"a\n    input: {interface: in0, group: 239.1.1.1, port: 5000, vlan: 10}\n    outputs: [{interface: out0}, {interface: out1, group: 239.2.2.2, port: 6000, vlan: 30}]\n",
         )
         .unwrap();
         let t = RuleTable::compile(&c, "t", &fake()).unwrap();
@@ -365,7 +378,7 @@ mod tests {
         StatsView::build(
             &t,
             &d,
-            Some(&[12, 10, 10, 2, 0, 0]),
+            Some(&[12, 10, 10, 2, 0, 0, 0, 0]),
             &pool,
             AllocatorKind::Lockfree,
         )
@@ -376,7 +389,11 @@ mod tests {
         let v = view();
         let json = serde_json::to_string(&v).unwrap();
         assert_eq!(serde_json::from_str::<StatsView>(&json).unwrap(), v);
-        assert_eq!(v.rules[0].input, "in0 239.1.1.1:5000 from any");
+        assert_eq!(v.rules[0].input, "in0 239.1.1.1:5000 from any vlan 10");
+        assert_eq!(
+            (v.rules[0].outputs[0].vlan, v.rules[0].outputs[1].vlan),
+            (None, Some(30))
+        );
         assert_eq!(v.rules[0].outputs[1].group, "239.2.2.2");
         assert_eq!(v.rules[0].outputs[1].port, "6000");
         assert_eq!(v.xdp["redirected"], 10);
@@ -393,6 +410,7 @@ mod tests {
     fn table_shows_drops_by_reason() {
         let t = view().render_table();
         assert!(t.contains("dropped 1 (ttl_expired=1)"), "{t}");
+        assert!(t.contains("239.2.2.2:6000 vlan 30"), "{t}");
         assert!(t.contains("1000  checksum_completed=4\n"), "{t}");
         assert!(
             t.contains("pool: lock-free allocator, 64 frames, 60 free, 4 in flight"),
@@ -408,7 +426,7 @@ mod tests {
             "{p}"
         );
         assert!(p.contains(
-            "relay_output_sent_packets_total{rule=\"v\\\"a\",output=\"out1 239.2.2.2:6000\",interface=\"out1\",group=\"239.2.2.2\"} 10"
+            "relay_output_sent_packets_total{rule=\"v\\\"a\",output=\"out1 239.2.2.2:6000 vlan 30\",interface=\"out1\",group=\"239.2.2.2\"} 10"
         ), "{p}");
         assert!(p.contains(
             "relay_output_dropped_packets_total{rule=\"v\\\"a\",output=\"out0 239.1.1.1:5000\",interface=\"out0\",group=\"239.1.1.1\",reason=\"ttl_expired\"} 1"

@@ -80,6 +80,11 @@ impl<T: AsRef<[u8]>> EthernetFrame<T> {
         be16(self.buffer.as_ref(), self.header_len - 2)
     }
 
+    /// The tag control word (PCP, DEI, VID) of the frame's 802.1Q/802.1ad tag, if it has one.
+    pub fn tci(&self) -> Option<u16> {
+        (self.header_len > ETH_HLEN).then(|| be16(self.buffer.as_ref(), ETH_HLEN))
+    }
+
     /// Length of the Ethernet header including the VLAN tag: where the payload starts.
     pub fn header_len(&self) -> usize {
         self.header_len
@@ -328,6 +333,9 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
 /// Where the headers of a multicast UDP frame sit, and the fields the relay matches on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flow {
+    /// The tag control word of the VLAN tag the frame has (the XDP program's too), `None`
+    /// when it is untagged; the rule lookup uses its VID.
+    pub tci: Option<u16>,
     /// Offset of the IP header.
     pub l3: usize,
     /// Offset of the UDP header (after any IPv6 extension headers).
@@ -335,26 +343,60 @@ pub struct Flow {
     /// The source and the group are of one family.
     pub source: IpAddr,
     pub group: IpAddr,
+    /// The destination port; 0 in a later fragment, which has no UDP header.
     pub port: u16,
+    /// Where the packet stands among its datagram's fragments; `None` when it is not
+    /// fragmented (an IPv6 atomic fragment included). In a later fragment `l4` is where the
+    /// fragment's data starts.
+    pub frag: Option<Fragment>,
 }
 
+/// A fragment of a UDP datagram to a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fragment {
+    /// The datagram's identification as the fragment map keys it: the IPv6 fragment header's
+    /// four bytes, or the IPv4 header's two after two zero bytes.
+    pub id: [u8; 4],
+    /// Where the fragment's data sits in the datagram, in 8-byte units; 0 for the first
+    /// fragment, which carries the UDP header.
+    pub offset: u16,
+}
+
+impl Flow {
+    /// A fragment other than the first: no UDP header, and its rule is the one its first
+    /// fragment matched.
+    pub fn is_later_fragment(&self) -> bool {
+        self.frag.is_some_and(|f| f.offset > 0)
+    }
+}
+
+/// The IPv6 fragment header's next-header number.
+pub const NEXTHDR_FRAGMENT: u8 = 44;
+
 /// What the XDP program decides for a frame, computed the same way in userspace: `Some` for
-/// an unfragmented IPv4 or IPv6 UDP frame to a multicast group, `None` (pass to the kernel)
-/// for everything else. Used by the data path to find the rule and header offsets of a frame
+/// an IPv4 or IPv6 UDP frame to a multicast group, or a fragment of one (whether a later
+/// fragment is relayed depends on its first, which the caller looks up), `None` (pass to the
+/// kernel) for everything else. Used by the data path to find the rule and header offsets of a frame
 /// the XDP program redirected, and by tests as the model of the XDP program.
 pub fn classify(frame: &[u8]) -> Option<Flow> {
     let eth = EthernetFrame::new_checked(frame).ok()?;
     let l3 = eth.header_len();
-    let (source, group, l4) = match eth.ethertype() {
+    let (source, group, l4, frag) = match eth.ethertype() {
         ETH_P_IP => {
             let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-            if ip.is_fragment() || ip.protocol() != IPPROTO_UDP || !ip.dst_addr().is_multicast() {
+            if ip.protocol() != IPPROTO_UDP || !ip.dst_addr().is_multicast() {
                 return None;
             }
+            let h = ip.header();
+            let frag = ip.is_fragment().then(|| Fragment {
+                id: [0, 0, h[4], h[5]],
+                offset: be16(h, 6) & 0x1fff,
+            });
             (
                 IpAddr::V4(ip.src_addr()),
                 IpAddr::V4(ip.dst_addr()),
                 l3 + ip.header_len(),
+                frag,
             )
         }
         ETH_P_IPV6 => {
@@ -362,7 +404,20 @@ pub fn classify(frame: &[u8]) -> Option<Flow> {
             if !ip.dst_addr().is_multicast() {
                 return None;
             }
-            let (off, proto) = ip.upper_layer()?;
+            let (mut off, mut proto) = ip.upper_layer()?;
+            let mut frag = None;
+            if proto == NEXTHDR_FRAGMENT {
+                // Next header, reserved, offset (13 bits) / reserved (2) / M (1), identification.
+                let fh = ip.payload().get(off - IPV6_HLEN..off - IPV6_HLEN + 8)?;
+                let offset = be16(fh, 2) >> 3;
+                let id = [fh[4], fh[5], fh[6], fh[7]];
+                off += 8;
+                // Offset 0 without more to come is an atomic fragment: a whole datagram.
+                if offset != 0 || fh[3] & 1 != 0 {
+                    frag = Some(Fragment { id, offset });
+                }
+                proto = if offset != 0 { IPPROTO_UDP } else { fh[0] };
+            }
             if proto != IPPROTO_UDP {
                 return None;
             }
@@ -370,17 +425,32 @@ pub fn classify(frame: &[u8]) -> Option<Flow> {
                 IpAddr::V6(ip.src_addr()),
                 IpAddr::V6(ip.dst_addr()),
                 l3 + off,
+                frag,
             )
         }
         _ => return None,
     };
+    if frag.is_some_and(|f| f.offset > 0) {
+        // No UDP header: what follows is the middle of the datagram.
+        return Some(Flow {
+            tci: eth.tci(),
+            l3,
+            l4,
+            source,
+            group,
+            port: 0,
+            frag,
+        });
+    }
     let udp = UdpPacket::new_checked(frame.get(l4..)?).ok()?;
     Some(Flow {
+        tci: eth.tci(),
         l3,
         l4,
         source,
         group,
         port: udp.dst_port(),
+        frag,
     })
 }
 
@@ -395,7 +465,13 @@ pub fn check_lengths(frame: &[u8], flow: &Flow) -> Result<(), Malformed> {
         IpAddr::V4(_) => {
             let ip = Ipv4Packet::new_checked(l3)?;
             let total = usize::from(ip.total_len());
-            if total < ip.header_len() + UDP_HLEN {
+            // A later fragment has no UDP header; its data may be a single byte.
+            let udp_hlen = if flow.is_later_fragment() {
+                0
+            } else {
+                UDP_HLEN
+            };
+            if total < ip.header_len() + udp_hlen {
                 return bad;
             }
             flow.l3 + total
@@ -405,12 +481,21 @@ pub fn check_lengths(frame: &[u8], flow: &Flow) -> Result<(), Malformed> {
             flow.l3 + IPV6_HLEN + usize::from(ip.payload_len())
         }
     };
-    if ip_end > frame.len() {
+    if ip_end > frame.len() || flow.l4 > ip_end {
         return bad;
+    }
+    if flow.is_later_fragment() {
+        return Ok(());
     }
     let udp = UdpPacket::new_checked(frame.get(flow.l4..).ok_or(Malformed::Truncated)?)?;
     let udp_len = usize::from(udp.len());
-    if udp_len < UDP_HLEN || flow.l4 + udp_len > ip_end {
+    // A first fragment holds the UDP header, and its UDP length is the whole datagram's.
+    let udp_end = if flow.frag.is_some() {
+        flow.l4 + UDP_HLEN
+    } else {
+        flow.l4 + udp_len
+    };
+    if udp_len < UDP_HLEN || udp_end > ip_end {
         return bad;
     }
     Ok(())
@@ -512,10 +597,21 @@ mod tests {
             assert_eq!(flow.source, "2001:2::1".parse::<IpAddr>().unwrap());
             assert_eq!(flow.port, 5000);
         }
-        // A fifth header is beyond the bound; fragments are never relayed.
+        // A fifth header is beyond the bound.
         assert_eq!(classify(&v6(&[0, 60, 43, 60, 60])), None);
-        assert_eq!(classify(&v6(&[crate::craft::NEXTHDR_FRAGMENT])), None);
-        assert_eq!(classify(&v6(&[60, crate::craft::NEXTHDR_FRAGMENT])), None);
+        // A first fragment carries the UDP header after its fragment header.
+        for ext in [&[NEXTHDR_FRAGMENT][..], &[60, NEXTHDR_FRAGMENT]] {
+            let flow = classify(&v6(ext)).unwrap();
+            assert_eq!(flow.l4, ETH_HLEN + IPV6_HLEN + 8 * ext.len());
+            assert_eq!(flow.port, 5000);
+            assert_eq!(
+                flow.frag,
+                Some(Fragment {
+                    id: [0, 0, 0, 1],
+                    offset: 0
+                })
+            );
+        }
     }
 
     #[test]

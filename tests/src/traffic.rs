@@ -254,6 +254,90 @@ pub fn capture(
     Ok(handle)
 }
 
+/// As [`capture`], with each frame's VLAN tag where it was on the wire. The kernel takes the
+/// outer tag out of a received frame (into the skb's metadata) before any tap sees it, so a
+/// plain capture cannot tell a tagged frame from an untagged one; with PACKET_AUXDATA each
+/// frame comes with the tag the kernel took, which is put back in front of the ethertype.
+pub fn capture_tagged(
+    ns: &Netns,
+    iface: &str,
+    limits: Limits,
+    keep: fn(&[u8]) -> bool,
+) -> Result<JoinHandle<Result<Vec<Vec<u8>>>>> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let iface = std::ffi::CString::new(iface)?;
+    let handle = ns.run(move || {
+        let fd = packet_socket(&iface)?;
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 50_000,
+        };
+        setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
+        setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_AUXDATA,
+            &1 as &libc::c_int,
+        )?;
+        let _ = ready_tx.send(());
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        // Room for one cmsg holding a tpacket_auxdata, 8-byte aligned as cmsghdr wants.
+        let mut control = [0u64; 16];
+        recv_loop(limits, &mut got, || {
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: msghdr is plain data; zero is a valid starting value.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control);
+            // SAFETY: msg points at the live buffer and control area above, sized as given.
+            let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, 0) };
+            if n <= 0 {
+                return None;
+            }
+            let mut frame = buf[..n as usize].to_vec();
+            // SAFETY: the kernel filled msg's control area; CMSG_FIRSTHDR and CMSG_NXTHDR walk
+            // it within msg_controllen.
+            let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+            while !cmsg.is_null() {
+                // SAFETY: cmsg is a header inside the control area (see above).
+                let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+                if level == libc::SOL_PACKET && kind == libc::PACKET_AUXDATA {
+                    // SAFETY: a PACKET_AUXDATA cmsg carries a tpacket_auxdata; read unaligned
+                    // as CMSG_DATA promises no alignment for it.
+                    let aux: libc::tpacket_auxdata =
+                        unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
+                    if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 && frame.len() >= 12 {
+                        let tpid = if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0 {
+                            aux.tp_vlan_tpid
+                        } else {
+                            0x8100
+                        };
+                        let mut tag = tpid.to_be_bytes().to_vec();
+                        tag.extend(aux.tp_vlan_tci.to_be_bytes());
+                        frame.splice(12..12, tag);
+                    }
+                }
+                // SAFETY: as above.
+                cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+            }
+            // Frames the filter rejects count as activity but are not kept.
+            Some(if keep(&frame) { frame } else { Vec::new() })
+        });
+        got.retain(|f| !f.is_empty());
+        Ok(got)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("capture did not start")?;
+    Ok(handle)
+}
+
 /// An AF_PACKET socket that sees and sends every frame of `iface`, as the frame is.
 fn packet_socket(iface: &std::ffi::CStr) -> Result<OwnedFd> {
     let proto = (libc::ETH_P_ALL as u16).to_be();

@@ -11,8 +11,10 @@ use relay::{
     craft::{UdpFrame, build_udp_frame},
     loader::Steering,
     rules::RuleTable,
+    vlan::Vlan,
+    wire::classify,
 };
-use relay_common::XdpCounter;
+use relay_common::{SHAPES_VLAN, XdpCounter};
 use relay_tests::netns::require_root;
 
 /// The loopback interface: the test run needs a real device for the frame's ingress; `in0`
@@ -20,6 +22,16 @@ use relay_tests::netns::require_root;
 const LO: u32 = 1;
 
 fn rule(i: usize, group: IpAddr, port: Option<u16>, source: Option<IpAddr>) -> Rule {
+    vlan_rule(i, group, port, source, None)
+}
+
+fn vlan_rule(
+    i: usize,
+    group: IpAddr,
+    port: Option<u16>,
+    source: Option<IpAddr>,
+    vlan: Option<Vlan>,
+) -> Rule {
     Rule {
         name: format!("r{i}"),
         input: Input {
@@ -27,12 +39,14 @@ fn rule(i: usize, group: IpAddr, port: Option<u16>, source: Option<IpAddr>) -> R
             group,
             port,
             source,
+            vlan,
         },
         outputs: vec![Output {
             interface: "out0".into(),
             group: None,
             port: None,
             ttl: None,
+            vlan: None,
         }],
     }
 }
@@ -50,13 +64,45 @@ fn table(rules: Vec<Rule>) -> RuleTable {
 }
 
 /// The reference model: a rule covers the frame if its group matches and its port and source
-/// are absent or equal.
-fn model_matches(rules: &[Rule], group: IpAddr, source: IpAddr, port: u16) -> bool {
+/// are absent or equal, and its VLAN is absent, the frame's VID, or `untagged` for a frame
+/// without a tag or with a priority tag (VID 0).
+fn model_matches(
+    rules: &[Rule],
+    group: IpAddr,
+    source: IpAddr,
+    port: u16,
+    tci: Option<u16>,
+) -> bool {
+    let vid = tci.map(|t| t & 0x0fff).filter(|&v| v != 0);
     rules.iter().any(|r| {
         r.input.group == group
             && r.input.port.is_none_or(|p| p == port)
             && r.input.source.is_none_or(|s| s == source)
+            && match r.input.vlan {
+                None => true,
+                Some(Vlan::Untagged) => vid.is_none(),
+                Some(Vlan::Id(v)) => vid == Some(v),
+            }
     })
+}
+
+fn arb_vlan() -> impl Strategy<Value = Option<Vlan>> {
+    proptest::option::of(prop_oneof![
+        Just(Vlan::Untagged),
+        (10u16..12).prop_map(Vlan::Id)
+    ])
+}
+
+/// Tags the probes carry: none, a priority tag (VID 0), VIDs 10 and 11 (some with a
+/// priority), and 12, which no rule names.
+fn arb_tci() -> impl Strategy<Value = Option<u16>> {
+    proptest::option::of(prop_oneof![
+        Just(0x6000u16),
+        Just(10),
+        Just(0xa00a),
+        Just(11),
+        Just(12)
+    ])
 }
 
 /// Whether the program matched `frame`, from its counter.
@@ -93,9 +139,10 @@ proptest! {
     #[test]
     fn the_xdp_program_matches_what_the_model_matches(
         specs in proptest::collection::vec(
-            (any::<bool>(), 0u8..3, proptest::option::of(5000u16..5003), proptest::option::of(1u8..4)),
+            (any::<bool>(), 0u8..3, proptest::option::of(5000u16..5003), proptest::option::of(1u8..4), arb_vlan()),
             1..16),
-        probes in proptest::collection::vec((any::<bool>(), 0u8..3, 5000u16..5003, 1u8..4), 1..24),
+        probes in proptest::collection::vec(
+            (any::<bool>(), 0u8..3, 5000u16..5003, 1u8..4, arb_tci()), 1..24),
     ) {
         require_root();
         let mut seen = std::collections::HashSet::new();
@@ -103,18 +150,66 @@ proptest! {
             .into_iter()
             .filter(|s| seen.insert(*s))
             .enumerate()
-            .map(|(i, (v6, g, p, s))| rule(i, group(v6, g), p, s.map(|s| source(v6, s))))
+            .map(|(i, (v6, g, p, s, v))| vlan_rule(i, group(v6, g), p, s.map(|s| source(v6, s)), v))
             .collect();
-        let steering = Steering::load(&table(rules.clone()), 2048).unwrap();
-        for (v6, g, port, s) in probes {
+        let t = table(rules.clone());
+        let steering = Steering::load(&t, 2048).unwrap();
+        for (v6, g, port, s, tci) in probes {
             let (g, s) = (group(v6, g), source(v6, s));
-            let frame = build_udp_frame(&UdpFrame::simple(s, g, port, 8, b"probe"));
-            prop_assert_eq!(
-                bpf_matches(&steering, &frame),
-                model_matches(&rules, g, s, port),
-                "{} -> {}:{}", s, g, port
-            );
+            let frame = build_udp_frame(&UdpFrame {
+                vlan: tci,
+                ..UdpFrame::simple(s, g, port, 8, b"probe")
+            });
+            let want = model_matches(&rules, g, s, port, tci);
+            prop_assert_eq!(bpf_matches(&steering, &frame), want, "{} -> {}:{} tci {:?}", s, g, port, tci);
+            // The daemon's matcher finds a rule for exactly these frames too.
+            let flow = classify(&frame).unwrap();
+            prop_assert_eq!(t.lookup(LO, &flow).is_some(), want);
         }
+    }
+}
+
+/// Rules without `vlan:` leave the VLAN shapes out, so their frames cost no extra lookup;
+/// a QinQ frame (802.1ad outer, 802.1Q inner tag) is never matched, whatever the rules, and
+/// a single 802.1ad tag is read as a VLAN tag.
+#[test]
+fn vlan_shapes_and_qinq() {
+    require_root();
+    let g = group(false, 1);
+    let plain = table(vec![rule(0, g, Some(5000), None)]);
+    assert_eq!(plain.shapes() & SHAPES_VLAN, 0);
+    let rules = vec![
+        vlan_rule(0, g, Some(5000), None, Some(Vlan::Id(7))),
+        vlan_rule(1, group(false, 2), None, None, None),
+    ];
+    let t = table(rules);
+    assert_ne!(t.shapes() & SHAPES_VLAN, 0);
+    let steering = Steering::load(&t, 2048).unwrap();
+    let tagged = |tci| {
+        build_udp_frame(&UdpFrame {
+            vlan: tci,
+            ..UdpFrame::simple(source(false, 1), g, 5000, 8, b"x")
+        })
+    };
+    assert!(bpf_matches(&steering, &tagged(Some(7))));
+    assert!(!bpf_matches(&steering, &tagged(Some(8))));
+    assert!(!bpf_matches(&steering, &tagged(None)));
+    let mut ad = tagged(Some(7));
+    ad[12..14].copy_from_slice(&[0x88, 0xa8]);
+    assert!(bpf_matches(&steering, &ad), "one 802.1ad tag");
+    for outer in [[0x88, 0xa8, 0x00, 0x07], [0x81, 0x00, 0x00, 0x07]] {
+        let mut qinq = tagged(Some(7));
+        qinq.splice(12..12, outer);
+        assert!(!bpf_matches(&steering, &qinq), "QinQ {outer:02x?}");
+        assert_eq!(classify(&qinq), None);
+    }
+    // The rule without a VLAN takes its group on any VLAN and none.
+    for tci in [None, Some(7), Some(4000)] {
+        let f = build_udp_frame(&UdpFrame {
+            vlan: tci,
+            ..UdpFrame::simple(source(false, 1), group(false, 2), 9, 8, b"x")
+        });
+        assert!(bpf_matches(&steering, &f), "{tci:?}");
     }
 }
 
@@ -192,5 +287,103 @@ fn ten_thousand_rules_load_and_all_match() {
             b"x",
         ));
         assert!(!bpf_matches(&steering, &frame), "port 5100 has no rule");
+    }
+}
+
+/// A fragment of a datagram to `g`:`port` from `s`, made from a whole frame: `id` its
+/// identification, `offset` in 8-byte units (0: the first, with more to come).
+fn fragment(v6: bool, g: IpAddr, s: IpAddr, port: u16, id: u16, offset: u16) -> Vec<u8> {
+    let mut f = build_udp_frame(&UdpFrame {
+        ipv6_ext: if v6 { vec![44] } else { vec![] },
+        ..UdpFrame::simple(s, g, port, 8, b"fragment")
+    });
+    let l3 = 14;
+    if v6 {
+        let fh = l3 + 40;
+        f[fh + 2..fh + 4].copy_from_slice(&(offset << 3 | 1).to_be_bytes());
+        f[fh + 4..fh + 8].copy_from_slice(&u32::from(id).to_be_bytes());
+    } else {
+        f[l3 + 4..l3 + 6].copy_from_slice(&id.to_be_bytes());
+        f[l3 + 6..l3 + 8].copy_from_slice(&(0x2000 | offset).to_be_bytes());
+    }
+    f
+}
+
+/// Later fragments follow what their datagram's first fragment matched, in the XDP program
+/// and in the daemon's model of it (`FragTable` beside `RuleTable::lookup`, as a worker
+/// keeps them); a later fragment before its first, or of a datagram whose first matched
+/// nothing, is passed and counted.
+#[test]
+fn fragments_follow_their_first() {
+    require_root();
+    for v6 in [false, true] {
+        let (g, s) = (group(v6, 1), source(v6, 1));
+        let rules = vec![rule(0, g, Some(5000), None)];
+        let t = table(rules);
+        let steering = Steering::load(&t, 2048).unwrap();
+        let mut frags = relay::frag::FragTable::new(64);
+        let mut model = |frame: &[u8]| {
+            let flow = classify(frame).unwrap();
+            let frag = flow.frag.unwrap();
+            let key = relay::frag::key(LO, &flow, frag);
+            if flow.is_later_fragment() {
+                return frags.get(&key, 0).is_some();
+            }
+            let rule = t.lookup(LO, &flow);
+            if let Some(r) = rule {
+                frags.insert(key, r, 0);
+            }
+            rule.is_some()
+        };
+        let count = |c: XdpCounter| steering.counters().read().unwrap()[c as usize];
+        let (known, unknown) = (
+            count(XdpCounter::Fragments),
+            count(XdpCounter::FragmentsUnknown),
+        );
+        let probes = [
+            (
+                fragment(v6, g, s, 5000, 5, 185),
+                false,
+                "later before its first",
+            ),
+            (fragment(v6, g, s, 5000, 5, 0), true, "first"),
+            (
+                fragment(v6, g, s, 5000, 5, 185),
+                true,
+                "later after its first",
+            ),
+            (fragment(v6, g, s, 5000, 5, 370), true, "another later"),
+            (
+                fragment(v6, g, s, 5000, 6, 185),
+                false,
+                "another datagram's later",
+            ),
+            (
+                fragment(v6, g, source(v6, 2), 5000, 5, 185),
+                false,
+                "another source's later",
+            ),
+            (
+                fragment(v6, g, s, 5001, 8, 0),
+                false,
+                "a first no rule takes",
+            ),
+            (fragment(v6, g, s, 5001, 8, 185), false, "its later"),
+            (
+                {
+                    let mut f = fragment(v6, g, s, 5000, 5, 185);
+                    f.splice(12..12, [0x81, 0x00, 0x00, 20]);
+                    f
+                },
+                false,
+                "a later with the first's identification, on VLAN 20",
+            ),
+        ];
+        for (frame, want, what) in &probes {
+            assert_eq!(bpf_matches(&steering, frame), *want, "v6 {v6}: {what}");
+            assert_eq!(model(frame), *want, "model, v6 {v6}: {what}");
+        }
+        assert_eq!(count(XdpCounter::Fragments) - known, 2);
+        assert_eq!(count(XdpCounter::FragmentsUnknown) - unknown, 5);
     }
 }

@@ -16,7 +16,7 @@ use relay_tests::{
     topo::{
         RELAY_IN, RELAY_IN_ADDR, RELAY_IN_ADDR6, SENDER_ADDR, SENDER_ADDR6, SENDER_IF, Topology,
     },
-    traffic::{Limits, capture, check_payload, inject, join, payload},
+    traffic::{Limits, capture, capture_tagged, check_payload, inject, join, payload},
 };
 
 mod common;
@@ -52,6 +52,9 @@ enum Outcome {
     TooLarge,
     /// Matched, but longer than a UMEM frame holds: passed, and counted as `oversize`.
     Oversize,
+    /// A later fragment whose first fragment was not seen: passed, and counted as
+    /// `fragments_unknown`.
+    UnknownFragment,
 }
 
 impl Outcome {
@@ -63,12 +66,18 @@ impl Outcome {
             Outcome::Malformed => "dropped, counted as datapath malformed",
             Outcome::TooLarge => "dropped, counted as too_large on the output",
             Outcome::Oversize => "passed to the kernel (XDP_PASS), counted as oversize",
+            Outcome::UnknownFragment => {
+                "passed to the kernel (XDP_PASS), counted as fragments_unknown"
+            }
         }
     }
 
     /// Whether the relay's own stack receives the frame.
     fn reaches_stack(self) -> bool {
-        matches!(self, Outcome::Passed | Outcome::Oversize)
+        matches!(
+            self,
+            Outcome::Passed | Outcome::Oversize | Outcome::UnknownFragment
+        )
     }
 }
 
@@ -110,6 +119,15 @@ fn edit_ipv4(mut frame: Vec<u8>, edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
     hdr[10..12].fill(0);
     let sum = checksum(hdr);
     hdr[10..12].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
+/// An IPv6 frame with a fragment header right after the fixed header, made a later fragment
+/// (offset 1480, more to come) of datagram `id`.
+fn v6_later_fragment(mut frame: Vec<u8>, id: u32) -> Vec<u8> {
+    let fh = ETH_HLEN + 40;
+    frame[fh + 2..fh + 4].copy_from_slice(&(185u16 << 3 | 1).to_be_bytes());
+    frame[fh + 4..fh + 8].copy_from_slice(&id.to_be_bytes());
     frame
 }
 
@@ -160,11 +178,31 @@ fn cases(rin_mac: [u8; 6]) -> Vec<Case> {
             Relayed,
         ),
         case(
-            "802.1Q tag",
+            "802.1Q tag, output without vlan: sent untagged",
             build_udp_frame(&UdpFrame {
                 vlan: Some(100),
                 ..v4(next())
             }),
+            Relayed,
+        ),
+        case(
+            "802.1Q priority tag (VID 0), output without vlan: sent untagged",
+            build_udp_frame(&UdpFrame {
+                vlan: Some(0xa000),
+                ..v4(next())
+            }),
+            Relayed,
+        ),
+        case(
+            "one 802.1ad tag, output without vlan: sent untagged",
+            {
+                let mut f = build_udp_frame(&UdpFrame {
+                    vlan: Some(100),
+                    ..v4(next())
+                });
+                f[12..14].copy_from_slice(&[0x88, 0xa8]);
+                f
+            },
             Relayed,
         ),
         case(
@@ -199,19 +237,29 @@ fn cases(rin_mac: [u8; 6]) -> Vec<Case> {
             }),
             TtlExpired,
         ),
+        // Fragments are made by editing whole frames, so a "later fragment" holds a UDP header
+        // and payload as its data: the test can still tell which case arrived.
         case(
             "IPv4 first fragment (more-fragments set)",
             edit_ipv4(build_udp_frame(&v4(next())), |h| {
                 h[6..8].copy_from_slice(&[0x20, 0])
             }),
-            Passed,
+            Relayed,
         ),
         case(
-            "IPv4 later fragment (offset 1480)",
+            "IPv4 later fragment (offset 1480) after its first",
             edit_ipv4(build_udp_frame(&v4(next())), |h| {
                 h[6..8].copy_from_slice(&185u16.to_be_bytes())
             }),
-            Passed,
+            Relayed,
+        ),
+        case(
+            "IPv4 later fragment (offset 1480) whose first never came",
+            edit_ipv4(build_udp_frame(&v4(next())), |h| {
+                h[4..6].copy_from_slice(&[0x42, 0x42]);
+                h[6..8].copy_from_slice(&185u16.to_be_bytes())
+            }),
+            UnknownFragment,
         ),
         case(
             "QinQ: 802.1ad outer and 802.1Q inner tag",
@@ -365,12 +413,34 @@ fn cases(rin_mac: [u8; 6]) -> Vec<Case> {
             Passed,
         ),
         case(
-            "IPv6 fragment header",
+            "IPv6 first fragment (fragment header, offset 0, more set)",
             build_udp_frame(&UdpFrame {
                 ipv6_ext: vec![NEXTHDR_FRAGMENT],
                 ..v6(next())
             }),
-            Passed,
+            Relayed,
+        ),
+        case(
+            "IPv6 later fragment (offset 1480) after its first",
+            v6_later_fragment(
+                build_udp_frame(&UdpFrame {
+                    ipv6_ext: vec![NEXTHDR_FRAGMENT],
+                    ..v6(next())
+                }),
+                1,
+            ),
+            Relayed,
+        ),
+        case(
+            "IPv6 later fragment (offset 1480) whose first never came",
+            v6_later_fragment(
+                build_udp_frame(&UdpFrame {
+                    ipv6_ext: vec![NEXTHDR_FRAGMENT],
+                    ..v6(next())
+                }),
+                7,
+            ),
+            UnknownFragment,
         ),
         case(
             "ICMPv6 to the rule's group",
@@ -459,6 +529,24 @@ fn as_received(frame: &[u8]) -> Vec<u8> {
 /// Checks a relayed frame's checksums and hop count; returns the payload's sequence number.
 fn verify_relayed(frame: &[u8]) -> u64 {
     let flow = classify(frame).unwrap();
+    assert_eq!(flow.tci, None, "sent untagged: {frame:02x?}");
+    if flow.is_later_fragment() {
+        // No UDP header to check: the IP header, and the data (the whole frame's UDP header
+        // and payload) intact.
+        let (end, hops) = match flow.group {
+            IpAddr::V4(_) => {
+                let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
+                assert_eq!(checksum(ip.header()), 0, "IPv4 header checksum");
+                (flow.l3 + usize::from(ip.total_len()), ip.ttl())
+            }
+            IpAddr::V6(_) => {
+                let ip = Ipv6Packet::new_checked(&frame[flow.l3..]).unwrap();
+                (flow.l3 + 40 + usize::from(ip.payload_len()), ip.hop_limit())
+            }
+        };
+        assert_eq!(hops, 7, "TTL or hop limit 8 - 1");
+        return check_payload(&frame[flow.l4 + 8..end]).expect("fragment data intact");
+    }
     let (udp_bytes, hops, expected) = match (flow.source, flow.group) {
         (IpAddr::V4(s), IpAddr::V4(g)) => {
             let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
@@ -519,8 +607,11 @@ fn hostile_frames_get_the_documented_outcome() {
     let rx = &topo.receivers[0];
     let mut limits = Limits::new(count(Outcome::Relayed));
     limits.idle = Duration::from_secs(2);
-    let relayed = capture(&rx.ns, &rx.iface, limits, is_relayed).unwrap();
-    let mut limits = Limits::new(count(Outcome::Passed) + count(Outcome::Oversize));
+    // With the tags as sent: the relay's output has no `vlan:`, so every frame leaves untagged.
+    let relayed = capture_tagged(&rx.ns, &rx.iface, limits, is_relayed).unwrap();
+    let mut limits = Limits::new(
+        count(Outcome::Passed) + count(Outcome::Oversize) + count(Outcome::UnknownFragment),
+    );
     limits.idle = Duration::from_secs(2);
     let passed = capture(&topo.relay, RELAY_IN, limits, is_injected).unwrap();
     let frames: Vec<Vec<u8>> = cases.iter().map(|c| c.frame.clone()).collect();
@@ -562,6 +653,16 @@ fn hostile_frames_get_the_documented_outcome() {
     let delta = |k: &str| after.xdp[k] - before.xdp[k];
     assert_eq!(delta("redirected"), redirected, "{after:?}");
     assert_eq!(delta("oversize"), count(Outcome::Oversize), "{after:?}");
+    assert_eq!(
+        delta("fragments_unknown"),
+        count(Outcome::UnknownFragment),
+        "{after:?}"
+    );
+    assert_eq!(
+        delta("fragments"),
+        2,
+        "the two later fragments after their first"
+    );
     assert_eq!(
         delta("matched"),
         redirected + count(Outcome::Oversize),

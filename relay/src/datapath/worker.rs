@@ -19,7 +19,7 @@ use std::{
 
 use crossbeam_queue::ArrayQueue;
 use log::debug;
-use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem, umem::frame::DataMut};
 
 use super::{
     BATCH, DRAIN_TIMEOUT, IDLE_POLL_MS, RING_SIZE,
@@ -27,9 +27,11 @@ use super::{
     stats::{DatapathStats, OutputCounters},
 };
 use crate::{
+    frag::{FragTable, rewrite_packet},
     pool::{FrameCache, FramePool},
-    rewrite::{RewriteError, complete_partial_udp_checksum, rewrite},
+    rewrite::{RewriteError, complete_partial_udp_checksum},
     rules::RuleTable,
+    vlan::retag,
     wire::{check_lengths, classify},
 };
 
@@ -280,7 +282,12 @@ pub(super) struct Worker {
     poll_fds: Vec<libc::pollfd>,
     take_buf: Vec<u32>,
     desc_buf: Vec<FrameDesc>,
+    /// The rules the first fragments of recent datagrams matched, for their later fragments.
+    frags: FragTable,
 }
+
+/// Datagrams whose fragments a worker follows at once (see `FragTable`).
+const FRAG_SLOTS: usize = 4096;
 
 /// How often a worker publishes its counters.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
@@ -312,6 +319,7 @@ impl Worker {
             poll_fds: Vec::new(),
             take_buf: Vec::with_capacity(RING_SIZE as usize),
             desc_buf: Vec::with_capacity(RING_SIZE as usize),
+            frags: FragTable::new(FRAG_SLOTS),
         };
         w.local_egress = w.map_egress();
         w.poll_fds = w.poll_set();
@@ -693,7 +701,7 @@ impl Worker {
             self.cache(dom).give(frame_no);
             return;
         };
-        let Some(rule_id) = plan.table.lookup(ifindex, &flow) else {
+        let Some(rule_id) = self.find_rule(plan, ifindex, &flow) else {
             self.stats.unmatched += 1;
             self.cache(dom).give(frame_no);
             return;
@@ -709,9 +717,12 @@ impl Worker {
         // checksum, which each output's incremental update keeps valid.
         // SAFETY: the frame came off the RX ring and no copy of it exists yet, so this is its
         // only user; `bytes` is not read again.
-        let completed = unsafe {
-            complete_partial_udp_checksum(home.umem.data_mut(&mut desc).contents_mut(), &flow)
-        };
+        // Not in fragments: the sender's stack completes the checksum before it fragments, and
+        // a later fragment's data is no UDP header.
+        let completed = flow.frag.is_none()
+            && unsafe {
+                complete_partial_udp_checksum(home.umem.data_mut(&mut desc).contents_mut(), &flow)
+            };
         let rule = &plan.table.rules[rule_id as usize];
         let rc = &mut self.stats.rules[rule_id as usize];
         rc.packets += 1;
@@ -764,7 +775,7 @@ impl Worker {
                 cursor
                     .write_all(src)
                     .expect("a frame's data fits in any frame");
-                rewrite(dst.contents_mut(), &flow, &out.action)
+                rewrite_frame(&mut dst, &flow, &out.action)
             };
             self.settle(out.egress, to, copy, tag(oi), result);
         }
@@ -776,14 +787,24 @@ impl Worker {
         };
         let out = &rule.outputs[last];
         // SAFETY: the copies are done, so this is the frame's only user.
-        let result = unsafe {
-            rewrite(
-                home.umem.data_mut(&mut desc).contents_mut(),
-                &flow,
-                &out.action,
-            )
-        };
+        let result =
+            unsafe { rewrite_frame(&mut home.umem.data_mut(&mut desc), &flow, &out.action) };
         self.settle(out.egress, dom, desc, tag(last), result);
+    }
+
+    /// The rule of a frame: by the rule table, as the XDP program found it; for a later
+    /// fragment, the rule its datagram's first fragment matched, which is remembered here.
+    fn find_rule(&mut self, plan: &Plan, ifindex: u32, flow: &crate::wire::Flow) -> Option<u32> {
+        let Some(frag) = flow.frag else {
+            return plan.table.lookup(ifindex, flow);
+        };
+        let key = crate::frag::key(ifindex, flow, frag);
+        if flow.is_later_fragment() {
+            return self.frags.get(&key, plan.generation);
+        }
+        let rule = plan.table.lookup(ifindex, flow)?;
+        self.frags.insert(key, rule, plan.generation);
+        Some(rule)
     }
 
     /// Sends a rewritten frame on its way, or, if the rewrite refused it, counts why and
@@ -857,6 +878,7 @@ impl Worker {
         match e {
             RewriteError::TtlExpired => c.ttl_expired += 1,
             RewriteError::Malformed => c.malformed += 1,
+            RewriteError::TooLarge => c.too_large += 1,
         }
     }
 
@@ -1027,6 +1049,34 @@ impl Worker {
     }
 }
 
+/// Rewrites a frame in its UMEM frame for one output: its VLAN tag first, which may move
+/// everything after the MAC addresses by the 4 bytes of a tag and so change the frame's length
+/// and header offsets, then MACs, group, port, TTL and checksums at the new offsets (only the
+/// IP header's in a later fragment).
+fn rewrite_frame(
+    data: &mut DataMut<'_>,
+    flow: &crate::wire::Flow,
+    action: &crate::rewrite::OutputAction,
+) -> Result<(), RewriteError> {
+    if flow.tci.is_none() && action.vlan.is_none() {
+        return rewrite_packet(data.contents_mut(), flow, action);
+    }
+    let len = data.contents().len();
+    let grows = flow.tci.is_none();
+    if grows {
+        // The data segment runs to the end of the UMEM frame; the cursor's position is the
+        // frame's length, so moving it past the data lends the tag's 4 bytes.
+        let mut cursor = data.cursor();
+        if cursor.buf_len() < len + crate::wire::VLAN_HLEN {
+            return Err(RewriteError::TooLarge);
+        }
+        cursor.set_pos(len + crate::wire::VLAN_HLEN);
+    }
+    let (new_len, flow) = retag(data.contents_mut(), len, flow, action.vlan)?;
+    data.cursor().set_pos(new_len);
+    rewrite_packet(data.contents_mut(), &flow, action)
+}
+
 /// The TTL (IPv4) or hop limit (IPv6) a frame arrived with; 0 if the frame is too short to
 /// hold one, which `classify` has already ruled out.
 fn arrived_ttl(frame: &[u8], flow: &crate::wire::Flow) -> u8 {
@@ -1034,8 +1084,8 @@ fn arrived_ttl(frame: &[u8], flow: &crate::wire::Flow) -> u8 {
     frame.get(at).copied().unwrap_or(0)
 }
 
-/// The length of the IP packet in a frame: what must fit the egress MTU. The frame keeps an
-/// 802.1Q tag it arrived with, which does not count.
+/// The length of the IP packet in a frame: what must fit the egress MTU. A VLAN tag the output
+/// sends with does not count.
 fn ip_len(domain: &Domain, desc: &FrameDesc) -> u32 {
     // SAFETY: the frame is staged, so it is ours and only read here.
     let data = unsafe { domain.umem.data(desc) }.contents();

@@ -1,0 +1,434 @@
+//! VLAN trunks through the real path. There are no VLAN devices on this kernel, so tagged
+//! frames are crafted and injected raw on the sender's link, and the receivers' links are
+//! captured raw with each frame's tag put back (`capture_tagged`): which frames an input's
+//! `vlan:` takes, which tag each output sends with (none, a new one, or the arrived one's VID
+//! replaced with its priority kept), and that the rest of the rewrite (MACs, TTL, checksums)
+//! is right at the moved offsets.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use relay::{
+    checksum::{checksum, udp_ipv4, udp_ipv6},
+    craft::{UdpFrame, build_udp_frame},
+    wire::{Ipv4Packet, Ipv6Packet, UdpPacket, classify, multicast_mac},
+};
+use relay_tests::{
+    netns::require_root,
+    relay_proc::{RelayProc, relay_bin},
+    topo::{RELAY_IN, SENDER_ADDR, SENDER_ADDR6, SENDER_IF, Topology},
+    traffic::{Limits, capture_tagged, check_payload, inject, join, payload},
+};
+
+mod common;
+use common::stats_until;
+
+/// The source MAC of every injected frame, so captures can tell them from the links' own
+/// traffic (neighbour discovery, MLD).
+const INJECT_MAC: [u8; 6] = [0x02, 0xde, 0xad, 0xbe, 0xef, 0x02];
+
+/// A frame to `group`:`port` carrying payload `seq`, tagged with `tci` if given.
+fn frame(group: &str, port: u16, tci: Option<u16>, seq: u64, len: usize) -> Vec<u8> {
+    let group: IpAddr = group.parse().unwrap();
+    let source = if group.is_ipv4() {
+        IpAddr::from(SENDER_ADDR)
+    } else {
+        IpAddr::from(SENDER_ADDR6)
+    };
+    build_udp_frame(&UdpFrame {
+        vlan: tci,
+        src_mac: INJECT_MAC,
+        ..UdpFrame::simple(source, group, port, 8, &payload(seq, len))
+    })
+}
+
+fn is_relayed(frame: &[u8]) -> bool {
+    frame.get(6..12) != Some(&INJECT_MAC) && classify(frame).is_some()
+}
+
+fn is_injected(frame: &[u8]) -> bool {
+    frame.get(6..12) == Some(&INJECT_MAC)
+}
+
+/// What a relayed frame carries: its sequence number, its tag control word, group and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Got {
+    tci: Option<u16>,
+    group: IpAddr,
+    port: u16,
+}
+
+/// Checks a captured relayed frame from scratch: MACs (the group's, the egress's), TTL or hop
+/// limit 8 - 1, both checksums, the payload. Returns its sequence number and what it carries.
+fn verify(frame: &[u8], src_mac: [u8; 6]) -> (u64, Got) {
+    let flow = classify(frame).unwrap();
+    assert_eq!(frame[..6], multicast_mac(flow.group), "destination MAC");
+    assert_eq!(frame[6..12], src_mac, "source MAC: the egress's");
+    let (udp_bytes, hops, expected) = match (flow.source, flow.group) {
+        (IpAddr::V4(s), IpAddr::V4(g)) => {
+            let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
+            assert_eq!(checksum(ip.header()), 0, "IPv4 header checksum");
+            let udp = &frame[flow.l4..flow.l3 + usize::from(ip.total_len())];
+            let mut z = udp.to_vec();
+            z[6..8].fill(0);
+            (udp, ip.ttl(), udp_ipv4(s, g, &z))
+        }
+        (IpAddr::V6(s), IpAddr::V6(g)) => {
+            let ip = Ipv6Packet::new_checked(&frame[flow.l3..]).unwrap();
+            let udp = &frame[flow.l4..flow.l3 + 40 + usize::from(ip.payload_len())];
+            let mut z = udp.to_vec();
+            z[6..8].fill(0);
+            (udp, ip.hop_limit(), udp_ipv6(s, g, &z))
+        }
+        _ => panic!("mixed families"),
+    };
+    assert_eq!(hops, 7, "TTL or hop limit 8 - 1");
+    let udp = UdpPacket::new_checked(udp_bytes).unwrap();
+    assert_eq!(udp.checksum(), expected, "UDP checksum of {frame:02x?}");
+    let seq = check_payload(udp.payload()).expect("payload intact");
+    (
+        seq,
+        Got {
+            tci: flow.tci,
+            group: flow.group,
+            port: flow.port,
+        },
+    )
+}
+
+/// One run: the relay on `yaml`, `frames` injected on the sender's link; returns, for each
+/// receiver, its relayed frames by sequence number (checked by [`verify`]), and the sequence
+/// numbers of the injected frames the relay's own stack saw (the passed ones).
+struct Run {
+    relayed: Vec<BTreeMap<u64, Got>>,
+    passed: Vec<u64>,
+    matched: u64,
+    copies: u64,
+}
+
+/// `relayed` and `passed` bound how many frames the captures wait for; `matched` is how many
+/// the rules take, which the counters are awaited for.
+fn run(
+    yaml: &str,
+    allocator: &str,
+    frames: Vec<Vec<u8>>,
+    (relayed, passed, matched): (usize, usize, u64),
+) -> Run {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let mac = |iface: &str| {
+        let s = topo
+            .relay
+            .exec(&["cat", &format!("/sys/class/net/{iface}/address")])
+            .unwrap();
+        relay::sys::parse_mac(s.trim()).unwrap()
+    };
+    let macs: Vec<[u8; 6]> = topo.receivers.iter().map(|r| mac(&r.relay_iface)).collect();
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        &format!("allocator: {allocator}\n{yaml}"),
+        &[],
+    )
+    .unwrap();
+    let before = stats_until(&relay.control, |_| true);
+    let mut limits = Limits::new(relayed as u64);
+    limits.idle = Duration::from_secs(2);
+    let captures: Vec<_> = topo
+        .receivers
+        .iter()
+        .map(|r| capture_tagged(&r.ns, &r.iface, limits, is_relayed).unwrap())
+        .collect();
+    let mut limits = Limits::new(passed as u64);
+    limits.idle = Duration::from_secs(2);
+    let stack = capture_tagged(&topo.relay, RELAY_IN, limits, is_injected).unwrap();
+    let n = frames.len();
+    let sent =
+        join(inject(&topo.sender, SENDER_IF, frames, Duration::from_millis(5)).unwrap()).unwrap();
+    assert_eq!(sent, n);
+
+    let relayed: Vec<BTreeMap<u64, Got>> = captures
+        .into_iter()
+        .zip(&macs)
+        .map(|(c, mac)| {
+            let frames = join(c).unwrap();
+            let mut by_seq = BTreeMap::new();
+            for f in &frames {
+                let (seq, got) = verify(f, *mac);
+                assert!(by_seq.insert(seq, got).is_none(), "{seq} relayed twice");
+            }
+            by_seq
+        })
+        .collect();
+    let passed: Vec<u64> = join(stack)
+        .unwrap()
+        .iter()
+        .filter_map(|f| {
+            let flow = classify(f)?;
+            check_payload(UdpPacket::new_checked(&f[flow.l4..]).ok()?.payload())
+        })
+        .collect();
+    let received = |v: &relay::stats::StatsView| v.rules.iter().map(|r| r.received).sum::<u64>();
+    let after = stats_until(&relay.control, |v| {
+        received(v) - received(&before) >= matched
+    });
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains(" frames accounted for"),
+        "{}",
+        exit.stderr
+    );
+    Run {
+        relayed,
+        passed,
+        matched: after.xdp["matched"] - before.xdp["matched"],
+        copies: after.copies - before.copies,
+    }
+}
+
+fn v4(tci: Option<u16>, port: u16) -> Got {
+    Got {
+        tci,
+        group: "239.1.1.1".parse().unwrap(),
+        port,
+    }
+}
+
+/// (a) An input with `vlan: 10` takes frames tagged with VID 10, whatever their priority, and
+/// neither VID 20 nor untagged frames, which go to the kernel.
+#[test]
+fn an_input_vlan_takes_only_its_vid() {
+    let yaml = "\
+rules:
+  - name: v10
+    input: { interface: rin, group: 239.1.1.1, port: 5000, vlan: 10 }
+    outputs: [{ interface: rout0 }]
+";
+    let frames = vec![
+        frame("239.1.1.1", 5000, Some(10), 1, 64),
+        frame("239.1.1.1", 5000, Some(20), 2, 64),
+        frame("239.1.1.1", 5000, None, 3, 64),
+        // PCP 3.
+        frame("239.1.1.1", 5000, Some(0x600a), 4, 64),
+    ];
+    let r = run(yaml, "lockfree", frames, (2, 2, 2));
+    let want: BTreeMap<u64, Got> = [(1, v4(None, 5000)), (4, v4(None, 5000))].into();
+    assert_eq!(r.relayed[0], want, "VID 10 relayed, untagged");
+    assert_eq!(r.relayed[1], BTreeMap::new());
+    assert_eq!(r.passed, [2, 3], "VID 20 and untagged passed to the kernel");
+    assert_eq!(r.matched, 2);
+}
+
+/// (b) An output without `vlan:` sends untagged (a tag the frame came with is removed), one
+/// with `vlan: 30` sends tagged with VID 30 (inserted into an untagged frame; replacing the
+/// arrived VID, with its priority kept), and one frame fans out to both. A 1500-byte IP
+/// packet still fits the 1500 MTU with a tag: the tag is not part of the IP packet. Both
+/// allocators.
+fn outputs_strip_or_tag(allocator: &str) {
+    let yaml = "\
+rules:
+  - name: trunk
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs: [{ interface: rout0 }, { interface: rout1, vlan: 30 }]
+";
+    let frames = vec![
+        // PCP 5, VID 10.
+        frame("239.1.1.1", 5000, Some(0xa00a), 1, 64),
+        frame("239.1.1.1", 5000, None, 2, 64),
+        // 20 + 8 + 1472 = 1500 bytes of IP.
+        frame("239.1.1.1", 5000, None, 3, 1472),
+    ];
+    let r = run(yaml, allocator, frames, (3, 0, 3));
+    let untagged: BTreeMap<u64, Got> = (1..=3).map(|s| (s, v4(None, 5000))).collect();
+    assert_eq!(r.relayed[0], untagged, "rout0 sends untagged");
+    let tagged: BTreeMap<u64, Got> = [
+        (1, v4(Some(0xa01e), 5000)),
+        (2, v4(Some(0x001e), 5000)),
+        (3, v4(Some(0x001e), 5000)),
+    ]
+    .into();
+    assert_eq!(
+        r.relayed[1], tagged,
+        "rout1 sends VID 30, the priority kept"
+    );
+    assert_eq!(r.passed, Vec::<u64>::new());
+    assert_eq!((r.matched, r.copies), (3, 3), "one copy per frame");
+}
+
+#[test]
+fn outputs_strip_or_tag_lockfree() {
+    outputs_strip_or_tag("lockfree");
+}
+
+#[test]
+fn outputs_strip_or_tag_mutex() {
+    outputs_strip_or_tag("mutex");
+}
+
+/// (c) `vlan: untagged` takes untagged and priority-tagged (VID 0) frames only; a rule for
+/// VID 10 on the same group takes that VLAN; VID 11 has no rule and is passed.
+#[test]
+fn an_untagged_input_takes_only_untagged_frames() {
+    let yaml = "\
+rules:
+  - name: native
+    input: { interface: rin, group: 239.1.1.1, port: 5000, vlan: untagged }
+    outputs: [{ interface: rout0, vlan: 40 }]
+  - name: v10
+    input: { interface: rin, group: 239.1.1.1, port: 5000, vlan: 10 }
+    outputs: [{ interface: rout1, port: 6000 }]
+";
+    let frames = vec![
+        frame("239.1.1.1", 5000, None, 1, 64),
+        frame("239.1.1.1", 5000, Some(10), 2, 64),
+        // A priority tag: PCP 3, VID 0.
+        frame("239.1.1.1", 5000, Some(0x6000), 3, 64),
+        frame("239.1.1.1", 5000, Some(11), 4, 64),
+    ];
+    let r = run(yaml, "lockfree", frames, (2, 1, 3));
+    let native: BTreeMap<u64, Got> = [(1, v4(Some(40), 5000)), (3, v4(Some(0x6028), 5000))].into();
+    assert_eq!(r.relayed[0], native);
+    let v10: BTreeMap<u64, Got> = [(2, v4(None, 6000))].into();
+    assert_eq!(r.relayed[1], v10);
+    assert_eq!(r.passed, [4]);
+    assert_eq!(r.matched, 3);
+}
+
+/// (d) IPv6: VID 10 taken and fanned out untagged and, remapped, tagged with VID 30; VID 20
+/// and untagged frames passed.
+#[test]
+fn ipv6_tagged_frames() {
+    let yaml = "\
+rules:
+  - name: v6
+    input: { interface: rin, group: 'ff18::1:1', port: 5000, vlan: 10 }
+    outputs:
+      - { interface: rout0 }
+      - { interface: rout1, group: 'ff18::2:2', port: 6000, vlan: 30 }
+";
+    let frames = vec![
+        // PCP 1.
+        frame("ff18::1:1", 5000, Some(0x200a), 1, 64),
+        frame("ff18::1:1", 5000, Some(20), 2, 64),
+        frame("ff18::1:1", 5000, None, 3, 64),
+        frame("ff18::1:1", 5000, Some(10), 4, 1000),
+    ];
+    let r = run(yaml, "lockfree", frames, (2, 2, 2));
+    let g1: IpAddr = "ff18::1:1".parse().unwrap();
+    let g2: IpAddr = "ff18::2:2".parse().unwrap();
+    let got = |tci, group, port| Got { tci, group, port };
+    let want0: BTreeMap<u64, Got> = [(1, got(None, g1, 5000)), (4, got(None, g1, 5000))].into();
+    assert_eq!(r.relayed[0], want0);
+    let want1: BTreeMap<u64, Got> = [
+        (1, got(Some(0x201e), g2, 6000)),
+        (4, got(Some(0x001e), g2, 6000)),
+    ]
+    .into();
+    assert_eq!(r.relayed[1], want1);
+    assert_eq!(r.passed, [2, 3]);
+    assert_eq!((r.matched, r.copies), (2, 2));
+}
+
+/// A reload that changes an input's VLAN and one output's VLAN: frames follow the new rules
+/// at once, and counters carry over only for the output whose identity (interface, group,
+/// port, TTL, VLAN) stayed the same.
+#[test]
+fn a_reload_moves_vlans_and_keeps_counters_by_output_identity() {
+    require_root();
+    let topo = Topology::new(2).unwrap();
+    let mac = |iface: &str| {
+        let s = topo
+            .relay
+            .exec(&["cat", &format!("/sys/class/net/{iface}/address")])
+            .unwrap();
+        relay::sys::parse_mac(s.trim()).unwrap()
+    };
+    let macs: Vec<[u8; 6]> = topo.receivers.iter().map(|r| mac(&r.relay_iface)).collect();
+    let rules = |input_vlan: u16, out_vlan: u16| {
+        format!(
+            "rules:
+  - name: trunk
+    input: {{ interface: rin, group: 239.1.1.1, port: 5000, vlan: {input_vlan} }}
+    outputs: [{{ interface: rout0, vlan: {out_vlan} }}, {{ interface: rout1 }}]
+"
+        )
+    };
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, &rules(10, 30), &[]).unwrap();
+    let mut limits = Limits::new(3);
+    limits.idle = Duration::from_secs(6);
+    let captures: Vec<_> = topo
+        .receivers
+        .iter()
+        .map(|r| capture_tagged(&r.ns, &r.iface, limits, is_relayed).unwrap())
+        .collect();
+    let send = |frames: Vec<Vec<u8>>| {
+        join(inject(&topo.sender, SENDER_IF, frames, Duration::from_millis(5)).unwrap()).unwrap()
+    };
+    let sent = |v: &relay::stats::StatsView| -> Vec<u64> {
+        v.rules[0].outputs.iter().map(|o| o.sent).collect()
+    };
+    send(vec![
+        frame("239.1.1.1", 5000, Some(10), 1, 64),
+        frame("239.1.1.1", 5000, Some(10), 2, 64),
+    ]);
+    let v = stats_until(&relay.control, |v| sent(v) == [2, 2]);
+    assert_eq!(sent(&v), [2, 2], "{v:?}");
+
+    // The control socket's path stays: it is the first line of the file the relay wrote.
+    let config = std::fs::read_to_string(&relay.config).unwrap();
+    let control = config.lines().next().unwrap();
+    std::fs::write(&relay.config, format!("{control}\n{}", rules(11, 31))).unwrap();
+    let out = std::process::Command::new(relay_bin())
+        .args(["reload", "--control"])
+        .arg(&relay.control)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = stats_until(&relay.control, |v| v.rules[0].input.ends_with("vlan 11"));
+    assert_eq!(v.rules[0].input, "rin 239.1.1.1:5000 from any vlan 11");
+    assert_eq!(
+        sent(&v),
+        [0, 2],
+        "rout0's VLAN changed, so it is a new output; rout1's counters carry over"
+    );
+    assert_eq!(
+        (v.rules[0].outputs[0].vlan, v.rules[0].outputs[1].vlan),
+        (Some(31), None)
+    );
+
+    send(vec![
+        frame("239.1.1.1", 5000, Some(10), 3, 64),
+        frame("239.1.1.1", 5000, Some(11), 4, 64),
+    ]);
+    let v = stats_until(&relay.control, |v| sent(v) == [1, 3]);
+    assert_eq!(sent(&v), [1, 3], "{v:?}");
+    let got: Vec<BTreeMap<u64, Option<u16>>> = captures
+        .into_iter()
+        .zip(&macs)
+        .map(|(c, mac)| {
+            join(c)
+                .unwrap()
+                .iter()
+                .map(|f| {
+                    let (seq, got) = verify(f, *mac);
+                    (seq, got.tci)
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        got[0],
+        [(1, Some(30)), (2, Some(30)), (4, Some(31))].into(),
+        "VID 10 before the reload, VID 11 after; tagged 30, then 31"
+    );
+    assert_eq!(got[1], [(1, None), (2, None), (4, None)].into());
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    assert!(
+        exit.stdout
+            .contains("output=rout0 group=239.1.1.1 port=5000 vlan=31 sent=1 "),
+        "{}",
+        exit.stdout
+    );
+}
