@@ -223,3 +223,51 @@ rules:
     assert_eq!(v.cross_umem, N, "{v:?}");
     stop_accounted(relay, &topo, 3 * 4096);
 }
+
+/// The smallest UMEM two workers may share (512 frames): every fill ring, cache and frame in
+/// flight gets its share, so a long flow fanned out across the two workers arrives whole.
+/// Before the budget, 512-frame caches could hold the whole UMEM and 128 of 64,000 frames got
+/// through.
+fn small_umem_two_workers(allocator: &str) {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const LONG: u64 = 20_000;
+    let topo = Topology::new(2).unwrap();
+    let rules = "\
+umem: { frames: 512 }
+workers: 2
+rules:
+  - name: a
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs: [{ interface: rout0 }, { interface: rout1, port: 6000 }]
+";
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        rules,
+        &["--allocator", allocator],
+    )
+    .unwrap();
+    let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
+    let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(LONG)).unwrap();
+    let rx1 = listen(&r1.ns, G1, 6000, r1.addr, Limits::new(LONG)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, LONG))).unwrap();
+    let want: BTreeSet<u64> = (0..LONG).collect();
+    assert_eq!(seqs(&join(rx0).unwrap()), want, "rout0");
+    assert_eq!(seqs(&join(rx1).unwrap()), want, "rout1");
+    let v = stats_until(&relay.control, |v| v.rules[0].outputs[1].sent == LONG);
+    for o in &v.rules[0].outputs {
+        assert_eq!(o.dropped.values().sum::<u64>(), 0, "{v:?}");
+    }
+    stop_accounted(relay, &topo, 512);
+}
+
+#[test]
+fn small_umem_two_workers_with_lockfree_pool() {
+    small_umem_two_workers("lockfree");
+}
+
+#[test]
+fn small_umem_two_workers_with_mutex_pool() {
+    small_umem_two_workers("mutex");
+}
