@@ -18,6 +18,9 @@ use relay_tests::{
     topo::Topology,
 };
 
+mod common;
+use common::start_refused;
+
 const RULES: &str = "\
 rules:
   - name: video-a
@@ -89,21 +92,6 @@ fn check_refused(topo: &Topology, file: &Path, wrapper: &[&str], why: &str) -> S
     assert!(!stdout.contains("OK"), "{why}: {stdout}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.contains(" ERROR ")).collect();
     assert_eq!(errors.len(), 1, "one error line for {why}:\n{stderr}");
-    errors[0].to_owned()
-}
-
-/// The one error line a refused start prints; it must have exited 1.
-fn start_refused(topo: &Topology, yaml: &str, why: &str) -> String {
-    let err = match RelayProc::start(&relay_bin(), &topo.relay, yaml, &[]) {
-        Ok(_) => panic!("the relay started despite {why}"),
-        Err(e) => format!("{e:#}"),
-    };
-    assert!(
-        err.contains("exited early (exit status: 1)"),
-        "{why}:\n{err}"
-    );
-    let errors: Vec<&str> = err.lines().filter(|l| l.contains(" ERROR ")).collect();
-    assert_eq!(errors.len(), 1, "one error line for {why}:\n{err}");
     errors[0].to_owned()
 }
 

@@ -8,13 +8,13 @@ use std::{collections::BTreeSet, net::Ipv4Addr, sync::Mutex, time::Duration};
 use relay::stats::StatsView;
 use relay_tests::{
     netns::require_root,
-    relay_proc::{RelayProc, relay_bin, report_value},
+    relay_proc::{RelayProc, relay_bin},
     topo::{SENDER_ADDR, Topology},
-    traffic::{Flow, Limits, check_payload, join, listen, send},
+    traffic::{Flow, Limits, join, listen, send},
 };
 
 mod common;
-use common::stats_until;
+use common::{seqs, stats_until, stop_clean, wait_log};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -26,15 +26,6 @@ rules:
     input: { interface: rin, group: 239.1.1.1, port: 5000 }
     outputs: [{ interface: rout0 }, { interface: rout1 }]
 ";
-
-fn seqs(payloads: &[Vec<u8>]) -> BTreeSet<u64> {
-    let set: BTreeSet<u64> = payloads
-        .iter()
-        .map(|p| check_payload(p).expect("payload intact"))
-        .collect();
-    assert_eq!(set.len(), payloads.len(), "no duplicates");
-    set
-}
 
 /// Every counter of `now` is at least what it was in `before`.
 fn never_backwards(before: &StatsView, now: &StatsView, when: &str) {
@@ -99,17 +90,6 @@ fn recreated_under_a_running_flow(allocator: &str) {
     .unwrap();
     let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
     let log = || std::fs::read_to_string(&relay.stderr).unwrap();
-    let wait_log_count = |what: &str, n: usize| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while log().matches(what).count() < n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not {n} times '{what}' in:\n{}",
-                log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
     let both_get_all = |when: &str| {
         let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
         let rx1 = listen(&r1.ns, G1, 5000, r1.addr, Limits::new(N)).unwrap();
@@ -127,13 +107,14 @@ fn recreated_under_a_running_flow(allocator: &str) {
     // The first ingress owns the UMEM: before, a new socket could never share it again.
     for i in 1..=3 {
         topo.relay.exec(&["ip", "link", "del", "rin"]).unwrap();
-        wait_log_count("rin queue 0: socket closed, its device is gone", i);
+        wait_log(&relay, "rin queue 0: socket closed, its device is gone", i);
         topo.relink_ingress().unwrap();
-        wait_log_count(
+        wait_log(
+            &relay,
             "rin: the interface is back (a new device); binding to it",
             i,
         );
-        wait_log_count("rebound: 1 rules", i);
+        wait_log(&relay, "rebound: 1 rules", i);
         both_get_all(&format!("after the ingress was re-created {i} times"));
         expected += N;
         let now = stats(expected);
@@ -168,7 +149,8 @@ fn recreated_under_a_running_flow(allocator: &str) {
             "rout0 while rout1 was re-created {i}\n{}",
             log()
         );
-        wait_log_count(
+        wait_log(
+            &relay,
             "rout1: the interface is back (a new device); binding to it",
             i,
         );
@@ -220,24 +202,7 @@ fn recreated_under_a_running_flow(allocator: &str) {
     expected += N;
     never_backwards(&last, &stats(expected), "after the reload");
 
-    let exit = relay.stop(Duration::from_secs(3)).unwrap();
-    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
-    assert_eq!(
-        report_value(&exit.stdout, &["frames"], "leaked"),
-        Some(0),
-        "{}",
-        exit.stdout
-    );
-    assert!(
-        exit.stderr.contains("all 4096 frames accounted for"),
-        "{}",
-        exit.stderr
-    );
-    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
-    assert!(
-        !topo.relay_has_xdp().unwrap(),
-        "no XDP program left attached"
-    );
+    stop_clean(relay, &topo);
 }
 
 #[test]
@@ -367,18 +332,7 @@ fn a_reload_that_fails_half_way_changes_nothing() {
     relays(g3, from3, "from rin3, still");
     assert_eq!(rules_now(), ["a", "x", "y"]);
 
-    let exit = relay.stop(Duration::from_secs(3)).unwrap();
-    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
-    assert_eq!(
-        report_value(&exit.stdout, &["frames"], "leaked"),
-        Some(0),
-        "{}",
-        exit.stdout
-    );
-    assert!(
-        !topo.relay_has_xdp().unwrap(),
-        "no XDP program left attached"
-    );
+    stop_clean(relay, &topo);
 }
 
 /// Rules may name interfaces that do not exist yet (VLANs, tunnels and container veths come
@@ -430,17 +384,6 @@ rules:
 
     let relay = RelayProc::start(&relay_bin(), &topo.relay, rules, &[]).unwrap();
     let log = || std::fs::read_to_string(&relay.stderr).unwrap();
-    let wait_log = |what: &str| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !log().contains(what) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no '{what}' in:\n{}",
-                log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
     for iface in ["rin2", "rout1"] {
         assert!(
             log().contains(&format!(
@@ -465,8 +408,12 @@ rules:
 
     // The output appears.
     topo.relink_receiver(1).unwrap();
-    wait_log("rout1: the interface has appeared; binding to it");
-    wait_log("rebound: 2 rules");
+    wait_log(
+        &relay,
+        "rout1: the interface has appeared; binding to it",
+        1,
+    );
+    wait_log(&relay, "rebound: 2 rules", 1);
     let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
     let rx1 = listen(&r1.ns, G1, 5000, r1.addr, Limits::new(N)).unwrap();
     join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
@@ -480,13 +427,9 @@ rules:
 
     // The input appears.
     let from2 = topo.add_ingress("rin2", "snd1", 100).unwrap();
-    wait_log("rin2: the interface has appeared; binding to it");
+    wait_log(&relay, "rin2: the interface has appeared; binding to it", 1);
     let rx0 = listen(&r0.ns, g3, 5000, r0.addr, Limits::new(N)).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while log().matches("rebound: 2 rules").count() < 2 {
-        assert!(std::time::Instant::now() < deadline, "{}", log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_log(&relay, "rebound: 2 rules", 2);
     join(send(&topo.sender, from2, Flow::new(g3, 5000, N))).unwrap();
     assert_eq!(
         seqs(&join(rx0).unwrap()),
@@ -495,18 +438,7 @@ rules:
         log()
     );
 
-    let exit = relay.stop(Duration::from_secs(3)).unwrap();
-    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
-    assert_eq!(
-        report_value(&exit.stdout, &["frames"], "leaked"),
-        Some(0),
-        "{}",
-        exit.stdout
-    );
-    assert!(
-        !topo.relay_has_xdp().unwrap(),
-        "no XDP program left attached"
-    );
+    stop_clean(relay, &topo);
 }
 
 /// Every interface of the relay deleted at once (a container pair restarted): no socket is
@@ -527,17 +459,6 @@ rules:
 ";
     let relay = RelayProc::start(&relay_bin(), &topo.relay, rules, &[]).unwrap();
     let log = || std::fs::read_to_string(&relay.stderr).unwrap();
-    let wait_log = |what: &str, n: usize| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while log().matches(what).count() < n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no '{what}' in:\n{}",
-                log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
     let r0 = &topo.receivers[0];
     let relays = |when: &str| {
         let rx = listen(&r0.ns, G1, 6000, r0.addr, Limits::new(N)).unwrap();
@@ -549,14 +470,16 @@ rules:
         let n = round as usize;
         topo.relay.exec(&["ip", "link", "del", "rin"]).unwrap();
         topo.relay.exec(&["ip", "link", "del", "rout0"]).unwrap();
-        wait_log("starting over on a new UMEM", n);
+        wait_log(&relay, "starting over on a new UMEM", n);
         topo.relink_ingress().unwrap();
         topo.relink_receiver(0).unwrap();
         wait_log(
+            &relay,
             "rin: the interface is back (a new device); binding to it",
             n,
         );
         wait_log(
+            &relay,
             "rout0: the interface is back (a new device); binding to it",
             n,
         );
@@ -577,23 +500,7 @@ rules:
         log()
     );
 
-    let exit = relay.stop(Duration::from_secs(3)).unwrap();
-    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
-    assert_eq!(
-        report_value(&exit.stdout, &["frames"], "leaked"),
-        Some(0),
-        "{}",
-        exit.stdout
-    );
-    assert!(
-        exit.stderr.contains("all 4096 frames accounted for"),
-        "{}",
-        exit.stderr
-    );
-    assert!(
-        !topo.relay_has_xdp().unwrap(),
-        "no XDP program left attached"
-    );
+    stop_clean(relay, &topo);
 }
 
 /// The relay's CPU time (user + system) so far, from /proc.
@@ -637,12 +544,5 @@ fn an_egress_deleted_with_frames_in_flight_does_not_spin() {
         log.contains("rout1 queue 0: socket closed, its device is gone"),
         "{log}"
     );
-    let exit = relay.stop(Duration::from_secs(3)).unwrap();
-    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
-    assert_eq!(
-        report_value(&exit.stdout, &["frames"], "leaked"),
-        Some(0),
-        "{}",
-        exit.stdout
-    );
+    stop_clean(relay, &topo);
 }

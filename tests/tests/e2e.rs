@@ -16,7 +16,9 @@ use relay_tests::{
 };
 
 mod common;
-use common::{inspect, is_udp_to_test_group, mac_of, seqs, serial, stats_until, stop_clean};
+use common::{
+    inspect, is_udp_to_test_group, mac_of, seqs, serial, start_refused, stats_until, stop_clean,
+};
 
 const G1: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
 const G2: Ipv4Addr = Ipv4Addr::new(239, 2, 2, 2);
@@ -1299,21 +1301,6 @@ rules:
     stop_clean(relay, &topo);
 }
 
-/// The one error line a refused start prints, and that it stopped non-zero.
-fn refused(topo: &Topology, yaml: &str, why: &str) -> String {
-    let err = match RelayProc::start(&relay_bin(), &topo.relay, yaml, &[]) {
-        Ok(_) => panic!("the relay started despite {why}"),
-        Err(e) => format!("{e:#}"),
-    };
-    assert!(
-        err.contains("exited early (exit status: 1)"),
-        "{why}:\n{err}"
-    );
-    let errors: Vec<&str> = err.lines().filter(|l| l.contains(" ERROR ")).collect();
-    assert_eq!(errors.len(), 1, "one error line for {why}:\n{err}");
-    errors[0].to_owned()
-}
-
 /// A second relay on an interface the first one holds, and a kernel feature the interface
 /// lacks (zero-copy AF_XDP on veth): each start stops with one error line that names the
 /// cause and what to do, exits non-zero, and leaves the running relay and the interfaces as
@@ -1325,7 +1312,7 @@ fn second_relay_and_missing_feature_are_refused_clearly() {
     let topo = Topology::new(2).unwrap();
     let first = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
 
-    let line = refused(&topo, RULES, "a second relay on the same interfaces");
+    let line = start_refused(&topo, RULES, "a second relay on the same interfaces");
     assert!(
         line.contains("is another relay (or AF_XDP program) running on rin? Stop it"),
         "{line}"
@@ -1341,7 +1328,7 @@ fn second_relay_and_missing_feature_are_refused_clearly() {
     );
     assert!(first.stop(Duration::from_secs(3)).unwrap().status.success());
 
-    let line = refused(
+    let line = start_refused(
         &topo,
         &format!("bind: zerocopy\n{RULES}"),
         "zero-copy on veth",

@@ -7,18 +7,17 @@ use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, Ipv6Addr},
     sync::Mutex,
-    time::Duration,
 };
 
 use relay_tests::{
     netns::require_root,
     relay_proc::{RelayProc, relay_bin, report_value},
     topo::{SENDER_ADDR, SENDER_ADDR6, Topology},
-    traffic::{Flow, Limits, check_payload, join, listen, send},
+    traffic::{Flow, Limits, join, listen, send},
 };
 
 mod common;
-use common::stats_until;
+use common::{seqs, stats_until, stop_accounted, wait_log};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -28,38 +27,6 @@ const N: u64 = 1000;
 
 fn all() -> BTreeSet<u64> {
     (0..N).collect()
-}
-
-fn seqs(payloads: &[Vec<u8>]) -> BTreeSet<u64> {
-    let set: BTreeSet<u64> = payloads
-        .iter()
-        .map(|p| check_payload(p).expect("payload intact"))
-        .collect();
-    assert_eq!(set.len(), payloads.len(), "no duplicates");
-    set
-}
-
-fn stop_accounted(relay: RelayProc, topo: &Topology, frames: u64) -> String {
-    let exit = relay.stop(Duration::from_secs(3)).unwrap();
-    assert!(exit.status.success(), "{}\n{}", exit.status, exit.stderr);
-    assert_eq!(
-        report_value(&exit.stdout, &["frames"], "leaked"),
-        Some(0),
-        "{}",
-        exit.stdout
-    );
-    assert!(
-        exit.stderr
-            .contains(&format!("all {frames} frames accounted for")),
-        "{}",
-        exit.stderr
-    );
-    assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
-    assert!(
-        !topo.relay_has_xdp().unwrap(),
-        "no XDP program left attached"
-    );
-    exit.stdout
 }
 
 /// One frame to two outputs, one of them on a UMEM of its own: the output that shares the
@@ -106,7 +73,7 @@ rules:
     let v = stats_until(&relay.control, |v| v.rules[0].outputs[1].sent == N);
     assert_eq!((v.copies, v.cross_umem), (N, N), "{v:?}");
     assert_eq!(v.pool.capacity, 8192, "two UMEMs' pools: {v:?}");
-    let report = stop_accounted(relay, &topo, 8192);
+    let report = stop_accounted(relay, &topo, 8192).stdout;
     assert_eq!(
         report_value(&report, &["datapath"], "cross_umem"),
         Some(N),
@@ -184,20 +151,9 @@ rules:
 ";
     let relay = RelayProc::start(&relay_bin(), &topo.relay, rules, &[]).unwrap();
     let log = || std::fs::read_to_string(&relay.stderr).unwrap();
-    let wait_log = |what: &str| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !log().contains(what) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no '{what}' in:\n{}",
-                log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
     let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
     topo.relay.exec(&["ip", "link", "del", "rout1"]).unwrap();
-    wait_log("UMEM 1: every socket on it is gone");
+    wait_log(&relay, "UMEM 1: every socket on it is gone", 1);
     let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
     join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap();
     assert_eq!(
@@ -206,7 +162,7 @@ rules:
         "rout0 while rout1 is away"
     );
     topo.relink_receiver(1).unwrap();
-    wait_log("rebound: 1 rules");
+    wait_log(&relay, "rebound: 1 rules", 1);
     assert!(log().contains("on UMEM 2"), "{}", log());
     let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(N)).unwrap();
     let rx1 = listen(&r1.ns, G1, 5000, r1.addr, Limits::new(N)).unwrap();

@@ -78,9 +78,19 @@ pub fn inspect(frame: &[u8], src_mac: [u8; 6]) -> (IpAddr, u16, u8, Vec<u8>) {
     (flow.group, flow.port, hops, udp.payload().to_vec())
 }
 
-/// Stops the relay with SIGTERM and checks that it ended well: exit 0, every UMEM frame
-/// accounted for, no panic, no XDP program left in the relay's namespace.
+/// Stops the relay with SIGTERM and checks that it ended well: exit 0, every frame of the
+/// default UMEM accounted for, no panic, no XDP program left in the relay's namespace.
 pub fn stop_clean(relay: RelayProc, topo: &Topology) -> relay_tests::relay_proc::Exit {
+    stop_accounted(relay, topo, 4096)
+}
+
+/// As [`stop_clean`], for a relay whose UMEMs hold `frames` frames in all; the report's
+/// frame line says nothing leaked.
+pub fn stop_accounted(
+    relay: RelayProc,
+    topo: &Topology,
+    frames: u64,
+) -> relay_tests::relay_proc::Exit {
     let exit = relay.stop(Duration::from_secs(3)).unwrap();
     assert!(
         exit.status.success(),
@@ -89,9 +99,16 @@ pub fn stop_clean(relay: RelayProc, topo: &Topology) -> relay_tests::relay_proc:
         exit.stderr
     );
     assert!(
-        exit.stderr.contains("all 4096 frames accounted for"),
+        exit.stderr
+            .contains(&format!("all {frames} frames accounted for")),
         "{}",
         exit.stderr
+    );
+    assert_eq!(
+        relay_tests::relay_proc::report_value(&exit.stdout, &["frames"], "leaked"),
+        Some(0),
+        "{}",
+        exit.stdout
     );
     assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
     assert!(
@@ -127,4 +144,35 @@ pub fn stats_until(control: &Path, done: impl Fn(&StatsView) -> bool) -> StatsVi
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Waits (5 s at most) until the relay's log says `what` at least `n` times.
+pub fn wait_log(relay: &RelayProc, what: &str, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(&relay.stderr).unwrap();
+        if log.matches(what).count() >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not {n} times '{what}' in:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The one error line a refused start prints, and that it stopped non-zero.
+pub fn start_refused(topo: &Topology, yaml: &str, why: &str) -> String {
+    let err = match RelayProc::start(&relay_bin(), &topo.relay, yaml, &[]) {
+        Ok(_) => panic!("the relay started despite {why}"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("exited early (exit status: 1)"),
+        "{why}:\n{err}"
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert_eq!(errors.len(), 1, "one error line for {why}:\n{err}");
+    errors[0].to_owned()
 }
