@@ -408,6 +408,7 @@ impl Datapath {
                     fill_log: ringlog::RingLog::new(RING_SIZE as usize),
                     tx_log: ringlog::RingLog::new(RING_SIZE as usize),
                     dead: false,
+                    waiting: 0,
                 },
             ));
         }

@@ -251,6 +251,9 @@ pub(super) struct Port {
     /// The kernel refuses to transmit on it (ENXIO: the device was unregistered): stop kicking
     /// it; its frames come back when the main thread retires the socket.
     pub dead: bool,
+    /// Staged frames (at the front) that did not fit the TX ring on the last pass, already
+    /// checked against the MTU.
+    pub waiting: usize,
 }
 
 /// What a worker hands back when it ends.
@@ -288,6 +291,9 @@ pub(super) struct Worker {
 
 /// Datagrams whose fragments a worker follows at once (see `FragTable`).
 const FRAG_SLOTS: usize = 4096;
+
+/// Frames that did not fit a TX ring and wait for the next pass, at most.
+const WAITING_MAX: usize = 4 * BATCH;
 
 /// How often a worker publishes its counters.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
@@ -919,9 +925,11 @@ impl Worker {
         } else if !staged.is_empty() {
             // Frames too large for the interface's MTU now are dropped here, where the MTU is
             // current: the kernel would refuse them anyway.
+            // Frames that waited from the last pass were checked then.
             let mtu = self.ports[pi].mtu;
-            let mut kept = 0;
-            for k in 0..staged.len() {
+            let checked = self.ports[pi].waiting.min(staged.len());
+            let mut kept = checked;
+            for k in checked..staged.len() {
                 if ip_len(self.shared.domain(dom), &staged[k]) <= mtu {
                     staged[kept] = staged[k];
                     tags[kept] = tags[k];
@@ -953,9 +961,10 @@ impl Worker {
                     oc.bytes += desc.lengths().data() as u64;
                 }
             }
-            // What did not fit waits for the next pass, up to a ring's worth; beyond that the
-            // receiver is not keeping up and the newest frames are dropped.
-            let keep = sent + (staged.len() - sent).min(RING_SIZE as usize);
+            // What did not fit waits for the next pass, a few batches at most: beyond that the
+            // egress is not keeping up and the newest frames are dropped, rather than moved
+            // and checked again on every pass.
+            let keep = sent + (staged.len() - sent).min(WAITING_MAX);
             for (desc, tag) in staged[keep..].iter().zip(&tags[keep..]) {
                 if let Some(oc) = self.counters(*tag) {
                     oc.tx_ring_full += 1;
@@ -968,6 +977,7 @@ impl Worker {
             staged.drain(..sent);
             tags.drain(..sent);
         }
+        self.ports[pi].waiting = staged.len();
         // Hand the buffers back so their capacity is reused (with what waits for room).
         self.staged[pi] = staged;
         self.staged_tags[pi] = tags;
