@@ -223,6 +223,62 @@ fn multicast_range(addr: IpAddr) -> &'static str {
     }
 }
 
+/// A parse error as the user can act on it: serde_yaml names the key path and the position
+/// but not always the value ("invalid IP address syntax"), so the value as written is taken
+/// from the file at that position, and a `rules[N]` path gets the rule's name.
+fn parse_error(file: &str, yaml: &str, e: &serde_yaml::Error) -> ConfigError {
+    let mut message = e.to_string();
+    // Only errors about a value point at it; others point at a key or a mapping.
+    if message.contains(": invalid ")
+        && let Some(at) = e.location()
+        && let Some(value) = scalar_at(yaml, at.line(), at.column())
+        && !message.contains(&value)
+    {
+        let position = message.rfind(" at line ").unwrap_or(message.len());
+        message.insert_str(position, &format!(": `{value}`"));
+    }
+    ConfigError {
+        file: file.to_owned(),
+        rule: rule_name(yaml, &message),
+        message,
+    }
+}
+
+/// The scalar written at 1-based `line` and `column`: up to the next `,`, `}`, `]`, ` #` or
+/// the end of the line, or the quoted string there.
+fn scalar_at(yaml: &str, line: usize, column: usize) -> Option<String> {
+    let text = yaml.lines().nth(line.checked_sub(1)?)?;
+    let rest = text.get(column.checked_sub(1)?..)?;
+    let value = match rest.chars().next()? {
+        q @ ('\'' | '"') => rest[1..].split(q).next()?,
+        _ => rest
+            .split([',', '}', ']'])
+            .next()?
+            .split(" #")
+            .next()?
+            .trim(),
+    };
+    // At a key (an unknown field), the key: the message names it already.
+    let value = value.split(": ").next()?.trim_end_matches(':');
+    (!value.is_empty()).then(|| value.to_owned())
+}
+
+/// The name of rule N when `message` is about `rules[N]` and the file says it.
+fn rule_name(yaml: &str, message: &str) -> Option<String> {
+    let index: usize = message
+        .strip_prefix("rules[")?
+        .split(']')
+        .next()?
+        .parse()
+        .ok()?;
+    let doc: serde_yaml::Value = serde_yaml::from_str(yaml).ok()?;
+    doc.get("rules")?
+        .get(index)?
+        .get("name")?
+        .as_str()
+        .map(str::to_owned)
+}
+
 /// Interfaces `umem.separate` may list (each UMEM is `frames` frames of memory).
 pub const MAX_SEPARATE_UMEMS: usize = 8;
 
@@ -254,11 +310,7 @@ pub fn default_workers(ingress_queues: usize, cpus: usize) -> usize {
 impl Config {
     /// Parses YAML; `file` names the source in errors.
     pub fn parse(file: &str, yaml: &str) -> Result<Config, ConfigError> {
-        serde_yaml::from_str(yaml).map_err(|e| ConfigError {
-            file: file.to_owned(),
-            rule: None,
-            message: e.to_string(),
-        })
+        serde_yaml::from_str(yaml).map_err(|e| parse_error(file, yaml, &e))
     }
 
     /// Reads and parses a file.
@@ -845,19 +897,19 @@ rules:
         let cases = [
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, prot: 5}\n    outputs: [{interface: out0}]\n",
-                "r.yaml: rules[0].input: unknown field `prot`, expected one of `interface`, `group`, `port`, `source`, `vlan` at line 3 column 47",
+                "r.yaml: rule 'a': rules[0].input: unknown field `prot`, expected one of `interface`, `group`, `port`, `source`, `vlan` at line 3 column 47",
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, port: 70000}\n    outputs: [{interface: out0}]\n",
-                "r.yaml: rules[0].input.port: invalid value: integer `70000`, expected u16 at line 3 column 53",
+                "r.yaml: rule 'a': rules[0].input.port: invalid value: integer `70000`, expected u16 at line 3 column 53",
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0}\n    outputs: [{interface: out0}]\n",
-                "r.yaml: rules[0].input.group: invalid IP address syntax at line 3 column 36",
+                "r.yaml: rule 'a': rules[0].input.group: invalid IP address syntax: `239.0.0` at line 3 column 36",
             ),
             (
                 "rules:\n  - name: [a\n",
-                "r.yaml: rules[0].name: invalid type: sequence, expected a string at line 2 column 11",
+                "r.yaml: rules[0].name: invalid type: sequence, expected a string: `[a` at line 2 column 11",
             ),
             (
                 "allocator: spinlock\nrules: []\n",
@@ -865,11 +917,11 @@ rules:
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1}\n    outputs: [{interface: out0, ttl: 300}]\n",
-                "r.yaml: rules[0].outputs[0].ttl: invalid value: integer `300`, expected u8 at line 4 column 38",
+                "r.yaml: rule 'a': rules[0].outputs[0].ttl: invalid value: integer `300`, expected u8 at line 4 column 38",
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1}\n",
-                "r.yaml: rules[0]: missing field `outputs` at line 2 column 5",
+                "r.yaml: rule 'a': rules[0]: missing field `outputs` at line 2 column 5",
             ),
             (
                 "rules: 5\n",
@@ -1003,7 +1055,7 @@ rules:
         let bad = rule("{interface: in0, group: 239.1.1.1, vlan: trunk}", ok_out);
         assert_eq!(
             Config::parse("r.yaml", &bad).unwrap_err().to_string(),
-            "r.yaml: rules[0].input.vlan: invalid value: string \"trunk\", expected a VLAN ID from 1 to 4094 or `untagged` at line 3 column 53"
+            "r.yaml: rule 'r1': rules[0].input.vlan: invalid value: string \"trunk\", expected a VLAN ID from 1 to 4094 or `untagged` at line 3 column 53"
         );
     }
 }
