@@ -33,12 +33,14 @@ fuzz_target!(|data: &[u8]| {
     let port = (ctl[0] & 2 == 2).then(|| u16::from_be_bytes([ctl[1], ctl[3]]).max(1));
     let ttl = (ctl[0] & 4 == 4).then_some(ctl[2].max(1));
     let vlan = (ctl[0] & 8 == 8).then(|| (u16::from_be_bytes([ctl[3], ctl[1]]) & 0x0fff).max(1));
+    let dscp = (ctl[0] & 16 == 16).then_some(ctl[2] & 0x3f);
     let action = OutputAction {
         src_mac: [0x02, 0, 0, 0, 0, 0x42],
         group,
         port,
         ttl,
         vlan,
+        dscp,
     };
     let ipv4_sum_ok = match flow.group {
         IpAddr::V4(_) => Ipv4Packet::new_checked(&frame[flow.l3..])

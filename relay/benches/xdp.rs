@@ -42,6 +42,7 @@ fn rules(n: usize) -> Vec<Rule> {
                     port: None,
                     ttl: None,
                     vlan: None,
+                    dscp: None,
                 }],
             }
         })

@@ -131,6 +131,9 @@ pub struct Output {
     /// `untagged`.
     #[serde(default)]
     pub vlan: Option<Vlan>,
+    /// Mark with this DSCP (0-63), keeping the ECN bits; the received marking when absent.
+    #[serde(default)]
+    pub dscp: Option<u8>,
 }
 
 /// What the relay needs to know about an interface on this machine.
@@ -531,6 +534,15 @@ impl Config {
                     )));
                 }
                 check_interface_name(&out.interface, "output").map_err(err)?;
+                if let Some(d) = out.dscp
+                    && d > 63
+                {
+                    return Err(err(format!(
+                        "output dscp {d} on '{}' is out of range: a DSCP is 0 to 63 (46 is EF, \
+                         34 AF41, 0 best effort)",
+                        out.interface
+                    )));
+                }
                 if let Some(g) = out.group {
                     if g.is_ipv4() != input.group.is_ipv4() {
                         return Err(err(format!(
@@ -694,6 +706,11 @@ rules:
         let ok_in = "{interface: in0, group: 239.1.1.1, port: 5000}";
         let ok_out = "[{interface: out0}]";
         let cases: Vec<(String, &str)> = vec![
+            (
+                rule(ok_in, "[{interface: out0, dscp: 99}]"),
+                "r.yaml: rule 'r1': output dscp 99 on 'out0' is out of range: a DSCP is 0 to 63 \
+                 (46 is EF, 34 AF41, 0 best effort)",
+            ),
             (
                 rule("{interface: eth9/1, group: 239.1.1.1}", ok_out),
                 "r.yaml: rule 'r1': input interface 'eth9/1' is not a valid interface name (1 to \

@@ -116,7 +116,7 @@ pub fn rewrite_later(
     let (l2, l3) = head.split_at_mut(flow.l3);
     match (flow.group, group) {
         (IpAddr::V4(old), IpAddr::V4(new)) => {
-            let mut ip = Ipv4Packet::new_checked(l3).map_err(|_| RewriteError::Malformed)?;
+            let mut ip = Ipv4Packet::new_checked(&mut *l3).map_err(|_| RewriteError::Malformed)?;
             let old_ttl = ip.ttl();
             let ttl = next_hops(old_ttl, action.ttl)?;
             // TTL shares its 16-bit word with the protocol byte.
@@ -134,12 +134,15 @@ pub fn rewrite_later(
             ip.set_checksum(sum);
         }
         (IpAddr::V6(_), IpAddr::V6(new)) => {
-            let mut ip = Ipv6Packet::new_checked(l3).map_err(|_| RewriteError::Malformed)?;
+            let mut ip = Ipv6Packet::new_checked(&mut *l3).map_err(|_| RewriteError::Malformed)?;
             let hops = next_hops(ip.hop_limit(), action.ttl)?;
             ip.set_hop_limit(hops);
             ip.set_dst_addr(new);
         }
         _ => return Err(RewriteError::Malformed),
+    }
+    if let Some(dscp) = action.dscp {
+        crate::rewrite::set_dscp(l3, dscp)?;
     }
     let mut eth = EthernetFrame::new_checked(l2).map_err(|_| RewriteError::Malformed)?;
     eth.set_dst_mac(multicast_mac(group));
@@ -266,6 +269,7 @@ mod tests {
             port,
             ttl: None,
             vlan: None,
+            dscp: None,
         }
     }
 

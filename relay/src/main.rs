@@ -119,7 +119,7 @@ Config file (YAML): allocator (lockfree|mutex), umem {frames, frame_size, separa
 up to the CPUs), cpus (CPUs to pin the workers to), control (socket path), metrics (address
 for Prometheus), rules: [{name, input {interface, group, port?, source?, vlan? (1-4094 or
 untagged; any when absent)}, outputs [{interface, group?, port?, ttl? (alias hop_limit),
-vlan? (tag with this VID; untagged when absent)}]}]. Groups and sources are IPv4 or IPv6,
+vlan? (tag with this VID; untagged when absent), dscp? (0-63; ECN kept)}]}]. Groups and sources are IPv4 or IPv6,
 one family per rule. Unknown keys are errors. An interface that does not exist yet is a
 warning: its rules start idle and come alive when it appears.
 

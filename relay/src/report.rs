@@ -25,7 +25,7 @@ pub fn shutdown(
             let eg = &table.egress[out.egress];
             let _ = writeln!(
                 s,
-                "rule={} output={} group={} port={}{} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={} too_large={} interface_down={}",
+                "rule={} output={} group={} port={}{}{} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={} too_large={} interface_down={}",
                 rule.name,
                 eg.name,
                 out.action.group.unwrap_or(rule.group),
@@ -37,6 +37,9 @@ pub fn shutdown(
                 out.action
                     .vlan
                     .map_or(String::new(), |v| format!(" vlan={v}")),
+                out.action
+                    .dscp
+                    .map_or(String::new(), |d| format!(" dscp={d}")),
                 oc.packets,
                 oc.bytes,
                 oc.dropped(),

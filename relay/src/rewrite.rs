@@ -32,14 +32,16 @@ pub struct OutputAction {
     /// The VID to send tagged with; untagged when `None` (see [`crate::vlan::retag`], which
     /// the data path applies before [`rewrite`]).
     pub vlan: Option<u16>,
+    /// A DSCP (0-63) to mark with, keeping the two ECN bits; the received one when absent.
+    pub dscp: Option<u8>,
 }
 
 impl OutputAction {
     /// Whether two actions are the same output as the user wrote it. The source MAC is left
     /// out: it is the egress device's, which changes when the interface is created again.
     pub fn same_output(&self, other: &Self) -> bool {
-        (self.group, self.port, self.ttl, self.vlan)
-            == (other.group, other.port, other.ttl, other.vlan)
+        (self.group, self.port, self.ttl, self.vlan, self.dscp)
+            == (other.group, other.port, other.ttl, other.vlan, other.dscp)
     }
 }
 
@@ -75,6 +77,9 @@ pub fn rewrite(frame: &mut [u8], flow: &Flow, action: &OutputAction) -> Result<(
             ipv6(l3, &mut udp, old, new, flow.port, port, action.ttl)?
         }
         _ => return Err(RewriteError::Malformed),
+    }
+    if let Some(dscp) = action.dscp {
+        set_dscp(l3, dscp)?;
     }
     udp.set_dst_port(port);
 
@@ -138,6 +143,32 @@ pub fn complete_partial_udp_checksum(frame: &mut [u8], flow: &Flow) -> bool {
     };
     datagram[6..8].copy_from_slice(&full.to_be_bytes());
     true
+}
+
+/// Sets the DSCP of an IP header (the IPv4 TOS byte, the IPv6 traffic class) and keeps its
+/// two ECN bits, which belong to the path's congestion signalling, not to the sender's
+/// marking. IPv4's header checksum follows (RFC 1624); IPv6's header has none, and neither
+/// field is in the UDP pseudo-header.
+pub fn set_dscp(l3: &mut [u8], dscp: u8) -> Result<(), RewriteError> {
+    let dscp = dscp & 0x3f;
+    match l3.first().map(|b| b >> 4) {
+        Some(4) if l3.len() >= 20 => {
+            let old = u16::from_be_bytes([l3[0], l3[1]]);
+            l3[1] = dscp << 2 | (l3[1] & 0x03);
+            let new = u16::from_be_bytes([l3[0], l3[1]]);
+            let sum = update16(u16::from_be_bytes([l3[10], l3[11]]), old, new);
+            l3[10..12].copy_from_slice(&sum.to_be_bytes());
+            Ok(())
+        }
+        Some(6) if l3.len() >= 40 => {
+            let ecn = (l3[1] >> 4) & 0x03;
+            let class = dscp << 2 | ecn;
+            l3[0] = (l3[0] & 0xf0) | class >> 4;
+            l3[1] = (l3[1] & 0x0f) | (class & 0x0f) << 4;
+            Ok(())
+        }
+        _ => Err(RewriteError::Malformed),
+    }
 }
 
 /// The TTL or hop limit to send with, or why not.
@@ -307,6 +338,7 @@ mod tests {
             port,
             ttl,
             vlan: None,
+            dscp: None,
         }
     }
 
@@ -833,6 +865,123 @@ mod tests {
             };
             let flow = Flow { tci: None, l3: 0, l4, source, group, port: 0, frag: None };
             complete_partial_udp_checksum(&mut b, &flow);
+        }
+    }
+}
+
+#[cfg(test)]
+mod dscp_tests {
+    use std::net::IpAddr;
+
+    use proptest::prelude::*;
+
+    use super::{OutputAction, rewrite, set_dscp};
+    use crate::{
+        checksum::{checksum, udp_ipv4, udp_ipv6},
+        craft::{UdpFrame, build_udp_frame},
+        wire::{Ipv4Packet, Ipv6Packet, UdpPacket, classify},
+    };
+
+    /// The (DSCP, ECN) of a frame's IP header.
+    fn marking(frame: &[u8], l3: usize) -> (u8, u8) {
+        let class = match frame[l3] >> 4 {
+            4 => frame[l3 + 1],
+            _ => (frame[l3] & 0x0f) << 4 | frame[l3 + 1] >> 4,
+        };
+        (class >> 2, class & 3)
+    }
+
+    /// Writes a received marking into a built frame (and, for IPv4, its header checksum).
+    fn mark(frame: &mut [u8], l3: usize, class: u8) {
+        match frame[l3] >> 4 {
+            4 => {
+                frame[l3 + 1] = class;
+                frame[l3 + 10..l3 + 12].fill(0);
+                let ihl = usize::from(frame[l3] & 0x0f) * 4;
+                let sum = checksum(&frame[l3..l3 + ihl]);
+                frame[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
+            }
+            _ => {
+                frame[l3] = (frame[l3] & 0xf0) | class >> 4;
+                frame[l3 + 1] = (frame[l3 + 1] & 0x0f) | (class & 0x0f) << 4;
+            }
+        }
+    }
+
+    #[test]
+    fn ef_on_ect_keeps_ecn_ipv4_and_ipv6() {
+        for (src, grp) in [("198.18.1.1", "239.1.1.1"), ("2001:2::1", "ff18::1:1")] {
+            let f = UdpFrame::simple(src.parse().unwrap(), grp.parse().unwrap(), 5000, 8, b"x");
+            let mut frame = build_udp_frame(&f);
+            let l3 = classify(&frame).unwrap().l3;
+            mark(&mut frame, l3, 0b0000_0010); // DSCP 0, ECT(0)
+            set_dscp(&mut frame[l3..], 46).unwrap();
+            assert_eq!(marking(&frame, l3), (46, 0b10), "{grp}");
+            if frame[l3] >> 4 == 4 {
+                assert_eq!(frame[l3 + 1], 0xba);
+                assert_eq!(checksum(&frame[l3..l3 + 20]), 0);
+            } else {
+                // Version and flow label untouched.
+                assert_eq!(frame[l3] >> 4, 6);
+            }
+        }
+    }
+
+    #[test]
+    fn short_or_unknown_headers_are_refused_untouched() {
+        for bytes in [vec![], vec![0x45; 10], vec![0x65; 20], vec![0x55; 40]] {
+            let mut b = bytes.clone();
+            assert!(set_dscp(&mut b, 46).is_err());
+            assert_eq!(b, bytes);
+        }
+    }
+
+    proptest! {
+        /// Any DSCP on any received marking, with any other rewrite of the output: the new
+        /// DSCP, the received ECN bits, and every checksum valid from scratch.
+        #[test]
+        fn dscp_with_every_other_rewrite(v6 in any::<bool>(), class in any::<u8>(), dscp in 0u8..64,
+                                         group in proptest::option::of(1u8..255),
+                                         port in proptest::option::of(1u16..),
+                                         ttl in proptest::option::of(1u8..)) {
+            let (src, grp): (IpAddr, IpAddr) = if v6 {
+                ("2001:2::1".parse().unwrap(), "ff18::1:1".parse().unwrap())
+            } else {
+                ("198.18.1.1".parse().unwrap(), "239.1.1.1".parse().unwrap())
+            };
+            let f = UdpFrame::simple(src, grp, 5000, 8, b"payload of some length");
+            let mut frame = build_udp_frame(&f);
+            let flow = classify(&frame).unwrap();
+            mark(&mut frame, flow.l3, class);
+            let group = group.map(|g| -> IpAddr {
+                if v6 { [0xff18, 0, 0, 0, 0, 0, 2, u16::from(g)].into() } else { [239, 2, 2, g].into() }
+            });
+            let action = OutputAction {
+                src_mac: [2, 0, 0, 0, 0, 9],
+                group,
+                port,
+                ttl,
+                vlan: None,
+                dscp: Some(dscp),
+            };
+            rewrite(&mut frame, &flow, &action).unwrap();
+            prop_assert_eq!(marking(&frame, flow.l3), (dscp, class & 3));
+            let out = classify(&frame).unwrap();
+            let udp = UdpPacket::new_checked(&frame[out.l4..]).unwrap();
+            let mut zeroed = frame[out.l4..out.l4 + usize::from(udp.len())].to_vec();
+            zeroed[6..8].fill(0);
+            match (out.source, out.group) {
+                (IpAddr::V4(s), IpAddr::V4(g)) => {
+                    let ip = Ipv4Packet::new_checked(&frame[out.l3..]).unwrap();
+                    prop_assert_eq!(checksum(ip.header()), 0);
+                    prop_assert_eq!(udp.checksum(), udp_ipv4(s, g, &zeroed));
+                }
+                (IpAddr::V6(s), IpAddr::V6(g)) => {
+                    prop_assert!(Ipv6Packet::new_checked(&frame[out.l3..]).is_ok());
+                    prop_assert_eq!(udp.checksum(), udp_ipv6(s, g, &zeroed));
+                }
+                _ => prop_assert!(false, "mixed families"),
+            }
         }
     }
 }

@@ -102,6 +102,7 @@ impl RuleTable {
                         port: out.port,
                         ttl: out.ttl,
                         vlan: out.vlan.and_then(Vlan::vid),
+                        dscp: out.dscp,
                     },
                 });
             }
@@ -205,6 +206,7 @@ mod tests {
                 port: None,
                 ttl: None,
                 vlan: None,
+                dscp: None,
             }],
         }
     }
@@ -224,6 +226,7 @@ mod tests {
             port: Some(6000),
             ttl: Some(3),
             vlan: Some(Vlan::Id(30)),
+            dscp: Some(46),
         });
         let t = RuleTable::compile(&c, "t", &fake()).unwrap();
         assert_eq!(t.ingress.len(), 1);

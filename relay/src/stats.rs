@@ -53,6 +53,9 @@ pub struct OutputView {
     /// The VID the output tags its frames with; absent when it sends them untagged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vlan: Option<u16>,
+    /// The DSCP the output marks with; absent when it keeps the received one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dscp: Option<u8>,
     pub sent: u64,
     pub bytes: u64,
     /// Drops by reason.
@@ -111,6 +114,7 @@ impl StatsView {
                             .or(r.port)
                             .map_or("same".into(), |p| p.to_string()),
                         vlan: o.action.vlan,
+                        dscp: o.action.dscp,
                         sent: oc.packets,
                         bytes: oc.bytes,
                         dropped: [
@@ -186,7 +190,13 @@ impl StatsView {
                     s,
                     "  -> {:<12} {:<22} {:>12} {:>14}  dropped {}{}",
                     o.interface,
-                    format!("{}:{}{}", o.group, o.port, vlan_suffix(o.vlan)),
+                    format!(
+                        "{}:{}{}{}",
+                        o.group,
+                        o.port,
+                        vlan_suffix(o.vlan),
+                        o.dscp.map_or(String::new(), |d| format!(" dscp {d}"))
+                    ),
                     o.sent,
                     o.bytes,
                     dropped,

@@ -328,6 +328,7 @@ mod tests {
                 port,
                 ttl: None,
                 vlan: vid,
+                dscp: None,
             };
             rewrite(&mut buf, &new_flow, &action).unwrap();
             let want = build_udp_frame(&UdpFrame {

@@ -47,6 +47,7 @@ fn vlan_rule(
             port: None,
             ttl: None,
             vlan: None,
+            dscp: None,
         }],
     }
 }
