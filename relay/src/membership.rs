@@ -79,13 +79,6 @@ impl Memberships {
         Ok(Self { held })
     }
 
-    /// Leaves what `table` no longer needs and joins what it newly needs.
-    pub fn update(&mut self, table: &RuleTable) -> Result<()> {
-        self.join_new(table)?;
-        self.leave_unwanted(table);
-        Ok(())
-    }
-
     /// Joins what `table` needs and is not held yet; all or nothing (what this call joined is
     /// left again if one join fails). Returns what it joined, for [`Memberships::leave`].
     pub fn join_new(&mut self, table: &RuleTable) -> Result<Vec<Membership>> {

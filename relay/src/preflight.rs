@@ -183,16 +183,8 @@ pub fn frame_budget(
         .filter(|i| i.info.exists())
         .map(|i| i.info.rx_queues as usize)
         .sum();
-    let min = crate::datapath::budget::minimum_frames(queues, workers);
-    if (frames as usize) < min {
-        anyhow::bail!(
-            "{file}: umem: frames: {frames} is too few for {queues} ingress queue(s) and \
-             {workers} worker(s): at least {min} are needed (each fill ring needs two RX \
-             batches, each worker room for its cache and its frames in flight); raise \
-             umem.frames or set fewer workers"
-        );
-    }
-    Ok(())
+    crate::datapath::budget::check(frames as usize, queues, workers)
+        .map_err(|e| anyhow::anyhow!("{file}: {e}"))
 }
 
 #[cfg(test)]

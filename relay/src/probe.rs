@@ -91,19 +91,10 @@ pub struct Probed {
 /// queue, then queue 0 of each egress that is not also an ingress (as the data path lists
 /// them). `(interface, queue, ingress)`.
 pub fn sockets(table: &RuleTable) -> Vec<(String, u32, bool)> {
-    let mut wanted: Vec<(String, u32, bool)> = Vec::new();
-    // Interfaces that do not exist yet have nothing to probe (their rules start idle).
-    for ing in table.ingress.iter().filter(|i| i.info.exists()) {
-        for q in 0..ing.info.rx_queues {
-            wanted.push((ing.name.clone(), q, true));
-        }
-    }
-    for eg in table.egress.iter().filter(|e| e.info.exists()) {
-        if !wanted.iter().any(|(n, q, _)| *n == eg.name && *q == 0) {
-            wanted.push((eg.name.clone(), 0, false));
-        }
-    }
-    wanted
+    crate::datapath::wanted_sockets(table)
+        .into_iter()
+        .map(|(name, _, queue, ingress)| (name, queue, ingress))
+        .collect()
 }
 
 /// A UMEM of the probe's own, and the rings of its sockets.

@@ -39,6 +39,21 @@ pub fn minimum_frames(ingress_queues: usize, workers: usize) -> usize {
     4 * BATCH * ingress_queues.max(workers).max(1)
 }
 
+/// Refuses a UMEM of `frames` too small for `ingress_queues` and `workers`, saying why and
+/// the least that works. The data path checks it at start and reload, `--check` before.
+pub fn check(frames: usize, ingress_queues: usize, workers: usize) -> Result<(), String> {
+    let min = minimum_frames(ingress_queues, workers);
+    if frames < min {
+        return Err(format!(
+            "umem: frames: {frames} is too few for {ingress_queues} ingress queue(s) and \
+             {workers} worker(s): at least {min} are needed (each fill ring needs two RX \
+             batches, each worker room for its cache and its frames in flight); raise \
+             umem.frames or set fewer workers"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

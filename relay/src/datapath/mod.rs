@@ -209,7 +209,7 @@ pub struct Finished {
 
 /// The sockets a table needs: one per ingress (interface, rx queue), and one per egress
 /// interface that is not also an ingress. `(name, ifindex, queue, ingress)`.
-fn wanted_sockets(table: &RuleTable) -> Vec<(String, u32, u32, bool)> {
+pub(crate) fn wanted_sockets(table: &RuleTable) -> Vec<(String, u32, u32, bool)> {
     let mut wanted: Vec<(String, u32, u32, bool)> = Vec::new();
     // Interfaces that do not exist yet have no socket until they do.
     for ing in table.ingress.iter().filter(|i| i.info.exists()) {
@@ -227,15 +227,7 @@ fn wanted_sockets(table: &RuleTable) -> Vec<(String, u32, u32, bool)> {
 
 /// Refuses a UMEM too small for the sockets and workers that would share it.
 fn check_budget(frames: usize, ingress_queues: usize, workers: usize) -> Result<()> {
-    let min = budget::minimum_frames(ingress_queues, workers);
-    if frames < min {
-        return Err(anyhow!(
-            "umem: frames: {frames} is too few for {ingress_queues} ingress queue(s) and \
-             {workers} worker(s): at least {min} are needed (each fill ring needs two RX batches, \
-             each worker room for its cache and its frames in flight)"
-        ));
-    }
-    Ok(())
+    budget::check(frames, ingress_queues, workers).map_err(|e| anyhow!(e))
 }
 
 impl Datapath {
@@ -357,7 +349,7 @@ impl Datapath {
             if id >= MAX_PORTS {
                 return Err(anyhow!("more than {MAX_PORTS} sockets"));
             }
-            let (domain, b) = self.bind_socket(&name, queue, id)?;
+            let (domain, b) = self.bind_socket(&name, queue)?;
             let w = id % workers;
             info!(
                 "{name} queue {queue}: AF_XDP socket bound in {} mode ({}, worker {w}) on UMEM {domain}",
@@ -419,12 +411,7 @@ impl Datapath {
     /// UMEM if it has none yet. With `bind: auto`, a physical interface tries the zero-copy
     /// UMEM first and the copy one if its driver refuses; a virtual one (veth, bridge, VLAN,
     /// tunnel) goes to the copy UMEM at once. Returns the UMEM's slot and the socket.
-    fn bind_socket(
-        &mut self,
-        iface: &str,
-        queue: u32,
-        id: usize,
-    ) -> Result<(usize, socket::Bound)> {
+    fn bind_socket(&mut self, iface: &str, queue: u32) -> Result<(usize, socket::Bound)> {
         let kinds = if self.separate.iter().any(|s| s == iface) {
             vec![Kind::Own(iface.to_owned())]
         } else {
@@ -481,7 +468,6 @@ impl Datapath {
                 }
                 Err(e) => return Err(e),
             }
-            let _ = id;
         }
         Err(last_err.unwrap_or_else(|| anyhow!("{iface} queue {queue}: no UMEM to bind to")))
     }
