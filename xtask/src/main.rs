@@ -463,21 +463,24 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     tally.run("tsan", &mut tsan, &mut failures)?;
 
     // The fuzz targets, from the committed corpus, for a bounded time each: a crash fails the
-    // run and leaves the input in fuzz/artifacts/.
+    // run and leaves the input in fuzz/artifacts/. libFuzzer writes what it finds into the
+    // first corpus directory, so that is a scratch one: a test run leaves the committed
+    // corpus as it was.
     for target in ["frame", "config"] {
+        let scratch =
+            std::env::temp_dir().join(format!("relay-fuzz-{target}-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch)?;
         let mut fuzz = Command::new("cargo");
         fuzz.current_dir(root.join("fuzz"))
             .env_remove("RUSTUP_TOOLCHAIN")
             .env("RELAY_XDP_OBJ", xdp_object(root))
-            .args([
-                &format!("+{}", nightly(root)?),
-                "fuzz",
-                "run",
-                target,
-                "--",
-                &format!("-max_total_time={FUZZ_SECONDS}"),
-            ]);
-        tally.check(&format!("fuzz {target}"), &mut fuzz, &mut failures)?;
+            .args([&format!("+{}", nightly(root)?), "fuzz", "run", target])
+            .arg(&scratch)
+            .arg(root.join("fuzz/corpus").join(target))
+            .args(["--", &format!("-max_total_time={FUZZ_SECONDS}")]);
+        let result = tally.check(&format!("fuzz {target}"), &mut fuzz, &mut failures);
+        let _ = std::fs::remove_dir_all(&scratch);
+        result?;
     }
 
     // The soak, for one minute: a steady flow through periodic reloads loses nothing, leaks
