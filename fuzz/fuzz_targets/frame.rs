@@ -35,12 +35,12 @@ fuzz_target!(|data: &[u8]| {
     let vlan = (ctl[0] & 8 == 8).then(|| (u16::from_be_bytes([ctl[3], ctl[1]]) & 0x0fff).max(1));
     let dscp = (ctl[0] & 16 == 16).then_some(ctl[2] & 0x3f);
     let action = OutputAction {
-        src_mac: [0x02, 0, 0, 0, 0, 0x42],
         group,
         port,
         ttl,
         vlan,
         dscp,
+        ..OutputAction::plain([0x02, 0, 0, 0, 0, 0x42])
     };
     let ipv4_sum_ok = match flow.group {
         IpAddr::V4(_) => Ipv4Packet::new_checked(&frame[flow.l3..])

@@ -28,6 +28,10 @@ pub const SHAPE_GROUP: u32 = 8;
 pub const SHAPE_VLAN_SHIFT: u32 = 4;
 /// Every shape of a key that names a VLAN.
 pub const SHAPES_VLAN: u32 = 0xf << SHAPE_VLAN_SHIFT;
+/// Some key's destination is a unicast address (an input `destination:`): only then does
+/// the program look unicast UDP up at all, so a relay of groups alone passes the host's own
+/// unicast traffic after one comparison, as it always did.
+pub const SHAPE_UNICAST: u32 = 1 << 8;
 
 /// `RuleKey::vlan` of a rule that takes any VLAN or none: what keys held before rules had a
 /// `vlan:` (the field was padding, always zero).
@@ -131,7 +135,8 @@ pub const MAX_RULE_KEYS: u32 = 65536;
 pub struct RuleKey {
     /// Ingress interface index.
     pub ifindex: u32,
-    /// Destination group, network byte order (the bytes as on the wire, IPv4 mapped).
+    /// Destination group, network byte order (the bytes as on the wire, IPv4 mapped); or
+    /// the unicast destination address of an input `destination:`.
     pub group: [u8; 16],
     /// Source address, network byte order (IPv4 mapped); all zero for any source.
     pub source: [u8; 16],

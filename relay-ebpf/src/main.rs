@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use relay_common::{
     FragKey, MAX_FRAG_FLOWS, MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS, RuleKey,
-    RuleValue, SHAPE_GROUP, SHAPE_PORT, SHAPE_SOURCE, SHAPE_SOURCE_PORT, SHAPE_VLAN_SHIFT,
-    SHAPES_VLAN, VLAN_ANY, XSK_MAP_SIZE, XdpCounter, frame_vlan, v4_mapped,
+    RuleValue, SHAPE_GROUP, SHAPE_PORT, SHAPE_SOURCE, SHAPE_SOURCE_PORT, SHAPE_UNICAST,
+    SHAPE_VLAN_SHIFT, SHAPES_VLAN, VLAN_ANY, XSK_MAP_SIZE, XdpCounter, frame_vlan, v4_mapped,
 };
 
 #[map(name = "XSKS")]
@@ -147,8 +147,9 @@ fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> 
 }
 
 /// Parses Ethernet (one optional VLAN tag), IPv4 or IPv6 and UDP, and looks the frame up in
-/// the rule map. `None` for anything that is not a UDP multicast frame of a rule, or a later
-/// fragment of a datagram whose first fragment matched one.
+/// the rule map. `None` for anything that is not a UDP frame of a rule (to a group, or to the
+/// unicast destination of a rule that names one), or a later fragment of a datagram whose
+/// first fragment matched one.
 /// Two tags (QinQ) end the parse: the inner ethertype is a tag, not IP, so such frames are
 /// passed, never relayed with a VLAN the rules did not name.
 #[inline(always)]
@@ -171,9 +172,14 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
         port: [0; 2],
         vlan: frame_vlan(tci),
     };
+    // Only the shapes some rule has are looked up: most rule sets name no source and no VLAN,
+    // and then one lookup is made, not eight. Unicast is parsed at all only when a rule
+    // takes a unicast destination.
+    let shapes = SHAPES.get(0).copied().unwrap_or(0);
+    let unicast = shapes & SHAPE_UNICAST != 0;
     let (l4, frag) = match ethertype {
-        ETH_P_IP => ipv4(ctx, l3, &mut key)?,
-        ETH_P_IPV6 => ipv6(ctx, l3, &mut key)?,
+        ETH_P_IP => ipv4(ctx, l3, &mut key, unicast)?,
+        ETH_P_IPV6 => ipv6(ctx, l3, &mut key, unicast)?,
         _ => return None,
     };
     if let Frag::Later(id) = frag {
@@ -182,9 +188,6 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     let udp = bytes_at::<UDP_HLEN>(ctx, l4)?;
     key.port = [udp[2], udp[3]];
 
-    // Only the shapes some rule has are looked up: most rule sets name no source and no VLAN,
-    // and then one lookup is made, not eight.
-    let shapes = SHAPES.get(0).copied().unwrap_or(0);
     // A hit leaves the key's source zeroed if the rule has none, and its VLAN "any".
     let (source, vlan) = (key.source, key.vlan);
     let rule_id = find_rule(&mut key, shapes);
@@ -303,11 +306,11 @@ enum Frag {
     Later([u8; 4]),
 }
 
-/// An IPv4 UDP packet to a group: its (source, group) into `key`, and where the UDP header
-/// (or, in a later fragment, the fragment's data) starts and where it stands among its
-/// fragments.
+/// An IPv4 UDP packet to a group (or to any address when `unicast`): its (source, group)
+/// into `key`, and where the UDP header (or, in a later fragment, the fragment's data)
+/// starts and where it stands among its fragments.
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, l3: usize, key: &mut RuleKey) -> Option<(usize, Frag)> {
+fn ipv4(ctx: &XdpContext, l3: usize, key: &mut RuleKey, unicast: bool) -> Option<(usize, Frag)> {
     // Version/IHL .. TTL/protocol: the first 10 bytes, then the addresses at 12..20.
     let head = bytes_at::<10>(ctx, l3)?;
     if head[0] >> 4 != 4 {
@@ -327,7 +330,7 @@ fn ipv4(ctx: &XdpContext, l3: usize, key: &mut RuleKey) -> Option<(usize, Frag)>
         Frag::Whole
     };
     let addrs = bytes_at::<8>(ctx, l3 + 12)?;
-    if addrs[4] & 0xf0 != 0xe0 {
+    if addrs[4] & 0xf0 != 0xe0 && !unicast {
         return None;
     }
     key.source = v4_mapped([addrs[0], addrs[1], addrs[2], addrs[3]]);
@@ -335,19 +338,20 @@ fn ipv4(ctx: &XdpContext, l3: usize, key: &mut RuleKey) -> Option<(usize, Frag)>
     Some((l3 + ihl, frag))
 }
 
-/// An IPv6 UDP packet to a group (ff00::/8), after at most four hop-by-hop, routing or
+/// An IPv6 UDP packet to a group (ff00::/8; any address when `unicast`), after at most four
+/// hop-by-hop, routing or
 /// destination-options headers and then, if fragmented, a fragment header: its (source,
 /// group) into `key`, and where the UDP header (or a later fragment's data) starts and where
 /// it stands among its fragments. Chains the walk does not finish are left to the kernel.
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, l3: usize, key: &mut RuleKey) -> Option<(usize, Frag)> {
+fn ipv6(ctx: &XdpContext, l3: usize, key: &mut RuleKey, unicast: bool) -> Option<(usize, Frag)> {
     let head = bytes_at::<8>(ctx, l3)?;
     if head[0] >> 4 != 6 {
         return None;
     }
     key.source = bytes_at::<16>(ctx, l3 + 8)?;
     key.group = bytes_at::<16>(ctx, l3 + 24)?;
-    if key.group[0] != 0xff {
+    if key.group[0] != 0xff && !unicast {
         return None;
     }
     let mut next = head[6];

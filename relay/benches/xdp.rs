@@ -31,7 +31,8 @@ fn rules(n: usize) -> Vec<Rule> {
                 name: format!("r{i}"),
                 input: Input {
                     interface: "in0".into(),
-                    group,
+                    group: Some(group),
+                    destination: None,
                     port: Some(5000 + (i / 2 % 100) as u16),
                     source: None,
                     vlan: None,
@@ -43,6 +44,9 @@ fn rules(n: usize) -> Vec<Rule> {
                     ttl: None,
                     vlan: None,
                     dscp: None,
+                    destination: None,
+                    source: None,
+                    source_port: None,
                 }],
             }
         })

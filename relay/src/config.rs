@@ -105,7 +105,13 @@ pub struct Rule {
 pub struct Input {
     pub interface: String,
     /// An IPv4 or IPv6 group; the source and the outputs' groups are of the same family.
-    pub group: IpAddr,
+    /// An input has this or `destination:`, never both.
+    #[serde(default)]
+    pub group: Option<IpAddr>,
+    /// A unicast address (usually one of this host's own) whose UDP datagrams to `port:` the
+    /// rule relays instead of the host's stack receiving them.
+    #[serde(default)]
+    pub destination: Option<IpAddr>,
     /// Any UDP port when absent.
     pub port: Option<u16>,
     /// Any source when absent.
@@ -122,6 +128,10 @@ pub struct Output {
     pub interface: String,
     /// Remapped destination group; the input's group when absent.
     pub group: Option<IpAddr>,
+    /// A unicast address to send to instead of a group (multicast -> unicast): the frame
+    /// goes to the MAC of the kernel's next hop towards it through this interface.
+    #[serde(default)]
+    pub destination: Option<IpAddr>,
     /// Remapped destination port; the received port when absent.
     pub port: Option<u16>,
     /// TTL (IPv4) or hop limit (IPv6) to set; the received value minus one when absent.
@@ -134,6 +144,86 @@ pub struct Output {
     /// Mark with this DSCP (0-63), keeping the ECN bits; the received marking when absent.
     #[serde(default)]
     pub dscp: Option<u8>,
+    /// Rewrite the IP source: `auto` (the interface's own address) or an address of the
+    /// interface; the sender's when absent.
+    #[serde(default)]
+    pub source: Option<SourceSpec>,
+    /// Rewrite the UDP source port; the sender's when absent.
+    #[serde(default)]
+    pub source_port: Option<u16>,
+}
+
+impl Input {
+    /// The destination address the input matches: its group, or its unicast destination.
+    /// (Validation refuses an input with neither; unspecified until then.)
+    pub fn address(&self) -> IpAddr {
+        self.group
+            .or(self.destination)
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+}
+
+impl Output {
+    /// The destination address the output sends to when it names one: a group or a unicast
+    /// destination.
+    pub fn address(&self) -> Option<IpAddr> {
+        self.group.or(self.destination)
+    }
+}
+
+/// An output's `source:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SourceSpec {
+    /// The egress interface's primary address of the rule's family (IPv6: its first global
+    /// one), followed when the interface's addresses change.
+    Auto,
+    /// This address, which the egress interface must have.
+    Address(IpAddr),
+}
+
+impl fmt::Display for SourceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceSpec::Auto => f.write_str("auto"),
+            SourceSpec::Address(a) => a.fmt(f),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SourceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SourceSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`auto` or an IP address")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SourceSpec, E> {
+                if v == "auto" {
+                    return Ok(SourceSpec::Auto);
+                }
+                v.parse()
+                    .map(SourceSpec::Address)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+/// The address `source: auto` stands for on an interface with `addresses` (in the kernel's
+/// order, primary first), for a rule of `v4`'s family: the first IPv4 address, or the first
+/// global IPv6 one (not link-local, loopback or multicast).
+pub fn auto_source(addresses: &[IpAddr], v4: bool) -> Option<IpAddr> {
+    addresses.iter().copied().find(|a| match a {
+        IpAddr::V4(a) => v4 && !a.is_unspecified() && !a.is_loopback(),
+        IpAddr::V6(a) => {
+            !v4 && !a.is_unspecified()
+                && !a.is_loopback()
+                && !a.is_multicast()
+                && (a.segments()[0] & 0xffc0) != 0xfe80
+        }
+    })
 }
 
 /// What the relay needs to know about an interface on this machine.
@@ -166,6 +256,12 @@ impl InterfaceInfo {
 pub trait System {
     fn interface(&self, name: &str) -> Option<InterfaceInfo>;
 
+    /// The interface's IP addresses, primary first (the kernel's order); empty when it has
+    /// none or does not exist.
+    fn addresses(&self, _name: &str) -> Vec<IpAddr> {
+        Vec::new()
+    }
+
     /// The CPUs the relay may run on, which `cpus:` must stay within; `None` when any CPU
     /// is allowed (a fixed system, for checks that do not concern the machine).
     fn allowed_cpus(&self) -> Option<Vec<usize>> {
@@ -196,6 +292,21 @@ impl System for StaticSystem {
             mtu: 1500,
         })
     }
+
+    /// 198.18.N.1 and 2001:2:0:N::1 for ifindex N.
+    fn addresses(&self, name: &str) -> Vec<IpAddr> {
+        self.interface(name)
+            .map(|i| static_addresses(i.ifindex))
+            .unwrap_or_default()
+    }
+}
+
+/// The addresses a fixed system gives interface `ifindex`: 198.18.N.1 and 2001:2:0:N::1.
+pub fn static_addresses(ifindex: u32) -> Vec<IpAddr> {
+    vec![
+        IpAddr::from([198, 18, ifindex as u8, 1]),
+        IpAddr::from([0x2001, 2, 0, ifindex as u16, 0, 0, 0, 1]),
+    ]
 }
 
 /// A configuration the relay refuses, with where and why.
@@ -459,26 +570,63 @@ impl Config {
                     input.interface
                 )));
             }
-            if !input.group.is_multicast() {
-                return Err(err(format!(
-                    "input group {} is not a multicast address ({})",
-                    input.group,
-                    multicast_range(input.group)
-                )));
-            }
+            let address = match (input.group, input.destination) {
+                (Some(g), Some(d)) => {
+                    return Err(err(format!(
+                        "input has both group {g} and destination {d}: an input takes a group \
+                         or a unicast destination, not both"
+                    )));
+                }
+                (None, None) => {
+                    return Err(err(
+                        "input has neither group: nor destination:: name the group to relay, \
+                         or the unicast address and port"
+                            .to_owned(),
+                    ));
+                }
+                (Some(g), None) => {
+                    if !g.is_multicast() {
+                        return Err(err(format!(
+                            "input group {g} is not a multicast address ({}): a unicast \
+                             address goes in destination:",
+                            multicast_range(g)
+                        )));
+                    }
+                    g
+                }
+                (None, Some(d)) => {
+                    if d.is_multicast() {
+                        return Err(err(format!(
+                            "input destination {d} is a multicast address: it goes in group:"
+                        )));
+                    }
+                    if !is_unicast_host(d) {
+                        return Err(err(format!(
+                            "input destination {d} is not a unicast host address"
+                        )));
+                    }
+                    if input.port.is_none() {
+                        return Err(err(format!(
+                            "input destination {d} has no port: a unicast input takes the UDP \
+                             datagrams to one port of the address, and the host keeps the rest"
+                        )));
+                    }
+                    d
+                }
+            };
+            let unicast_in = input.destination.is_some();
             if input.port == Some(0) {
                 return Err(err("input port 0 is not a valid UDP port".to_owned()));
             }
             if let Some(src) = input.source {
-                if src.is_ipv4() != input.group.is_ipv4() {
+                if src.is_ipv4() != address.is_ipv4() {
                     return Err(err(format!(
-                        "input source {src} and group {} are of different families: a rule is \
-                         all IPv4 or all IPv6",
-                        input.group
+                        "input source {src} and {} {address} are of different families: a \
+                         rule is all IPv4 or all IPv6",
+                        input_key(unicast_in)
                     )));
                 }
-                let broadcast = matches!(src, IpAddr::V4(a) if a.is_broadcast());
-                if src.is_multicast() || src.is_unspecified() || broadcast {
+                if !is_unicast_host(src) {
                     return Err(err(format!(
                         "input source {src} is not a unicast host address"
                     )));
@@ -493,7 +641,7 @@ impl Config {
             }
             let key = (
                 &input.interface,
-                input.group,
+                address,
                 input.port,
                 input.source,
                 input.vlan,
@@ -502,7 +650,7 @@ impl Config {
                 return Err(err(format!(
                     "another rule already has the input {} {}:{} from {}{}",
                     input.interface,
-                    input.group,
+                    address,
                     input.port.map_or("any".to_owned(), |p| p.to_string()),
                     input.source.map_or("any".to_owned(), |s| s.to_string()),
                     input.vlan.map_or(String::new(), |v| format!(" vlan {v}")),
@@ -513,64 +661,25 @@ impl Config {
             }
             let mut seen_outputs = HashSet::new();
             for out in &rule.outputs {
-                let g = out.group.unwrap_or(input.group);
+                self.validate_output(rule, out, address, sys, &err)?;
+                let g = out.address().unwrap_or(address);
                 let p = out.port.or(input.port);
                 // Two VLANs of one trunk are two networks: the same group may go to each.
                 let vid = out.vlan.and_then(Vlan::vid);
                 if !seen_outputs.insert((&out.interface, g, p, vid)) {
                     return Err(err(format!(
-                        "two outputs send the same group {g} and port {} on '{}'{}",
+                        "two outputs send the same {} {g} and port {} on '{}'{}",
+                        if g.is_multicast() {
+                            "group"
+                        } else {
+                            "destination"
+                        },
                         p.map_or("(as received)".to_owned(), |p| p.to_string()),
                         out.interface,
                         vid.map_or(String::new(), |v| format!(" vlan {v}")),
                     )));
                 }
-                if let Some(v) = out.vlan
-                    && !v.is_valid()
-                {
-                    return Err(err(format!(
-                        "output vlan {v} on '{}' is not a VLAN ID from 1 to 4094 or untagged",
-                        out.interface
-                    )));
-                }
-                check_interface_name(&out.interface, "output").map_err(err)?;
-                if let Some(d) = out.dscp
-                    && d > 63
-                {
-                    return Err(err(format!(
-                        "output dscp {d} on '{}' is out of range: a DSCP is 0 to 63 (46 is EF, \
-                         34 AF41, 0 best effort)",
-                        out.interface
-                    )));
-                }
-                if let Some(g) = out.group {
-                    if g.is_ipv4() != input.group.is_ipv4() {
-                        return Err(err(format!(
-                            "output group {g} on '{}' and input group {} are of different \
-                             families: a rule is all IPv4 or all IPv6",
-                            out.interface, input.group
-                        )));
-                    }
-                    if !g.is_multicast() {
-                        return Err(err(format!(
-                            "output group {g} on '{}' is not a multicast address",
-                            out.interface
-                        )));
-                    }
-                }
-                if out.port == Some(0) {
-                    return Err(err(format!(
-                        "output port 0 on '{}' is not a valid UDP port",
-                        out.interface
-                    )));
-                }
-                if out.ttl == Some(0) {
-                    return Err(err(format!(
-                        "output ttl 0 on '{}' would never be delivered",
-                        out.interface
-                    )));
-                }
-                let same_group = out.group.is_none_or(|g| g == input.group);
+                let same_group = out.address().is_none_or(|g| g == address);
                 let same_port = out.port.is_none() || out.port == input.port;
                 if out.interface == input.interface
                     && same_group
@@ -578,15 +687,166 @@ impl Config {
                     && crate::vlan::may_loop(input.vlan, out.vlan)
                 {
                     return Err(err(format!(
-                        "output on '{}' sends the input's own group and port back out of its \
+                        "output on '{}' sends the input's own {} and port back out of its \
                          input interface: a loop",
-                        out.interface
+                        out.interface,
+                        input_key(unicast_in)
                     )));
                 }
             }
         }
         Ok(())
     }
+
+    /// One output's own keys: its addresses and ports, their families against the input's
+    /// `address`, and a `source:` the interface can send from.
+    fn validate_output(
+        &self,
+        rule: &Rule,
+        out: &Output,
+        address: IpAddr,
+        sys: &dyn System,
+        err: &dyn Fn(String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let on = &out.interface;
+        let unicast_in = rule.input.destination.is_some();
+        let family = |what: &str, a: IpAddr| -> Result<(), ConfigError> {
+            if a.is_ipv4() == address.is_ipv4() {
+                return Ok(());
+            }
+            Err(err(format!(
+                "output {what} {a} on '{on}' and input {} {address} are of different families: \
+                 a rule is all IPv4 or all IPv6",
+                input_key(unicast_in)
+            )))
+        };
+        if let Some(v) = out.vlan
+            && !v.is_valid()
+        {
+            return Err(err(format!(
+                "output vlan {v} on '{on}' is not a VLAN ID from 1 to 4094 or untagged"
+            )));
+        }
+        check_interface_name(on, "output").map_err(err)?;
+        if let Some(d) = out.dscp
+            && d > 63
+        {
+            return Err(err(format!(
+                "output dscp {d} on '{on}' is out of range: a DSCP is 0 to 63 (46 is EF, 34 \
+                 AF41, 0 best effort)"
+            )));
+        }
+        match (out.group, out.destination) {
+            (Some(g), Some(d)) => {
+                return Err(err(format!(
+                    "output on '{on}' has both group {g} and destination {d}: an output sends \
+                     to a group or to a unicast destination, not both"
+                )));
+            }
+            (Some(g), None) => {
+                family("group", g)?;
+                if !g.is_multicast() {
+                    return Err(err(format!(
+                        "output group {g} on '{on}' is not a multicast address: a unicast \
+                         address goes in destination:"
+                    )));
+                }
+            }
+            (None, Some(d)) => {
+                family("destination", d)?;
+                if d.is_multicast() {
+                    return Err(err(format!(
+                        "output destination {d} on '{on}' is a multicast address: it goes in \
+                         group:"
+                    )));
+                }
+                if !is_unicast_host(d) {
+                    return Err(err(format!(
+                        "output destination {d} on '{on}' is not a unicast host address"
+                    )));
+                }
+            }
+            (None, None) if unicast_in => {
+                return Err(err(format!(
+                    "output on '{on}' has neither group: nor destination:: the input's \
+                     destination {address} is an address of this host, so each output names \
+                     where to send"
+                )));
+            }
+            (None, None) => {}
+        }
+        if out.port == Some(0) {
+            return Err(err(format!(
+                "output port 0 on '{on}' is not a valid UDP port"
+            )));
+        }
+        if out.source_port == Some(0) {
+            return Err(err(format!(
+                "output source_port 0 on '{on}' is not a valid UDP port"
+            )));
+        }
+        if out.ttl == Some(0) {
+            return Err(err(format!(
+                "output ttl 0 on '{on}' would never be delivered"
+            )));
+        }
+        // An interface that does not exist yet has no addresses to check against: its
+        // output is checked again when it appears (a rule cannot come alive without it).
+        let exists = sys.interface(on).is_some();
+        match out.source {
+            Some(SourceSpec::Address(a)) => {
+                family("source", a)?;
+                if !is_unicast_host(a) {
+                    return Err(err(format!(
+                        "output source {a} on '{on}' is not a unicast host address"
+                    )));
+                }
+                let has = sys.addresses(on);
+                if exists && !has.contains(&a) {
+                    return Err(err(format!(
+                        "output source {a} is not an address of '{on}' ({}): use one it has, \
+                         or source: auto",
+                        address_list(&has)
+                    )));
+                }
+            }
+            Some(SourceSpec::Auto)
+                if exists && auto_source(&sys.addresses(on), address.is_ipv4()).is_none() =>
+            {
+                return Err(err(format!(
+                    "output source auto on '{on}': '{on}' has no {} address to send from (add \
+                     one, or name the source)",
+                    if address.is_ipv4() {
+                        "IPv4"
+                    } else {
+                        "global IPv6"
+                    }
+                )));
+            }
+            Some(SourceSpec::Auto) | None => {}
+        }
+        Ok(())
+    }
+}
+
+/// "group" or "destination": what an input's address is called in messages.
+fn input_key(unicast: bool) -> &'static str {
+    if unicast { "destination" } else { "group" }
+}
+
+/// An address one host can have: not multicast, unspecified or the IPv4 broadcast.
+fn is_unicast_host(a: IpAddr) -> bool {
+    let broadcast = matches!(a, IpAddr::V4(a) if a.is_broadcast());
+    !(a.is_multicast() || a.is_unspecified() || broadcast)
+}
+
+/// Addresses for a message: "it has 198.18.2.1, 2001:2:0:2::1", or "it has none".
+fn address_list(addrs: &[IpAddr]) -> String {
+    if addrs.is_empty() {
+        return "it has none".to_owned();
+    }
+    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    format!("it has {}", list.join(", "))
 }
 
 #[cfg(test)]
@@ -600,11 +860,20 @@ pub(crate) mod tests {
         fn interface(&self, name: &str) -> Option<InterfaceInfo> {
             self.0.get(name).copied()
         }
+
+        /// 198.18.N.1 and 2001:2:0:N::1 for ifindex N, none for `bare0`.
+        fn addresses(&self, name: &str) -> Vec<IpAddr> {
+            match self.0.get(name) {
+                Some(_) if name == "bare0" => Vec::new(),
+                Some(i) => static_addresses(i.ifindex),
+                None => Vec::new(),
+            }
+        }
     }
 
     pub(crate) fn fake() -> FakeSystem {
         let mut m = HashMap::new();
-        for (i, n) in ["in0", "out0", "out1"].into_iter().enumerate() {
+        for (i, n) in ["in0", "out0", "out1", "bare0"].into_iter().enumerate() {
             m.insert(
                 n,
                 InterfaceInfo {
@@ -650,6 +919,68 @@ rules:
         assert_eq!(c.rules[0].input.source, Some(IpAddr::from([198, 18, 1, 1])));
     }
 
+    /// The gateway configuration of the operator's guide: multicast to unicast with source
+    /// rewrite, and unicast to multicast.
+    #[test]
+    fn gateway_keys_parse_and_validate() {
+        let yaml = r#"
+rules:
+  - name: feed-to-wan
+    input: { interface: in0, group: 239.1.1.1, port: 5000 }
+    outputs:
+      - interface: out0
+        destination: 198.18.2.2
+        port: 7000
+        source: auto
+        source_port: 7001
+        dscp: 46
+      - { interface: out0, destination: 198.18.9.9, port: 7002, source: 198.18.11.1 }
+  - name: wan-to-lan
+    input: { interface: in0, destination: 198.18.1.2, port: 7100 }
+    outputs:
+      - { interface: out1, group: 239.5.5.5, port: 5000, ttl: 8, source: auto }
+  - name: v6
+    input: { interface: in0, destination: '2001:2:0:1::2', port: 7100 }
+    outputs:
+      - { interface: out1, destination: '2001:2:0:3::2', source: auto }
+"#;
+        let c = Config::parse("r.yaml", yaml).unwrap();
+        c.validate("r.yaml", &fake()).unwrap();
+        let o = &c.rules[0].outputs[0];
+        assert_eq!(o.destination, Some(IpAddr::from([198, 18, 2, 2])));
+        assert_eq!(
+            (o.source, o.source_port),
+            (Some(SourceSpec::Auto), Some(7001))
+        );
+        assert_eq!(
+            c.rules[0].outputs[1].source,
+            Some(SourceSpec::Address(IpAddr::from([198, 18, 11, 1])))
+        );
+        assert_eq!(c.rules[1].input.address(), IpAddr::from([198, 18, 1, 2]));
+        assert_eq!(c.rules[1].input.group, None);
+        // `auto` resolves per family: IPv4 primary, IPv6 first global.
+        let addrs: Vec<IpAddr> = ["fe80::1", "198.18.5.1", "198.18.6.1", "2001:2::5"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(auto_source(&addrs, true), Some(addrs[1]));
+        assert_eq!(auto_source(&addrs, false), Some(addrs[3]));
+        assert_eq!(auto_source(&addrs[..1], false), None);
+        // A `source:` that is neither.
+        let bad = yaml.replace("source: auto\n", "source: nearest\n");
+        assert_eq!(
+            Config::parse("r.yaml", &bad).unwrap_err().to_string(),
+            "r.yaml: rule 'feed-to-wan': rules[0].outputs[0].source: invalid value: string \
+             \"nearest\", expected `auto` or an IP address at line 9 column 17"
+        );
+        let bad = yaml.replace("198.18.2.2", "300.2.2.2");
+        assert_eq!(
+            Config::parse("r.yaml", &bad).unwrap_err().to_string(),
+            "r.yaml: rule 'feed-to-wan': rules[0].outputs[0].destination: invalid IP address \
+             syntax: `300.2.2.2` at line 7 column 22"
+        );
+    }
+
     #[test]
     fn defaults_apply() {
         let c = Config::parse(
@@ -682,7 +1013,7 @@ rules:
         .unwrap();
         c.validate("r.yaml", &fake()).unwrap();
         let r = &c.rules[0];
-        assert_eq!(r.input.group, "ff18::1:1".parse::<IpAddr>().unwrap());
+        assert_eq!(r.input.group, Some("ff18::1:1".parse::<IpAddr>().unwrap()));
         assert_eq!(r.input.source, Some("2001:2::1".parse().unwrap()));
         assert_eq!(r.outputs[0].group, Some("ff18::2:2".parse().unwrap()));
         assert_eq!(r.outputs[0].ttl, Some(9));
@@ -707,6 +1038,116 @@ rules:
         let ok_out = "[{interface: out0}]";
         let cases: Vec<(String, &str)> = vec![
             (
+                rule(ok_in, "[{interface: out0, source: 198.18.7.7}]"),
+                "r.yaml: rule 'r1': output source 198.18.7.7 is not an address of 'out0' (it has \
+                 198.18.11.1, 2001:2:0:b::1): use one it has, or source: auto",
+            ),
+            (
+                rule(ok_in, "[{interface: bare0, source: auto}]"),
+                "r.yaml: rule 'r1': output source auto on 'bare0': 'bare0' has no IPv4 address to \
+                 send from (add one, or name the source)",
+            ),
+            (
+                rule(
+                    "{interface: in0, group: 'ff18::1'}",
+                    "[{interface: bare0, source: auto}]",
+                ),
+                "r.yaml: rule 'r1': output source auto on 'bare0': 'bare0' has no global IPv6 \
+                 address to send from (add one, or name the source)",
+            ),
+            (
+                rule(ok_in, "[{interface: out0, source: '2001:2:0:b::1'}]"),
+                "r.yaml: rule 'r1': output source 2001:2:0:b::1 on 'out0' and input group \
+                 239.1.1.1 are of different families: a rule is all IPv4 or all IPv6",
+            ),
+            (
+                rule(ok_in, "[{interface: out0, destination: '2001:2::9'}]"),
+                "r.yaml: rule 'r1': output destination 2001:2::9 on 'out0' and input group \
+                 239.1.1.1 are of different families: a rule is all IPv4 or all IPv6",
+            ),
+            (
+                rule(ok_in, "[{interface: out0, destination: 239.5.5.5}]"),
+                "r.yaml: rule 'r1': output destination 239.5.5.5 on 'out0' is a multicast \
+                 address: it goes in group:",
+            ),
+            (
+                rule(ok_in, "[{interface: out0, destination: 255.255.255.255}]"),
+                "r.yaml: rule 'r1': output destination 255.255.255.255 on 'out0' is not a \
+                 unicast host address",
+            ),
+            (
+                rule(
+                    ok_in,
+                    "[{interface: out0, group: 239.5.5.5, destination: 198.18.2.2}]",
+                ),
+                "r.yaml: rule 'r1': output on 'out0' has both group 239.5.5.5 and destination \
+                 198.18.2.2: an output sends to a group or to a unicast destination, not both",
+            ),
+            (
+                rule(ok_in, "[{interface: out0, source_port: 0}]"),
+                "r.yaml: rule 'r1': output source_port 0 on 'out0' is not a valid UDP port",
+            ),
+            (
+                rule("{interface: in0, destination: 198.18.1.2}", ok_out),
+                "r.yaml: rule 'r1': input destination 198.18.1.2 has no port: a unicast input \
+                 takes the UDP datagrams to one port of the address, and the host keeps the \
+                 rest",
+            ),
+            (
+                rule(
+                    "{interface: in0, destination: 239.1.1.1, port: 7100}",
+                    ok_out,
+                ),
+                "r.yaml: rule 'r1': input destination 239.1.1.1 is a multicast address: it goes \
+                 in group:",
+            ),
+            (
+                rule(
+                    "{interface: in0, group: 239.1.1.1, destination: 198.18.1.2}",
+                    ok_out,
+                ),
+                "r.yaml: rule 'r1': input has both group 239.1.1.1 and destination 198.18.1.2: an \
+                 input takes a group or a unicast destination, not both",
+            ),
+            (
+                rule("{interface: in0, port: 5000}", ok_out),
+                "r.yaml: rule 'r1': input has neither group: nor destination:: name the group to \
+                 relay, or the unicast address and port",
+            ),
+            (
+                rule(
+                    "{interface: in0, destination: 198.18.1.2, port: 7100}",
+                    ok_out,
+                ),
+                "r.yaml: rule 'r1': output on 'out0' has neither group: nor destination:: the \
+                 input's destination 198.18.1.2 is an address of this host, so each output names \
+                 where to send",
+            ),
+            (
+                rule(
+                    "{interface: in0, destination: 198.18.1.2, port: 7100, source: 'ff18::1'}",
+                    "[{interface: out0, group: 239.5.5.5}]",
+                ),
+                "r.yaml: rule 'r1': input source ff18::1 and destination 198.18.1.2 are of \
+                 different families: a rule is all IPv4 or all IPv6",
+            ),
+            (
+                rule(
+                    "{interface: in0, destination: 198.18.1.2, port: 7100}",
+                    "[{interface: in0, destination: 198.18.1.2}]",
+                ),
+                "r.yaml: rule 'r1': output on 'in0' sends the input's own destination and port \
+                 back out of its input interface: a loop",
+            ),
+            (
+                rule(
+                    ok_in,
+                    "[{interface: out0, destination: 198.18.2.2}, {interface: out0, destination: 198.18.2.2, source: auto}]",
+                ),
+                "r.yaml: rule 'r1': two outputs send the same destination 198.18.2.2 and port \
+                 5000 on 'out0'",
+            ),
+            (
                 rule(ok_in, "[{interface: out0, dscp: 99}]"),
                 "r.yaml: rule 'r1': output dscp 99 on 'out0' is out of range: a DSCP is 0 to 63 \
                  (46 is EF, 34 AF41, 0 best effort)",
@@ -723,11 +1164,13 @@ rules:
             ),
             (
                 rule("{interface: in0, group: 10.1.1.1}", ok_out),
-                "r.yaml: rule 'r1': input group 10.1.1.1 is not a multicast address (224.0.0.0/4)",
+                "r.yaml: rule 'r1': input group 10.1.1.1 is not a multicast address (224.0.0.0/4): \
+                 a unicast address goes in destination:",
             ),
             (
                 rule(ok_in, "[{interface: out0, group: 198.18.0.1}]"),
-                "r.yaml: rule 'r1': output group 198.18.0.1 on 'out0' is not a multicast address",
+                "r.yaml: rule 'r1': output group 198.18.0.1 on 'out0' is not a multicast address: \
+                 a unicast address goes in destination:",
             ),
             (
                 rule("{interface: in0, group: 239.1.1.1, port: 0}", ok_out),
@@ -770,7 +1213,8 @@ rules:
             ),
             (
                 rule("{interface: in0, group: '2001:2::1'}", ok_out),
-                "r.yaml: rule 'r1': input group 2001:2::1 is not a multicast address (ff00::/8)",
+                "r.yaml: rule 'r1': input group 2001:2::1 is not a multicast address (ff00::/8): a \
+                 unicast address goes in destination:",
             ),
             (
                 rule("{interface: in0, group: 'ff18::1', source: '::'}", ok_out),
@@ -781,7 +1225,8 @@ rules:
                     "{interface: in0, group: 'ff18::1'}",
                     "[{interface: out0, group: 'fe80::1'}]",
                 ),
-                "r.yaml: rule 'r1': output group fe80::1 on 'out0' is not a multicast address",
+                "r.yaml: rule 'r1': output group fe80::1 on 'out0' is not a multicast address: a \
+                 unicast address goes in destination:",
             ),
             (
                 format!(
@@ -914,7 +1359,7 @@ rules:
         let cases = [
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, prot: 5}\n    outputs: [{interface: out0}]\n",
-                "r.yaml: rule 'a': rules[0].input: unknown field `prot`, expected one of `interface`, `group`, `port`, `source`, `vlan` at line 3 column 47",
+                "r.yaml: rule 'a': rules[0].input: unknown field `prot`, expected one of `interface`, `group`, `destination`, `port`, `source`, `vlan` at line 3 column 47",
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, port: 70000}\n    outputs: [{interface: out0}]\n",

@@ -26,7 +26,7 @@ use crate::{
     checksum::{update16, update32},
     rewrite::{OutputAction, RewriteError, rewrite},
     rules::key_addr,
-    wire::{EthernetFrame, Flow, Fragment, Ipv4Packet, Ipv6Packet, multicast_mac},
+    wire::{EthernetFrame, Flow, Fragment, Ipv4Packet, Ipv6Packet},
 };
 
 /// The fragment map's key for a fragment of `flow` that arrived on `ifindex`.
@@ -111,11 +111,13 @@ pub fn rewrite_later(
     if frame.len() < flow.l4 || flow.l4 < flow.l3 {
         return Err(RewriteError::Malformed);
     }
-    let group = action.group.unwrap_or(flow.group);
+    let dst_mac = crate::rewrite::destination_mac(flow, action)?;
+    let source = crate::rewrite::source_of(flow, action)?;
+    let dst = action.destination_of(flow);
     let (head, _) = frame.split_at_mut(flow.l4);
     let (l2, l3) = head.split_at_mut(flow.l3);
-    match (flow.group, group) {
-        (IpAddr::V4(old), IpAddr::V4(new)) => {
+    match (flow.source, source, flow.group, dst) {
+        (IpAddr::V4(old_src), IpAddr::V4(src), IpAddr::V4(old), IpAddr::V4(new)) => {
             let mut ip = Ipv4Packet::new_checked(&mut *l3).map_err(|_| RewriteError::Malformed)?;
             let old_ttl = ip.ttl();
             let ttl = next_hops(old_ttl, action.ttl)?;
@@ -131,13 +133,18 @@ pub fn rewrite_later(
                 sum = update32(sum, old.octets(), new.octets());
                 ip.set_dst_addr(new);
             }
+            if src != old_src {
+                sum = update32(sum, old_src.octets(), src.octets());
+                ip.set_src_addr(src);
+            }
             ip.set_checksum(sum);
         }
-        (IpAddr::V6(_), IpAddr::V6(new)) => {
+        (IpAddr::V6(_), IpAddr::V6(src), IpAddr::V6(_), IpAddr::V6(new)) => {
             let mut ip = Ipv6Packet::new_checked(&mut *l3).map_err(|_| RewriteError::Malformed)?;
             let hops = next_hops(ip.hop_limit(), action.ttl)?;
             ip.set_hop_limit(hops);
             ip.set_dst_addr(new);
+            ip.set_src_addr(src);
         }
         _ => return Err(RewriteError::Malformed),
     }
@@ -145,7 +152,7 @@ pub fn rewrite_later(
         crate::rewrite::set_dscp(l3, dscp)?;
     }
     let mut eth = EthernetFrame::new_checked(l2).map_err(|_| RewriteError::Malformed)?;
-    eth.set_dst_mac(multicast_mac(group));
+    eth.set_dst_mac(dst_mac);
     eth.set_src_mac(action.src_mac);
     Ok(())
 }
@@ -216,7 +223,7 @@ mod tests {
     /// Puts fragments back together: the first one's headers (its fragment fields cleared),
     /// then every fragment's data in order.
     fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
-        let first = classify(&frags[0]).unwrap();
+        let first = crate::wire::classify_udp(&frags[0]).unwrap();
         let mut out = frags[0][..first.l4].to_vec();
         let l3 = first.l3;
         if first.group.is_ipv6() {
@@ -225,10 +232,11 @@ mod tests {
             out[l3 + 6] = next;
         }
         for f in frags {
-            let flow = classify(f).unwrap();
+            let flow = crate::wire::classify_udp(f).unwrap();
             out.extend_from_slice(&f[flow.l4..]);
         }
-        let first_l4 = classify(&frags[0]).unwrap().l4 - if first.group.is_ipv6() { 8 } else { 0 };
+        let first_l4 = crate::wire::classify_udp(&frags[0]).unwrap().l4
+            - if first.group.is_ipv6() { 8 } else { 0 };
         let data_len = out.len() - first_l4;
         if first.group.is_ipv4() {
             let ihl = first_l4 - l3;
@@ -264,12 +272,9 @@ mod tests {
 
     fn action(group: Option<IpAddr>, port: Option<u16>) -> OutputAction {
         OutputAction {
-            src_mac: OUT_MAC,
             group,
             port,
-            ttl: None,
-            vlan: None,
-            dscp: None,
+            ..OutputAction::plain(OUT_MAC)
         }
     }
 
@@ -337,6 +342,7 @@ mod tests {
             remap in any::<bool>(),
             port in proptest::option::of(1u16..),
             id in any::<u32>(),
+            gateway in any::<bool>(),
         ) {
             // At least two fragments: one would be a whole datagram.
             prop_assume!(8 + payload.len() > chunk * 8);
@@ -346,23 +352,49 @@ mod tests {
             let group: Option<IpAddr> = remap.then(|| {
                 if v6 { "ff18::2:2".parse().unwrap() } else { "239.2.2.2".parse().unwrap() }
             });
-            rewrite_all(&mut frags, &action(group, port));
+            // As a gateway: to a unicast destination, from the egress's address and a port
+            // of its own, in every fragment (the port and checksum in the first only).
+            const HOP: [u8; 6] = [2, 0, 0, 0, 0, 0x77];
+            let (dest, source): (IpAddr, IpAddr) = if v6 {
+                ("2001:2:0:2::2".parse().unwrap(), "2001:2:0:2::1".parse().unwrap())
+            } else {
+                ("198.18.2.2".parse().unwrap(), "198.18.2.1".parse().unwrap())
+            };
+            let a = if gateway {
+                OutputAction {
+                    group: None,
+                    destination: Some(dest),
+                    source_spec: Some(crate::config::SourceSpec::Auto),
+                    source: Some(source),
+                    source_port: Some(7001),
+                    next_hop_mac: Some(HOP),
+                    ..action(None, port)
+                }
+            } else {
+                action(group, port)
+            };
+            rewrite_all(&mut frags, &a);
+            let to = if gateway { dest } else { group.unwrap_or(s.group) };
+            let to_mac = if gateway { HOP } else { crate::wire::multicast_mac(to) };
             for f in &frags {
-                prop_assert_eq!(&f[..6], &multicast_mac(group.unwrap_or(s.group))[..]);
+                prop_assert_eq!(&f[..6], &to_mac[..]);
                 prop_assert_eq!(&f[6..12], &OUT_MAC[..]);
                 if !v6 {
-                    let flow = classify(f).unwrap();
+                    let flow = crate::wire::classify_udp(f).unwrap();
                     prop_assert_eq!(checksum(&f[flow.l3..flow.l4]), 0, "IPv4 header checksum");
                 }
             }
             let whole = reassemble(&frags);
-            let want = build_udp_frame(&UdpFrame {
+            let mut want = build_udp_frame(&UdpFrame {
                 src_mac: OUT_MAC,
-                group: group.unwrap_or(s.group),
+                group: to,
+                source: if gateway { source } else { s.source },
+                src_port: if gateway { 7001 } else { s.src_port },
                 dst_port: port.unwrap_or(s.dst_port),
                 ttl: 7,
                 ..s.clone()
             });
+            want[..6].copy_from_slice(&to_mac);
             // IPv4: the reassembled header keeps the identification (the sample's is 0 and
             // DF set); compare all but those bytes and the header checksum.
             let mut a = whole.clone();
@@ -373,7 +405,7 @@ mod tests {
                     x[ETH_HLEN + 10..ETH_HLEN + 12].fill(0);
                 }
             }
-            let ui = classify(&want).unwrap().l4 + 6;
+            let ui = crate::wire::classify_udp(&want).unwrap().l4 + 6;
             let sum = |x: &[u8]| u16::from_be_bytes([x[ui], x[ui + 1]]);
             let (sa, sb) = (sum(&a), sum(&b));
             prop_assert!(sa == sb || (sa | sb == 0xffff && (sa == 0 || sb == 0)));
@@ -381,7 +413,7 @@ mod tests {
             b[ui..ui + 2].fill(0);
             prop_assert_eq!(a, b);
             // And the receiver's check: the checksum over the reassembled datagram.
-            let flow = classify(&whole).unwrap();
+            let flow = crate::wire::classify_udp(&whole).unwrap();
             let mut z = whole[flow.l4..].to_vec();
             z[6..8].fill(0);
             let expect = match (flow.source, flow.group) {

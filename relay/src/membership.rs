@@ -26,8 +26,14 @@ pub type Membership = (String, u32, IpAddr, Option<IpAddr>);
 /// membership makes source-specific ones for the same (interface, group) redundant.
 pub fn wanted(table: &RuleTable) -> Vec<Membership> {
     let mut any: BTreeSet<(u32, IpAddr)> = BTreeSet::new();
-    // A rule whose input does not exist yet joins nothing until it does.
-    let rules = || table.rules.iter().filter(|r| r.ingress_ifindex != 0);
+    // A rule whose input does not exist yet joins nothing until it does; a unicast input
+    // has no group to join.
+    let rules = || {
+        table
+            .rules
+            .iter()
+            .filter(|r| r.ingress_ifindex != 0 && !r.unicast)
+    };
     for r in rules() {
         if r.source.is_none() {
             any.insert((r.ingress_ifindex, r.group));

@@ -25,10 +25,18 @@ pub fn shutdown(
             let eg = &table.egress[out.egress];
             let _ = writeln!(
                 s,
-                "rule={} output={} group={} port={}{}{} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={} too_large={} interface_down={}",
+                "rule={} output={} {}={} port={}{}{}{}{} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={} too_large={} interface_down={} no_neighbour={} no_source={}",
                 rule.name,
                 eg.name,
-                out.action.group.unwrap_or(rule.group),
+                if out.action.destination.is_some() {
+                    "destination"
+                } else {
+                    "group"
+                },
+                out.action
+                    .destination
+                    .or(out.action.group)
+                    .unwrap_or(rule.group),
                 out.action.port.map_or_else(
                     || rule.port.map_or("same".into(), |p| p.to_string()),
                     |p| p.to_string()
@@ -40,6 +48,14 @@ pub fn shutdown(
                 out.action
                     .dscp
                     .map_or(String::new(), |d| format!(" dscp={d}")),
+                // "auto (198.18.2.1)" has a space: the address alone, after "auto:".
+                crate::stats::describe_source(&out.action).map_or(String::new(), |s| format!(
+                    " source={}",
+                    s.replace(" (", ":").replace(')', "")
+                )),
+                out.action
+                    .source_port
+                    .map_or(String::new(), |p| format!(" source_port={p}")),
                 oc.packets,
                 oc.bytes,
                 oc.dropped(),
@@ -50,6 +66,8 @@ pub fn shutdown(
                 oc.malformed,
                 oc.too_large,
                 oc.interface_down,
+                oc.no_neighbour,
+                oc.no_source,
             );
         }
     }

@@ -15,6 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::{
     checksum::{pseudo_ipv4, pseudo_ipv6, sum, udp_ipv6, update_words, update16, update32},
+    config::SourceSpec,
     wire::{EthernetFrame, Flow, Ipv4Packet, Ipv6Packet, UDP_HLEN, UdpPacket, multicast_mac},
 };
 
@@ -34,14 +35,63 @@ pub struct OutputAction {
     pub vlan: Option<u16>,
     /// A DSCP (0-63) to mark with, keeping the two ECN bits; the received one when absent.
     pub dscp: Option<u8>,
+    /// A unicast address to send to instead of a group: the destination MAC is then the
+    /// next hop's, which the caller passes to [`rewrite`].
+    pub destination: Option<IpAddr>,
+    /// The `source:` the user wrote, which `source` resolves.
+    pub source_spec: Option<SourceSpec>,
+    /// The IP source to write: the address `source_spec` stands for now; `None` with a
+    /// `source_spec` when the interface has no such address at the moment (the frame is then
+    /// not sent: [`RewriteError::NoSource`]).
+    pub source: Option<IpAddr>,
+    /// A UDP source port to write.
+    pub source_port: Option<u16>,
+    /// The next hop's MAC for a unicast `destination`: not configuration, but what the data
+    /// path read from the output's neighbour slot for this frame; `None` while it is
+    /// unresolved ([`RewriteError::NoNeighbour`]).
+    pub next_hop_mac: Option<[u8; 6]>,
 }
 
 impl OutputAction {
-    /// Whether two actions are the same output as the user wrote it. The source MAC is left
-    /// out: it is the egress device's, which changes when the interface is created again.
+    /// An action that sends the frame on as it came but for the MACs and the TTL.
+    pub fn plain(src_mac: [u8; 6]) -> Self {
+        OutputAction {
+            src_mac,
+            group: None,
+            port: None,
+            ttl: None,
+            vlan: None,
+            dscp: None,
+            destination: None,
+            source_spec: None,
+            source: None,
+            source_port: None,
+            next_hop_mac: None,
+        }
+    }
+
+    /// Whether two actions are the same output as the user wrote it. The source MAC and the
+    /// source address `auto` resolved to are left out: they are the egress device's, which
+    /// change when the interface is created again or readdressed.
     pub fn same_output(&self, other: &Self) -> bool {
-        (self.group, self.port, self.ttl, self.vlan, self.dscp)
-            == (other.group, other.port, other.ttl, other.vlan, other.dscp)
+        let written = |a: &Self| {
+            (
+                a.group,
+                a.destination,
+                a.port,
+                a.ttl,
+                a.vlan,
+                a.dscp,
+                a.source_spec,
+                a.source_port,
+            )
+        };
+        written(self) == written(other)
+    }
+
+    /// The destination address a frame of `flow` leaves with.
+    pub fn destination_of(&self, flow: &Flow) -> IpAddr {
+        self.destination.or(self.group).unwrap_or(flow.group)
     }
 }
 
@@ -55,6 +105,10 @@ pub enum RewriteError {
     Malformed,
     /// The output's VLAN tag does not fit in the frame's buffer.
     TooLarge,
+    /// A unicast output whose next hop has no neighbour entry (yet).
+    NoNeighbour,
+    /// `source: auto` on an interface that has no address of the frame's family now.
+    NoSource,
 }
 
 /// Rewrites `frame` for `action`. `flow` is [`crate::wire::classify`]'s answer for this frame
@@ -64,29 +118,64 @@ pub fn rewrite(frame: &mut [u8], flow: &Flow, action: &OutputAction) -> Result<(
     if frame.len() < flow.l4 || flow.l4 < flow.l3 {
         return Err(RewriteError::Malformed);
     }
-    let group = action.group.unwrap_or(flow.group);
-    let port = action.port.unwrap_or(flow.port);
+    let dst_mac = destination_mac(flow, action)?;
+    let source = source_of(flow, action)?;
+    let dst = action.destination_of(flow);
     let (head, l4) = frame.split_at_mut(flow.l4);
     let (l2, l3) = head.split_at_mut(flow.l3);
     let mut udp = UdpPacket::new_checked(l4).map_err(|_| RewriteError::Malformed)?;
-    match (flow.group, group) {
-        (IpAddr::V4(old), IpAddr::V4(new)) => {
-            ipv4(l3, &mut udp, old, new, flow.port, port, action.ttl)?
+    let ports = Ports {
+        old_dst: flow.port,
+        dst: action.port.unwrap_or(flow.port),
+        old_src: udp.src_port(),
+        src: action.source_port.unwrap_or_else(|| udp.src_port()),
+    };
+    match (flow.source, source, flow.group, dst) {
+        (IpAddr::V4(old_src), IpAddr::V4(src), IpAddr::V4(old), IpAddr::V4(new)) => {
+            ipv4(l3, &mut udp, [old_src, src, old, new], ports, action.ttl)?
         }
-        (IpAddr::V6(old), IpAddr::V6(new)) => {
-            ipv6(l3, &mut udp, old, new, flow.port, port, action.ttl)?
+        (IpAddr::V6(old_src), IpAddr::V6(src), IpAddr::V6(old), IpAddr::V6(new)) => {
+            ipv6(l3, &mut udp, [old_src, src, old, new], ports, action.ttl)?
         }
         _ => return Err(RewriteError::Malformed),
     }
     if let Some(dscp) = action.dscp {
         set_dscp(l3, dscp)?;
     }
-    udp.set_dst_port(port);
+    udp.set_dst_port(ports.dst);
+    udp.set_src_port(ports.src);
 
     let mut eth = EthernetFrame::new_checked(l2).map_err(|_| RewriteError::Malformed)?;
-    eth.set_dst_mac(multicast_mac(group));
+    eth.set_dst_mac(dst_mac);
     eth.set_src_mac(action.src_mac);
     Ok(())
+}
+
+/// The destination MAC of a frame of `flow` on `action`'s output: a group's own (RFC 1112,
+/// 2464), or the next hop's for a unicast destination.
+pub fn destination_mac(flow: &Flow, action: &OutputAction) -> Result<[u8; 6], RewriteError> {
+    if action.destination.is_some() {
+        return action.next_hop_mac.ok_or(RewriteError::NoNeighbour);
+    }
+    Ok(multicast_mac(action.destination_of(flow)))
+}
+
+/// The IP source a frame of `flow` leaves with on `action`'s output.
+pub fn source_of(flow: &Flow, action: &OutputAction) -> Result<IpAddr, RewriteError> {
+    match (action.source_spec, action.source) {
+        (_, Some(s)) => Ok(s),
+        (Some(_), None) => Err(RewriteError::NoSource),
+        (None, None) => Ok(flow.source),
+    }
+}
+
+/// The UDP ports as received and as sent.
+#[derive(Clone, Copy)]
+struct Ports {
+    old_dst: u16,
+    dst: u16,
+    old_src: u16,
+    src: u16,
 }
 
 /// Completes a partial UDP checksum in `frame`, in place; true if there was one to complete.
@@ -180,13 +269,12 @@ fn next_hops(received: u8, set: Option<u8>) -> Result<u8, RewriteError> {
     }
 }
 
+/// `addrs` is [received source, source, received destination, destination].
 fn ipv4(
     l3: &mut [u8],
     udp: &mut UdpPacket<&mut [u8]>,
-    old_group: Ipv4Addr,
-    group: Ipv4Addr,
-    old_port: u16,
-    port: u16,
+    [old_src, src, old_dst, dst]: [Ipv4Addr; 4],
+    ports: Ports,
     ttl: Option<u8>,
 ) -> Result<(), RewriteError> {
     let mut ip = Ipv4Packet::new_checked(l3).map_err(|_| RewriteError::Malformed)?;
@@ -201,54 +289,61 @@ fn ipv4(
         u16::from(new_ttl) << 8 | proto,
     );
     ip.set_ttl(new_ttl);
-    if group != old_group {
-        ip_sum = update32(ip_sum, old_group.octets(), group.octets());
-        ip.set_dst_addr(group);
+    if dst != old_dst {
+        ip_sum = update32(ip_sum, old_dst.octets(), dst.octets());
+        ip.set_dst_addr(dst);
+    }
+    if src != old_src {
+        ip_sum = update32(ip_sum, old_src.octets(), src.octets());
+        ip.set_src_addr(src);
     }
     ip.set_checksum(ip_sum);
 
-    // A zero UDP checksum means "none" over IPv4 and stays zero; the group is in the
-    // pseudo-header, so it changes the UDP checksum too.
+    // A zero UDP checksum means "none" over IPv4 and stays zero; both addresses are in the
+    // pseudo-header, so they change the UDP checksum too.
     let old_sum = udp.checksum();
     if old_sum != 0 {
-        let mut s = update32(old_sum, old_group.octets(), group.octets());
-        s = update16(s, old_port, port);
+        let mut s = update32(old_sum, old_dst.octets(), dst.octets());
+        s = update32(s, old_src.octets(), src.octets());
+        s = update16(s, ports.old_dst, ports.dst);
+        s = update16(s, ports.old_src, ports.src);
         udp.set_checksum(if s == 0 { 0xffff } else { s });
     }
     Ok(())
 }
 
+/// As [`ipv4`]; the hop limit is in no checksum, the addresses only in UDP's.
 fn ipv6(
     l3: &mut [u8],
     udp: &mut UdpPacket<&mut [u8]>,
-    old_group: Ipv6Addr,
-    group: Ipv6Addr,
-    old_port: u16,
-    port: u16,
+    [old_src, src, old_dst, dst]: [Ipv6Addr; 4],
+    ports: Ports,
     hops: Option<u8>,
 ) -> Result<(), RewriteError> {
     let mut ip = Ipv6Packet::new_checked(l3).map_err(|_| RewriteError::Malformed)?;
-    // The hop limit is in no checksum.
     let new_hops = next_hops(ip.hop_limit(), hops)?;
     ip.set_hop_limit(new_hops);
-    ip.set_dst_addr(group);
+    ip.set_dst_addr(dst);
+    ip.set_src_addr(src);
 
     let old_sum = udp.checksum();
     let s = if old_sum == 0 {
         // Not allowed in IPv6, so nothing to update: compute it over the datagram the UDP
-        // length names, with the new port in place.
+        // length names, with the new ports in place.
         let len = usize::from(udp.len());
-        let source = ip.src_addr();
-        udp.set_dst_port(port);
+        udp.set_dst_port(ports.dst);
+        udp.set_src_port(ports.src);
         let datagram = udp
             .as_bytes()
             .get(..len)
             .filter(|d| d.len() >= 8)
             .ok_or(RewriteError::Malformed)?;
-        udp_ipv6(source, group, datagram)
+        udp_ipv6(src, dst, datagram)
     } else {
-        let s = update_words(old_sum, &old_group.octets(), &group.octets());
-        match update16(s, old_port, port) {
+        let mut s = update_words(old_sum, &old_dst.octets(), &dst.octets());
+        s = update_words(s, &old_src.octets(), &src.octets());
+        s = update16(s, ports.old_dst, ports.dst);
+        match update16(s, ports.old_src, ports.src) {
             0 => 0xffff,
             s => s,
         }
@@ -333,12 +428,10 @@ mod tests {
 
     fn action(group: Option<IpAddr>, port: Option<u16>, ttl: Option<u8>) -> OutputAction {
         OutputAction {
-            src_mac: OUT_MAC,
             group,
             port,
             ttl,
-            vlan: None,
-            dscp: None,
+            ..OutputAction::plain(OUT_MAC)
         }
     }
 
@@ -779,6 +872,123 @@ mod tests {
         }
     }
 
+    /// A unicast address of `family`'s family made from arbitrary bytes.
+    fn unicast_like(family: IpAddr, a: [u8; 16]) -> IpAddr {
+        match family {
+            IpAddr::V4(_) => IpAddr::from([1 + a[0] % 223, a[1], a[2], a[3]]),
+            IpAddr::V6(_) => {
+                let mut b = a;
+                b[0] = 0x20;
+                IpAddr::from(b)
+            }
+        }
+    }
+
+    proptest! {
+        /// The gateway rewrites: to a unicast destination (next hop MAC), from a rewritten
+        /// source address and port, from a unicast input, with group, port and TTL: the
+        /// rewritten frame is the frame a sender would build from scratch with those values,
+        /// in both families, with options, extension headers, tags and zero checksums.
+        #[test]
+        fn gateway_rewrite_matches_from_scratch(
+            spec in arb_frame(),
+            unicast_in in any::<bool>(),
+            to in prop_oneof![
+                Just(None),
+                any::<[u8; 16]>().prop_map(|a| Some((false, a))),
+                any::<[u8; 16]>().prop_map(|a| Some((true, a))),
+            ],
+            source in proptest::option::of(any::<[u8; 16]>()),
+            source_port in proptest::option::of(1u16..),
+            port in proptest::option::of(1u16..),
+            ttl in proptest::option::of(1u8..),
+            hop_mac in any::<[u8; 6]>(),
+        ) {
+            let mut spec = spec;
+            if unicast_in {
+                spec.group = unicast_like(spec.group, [7; 16]);
+            }
+            let mut f = build_udp_frame(&spec);
+            let flow = crate::wire::classify_udp(&f).unwrap();
+            let (group, destination) = match to {
+                Some((true, a)) => (None, Some(unicast_like(spec.group, a))),
+                Some((false, g)) => (Some(group_like(spec.group, g)), None),
+                // A unicast input's outputs name where to send (validation sees to it).
+                None if unicast_in => (Some(group_like(spec.group, [9; 16])), None),
+                None => (None, None),
+            };
+            let source = source.map(|a| unicast_like(spec.group, a));
+            let action = OutputAction {
+                group,
+                destination,
+                port,
+                ttl,
+                source_spec: source.map(SourceSpec::Address),
+                source,
+                source_port,
+                next_hop_mac: destination.map(|_| hop_mac),
+                ..OutputAction::plain(OUT_MAC)
+            };
+            rewrite(&mut f, &flow, &action).unwrap();
+
+            let mut expect_spec = spec.clone();
+            expect_spec.src_mac = OUT_MAC;
+            expect_spec.group = destination.or(group).unwrap_or(spec.group);
+            expect_spec.source = source.unwrap_or(spec.source);
+            expect_spec.src_port = source_port.unwrap_or(spec.src_port);
+            expect_spec.dst_port = port.unwrap_or(spec.dst_port);
+            expect_spec.ttl = ttl.unwrap_or(spec.ttl - 1);
+            expect_spec.udp_checksum |= spec.group.is_ipv6();
+            let mut expect = build_udp_frame(&expect_spec);
+            if destination.is_some() {
+                expect[..6].copy_from_slice(&hop_mac);
+            }
+            let ui = flow.l4 + 6;
+            let sum_at = |b: &[u8]| u16::from_be_bytes([b[ui], b[ui + 1]]);
+            let same_sum = |a: u16, b: u16| a == b || (a | b == 0xffff && (a == 0 || b == 0));
+            prop_assert!(same_sum(sum_at(&f), sum_at(&expect)));
+            let ip_sum_ok = |b: &[u8]| {
+                spec.group.is_ipv6()
+                    || crate::checksum::checksum(
+                        Ipv4Packet::new_checked(&b[flow.l3..]).unwrap().header(),
+                    ) == 0
+            };
+            prop_assert!(ip_sum_ok(&f));
+            let mut a = f.clone();
+            let mut b = expect.clone();
+            for x in [&mut a, &mut b] {
+                x[ui..ui + 2].fill(0);
+                if spec.group.is_ipv4() {
+                    x[flow.l3 + 10..flow.l3 + 12].fill(0);
+                }
+            }
+            prop_assert_eq!(a, b);
+        }
+
+        /// A unicast output with no next hop yet, and `source: auto` with no address, refuse
+        /// the frame and leave it untouched.
+        #[test]
+        fn unresolved_outputs_refuse_untouched(spec in arb_frame(), which in any::<bool>()) {
+            let mut f = build_udp_frame(&spec);
+            let before = f.clone();
+            let flow = classify(&f).unwrap();
+            let action = if which {
+                OutputAction {
+                    destination: Some(unicast_like(spec.group, [3; 16])),
+                    ..OutputAction::plain(OUT_MAC)
+                }
+            } else {
+                OutputAction {
+                    source_spec: Some(SourceSpec::Auto),
+                    ..OutputAction::plain(OUT_MAC)
+                }
+            };
+            let want = if which { RewriteError::NoNeighbour } else { RewriteError::NoSource };
+            prop_assert_eq!(rewrite(&mut f, &flow, &action), Err(want));
+            prop_assert_eq!(f, before);
+        }
+    }
+
     proptest! {
         /// A frame that arrives with a partial checksum, completed and then rewritten (group,
         /// port, TTL), leaves with a checksum that verifies from scratch: completion gives
@@ -957,12 +1167,11 @@ mod dscp_tests {
                 if v6 { [0xff18, 0, 0, 0, 0, 0, 2, u16::from(g)].into() } else { [239, 2, 2, g].into() }
             });
             let action = OutputAction {
-                src_mac: [2, 0, 0, 0, 0, 9],
                 group,
                 port,
                 ttl,
-                vlan: None,
                 dscp: Some(dscp),
+                ..OutputAction::plain([2, 0, 0, 0, 0, 9])
             };
             rewrite(&mut frame, &flow, &action).unwrap();
             prop_assert_eq!(marking(&frame, flow.l3), (dscp, class & 3));

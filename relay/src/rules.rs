@@ -1,14 +1,15 @@
 //! The compiled rule table: what the XDP program's maps hold, and what the data path looks up
 //! for each redirected frame.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use rustc_hash::FxHashMap;
 
-use relay_common::{RuleKey, RuleValue, VLAN_ANY, frame_vlan, v4_mapped};
+use relay_common::{RuleKey, RuleValue, SHAPE_UNICAST, VLAN_ANY, frame_vlan, v4_mapped};
 
 use crate::{
-    config::{Config, ConfigError, InterfaceInfo, System},
+    config::{Config, ConfigError, InterfaceInfo, SourceSpec, System, auto_source},
+    nexthop::NextHopSlot,
     rewrite::OutputAction,
     vlan::Vlan,
     wire::Flow,
@@ -28,18 +29,37 @@ pub struct Egress {
     pub info: InterfaceInfo,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CompiledOutput {
     /// Index into [`RuleTable::egress`].
     pub egress: usize,
     pub action: OutputAction,
+    /// For a unicast `destination:`, where the data path reads the next hop's MAC: filled by
+    /// [`RuleTable::unicast_targets`]' caller (the neighbour tracker) before the table is
+    /// used; `None` until then, and for group outputs.
+    pub next_hop: Option<Arc<NextHopSlot>>,
 }
+
+impl PartialEq for CompiledOutput {
+    fn eq(&self, other: &Self) -> bool {
+        let slot = match (&self.next_hop, &other.next_hop) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        self.egress == other.egress && self.action == other.action && slot
+    }
+}
+
+impl Eq for CompiledOutput {}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompiledRule {
     pub name: String,
     pub ingress_ifindex: u32,
+    /// The destination the input matches: a group, or a unicast address (`unicast`).
     pub group: IpAddr,
+    /// The input is a unicast `destination:`: no group to join.
+    pub unicast: bool,
     pub port: Option<u16>,
     pub source: Option<IpAddr>,
     /// The input's `vlan:`: any VLAN or none when absent.
@@ -79,6 +99,7 @@ impl RuleTable {
                     info: in_info,
                 });
             }
+            let address = rule.input.address();
             let mut outputs = Vec::with_capacity(rule.outputs.len());
             for out in &rule.outputs {
                 let info = sys
@@ -94,21 +115,33 @@ impl RuleTable {
                         table.egress.len() - 1
                     }
                 };
+                let source = match out.source {
+                    Some(SourceSpec::Address(a)) => Some(a),
+                    Some(SourceSpec::Auto) => {
+                        auto_source(&sys.addresses(&out.interface), address.is_ipv4())
+                    }
+                    None => None,
+                };
                 outputs.push(CompiledOutput {
                     egress,
                     action: OutputAction {
-                        src_mac: info.mac,
                         group: out.group,
                         port: out.port,
                         ttl: out.ttl,
                         vlan: out.vlan.and_then(Vlan::vid),
                         dscp: out.dscp,
+                        destination: out.destination,
+                        source_spec: out.source,
+                        source,
+                        source_port: out.source_port,
+                        ..OutputAction::plain(info.mac)
                     },
+                    next_hop: None,
                 });
             }
             let key = RuleKey::new(
                 in_info.ifindex,
-                key_addr(rule.input.group),
+                key_addr(address),
                 rule.input.source.map_or([0; 16], key_addr),
                 rule.input.port.unwrap_or(0),
             )
@@ -120,7 +153,8 @@ impl RuleTable {
             table.rules.push(CompiledRule {
                 name: rule.name.clone(),
                 ingress_ifindex: in_info.ifindex,
-                group: rule.input.group,
+                group: address,
+                unicast: rule.input.destination.is_some(),
                 port: rule.input.port,
                 source: rule.input.source,
                 vlan: rule.input.vlan,
@@ -137,9 +171,42 @@ impl RuleTable {
             .map(|(k, &rule_id)| (*k, RuleValue { rule_id }))
     }
 
-    /// The `SHAPE_*` bits of the keys in the rule map: which of the four lookups can hit.
+    /// The `SHAPE_*` bits of the keys in the rule map: which of the four lookups can hit,
+    /// and [`SHAPE_UNICAST`] when some key is a unicast destination.
     pub fn shapes(&self) -> u32 {
-        self.keys.keys().fold(0, |s, k| s | k.shape())
+        self.keys.keys().fold(0, |s, k| {
+            let unicast = !IpAddr::from(k.group).to_canonical().is_multicast();
+            s | k.shape() | if unicast { SHAPE_UNICAST } else { 0 }
+        })
+    }
+
+    /// The (egress ifindex, destination) of every unicast output whose interface exists, in
+    /// the order [`RuleTable::set_next_hops`] takes their slots.
+    pub fn unicast_targets(&self) -> Vec<(u32, IpAddr)> {
+        self.unicast_outputs()
+            .map(|(o, ifindex)| (ifindex, o.action.destination.expect("a unicast output")))
+            .collect()
+    }
+
+    /// Gives the unicast outputs their next-hop slots, one per [`RuleTable::unicast_targets`]
+    /// entry, in its order.
+    pub fn set_next_hops(&mut self, slots: Vec<Arc<NextHopSlot>>) {
+        let egress: Vec<u32> = self.egress.iter().map(|e| e.info.ifindex).collect();
+        let mut slots = slots.into_iter();
+        for o in self.rules.iter_mut().flat_map(|r| r.outputs.iter_mut()) {
+            if o.action.destination.is_some() && egress[o.egress] != 0 {
+                o.next_hop = slots.next();
+            }
+        }
+    }
+
+    fn unicast_outputs(&self) -> impl Iterator<Item = (&CompiledOutput, u32)> {
+        self.rules
+            .iter()
+            .flat_map(|r| r.outputs.iter())
+            .filter(|o| o.action.destination.is_some())
+            .map(|o| (o, self.egress[o.egress].info.ifindex))
+            .filter(|&(_, ifindex)| ifindex != 0)
     }
 
     /// The rule for a frame that arrived on `ifindex`, in the XDP program's order: (S,G,port),
@@ -195,7 +262,8 @@ mod tests {
             name,
             input: Input {
                 interface: "in0".into(),
-                group: group.into(),
+                group: Some(group.into()),
+                destination: None,
                 port,
                 source: source.map(Into::into),
                 vlan: None,
@@ -203,10 +271,13 @@ mod tests {
             outputs: vec![Output {
                 interface: "out0".into(),
                 group: None,
+                destination: None,
                 port: None,
                 ttl: None,
                 vlan: None,
                 dscp: None,
+                source: None,
+                source_port: None,
             }],
         }
     }
@@ -227,6 +298,9 @@ mod tests {
             ttl: Some(3),
             vlan: Some(Vlan::Id(30)),
             dscp: Some(46),
+            destination: None,
+            source: None,
+            source_port: None,
         });
         let t = RuleTable::compile(&c, "t", &fake()).unwrap();
         assert_eq!(t.ingress.len(), 1);
@@ -258,6 +332,68 @@ mod tests {
         );
     }
 
+    /// A unicast input is a key like a group's, looked up with the frame's destination; it
+    /// sets the unicast shape bit only when some rule has one, and its unicast outputs get
+    /// their next-hop slots in order.
+    #[test]
+    fn unicast_inputs_and_outputs_compile() {
+        let yaml = "rules:\n  - name: a\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs: [{interface: out0, destination: 198.18.2.2, source: auto}, {interface: out1}, {interface: out1, destination: 198.18.3.2}]\n  - name: b\n    input: {interface: in0, destination: 198.18.1.2, port: 7100}\n    outputs: [{interface: out1, group: 239.5.5.5, source: auto, source_port: 7001}]\n";
+        let c = Config::parse("t", yaml).unwrap();
+        let mut t = RuleTable::compile(&c, "t", &fake()).unwrap();
+        assert_eq!(
+            t.shapes(),
+            relay_common::SHAPE_PORT | SHAPE_UNICAST,
+            "two (*,G,port) keys, one of them unicast"
+        );
+        let only_groups = Config::parse("t", &yaml[..yaml.find("  - name: b").unwrap()]).unwrap();
+        assert_eq!(
+            RuleTable::compile(&only_groups, "t", &fake())
+                .unwrap()
+                .shapes(),
+            relay_common::SHAPE_PORT
+        );
+        assert!(t.rules[1].unicast && !t.rules[0].unicast);
+        assert_eq!(
+            t.lookup(10, &flow([198, 18, 1, 2], [198, 18, 1, 1], 7100)),
+            Some(1)
+        );
+        assert_eq!(
+            t.lookup(10, &flow([198, 18, 1, 2], [198, 18, 1, 1], 7101)),
+            None
+        );
+        // `auto`: the egress's first address of the family (out0 is ifindex 11, out1 12).
+        let a = &t.rules[0].outputs[0].action;
+        assert_eq!(a.source, Some(IpAddr::from([198, 18, 11, 1])));
+        assert_eq!(a.destination, Some(IpAddr::from([198, 18, 2, 2])));
+        assert_eq!(
+            t.rules[1].outputs[0].action.source,
+            Some(IpAddr::from([198, 18, 12, 1]))
+        );
+        assert_eq!(t.rules[1].outputs[0].action.source_port, Some(7001));
+        let targets = t.unicast_targets();
+        assert_eq!(
+            targets,
+            [
+                (11, IpAddr::from([198, 18, 2, 2])),
+                (12, IpAddr::from([198, 18, 3, 2]))
+            ]
+        );
+        let slots: Vec<_> = targets
+            .iter()
+            .map(|_| Arc::new(NextHopSlot::new()))
+            .collect();
+        t.set_next_hops(slots.clone());
+        let got: Vec<_> = t.rules[0]
+            .outputs
+            .iter()
+            .map(|o| o.next_hop.clone())
+            .collect();
+        assert!(Arc::ptr_eq(got[0].as_ref().unwrap(), &slots[0]));
+        assert!(got[1].is_none());
+        assert!(Arc::ptr_eq(got[2].as_ref().unwrap(), &slots[1]));
+        assert!(t.rules[1].outputs[0].next_hop.is_none());
+    }
+
     /// Whether an input's `vlan:` takes a frame with this tag control word (VID 0 is a
     /// priority tag: untagged).
     pub(crate) fn vlan_covers(vlan: Option<Vlan>, tci: Option<u16>) -> bool {
@@ -277,7 +413,7 @@ mod tests {
             .iter()
             .enumerate()
             .filter(|(_, r)| {
-                r.input.group == f.group
+                r.input.address() == f.group
                     && r.input.port.is_none_or(|p| p == f.port)
                     && r.input.source.is_none_or(|s| s == f.source)
                     && vlan_covers(r.input.vlan, f.tci)

@@ -48,7 +48,22 @@ pub struct RuleView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputView {
     pub interface: String,
+    /// The address the output sends to: its group, or its unicast destination (`unicast`).
     pub group: String,
+    /// The output sends to a unicast `destination:` (then `next_hop` says where).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unicast: bool,
+    /// A unicast output's next-hop MAC, or `unresolved` while the kernel has no neighbour
+    /// entry for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop: Option<String>,
+    /// The source the output writes, as `auto (198.18.2.1)` or the address the rule names;
+    /// absent when it keeps the sender's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The UDP source port the output writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_port: Option<u16>,
     pub port: String,
     /// The VID the output tags its frames with; absent when it sends them untagged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,7 +122,21 @@ impl StatsView {
                     .zip(&rc.outputs)
                     .map(|(o, oc)| OutputView {
                         interface: table.egress[o.egress].name.clone(),
-                        group: o.action.group.unwrap_or(r.group).to_string(),
+                        group: o
+                            .action
+                            .destination
+                            .or(o.action.group)
+                            .unwrap_or(r.group)
+                            .to_string(),
+                        unicast: o.action.destination.is_some(),
+                        next_hop: o.action.destination.map(|_| {
+                            o.next_hop
+                                .as_ref()
+                                .and_then(|s| s.mac())
+                                .map_or("unresolved".to_owned(), |m| crate::sys::format_mac(&m))
+                        }),
+                        source: describe_source(&o.action),
+                        source_port: o.action.source_port,
                         port: o
                             .action
                             .port
@@ -125,6 +154,8 @@ impl StatsView {
                             ("malformed", oc.malformed),
                             ("too_large", oc.too_large),
                             ("interface_down", oc.interface_down),
+                            ("no_neighbour", oc.no_neighbour),
+                            ("no_source", oc.no_source),
                         ]
                         .into_iter()
                         .map(|(k, v)| (k.to_owned(), v))
@@ -191,11 +222,12 @@ impl StatsView {
                     "  -> {:<12} {:<22} {:>12} {:>14}  dropped {}{}",
                     o.interface,
                     format!(
-                        "{}:{}{}{}",
+                        "{}:{}{}{}{}",
                         o.group,
                         o.port,
                         vlan_suffix(o.vlan),
-                        o.dscp.map_or(String::new(), |d| format!(" dscp {d}"))
+                        o.dscp.map_or(String::new(), |d| format!(" dscp {d}")),
+                        rewrites_suffix(o),
                     ),
                     o.sent,
                     o.bytes,
@@ -245,15 +277,17 @@ impl StatsView {
             )
         };
         // Two outputs may differ only in their VLAN, so it is part of the output's name.
+        // A unicast output is labelled with its destination rather than a group.
         let ol = |r: &RuleView, o: &OutputView| {
             format!(
-                "rule=\"{}\",output=\"{} {}:{}{}\",interface=\"{}\",group=\"{}\"",
+                "rule=\"{}\",output=\"{} {}:{}{}\",interface=\"{}\",{}=\"{}\"",
                 escape(&r.name),
                 escape(&o.interface),
                 o.group,
                 o.port,
                 vlan_suffix(o.vlan),
                 escape(&o.interface),
+                if o.unicast { "destination" } else { "group" },
                 o.group
             )
         };
@@ -346,6 +380,40 @@ impl StatsView {
         );
         s
     }
+}
+
+/// What `source:` an output writes, for the views: `auto (ADDRESS)` (or `auto (none)`
+/// while the interface has none), or the address the rule names.
+pub fn describe_source(a: &crate::rewrite::OutputAction) -> Option<String> {
+    use crate::config::SourceSpec;
+    Some(match a.source_spec? {
+        SourceSpec::Auto => format!(
+            "auto ({})",
+            a.source.map_or("none".to_owned(), |s| s.to_string())
+        ),
+        SourceSpec::Address(s) => s.to_string(),
+    })
+}
+
+/// ` unicast via MAC from SOURCE:PORT` for the rewrites an output makes beyond the group.
+fn rewrites_suffix(o: &OutputView) -> String {
+    let mut s = String::new();
+    if let Some(hop) = &o.next_hop {
+        let _ = write!(s, " via {hop}");
+    }
+    match (&o.source, o.source_port) {
+        (Some(a), Some(p)) => {
+            let _ = write!(s, " from {a} port {p}");
+        }
+        (Some(a), None) => {
+            let _ = write!(s, " from {a}");
+        }
+        (None, Some(p)) => {
+            let _ = write!(s, " from port {p}");
+        }
+        (None, None) => {}
+    }
+    s
 }
 
 /// ` vlan N` for an output that tags its frames, nothing for one that does not.

@@ -44,6 +44,35 @@ impl System for LiveSystem {
     fn allowed_cpus(&self) -> Option<Vec<usize>> {
         allowed_cpus().ok()
     }
+
+    fn addresses(&self, name: &str) -> Vec<std::net::IpAddr> {
+        interface_addresses(name)
+    }
+}
+
+/// An interface's IP addresses in the kernel's order (IPv4 primary first), from getifaddrs.
+pub fn interface_addresses(name: &str) -> Vec<std::net::IpAddr> {
+    let Ok(all) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    all.filter(|i| i.interface_name == name)
+        .filter_map(|i| {
+            let a = i.address?;
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(std::net::IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 /// Whether `iface` can transmit now: administratively up with its link up (operstate `up`,

@@ -323,12 +323,9 @@ mod tests {
             let (len, new_flow) = retag(&mut buf, f.len(), &flow, vid).unwrap();
             buf.truncate(len);
             let action = OutputAction {
-                src_mac: [2, 0, 0, 0, 0, 9],
-                group: None,
                 port,
-                ttl: None,
                 vlan: vid,
-                dscp: None,
+                ..OutputAction::plain([2, 0, 0, 0, 0, 9])
             };
             rewrite(&mut buf, &new_flow, &action).unwrap();
             let want = build_udp_frame(&UdpFrame {

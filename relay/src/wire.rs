@@ -188,6 +188,10 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
         self.buffer.as_mut()[16..20].copy_from_slice(&addr.octets());
     }
 
+    pub fn set_src_addr(&mut self, addr: Ipv4Addr) {
+        self.buffer.as_mut()[12..16].copy_from_slice(&addr.octets());
+    }
+
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let hl = self.header_len();
         &mut self.buffer.as_mut()[hl..]
@@ -274,6 +278,10 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
     pub fn set_dst_addr(&mut self, addr: Ipv6Addr) {
         self.buffer.as_mut()[24..40].copy_from_slice(&addr.octets());
     }
+
+    pub fn set_src_addr(&mut self, addr: Ipv6Addr) {
+        self.buffer.as_mut()[8..24].copy_from_slice(&addr.octets());
+    }
 }
 
 /// A UDP header and its payload.
@@ -321,6 +329,10 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
+    pub fn set_src_port(&mut self, port: u16) {
+        put16(self.buffer.as_mut(), 0, port);
+    }
+
     pub fn set_dst_port(&mut self, port: u16) {
         put16(self.buffer.as_mut(), 2, port);
     }
@@ -330,7 +342,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
     }
 }
 
-/// Where the headers of a multicast UDP frame sit, and the fields the relay matches on.
+/// Where the headers of a UDP frame sit, and the fields the relay matches on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flow {
     /// The tag control word of the VLAN tag the frame has (the XDP program's too), `None`
@@ -342,6 +354,8 @@ pub struct Flow {
     pub l4: usize,
     /// The source and the group are of one family.
     pub source: IpAddr,
+    /// The destination address: a group, or, for a rule with a unicast `destination:`, that
+    /// address.
     pub group: IpAddr,
     /// The destination port; 0 in a later fragment, which has no UDP header.
     pub port: u16,
@@ -379,12 +393,20 @@ pub const NEXTHDR_FRAGMENT: u8 = 44;
 /// kernel) for everything else. Used by the data path to find the rule and header offsets of a frame
 /// the XDP program redirected, and by tests as the model of the XDP program.
 pub fn classify(frame: &[u8]) -> Option<Flow> {
+    classify_udp(frame).filter(|f| f.group.is_multicast())
+}
+
+/// As [`classify`], for UDP to any destination, unicast included: what the XDP program
+/// decides once some rule takes a unicast `destination:` (the rule lookup then tells a
+/// unicast datagram of a rule from the host's own traffic). The data path classifies the
+/// frames the program redirected with this.
+pub fn classify_udp(frame: &[u8]) -> Option<Flow> {
     let eth = EthernetFrame::new_checked(frame).ok()?;
     let l3 = eth.header_len();
     let (source, group, l4, frag) = match eth.ethertype() {
         ETH_P_IP => {
             let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-            if ip.protocol() != IPPROTO_UDP || !ip.dst_addr().is_multicast() {
+            if ip.protocol() != IPPROTO_UDP {
                 return None;
             }
             let h = ip.header();
@@ -401,9 +423,6 @@ pub fn classify(frame: &[u8]) -> Option<Flow> {
         }
         ETH_P_IPV6 => {
             let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
-            if !ip.dst_addr().is_multicast() {
-                return None;
-            }
             let (mut off, mut proto) = ip.upper_layer()?;
             let mut frag = None;
             if proto == NEXTHDR_FRAGMENT {

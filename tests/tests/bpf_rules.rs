@@ -12,7 +12,7 @@ use relay::{
     loader::Steering,
     rules::RuleTable,
     vlan::Vlan,
-    wire::classify,
+    wire::{classify, classify_udp},
 };
 use relay_common::{SHAPES_VLAN, XdpCounter};
 use relay_tests::netns::require_root;
@@ -36,18 +36,29 @@ fn vlan_rule(
         name: format!("r{i}"),
         input: Input {
             interface: "in0".into(),
-            group,
+            group: group.is_multicast().then_some(group),
+            destination: (!group.is_multicast()).then_some(group),
             port,
             source,
             vlan,
         },
         outputs: vec![Output {
             interface: "out0".into(),
-            group: None,
+            // A unicast input's output names where to send.
+            group: (!group.is_multicast()).then(|| {
+                if group.is_ipv6() {
+                    IpAddr::from([0xff18, 0, 0, 0, 0, 0, 9, 9])
+                } else {
+                    IpAddr::from([239, 9, 9, 9])
+                }
+            }),
+            destination: None,
             port: None,
             ttl: None,
             vlan: None,
             dscp: None,
+            source: None,
+            source_port: None,
         }],
     }
 }
@@ -76,7 +87,7 @@ fn model_matches(
 ) -> bool {
     let vid = tci.map(|t| t & 0x0fff).filter(|&v| v != 0);
     rules.iter().any(|r| {
-        r.input.group == group
+        r.input.address() == group
             && r.input.port.is_none_or(|p| p == port)
             && r.input.source.is_none_or(|s| s == source)
             && match r.input.vlan {
@@ -116,7 +127,17 @@ fn bpf_matches(steering: &Steering, frame: &[u8]) -> bool {
     matched() - before == 1
 }
 
+/// Group `g`, or for `g` of 3 and above the relay's own unicast address .2 + (g - 3): a
+/// rule with a unicast `destination:` (with a port) or a frame to one.
 fn group(v6: bool, g: u8) -> IpAddr {
+    if g >= 3 {
+        let host = 2 + g - 3;
+        return if v6 {
+            IpAddr::from([0x2001, 2, 0, 1, 0, 0, 0, u16::from(host)])
+        } else {
+            IpAddr::from([198, 18, 1, host])
+        };
+    }
     if v6 {
         IpAddr::from([0xff18, 0, 0, 0, 0, 0, 1, u16::from(g)])
     } else {
@@ -140,15 +161,17 @@ proptest! {
     #[test]
     fn the_xdp_program_matches_what_the_model_matches(
         specs in proptest::collection::vec(
-            (any::<bool>(), 0u8..3, proptest::option::of(5000u16..5003), proptest::option::of(1u8..4), arb_vlan()),
+            (any::<bool>(), 0u8..5, proptest::option::of(5000u16..5003), proptest::option::of(1u8..4), arb_vlan()),
             1..16),
         probes in proptest::collection::vec(
-            (any::<bool>(), 0u8..3, 5000u16..5003, 1u8..4, arb_tci()), 1..24),
+            (any::<bool>(), 0u8..5, 5000u16..5003, 1u8..4, arb_tci()), 1..24),
     ) {
         require_root();
         let mut seen = std::collections::HashSet::new();
         let rules: Vec<Rule> = specs
             .into_iter()
+            // A unicast destination needs a port.
+            .map(|(v6, g, p, s, v)| (v6, g, if g >= 3 { p.or(Some(5000)) } else { p }, s, v))
             .filter(|s| seen.insert(*s))
             .enumerate()
             .map(|(i, (v6, g, p, s, v))| vlan_rule(i, group(v6, g), p, s.map(|s| source(v6, s)), v))
@@ -164,7 +187,7 @@ proptest! {
             let want = model_matches(&rules, g, s, port, tci);
             prop_assert_eq!(bpf_matches(&steering, &frame), want, "{} -> {}:{} tci {:?}", s, g, port, tci);
             // The daemon's matcher finds a rule for exactly these frames too.
-            let flow = classify(&frame).unwrap();
+            let flow = classify_udp(&frame).unwrap();
             prop_assert_eq!(t.lookup(LO, &flow).is_some(), want);
         }
     }
@@ -272,7 +295,7 @@ fn ten_thousand_rules_load_and_all_match() {
     for r in &rules {
         let frame = build_udp_frame(&UdpFrame::simple(
             src,
-            r.input.group,
+            r.input.address(),
             r.input.port.unwrap(),
             8,
             b"x",
@@ -386,5 +409,66 @@ fn fragments_follow_their_first() {
         }
         assert_eq!(count(XdpCounter::Fragments) - known, 2);
         assert_eq!(count(XdpCounter::FragmentsUnknown) - unknown, 5);
+    }
+}
+
+/// A unicast `destination:` input: the program takes UDP to that address and port only, in
+/// both families and in fragments, and leaves other ports, other protocols and other
+/// addresses to the kernel. Without such a rule, unicast is never looked up (the shape bit
+/// is clear), whatever its address.
+#[test]
+fn unicast_inputs_match_only_their_address_and_port() {
+    require_root();
+    use relay_common::SHAPE_UNICAST;
+    for v6 in [false, true] {
+        let me = group(v6, 3);
+        let other = group(v6, 4);
+        let s = source(v6, 1);
+        let groups_only = table(vec![rule(0, group(v6, 1), Some(7100), None)]);
+        assert_eq!(groups_only.shapes() & SHAPE_UNICAST, 0);
+        let t = table(vec![
+            rule(0, group(v6, 1), Some(7100), None),
+            rule(1, me, Some(7100), None),
+        ]);
+        assert_ne!(t.shapes() & SHAPE_UNICAST, 0);
+        let to = |dst: IpAddr, port: u16| build_udp_frame(&UdpFrame::simple(s, dst, port, 8, b"u"));
+        let steering = Steering::load(&t, 2048).unwrap();
+        let plain = Steering::load(&groups_only, 2048).unwrap();
+        assert!(bpf_matches(&steering, &to(me, 7100)), "v6 {v6}");
+        assert!(
+            !bpf_matches(&plain, &to(me, 7100)),
+            "no unicast rule, v6 {v6}"
+        );
+        assert!(
+            !bpf_matches(&steering, &to(me, 7101)),
+            "another port, v6 {v6}"
+        );
+        assert!(
+            !bpf_matches(&steering, &to(other, 7100)),
+            "another address, v6 {v6}"
+        );
+        assert!(
+            bpf_matches(&steering, &to(group(v6, 1), 7100)),
+            "the group rule still"
+        );
+        // Another protocol to the same address and port.
+        let mut tcp = to(me, 7100);
+        if v6 {
+            tcp[14 + 6] = 6;
+        } else {
+            tcp[14 + 9] = 6;
+        }
+        assert!(!bpf_matches(&steering, &tcp), "TCP, v6 {v6}");
+        // Fragments: the first by its port, the later ones by the first.
+        let first = fragment(v6, me, s, 7100, 9, 0);
+        let later = fragment(v6, me, s, 7100, 9, 185);
+        let stray = fragment(v6, me, s, 7100, 10, 185);
+        assert!(bpf_matches(&steering, &first));
+        assert!(bpf_matches(&steering, &later));
+        assert!(!bpf_matches(&steering, &stray));
+        // The daemon's matcher agrees.
+        assert_eq!(t.lookup(LO, &classify_udp(&to(me, 7100)).unwrap()), Some(1));
+        assert_eq!(t.lookup(LO, &classify_udp(&to(me, 7101)).unwrap()), None);
+        assert_eq!(classify(&to(me, 7100)), None, "not a multicast frame");
     }
 }

@@ -34,6 +34,12 @@ rules:
   - name: v6
     input: { interface: rin, group: 'ff18::1:1', port: 5000 }
     outputs: [{ interface: rout0 }]
+  - name: v4-unicast
+    input: { interface: rin, destination: 198.18.1.2, port: 7100 }
+    outputs: [{ interface: rout0, group: 239.7.7.7 }]
+  - name: v6-unicast
+    input: { interface: rin, destination: '2001:2:0:1::2', port: 7100 }
+    outputs: [{ interface: rout0, group: 'ff18::7:7' }]
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +114,36 @@ fn v6(id: u64) -> UdpFrame {
         &payload(id, 64),
     );
     f.src_mac = INJECT_MAC;
+    f
+}
+
+/// UDP to the relay's own address and the unicast rule's port, as a sender would address it
+/// (to the relay's MAC).
+fn to_relay(spec: UdpFrame, rin_mac: [u8; 6]) -> Vec<u8> {
+    let v6 = spec.group.is_ipv6();
+    let mut f = build_udp_frame(&UdpFrame {
+        group: if v6 {
+            RELAY_IN_ADDR6.into()
+        } else {
+            RELAY_IN_ADDR.into()
+        },
+        dst_port: 7100,
+        ..spec
+    });
+    f[..6].copy_from_slice(&rin_mac);
+    f
+}
+
+/// An ARP request from the injector for the relay's address.
+fn arp_request() -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&INJECT_MAC);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&INJECT_MAC);
+    f.extend_from_slice(&SENDER_ADDR.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&RELAY_IN_ADDR.octets());
+    f.resize(60, 0);
     f
 }
 
@@ -505,6 +541,138 @@ fn cases(rin_mac: [u8; 6]) -> Vec<Case> {
             },
             Passed,
         ),
+        case(
+            "IPv4 UDP to a unicast rule's destination and port",
+            to_relay(v4(next()), rin_mac),
+            Relayed,
+        ),
+        case(
+            "IPv4 UDP to a unicast rule's destination, with options",
+            to_relay(
+                UdpFrame {
+                    ip_options: vec![1, 1, 1, 1],
+                    ..v4(next())
+                },
+                rin_mac,
+            ),
+            Relayed,
+        ),
+        case(
+            "IPv4 UDP to a unicast rule's destination, another port",
+            {
+                let mut f = to_relay(v4(next()), rin_mac);
+                // Port and checksum both moved by one: the checksum stays right.
+                f[V4_UDP_LEN - 2..V4_UDP_LEN].copy_from_slice(&7101u16.to_be_bytes());
+                let at = V4_UDP_LEN + 2;
+                let sum = u16::from_be_bytes([f[at], f[at + 1]]).wrapping_sub(1);
+                f[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+                f
+            },
+            Passed,
+        ),
+        case(
+            "TCP to a unicast rule's destination and port",
+            edit_ipv4(to_relay(v4(next()), rin_mac), |h| h[9] = 6),
+            Passed,
+        ),
+        case(
+            "ICMP to a unicast rule's destination",
+            edit_ipv4(to_relay(v4(next()), rin_mac), |h| h[9] = 1),
+            Passed,
+        ),
+        case(
+            "ARP request for a unicast rule's destination",
+            arp_request(),
+            Passed,
+        ),
+        case(
+            "IPv4 first fragment to a unicast rule's destination",
+            edit_ipv4(to_relay(v4(next()), rin_mac), |h| {
+                h[4..6].copy_from_slice(&[0x51, 0x51]);
+                h[6..8].copy_from_slice(&[0x20, 0])
+            }),
+            Relayed,
+        ),
+        case(
+            "IPv4 later fragment to a unicast rule's destination, after its first",
+            edit_ipv4(to_relay(v4(next()), rin_mac), |h| {
+                h[4..6].copy_from_slice(&[0x51, 0x51]);
+                h[6..8].copy_from_slice(&185u16.to_be_bytes())
+            }),
+            Relayed,
+        ),
+        case(
+            "IPv4 UDP to a unicast rule's destination, UDP length past the IP packet",
+            {
+                let mut f = to_relay(v4(next()), rin_mac);
+                f[V4_UDP_LEN..V4_UDP_LEN + 2].copy_from_slice(&200u16.to_be_bytes());
+                f
+            },
+            Malformed,
+        ),
+        case(
+            "IPv4 UDP to a unicast rule's destination, TTL 1",
+            to_relay(
+                UdpFrame {
+                    ttl: 1,
+                    ..v4(next())
+                },
+                rin_mac,
+            ),
+            TtlExpired,
+        ),
+        case(
+            "IPv6 UDP to a unicast rule's destination and port",
+            to_relay(v6(next()), rin_mac),
+            Relayed,
+        ),
+        case(
+            "IPv6 UDP to a unicast rule's destination, after two extension headers",
+            to_relay(
+                UdpFrame {
+                    ipv6_ext: vec![0, 60],
+                    ..v6(next())
+                },
+                rin_mac,
+            ),
+            Relayed,
+        ),
+        case(
+            "IPv6 first fragment to a unicast rule's destination",
+            to_relay(
+                UdpFrame {
+                    ipv6_ext: vec![NEXTHDR_FRAGMENT],
+                    ..v6(next())
+                },
+                rin_mac,
+            ),
+            Relayed,
+        ),
+        case(
+            "IPv6 later fragment to a unicast rule's destination, after its first",
+            v6_later_fragment(
+                to_relay(
+                    UdpFrame {
+                        ipv6_ext: vec![NEXTHDR_FRAGMENT],
+                        ..v6(next())
+                    },
+                    rin_mac,
+                ),
+                1,
+            ),
+            Relayed,
+        ),
+        case(
+            "IPv6 UDP to a unicast rule's destination, payload length past the frame",
+            {
+                let mut f = to_relay(v6(next()), rin_mac);
+                let at = ETH_HLEN + 4;
+                let len = u16::from_be_bytes([f[at], f[at + 1]]) + 100;
+                f[at..at + 2].copy_from_slice(&len.to_be_bytes());
+                f
+            },
+            Malformed,
+        ),
     ]
 }
 
@@ -660,8 +828,8 @@ fn hostile_frames_get_the_documented_outcome() {
     );
     assert_eq!(
         delta("fragments"),
-        2,
-        "the two later fragments after their first"
+        4,
+        "the four later fragments after their first (two to groups, two to unicast rules)"
     );
     assert_eq!(
         delta("matched"),

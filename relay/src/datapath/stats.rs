@@ -16,6 +16,11 @@ pub struct OutputCounters {
     pub too_large: u64,
     /// The egress interface was down (or gone).
     pub interface_down: u64,
+    /// A unicast output's next hop had no neighbour (ARP/ND) entry yet: the kernel was asked
+    /// to resolve one.
+    pub no_neighbour: u64,
+    /// `source: auto` on an interface with no address of the rule's family at the time.
+    pub no_source: u64,
 }
 
 impl OutputCounters {
@@ -27,6 +32,8 @@ impl OutputCounters {
             + self.malformed
             + self.too_large
             + self.interface_down
+            + self.no_neighbour
+            + self.no_source
     }
 
     fn add(&mut self, o: &OutputCounters) {
@@ -39,6 +46,8 @@ impl OutputCounters {
         self.malformed += o.malformed;
         self.too_large += o.too_large;
         self.interface_down += o.interface_down;
+        self.no_neighbour += o.no_neighbour;
+        self.no_source += o.no_source;
     }
 }
 

@@ -29,10 +29,10 @@ use super::{
 use crate::{
     frag::{FragTable, rewrite_packet},
     pool::{FrameCache, FramePool},
-    rewrite::{RewriteError, complete_partial_udp_checksum},
+    rewrite::{OutputAction, RewriteError, complete_partial_udp_checksum},
     rules::RuleTable,
     vlan::retag,
-    wire::{check_lengths, classify},
+    wire::{check_lengths, classify_udp},
 };
 
 /// Where the data path is in its life.
@@ -702,7 +702,7 @@ impl Worker {
         // refers to it until we hand it on.
         let bytes = unsafe { home.umem.data(&desc) }.contents();
         let len = bytes.len();
-        let Some(flow) = classify(bytes) else {
+        let Some(flow) = classify_udp(bytes) else {
             self.stats.malformed += 1;
             self.cache(dom).give(frame_no);
             return;
@@ -739,19 +739,25 @@ impl Worker {
             output: output as u16,
             plan: plan.generation as u16,
         };
-        // A frame at the end of its scope goes only to outputs that set the TTL: decided here,
-        // so no copy is made for an output that would refuse it.
-        let takes = |o: &crate::rules::CompiledOutput| !expired || o.action.ttl.is_some();
+        // What an output refuses (a frame at the end of its scope, a next hop not resolved
+        // yet) is decided here, so no copy is made for it.
         let on = |o: &crate::rules::CompiledOutput| plan.egress_domain[o.egress];
-        let last = rule.outputs.iter().rposition(|o| takes(o) && on(o) == dom);
+        let last = rule
+            .outputs
+            .iter()
+            .rposition(|o| refusal(o, expired).is_none() && on(o) == dom);
 
         for (oi, out) in rule.outputs.iter().enumerate() {
             if Some(oi) == last {
                 continue;
             }
             let counters = &mut self.stats.rules[rule_id as usize].outputs[oi];
-            if !takes(out) {
-                counters.ttl_expired += 1;
+            if let Some(e) = refusal(out, expired) {
+                match e {
+                    RewriteError::NoNeighbour => counters.no_neighbour += 1,
+                    RewriteError::NoSource => counters.no_source += 1,
+                    _ => counters.ttl_expired += 1,
+                }
                 continue;
             }
             let to = on(out);
@@ -770,6 +776,17 @@ impl Worker {
             }
             let away = shared.domain(to);
             let mut copy = away.frames[copy_no as usize];
+            let resolved;
+            let action = match &out.next_hop {
+                Some(slot) => {
+                    resolved = OutputAction {
+                        next_hop_mac: slot.mac(),
+                        ..out.action
+                    };
+                    &resolved
+                }
+                None => &out.action,
+            };
             // SAFETY: `copy` is a free frame just taken from its pool, distinct from `desc`'s
             // frame (another frame, or another UMEM), and no ring holds it; `desc`'s frame is
             // only read here.
@@ -781,7 +798,7 @@ impl Worker {
                 cursor
                     .write_all(src)
                     .expect("a frame's data fits in any frame");
-                rewrite_frame(&mut dst, &flow, &out.action)
+                rewrite_frame(&mut dst, &flow, action)
             };
             self.settle(out.egress, to, copy, tag(oi), result);
         }
@@ -792,9 +809,19 @@ impl Worker {
             return;
         };
         let out = &rule.outputs[last];
+        let resolved;
+        let action = match &out.next_hop {
+            Some(slot) => {
+                resolved = OutputAction {
+                    next_hop_mac: slot.mac(),
+                    ..out.action
+                };
+                &resolved
+            }
+            None => &out.action,
+        };
         // SAFETY: the copies are done, so this is the frame's only user.
-        let result =
-            unsafe { rewrite_frame(&mut home.umem.data_mut(&mut desc), &flow, &out.action) };
+        let result = unsafe { rewrite_frame(&mut home.umem.data_mut(&mut desc), &flow, action) };
         self.settle(out.egress, dom, desc, tag(last), result);
     }
 
@@ -885,6 +912,8 @@ impl Worker {
             RewriteError::TtlExpired => c.ttl_expired += 1,
             RewriteError::Malformed => c.malformed += 1,
             RewriteError::TooLarge => c.too_large += 1,
+            RewriteError::NoNeighbour => c.no_neighbour += 1,
+            RewriteError::NoSource => c.no_source += 1,
         }
     }
 
@@ -1085,6 +1114,22 @@ fn rewrite_frame(
     let (new_len, flow) = retag(data.contents_mut(), len, flow, action.vlan)?;
     data.cursor().set_pos(new_len);
     rewrite_packet(data.contents_mut(), &flow, action)
+}
+
+/// Why an output will not take a frame, known before any copy is made: the frame arrived at
+/// the end of its scope (`expired`) and the output does not set the TTL, its unicast next hop
+/// has no MAC yet, or `source: auto` has no address to write.
+fn refusal(out: &crate::rules::CompiledOutput, expired: bool) -> Option<RewriteError> {
+    let a = &out.action;
+    if expired && a.ttl.is_none() {
+        Some(RewriteError::TtlExpired)
+    } else if a.source_spec.is_some() && a.source.is_none() {
+        Some(RewriteError::NoSource)
+    } else if out.next_hop.as_ref().is_some_and(|s| s.mac().is_none()) {
+        Some(RewriteError::NoNeighbour)
+    } else {
+        None
+    }
 }
 
 /// The TTL (IPv4) or hop limit (IPv6) a frame arrived with; 0 if the frame is too short to
