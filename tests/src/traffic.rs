@@ -211,6 +211,42 @@ pub fn listen(
     Ok(handle)
 }
 
+/// Datagrams with the address and port each came from.
+pub type Datagrams = Vec<(SocketAddr, Vec<u8>)>;
+
+/// Binds an ordinary UDP socket to `bind` (unicast, or the unspecified address) and collects
+/// what arrives, with the address and port each datagram came from. Returns once bound.
+pub fn listen_unicast(
+    ns: &Netns,
+    bind: SocketAddr,
+    limits: Limits,
+) -> Result<JoinHandle<Result<Datagrams>>> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let handle = ns.run(move || {
+        let sock = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let _ = ready_tx.send(());
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let start = Instant::now();
+        let mut last = start;
+        while (got.len() as u64) < limits.expect
+            && start.elapsed() < limits.max
+            && last.elapsed() < limits.idle
+        {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                last = Instant::now();
+                got.push((from, buf[..n].to_vec()));
+            }
+        }
+        Ok(got)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("receiver did not start")?;
+    Ok(handle)
+}
+
 /// Captures every frame that arrives on `iface` with an AF_PACKET socket. Returns once the
 /// socket is bound; the handle yields the frames.
 pub fn capture(
