@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use log::{debug, info, warn};
+use log::{debug, info, trace, warn};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
@@ -391,7 +391,7 @@ impl Worker {
                     RouteNetlinkMessage::NewNeighbour(msg),
                     NLM_F_CREATE | NLM_F_ACK,
                 ) {
-                    Ok(_) => debug!("{}: asked the kernel to resolve {address}", ifname(ifindex)),
+                    Ok(_) => trace!("{}: asked the kernel to resolve {address}", ifname(ifindex)),
                     Err(e) => {
                         if let Some(n) = self
                             .throttle
