@@ -255,7 +255,8 @@ impl Worker {
         let mut flags = 0;
         loop {
             self.buf.clear();
-            match self.events.recv(&mut self.buf, flags) {
+            // MSG_TRUNC: the datagram's full length comes back, so a truncation shows.
+            match self.events.recv(&mut self.buf, flags | libc::MSG_TRUNC) {
                 Ok(n) if n > self.buf.len() => {
                     warn!("an rtnetlink notification of {n} bytes was truncated; asking again");
                     self.shared.resolver().resync();
