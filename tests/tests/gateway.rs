@@ -696,3 +696,187 @@ fn next_hops_follow_with_lockfree_pool() {
 fn next_hops_follow_with_mutex_pool() {
     follows("mutex");
 }
+
+const KEEP_RULES: &str = "\
+rules:
+  - name: keep
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs: [{ interface: rout0, destination: 198.18.2.2, port: 7000, source: auto }]
+  - name: keep6
+    input: { interface: rin, group: 'ff18::1:1', port: 5000 }
+    outputs: [{ interface: rout0, destination: '2001:2:0:2::2', port: 7000, source: auto }]
+";
+
+/// While a flow runs: a reload that adds a unicast rule, an add-rule, a remove-rule, and the
+/// egress's addresses changed. The outputs that stay lose nothing (no frame waits for a next
+/// hop again, every frame reaches the receiver), and `source: auto` moves to the new
+/// address within a second, in both families.
+fn reloads_and_readdressing(allocator: &str) {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(2).unwrap();
+    let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
+    for ns in [&topo.relay, &r0.ns, &r1.ns] {
+        dad_done(ns);
+    }
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        KEEP_RULES,
+        &["--allocator", allocator],
+    )
+    .unwrap();
+    let resolved = |v: &StatsView| {
+        v.rules
+            .iter()
+            .flat_map(|r| &r.outputs)
+            .all(|o| o.next_hop.as_deref() != Some("unresolved"))
+    };
+    assert!(resolved(&stats_until(&relay.control, resolved)));
+    const FLOW: u64 = 3000;
+    let flow = |group: IpAddr| Flow {
+        burst: 4,
+        pause: Duration::from_millis(4),
+        ..Flow::new(group, 5000, FLOW)
+    };
+    let mut limits = Limits::new(FLOW);
+    limits.idle = Duration::from_secs(3);
+    let sock = listen_unicast(&r0.ns, SocketAddr::new(RX0.into(), 7000), limits).unwrap();
+    let sock6 = listen_unicast(&r0.ns, SocketAddr::new(RX0_6.into(), 7000), limits).unwrap();
+    let senders = [
+        send(
+            &topo.sender,
+            SENDER_ADDR,
+            flow("239.1.1.1".parse().unwrap()),
+        ),
+        send(
+            &topo.sender,
+            SENDER_ADDR6,
+            flow("ff18::1:1".parse().unwrap()),
+        ),
+    ];
+
+    let ctl = relay.control.to_str().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(relay_bin())
+            .args(args)
+            .args(["--control", &ctl])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(
+        &relay.config,
+        format!(
+            "{KEEP_RULES}  - name: more\n    input: {{ interface: rin, group: 239.2.2.2, port: 5000 }}\n    outputs: [{{ interface: rout1, destination: 198.18.3.2, source_port: 9 }}]\n"
+        ),
+    )
+    .unwrap();
+    run(&["reload"]);
+    let extra = relay.config.with_file_name("extra.yaml");
+    std::fs::write(
+        &extra,
+        "name: extra\ninput: { interface: rin, group: 'ff18::3:3', port: 5000 }\noutputs: [{ interface: rout1, destination: '2001:2:0:3::2' }]\n",
+    )
+    .unwrap();
+    run(&["add-rule", extra.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(300));
+    run(&["remove-rule", "more"]);
+
+    // New addresses on rout0, the old ones removed (a secondary IPv4 address is promoted).
+    for cmd in [
+        "sysctl -qw net.ipv4.conf.rout0.promote_secondaries=1",
+        "ip addr add 198.18.2.10/24 dev rout0",
+        "ip -6 addr add 2001:2:0:2::10/64 dev rout0 nodad",
+        "ip addr del 198.18.2.1/24 dev rout0",
+        "ip -6 addr del 2001:2:0:2::1/64 dev rout0",
+    ] {
+        topo.relay
+            .exec(&cmd.split(' ').collect::<Vec<_>>())
+            .unwrap();
+    }
+    let changed = Instant::now();
+    loop {
+        let v = stats_until(&relay.control, |_| true);
+        let now = (
+            output(&v, "keep", 0).source.clone(),
+            output(&v, "keep6", 0).source.clone(),
+        );
+        if now
+            == (
+                Some("auto (198.18.2.10)".to_owned()),
+                Some("auto (2001:2:0:2::10)".to_owned()),
+            )
+        {
+            break;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(1),
+            "source: auto still {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for s in senders {
+        assert_eq!(join(s).unwrap(), FLOW);
+    }
+    let v = stats_until(&relay.control, |v| {
+        received(v, "keep") == FLOW && received(v, "keep6") == FLOW
+    });
+    for (rule, sock, old, new) in [
+        (
+            "keep",
+            sock,
+            IpAddr::from(ROUT0),
+            IpAddr::from([198, 18, 2, 10]),
+        ),
+        (
+            "keep6",
+            sock6,
+            ROUT0_6.into(),
+            "2001:2:0:2::10".parse().unwrap(),
+        ),
+    ] {
+        let o = output(&v, rule, 0);
+        // The counters carried through every change, and nothing was dropped: the next hop
+        // stayed resolved and the new address replaced the old one with no gap.
+        assert_eq!(
+            (o.sent, o.dropped.values().sum::<u64>()),
+            (FLOW, 0),
+            "{rule}: {o:?}"
+        );
+        let got = join(sock).unwrap();
+        assert_eq!(got.len() as u64, FLOW, "{rule}: every frame arrived");
+        let seqs: BTreeSet<u64> = got.iter().map(|(_, p)| check_payload(p).unwrap()).collect();
+        assert_eq!(seqs.len() as u64, FLOW);
+        // From the old address, then from the new one, and never back.
+        let switch = got.iter().position(|(from, _)| from.ip() == new).unwrap();
+        assert!(
+            switch > 0,
+            "{rule}: the first frames came from the old address"
+        );
+        assert!(got[..switch].iter().all(|(from, _)| from.ip() == old));
+        assert!(got[switch..].iter().all(|(from, _)| from.ip() == new));
+    }
+    let exit = stop_clean(relay, &topo);
+    assert!(
+        exit.stdout.contains("source=auto:198.18.2.10"),
+        "{}",
+        exit.stdout
+    );
+}
+
+#[test]
+fn reloads_and_readdressing_with_lockfree_pool() {
+    reloads_and_readdressing("lockfree");
+}
+
+#[test]
+fn reloads_and_readdressing_with_mutex_pool() {
+    reloads_and_readdressing("mutex");
+}
