@@ -451,7 +451,11 @@ impl Running {
         match self.apply_running() {
             Ok(summary) => {
                 self.bind_error = None;
-                info!("applied again: {summary}");
+                if replaced.is_empty() {
+                    info!("source addresses followed: {summary}");
+                } else {
+                    info!("rebound: {summary}");
+                }
             }
             // Tried again at the next look; said again only if the reason changes.
             Err(e) => {
