@@ -31,7 +31,7 @@ fn rules(n: usize) -> Vec<Rule> {
                 name: format!("r{i}"),
                 input: Input {
                     interface: "in0".into(),
-                    group: Some(group),
+                    group: Some(group.into()),
                     destination: None,
                     port: Some(5000 + (i / 2 % 100) as u16),
                     source: None,

@@ -7,7 +7,7 @@ use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
 use relay_common::{MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE};
 use serde::Deserialize;
 
-use crate::{pool::AllocatorKind, vlan::Vlan};
+use crate::{pool::AllocatorKind, prefix::Prefix, vlan::Vlan};
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,18 +104,19 @@ pub struct Rule {
 #[serde(deny_unknown_fields)]
 pub struct Input {
     pub interface: String,
-    /// An IPv4 or IPv6 group; the source and the outputs' groups are of the same family.
-    /// An input has this or `destination:`, never both.
+    /// An IPv4 or IPv6 group, or a range of groups (`239.10.0.0/16`); the source and the
+    /// outputs' groups are of the same family. An input has this or `destination:`, never
+    /// both.
     #[serde(default)]
-    pub group: Option<IpAddr>,
+    pub group: Option<Prefix>,
     /// A unicast address (usually one of this host's own) whose UDP datagrams to `port:` the
     /// rule relays instead of the host's stack receiving them.
     #[serde(default)]
     pub destination: Option<IpAddr>,
     /// Any UDP port when absent.
     pub port: Option<u16>,
-    /// Any source when absent.
-    pub source: Option<IpAddr>,
+    /// Any source when absent; one source, or a prefix of sources (`198.18.7.0/24`).
+    pub source: Option<Prefix>,
     /// Frames of any VLAN or none when absent; a VID takes only frames tagged with it,
     /// `untagged` only frames without a tag.
     #[serde(default)]
@@ -126,8 +127,9 @@ pub struct Input {
 #[serde(deny_unknown_fields)]
 pub struct Output {
     pub interface: String,
-    /// Remapped destination group; the input's group when absent.
-    pub group: Option<IpAddr>,
+    /// Remapped destination group; the input's group when absent. For a range input, a
+    /// range of the same length (the host bits carry over) or one group.
+    pub group: Option<Prefix>,
     /// A unicast address to send to instead of a group (multicast -> unicast): the frame
     /// goes to the MAC of the kernel's next hop towards it through this interface.
     #[serde(default)]
@@ -157,17 +159,23 @@ impl Input {
     /// The destination address the input matches: its group, or its unicast destination.
     /// (Validation refuses an input with neither; unspecified until then.)
     pub fn address(&self) -> IpAddr {
+        self.prefix().network()
+    }
+
+    /// The destinations the input matches: its group or range, or its unicast destination
+    /// as a single address.
+    pub fn prefix(&self) -> Prefix {
         self.group
-            .or(self.destination)
-            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+            .or(self.destination.map(Prefix::host))
+            .unwrap_or(Prefix::host(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)))
     }
 }
 
 impl Output {
-    /// The destination address the output sends to when it names one: a group or a unicast
-    /// destination.
-    pub fn address(&self) -> Option<IpAddr> {
-        self.group.or(self.destination)
+    /// The destinations the output sends to when it names them: a group or range, or a
+    /// unicast destination.
+    pub fn prefix(&self) -> Option<Prefix> {
+        self.group.or(self.destination.map(Prefix::host))
     }
 }
 
@@ -602,14 +610,8 @@ impl Config {
                     ));
                 }
                 (Some(g), None) => {
-                    if !g.is_multicast() {
-                        return Err(err(format!(
-                            "input group {g} is not a multicast address ({}): a unicast \
-                             address goes in destination:",
-                            multicast_range(g)
-                        )));
-                    }
-                    g
+                    check_group_prefix(&g, "input group", "").map_err(err)?;
+                    g.addr
                 }
                 (None, Some(d)) => {
                     if d.is_multicast() {
@@ -636,18 +638,15 @@ impl Config {
                 return Err(err("input port 0 is not a valid UDP port".to_owned()));
             }
             if let Some(src) = input.source {
-                if src.is_ipv4() != address.is_ipv4() {
+                if src.addr.is_ipv4() != address.is_ipv4() {
                     return Err(err(format!(
-                        "input source {src} and {} {address} are of different families: a \
-                         rule is all IPv4 or all IPv6",
-                        input_key(unicast_in)
+                        "input source {src} and {} {} are of different families: a rule is \
+                         all IPv4 or all IPv6",
+                        input_key(unicast_in),
+                        input.prefix()
                     )));
                 }
-                if !is_unicast_host(src) {
-                    return Err(err(format!(
-                        "input source {src} is not a unicast host address"
-                    )));
-                }
+                check_source_prefix(&src).map_err(err)?;
             }
             if let Some(v) = input.vlan
                 && !v.is_valid()
@@ -658,7 +657,7 @@ impl Config {
             }
             let key = (
                 &input.interface,
-                address,
+                input.prefix(),
                 input.port,
                 input.source,
                 input.vlan,
@@ -667,7 +666,7 @@ impl Config {
                 return Err(err(format!(
                     "another rule already has the input {} {}:{} from {}{}",
                     input.interface,
-                    address,
+                    input.prefix(),
                     input.port.map_or("any".to_owned(), |p| p.to_string()),
                     input.source.map_or("any".to_owned(), |s| s.to_string()),
                     input.vlan.map_or(String::new(), |v| format!(" vlan {v}")),
@@ -679,14 +678,14 @@ impl Config {
             let mut seen_outputs = HashSet::new();
             for out in &rule.outputs {
                 self.validate_output(rule, out, address, sys, check_sources, &err)?;
-                let g = out.address().unwrap_or(address);
+                let g = out.prefix().unwrap_or(input.prefix());
                 let p = out.port.or(input.port);
                 // Two VLANs of one trunk are two networks: the same group may go to each.
                 let vid = out.vlan.and_then(Vlan::vid);
                 if !seen_outputs.insert((&out.interface, g, p, vid)) {
                     return Err(err(format!(
                         "two outputs send the same {} {g} and port {} on '{}'{}",
-                        if g.is_multicast() {
+                        if g.addr.is_multicast() {
                             "group"
                         } else {
                             "destination"
@@ -696,7 +695,7 @@ impl Config {
                         vid.map_or(String::new(), |v| format!(" vlan {v}")),
                     )));
                 }
-                let same_group = out.address().is_none_or(|g| g == address);
+                let same_group = out.prefix().is_none_or(|g| g == input.prefix());
                 let same_port = out.port.is_none() || out.port == input.port;
                 if out.interface == input.interface
                     && same_group
@@ -762,11 +761,20 @@ impl Config {
                 )));
             }
             (Some(g), None) => {
-                family("group", g)?;
-                if !g.is_multicast() {
+                family("group", g.addr)?;
+                check_group_prefix(&g, "output group", &format!(" on '{on}'")).map_err(err)?;
+                let input = rule.input.prefix();
+                if !g.is_host() && (unicast_in || input.is_host()) {
                     return Err(err(format!(
-                        "output group {g} on '{on}' is not a multicast address: a unicast \
-                         address goes in destination:"
+                        "output group {g} on '{on}' is a range: only a range input (a group \
+                         with a /length) maps onto a range"
+                    )));
+                }
+                if !g.is_host() && g.len != input.len {
+                    return Err(err(format!(
+                        "output group {g} on '{on}' is a /{}: the input's {input} maps onto a \
+                         /{} (the host bits carry over), a single group, or no group:",
+                        g.len, input.len
                     )));
                 }
             }
@@ -845,6 +853,60 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A group or range of groups as `what` (`input group`) may name it, `at` (` on 'out0'`)
+/// after the value: inside the multicast range of its family, with no bits set past its
+/// length.
+fn check_group_prefix(g: &Prefix, what: &str, at: &str) -> Result<(), String> {
+    let range = multicast_range(g.addr);
+    let min = if g.addr.is_ipv4() { 4 } else { 8 };
+    if !g.addr.is_multicast() || g.len < min {
+        return Err(if g.is_host() {
+            format!(
+                "{what} {g}{at} is not a multicast address ({range}): a unicast address goes \
+                 in destination:"
+            )
+        } else {
+            format!("{what} {g}{at} is not inside the multicast range {range}")
+        });
+    }
+    if g.has_host_bits() {
+        return Err(format!(
+            "{what} {g}{at} has bits set past its /{}: the range is {}/{}",
+            g.len,
+            g.network(),
+            g.len
+        ));
+    }
+    Ok(())
+}
+
+/// An input's `source:`: one host, or a prefix of unicast sources.
+fn check_source_prefix(src: &Prefix) -> Result<(), String> {
+    if src.is_host() {
+        if !is_unicast_host(src.addr) {
+            return Err(format!("input source {src} is not a unicast host address"));
+        }
+        return Ok(());
+    }
+    if src.len == 0 {
+        return Err(format!(
+            "input source {src} is every source: leave source: out to take any"
+        ));
+    }
+    if src.has_host_bits() {
+        return Err(format!(
+            "input source {src} has bits set past its /{}: the prefix is {}/{}",
+            src.len,
+            src.network(),
+            src.len
+        ));
+    }
+    if src.addr.is_multicast() {
+        return Err(format!("input source {src} is not a unicast prefix"));
+    }
+    Ok(())
 }
 
 /// "group" or "destination": what an input's address is called in messages.
@@ -931,10 +993,44 @@ rules:
         c.validate("rules.yaml", &fake()).unwrap();
         assert_eq!(
             c.rules[0].outputs[1].group,
-            Some(IpAddr::from([239, 2, 2, 2]))
+            Some(Prefix::from([239, 2, 2, 2]))
         );
         assert_eq!(c.rules[0].outputs[1].ttl, Some(16));
-        assert_eq!(c.rules[0].input.source, Some(IpAddr::from([198, 18, 1, 1])));
+        assert_eq!(c.rules[0].input.source, Some(Prefix::from([198, 18, 1, 1])));
+    }
+
+    /// Ranges and prefixes: a /16 onto a /16, many onto one, unchanged; a source prefix;
+    /// an exact group inside a range beside it.
+    #[test]
+    fn group_ranges_and_source_prefixes_parse_and_validate() {
+        let yaml = r#"
+rules:
+  - name: channels
+    input: { interface: in0, group: 239.10.0.0/16, port: 5000 }
+    outputs:
+      - { interface: out0, group: 239.20.0.0/16 }
+      - { interface: out1, group: 239.99.0.1 }
+      - { interface: bare0 }
+  - name: one-channel
+    input: { interface: in0, group: 239.10.3.4, port: 5000 }
+    outputs: [ { interface: out1 } ]
+  - name: by-sender
+    input: { interface: in0, group: 239.30.0.0/24, source: 198.18.7.0/24 }
+    outputs: [ { interface: out1 } ]
+  - name: v6
+    input: { interface: in0, group: 'ff18::/16', source: '2001:2:7::/48' }
+    outputs: [ { interface: out1, group: 'ff15::/16' } ]
+"#;
+        let c = Config::parse("r.yaml", yaml).unwrap();
+        c.validate("r.yaml", &fake()).unwrap();
+        let r = &c.rules[0];
+        assert_eq!(r.input.prefix().to_string(), "239.10.0.0/16");
+        assert_eq!(r.outputs[0].group.unwrap().len, 16);
+        assert!(r.outputs[1].group.unwrap().is_host());
+        assert_eq!(
+            c.rules[2].input.source.unwrap().to_string(),
+            "198.18.7.0/24"
+        );
     }
 
     /// The gateway configuration of the operator's guide: multicast to unicast with source
@@ -1031,7 +1127,7 @@ rules:
         .unwrap();
         c.validate("r.yaml", &fake()).unwrap();
         let r = &c.rules[0];
-        assert_eq!(r.input.group, Some("ff18::1:1".parse::<IpAddr>().unwrap()));
+        assert_eq!(r.input.group, Some("ff18::1:1".parse::<Prefix>().unwrap()));
         assert_eq!(r.input.source, Some("2001:2::1".parse().unwrap()));
         assert_eq!(r.outputs[0].group, Some("ff18::2:2".parse().unwrap()));
         assert_eq!(r.outputs[0].ttl, Some(9));
@@ -1055,6 +1151,69 @@ rules:
         let ok_in = "{interface: in0, group: 239.1.1.1, port: 5000}";
         let ok_out = "[{interface: out0}]";
         let cases: Vec<(String, &str)> = vec![
+            (
+                rule(
+                    "{interface: in0, group: 239.10.0.0/16, port: 5000}",
+                    "[{interface: out0, group: 239.20.0.0/24}]",
+                ),
+                "r.yaml: rule 'r1': output group 239.20.0.0/24 on 'out0' is a /24: the input's \
+                 239.10.0.0/16 maps onto a /16 (the host bits carry over), a single group, or no \
+                 group:",
+            ),
+            (
+                rule(ok_in, "[{interface: out0, group: 239.20.0.0/16}]"),
+                "r.yaml: rule 'r1': output group 239.20.0.0/16 on 'out0' is a range: only a range \
+                 input (a group with a /length) maps onto a range",
+            ),
+            (
+                rule("{interface: in0, group: 239.10.3.4/16}", ok_out),
+                "r.yaml: rule 'r1': input group 239.10.3.4/16 has bits set past its /16: the range \
+                 is 239.10.0.0/16",
+            ),
+            (
+                rule("{interface: in0, group: 192.0.0.0/2}", ok_out),
+                "r.yaml: rule 'r1': input group 192.0.0.0/2 is not inside the multicast range \
+                 224.0.0.0/4",
+            ),
+            (
+                rule("{interface: in0, group: 'fe00::/7'}", ok_out),
+                "r.yaml: rule 'r1': input group fe00::/7 is not inside the multicast range ff00::/8",
+            ),
+            (
+                rule(
+                    "{interface: in0, group: 239.10.0.0/16, source: 198.18.7.0/16}",
+                    ok_out,
+                ),
+                "r.yaml: rule 'r1': input source 198.18.7.0/16 has bits set past its /16: the \
+                 prefix is 198.18.0.0/16",
+            ),
+            (
+                rule(
+                    "{interface: in0, group: 239.10.0.0/16, source: 0.0.0.0/0}",
+                    ok_out,
+                ),
+                "r.yaml: rule 'r1': input source 0.0.0.0/0 is every source: leave source: out to \
+                 take any",
+            ),
+            (
+                rule(
+                    "{interface: in0, group: 239.10.0.0/16, source: '2001:2::/48'}",
+                    ok_out,
+                ),
+                "r.yaml: rule 'r1': input source 2001:2::/48 and group 239.10.0.0/16 are of \
+                 different families: a rule is all IPv4 or all IPv6",
+            ),
+            (
+                format!(
+                    "{}  - name: r2\n    input: {{interface: in0, group: 239.10.0.0/16, source: 198.18.7.0/24}}\n    outputs: {ok_out}\n",
+                    rule(
+                        "{interface: in0, group: 239.10.0.0/16, source: 198.18.7.0/24}",
+                        ok_out
+                    )
+                ),
+                "r.yaml: rule 'r2': another rule already has the input in0 239.10.0.0/16:any from \
+                 198.18.7.0/24",
+            ),
             (
                 rule(ok_in, "[{interface: out0, source: 198.18.7.7}]"),
                 "r.yaml: rule 'r1': output source 198.18.7.7 is not an address of 'out0' (it has \
@@ -1187,8 +1346,8 @@ rules:
             ),
             (
                 rule(ok_in, "[{interface: out0, group: 198.18.0.1}]"),
-                "r.yaml: rule 'r1': output group 198.18.0.1 on 'out0' is not a multicast address: \
-                 a unicast address goes in destination:",
+                "r.yaml: rule 'r1': output group 198.18.0.1 on 'out0' is not a multicast address \
+                 (224.0.0.0/4): a unicast address goes in destination:",
             ),
             (
                 rule("{interface: in0, group: 239.1.1.1, port: 0}", ok_out),
@@ -1243,8 +1402,8 @@ rules:
                     "{interface: in0, group: 'ff18::1'}",
                     "[{interface: out0, group: 'fe80::1'}]",
                 ),
-                "r.yaml: rule 'r1': output group fe80::1 on 'out0' is not a multicast address: a \
-                 unicast address goes in destination:",
+                "r.yaml: rule 'r1': output group fe80::1 on 'out0' is not a multicast address \
+                 (ff00::/8): a unicast address goes in destination:",
             ),
             (
                 format!(
@@ -1385,7 +1544,7 @@ rules:
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0}\n    outputs: [{interface: out0}]\n",
-                "r.yaml: rule 'a': rules[0].input.group: invalid IP address syntax: `239.0.0` at line 3 column 36",
+                "r.yaml: rule 'a': rules[0].input.group: invalid value: string \"239.0.0\", expected an IP address or a prefix such as 239.10.0.0/16 at line 3 column 36",
             ),
             (
                 "rules:\n  - name: [a\n",

@@ -272,7 +272,7 @@ mod tests {
 
     fn action(group: Option<IpAddr>, port: Option<u16>) -> OutputAction {
         OutputAction {
-            group,
+            group: group.map(Into::into),
             port,
             ..OutputAction::plain(OUT_MAC)
         }

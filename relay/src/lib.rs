@@ -16,6 +16,7 @@ pub mod membership;
 pub mod neighbours;
 pub mod nexthop;
 pub mod pool;
+pub mod prefix;
 pub mod preflight;
 pub mod probe;
 pub mod report;

@@ -27,15 +27,19 @@ pub type Membership = (String, u32, IpAddr, Option<IpAddr>);
 pub fn wanted(table: &RuleTable) -> Vec<Membership> {
     let mut any: BTreeSet<(u32, IpAddr)> = BTreeSet::new();
     // A rule whose input does not exist yet joins nothing until it does; a unicast input
-    // has no group to join.
+    // has no group to join, and a range cannot be joined group by group (its interface is
+    // put into allmulticast mode instead).
     let rules = || {
         table
             .rules
             .iter()
-            .filter(|r| r.ingress_ifindex != 0 && !r.unicast)
+            .filter(|r| r.ingress_ifindex != 0 && !r.unicast && r.prefix.is_host())
     };
+    // A source prefix cannot be joined source-specifically: it joins any-source.
+    let one_source =
+        |r: &crate::rules::CompiledRule| r.source.filter(|s| s.is_host()).map(|s| s.addr);
     for r in rules() {
-        if r.source.is_none() {
+        if one_source(r).is_none() {
             any.insert((r.ingress_ifindex, r.group));
         }
     }
@@ -44,7 +48,7 @@ pub fn wanted(table: &RuleTable) -> Vec<Membership> {
         let src = if any.contains(&(r.ingress_ifindex, r.group)) {
             None
         } else {
-            r.source
+            one_source(r)
         };
         out.insert((r.ingress_ifindex, r.group, src));
     }

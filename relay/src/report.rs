@@ -33,10 +33,7 @@ pub fn shutdown(
                 } else {
                     "group"
                 },
-                out.action
-                    .destination
-                    .or(out.action.group)
-                    .unwrap_or(rule.group),
+                out.action.named_destination().unwrap_or(rule.prefix),
                 out.action.port.map_or_else(
                     || rule.port.map_or("same".into(), |p| p.to_string()),
                     |p| p.to_string()

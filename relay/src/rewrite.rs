@@ -16,6 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::{
     checksum::{pseudo_ipv4, pseudo_ipv6, sum, udp_ipv6, update_words, update16, update32},
     config::SourceSpec,
+    prefix::Prefix,
     wire::{EthernetFrame, Flow, Ipv4Packet, Ipv6Packet, UDP_HLEN, UdpPacket, multicast_mac},
 };
 
@@ -24,8 +25,10 @@ use crate::{
 pub struct OutputAction {
     /// The egress interface's MAC: the relayed frame's source.
     pub src_mac: [u8; 6],
-    /// New destination group, if the output remaps it (the input's family).
-    pub group: Option<IpAddr>,
+    /// New destination group, if the output remaps it (the input's family): one group, or
+    /// for a range input a range of the same length, onto which the frame's group is moved
+    /// with its host bits.
+    pub group: Option<Prefix>,
     /// New destination UDP port, if the output remaps it.
     pub port: Option<u16>,
     /// A TTL (IPv4) or hop limit (IPv6) to set instead of decrementing the received one.
@@ -89,9 +92,19 @@ impl OutputAction {
         written(self) == written(other)
     }
 
+    /// The destinations the output names: its unicast destination, or its group or range.
+    pub fn named_destination(&self) -> Option<Prefix> {
+        self.destination.map(Prefix::host).or(self.group)
+    }
+
     /// The destination address a frame of `flow` leaves with.
     pub fn destination_of(&self, flow: &Flow) -> IpAddr {
-        self.destination.or(self.group).unwrap_or(flow.group)
+        match (self.destination, self.group) {
+            (Some(d), _) => d,
+            (None, Some(g)) if g.is_host() => g.addr,
+            (None, Some(g)) => g.carry(flow.group),
+            (None, None) => flow.group,
+        }
     }
 }
 
@@ -440,7 +453,7 @@ mod tests {
 
     fn action(group: Option<IpAddr>, port: Option<u16>, ttl: Option<u8>) -> OutputAction {
         OutputAction {
-            group,
+            group: group.map(Into::into),
             port,
             ttl,
             ..OutputAction::plain(OUT_MAC)
@@ -931,7 +944,7 @@ mod tests {
             };
             let source = source.map(|a| unicast_like(spec.group, a));
             let action = OutputAction {
-                group,
+                group: group.map(Into::into),
                 destination,
                 port,
                 ttl,
@@ -1179,7 +1192,7 @@ mod dscp_tests {
                 if v6 { [0xff18, 0, 0, 0, 0, 0, 2, u16::from(g)].into() } else { [239, 2, 2, g].into() }
             });
             let action = OutputAction {
-                group,
+                group: group.map(Into::into),
                 port,
                 ttl,
                 dscp: Some(dscp),

@@ -10,6 +10,7 @@ use relay_common::{RuleKey, RuleValue, SHAPE_UNICAST, VLAN_ANY, frame_vlan, v4_m
 use crate::{
     config::{Config, ConfigError, InterfaceInfo, SourceSpec, System, auto_source},
     nexthop::NextHopSlot,
+    prefix::Prefix,
     rewrite::OutputAction,
     vlan::Vlan,
     wire::Flow,
@@ -56,12 +57,15 @@ impl Eq for CompiledOutput {}
 pub struct CompiledRule {
     pub name: String,
     pub ingress_ifindex: u32,
-    /// The destination the input matches: a group, or a unicast address (`unicast`).
+    /// The destination the input matches: a group (the first of a range), or a unicast
+    /// address (`unicast`).
     pub group: IpAddr,
+    /// The input's groups: `group` and its length (a single group's is 32 or 128).
+    pub prefix: Prefix,
     /// The input is a unicast `destination:`: no group to join.
     pub unicast: bool,
     pub port: Option<u16>,
-    pub source: Option<IpAddr>,
+    pub source: Option<Prefix>,
     /// The input's `vlan:`: any VLAN or none when absent.
     pub vlan: Option<Vlan>,
     pub outputs: Vec<CompiledOutput>,
@@ -158,7 +162,7 @@ impl RuleTable {
             let key = RuleKey::new(
                 in_info.ifindex,
                 key_addr(address),
-                rule.input.source.map_or([0; 16], key_addr),
+                rule.input.source.map_or([0; 16], |s| key_addr(s.network())),
                 rule.input.port.unwrap_or(0),
             )
             .with_vlan(rule.input.vlan.map_or(VLAN_ANY, Vlan::key));
@@ -170,6 +174,7 @@ impl RuleTable {
                 name: rule.name.clone(),
                 ingress_ifindex: in_info.ifindex,
                 group: address,
+                prefix: rule.input.prefix(),
                 unicast: rule.input.destination.is_some(),
                 port: rule.input.port,
                 source: rule.input.source,
@@ -431,7 +436,7 @@ mod tests {
             .filter(|(_, r)| {
                 r.input.address() == f.group
                     && r.input.port.is_none_or(|p| p == f.port)
-                    && r.input.source.is_none_or(|s| s == f.source)
+                    && r.input.source.is_none_or(|s| s.contains(f.source))
                     && vlan_covers(r.input.vlan, f.tci)
             })
             .max_by_key(|(_, r)| {

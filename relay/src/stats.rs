@@ -108,7 +108,7 @@ impl StatsView {
                         .iter()
                         .find(|i| i.info.ifindex == r.ingress_ifindex)
                         .map_or("?", |i| i.name.as_str()),
-                    r.group,
+                    r.prefix,
                     r.port.map_or("any".into(), |p| p.to_string()),
                     r.source.map_or("any".into(), |s| s.to_string()),
                     r.vlan.map_or(String::new(), |v| format!(" vlan {v}")),
@@ -122,12 +122,7 @@ impl StatsView {
                     .zip(&rc.outputs)
                     .map(|(o, oc)| OutputView {
                         interface: table.egress[o.egress].name.clone(),
-                        group: o
-                            .action
-                            .destination
-                            .or(o.action.group)
-                            .unwrap_or(r.group)
-                            .to_string(),
+                        group: o.action.named_destination().unwrap_or(r.prefix).to_string(),
                         unicast: o.action.destination.is_some(),
                         next_hop: o.action.destination.map(|_| {
                             o.next_hop

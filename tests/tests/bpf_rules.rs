@@ -36,10 +36,10 @@ fn vlan_rule(
         name: format!("r{i}"),
         input: Input {
             interface: "in0".into(),
-            group: group.is_multicast().then_some(group),
+            group: group.is_multicast().then_some(group.into()),
             destination: (!group.is_multicast()).then_some(group),
             port,
-            source,
+            source: source.map(Into::into),
             vlan,
         },
         outputs: vec![Output {
@@ -47,9 +47,9 @@ fn vlan_rule(
             // A unicast input's output names where to send.
             group: (!group.is_multicast()).then(|| {
                 if group.is_ipv6() {
-                    IpAddr::from([0xff18, 0, 0, 0, 0, 0, 9, 9])
+                    [0xff18, 0, 0, 0, 0, 0, 9, 9].into()
                 } else {
-                    IpAddr::from([239, 9, 9, 9])
+                    [239, 9, 9, 9].into()
                 }
             }),
             destination: None,
@@ -89,7 +89,7 @@ fn model_matches(
     rules.iter().any(|r| {
         r.input.address() == group
             && r.input.port.is_none_or(|p| p == port)
-            && r.input.source.is_none_or(|s| s == source)
+            && r.input.source.is_none_or(|s| s.contains(source))
             && match r.input.vlan {
                 None => true,
                 Some(Vlan::Untagged) => vid.is_none(),
