@@ -24,5 +24,6 @@ pub mod rewrite;
 pub mod rules;
 pub mod stats;
 pub mod sys;
+pub mod topgroups;
 pub mod vlan;
 pub mod wire;

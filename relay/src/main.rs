@@ -67,6 +67,9 @@ enum ClientCmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Add the busiest groups of each rule with a group range (at most 32 per rule).
+        #[arg(long)]
+        groups: bool,
         /// The control socket.
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         control: PathBuf,
@@ -157,8 +160,16 @@ fn main() -> ExitCode {
 }
 
 fn client(cmd: ClientCmd) -> Result<ExitCode> {
+    let mut with_groups = false;
     let (req, path, json) = match cmd {
-        ClientCmd::Stats { json, control } => (Request::Stats, control, json),
+        ClientCmd::Stats {
+            json,
+            groups,
+            control,
+        } => {
+            with_groups = groups;
+            (Request::Stats, control, json)
+        }
         ClientCmd::Rules { json, control } => (Request::Rules, control, json),
         ClientCmd::Ping { control } => (Request::Ping, control, false),
         ClientCmd::Reload { control } => (Request::Reload, control, false),
@@ -176,8 +187,18 @@ fn client(cmd: ClientCmd) -> Result<ExitCode> {
     match control::request(&path, &req)? {
         Reply::Pong { version } => println!("relay {version} is running"),
         Reply::Reloaded(summary) => println!("done: {summary}"),
-        Reply::Stats(view) if json => println!("{}", serde_json::to_string_pretty(&view)?),
-        Reply::Stats(view) => print!("{}", view.render_table()),
+        Reply::Stats(view) => {
+            let view = if with_groups {
+                *view
+            } else {
+                view.without_groups()
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", view.render_table());
+            }
+        }
         Reply::Error(e) => anyhow::bail!("the relay refused the request: {e}"),
     }
     Ok(ExitCode::SUCCESS)

@@ -43,6 +43,25 @@ pub struct RuleView {
     #[serde(default)]
     pub checksum_completed: u64,
     pub outputs: Vec<OutputView>,
+    /// For a rule with a group range: its busiest groups, most packets first, at most
+    /// [`GROUPS_SHOWN`]; `relay stats --groups` shows them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<GroupView>>,
+}
+
+/// Groups of a range rule a view shows.
+pub const GROUPS_SHOWN: usize = 32;
+
+/// One group of a range rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    pub group: String,
+    pub packets: u64,
+    pub bytes: u64,
+    /// How many of `packets` may belong to other groups (the counts are kept in bounded
+    /// memory: see `relay::topgroups`); 0 when the count is exact.
+    #[serde(default)]
+    pub error: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +107,14 @@ pub struct PoolView {
 }
 
 impl StatsView {
+    /// The view without the per-group counters of range rules.
+    pub fn without_groups(mut self) -> Self {
+        for r in &mut self.rules {
+            r.groups = None;
+        }
+        self
+    }
+
     pub fn build(
         table: &RuleTable,
         stats: &DatapathStats,
@@ -116,6 +143,18 @@ impl StatsView {
                 received: rc.packets,
                 bytes: rc.bytes,
                 checksum_completed: rc.checksum_completed,
+                groups: (!r.prefix.is_host()).then(|| {
+                    rc.groups
+                        .top(GROUPS_SHOWN)
+                        .into_iter()
+                        .map(|(g, c)| GroupView {
+                            group: g.to_string(),
+                            packets: c.packets,
+                            bytes: c.bytes,
+                            error: c.error,
+                        })
+                        .collect()
+                }),
                 outputs: r
                     .outputs
                     .iter()
@@ -204,6 +243,20 @@ impl StatsView {
                 "{:<16} {:<28} {:>12} {:>14}{completed}",
                 r.name, r.input, r.received, r.bytes
             );
+            for g in r.groups.iter().flatten() {
+                let _ = writeln!(
+                    s,
+                    "   . {:<40} {:>12} {:>14}{}",
+                    g.group,
+                    g.packets,
+                    g.bytes,
+                    if g.error > 0 {
+                        format!("  (at most {} of them other groups')", g.error)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
             for o in &r.outputs {
                 let dropped: u64 = o.dropped.values().sum();
                 let reasons: Vec<String> = o
@@ -427,6 +480,7 @@ fn escape(v: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::{Config, tests::fake};
+    use std::net::IpAddr;
 
     fn view() -> StatsView {
         let c = Config::parse(
@@ -477,6 +531,52 @@ mod tests {
         assert_ne!(old, json);
         let read: StatsView = serde_json::from_str(&old).unwrap();
         assert_eq!(read.rules[0].checksum_completed, 0);
+    }
+
+    /// A range rule's busiest groups: in the view (at most GROUPS_SHOWN, most first), in
+    /// the table, gone with `without_groups`; an exact rule has none.
+    #[test]
+    fn range_rules_show_their_busiest_groups() {
+        let c = Config::parse(
+            "t",
+            "rules:\n  - name: channels\n    input: {interface: in0, group: 239.10.0.0/16, port: 5000}\n    outputs: [{interface: out0, group: 239.20.0.0/16}]\n  - name: one\n    input: {interface: in0, group: 239.1.1.1}\n    outputs: [{interface: out0}]\n",
+        )
+        .unwrap();
+        let t = RuleTable::compile(&c, "t", &fake()).unwrap();
+        let mut d = DatapathStats::new([1, 1].into_iter());
+        for i in 0..40u8 {
+            for _ in 0..=i {
+                d.rules[0].groups.record(IpAddr::from([239, 10, 0, i]), 100);
+            }
+        }
+        let pool = PoolStats {
+            capacity: 64,
+            free: 64,
+            low_water: 64,
+            rejected: 0,
+        };
+        let v = StatsView::build(&t, &d, None, &pool, AllocatorKind::Lockfree);
+        let groups = v.rules[0].groups.as_ref().unwrap();
+        assert_eq!(groups.len(), GROUPS_SHOWN);
+        assert_eq!(
+            groups[0],
+            GroupView {
+                group: "239.10.0.39".into(),
+                packets: 40,
+                bytes: 4000,
+                error: 0
+            }
+        );
+        assert_eq!(v.rules[1].groups, None);
+        assert_eq!(v.rules[0].outputs[0].group, "239.20.0.0/16");
+        assert_eq!(v.rules[0].input, "in0 239.10.0.0/16:5000 from any");
+        let table = v.render_table();
+        assert!(table.contains("   . 239.10.0.39"), "{table}");
+        let json = serde_json::to_string(&v).unwrap();
+        assert_eq!(serde_json::from_str::<StatsView>(&json).unwrap(), v);
+        let bare = v.without_groups();
+        assert!(!serde_json::to_string(&bare).unwrap().contains("groups"));
+        assert!(!bare.render_table().contains("239.10.0.39"));
     }
 
     /// Unicast outputs show their destination, next hop and rewrites in every view.

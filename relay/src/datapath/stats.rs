@@ -60,6 +60,8 @@ pub struct RuleCounters {
     /// the data path completed before sending them on.
     pub checksum_completed: u64,
     pub outputs: Vec<OutputCounters>,
+    /// For a rule with a group range: its busiest groups, in bounded memory.
+    pub groups: crate::topgroups::TopGroups,
 }
 
 /// Everything the data path counts.
@@ -99,6 +101,9 @@ impl DatapathStats {
             r.packets += o.packets;
             r.bytes += o.bytes;
             r.checksum_completed += o.checksum_completed;
+            if !o.groups.is_empty() {
+                r.groups.merge(&o.groups);
+            }
             for (a, b) in r.outputs.iter_mut().zip(&o.outputs) {
                 a.add(b);
             }

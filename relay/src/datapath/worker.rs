@@ -734,6 +734,9 @@ impl Worker {
         rc.packets += 1;
         rc.bytes += len as u64;
         rc.checksum_completed += u64::from(completed);
+        if !rule.prefix.is_host() {
+            rc.groups.record(flow.group, len as u64);
+        }
         let tag = |output: usize| Tag {
             rule: rule_id,
             output: output as u16,
@@ -1179,6 +1182,9 @@ pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathSt
         out.rules[ni].packets = oc.packets;
         out.rules[ni].bytes = oc.bytes;
         out.rules[ni].checksum_completed = oc.checksum_completed;
+        if or.prefix == nr.prefix {
+            out.rules[ni].groups = oc.groups.clone();
+        }
         for (k, no) in nr.outputs.iter().enumerate() {
             if let Some(oo) = or.outputs.get(k)
                 && old.table.egress[oo.egress].name == new.table.egress[no.egress].name
