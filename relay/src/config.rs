@@ -466,6 +466,23 @@ impl Config {
     }
 
     pub fn validate(&self, file: &str, sys: &dyn System) -> Result<(), ConfigError> {
+        self.validate_with(file, sys, true)
+    }
+
+    /// As [`Config::validate`], without checking that each `source:` is an address its
+    /// interface has now: for applying the running rules again when interfaces or their
+    /// addresses change under them, where an output whose address went away drops its
+    /// frames (`no_source`) until one is back, rather than holding the whole table back.
+    pub fn validate_running(&self, file: &str, sys: &dyn System) -> Result<(), ConfigError> {
+        self.validate_with(file, sys, false)
+    }
+
+    fn validate_with(
+        &self,
+        file: &str,
+        sys: &dyn System,
+        check_sources: bool,
+    ) -> Result<(), ConfigError> {
         let top = |message: String| ConfigError {
             file: file.to_owned(),
             rule: None,
@@ -661,7 +678,7 @@ impl Config {
             }
             let mut seen_outputs = HashSet::new();
             for out in &rule.outputs {
-                self.validate_output(rule, out, address, sys, &err)?;
+                self.validate_output(rule, out, address, sys, check_sources, &err)?;
                 let g = out.address().unwrap_or(address);
                 let p = out.port.or(input.port);
                 // Two VLANs of one trunk are two networks: the same group may go to each.
@@ -706,6 +723,7 @@ impl Config {
         out: &Output,
         address: IpAddr,
         sys: &dyn System,
+        check_sources: bool,
         err: &dyn Fn(String) -> ConfigError,
     ) -> Result<(), ConfigError> {
         let on = &out.interface;
@@ -792,7 +810,7 @@ impl Config {
         }
         // An interface that does not exist yet has no addresses to check against: its
         // output is checked again when it appears (a rule cannot come alive without it).
-        let exists = sys.interface(on).is_some();
+        let exists = check_sources && sys.interface(on).is_some();
         match out.source {
             Some(SourceSpec::Address(a)) => {
                 family("source", a)?;

@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod frag;
 pub mod loader;
 pub mod membership;
+pub mod neighbours;
 pub mod nexthop;
 pub mod pool;
 pub mod preflight;

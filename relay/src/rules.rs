@@ -85,6 +85,22 @@ impl RuleTable {
     /// Compiles a validated configuration against the running system.
     pub fn compile(cfg: &Config, file: &str, sys: &dyn System) -> Result<Self, ConfigError> {
         cfg.validate(file, sys)?;
+        Ok(Self::compile_valid(cfg, sys))
+    }
+
+    /// Compiles the running rules again after their interfaces or addresses changed (see
+    /// [`Config::validate_running`]): a `source: auto` with no address to stand for now
+    /// compiles to an output that drops its frames as `no_source`.
+    pub fn compile_running(
+        cfg: &Config,
+        file: &str,
+        sys: &dyn System,
+    ) -> Result<Self, ConfigError> {
+        cfg.validate_running(file, sys)?;
+        Ok(Self::compile_valid(cfg, sys))
+    }
+
+    fn compile_valid(cfg: &Config, sys: &dyn System) -> Self {
         let mut table = RuleTable::default();
         for (id, rule) in cfg.rules.iter().enumerate() {
             // An interface that does not exist (yet) gets ifindex 0: its rules are idle (no
@@ -161,7 +177,7 @@ impl RuleTable {
                 outputs,
             });
         }
-        Ok(table)
+        table
     }
 
     /// The entries of the XDP program's rule map.

@@ -484,6 +484,71 @@ mod tests {
         assert_eq!(read.rules[0].checksum_completed, 0);
     }
 
+    /// Unicast outputs show their destination, next hop and rewrites in every view.
+    #[test]
+    fn gateway_outputs_show_destination_next_hop_and_rewrites() {
+        let c = Config::parse(
+            "t",
+            "rules:\n  - name: gw\n    input: {interface: in0, group: 239.1.1.1, port: 5000}\n    outputs: [{interface: out0, destination: 198.18.2.2, port: 7000, source: auto, source_port: 7001}, {interface: out1, destination: 198.18.3.9}]\n  - name: back\n    input: {interface: in0, destination: 198.18.1.2, port: 7100}\n    outputs: [{interface: out1, group: 239.5.5.5, source: 198.18.12.1}]\n",
+        )
+        .unwrap();
+        let mut t = RuleTable::compile(&c, "t", &fake()).unwrap();
+        let slots = vec![
+            std::sync::Arc::new(crate::nexthop::NextHopSlot::new()),
+            std::sync::Arc::new(crate::nexthop::NextHopSlot::new()),
+        ];
+        slots[0].set(Some([2, 0, 0, 0, 0, 0x22]));
+        t.set_next_hops(slots);
+        let mut d = DatapathStats::new([2, 1].into_iter());
+        d.rules[0].outputs[1].no_neighbour = 5;
+        let pool = PoolStats {
+            capacity: 64,
+            free: 64,
+            low_water: 64,
+            rejected: 0,
+        };
+        let v = StatsView::build(&t, &d, None, &pool, AllocatorKind::Mutex);
+        let o = &v.rules[0].outputs[0];
+        assert_eq!(
+            (o.group.as_str(), o.unicast, o.next_hop.as_deref()),
+            ("198.18.2.2", true, Some("02:00:00:00:00:22"))
+        );
+        assert_eq!(
+            (o.source.as_deref(), o.source_port),
+            (Some("auto (198.18.11.1)"), Some(7001))
+        );
+        assert_eq!(
+            v.rules[0].outputs[1].next_hop.as_deref(),
+            Some("unresolved")
+        );
+        assert_eq!(v.rules[0].outputs[1].dropped["no_neighbour"], 5);
+        let back = &v.rules[1].outputs[0];
+        assert_eq!((back.unicast, back.next_hop.as_deref()), (false, None));
+        assert_eq!(back.source.as_deref(), Some("198.18.12.1"));
+        assert_eq!(v.rules[1].input, "in0 198.18.1.2:7100 from any");
+        let json = serde_json::to_string(&v).unwrap();
+        assert_eq!(serde_json::from_str::<StatsView>(&json).unwrap(), v);
+
+        let table = v.render_table();
+        assert!(
+            table.contains(
+                "198.18.2.2:7000 via 02:00:00:00:00:22 from auto (198.18.11.1) port 7001"
+            ),
+            "{table}"
+        );
+        assert!(table.contains("198.18.3.9:5000 via unresolved"), "{table}");
+        assert!(table.contains("(no_neighbour=5)"), "{table}");
+        let prom = v.render_prometheus();
+        assert!(
+            prom.contains("relay_output_dropped_packets_total{rule=\"gw\",output=\"out1 198.18.3.9:5000\",interface=\"out1\",destination=\"198.18.3.9\",reason=\"no_neighbour\"} 5"),
+            "{prom}"
+        );
+        assert!(
+            prom.contains("output=\"out1 239.5.5.5:7100\",interface=\"out1\",group=\"239.5.5.5\""),
+            "{prom}"
+        );
+    }
+
     #[test]
     fn table_shows_drops_by_reason() {
         let t = view().render_table();
