@@ -1,8 +1,9 @@
 //! relay: a multicast UDP relay built on XDP and AF_XDP.
 //!
 //! The modules split as quinn splits `quinn-proto` from `quinn`: [`wire`], [`checksum`],
-//! [`rewrite`], [`config`], [`rules`] and [`pool`] are logic with no I/O, tested without root;
-//! [`sys`], [`loader`], [`datapath`], [`probe`] and [`preflight`] talk to the kernel.
+//! [`rewrite`], [`config`], [`rules`], [`nexthop`] and [`pool`] are logic with no I/O, tested
+//! without root; [`sys`], [`loader`], [`datapath`], [`neighbours`], [`probe`] and
+//! [`preflight`] talk to the kernel.
 
 pub mod checksum;
 pub mod config;

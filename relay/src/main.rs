@@ -20,6 +20,7 @@ use relay::{
     datapath::Datapath,
     loader::Steering,
     membership::Memberships,
+    neighbours::Neighbours,
     pool::AllocatorKind,
     preflight, report,
     rules::RuleTable,
@@ -194,7 +195,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         config.workers = Some(w);
     }
     // The file against this machine: its interfaces, and the CPUs `cpus:` names.
-    let table = RuleTable::compile(&config, &file, &LiveSystem)?;
+    let mut table = RuleTable::compile(&config, &file, &LiveSystem)?;
     if cli.check {
         // Everything else the start needs, short of attaching XDP and binding for real.
         for warning in config.absent_interfaces(&file, &LiveSystem) {
@@ -246,6 +247,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .collect();
     let workers = preflight::workers(&config, &table);
     preflight::frame_budget(&file, config.umem.frames, &table, workers)?;
+    let mut neighbours = None;
+    track_next_hops(&mut neighbours, &mut table, &[])?;
     let (mut datapath, bindings) = Datapath::new(
         table.clone(),
         config.umem.frames,
@@ -307,6 +310,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         steering,
         datapath,
         memberships,
+        neighbours,
         gone: Vec::new(),
         bind_error: None,
     };
@@ -343,10 +347,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         mut steering,
         datapath,
         memberships,
+        neighbours,
         ..
     } = relay;
     steering.detach();
     drop(memberships);
+    drop(neighbours);
     let finished = datapath.stop();
     let xdp = steering.counters().read().ok();
     print!(
@@ -372,6 +378,8 @@ struct Running {
     steering: Steering,
     datapath: Datapath,
     memberships: Memberships,
+    /// Follows the next hops of unicast outputs; started with the first such output.
+    neighbours: Option<Neighbours>,
     /// Interfaces of the running rules that do not exist right now.
     gone: Vec<String>,
     /// Why binding to a re-created interface failed last time, so it is logged once.
@@ -421,8 +429,12 @@ impl Running {
         if let Err(e) = self.retire_gone() {
             error!("closing the sockets of interfaces that went away: {e:#}");
         }
-        if replaced.is_empty() {
+        let readdressed = self.datapath.with_table(readdressed);
+        if replaced.is_empty() && readdressed.is_empty() {
             return;
+        }
+        for name in &readdressed {
+            info!("{name}: its addresses changed; the outputs with `source: auto` follow");
         }
         for (name, ingress, new) in &replaced {
             self.gone.retain(|g| g != name);
@@ -436,10 +448,14 @@ impl Running {
                 info!("{name}: the old XDP link is already gone ({e:#})");
             }
         }
-        match self.apply(self.config.clone()) {
+        match self.apply_running() {
             Ok(summary) => {
                 self.bind_error = None;
-                info!("rebound: {summary}");
+                if replaced.is_empty() {
+                    info!("source addresses followed: {summary}");
+                } else {
+                    info!("rebound: {summary}");
+                }
             }
             // Tried again at the next look; said again only if the reason changes.
             Err(e) => {
@@ -517,10 +533,26 @@ impl Running {
     fn apply(&mut self, new_config: Config) -> Result<String> {
         let file = self.config_path.display().to_string();
         let new = RuleTable::compile(&new_config, &file, &LiveSystem)?;
+        self.apply_table(new_config, new)
+    }
+
+    /// Applies the running rules again, to interfaces re-created or readdressed under them;
+    /// an output whose `source: auto` has no address now drops its frames until it has.
+    fn apply_running(&mut self) -> Result<String> {
+        let file = self.config_path.display().to_string();
+        let new = RuleTable::compile_running(&self.config, &file, &LiveSystem)?;
+        self.apply_table(self.config.clone(), new)
+    }
+
+    fn apply_table(&mut self, new_config: Config, mut new: RuleTable) -> Result<String> {
+        let file = self.config_path.display().to_string();
         // An interface re-created since the last look has new sockets coming: the old ones
         // go first, so the new ones can share the UMEM through a live socket.
         self.retire_gone()?;
         let old = self.datapath.table();
+        // The old table's next hops stay followed until the switch is done either way.
+        let old_targets = old.unicast_targets();
+        track_next_hops(&mut self.neighbours, &mut new, &old_targets)?;
         for (what, changed) in [
             ("allocator", new_config.allocator != self.config.allocator),
             ("umem", new_config.umem != self.config.umem),
@@ -534,7 +566,14 @@ impl Running {
                 warn!("{file}: `{what}` changed; it takes effect at the next start");
             }
         }
-        self.switch(&old, &new, new_config.xdp_mode)?;
+        let switched = self.switch(&old, &new, new_config.xdp_mode);
+        let mut kept = if switched.is_ok() {
+            new.clone()
+        } else {
+            old.clone()
+        };
+        track_next_hops(&mut self.neighbours, &mut kept, &[])?;
+        switched?;
         let names = |t: &RuleTable| t.rules.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
         let (before, after) = (names(&old), names(&new));
         let added = after.iter().filter(|n| !before.contains(n)).count();
@@ -555,6 +594,59 @@ impl Running {
             new.rules.len()
         ))
     }
+}
+
+/// Gives `table`'s unicast outputs their next-hop slots, starting the neighbour tracker at the
+/// first one. The tracker follows those targets and `also` (what another table still in use
+/// sends to), and nothing else: a target followed before keeps its slot, and so its MAC.
+fn track_next_hops(
+    neighbours: &mut Option<Neighbours>,
+    table: &mut RuleTable,
+    also: &[(u32, std::net::IpAddr)],
+) -> Result<()> {
+    let targets = table.unicast_targets();
+    if targets.is_empty() && also.is_empty() && neighbours.is_none() {
+        return Ok(());
+    }
+    let tracker = match neighbours {
+        Some(n) => n,
+        None => neighbours.insert(
+            Neighbours::start().context("starting the neighbour tracker for unicast outputs")?,
+        ),
+    };
+    let mut all = targets.clone();
+    all.extend_from_slice(also);
+    let mut slots = tracker.track(&all);
+    slots.truncate(targets.len());
+    table.set_next_hops(slots);
+    Ok(())
+}
+
+/// Egress interfaces whose address `source: auto` stands for is no longer the one `table`
+/// writes.
+fn readdressed(table: &RuleTable) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    // Each interface's addresses read once per look, however many outputs it has.
+    let mut addresses = std::collections::HashMap::new();
+    for rule in &table.rules {
+        for o in &rule.outputs {
+            let egress = &table.egress[o.egress];
+            if o.action.source_spec != Some(relay::config::SourceSpec::Auto)
+                || !egress.info.exists()
+                || out.contains(&egress.name)
+            {
+                continue;
+            }
+            let has = addresses
+                .entry(egress.name.as_str())
+                .or_insert_with(|| relay::sys::interface_addresses(&egress.name));
+            let now = relay::config::auto_source(has, rule.group.is_ipv4());
+            if now != o.action.source {
+                out.push(egress.name.clone());
+            }
+        }
+    }
+    out
 }
 
 /// What a change did before its switch, so that a failure can put it back.

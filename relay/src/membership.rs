@@ -256,6 +256,12 @@ mod tests {
   - name: e
     input: {interface: in0, group: 239.2.2.2, port: 7, source: 198.18.1.9}
     outputs: [{interface: out0}]
+  - name: unicast-in
+    input: {interface: in0, destination: 198.18.1.2, port: 7100}
+    outputs: [{interface: out0, group: 239.9.9.9}]
+  - name: unicast-out
+    input: {interface: in0, group: 239.3.3.3, port: 7100}
+    outputs: [{interface: out0, destination: 198.18.2.2}]
 ";
         let c = Config::parse("t", yaml).unwrap();
         let t = RuleTable::compile(&c, "t", &fake()).unwrap();
@@ -272,6 +278,9 @@ mod tests {
                     IpAddr::from([239, 2, 2, 2]),
                     Some(IpAddr::from([198, 18, 1, 9]))
                 ),
+                // A group input with a unicast output joins its group; a unicast input
+                // (198.18.1.2) joins nothing.
+                (IpAddr::from([239, 3, 3, 3]), None),
             ]
         );
     }

@@ -304,9 +304,14 @@ fn ipv4(
     let old_sum = udp.checksum();
     if old_sum != 0 {
         let mut s = update32(old_sum, old_dst.octets(), dst.octets());
-        s = update32(s, old_src.octets(), src.octets());
+        // A group relay rewrites neither source: no work for it on every frame.
+        if src != old_src {
+            s = update32(s, old_src.octets(), src.octets());
+        }
         s = update16(s, ports.old_dst, ports.dst);
-        s = update16(s, ports.old_src, ports.src);
+        if ports.src != ports.old_src {
+            s = update16(s, ports.old_src, ports.src);
+        }
         udp.set_checksum(if s == 0 { 0xffff } else { s });
     }
     Ok(())
@@ -324,7 +329,9 @@ fn ipv6(
     let new_hops = next_hops(ip.hop_limit(), hops)?;
     ip.set_hop_limit(new_hops);
     ip.set_dst_addr(dst);
-    ip.set_src_addr(src);
+    if src != old_src {
+        ip.set_src_addr(src);
+    }
 
     let old_sum = udp.checksum();
     let s = if old_sum == 0 {
@@ -341,9 +348,14 @@ fn ipv6(
         udp_ipv6(src, dst, datagram)
     } else {
         let mut s = update_words(old_sum, &old_dst.octets(), &dst.octets());
-        s = update_words(s, &old_src.octets(), &src.octets());
+        if src != old_src {
+            s = update_words(s, &old_src.octets(), &src.octets());
+        }
         s = update16(s, ports.old_dst, ports.dst);
-        match update16(s, ports.old_src, ports.src) {
+        if ports.src != ports.old_src {
+            s = update16(s, ports.old_src, ports.src);
+        }
+        match s {
             0 => 0xffff,
             s => s,
         }

@@ -436,3 +436,55 @@ fn check_refuses_a_umem_too_small_for_its_workers() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `source: auto` on an interface with no address of the rule's family, and a `source:` the
+/// interface does not have: `--check` and the start refuse them, naming the rule, the
+/// interface and the value; with the address in place, both pass.
+#[test]
+fn check_refuses_a_source_the_interface_cannot_send_from() {
+    require_root();
+    let topo = Topology::new(1).unwrap();
+    let dir = Scratch::new();
+    topo.relay
+        .exec(&["ip", "-4", "addr", "flush", "dev", "rout0"])
+        .unwrap();
+    let auto = "rules:\n  - name: gw\n    input: { interface: rin, group: 239.1.1.1, port: 5000 }\n    outputs: [{ interface: rout0, destination: 198.18.2.2, source: auto }]\n";
+    let file = dir.config("auto.yaml", auto);
+    let line = check_refused(&topo, &file, &[], "source: auto without an address");
+    assert!(
+        line.ends_with(&format!(
+            "{}: rule 'gw': output source auto on 'rout0': 'rout0' has no IPv4 address to send \
+             from (add one, or name the source)",
+            file.display()
+        )),
+        "{line}"
+    );
+    let started = start_refused(&topo, auto, "source: auto without an address");
+    assert!(started.contains("'rout0' has no IPv4 address"), "{started}");
+
+    let named = dir.config(
+        "named.yaml",
+        "rules:\n  - name: gw\n    input: { interface: rin, group: 239.1.1.1, port: 5000 }\n    outputs: [{ interface: rout0, destination: 198.18.2.2, source: 198.18.2.1 }]\n",
+    );
+    let line = check_refused(&topo, &named, &[], "a source rout0 does not have");
+    assert!(
+        line.contains(
+            "rule 'gw': output source 198.18.2.1 is not an address of 'rout0' (it has \
+             2001:2:0:2::1"
+        ),
+        "{line}"
+    );
+
+    topo.relay
+        .exec(&["ip", "addr", "add", "198.18.2.1/24", "dev", "rout0"])
+        .unwrap();
+    for f in [&file, &named] {
+        let out = check(&topo, f, &[]);
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
