@@ -373,6 +373,9 @@ fn start(topo: &Topology, relay_bin: &Path, sc: &Scenario, cpus: usize) -> Resul
         Forwarder::Relay { allocator, workers } => {
             let yaml = relay_yaml(topo, sc, workers, allocator);
             let r = RelayProc::start(relay_bin, &topo.relay, &yaml, &[])?;
+            if sc.addressing == Addressing::MulticastToUnicast {
+                wait_resolved(relay_bin, &r)?;
+            }
             // All its threads on the CPU the sender does not use (with two workers on two
             // CPUs, the second shares the sender's).
             if workers == 1 {
@@ -497,6 +500,36 @@ fn run_one(
         },
         rss_mib: rss,
     })
+}
+
+/// Waits until every unicast output of the relay has its next hop's MAC. The relay has the
+/// kernel resolve it as it starts, which takes an ARP exchange and a netlink notification
+/// after it says it is relaying; frames before that are dropped (`no_neighbour`), and that is
+/// the first moment of a relay's life, not the steady state a row measures.
+fn wait_resolved(relay_bin: &Path, relay: &RelayProc) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = Command::new(relay_bin)
+            .args(["stats", "--json", "--control"])
+            .arg(&relay.control)
+            .output()
+            .context("relay stats")?;
+        let view: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("relay stats --json")?;
+        let unresolved = view["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r["outputs"].as_array().into_iter().flatten())
+            .any(|o| o["next_hop"] == "unresolved");
+        if !unresolved {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("a unicast output's next hop is still unresolved after 5 s: {view}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The relay ingress's MAC: where an AF_XDP sender's unicast frames go. The UDP socket
