@@ -25,6 +25,9 @@ use crate::{
 
 const GROUP: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
 const PORT: u16 = 5000;
+/// The port a unicast -> multicast row sends to the relay's own address on: not the group's,
+/// so the datagrams reach the relay only through its unicast rule.
+const UNICAST_IN_PORT: u16 = 7100;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -51,6 +54,18 @@ enum Forwarder {
     Socat,
 }
 
+/// What a row's datagrams are addressed to on either side of the forwarder.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Addressing {
+    /// Sent to the group, relayed to the group.
+    Multicast,
+    /// Sent to the group, relayed to receiver 0's own address (`destination:`), from the
+    /// relay's (`source: auto`); the receiver joins nothing.
+    MulticastToUnicast,
+    /// Sent to the relay's ingress address, relayed to the group from the relay's address.
+    UnicastToMulticast,
+}
+
 #[derive(Debug, Clone)]
 struct Scenario {
     name: String,
@@ -58,6 +73,7 @@ struct Scenario {
     outputs: usize,
     /// Rules the relay holds besides the measured one (other groups, never matched).
     extra_rules: usize,
+    addressing: Addressing,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -67,6 +83,13 @@ fn scenarios() -> Vec<Scenario> {
         fwd,
         outputs,
         extra_rules: 0,
+        addressing: Addressing::Multicast,
+    };
+    // The gateway paths (#13), one output each, beside the multicast row of their allocator
+    // so that the two are measured close together in the same run.
+    let gateway = |name: &str, allocator, addressing| Scenario {
+        addressing,
+        ..s(name, relay(allocator, 1), 1)
     };
     let many = |name: &str, rules: usize| Scenario {
         extra_rules: rules - 1,
@@ -74,7 +97,27 @@ fn scenarios() -> Vec<Scenario> {
     };
     vec![
         s("relay lock-free 1→1", relay("lockfree", 1), 1),
+        gateway(
+            "relay lock-free mcast→ucast 1→1",
+            "lockfree",
+            Addressing::MulticastToUnicast,
+        ),
+        gateway(
+            "relay lock-free ucast→mcast 1→1",
+            "lockfree",
+            Addressing::UnicastToMulticast,
+        ),
         s("relay mutex 1→1", relay("mutex", 1), 1),
+        gateway(
+            "relay mutex mcast→ucast 1→1",
+            "mutex",
+            Addressing::MulticastToUnicast,
+        ),
+        gateway(
+            "relay mutex ucast→mcast 1→1",
+            "mutex",
+            Addressing::UnicastToMulticast,
+        ),
         s("kernel ipmr 1→1", Forwarder::Kernel, 1),
         s("socat 1→1", Forwarder::Socat, 1),
         s("relay lock-free 2 workers 1→2", relay("lockfree", 2), 2),
@@ -286,13 +329,31 @@ impl Running {
     }
 }
 
-fn relay_yaml(outputs: usize, workers: usize, allocator: &str, extra_rules: usize) -> String {
+fn relay_yaml(topo: &Topology, sc: &Scenario, workers: usize, allocator: &str) -> String {
+    let input = match sc.addressing {
+        Addressing::UnicastToMulticast => {
+            format!("destination: {RELAY_IN_ADDR}, port: {UNICAST_IN_PORT}")
+        }
+        _ => format!("group: {GROUP}, port: {PORT}"),
+    };
     let mut y = format!(
-        "allocator: {allocator}\nworkers: {workers}\nrules:\n  - name: bench\n    input: {{ interface: {RELAY_IN}, group: {GROUP}, port: {PORT} }}\n    outputs:\n"
+        "allocator: {allocator}\nworkers: {workers}\nrules:\n  - name: bench\n    input: {{ interface: {RELAY_IN}, {input} }}\n    outputs:\n"
     );
-    for i in 0..outputs {
-        let _ = writeln!(y, "      - interface: rout{i}");
+    for (i, r) in topo.receivers[..sc.outputs].iter().enumerate() {
+        let _ = match sc.addressing {
+            Addressing::Multicast => writeln!(y, "      - interface: rout{i}"),
+            Addressing::MulticastToUnicast => writeln!(
+                y,
+                "      - {{ interface: rout{i}, destination: {}, port: {PORT}, source: auto }}",
+                r.addr
+            ),
+            Addressing::UnicastToMulticast => writeln!(
+                y,
+                "      - {{ interface: rout{i}, group: {GROUP}, port: {PORT}, source: auto }}"
+            ),
+        };
     }
+    let extra_rules = sc.extra_rules;
     // Other rules on the same ingress, 100 ports on each of a few groups (few groups keep the
     // relay's memberships few), none of which the measured flow matches.
     for i in 0..extra_rules {
@@ -310,8 +371,11 @@ fn start(topo: &Topology, relay_bin: &Path, sc: &Scenario, cpus: usize) -> Resul
     let relay_cpu = (1 % cpus).to_string();
     let running = match sc.fwd {
         Forwarder::Relay { allocator, workers } => {
-            let yaml = relay_yaml(sc.outputs, workers, allocator, sc.extra_rules);
+            let yaml = relay_yaml(topo, sc, workers, allocator);
             let r = RelayProc::start(relay_bin, &topo.relay, &yaml, &[])?;
+            if sc.addressing == Addressing::MulticastToUnicast {
+                wait_resolved(relay_bin, &r)?;
+            }
             // All its threads on the CPU the sender does not use (with two workers on two
             // CPUs, the second shares the sender's).
             if workers == 1 {
@@ -382,19 +446,16 @@ fn run_one(
     let fwd = start(topo, relay_bin, sc, cpus)?;
     let mut receivers = Vec::new();
     for r in &topo.receivers[..sc.outputs] {
-        receivers.push(GenReceiver::spawn(
-            gen_bin,
-            &r.ns,
-            GROUP,
-            PORT,
-            r.addr,
-            1000,
-            duration + 20.0,
-        )?);
+        receivers.push(match sc.addressing {
+            Addressing::MulticastToUnicast => {
+                GenReceiver::spawn_unicast(gen_bin, &r.ns, r.addr, PORT, 1000, duration + 20.0)?
+            }
+            _ => GenReceiver::spawn(gen_bin, &r.ns, GROUP, PORT, r.addr, 1000, duration + 20.0)?,
+        });
     }
     let pid = fwd.pid();
     let cpu_before = pid.map(cpu_ns).transpose()?;
-    let spec = SendSpec {
+    let mut spec = SendSpec {
         group: GROUP,
         port: PORT,
         source: SENDER_ADDR,
@@ -404,7 +465,14 @@ fn run_one(
         cpu: Some(0),
         afxdp: afxdp_sender.then(|| SENDER_IF.to_owned()),
     };
-    let sent = GenSender::spawn(gen_bin, &topo.sender, &spec)?.finish()?;
+    let sender = if sc.addressing == Addressing::UnicastToMulticast {
+        spec.group = RELAY_IN_ADDR;
+        spec.port = UNICAST_IN_PORT;
+        GenSender::spawn_unicast(gen_bin, &topo.sender, &spec, ingress_mac(topo)?)?
+    } else {
+        GenSender::spawn(gen_bin, &topo.sender, &spec)?
+    };
+    let sent = sender.finish()?;
     let mut got = Vec::new();
     for r in receivers {
         got.push(r.finish()?);
@@ -432,6 +500,49 @@ fn run_one(
         },
         rss_mib: rss,
     })
+}
+
+/// Waits until every unicast output of the relay has its next hop's MAC. The relay has the
+/// kernel resolve it as it starts, which takes an ARP exchange and a netlink notification
+/// after it says it is relaying; frames before that are dropped (`no_neighbour`), and that is
+/// the first moment of a relay's life, not the steady state a row measures.
+fn wait_resolved(relay_bin: &Path, relay: &RelayProc) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = Command::new(relay_bin)
+            .args(["stats", "--json", "--control"])
+            .arg(&relay.control)
+            .output()
+            .context("relay stats")?;
+        let view: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("relay stats --json")?;
+        let unresolved = view["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r["outputs"].as_array().into_iter().flatten())
+            .any(|o| o["next_hop"] == "unresolved");
+        if !unresolved {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("a unicast output's next hop is still unresolved after 5 s: {view}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The relay ingress's MAC: where an AF_XDP sender's unicast frames go. The UDP socket
+/// sender resolves it itself, and a ping first has its ARP entry there before the clock starts
+/// (a datagram sent while ARP is pending waits in a short queue, or is dropped).
+fn ingress_mac(topo: &Topology) -> Result<[u8; 6]> {
+    topo.sender
+        .exec(&["ping", "-c", "1", "-W", "1", &RELAY_IN_ADDR.to_string()])
+        .context("pinging the relay's ingress")?;
+    let mac = topo
+        .relay
+        .exec(&["cat", &format!("/sys/class/net/{RELAY_IN}/address")])?;
+    crate::xdpgen::parse_mac(&mac)
 }
 
 /// Time a process's threads have spent on a CPU, in nanoseconds (schedstat, summed).

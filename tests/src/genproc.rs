@@ -51,16 +51,48 @@ impl GenReceiver {
         idle_ms: u64,
         max_secs: f64,
     ) -> Result<Self> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns.name()])
+        Self::start(
+            gen_bin,
+            ns,
+            Some(group),
+            port,
+            iface_addr,
+            idle_ms,
+            max_secs,
+        )
+    }
+
+    /// Starts a receiver of unicast datagrams to `addr`:`port` (bound there, joining
+    /// nothing), the far end of a gateway output, and returns once it listens.
+    pub fn spawn_unicast(
+        gen_bin: &Path,
+        ns: &Netns,
+        addr: Ipv4Addr,
+        port: u16,
+        idle_ms: u64,
+        max_secs: f64,
+    ) -> Result<Self> {
+        Self::start(gen_bin, ns, None, port, addr, idle_ms, max_secs)
+    }
+
+    fn start(
+        gen_bin: &Path,
+        ns: &Netns,
+        group: Option<Ipv4Addr>,
+        port: u16,
+        iface_addr: Ipv4Addr,
+        idle_ms: u64,
+        max_secs: f64,
+    ) -> Result<Self> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()])
             .arg(gen_bin)
-            .args([
-                "recv",
-                "--group",
-                &group.to_string(),
-                "--port",
-                &port.to_string(),
-            ])
+            .arg("recv");
+        if let Some(group) = group {
+            cmd.args(["--group", &group.to_string()]);
+        }
+        let mut child = cmd
+            .args(["--port", &port.to_string()])
             .args(["--iface-addr", &iface_addr.to_string()])
             .args([
                 "--idle-ms",
@@ -91,6 +123,7 @@ impl GenReceiver {
 /// What a sender sends.
 #[derive(Debug, Clone)]
 pub struct SendSpec {
+    /// The group; for [`GenSender::spawn_unicast`], the unicast address.
     pub group: Ipv4Addr,
     pub port: u16,
     pub source: Ipv4Addr,
@@ -111,11 +144,42 @@ pub struct GenSender {
 
 impl GenSender {
     pub fn spawn(gen_bin: &Path, ns: &Netns, spec: &SendSpec) -> Result<Self> {
+        Self::start(gen_bin, ns, spec, None)
+    }
+
+    /// As [`GenSender::spawn`], but to a unicast address: `spec.group` holds it, and
+    /// `next_hop_mac` is the MAC an AF_XDP sender's frames go to (the UDP socket sender
+    /// leaves that to its kernel's ARP).
+    pub fn spawn_unicast(
+        gen_bin: &Path,
+        ns: &Netns,
+        spec: &SendSpec,
+        next_hop_mac: [u8; 6],
+    ) -> Result<Self> {
+        Self::start(gen_bin, ns, spec, Some(next_hop_mac))
+    }
+
+    fn start(
+        gen_bin: &Path,
+        ns: &Netns,
+        spec: &SendSpec,
+        next_hop_mac: Option<[u8; 6]>,
+    ) -> Result<Self> {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name()])
-            .arg(gen_bin)
-            .args(["send", "--group", &spec.group.to_string()])
-            .args(["--port", &spec.port.to_string()])
+        cmd.args(["netns", "exec", ns.name()]).arg(gen_bin);
+        match next_hop_mac {
+            None => cmd.args(["send", "--group", &spec.group.to_string()]),
+            Some(m) => cmd
+                .args(["send", "--destination", &spec.group.to_string()])
+                .args([
+                    "--dst-mac",
+                    &format!(
+                        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                        m[0], m[1], m[2], m[3], m[4], m[5]
+                    ),
+                ]),
+        };
+        cmd.args(["--port", &spec.port.to_string()])
             .args(["--source", &spec.source.to_string()])
             .args([
                 "--size",

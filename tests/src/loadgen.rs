@@ -48,7 +48,31 @@ pub fn udp4_frame(
     payload_len: usize,
 ) -> Vec<u8> {
     let g = group.octets();
-    let mut f = vec![0x01, 0x00, 0x5e, g[1] & 0x7f, g[2], g[3]];
+    let group_mac = [0x01, 0x00, 0x5e, g[1] & 0x7f, g[2], g[3]];
+    udp4_frame_to(
+        group_mac,
+        src_mac,
+        source,
+        group,
+        dst_port,
+        ttl,
+        payload_len,
+    )
+}
+
+/// As [`udp4_frame`], to any IPv4 `destination` behind `dst_mac`: a unicast datagram needs
+/// the next hop's MAC, which no address maps to the way a group's does.
+pub fn udp4_frame_to(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    source: std::net::Ipv4Addr,
+    destination: std::net::Ipv4Addr,
+    dst_port: u16,
+    ttl: u8,
+    payload_len: usize,
+) -> Vec<u8> {
+    let g = destination.octets();
+    let mut f = dst_mac.to_vec();
     f.extend_from_slice(&src_mac);
     f.extend_from_slice(&[0x08, 0x00]);
     let total = (20 + 8 + payload_len) as u16;
@@ -227,6 +251,33 @@ mod tests {
         assert_eq!(relay::wire::check_lengths(&f, &flow), Ok(()));
         assert_eq!(f.len(), UDP4_PAYLOAD_AT + 64);
         assert_eq!(f[..6], [0x01, 0x00, 0x5e, 0x01, 0x02, 0x03]);
+    }
+
+    #[test]
+    fn unicast_frames_differ_from_group_frames_only_in_the_addressing() {
+        let (src_mac, next_hop) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        let source = [198, 18, 1, 1].into();
+        let group = udp4_frame(src_mac, source, [239, 1, 2, 3].into(), 7100, 8, 64);
+        let f = udp4_frame_to(
+            next_hop,
+            src_mac,
+            source,
+            [198, 18, 1, 2].into(),
+            7100,
+            8,
+            64,
+        );
+        assert_eq!(f[..6], next_hop);
+        assert_eq!(f[30..34], [198, 18, 1, 2]);
+        assert_eq!(relay::checksum::checksum(&f[14..34]), 0, "header checksum");
+        let differ: Vec<usize> = (0..f.len()).filter(|&i| f[i] != group[i]).collect();
+        // The destination MAC, the IPv4 checksum and the destination address.
+        assert!(
+            differ
+                .iter()
+                .all(|&i| i < 6 || (24..26).contains(&i) || (30..34).contains(&i)),
+            "{differ:?}"
+        );
     }
 
     use super::*;

@@ -16,7 +16,9 @@ use xsk_rs::{
     config::{BindFlags, FrameSize, LibxdpFlags, QueueSize, SocketConfigBuilder, UmemConfig},
 };
 
-use crate::loadgen::{HEADER, SendSummary, UDP4_PAYLOAD_AT, due, now_ns, stamp, udp4_frame};
+use crate::loadgen::{
+    HEADER, SendSummary, UDP4_PAYLOAD_AT, due, now_ns, stamp, udp4_frame, udp4_frame_to,
+};
 
 const FRAMES: u32 = 4096;
 const RING: u32 = 2048;
@@ -26,7 +28,11 @@ const BATCH: usize = 64;
 pub struct XdpSend {
     pub iface: String,
     pub source: Ipv4Addr,
-    pub group: Ipv4Addr,
+    /// A group, or a unicast address when `dst_mac` is given.
+    pub destination: Ipv4Addr,
+    /// The frames' destination MAC for a unicast `destination` (the next hop's, which the
+    /// caller knows and this process may not be able to see); a group's own MAC when absent.
+    pub dst_mac: Option<[u8; 6]>,
     pub port: u16,
     pub ttl: u8,
     pub size: usize,
@@ -43,18 +49,26 @@ pub fn send(spec: &XdpSend) -> Result<SendSummary> {
     }
     let mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", spec.iface))
         .with_context(|| format!("no interface {}", spec.iface))?;
-    let mut src_mac = [0u8; 6];
-    for (b, h) in src_mac.iter_mut().zip(mac.trim().split(':')) {
-        *b = u8::from_str_radix(h, 16)?;
-    }
-    let template = udp4_frame(
-        src_mac,
-        spec.source,
-        spec.group,
-        spec.port,
-        spec.ttl,
-        spec.size,
-    );
+    let src_mac = parse_mac(&mac)?;
+    let template = match spec.dst_mac {
+        None => udp4_frame(
+            src_mac,
+            spec.source,
+            spec.destination,
+            spec.port,
+            spec.ttl,
+            spec.size,
+        ),
+        Some(dst_mac) => udp4_frame_to(
+            dst_mac,
+            src_mac,
+            spec.source,
+            spec.destination,
+            spec.port,
+            spec.ttl,
+            spec.size,
+        ),
+    };
     if template.len() > 2048 - 256 {
         bail!("a {}-byte frame does not fit a UMEM frame", template.len());
     }
@@ -169,4 +183,17 @@ pub fn send(spec: &XdpSend) -> Result<SendSummary> {
         elapsed_s: elapsed,
         pps: seq as f64 / elapsed.max(1e-9),
     })
+}
+
+/// A MAC address as sysfs and `ip link` write it (`02:00:00:00:00:01`).
+pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.trim().split(':').collect();
+    if parts.len() != 6 {
+        bail!("not a MAC address: {text:?}");
+    }
+    for (b, h) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(h, 16).with_context(|| format!("not a MAC address: {text:?}"))?;
+    }
+    Ok(mac)
 }

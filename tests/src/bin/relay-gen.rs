@@ -3,8 +3,11 @@
 //! ```text
 //! relay-gen send --group 239.1.1.1 --port 5000 --source 198.18.1.1 --size 64 --rate 100000 --duration 3
 //! relay-gen recv --group 239.1.1.1 --port 5000 --iface-addr 198.18.2.2
+//! relay-gen send --destination 198.18.1.2 --dst-mac 02:00:00:00:00:02 --port 7100 --source 198.18.1.1
+//! relay-gen recv --port 5000 --iface-addr 198.18.2.2
 //! ```
-//! The sender stamps every payload with a sequence number and its send time; the receiver
+//! The last two are the unicast ends a gateway rule has: a sender to a unicast address, and a
+//! receiver that joins nothing. The sender stamps every payload with a sequence number and its send time; the receiver
 //! reports loss, duplicates, reordering and one-way latency percentiles. Both print one JSON
 //! line on stdout when they finish. Run them in network namespaces (`ip netns exec`).
 
@@ -28,10 +31,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Send stamped datagrams to a group.
+    /// Send stamped datagrams to a group, or to a unicast address.
+    #[command(group(clap::ArgGroup::new("to").required(true).args(["group", "destination"])))]
     Send {
         #[arg(long)]
-        group: Ipv4Addr,
+        group: Option<Ipv4Addr>,
+        /// A unicast address to send to instead of a group.
+        #[arg(long)]
+        destination: Option<Ipv4Addr>,
+        /// With --destination and --afxdp: the frames' destination MAC, the next hop's (an
+        /// AF_XDP sender resolves no neighbours; a UDP socket leaves it to the kernel).
+        #[arg(long, value_name = "MAC", requires = "destination")]
+        dst_mac: Option<String>,
         #[arg(long)]
         port: u16,
         /// Local address to send from; also selects the outgoing interface.
@@ -65,13 +76,15 @@ enum Cmd {
         #[arg(long, value_name = "IFACE")]
         afxdp: Option<String>,
     },
-    /// Join a group and account for what arrives.
+    /// Join a group (or, without --group, listen on a unicast address) and account for what
+    /// arrives.
     Recv {
+        /// Without it, the receiver binds --iface-addr and --port and joins nothing.
         #[arg(long)]
-        group: Ipv4Addr,
+        group: Option<Ipv4Addr>,
         #[arg(long)]
         port: u16,
-        /// Address of the interface to join on.
+        /// Address of the interface to join on; with no group, the address to listen on.
         #[arg(long)]
         iface_addr: Ipv4Addr,
         /// Stop this long after the last datagram (once one has arrived).
@@ -89,6 +102,8 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Send {
             group,
+            destination,
+            dst_mac,
             port,
             source,
             size,
@@ -102,11 +117,23 @@ fn main() -> Result<()> {
             afxdp,
         } => {
             pin(cpu);
+            let to = match (group, destination) {
+                (Some(g), _) => To::Group(g),
+                (None, Some(d)) => To::Unicast(d),
+                (None, None) => unreachable!("clap requires one"),
+            };
             let s = match afxdp {
                 Some(iface) => relay_tests::xdpgen::send(&relay_tests::xdpgen::XdpSend {
                     iface,
                     source,
-                    group,
+                    destination: to.addr(),
+                    dst_mac: match (&to, dst_mac) {
+                        (To::Group(_), _) => None,
+                        (To::Unicast(_), Some(m)) => Some(relay_tests::xdpgen::parse_mac(&m)?),
+                        (To::Unicast(d), None) => {
+                            bail!("--afxdp to unicast {d} needs --dst-mac (the next hop's MAC)")
+                        }
+                    },
                     port,
                     ttl: ttl.min(255) as u8,
                     size,
@@ -116,7 +143,7 @@ fn main() -> Result<()> {
                     flow,
                 })?,
                 None => send(
-                    group, port, source, size, rate, count, duration, ttl, batch, flow,
+                    to, port, source, size, rate, count, duration, ttl, batch, flow,
                 )?,
             };
             println!("{}", serde_json::to_string(&s)?);
@@ -135,6 +162,20 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where a sender sends.
+enum To {
+    Group(Ipv4Addr),
+    Unicast(Ipv4Addr),
+}
+
+impl To {
+    fn addr(&self) -> Ipv4Addr {
+        match *self {
+            To::Group(a) | To::Unicast(a) => a,
+        }
+    }
 }
 
 fn pin(cpu: Option<usize>) {
@@ -192,7 +233,7 @@ impl MsgBatch {
 
 #[allow(clippy::too_many_arguments)]
 fn send(
-    group: Ipv4Addr,
+    to: To,
     port: u16,
     source: Ipv4Addr,
     size: usize,
@@ -208,13 +249,20 @@ fn send(
     }
     let batch = batch.clamp(1, 1024);
     let sock = UdpSocket::bind(SocketAddrV4::new(source, 0)).context("binding the sender")?;
-    sock.set_multicast_ttl_v4(ttl)?;
-    sock.set_multicast_loop_v4(false)?;
     let fd = sock.as_raw_fd();
-    let ifaddr = libc::in_addr {
-        s_addr: u32::from_ne_bytes(source.octets()),
-    };
-    setsockopt(fd, libc::IPPROTO_IP, libc::IP_MULTICAST_IF, &ifaddr)?;
+    match to {
+        To::Group(_) => {
+            sock.set_multicast_ttl_v4(ttl)?;
+            sock.set_multicast_loop_v4(false)?;
+            let ifaddr = libc::in_addr {
+                s_addr: u32::from_ne_bytes(source.octets()),
+            };
+            setsockopt(fd, libc::IPPROTO_IP, libc::IP_MULTICAST_IF, &ifaddr)?;
+        }
+        // The same TTL as a group's datagrams and the AF_XDP sender's frames, so a relay
+        // sees the same frames whichever way they were sent.
+        To::Unicast(_) => sock.set_ttl(ttl)?,
+    }
     // A large send buffer lets the kernel queue a whole batch.
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &(4i32 << 20))?;
 
@@ -222,7 +270,7 @@ fn send(
     let mut dst: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     dst.sin_family = libc::AF_INET as u16;
     dst.sin_port = port.to_be();
-    dst.sin_addr.s_addr = u32::from_ne_bytes(group.octets());
+    dst.sin_addr.s_addr = u32::from_ne_bytes(to.addr().octets());
 
     let mut io = MsgBatch::new(batch, size, Some(&mut dst));
     let limit = count.unwrap_or(u64::MAX);
@@ -272,16 +320,23 @@ fn send(
 }
 
 fn recv(
-    group: Ipv4Addr,
+    group: Option<Ipv4Addr>,
     port: u16,
     iface_addr: Ipv4Addr,
     idle_ms: u64,
     max_secs: f64,
 ) -> Result<RecvStats> {
-    let sock = UdpSocket::bind(SocketAddrV4::new(group, port))
-        .with_context(|| format!("binding {group}:{port}"))?;
-    sock.join_multicast_v4(&group, &iface_addr)
-        .with_context(|| format!("joining {group} on {iface_addr}"))?;
+    let sock = match group {
+        Some(group) => {
+            let sock = UdpSocket::bind(SocketAddrV4::new(group, port))
+                .with_context(|| format!("binding {group}:{port}"))?;
+            sock.join_multicast_v4(&group, &iface_addr)
+                .with_context(|| format!("joining {group} on {iface_addr}"))?;
+            sock
+        }
+        None => UdpSocket::bind(SocketAddrV4::new(iface_addr, port))
+            .with_context(|| format!("binding {iface_addr}:{port}"))?,
+    };
     let fd = sock.as_raw_fd();
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &(8i32 << 20))?;
     sock.set_read_timeout(Some(Duration::from_millis(20)))?;
