@@ -270,6 +270,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
     preflight::frame_budget(&file, config.umem.frames, &table, workers)?;
     let mut neighbours = None;
     track_next_hops(&mut neighbours, &mut table, &[])?;
+    if let Some(n) = &neighbours {
+        await_next_hops(n, Duration::from_secs(1));
+    }
     let (mut datapath, bindings) = Datapath::new(
         table.clone(),
         config.umem.frames,
@@ -641,6 +644,30 @@ fn track_next_hops(
     slots.truncate(targets.len());
     table.set_next_hops(slots);
     Ok(())
+}
+
+/// Waits, at most `limit`, for the next hops of the unicast outputs to resolve before the
+/// relay starts steering: the first frames then go out rather than count as `no_neighbour`.
+/// A next hop that does not answer in time only delays the start by `limit`.
+fn await_next_hops(neighbours: &Neighbours, limit: Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let states = neighbours.describe();
+        let waiting = states.iter().filter(|s| s.mac.is_none()).count();
+        if waiting == 0 {
+            return;
+        }
+        if start.elapsed() >= limit {
+            warn!(
+                "{waiting} of {} unicast next hops not resolved after {} ms; their frames count \
+                 as no_neighbour until they are",
+                states.len(),
+                limit.as_millis()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Egress interfaces whose address `source: auto` stands for is no longer the one `table`
