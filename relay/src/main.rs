@@ -691,10 +691,11 @@ struct Undo {
 
 impl Running {
     /// Moves every part of the relay from `old` to `new`, all or nothing. What can fail
-    /// without touching traffic comes first (sockets, XSKMAP entries, XDP on new inputs,
-    /// allmulticast for new ranges, joins: the rule map has no key for a new input yet, so its
+    /// without touching traffic comes first (sockets, XSKMAP entries, allmulticast for new
+    /// ranges, XDP on new inputs, joins: the rule map has no key for a new input yet, so its
     /// frames still pass); then the workers switch, then the rule map; only then are old
-    /// inputs detached, old groups left and allmulticast no range needs turned off. A failure at any step puts back what the steps before it did.
+    /// inputs detached, old groups left and the allmulticast no range needs any more turned
+    /// off. A failure at any step puts back what the steps before it did.
     fn switch(
         &mut self,
         old: &RuleTable,
