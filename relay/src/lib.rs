@@ -5,6 +5,7 @@
 //! without root; [`sys`], [`loader`], [`datapath`], [`neighbours`], [`probe`] and
 //! [`preflight`] talk to the kernel.
 
+pub mod allmulti;
 pub mod checksum;
 pub mod config;
 pub mod control;

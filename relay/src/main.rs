@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use log::{error, info, warn};
 use relay::{
+    allmulti::{self, AllMulti},
     config::Config,
     control::{self, Reply, Request},
     datapath::Datapath,
@@ -225,6 +226,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         for note in preflight::check(&config, &file, &table)? {
             println!("{file}: note: {note}");
         }
+        // Said, not done: --check changes nothing.
+        let state = allmulti::state_path(&control::socket_path(config.control.as_ref()));
+        if let Ok(text) = std::fs::read_to_string(&state) {
+            let names: Vec<String> = allmulti::parse(&text)
+                .0
+                .into_iter()
+                .map(|i| i.name)
+                .collect();
+            if !names.is_empty() {
+                println!(
+                    "{file}: note: {}: a relay that did not stop cleanly left allmulticast on \
+                     ({}); the start turns it off where no group range needs it",
+                    state.display(),
+                    names.join(", ")
+                );
+            }
+        }
         println!(
             "{file}: OK: {} rules, {} ingress and {} egress interfaces",
             table.rules.len(),
@@ -245,6 +263,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
     // every way out of this function from here on, an error included, leaves none behind.
     let control_path = preflight::control_path(&file, config.control.as_ref())?;
     let control_socket = control::bind(&control_path)?;
+    // Only now that this relay holds the control socket is the state file beside it its own:
+    // what a relay killed before it could clean up left on is turned off (or kept, if a range
+    // still needs it). Dropping `allmulti` turns off what this relay turned on.
+    let mut allmulti = AllMulti::recover(allmulti::state_path(&control_path), &table)?;
     let metrics = config
         .metrics
         .map(|addr| preflight::metrics(&file, addr))
@@ -323,6 +345,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         control::serve_metrics(listener, snapshot)?;
     }
     let memberships = Memberships::join(&table)?;
+    // Ranges cannot be joined: their interfaces pass all multicast instead.
+    allmulti.turn_on(&table)?;
     info!(
         "relaying {} rules ({} group memberships held); SIGINT or SIGTERM stops, SIGHUP reloads",
         table.rules.len(),
@@ -334,6 +358,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         steering,
         datapath,
         memberships,
+        allmulti,
         neighbours,
         gone: Vec::new(),
         bind_error: None,
@@ -371,11 +396,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         mut steering,
         datapath,
         memberships,
+        allmulti,
         neighbours,
         ..
     } = relay;
     steering.detach();
     drop(memberships);
+    drop(allmulti);
     drop(neighbours);
     let finished = datapath.stop();
     let xdp = steering.counters().read().ok();
@@ -402,6 +429,8 @@ struct Running {
     steering: Steering,
     datapath: Datapath,
     memberships: Memberships,
+    /// Allmulticast on the ingresses that receive group ranges.
+    allmulti: AllMulti,
     /// Follows the next hops of unicast outputs; started with the first such output.
     neighbours: Option<Neighbours>,
     /// Interfaces of the running rules that do not exist right now.
@@ -704,14 +733,17 @@ struct Undo {
     xsks: Vec<(u32, u32)>,
     attached: Vec<String>,
     joined: Vec<relay::membership::Membership>,
+    /// Interfaces turned allmulticast on.
+    allmulti: Vec<allmulti::Iface>,
 }
 
 impl Running {
     /// Moves every part of the relay from `old` to `new`, all or nothing. What can fail
-    /// without touching traffic comes first (sockets, XSKMAP entries, XDP on new inputs,
-    /// joins: the rule map has no key for a new input yet, so its frames still pass); then the
-    /// workers switch, then the rule map; only then are old inputs detached and old groups
-    /// left. A failure at any step puts back what the steps before it did.
+    /// without touching traffic comes first (sockets, XSKMAP entries, allmulticast for new
+    /// ranges, XDP on new inputs, joins: the rule map has no key for a new input yet, so its
+    /// frames still pass); then the workers switch, then the rule map; only then are old
+    /// inputs detached, old groups left and the allmulticast no range needs any more turned
+    /// off. A failure at any step puts back what the steps before it did.
     fn switch(
         &mut self,
         old: &RuleTable,
@@ -744,6 +776,7 @@ impl Running {
             }
         }
         self.memberships.leave_unwanted(new);
+        self.allmulti.turn_off_unneeded(new);
         Ok(())
     }
 
@@ -760,6 +793,10 @@ impl Running {
                 undo.xsks.push((*ifindex, *queue));
             }
         }
+        // Allmulticast only lets more multicast reach the stack (which drops what no socket
+        // wants) until the rule map steers it, so it can come first; a refused attach after it
+        // turns it off again.
+        undo.allmulti = self.allmulti.turn_on(new)?;
         let attached = self.steering.attached();
         for i in new.ingress.iter().filter(|i| i.info.exists()) {
             if !attached.contains(&i.name) {
@@ -785,6 +822,7 @@ impl Running {
     }
 
     fn roll_back(&mut self, undo: Undo) {
+        self.allmulti.undo(&undo.allmulti, "the change failed");
         self.memberships.leave(&undo.joined);
         for iface in undo.attached {
             if let Err(e) = self.steering.detach_iface(&iface) {
