@@ -14,9 +14,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use relay_common::{
-    FragKey, MAX_FRAG_FLOWS, MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS, RuleKey,
-    RuleValue, SHAPE_GROUP, SHAPE_PORT, SHAPE_SOURCE, SHAPE_SOURCE_PORT, SHAPE_UNICAST,
-    SHAPE_VLAN_SHIFT, SHAPES_VLAN, VLAN_ANY, XSK_MAP_SIZE, XdpCounter, frame_vlan, v4_mapped,
+    FULL_LEN, FragKey, MAX_FRAG_FLOWS, MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS,
+    RuleKey, RuleValue, SHAPE_GROUP, SHAPE_PORT, SHAPE_RANGES, SHAPE_SOURCE, SHAPE_SOURCE_PORT,
+    SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, SHAPE_UNICAST, SHAPE_VLAN_SHIFT, SHAPES_VLAN,
+    TUPLE_PORT, TUPLE_SLOTS, TUPLE_V4, TUPLE_VLAN, Tuple, VLAN_ANY, XSK_MAP_SIZE, XdpCounter,
+    frame_vlan, v4_mapped,
 };
 
 #[map(name = "XSKS")]
@@ -31,6 +33,11 @@ static IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INGRESS_IFACES,
 /// Which key shapes the rule map holds, so a lookup that cannot hit is not made.
 #[map(name = "SHAPES")]
 static SHAPES: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The tuples of the rule map's keys, most specific first, when some key is a range: two
+/// halves, the one in use named by `SHAPES` (see relay_common::SHAPE_TUPLES_HALF).
+#[map(name = "TUPLES")]
+static TUPLES: Array<Tuple> = Array::with_max_entries(2 * TUPLE_SLOTS, 0);
 
 /// The rule each fragmented datagram's first fragment matched, for its later fragments.
 #[map(name = "FRAGS")]
@@ -171,6 +178,9 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
         source: [0; 16],
         port: [0; 2],
         vlan: frame_vlan(tci),
+        glen: FULL_LEN,
+        slen: FULL_LEN,
+        pad: 0,
     };
     // Only the shapes some rule has are looked up: most rule sets name no source and no VLAN,
     // and then one lookup is made, not eight. Unicast is parsed at all only when a rule
@@ -188,9 +198,14 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     let udp = bytes_at::<UDP_HLEN>(ctx, l4)?;
     key.port = [udp[2], udp[3]];
 
-    // A hit leaves the key's source zeroed if the rule has none, and its VLAN "any".
+    // A hit leaves the key's source zeroed if the rule has none, and its VLAN "any"; the
+    // tuple walk puts the frame's group and source back.
     let (source, vlan) = (key.source, key.vlan);
-    let rule_id = find_rule(&mut key, shapes);
+    let rule_id = if shapes & SHAPE_RANGES != 0 {
+        find_in_tuples(&mut key, shapes, ethertype == ETH_P_IP)
+    } else {
+        find_rule(&mut key, shapes)
+    };
     if rule_id == NO_RULE {
         return None;
     }
@@ -198,6 +213,7 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     if let Frag::First(id) = frag {
         // The later fragments carry no ports, so they follow what the first one matched.
         // A full map drops its least recently used entry: a datagram long since complete.
+        // Keyed on the frame's own group, not the range: the datagram is what is remembered.
         key.source = source;
         let _ = FRAGS.insert(&frag_key(&key, id, vlan), &rule, 0);
     }
@@ -256,11 +272,69 @@ fn find_rule(key: &mut RuleKey, shapes: u32) -> u32 {
     lookup_shapes(key, shapes)
 }
 
+/// The rule map lookups when some rule is a range, in the same order as the daemon's matcher
+/// (relay::rules::RuleTable::lookup): the tuples in use, most specific first, skipping those
+/// of the other family; for each, the frame's group and source masked to its lengths, its
+/// port or none, its VLAN or any. The first hit wins. `key` comes with the frame's fields
+/// and leaves with its group and source as they came (the fragment map wants them).
+#[inline(always)]
+fn find_in_tuples(key: &mut RuleKey, shapes: u32, v4: bool) -> u32 {
+    let count = (shapes >> SHAPE_TUPLES_SHIFT) & 0xff;
+    let base = if shapes & SHAPE_TUPLES_HALF != 0 {
+        TUPLE_SLOTS
+    } else {
+        0
+    };
+    let family = if v4 { TUPLE_V4 } else { 0 };
+    let (group, source, port, vlan) = (
+        u128::from_ne_bytes(key.group),
+        u128::from_ne_bytes(key.source),
+        key.port,
+        key.vlan,
+    );
+    let mut rule = NO_RULE;
+    // Bounded by the array's half, which the verifier sees; the count ends it sooner.
+    for i in 0..TUPLE_SLOTS {
+        if i >= count {
+            break;
+        }
+        let Some(t) = TUPLES.get(base + i) else {
+            break;
+        };
+        if t.flags & TUPLE_V4 != family {
+            continue;
+        }
+        key.group = (group & u128::from_ne_bytes(t.group_mask)).to_ne_bytes();
+        key.source = (source & u128::from_ne_bytes(t.source_mask)).to_ne_bytes();
+        key.port = if t.flags & TUPLE_PORT != 0 {
+            port
+        } else {
+            [0; 2]
+        };
+        key.vlan = if t.flags & TUPLE_VLAN != 0 {
+            vlan
+        } else {
+            VLAN_ANY
+        };
+        key.glen = t.glen;
+        key.slen = t.slen;
+        rule = lookup(key);
+        if rule != NO_RULE {
+            break;
+        }
+    }
+    key.group = group.to_ne_bytes();
+    key.source = source.to_ne_bytes();
+    rule
+}
+
 /// Looks `key` up in the four shapes whose `SHAPE_*` bits are set in `shapes`, most specific
 /// first. A miss leaves `key` as it came (the frame's source and port), for the next call.
+/// The keys are exact: one group (`glen` 128), one source (`slen` 128) or any (0).
 #[inline(always)]
 fn lookup_shapes(key: &mut RuleKey, shapes: u32) -> u32 {
     let (source, port) = (key.source, key.port);
+    key.slen = FULL_LEN;
     if shapes & SHAPE_SOURCE_PORT != 0 {
         let rule = lookup(key);
         if rule != NO_RULE {
@@ -276,6 +350,7 @@ fn lookup_shapes(key: &mut RuleKey, shapes: u32) -> u32 {
         }
     }
     key.source = [0; 16];
+    key.slen = 0;
     key.port = port;
     if shapes & SHAPE_PORT != 0 {
         let rule = lookup(key);
@@ -290,6 +365,7 @@ fn lookup_shapes(key: &mut RuleKey, shapes: u32) -> u32 {
         NO_RULE
     };
     key.source = source;
+    key.slen = FULL_LEN;
     key.port = port;
     rule
 }

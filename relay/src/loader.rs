@@ -16,10 +16,14 @@ use aya::{
 use log::{info, warn};
 use relay_common::{
     COUNTER_MAP, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM, RULE_MAP, RuleKey, RuleValue, SHAPE_MAP,
-    XSK_MAP, XdpCounter,
+    SHAPE_RANGES, SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, TUPLE_MAP, TUPLE_SLOTS, Tuple, XSK_MAP,
+    XdpCounter,
 };
 
-use crate::{config::XdpModeConfig, rules::RuleTable};
+use crate::{
+    config::XdpModeConfig,
+    rules::{RuleTable, merge_tuples},
+};
 
 static XDP_OBJECT: &[u8] = include_bytes_aligned!(env!("RELAY_XDP_OBJ"));
 
@@ -34,6 +38,8 @@ pub struct Steering {
     slots: Vec<u32>,
     /// The (ifindex, queue) XSKMAP entries that hold a socket.
     entries: std::collections::HashSet<(u32, u32)>,
+    /// The `SHAPES` value the program reads now: which half of `TUPLES` is in use is in it.
+    shapes: u32,
 }
 
 /// The XDP program's per-CPU counters, readable from any thread.
@@ -105,6 +111,7 @@ impl Steering {
             links: Vec::new(),
             slots: Vec::new(),
             entries: std::collections::HashSet::new(),
+            shapes: 0,
         };
         steering.update_rules(&RuleTable::default(), table)?;
         Ok(steering)
@@ -119,11 +126,15 @@ impl Steering {
     }
 
     /// Moves the rule map from `old` to `new` without a moment where a rule both have is
-    /// missing: every entry of `new` is written (a key that exists is replaced in place),
-    /// then the keys only `old` has are deleted.
+    /// missing: the program first looks up both tables' shapes (with ranges: the union of
+    /// their tuples), then every entry of `new` is written (a key that exists is replaced in
+    /// place), then the keys only `old` has are deleted, and last the program is told
+    /// `new`'s shapes and tuples alone.
     pub fn update_rules(&mut self, old: &RuleTable, new: &RuleTable) -> Result<()> {
-        // While both tables' keys may be in the map, the program looks up both tables' shapes.
-        self.set_shapes(old.shapes() | new.shapes())?;
+        // While both tables' keys may be in the map, the program looks up both tables'
+        // shapes, and walks both tables' tuples in one precedence order.
+        let both = merge_tuples(old.tuples(), new.tuples());
+        self.set_shapes(old.shapes() | new.shapes(), &both)?;
         let mut rules = self.rule_map()?;
         for (key, value) in new.bpf_entries() {
             rules
@@ -136,16 +147,48 @@ impl Steering {
                 rules.remove(&key).context("deleting from the rule map")?;
             }
         }
-        self.set_shapes(new.shapes())
+        self.set_shapes(new.shapes(), new.tuples())
     }
 
-    fn set_shapes(&mut self, shapes: u32) -> Result<()> {
+    /// Points the program at `shapes`. With [`SHAPE_RANGES`], `tuples` go into the half of
+    /// `TUPLES` the program is not reading, and the one u32 of `SHAPES` then switches the
+    /// program to them, with their count: it never sees a tuple half written, nor a count
+    /// of one list with the entries of another.
+    fn set_shapes(&mut self, shapes: u32, tuples: &[Tuple]) -> Result<()> {
+        let mut shapes = shapes;
+        if shapes & SHAPE_RANGES != 0 {
+            if tuples.len() > TUPLE_SLOTS as usize {
+                // Validation allows half as many per table, so a reload's union fits.
+                return Err(anyhow!(
+                    "{} rule tuples: the {TUPLE_MAP} map holds {TUPLE_SLOTS}",
+                    tuples.len()
+                ));
+            }
+            let half = if self.shapes & SHAPE_TUPLES_HALF != 0 {
+                0
+            } else {
+                SHAPE_TUPLES_HALF
+            };
+            let base = if half != 0 { TUPLE_SLOTS } else { 0 };
+            let mut map: Array<_, Tuple> = Array::try_from(
+                self.ebpf
+                    .map_mut(TUPLE_MAP)
+                    .ok_or_else(|| anyhow!("no {TUPLE_MAP} map"))?,
+            )?;
+            for (i, t) in tuples.iter().enumerate() {
+                map.set(base + i as u32, t, 0)
+                    .context("writing the rule tuples")?;
+            }
+            shapes |= half | (tuples.len() as u32) << SHAPE_TUPLES_SHIFT;
+        }
         let mut map: Array<_, u32> = Array::try_from(
             self.ebpf
                 .map_mut(SHAPE_MAP)
                 .ok_or_else(|| anyhow!("no {SHAPE_MAP} map"))?,
         )?;
-        map.set(0, &shapes, 0).context("writing the rule shapes")
+        map.set(0, &shapes, 0).context("writing the rule shapes")?;
+        self.shapes = shapes;
+        Ok(())
     }
 
     /// The XSKMAP slot of an ingress interface: given out once and kept, so a reload never
