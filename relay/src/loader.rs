@@ -3,7 +3,7 @@
 //! nothing attached.
 
 use std::{
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     sync::Arc,
 };
 
@@ -11,13 +11,13 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{Array, HashMap, MapData, PerCpuArray, XskMap},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{ProgramFd, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use log::{info, warn};
 use relay_common::{
-    COUNTER_MAP, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM, RULE_MAP, RuleKey, RuleValue, SHAPE_MAP,
-    SHAPE_RANGES, SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, TUPLE_MAP, TUPLE_SLOTS, Tuple, XSK_MAP,
-    XdpCounter,
+    COUNTER_MAP, FRAG_MAP, FragKey, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM, RULE_MAP, RuleKey,
+    RuleValue, SHAPE_MAP, SHAPE_RANGES, SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, TUPLE_MAP,
+    TUPLE_SLOTS, Tuple, XSK_MAP, XdpCounter,
 };
 
 use crate::{
@@ -359,32 +359,38 @@ impl Steering {
     /// what the program decided, and the program's counters move as they would. Used by the
     /// tests that check the program against the rule model, and to measure its cost.
     pub fn test_run(&self, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(u32, u32)> {
+        test_run(self.program_fd()?.as_fd(), frame, ifindex, repeat)
+    }
+
+    /// A handle that runs the program as [`Steering::test_run`] does, from another thread:
+    /// a test can keep frames going through the program while this one reloads the rules.
+    pub fn test_runner(&self) -> Result<TestRunner> {
+        Ok(TestRunner(self.program_fd()?.try_clone()?))
+    }
+
+    fn program_fd(&self) -> Result<&ProgramFd> {
         let prog: &Xdp = self
             .ebpf
             .program(PROGRAM)
             .ok_or_else(|| anyhow!("no {PROGRAM} program"))?
             .try_into()?;
-        let fd = prog.fd()?.as_fd().as_raw_fd();
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex. Only the ifindex and queue may be set on input.
-        let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-        let mut opts = libbpf_sys::bpf_test_run_opts {
-            sz: std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _,
-            data_in: frame.as_ptr().cast(),
-            data_size_in: frame.len() as u32,
-            ctx_in: ctx.as_ptr().cast(),
-            ctx_size_in: std::mem::size_of_val(&ctx) as u32,
-            repeat: repeat as i32,
-            ..Default::default()
-        };
-        // SAFETY: `opts` is libbpf's own options struct with its size set; the frame and ctx
-        // buffers it points to outlive the call, and nothing is written back into them (no
-        // data_out or ctx_out given).
-        let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(fd, &mut opts) };
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(-rc)).context("BPF_PROG_TEST_RUN");
+        Ok(prog.fd()?)
+    }
+
+    /// The rule the program stored in `FRAGS` for a fragmented datagram: the one its first
+    /// fragment matched. The counters say only that some rule matched; this says which, so
+    /// the tests can hold the program's choice among overlapping rules against the model's.
+    pub fn fragment_rule(&self, key: &FragKey) -> Result<Option<u32>> {
+        let map = self
+            .ebpf
+            .map(FRAG_MAP)
+            .ok_or_else(|| anyhow!("no {FRAG_MAP} map"))?;
+        let frags: HashMap<&MapData, FragKey, RuleValue> = HashMap::try_from(map)?;
+        match frags.get(key, 0) {
+            Ok(v) => Ok(Some(v.rule_id)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading the fragment map"),
         }
-        Ok((opts.retval, opts.duration))
     }
 
     /// Kernel memory charged to the rule map, from its fdinfo (`memlock`).
@@ -408,6 +414,43 @@ impl Steering {
     pub fn counters(&self) -> Arc<XdpCounters> {
         self.counters.clone()
     }
+}
+
+/// Runs a loaded program from any thread (see [`Steering::test_runner`]).
+pub struct TestRunner(ProgramFd);
+
+impl TestRunner {
+    /// As [`Steering::test_run`].
+    pub fn test_run(&self, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(u32, u32)> {
+        test_run(self.0.as_fd(), frame, ifindex, repeat)
+    }
+}
+
+/// Runs the program `prog` on `frame` as if it arrived on `ifindex`'s rx queue 0
+/// (BPF_PROG_TEST_RUN), `repeat` times; returns the XDP action and the kernel's mean time
+/// per run in nanoseconds.
+fn test_run(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(u32, u32)> {
+    let fd = prog.as_raw_fd();
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex. Only the ifindex and queue may be set on input.
+    let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let mut opts = libbpf_sys::bpf_test_run_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _,
+        data_in: frame.as_ptr().cast(),
+        data_size_in: frame.len() as u32,
+        ctx_in: ctx.as_ptr().cast(),
+        ctx_size_in: std::mem::size_of_val(&ctx) as u32,
+        repeat: repeat as i32,
+        ..Default::default()
+    };
+    // SAFETY: `opts` is libbpf's own options struct with its size set; the frame and ctx
+    // buffers it points to outlive the call, and nothing is written back into them (no
+    // data_out or ctx_out given). `fd` is a program fd the caller borrows for the call.
+    let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(fd, &mut opts) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(-rc)).context("BPF_PROG_TEST_RUN");
+    }
+    Ok((opts.retval, opts.duration))
 }
 
 impl Drop for Steering {
