@@ -210,8 +210,13 @@ pub const MAX_FRAME_LEN_GLOBAL: &str = "MAX_FRAME_LEN";
 /// (XDP_PACKET_HEADROOM): a UMEM frame of N bytes holds a frame of N - 256.
 pub const XDP_PACKET_HEADROOM: u32 = 256;
 
-/// Name of the XDP program in the object file.
+/// Name of the XDP program in the object file: the one attached.
 pub const PROGRAM: &str = "relay";
+/// Name of the XDP program that [`PROGRAM`] tail-calls when [`SHAPE_RANGES`] is set: the
+/// same parse, then the tuple walk.
+pub const RANGES_PROGRAM: &str = "relay_ranges";
+/// Name of the one-slot program array holding [`RANGES_PROGRAM`].
+pub const RANGES_PROGRAM_MAP: &str = "RANGE_PROG";
 
 /// Each ingress interface owns this many consecutive XSKMAP entries, one per rx queue.
 pub const MAX_QUEUES_PER_IFACE: u32 = 64;

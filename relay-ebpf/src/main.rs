@@ -10,7 +10,7 @@
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, XskMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, XskMap},
     programs::XdpContext,
 };
 use relay_common::{
@@ -38,6 +38,13 @@ static SHAPES: Array<u32> = Array::with_max_entries(1, 0);
 /// halves, the one in use named by `SHAPES` (see relay_common::SHAPE_TUPLES_HALF).
 #[map(name = "TUPLES")]
 static TUPLES: Array<Tuple> = Array::with_max_entries(2 * TUPLE_SLOTS, 0);
+
+/// Slot 0: `relay_ranges`, which `relay` tail-calls when some rule is a range. Two programs
+/// rather than one branch: with the tuple walk in the same function, the compiler's code for
+/// the exact lookups got slower by a few nanoseconds a frame (measured with
+/// `cargo xtask bench-xdp`), and exact-only rule sets are to cost what they did.
+#[map(name = "RANGE_PROG")]
+static RANGE_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// The rule each fragmented datagram's first fragment matched, for its later fragments.
 #[map(name = "FRAGS")]
@@ -73,11 +80,35 @@ const UDP_HLEN: usize = 8;
 #[unsafe(no_mangle)]
 static MAX_FRAME_LEN: u32 = 2048 - relay_common::XDP_PACKET_HEADROOM;
 
+/// The program the daemon attaches. Without ranges it looks up the exact shapes itself;
+/// with ranges it hands the frame to `relay_ranges`.
 #[xdp]
 pub fn relay(ctx: XdpContext) -> u32 {
+    let shapes = SHAPES.get(0).copied().unwrap_or(0);
+    if shapes & SHAPE_RANGES != 0 {
+        // SAFETY: a tail call: on success control never comes back, and this program has
+        // nothing to release. It fails only if the slot is empty, and the loader fills it
+        // before it writes any rule, so the exact path below never sees a range rule set.
+        unsafe { RANGE_PROG.tail_call(&ctx, 0) };
+    }
+    run::<false>(&ctx, shapes)
+}
+
+/// `relay` when some rule is a range: the same parse, then the tuple walk.
+#[xdp]
+pub fn relay_ranges(ctx: XdpContext) -> u32 {
+    // Read again: a reload may have flipped SHAPES since `relay` read it, and this program
+    // must then follow it, as the tuple count and half come with the flag.
+    let shapes = SHAPES.get(0).copied().unwrap_or(0);
+    run::<true>(&ctx, shapes)
+}
+
+/// Classifies and steers or passes one frame; `RANGES`: this is `relay_ranges`.
+#[inline(always)]
+fn run<const RANGES: bool>(ctx: &XdpContext, shapes: u32) -> u32 {
     count(XdpCounter::Seen);
-    match classify(&ctx) {
-        Some(rule) => steer(&ctx, rule),
+    match classify::<RANGES>(ctx, shapes) {
+        Some(rule) => steer(ctx, rule),
         None => {
             count(XdpCounter::Passed);
             xdp_action::XDP_PASS
@@ -160,7 +191,7 @@ fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> 
 /// Two tags (QinQ) end the parse: the inner ethertype is a tag, not IP, so such frames are
 /// passed, never relayed with a VLAN the rules did not name.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Option<RuleValue> {
+fn classify<const RANGES: bool>(ctx: &XdpContext, shapes: u32) -> Option<RuleValue> {
     let mut l3 = ETH_HLEN;
     let mut ethertype = u16::from_be_bytes(bytes_at::<2>(ctx, 12)?);
     let mut tci = None;
@@ -185,7 +216,6 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     // Only the shapes some rule has are looked up: most rule sets name no source and no VLAN,
     // and then one lookup is made, not eight. Unicast is parsed at all only when a rule
     // takes a unicast destination.
-    let shapes = SHAPES.get(0).copied().unwrap_or(0);
     let unicast = shapes & SHAPE_UNICAST != 0;
     let (l4, frag) = match ethertype {
         ETH_P_IP => ipv4(ctx, l3, &mut key, unicast)?,
@@ -201,7 +231,7 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     // A hit leaves the key's source zeroed if the rule has none, and its VLAN "any"; the
     // tuple walk puts the frame's group and source back.
     let (source, vlan) = (key.source, key.vlan);
-    let rule_id = if shapes & SHAPE_RANGES != 0 {
+    let rule_id = if RANGES && shapes & SHAPE_RANGES != 0 {
         find_in_tuples(&mut key, shapes, ethertype == ETH_P_IP)
     } else {
         find_rule(&mut key, shapes)

@@ -10,14 +10,14 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{Array, HashMap, MapData, PerCpuArray, XskMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, XskMap},
     programs::{ProgramFd, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use log::{info, warn};
 use relay_common::{
-    COUNTER_MAP, FRAG_MAP, FragKey, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM, RULE_MAP, RuleKey,
-    RuleValue, SHAPE_MAP, SHAPE_RANGES, SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, TUPLE_MAP,
-    TUPLE_SLOTS, Tuple, XSK_MAP, XdpCounter,
+    COUNTER_MAP, FRAG_MAP, FragKey, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM, RANGES_PROGRAM,
+    RANGES_PROGRAM_MAP, RULE_MAP, RuleKey, RuleValue, SHAPE_MAP, SHAPE_RANGES, SHAPE_TUPLES_HALF,
+    SHAPE_TUPLES_SHIFT, TUPLE_MAP, TUPLE_SLOTS, Tuple, XSK_MAP, XdpCounter,
 };
 
 use crate::{
@@ -104,6 +104,23 @@ impl Steering {
         prog.load().context(
             "the kernel refused the XDP program (loading it needs CAP_BPF and CAP_PERFMON)",
         )?;
+        // The program for rule sets with ranges, which the attached one tail-calls: in its
+        // slot before any rule is written. The map stays in `ebpf`: a program array's slots
+        // empty when the last descriptor of it closes.
+        let ranges: &mut Xdp = ebpf
+            .program_mut(RANGES_PROGRAM)
+            .ok_or_else(|| anyhow!("no {RANGES_PROGRAM} program in the object"))?
+            .try_into()?;
+        ranges
+            .load()
+            .context("the kernel refused the XDP program for ranges")?;
+        let fd = ranges.fd()?.try_clone()?;
+        let mut slot: ProgramArray<_> = ProgramArray::try_from(
+            ebpf.map_mut(RANGES_PROGRAM_MAP)
+                .ok_or_else(|| anyhow!("no {RANGES_PROGRAM_MAP} map"))?,
+        )?;
+        slot.set(0, &fd, 0)
+            .context("putting the program for ranges in its slot")?;
         let mut steering = Self {
             ebpf,
             xsks,
