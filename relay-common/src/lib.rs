@@ -32,6 +32,108 @@ pub const SHAPES_VLAN: u32 = 0xf << SHAPE_VLAN_SHIFT;
 /// the program look unicast UDP up at all, so a relay of groups alone passes the host's own
 /// unicast traffic after one comparison, as it always did.
 pub const SHAPE_UNICAST: u32 = 1 << 8;
+/// Some key is a range: a group prefix shorter than one group, or a source prefix shorter
+/// than one source. Then the program does not use the shape bits above but walks the
+/// tuples in [`TUPLE_MAP`] (how many: [`SHAPE_TUPLES_SHIFT`]; which half:
+/// [`SHAPE_TUPLES_HALF`]). Without it, exact-only rule sets take the shape-bit path, as
+/// fast as before ranges existed.
+pub const SHAPE_RANGES: u32 = 1 << 9;
+/// Bits 16..24 of `SHAPES` hold the number of tuples in use, when [`SHAPE_RANGES`] is set.
+pub const SHAPE_TUPLES_SHIFT: u32 = 16;
+/// Set: the tuples in use are the second half of [`TUPLE_MAP`] (entries
+/// `TUPLE_SLOTS..2 * TUPLE_SLOTS`). The daemon writes a new tuple list into the half the
+/// program is not reading and then flips this bit with the count in one u32 write, so the
+/// program never reads a tuple that is half written.
+pub const SHAPE_TUPLES_HALF: u32 = 1 << 24;
+
+/// Name of the array of tuples (see [`Tuple`]), in precedence order, that the program walks
+/// when [`SHAPE_RANGES`] is set. Two halves of [`TUPLE_SLOTS`] entries.
+pub const TUPLE_MAP: &str = "TUPLES";
+/// Most tuples a configuration may have (validation refuses more, naming the count).
+pub const MAX_TUPLES: u32 = 64;
+/// Entries in one half of [`TUPLE_MAP`], and the bound of the program's loop: twice
+/// [`MAX_TUPLES`], as during a reload the program walks the union of the old and the new
+/// table's tuples.
+pub const TUPLE_SLOTS: u32 = 2 * MAX_TUPLES;
+
+/// [`Tuple::flags`]: the tuple's keys name a VLAN (the frame's is looked up), else any VLAN.
+pub const TUPLE_VLAN: u8 = 1;
+/// [`Tuple::flags`]: the tuple's keys have a port (the frame's), else port 0.
+pub const TUPLE_PORT: u8 = 2;
+/// [`Tuple::flags`]: the tuple's keys are IPv4 (mapped); an IPv6 frame skips it, and an
+/// IPv4 frame skips the tuples without it, with no lookup.
+pub const TUPLE_V4: u8 = 4;
+
+/// One "tuple" of the tuple-space search: the form a set of rule keys share (VLAN or any,
+/// group prefix length, source prefix length, port or any, family). A frame's key for it is
+/// the frame's group and source masked to the lengths, its port or 0, its VLAN or any; one
+/// hash lookup then finds the rule of that form, if any. The daemon keeps the tuples that
+/// exist sorted by precedence, so the first hit is the most specific rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Tuple {
+    /// [`Tuple::glen`] leading one bits: what the frame's group is ANDed with.
+    pub group_mask: [u8; 16],
+    /// [`Tuple::slen`] leading one bits.
+    pub source_mask: [u8; 16],
+    /// Group prefix length in the 16-byte form (an IPv4 /16 is 112; one group is 128).
+    pub glen: u8,
+    /// Source prefix length in the 16-byte form; 0 for any source.
+    pub slen: u8,
+    /// `TUPLE_*` bits.
+    pub flags: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+
+impl Tuple {
+    /// The tuple of keys with these lengths (16-byte form) and `TUPLE_*` flags.
+    pub const fn new(glen: u8, slen: u8, flags: u8) -> Self {
+        Self {
+            group_mask: prefix_mask(glen),
+            source_mask: prefix_mask(slen),
+            glen,
+            slen,
+            flags,
+            pad: 0,
+        }
+    }
+
+    /// Sorts before every tuple that is less specific: a VLAN before any VLAN, then the
+    /// longer group prefix, then the longer source prefix, then a port before any port. The
+    /// family comes last only to make the order total (a frame is of one family, so tuples
+    /// of the other are never compared against it).
+    pub fn precedence(&self) -> (bool, u8, u8, bool, u8) {
+        (
+            self.flags & TUPLE_VLAN == 0,
+            u8::MAX - self.glen,
+            u8::MAX - self.slen,
+            self.flags & TUPLE_PORT == 0,
+            self.flags & TUPLE_V4,
+        )
+    }
+
+    /// The tuple is one of the eight exact shapes (one group; one source or any), which the
+    /// `SHAPE_*` bits describe.
+    pub fn is_exact(&self) -> bool {
+        self.glen == 128 && (self.slen == 128 || self.slen == 0)
+    }
+}
+
+/// `len` leading one bits of 128, as bytes.
+pub const fn prefix_mask(len: u8) -> [u8; 16] {
+    let bits = if len == 0 {
+        0
+    } else if len >= 128 {
+        u128::MAX
+    } else {
+        u128::MAX << (128 - len as u32)
+    };
+    bits.to_be_bytes()
+}
+
+/// `RuleKey::glen` and `slen` of one address, and `slen` of any source.
+pub const FULL_LEN: u8 = 128;
 
 /// `RuleKey::vlan` of a rule that takes any VLAN or none: what keys held before rules had a
 /// `vlan:` (the field was padding, always zero).
@@ -53,7 +155,7 @@ pub const fn frame_vlan(tci: Option<u16>) -> u16 {
 impl RuleKey {
     /// This key's `SHAPE_*` bit.
     pub fn shape(&self) -> u32 {
-        let any_source = self.source == [0; 16];
+        let any_source = self.slen == 0;
         let any_port = self.port == [0; 2];
         let base = match (any_source, any_port) {
             (false, false) => SHAPE_SOURCE_PORT,
@@ -108,8 +210,13 @@ pub const MAX_FRAME_LEN_GLOBAL: &str = "MAX_FRAME_LEN";
 /// (XDP_PACKET_HEADROOM): a UMEM frame of N bytes holds a frame of N - 256.
 pub const XDP_PACKET_HEADROOM: u32 = 256;
 
-/// Name of the XDP program in the object file.
+/// Name of the XDP program in the object file: the one attached.
 pub const PROGRAM: &str = "relay";
+/// Name of the XDP program that [`PROGRAM`] tail-calls when [`SHAPE_RANGES`] is set: the
+/// same parse, then the tuple walk.
+pub const RANGES_PROGRAM: &str = "relay_ranges";
+/// Name of the one-slot program array holding [`RANGES_PROGRAM`].
+pub const RANGES_PROGRAM_MAP: &str = "RANGE_PROG";
 
 /// Each ingress interface owns this many consecutive XSKMAP entries, one per rx queue.
 pub const MAX_QUEUES_PER_IFACE: u32 = 64;
@@ -124,12 +231,15 @@ pub const MAX_RULE_KEYS: u32 = 65536;
 ///
 /// Addresses are 16 bytes: IPv6 as it is, IPv4 as an IPv4-mapped IPv6 address
 /// (`::ffff:a.b.c.d`, RFC 4291), so one map serves both families and no IPv4 key can equal an
-/// IPv6 one. A rule with no source stores an all-zero source; one with no port stores
-/// `port = 0` (UDP port 0 is not a valid destination, so it cannot collide with a real one).
-/// The XDP program looks up the exact (S,G,port) key first, then (S,G,*), (*,G,port) and
-/// (*,G,*), first with the frame's VLAN (its VID, or [`VLAN_UNTAGGED`]) and then with
-/// [`VLAN_ANY`]: a VLAN on a trunk is an interface of its own, so a rule for it is more
-/// specific than any rule for the whole port.
+/// IPv6 one. A range stores its network (the address masked to `glen`/`slen` bits) and its
+/// length, so a frame's key masked to the same length finds it, and two rules of different
+/// lengths never share a key. A rule with no source stores an all-zero source and `slen` 0;
+/// one with no port stores `port = 0` (UDP port 0 is not a valid destination, so it cannot
+/// collide with a real one). Without ranges the XDP program looks up the exact (S,G,port)
+/// key first, then (S,G,*), (*,G,port) and (*,G,*), first with the frame's VLAN (its VID, or
+/// [`VLAN_UNTAGGED`]) and then with [`VLAN_ANY`]: a VLAN on a trunk is an interface of its
+/// own, so a rule for it is more specific than any rule for the whole port. With ranges it
+/// walks the [`Tuple`]s in the same order, longer prefixes first.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct RuleKey {
@@ -143,9 +253,16 @@ pub struct RuleKey {
     /// Destination UDP port, network byte order; zero for any port.
     pub port: [u8; 2],
     /// [`VLAN_ANY`], a VID (1..=4094), or [`VLAN_UNTAGGED`]; host byte order, as the program
-    /// computes it rather than copying it. It also fills what would be padding, which a BPF
-    /// hash key must not contain.
+    /// computes it rather than copying it.
     pub vlan: u16,
+    /// Length of the group prefix in the 16-byte form: 128 for one group (or a unicast
+    /// destination), 96 + n for an IPv4 /n.
+    pub glen: u8,
+    /// Length of the source prefix in the 16-byte form: 128 for one source, 0 for any.
+    pub slen: u8,
+    /// Always zero: keeps the struct free of uninitialised padding, which a BPF hash key
+    /// must not contain (the kernel hashes every byte).
+    pub pad: u16,
 }
 
 /// The IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) of an IPv4 address, as the rule keys hold it.
@@ -156,14 +273,33 @@ pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
 }
 
 impl RuleKey {
-    /// A key from host-order fields, as the daemon builds it from the YAML, for any VLAN.
+    /// An exact key from host-order fields, for any VLAN: one group, and one source or
+    /// (all zero) any.
     pub const fn new(ifindex: u32, group: [u8; 16], source: [u8; 16], port: u16) -> Self {
+        let any_source = u128::from_ne_bytes(source) == 0;
         Self {
             ifindex,
             group,
             source,
             port: port.to_be_bytes(),
             vlan: VLAN_ANY,
+            glen: FULL_LEN,
+            slen: if any_source { 0 } else { FULL_LEN },
+            pad: 0,
+        }
+    }
+
+    /// The same key for a group prefix of `glen` and a source prefix of `slen` bits (16-byte
+    /// form), its addresses masked to them.
+    pub const fn with_lengths(self, glen: u8, slen: u8) -> Self {
+        let g = u128::from_ne_bytes(self.group) & u128::from_ne_bytes(prefix_mask(glen));
+        let s = u128::from_ne_bytes(self.source) & u128::from_ne_bytes(prefix_mask(slen));
+        Self {
+            group: g.to_ne_bytes(),
+            source: s.to_ne_bytes(),
+            glen,
+            slen,
+            ..self
         }
     }
 
@@ -236,12 +372,22 @@ impl XdpCounter {
     }
 }
 
+// The BPF hash map hashes and compares every byte of a key: these sizes say there is no
+// padding (the fields add up to them), which the Pod impls below rely on.
+const _: () = assert!(core::mem::size_of::<RuleKey>() == 44);
+const _: () = assert!(core::mem::size_of::<Tuple>() == 36);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 44);
+
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: both are #[repr(C)] structs of byte arrays, u32s and a u16 with no padding
-    // (RuleKey's `vlan` sits where padding would be: 4 + 16 + 16 + 2 + 2 = 40, a multiple of
-    // its alignment), so every bit pattern is valid and none is uninitialised.
+    // SAFETY: a #[repr(C)] struct of a u32, byte arrays, two u16s and two u8s with no
+    // padding (4 + 16 + 16 + 2 + 2 + 1 + 1 + 2 = 44, a multiple of its alignment 4, and each
+    // field at a multiple of its own alignment; `pad` fills what would be padding), so every
+    // bit pattern is valid and none is uninitialised.
     unsafe impl aya::Pod for super::RuleKey {}
+    // SAFETY: a #[repr(C)] struct of byte arrays and u8s (alignment 1), 16 + 16 + 4 = 36 bytes
+    // with no padding: every bit pattern is valid and none is uninitialised.
+    unsafe impl aya::Pod for super::Tuple {}
     // SAFETY: a #[repr(C)] struct of a u32, byte arrays and two u16s, 4 + 4 + 16 + 16 + 2 + 2
     // = 44 bytes with no padding: every bit pattern is valid and none is uninitialised.
     unsafe impl aya::Pod for super::FragKey {}

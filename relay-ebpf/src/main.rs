@@ -10,13 +10,15 @@
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, XskMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, XskMap},
     programs::XdpContext,
 };
 use relay_common::{
-    FragKey, MAX_FRAG_FLOWS, MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS, RuleKey,
-    RuleValue, SHAPE_GROUP, SHAPE_PORT, SHAPE_SOURCE, SHAPE_SOURCE_PORT, SHAPE_UNICAST,
-    SHAPE_VLAN_SHIFT, SHAPES_VLAN, VLAN_ANY, XSK_MAP_SIZE, XdpCounter, frame_vlan, v4_mapped,
+    FULL_LEN, FragKey, MAX_FRAG_FLOWS, MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS,
+    RuleKey, RuleValue, SHAPE_GROUP, SHAPE_PORT, SHAPE_RANGES, SHAPE_SOURCE, SHAPE_SOURCE_PORT,
+    SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, SHAPE_UNICAST, SHAPE_VLAN_SHIFT, SHAPES_VLAN,
+    TUPLE_PORT, TUPLE_SLOTS, TUPLE_V4, TUPLE_VLAN, Tuple, VLAN_ANY, XSK_MAP_SIZE, XdpCounter,
+    frame_vlan, v4_mapped,
 };
 
 #[map(name = "XSKS")]
@@ -31,6 +33,18 @@ static IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INGRESS_IFACES,
 /// Which key shapes the rule map holds, so a lookup that cannot hit is not made.
 #[map(name = "SHAPES")]
 static SHAPES: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The tuples of the rule map's keys, most specific first, when some key is a range: two
+/// halves, the one in use named by `SHAPES` (see relay_common::SHAPE_TUPLES_HALF).
+#[map(name = "TUPLES")]
+static TUPLES: Array<Tuple> = Array::with_max_entries(2 * TUPLE_SLOTS, 0);
+
+/// Slot 0: `relay_ranges`, which `relay` tail-calls when some rule is a range. Two programs
+/// rather than one branch: with the tuple walk in the same function, the compiler's code for
+/// the exact lookups got slower by a few nanoseconds a frame (measured with
+/// `cargo xtask bench-xdp`), and exact-only rule sets are to cost what they did.
+#[map(name = "RANGE_PROG")]
+static RANGE_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// The rule each fragmented datagram's first fragment matched, for its later fragments.
 #[map(name = "FRAGS")]
@@ -66,11 +80,35 @@ const UDP_HLEN: usize = 8;
 #[unsafe(no_mangle)]
 static MAX_FRAME_LEN: u32 = 2048 - relay_common::XDP_PACKET_HEADROOM;
 
+/// The program the daemon attaches. Without ranges it looks up the exact shapes itself;
+/// with ranges it hands the frame to `relay_ranges`.
 #[xdp]
 pub fn relay(ctx: XdpContext) -> u32 {
+    let shapes = SHAPES.get(0).copied().unwrap_or(0);
+    if shapes & SHAPE_RANGES != 0 {
+        // SAFETY: a tail call: on success control never comes back, and this program has
+        // nothing to release. It fails only if the slot is empty, and the loader fills it
+        // before it writes any rule, so the exact path below never sees a range rule set.
+        unsafe { RANGE_PROG.tail_call(&ctx, 0) };
+    }
+    run::<false>(&ctx, shapes)
+}
+
+/// `relay` when some rule is a range: the same parse, then the tuple walk.
+#[xdp]
+pub fn relay_ranges(ctx: XdpContext) -> u32 {
+    // Read again: a reload may have flipped SHAPES since `relay` read it, and this program
+    // must then follow it, as the tuple count and half come with the flag.
+    let shapes = SHAPES.get(0).copied().unwrap_or(0);
+    run::<true>(&ctx, shapes)
+}
+
+/// Classifies and steers or passes one frame; `RANGES`: this is `relay_ranges`.
+#[inline(always)]
+fn run<const RANGES: bool>(ctx: &XdpContext, shapes: u32) -> u32 {
     count(XdpCounter::Seen);
-    match classify(&ctx) {
-        Some(rule) => steer(&ctx, rule),
+    match classify::<RANGES>(ctx, shapes) {
+        Some(rule) => steer(ctx, rule),
         None => {
             count(XdpCounter::Passed);
             xdp_action::XDP_PASS
@@ -153,7 +191,7 @@ fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> 
 /// Two tags (QinQ) end the parse: the inner ethertype is a tag, not IP, so such frames are
 /// passed, never relayed with a VLAN the rules did not name.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Option<RuleValue> {
+fn classify<const RANGES: bool>(ctx: &XdpContext, shapes: u32) -> Option<RuleValue> {
     let mut l3 = ETH_HLEN;
     let mut ethertype = u16::from_be_bytes(bytes_at::<2>(ctx, 12)?);
     let mut tci = None;
@@ -171,11 +209,13 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
         source: [0; 16],
         port: [0; 2],
         vlan: frame_vlan(tci),
+        glen: FULL_LEN,
+        slen: FULL_LEN,
+        pad: 0,
     };
     // Only the shapes some rule has are looked up: most rule sets name no source and no VLAN,
     // and then one lookup is made, not eight. Unicast is parsed at all only when a rule
     // takes a unicast destination.
-    let shapes = SHAPES.get(0).copied().unwrap_or(0);
     let unicast = shapes & SHAPE_UNICAST != 0;
     let (l4, frag) = match ethertype {
         ETH_P_IP => ipv4(ctx, l3, &mut key, unicast)?,
@@ -188,9 +228,14 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     let udp = bytes_at::<UDP_HLEN>(ctx, l4)?;
     key.port = [udp[2], udp[3]];
 
-    // A hit leaves the key's source zeroed if the rule has none, and its VLAN "any".
+    // A hit leaves the key's source zeroed if the rule has none, and its VLAN "any"; the
+    // tuple walk puts the frame's group and source back.
     let (source, vlan) = (key.source, key.vlan);
-    let rule_id = find_rule(&mut key, shapes);
+    let rule_id = if RANGES && shapes & SHAPE_RANGES != 0 {
+        find_in_tuples(&mut key, shapes, ethertype == ETH_P_IP)
+    } else {
+        find_rule(&mut key, shapes)
+    };
     if rule_id == NO_RULE {
         return None;
     }
@@ -198,6 +243,7 @@ fn classify(ctx: &XdpContext) -> Option<RuleValue> {
     if let Frag::First(id) = frag {
         // The later fragments carry no ports, so they follow what the first one matched.
         // A full map drops its least recently used entry: a datagram long since complete.
+        // Keyed on the frame's own group, not the range: the datagram is what is remembered.
         key.source = source;
         let _ = FRAGS.insert(&frag_key(&key, id, vlan), &rule, 0);
     }
@@ -256,11 +302,69 @@ fn find_rule(key: &mut RuleKey, shapes: u32) -> u32 {
     lookup_shapes(key, shapes)
 }
 
+/// The rule map lookups when some rule is a range, in the same order as the daemon's matcher
+/// (relay::rules::RuleTable::lookup): the tuples in use, most specific first, skipping those
+/// of the other family; for each, the frame's group and source masked to its lengths, its
+/// port or none, its VLAN or any. The first hit wins. `key` comes with the frame's fields
+/// and leaves with its group and source as they came (the fragment map wants them).
+#[inline(always)]
+fn find_in_tuples(key: &mut RuleKey, shapes: u32, v4: bool) -> u32 {
+    let count = (shapes >> SHAPE_TUPLES_SHIFT) & 0xff;
+    let base = if shapes & SHAPE_TUPLES_HALF != 0 {
+        TUPLE_SLOTS
+    } else {
+        0
+    };
+    let family = if v4 { TUPLE_V4 } else { 0 };
+    let (group, source, port, vlan) = (
+        u128::from_ne_bytes(key.group),
+        u128::from_ne_bytes(key.source),
+        key.port,
+        key.vlan,
+    );
+    let mut rule = NO_RULE;
+    // Bounded by the array's half, which the verifier sees; the count ends it sooner.
+    for i in 0..TUPLE_SLOTS {
+        if i >= count {
+            break;
+        }
+        let Some(t) = TUPLES.get(base + i) else {
+            break;
+        };
+        if t.flags & TUPLE_V4 != family {
+            continue;
+        }
+        key.group = (group & u128::from_ne_bytes(t.group_mask)).to_ne_bytes();
+        key.source = (source & u128::from_ne_bytes(t.source_mask)).to_ne_bytes();
+        key.port = if t.flags & TUPLE_PORT != 0 {
+            port
+        } else {
+            [0; 2]
+        };
+        key.vlan = if t.flags & TUPLE_VLAN != 0 {
+            vlan
+        } else {
+            VLAN_ANY
+        };
+        key.glen = t.glen;
+        key.slen = t.slen;
+        rule = lookup(key);
+        if rule != NO_RULE {
+            break;
+        }
+    }
+    key.group = group.to_ne_bytes();
+    key.source = source.to_ne_bytes();
+    rule
+}
+
 /// Looks `key` up in the four shapes whose `SHAPE_*` bits are set in `shapes`, most specific
 /// first. A miss leaves `key` as it came (the frame's source and port), for the next call.
+/// The keys are exact: one group (`glen` 128), one source (`slen` 128) or any (0).
 #[inline(always)]
 fn lookup_shapes(key: &mut RuleKey, shapes: u32) -> u32 {
     let (source, port) = (key.source, key.port);
+    key.slen = FULL_LEN;
     if shapes & SHAPE_SOURCE_PORT != 0 {
         let rule = lookup(key);
         if rule != NO_RULE {
@@ -276,6 +380,7 @@ fn lookup_shapes(key: &mut RuleKey, shapes: u32) -> u32 {
         }
     }
     key.source = [0; 16];
+    key.slen = 0;
     key.port = port;
     if shapes & SHAPE_PORT != 0 {
         let rule = lookup(key);
@@ -290,6 +395,7 @@ fn lookup_shapes(key: &mut RuleKey, shapes: u32) -> u32 {
         NO_RULE
     };
     key.source = source;
+    key.slen = FULL_LEN;
     key.port = port;
     rule
 }

@@ -4,7 +4,7 @@
 
 use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
 
-use relay_common::{MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE};
+use relay_common::{MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_TUPLES};
 use serde::Deserialize;
 
 use crate::{pool::AllocatorKind, prefix::Prefix, vlan::Vlan};
@@ -560,6 +560,7 @@ impl Config {
         let mut names = HashSet::new();
         let mut inputs = HashSet::new();
         let mut ingress = HashSet::new();
+        let mut tuples = HashSet::new();
         for rule in &self.rules {
             let err = |message: String| ConfigError {
                 file: file.to_owned(),
@@ -670,6 +671,28 @@ impl Config {
                     input.port.map_or("any".to_owned(), |p| p.to_string()),
                     input.source.map_or("any".to_owned(), |s| s.to_string()),
                     input.vlan.map_or(String::new(), |v| format!(" vlan {v}")),
+                )));
+            }
+            // With ranges the XDP program walks one lookup per tuple (form of input) in a
+            // loop the verifier must see end; during a reload it walks the old and the new
+            // rules' tuples, so each table gets half of the program's bound.
+            tuples.insert(crate::rules::input_tuple(input));
+            if tuples.len() > MAX_TUPLES as usize {
+                return Err(err(format!(
+                    "input {} {}:{} from {}{} makes {} forms of input (family, VLAN or any, \
+                     group prefix length, source prefix length, port or any; this one's \
+                     lengths are /{} and {}): the XDP program looks up at most {MAX_TUPLES}; \
+                     use fewer distinct prefix lengths",
+                    input.interface,
+                    input.prefix(),
+                    input.port.map_or("any".to_owned(), |p| p.to_string()),
+                    input.source.map_or("any".to_owned(), |s| s.to_string()),
+                    input.vlan.map_or(String::new(), |v| format!(" vlan {v}")),
+                    tuples.len(),
+                    input.prefix().len,
+                    input
+                        .source
+                        .map_or("/0".to_owned(), |s| format!("/{}", s.len)),
                 )));
             }
             if rule.outputs.is_empty() {
@@ -1145,6 +1168,9 @@ rules:
     /// Each broken config and the exact message it must produce.
     #[test]
     fn broken_configs_name_file_rule_and_value() {
+        // 224.0.0.0/len: the lowest IPv4 group of each length, with no host bits.
+        let mask_str =
+            |l: u32| std::net::Ipv4Addr::from(0xe000_0000u32 & (u32::MAX << (32 - l))).to_string();
         let rule = |input: &str, outputs: &str| {
             format!("rules:\n  - name: r1\n    input: {input}\n    outputs: {outputs}\n")
         };
@@ -1418,6 +1444,24 @@ rules:
                     rule(ok_in, ok_out)
                 ),
                 "r.yaml: rule 'r2': another rule already has the input in0 239.1.1.1:5000 from any",
+            ),
+            (
+                // 65 forms: IPv4 group lengths /4../32 and IPv6 /8../43 ranges.
+                format!(
+                    "rules:\n{}",
+                    (4..=32)
+                        .map(|l| format!("{}/{l}", mask_str(l)))
+                        .chain((8..=43).map(|l| format!("'ff00::/{l}'")))
+                        .enumerate()
+                        .map(|(i, g)| format!(
+                            "  - name: t{i}\n    input: {{interface: in0, group: {g}}}\n    outputs: {ok_out}\n"
+                        ))
+                        .collect::<String>()
+                ),
+                "r.yaml: rule 't64': input in0 ff00::/43:any from any makes 65 forms of input \
+                 (family, VLAN or any, group prefix length, source prefix length, port or any; \
+                 this one's lengths are /43 and /0): the XDP program looks up at most 64; use \
+                 fewer distinct prefix lengths",
             ),
             (
                 "rules: []\n".to_owned(),

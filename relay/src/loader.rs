@@ -3,23 +3,27 @@
 //! nothing attached.
 
 use std::{
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     sync::Arc,
 };
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{Array, HashMap, MapData, PerCpuArray, XskMap},
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, XskMap},
+    programs::{ProgramFd, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use log::{info, warn};
 use relay_common::{
-    COUNTER_MAP, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM, RULE_MAP, RuleKey, RuleValue, SHAPE_MAP,
-    XSK_MAP, XdpCounter,
+    COUNTER_MAP, FRAG_MAP, FragKey, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM, RANGES_PROGRAM,
+    RANGES_PROGRAM_MAP, RULE_MAP, RuleKey, RuleValue, SHAPE_MAP, SHAPE_RANGES, SHAPE_TUPLES_HALF,
+    SHAPE_TUPLES_SHIFT, TUPLE_MAP, TUPLE_SLOTS, Tuple, XSK_MAP, XdpCounter,
 };
 
-use crate::{config::XdpModeConfig, rules::RuleTable};
+use crate::{
+    config::XdpModeConfig,
+    rules::{RuleTable, merge_tuples},
+};
 
 static XDP_OBJECT: &[u8] = include_bytes_aligned!(env!("RELAY_XDP_OBJ"));
 
@@ -34,6 +38,8 @@ pub struct Steering {
     slots: Vec<u32>,
     /// The (ifindex, queue) XSKMAP entries that hold a socket.
     entries: std::collections::HashSet<(u32, u32)>,
+    /// The `SHAPES` value the program reads now: which half of `TUPLES` is in use is in it.
+    shapes: u32,
 }
 
 /// The XDP program's per-CPU counters, readable from any thread.
@@ -98,6 +104,23 @@ impl Steering {
         prog.load().context(
             "the kernel refused the XDP program (loading it needs CAP_BPF and CAP_PERFMON)",
         )?;
+        // The program for rule sets with ranges, which the attached one tail-calls: in its
+        // slot before any rule is written. The map stays in `ebpf`: a program array's slots
+        // empty when the last descriptor of it closes.
+        let ranges: &mut Xdp = ebpf
+            .program_mut(RANGES_PROGRAM)
+            .ok_or_else(|| anyhow!("no {RANGES_PROGRAM} program in the object"))?
+            .try_into()?;
+        ranges
+            .load()
+            .context("the kernel refused the XDP program for ranges")?;
+        let fd = ranges.fd()?.try_clone()?;
+        let mut slot: ProgramArray<_> = ProgramArray::try_from(
+            ebpf.map_mut(RANGES_PROGRAM_MAP)
+                .ok_or_else(|| anyhow!("no {RANGES_PROGRAM_MAP} map"))?,
+        )?;
+        slot.set(0, &fd, 0)
+            .context("putting the program for ranges in its slot")?;
         let mut steering = Self {
             ebpf,
             xsks,
@@ -105,6 +128,7 @@ impl Steering {
             links: Vec::new(),
             slots: Vec::new(),
             entries: std::collections::HashSet::new(),
+            shapes: 0,
         };
         steering.update_rules(&RuleTable::default(), table)?;
         Ok(steering)
@@ -119,11 +143,15 @@ impl Steering {
     }
 
     /// Moves the rule map from `old` to `new` without a moment where a rule both have is
-    /// missing: every entry of `new` is written (a key that exists is replaced in place),
-    /// then the keys only `old` has are deleted.
+    /// missing: the program first looks up both tables' shapes (with ranges: the union of
+    /// their tuples), then every entry of `new` is written (a key that exists is replaced in
+    /// place), then the keys only `old` has are deleted, and last the program is told
+    /// `new`'s shapes and tuples alone.
     pub fn update_rules(&mut self, old: &RuleTable, new: &RuleTable) -> Result<()> {
-        // While both tables' keys may be in the map, the program looks up both tables' shapes.
-        self.set_shapes(old.shapes() | new.shapes())?;
+        // While both tables' keys may be in the map, the program looks up both tables'
+        // shapes, and walks both tables' tuples in one precedence order.
+        let both = merge_tuples(old.tuples(), new.tuples());
+        self.set_shapes(old.shapes() | new.shapes(), &both)?;
         let mut rules = self.rule_map()?;
         for (key, value) in new.bpf_entries() {
             rules
@@ -136,16 +164,48 @@ impl Steering {
                 rules.remove(&key).context("deleting from the rule map")?;
             }
         }
-        self.set_shapes(new.shapes())
+        self.set_shapes(new.shapes(), new.tuples())
     }
 
-    fn set_shapes(&mut self, shapes: u32) -> Result<()> {
+    /// Points the program at `shapes`. With [`SHAPE_RANGES`], `tuples` go into the half of
+    /// `TUPLES` the program is not reading, and the one u32 of `SHAPES` then switches the
+    /// program to them, with their count: it never sees a tuple half written, nor a count
+    /// of one list with the entries of another.
+    fn set_shapes(&mut self, shapes: u32, tuples: &[Tuple]) -> Result<()> {
+        let mut shapes = shapes;
+        if shapes & SHAPE_RANGES != 0 {
+            if tuples.len() > TUPLE_SLOTS as usize {
+                // Validation allows half as many per table, so a reload's union fits.
+                return Err(anyhow!(
+                    "{} rule tuples: the {TUPLE_MAP} map holds {TUPLE_SLOTS}",
+                    tuples.len()
+                ));
+            }
+            let half = if self.shapes & SHAPE_TUPLES_HALF != 0 {
+                0
+            } else {
+                SHAPE_TUPLES_HALF
+            };
+            let base = if half != 0 { TUPLE_SLOTS } else { 0 };
+            let mut map: Array<_, Tuple> = Array::try_from(
+                self.ebpf
+                    .map_mut(TUPLE_MAP)
+                    .ok_or_else(|| anyhow!("no {TUPLE_MAP} map"))?,
+            )?;
+            for (i, t) in tuples.iter().enumerate() {
+                map.set(base + i as u32, t, 0)
+                    .context("writing the rule tuples")?;
+            }
+            shapes |= half | (tuples.len() as u32) << SHAPE_TUPLES_SHIFT;
+        }
         let mut map: Array<_, u32> = Array::try_from(
             self.ebpf
                 .map_mut(SHAPE_MAP)
                 .ok_or_else(|| anyhow!("no {SHAPE_MAP} map"))?,
         )?;
-        map.set(0, &shapes, 0).context("writing the rule shapes")
+        map.set(0, &shapes, 0).context("writing the rule shapes")?;
+        self.shapes = shapes;
+        Ok(())
     }
 
     /// The XSKMAP slot of an ingress interface: given out once and kept, so a reload never
@@ -316,32 +376,38 @@ impl Steering {
     /// what the program decided, and the program's counters move as they would. Used by the
     /// tests that check the program against the rule model, and to measure its cost.
     pub fn test_run(&self, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(u32, u32)> {
+        test_run(self.program_fd()?.as_fd(), frame, ifindex, repeat)
+    }
+
+    /// A handle that runs the program as [`Steering::test_run`] does, from another thread:
+    /// a test can keep frames going through the program while this one reloads the rules.
+    pub fn test_runner(&self) -> Result<TestRunner> {
+        Ok(TestRunner(self.program_fd()?.try_clone()?))
+    }
+
+    fn program_fd(&self) -> Result<&ProgramFd> {
         let prog: &Xdp = self
             .ebpf
             .program(PROGRAM)
             .ok_or_else(|| anyhow!("no {PROGRAM} program"))?
             .try_into()?;
-        let fd = prog.fd()?.as_fd().as_raw_fd();
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex. Only the ifindex and queue may be set on input.
-        let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-        let mut opts = libbpf_sys::bpf_test_run_opts {
-            sz: std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _,
-            data_in: frame.as_ptr().cast(),
-            data_size_in: frame.len() as u32,
-            ctx_in: ctx.as_ptr().cast(),
-            ctx_size_in: std::mem::size_of_val(&ctx) as u32,
-            repeat: repeat as i32,
-            ..Default::default()
-        };
-        // SAFETY: `opts` is libbpf's own options struct with its size set; the frame and ctx
-        // buffers it points to outlive the call, and nothing is written back into them (no
-        // data_out or ctx_out given).
-        let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(fd, &mut opts) };
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(-rc)).context("BPF_PROG_TEST_RUN");
+        Ok(prog.fd()?)
+    }
+
+    /// The rule the program stored in `FRAGS` for a fragmented datagram: the one its first
+    /// fragment matched. The counters say only that some rule matched; this says which, so
+    /// the tests can hold the program's choice among overlapping rules against the model's.
+    pub fn fragment_rule(&self, key: &FragKey) -> Result<Option<u32>> {
+        let map = self
+            .ebpf
+            .map(FRAG_MAP)
+            .ok_or_else(|| anyhow!("no {FRAG_MAP} map"))?;
+        let frags: HashMap<&MapData, FragKey, RuleValue> = HashMap::try_from(map)?;
+        match frags.get(key, 0) {
+            Ok(v) => Ok(Some(v.rule_id)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading the fragment map"),
         }
-        Ok((opts.retval, opts.duration))
     }
 
     /// Kernel memory charged to the rule map, from its fdinfo (`memlock`).
@@ -365,6 +431,43 @@ impl Steering {
     pub fn counters(&self) -> Arc<XdpCounters> {
         self.counters.clone()
     }
+}
+
+/// Runs a loaded program from any thread (see [`Steering::test_runner`]).
+pub struct TestRunner(ProgramFd);
+
+impl TestRunner {
+    /// As [`Steering::test_run`].
+    pub fn test_run(&self, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(u32, u32)> {
+        test_run(self.0.as_fd(), frame, ifindex, repeat)
+    }
+}
+
+/// Runs the program `prog` on `frame` as if it arrived on `ifindex`'s rx queue 0
+/// (BPF_PROG_TEST_RUN), `repeat` times; returns the XDP action and the kernel's mean time
+/// per run in nanoseconds.
+fn test_run(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(u32, u32)> {
+    let fd = prog.as_raw_fd();
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex. Only the ifindex and queue may be set on input.
+    let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let mut opts = libbpf_sys::bpf_test_run_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_test_run_opts>() as _,
+        data_in: frame.as_ptr().cast(),
+        data_size_in: frame.len() as u32,
+        ctx_in: ctx.as_ptr().cast(),
+        ctx_size_in: std::mem::size_of_val(&ctx) as u32,
+        repeat: repeat as i32,
+        ..Default::default()
+    };
+    // SAFETY: `opts` is libbpf's own options struct with its size set; the frame and ctx
+    // buffers it points to outlive the call, and nothing is written back into them (no
+    // data_out or ctx_out given). `fd` is a program fd the caller borrows for the call.
+    let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(fd, &mut opts) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(-rc)).context("BPF_PROG_TEST_RUN");
+    }
+    Ok((opts.retval, opts.duration))
 }
 
 impl Drop for Steering {

@@ -5,10 +5,13 @@ use std::{net::IpAddr, sync::Arc};
 
 use rustc_hash::FxHashMap;
 
-use relay_common::{RuleKey, RuleValue, SHAPE_UNICAST, VLAN_ANY, frame_vlan, v4_mapped};
+use relay_common::{
+    RuleKey, RuleValue, SHAPE_RANGES, SHAPE_UNICAST, TUPLE_PORT, TUPLE_V4, TUPLE_VLAN, Tuple,
+    VLAN_ANY, frame_vlan, v4_mapped,
+};
 
 use crate::{
-    config::{Config, ConfigError, InterfaceInfo, SourceSpec, System, auto_source},
+    config::{Config, ConfigError, Input, InterfaceInfo, SourceSpec, System, auto_source},
     nexthop::NextHopSlot,
     prefix::Prefix,
     rewrite::OutputAction,
@@ -80,9 +83,10 @@ pub struct RuleTable {
     /// showed SipHash as a third of the relay's own CPU time, and a lookup key from the wire
     /// cannot grow this table (only the config fills it), so flooding it is not a concern.
     keys: FxHashMap<RuleKey, u32>,
-    /// Some key names a VLAN: only then does a lookup try the frame's VLAN first, as the XDP
-    /// program skips those shapes too.
-    vlan_keys: bool,
+    /// The tuples (forms of key) the keys have, most specific first: what a lookup walks,
+    /// here and in the XDP program, and nothing else, so a rule set without sources or
+    /// VLANs costs one hash lookup per frame.
+    tuples: Vec<Tuple>,
 }
 
 impl RuleTable {
@@ -159,16 +163,18 @@ impl RuleTable {
                     next_hop: None,
                 });
             }
+            let tuple = input_tuple(&rule.input);
             let key = RuleKey::new(
                 in_info.ifindex,
                 key_addr(address),
                 rule.input.source.map_or([0; 16], |s| key_addr(s.network())),
                 rule.input.port.unwrap_or(0),
             )
-            .with_vlan(rule.input.vlan.map_or(VLAN_ANY, Vlan::key));
+            .with_vlan(rule.input.vlan.map_or(VLAN_ANY, Vlan::key))
+            .with_lengths(tuple.glen, tuple.slen);
             if in_info.exists() {
-                table.vlan_keys |= key.vlan != VLAN_ANY;
                 table.keys.insert(key, id as u32);
+                table.tuples.push(tuple);
             }
             table.rules.push(CompiledRule {
                 name: rule.name.clone(),
@@ -182,6 +188,7 @@ impl RuleTable {
                 outputs,
             });
         }
+        table.tuples = merge_tuples(&table.tuples, &[]);
         table
     }
 
@@ -192,13 +199,27 @@ impl RuleTable {
             .map(|(k, &rule_id)| (*k, RuleValue { rule_id }))
     }
 
-    /// The `SHAPE_*` bits of the keys in the rule map: which of the four lookups can hit,
-    /// and [`SHAPE_UNICAST`] when some key is a unicast destination.
+    /// The `SHAPE_*` bits of the keys in the rule map: which of the eight exact lookups can
+    /// hit, [`SHAPE_UNICAST`] when some key is a unicast destination, and [`SHAPE_RANGES`]
+    /// when some key is a range (then the program walks [`RuleTable::tuples`] instead).
+    /// The tuple count and half bits are the loader's.
     pub fn shapes(&self) -> u32 {
-        self.keys.keys().fold(0, |s, k| {
+        let ranges = if self.has_ranges() { SHAPE_RANGES } else { 0 };
+        self.keys.keys().fold(ranges, |s, k| {
             let unicast = !IpAddr::from(k.group).to_canonical().is_multicast();
-            s | k.shape() | if unicast { SHAPE_UNICAST } else { 0 }
+            let exact = Tuple::new(k.glen, k.slen, 0).is_exact();
+            s | if exact { k.shape() } else { 0 } | if unicast { SHAPE_UNICAST } else { 0 }
         })
+    }
+
+    /// The tuples of the rule map's keys, most specific first (see [`Tuple::precedence`]).
+    pub fn tuples(&self) -> &[Tuple] {
+        &self.tuples
+    }
+
+    /// Some key is a group range or a source prefix.
+    pub fn has_ranges(&self) -> bool {
+        self.tuples.iter().any(|t| !t.is_exact())
     }
 
     /// The (egress ifindex, destination) of every unicast output whose interface exists, in
@@ -230,26 +251,65 @@ impl RuleTable {
             .filter(|&(_, ifindex)| ifindex != 0)
     }
 
-    /// The rule for a frame that arrived on `ifindex`, in the XDP program's order: (S,G,port),
-    /// (S,G,*), (*,G,port), (*,G,*), first for the frame's VLAN (its VID, or untagged), then
-    /// for any VLAN.
+    /// The rule for a frame that arrived on `ifindex`, in the XDP program's order: the
+    /// tuples of the frame's family, most specific first (the frame's VLAN before any VLAN,
+    /// then the longer group prefix, the longer source prefix, a port before any), the
+    /// frame's group and source masked to each tuple's lengths; the first hit.
     pub fn lookup(&self, ifindex: u32, flow: &Flow) -> Option<u32> {
-        let (g, s, p) = (key_addr(flow.group), key_addr(flow.source), flow.port);
-        let frame = frame_vlan(flow.tci);
-        let vlans: &[u16] = if self.vlan_keys {
-            &[frame, VLAN_ANY]
-        } else {
-            &[VLAN_ANY]
-        };
-        vlans
+        let family = if flow.group.is_ipv4() { TUPLE_V4 } else { 0 };
+        let group = u128::from_ne_bytes(key_addr(flow.group));
+        let source = u128::from_ne_bytes(key_addr(flow.source));
+        let (port, vlan) = (flow.port.to_be_bytes(), frame_vlan(flow.tci));
+        self.tuples
             .iter()
-            .flat_map(|&v| {
-                [(s, p), (s, 0), ([0; 16], p), ([0; 16], 0)]
-                    .map(|(src, port)| RuleKey::new(ifindex, g, src, port).with_vlan(v))
+            .filter(|t| t.flags & TUPLE_V4 == family)
+            .find_map(|t| {
+                let key = RuleKey {
+                    ifindex,
+                    group: (group & u128::from_ne_bytes(t.group_mask)).to_ne_bytes(),
+                    source: (source & u128::from_ne_bytes(t.source_mask)).to_ne_bytes(),
+                    port: if t.flags & TUPLE_PORT != 0 {
+                        port
+                    } else {
+                        [0; 2]
+                    },
+                    vlan: if t.flags & TUPLE_VLAN != 0 {
+                        vlan
+                    } else {
+                        VLAN_ANY
+                    },
+                    glen: t.glen,
+                    slen: t.slen,
+                    pad: 0,
+                };
+                self.keys.get(&key).copied()
             })
-            .find_map(|k| self.keys.get(&k))
-            .copied()
     }
+}
+
+/// The tuple of an input's key: its VLAN or any, its group (or destination) prefix length,
+/// its source prefix length (0 for any), its port or any, its family. The config's
+/// validation counts these too, as the XDP program walks at most
+/// [`relay_common::MAX_TUPLES`] of them.
+pub fn input_tuple(input: &Input) -> Tuple {
+    let prefix = input.prefix();
+    let flags = if input.vlan.is_some() { TUPLE_VLAN } else { 0 }
+        | if input.port.is_some() { TUPLE_PORT } else { 0 }
+        | if prefix.addr.is_ipv4() { TUPLE_V4 } else { 0 };
+    Tuple::new(
+        prefix.key_len(),
+        input.source.map_or(0, |s| s.key_len()),
+        flags,
+    )
+}
+
+/// The tuples of both lists, each once, most specific first: what the program walks while
+/// a reload has both tables' keys in the rule map (and, with `b` empty, one list sorted).
+pub fn merge_tuples(a: &[Tuple], b: &[Tuple]) -> Vec<Tuple> {
+    let mut all: Vec<Tuple> = a.iter().chain(b).copied().collect();
+    all.sort_by_key(Tuple::precedence);
+    all.dedup();
+    all
 }
 
 /// An address as the rule map's keys hold it: IPv6 as is, IPv4 mapped into IPv6.
@@ -279,15 +339,25 @@ mod tests {
     }
 
     fn rule(name: String, group: [u8; 4], port: Option<u16>, source: Option<[u8; 4]>) -> Rule {
+        prefix_rule(name, group.into(), port, source.map(Into::into), None)
+    }
+
+    fn prefix_rule(
+        name: String,
+        group: Prefix,
+        port: Option<u16>,
+        source: Option<Prefix>,
+        vlan: Option<Vlan>,
+    ) -> Rule {
         Rule {
             name,
             input: Input {
                 interface: "in0".into(),
-                group: Some(group.into()),
+                group: Some(group),
                 destination: None,
                 port,
-                source: source.map(Into::into),
-                vlan: None,
+                source,
+                vlan,
             },
             outputs: vec![Output {
                 interface: "out0".into(),
@@ -426,15 +496,17 @@ mod tests {
         }
     }
 
-    /// The reference model: among the rules whose input covers the frame, one with a VLAN
-    /// wins over one without, then one with a source over one without, then one with a port
-    /// over one without.
-    fn model(rules: &[Rule], f: &Flow) -> Option<u32> {
+    /// The reference model, by brute force over the rules: among those whose input covers
+    /// the frame (group inside its prefix, source inside its prefix or none, port equal or
+    /// none, VLAN covered or none), the most specific: one with a VLAN over one without, then
+    /// the longest group prefix, then the longest source prefix (none is /0), then one with
+    /// a port over one without. Validation refuses two inputs that would tie.
+    pub(crate) fn model(rules: &[Rule], f: &Flow) -> Option<u32> {
         rules
             .iter()
             .enumerate()
             .filter(|(_, r)| {
-                r.input.address() == f.group
+                r.input.prefix().contains(f.group)
                     && r.input.port.is_none_or(|p| p == f.port)
                     && r.input.source.is_none_or(|s| s.contains(f.source))
                     && vlan_covers(r.input.vlan, f.tci)
@@ -442,11 +514,154 @@ mod tests {
             .max_by_key(|(_, r)| {
                 (
                     r.input.vlan.is_some(),
-                    r.input.source.is_some(),
+                    r.input.prefix().len,
+                    r.input.source.map_or(0, |s| s.len),
                     r.input.port.is_some(),
                 )
             })
             .map(|(i, _)| i as u32)
+    }
+
+    fn p(s: &str) -> Prefix {
+        s.parse().unwrap()
+    }
+
+    /// Nested and neighbouring group ranges and single groups, per family.
+    const GROUPS: [[&str; 6]; 2] = [
+        [
+            "239.0.0.0/8",
+            "239.10.0.0/16",
+            "239.10.3.0/24",
+            "239.10.3.4",
+            "239.10.9.9",
+            "239.11.0.0/16",
+        ],
+        [
+            "ff18::/16",
+            "ff18::10:0/112",
+            "ff18::10:300/120",
+            "ff18::10:304",
+            "ff18::10:909",
+            "ff18:1::/32",
+        ],
+    ];
+    /// Nested source prefixes and single sources, per family.
+    const SOURCES: [[&str; 5]; 2] = [
+        [
+            "198.18.0.0/15",
+            "198.18.7.0/24",
+            "198.18.7.1",
+            "198.18.8.0/24",
+            "198.18.7.0/25",
+        ],
+        [
+            "2001:2::/32",
+            "2001:2:0:7::/64",
+            "2001:2:0:7::1",
+            "2001:2:0:8::/64",
+            "2001:2:0:7::/65",
+        ],
+    ];
+    /// Probe groups: inside one range or several, single groups, and outside every range.
+    const PROBE_GROUPS: [[&str; 7]; 2] = [
+        [
+            "239.10.3.4",
+            "239.10.3.5",
+            "239.10.9.9",
+            "239.11.2.2",
+            "239.1.1.1",
+            "238.1.1.1",
+            "239.10.3.200",
+        ],
+        [
+            "ff18::10:304",
+            "ff18::10:305",
+            "ff18::10:909",
+            "ff18:1::1",
+            "ff19::1",
+            "ff18::1:304",
+            "ff18::10:3c8",
+        ],
+    ];
+    const PROBE_SOURCES: [[&str; 5]; 2] = [
+        [
+            "198.18.7.1",
+            "198.18.7.200",
+            "198.18.8.1",
+            "198.19.0.1",
+            "10.0.0.1",
+        ],
+        [
+            "2001:2:0:7::1",
+            "2001:2:0:7:8000::1",
+            "2001:2:0:8::1",
+            "2001:2:1::1",
+            "2001:3::1",
+        ],
+    ];
+
+    /// The example of the issue: the longer group prefix wins before the source prefix, a
+    /// range rule takes the rest of its range, and a source prefix keeps other senders out.
+    #[test]
+    fn the_longest_group_prefix_wins_before_the_source() {
+        let rules = vec![
+            prefix_rule(
+                "wide".into(),
+                p("239.10.0.0/16"),
+                None,
+                Some(p("198.18.7.0/24")),
+                None,
+            ),
+            prefix_rule("narrow".into(), p("239.10.3.0/24"), None, None, None),
+            prefix_rule("one".into(), p("239.10.3.9"), Some(5000), None, None),
+        ];
+        let t = RuleTable::compile(&config(rules.clone()), "t", &fake()).unwrap();
+        assert_ne!(t.shapes() & SHAPE_RANGES, 0);
+        assert!(t.has_ranges());
+        let (v4, port) = (TUPLE_V4, TUPLE_PORT);
+        assert_eq!(
+            t.tuples(),
+            [
+                Tuple::new(128, 0, v4 | port),
+                Tuple::new(120, 0, v4),
+                Tuple::new(112, 120, v4),
+            ],
+            "one group, then /24, then /16 from a /24"
+        );
+        for (g, s, port, want) in [
+            ([239, 10, 3, 4], [198, 18, 7, 1], 9, Some(1)),
+            ([239, 10, 9, 9], [198, 18, 7, 1], 9, Some(0)),
+            ([239, 10, 9, 9], [198, 18, 8, 1], 9, None),
+            ([239, 11, 0, 1], [198, 18, 7, 1], 9, None),
+            ([239, 10, 3, 9], [198, 18, 7, 1], 5000, Some(2)),
+            ([239, 10, 3, 9], [198, 18, 7, 1], 5001, Some(1)),
+        ] {
+            let f = flow(g, s, port);
+            assert_eq!(t.lookup(10, &f), want, "{g:?} from {s:?}:{port}");
+            assert_eq!(
+                model(&rules, &f),
+                want,
+                "the model, {g:?} from {s:?}:{port}"
+            );
+        }
+        let exact = RuleTable::compile(
+            &config(vec![rule("a".into(), [239, 1, 1, 1], None, None)]),
+            "t",
+            &fake(),
+        )
+        .unwrap();
+        assert!(!exact.has_ranges());
+        assert_eq!(exact.shapes(), relay_common::SHAPE_GROUP);
+        // A reload walks both tables' tuples, each once, in one order.
+        assert_eq!(
+            merge_tuples(exact.tuples(), t.tuples()),
+            [
+                Tuple::new(128, 0, v4 | port),
+                Tuple::new(128, 0, v4),
+                Tuple::new(120, 0, v4),
+                Tuple::new(112, 120, v4),
+            ]
+        );
     }
 
     fn arb_vlan() -> impl Strategy<Value = Option<Vlan>> {
@@ -476,9 +691,46 @@ mod tests {
                 })
                 .collect();
             let t = RuleTable::compile(&config(rules.clone()), "t", &fake()).unwrap();
+            prop_assert!(!t.has_ranges());
             for (g, p, s, tci) in probes {
                 let f = Flow { tci, ..flow([239, 0, 0, g], [198, 18, 0, s], p) };
                 prop_assert_eq!(t.lookup(10, &f), model(&rules, &f));
+            }
+        }
+
+        /// Overlapping group ranges and source prefixes of both families, with ports and
+        /// VLANs: the tuple walk finds the rule the brute-force model picks, for frames
+        /// inside several ranges, inside one, and outside all.
+        #[test]
+        fn range_lookup_agrees_with_model(
+            specs in proptest::collection::vec(
+                (any::<bool>(), 0usize..6, proptest::option::of(5000u16..5002), 0usize..6, arb_vlan()), 1..32),
+            probes in proptest::collection::vec(
+                (any::<bool>(), 0usize..7, 5000u16..5003, 0usize..5, proptest::option::of(prop_oneof![Just(0x2000u16), Just(0xe00a), Just(11), Just(12)])), 1..48),
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let rules: Vec<Rule> = specs
+                .into_iter()
+                .filter(|s| seen.insert(*s))
+                .enumerate()
+                .map(|(i, (v6, g, port, s, vlan))| {
+                    let fam = usize::from(v6);
+                    let source = s.checked_sub(1).map(|s| p(SOURCES[fam][s]));
+                    prefix_rule(format!("r{i}"), p(GROUPS[fam][g]), port, source, vlan)
+                })
+                .collect();
+            let t = RuleTable::compile(&config(rules.clone()), "t", &fake()).unwrap();
+            for (v6, g, port, s, tci) in probes {
+                let fam = usize::from(v6);
+                let f = Flow {
+                    tci,
+                    group: PROBE_GROUPS[fam][g].parse().unwrap(),
+                    source: PROBE_SOURCES[fam][s].parse().unwrap(),
+                    ..flow([0; 4], [0; 4], port)
+                };
+                prop_assert_eq!(t.lookup(10, &f), model(&rules, &f), "{:?}", f);
+                // Another ingress finds nothing.
+                prop_assert_eq!(t.lookup(11, &f), None);
             }
         }
     }
