@@ -294,3 +294,82 @@ fn ranges_and_prefixes_with_lockfree_pool() {
 fn ranges_and_prefixes_with_mutex_pool() {
     ranges("mutex");
 }
+
+/// A flow to groups of a range while reloads add and remove other rules (an exact group
+/// inside the range, another range, a source prefix) twenty times, and an add-rule and a
+/// remove-rule: the range rule that stays loses nothing, and its per-group counters carry on.
+#[test]
+fn reloads_beside_a_range_lose_nothing() {
+    require_root();
+    let _serial = serial();
+    const FLOW: u64 = 20_000;
+    let topo = Topology::new(2).unwrap();
+    let r0 = &topo.receivers[0];
+    let base = "rules:\n  - name: channels\n    input: { interface: rin, group: 239.10.0.0/16, port: 5000 }\n    outputs: [{ interface: rout0, group: 239.20.0.0/16 }]\n";
+    let more = format!(
+        "{base}  - name: inside\n    input: {{ interface: rin, group: 239.10.9.9, port: 5000 }}\n    outputs: [{{ interface: rout1 }}]\n  - name: other\n    input: {{ interface: rin, group: 239.40.0.0/24, source: 198.18.1.0/28 }}\n    outputs: [{{ interface: rout1 }}]\n"
+    );
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, base, &[]).unwrap();
+    let ctl = relay.control.to_str().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(relay_bin())
+            .args(args)
+            .args(["--control", &ctl])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let rx = listen(
+        &r0.ns,
+        Ipv4Addr::new(239, 20, 3, 4),
+        5000,
+        r0.addr,
+        Limits::new(FLOW),
+    )
+    .unwrap();
+    let sender = send(
+        &topo.sender,
+        SENDER_ADDR,
+        Flow::new(Ipv4Addr::new(239, 10, 3, 4), 5000, FLOW),
+    );
+    for i in 0..20 {
+        std::fs::write(&relay.config, if i % 2 == 0 { &more } else { base }).unwrap();
+        run(&["reload"]);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let extra = relay.config.with_file_name("extra.yaml");
+    std::fs::write(
+        &extra,
+        "name: extra\ninput: { interface: rin, group: 239.50.0.0/16 }\noutputs: [{ interface: rout1 }]\n",
+    )
+    .unwrap();
+    run(&["add-rule", extra.to_str().unwrap()]);
+    run(&["remove-rule", "extra"]);
+    assert_eq!(join(sender).unwrap(), FLOW);
+    let got = join(rx).unwrap();
+    assert_eq!(
+        seqs(&got),
+        (0..FLOW).collect(),
+        "no loss on the range rule that stays"
+    );
+    // Counters are published every 100 ms.
+    stats_until(&relay.control, |v| v.rules[0].received == FLOW);
+    let out = std::process::Command::new(relay_bin())
+        .args(["stats", "--json", "--groups", "--control", &ctl])
+        .output()
+        .unwrap();
+    let v: relay::stats::StatsView = serde_json::from_slice(&out.stdout).unwrap();
+    let channels = v.rules.iter().find(|r| r.name == "channels").unwrap();
+    assert_eq!(channels.received, FLOW);
+    let g = &channels.groups.as_ref().unwrap()[0];
+    assert_eq!(
+        (g.group.as_str(), g.packets, g.error),
+        ("239.10.3.4", FLOW, 0)
+    );
+    stop_clean(relay, &topo);
+}
