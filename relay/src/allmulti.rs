@@ -32,19 +32,17 @@ use std::{
     collections::BTreeSet,
     io,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use log::{info, warn};
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::NLM_F_ACK;
 use netlink_packet_route::{
     RouteNetlinkMessage,
     link::{LinkAttribute, LinkFlags, LinkMessage},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
 use crate::{prefix::Prefix, rules::RuleTable};
 
@@ -497,75 +495,21 @@ impl Link {
             .map(|_| ())
     }
 
-    /// Sends `msg` and waits for its answer: the message, `None` for a bare acknowledgement,
-    /// or the kernel's error.
+    /// Sends `msg` and waits for its answer (see [`crate::rtnl::request`]).
     fn request(
         &mut self,
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> io::Result<Option<RouteNetlinkMessage>> {
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        header.sequence_number = seq;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-        packet.finalize();
-        let mut out = vec![0; packet.buffer_len()];
-        packet.serialize(&mut out);
-        self.socket.send_to(&out, &SocketAddr::new(0, 0), 0)?;
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
-        while Instant::now() < deadline {
-            self.buf.clear();
-            match self.socket.recv(&mut self.buf, 0) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-            // An answer to an earlier request that timed out is skipped by its number.
-            for m in messages(&self.buf) {
-                if m.header.sequence_number != seq {
-                    continue;
-                }
-                return match m.payload {
-                    NetlinkPayload::InnerMessage(inner) => Ok(Some(inner)),
-                    NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
-                    _ => Ok(None),
-                };
-            }
-        }
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "no answer from the kernel",
-        ))
+        crate::rtnl::request(
+            &self.socket,
+            &mut self.seq,
+            &mut self.buf,
+            msg,
+            flags,
+            ANSWER_TIMEOUT,
+        )
     }
-}
-
-/// The netlink messages in one datagram; one that does not parse ends the walk.
-fn messages(buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off + 16 <= buf.len() {
-        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
-        if len < 16 || off + len > buf.len() {
-            break;
-        }
-        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..off + len]) {
-            Ok(m) => out.push(m),
-            Err(_) => break,
-        }
-        off += (len + 3) & !3;
-    }
-    out
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ pub mod preflight;
 pub mod probe;
 pub mod report;
 pub mod rewrite;
+pub mod rtnl;
 pub mod rules;
 pub mod stats;
 pub mod sys;

@@ -24,16 +24,14 @@ use std::{
 
 use anyhow::{Context, Result};
 use log::{debug, info, trace, warn};
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NetlinkPayload};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::{LinkFlags, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 use nix::sys::{socket::setsockopt, socket::sockopt, time::TimeVal};
 
 use crate::nexthop::{Action, MacDisplay, NextHopSlot, NextHopState, Resolver, Route};
@@ -262,7 +260,7 @@ impl Worker {
                     self.shared.resolver().resync();
                 }
                 Ok(_) => {
-                    for msg in messages(&self.buf) {
+                    for msg in crate::rtnl::messages(&self.buf) {
                         if let NetlinkPayload::InnerMessage(m) = msg.payload {
                             out.extend(event(m));
                         }
@@ -274,16 +272,7 @@ impl Worker {
                     );
                     self.shared.resolver().resync();
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    break;
-                }
+                Err(e) if crate::rtnl::transient(&e) => break,
                 Err(e) => {
                     if let Some(n) = self.throttle.allow("recv".into()) {
                         warn!("reading rtnetlink notifications: {e}{}", suppressed(n));
@@ -411,56 +400,20 @@ impl Worker {
         }
     }
 
-    /// Sends `msg` and waits for its answer: the message, `None` for a bare acknowledgement,
-    /// or the kernel's error.
+    /// Sends `msg` and waits for its answer (see [`crate::rtnl::request`]).
     fn request(
         &mut self,
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> io::Result<Option<RouteNetlinkMessage>> {
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        header.sequence_number = seq;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-        packet.finalize();
-        let mut out = vec![0; packet.buffer_len()];
-        packet.serialize(&mut out);
-        self.requests.send_to(&out, &SocketAddr::new(0, 0), 0)?;
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
-        while Instant::now() < deadline {
-            self.buf.clear();
-            match self.requests.recv(&mut self.buf, 0) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-            // Answers to earlier requests that timed out are skipped by their sequence number.
-            for m in messages(&self.buf) {
-                if m.header.sequence_number != seq {
-                    continue;
-                }
-                return match m.payload {
-                    NetlinkPayload::InnerMessage(inner) => Ok(Some(inner)),
-                    NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
-                    _ => Ok(None),
-                };
-            }
-        }
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "no answer from the kernel",
-        ))
+        crate::rtnl::request(
+            &self.requests,
+            &mut self.seq,
+            &mut self.buf,
+            msg,
+            flags,
+            ANSWER_TIMEOUT,
+        )
     }
 
     /// Logs what changed since last time, per target, and reminds of those long unresolved.
@@ -585,24 +538,6 @@ fn feed_answer(r: &mut Resolver, a: Answer, now: Duration) {
         } => r.on_route(ifindex, destination, route, now),
         Answer::Event(e) => feed(r, e),
     }
-}
-
-/// The netlink messages in one datagram; malformed ones are skipped.
-fn messages(buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off + 16 <= buf.len() {
-        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
-        if len < 16 || off + len > buf.len() {
-            break;
-        }
-        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..off + len]) {
-            Ok(m) => out.push(m),
-            Err(e) => debug!("skipping an rtnetlink message that did not parse: {e}"),
-        }
-        off += (len + 3) & !3;
-    }
-    out
 }
 
 /// The resolver's view of one notification, if it is about something it follows.

@@ -7,7 +7,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -18,7 +17,7 @@ use relay_tests::{
 };
 
 mod common;
-use common::{serial, stop_clean, wait_log};
+use common::{client, serial, stop_clean, wait_log};
 
 const RANGE: &str = "\
 rules:
@@ -79,24 +78,6 @@ fn state(control: &Path) -> Option<Vec<String>> {
             .filter(|l| !l.starts_with('#'))
             .map(str::to_owned)
             .collect(),
-    )
-}
-
-/// Runs `relay ARGS --control CONTROL`; whether it succeeded, and what it said.
-fn client(control: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(relay_bin())
-        .args(args)
-        .arg("--control")
-        .arg(control)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
     )
 }
 

@@ -242,21 +242,9 @@ fn a_reload_that_fails_half_way_changes_nothing() {
     let rule_x = "  - name: x\n    input: { interface: rin3, group: 239.3.3.3, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
     let rule_y = "  - name: y\n    input: { interface: rin2, group: 239.3.3.3, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
     let rule_lo = "  - name: l\n    input: { interface: lo, group: 239.4.4.4, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
-    let ctl = relay.control.to_str().unwrap().to_owned();
     let reload = |yaml: &str| {
         std::fs::write(&relay.config, yaml).unwrap();
-        let out = std::process::Command::new(relay_bin())
-            .args(["reload", "--control", &ctl])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        common::client(&relay.control, &["reload"])
     };
     let log = || std::fs::read_to_string(&relay.stderr).unwrap();
     let r0 = &topo.receivers[0];

@@ -25,7 +25,7 @@ use relay_tests::{
 };
 
 mod common;
-use common::{mac_of, serial, stats_until, stop_clean};
+use common::{client_ok, mac_of, serial, stats_until, stop_clean};
 
 const N: u64 = 300;
 const INJECT_MAC: [u8; 6] = [0x02, 0xde, 0xad, 0xbe, 0xef, 0x05];
@@ -562,11 +562,6 @@ fn follows(allocator: &str) {
 
     // About 1,000 datagrams a second per family for three seconds.
     const FLOW: u64 = 3000;
-    let flow = |group: IpAddr| Flow {
-        burst: 4,
-        pause: Duration::from_millis(4),
-        ..Flow::new(group, 5000, FLOW)
-    };
     let mut limits = Limits::new(2 * FLOW);
     limits.idle = Duration::from_secs(2);
     let sock = listen_unicast(&r0.ns, SocketAddr::new(RX0.into(), 7000), limits).unwrap();
@@ -576,18 +571,7 @@ fn follows(allocator: &str) {
     let mut cap_limits = Limits::new(2 * FLOW);
     cap_limits.max = Duration::from_secs(10);
     let cap = capture(&r0.ns, &r0.iface, cap_limits, unicast_udp).unwrap();
-    let senders = [
-        send(
-            &topo.sender,
-            SENDER_ADDR,
-            flow("239.1.1.1".parse().unwrap()),
-        ),
-        send(
-            &topo.sender,
-            SENDER_ADDR6,
-            flow("ff18::1:1".parse().unwrap()),
-        ),
-    ];
+    let senders = paced_flows(&topo, FLOW);
     // Past the kernel's lock time (1 s), so the announcement may override the entry.
     std::thread::sleep(Duration::from_millis(1100));
     let new_mac = [0x02, 0x42, 0, 0, 0x0a, 0x0b];
@@ -697,6 +681,28 @@ fn next_hops_follow_with_mutex_pool() {
     follows("mutex");
 }
 
+/// `count` datagrams to 239.1.1.1 and to ff18::1:1, port 5000, each at about 1,000 a second
+/// (4 every 4 ms): long enough for things to happen under them.
+fn paced_flows(topo: &Topology, count: u64) -> [std::thread::JoinHandle<anyhow::Result<u64>>; 2] {
+    let flow = |group: IpAddr| Flow {
+        burst: 4,
+        pause: Duration::from_millis(4),
+        ..Flow::new(group, 5000, count)
+    };
+    [
+        send(
+            &topo.sender,
+            SENDER_ADDR,
+            flow("239.1.1.1".parse().unwrap()),
+        ),
+        send(
+            &topo.sender,
+            SENDER_ADDR6,
+            flow("ff18::1:1".parse().unwrap()),
+        ),
+    ]
+}
+
 const KEEP_RULES: &str = "\
 rules:
   - name: keep
@@ -734,42 +740,13 @@ fn reloads_and_readdressing(allocator: &str) {
     };
     assert!(resolved(&stats_until(&relay.control, resolved)));
     const FLOW: u64 = 3000;
-    let flow = |group: IpAddr| Flow {
-        burst: 4,
-        pause: Duration::from_millis(4),
-        ..Flow::new(group, 5000, FLOW)
-    };
     let mut limits = Limits::new(FLOW);
     limits.idle = Duration::from_secs(3);
     let sock = listen_unicast(&r0.ns, SocketAddr::new(RX0.into(), 7000), limits).unwrap();
     let sock6 = listen_unicast(&r0.ns, SocketAddr::new(RX0_6.into(), 7000), limits).unwrap();
-    let senders = [
-        send(
-            &topo.sender,
-            SENDER_ADDR,
-            flow("239.1.1.1".parse().unwrap()),
-        ),
-        send(
-            &topo.sender,
-            SENDER_ADDR6,
-            flow("ff18::1:1".parse().unwrap()),
-        ),
-    ];
+    let senders = paced_flows(&topo, FLOW);
 
-    let ctl = relay.control.to_str().unwrap().to_owned();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(relay_bin())
-            .args(args)
-            .args(["--control", &ctl])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| client_ok(&relay.control, args);
     std::thread::sleep(Duration::from_millis(300));
     std::fs::write(
         &relay.config,

@@ -19,7 +19,7 @@ use relay_tests::{
 };
 
 mod common;
-use common::{inspect, mac_of, seqs, serial, stats_until, stop_clean};
+use common::{client_ok, inspect, mac_of, seqs, serial, stats_until, stop_clean};
 
 const N: u64 = 100;
 
@@ -59,6 +59,12 @@ fn from_stranger(frame: &[u8]) -> bool {
 /// UDP to a group no rule covers.
 fn to_uncovered(frame: &[u8]) -> bool {
     classify(frame).is_some_and(|f| f.group == v4("239.11.0.1") || f.group == v4("ff18::40:1"))
+}
+
+/// `relay stats --json --groups`.
+fn stats_with_groups(relay: &RelayProc) -> relay::stats::StatsView {
+    let said = client_ok(&relay.control, &["stats", "--json", "--groups"]);
+    serde_json::from_str(&said).unwrap()
 }
 
 fn ranges(allocator: &str) {
@@ -245,12 +251,7 @@ fn ranges(allocator: &str) {
             .received
             == 3 * N + 1
     });
-    let out = std::process::Command::new(relay_bin())
-        .args(["stats", "--json", "--groups", "--control"])
-        .arg(&relay.control)
-        .output()
-        .unwrap();
-    let with_groups: relay::stats::StatsView = serde_json::from_slice(&out.stdout).unwrap();
+    let with_groups = stats_with_groups(&relay);
     assert!(
         v.rules.iter().all(|r| r.groups.is_none()),
         "without --groups, no group counters: {v:?}"
@@ -310,20 +311,7 @@ fn reloads_beside_a_range_lose_nothing() {
         "{base}  - name: inside\n    input: {{ interface: rin, group: 239.10.9.9, port: 5000 }}\n    outputs: [{{ interface: rout1 }}]\n  - name: other\n    input: {{ interface: rin, group: 239.40.0.0/24, source: 198.18.1.0/28 }}\n    outputs: [{{ interface: rout1 }}]\n"
     );
     let relay = RelayProc::start(&relay_bin(), &topo.relay, base, &[]).unwrap();
-    let ctl = relay.control.to_str().unwrap().to_owned();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(relay_bin())
-            .args(args)
-            .args(["--control", &ctl])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| client_ok(&relay.control, args);
     let rx = listen(
         &r0.ns,
         Ipv4Addr::new(239, 20, 3, 4),
@@ -359,11 +347,7 @@ fn reloads_beside_a_range_lose_nothing() {
     );
     // Counters are published every 100 ms.
     stats_until(&relay.control, |v| v.rules[0].received == FLOW);
-    let out = std::process::Command::new(relay_bin())
-        .args(["stats", "--json", "--groups", "--control", &ctl])
-        .output()
-        .unwrap();
-    let v: relay::stats::StatsView = serde_json::from_slice(&out.stdout).unwrap();
+    let v = stats_with_groups(&relay);
     let channels = v.rules.iter().find(|r| r.name == "channels").unwrap();
     assert_eq!(channels.received, FLOW);
     let g = &channels.groups.as_ref().unwrap()[0];

@@ -779,17 +779,7 @@ impl Worker {
             }
             let away = shared.domain(to);
             let mut copy = away.frames[copy_no as usize];
-            let resolved;
-            let action = match &out.next_hop {
-                Some(slot) => {
-                    resolved = OutputAction {
-                        next_hop_mac: slot.mac(),
-                        ..out.action
-                    };
-                    &resolved
-                }
-                None => &out.action,
-            };
+            let action = resolved_action(out);
             // SAFETY: `copy` is a free frame just taken from its pool, distinct from `desc`'s
             // frame (another frame, or another UMEM), and no ring holds it; `desc`'s frame is
             // only read here.
@@ -801,7 +791,7 @@ impl Worker {
                 cursor
                     .write_all(src)
                     .expect("a frame's data fits in any frame");
-                rewrite_frame(&mut dst, &flow, action)
+                rewrite_frame(&mut dst, &flow, &action)
             };
             self.settle(out.egress, to, copy, tag(oi), result);
         }
@@ -812,19 +802,9 @@ impl Worker {
             return;
         };
         let out = &rule.outputs[last];
-        let resolved;
-        let action = match &out.next_hop {
-            Some(slot) => {
-                resolved = OutputAction {
-                    next_hop_mac: slot.mac(),
-                    ..out.action
-                };
-                &resolved
-            }
-            None => &out.action,
-        };
+        let action = resolved_action(out);
         // SAFETY: the copies are done, so this is the frame's only user.
-        let result = unsafe { rewrite_frame(&mut home.umem.data_mut(&mut desc), &flow, action) };
+        let result = unsafe { rewrite_frame(&mut home.umem.data_mut(&mut desc), &flow, &action) };
         self.settle(out.egress, dom, desc, tag(last), result);
     }
 
@@ -1117,6 +1097,18 @@ fn rewrite_frame(
     let (new_len, flow) = retag(data.contents_mut(), len, flow, action.vlan)?;
     data.cursor().set_pos(new_len);
     rewrite_packet(data.contents_mut(), &flow, action)
+}
+
+/// `out`'s action as this frame needs it: a unicast output's with its next hop's MAC of the
+/// moment (read once per frame from the slot the neighbour tracker writes).
+fn resolved_action(out: &crate::rules::CompiledOutput) -> std::borrow::Cow<'_, OutputAction> {
+    match &out.next_hop {
+        Some(slot) => std::borrow::Cow::Owned(OutputAction {
+            next_hop_mac: slot.mac(),
+            ..out.action
+        }),
+        None => std::borrow::Cow::Borrowed(&out.action),
+    }
 }
 
 /// Why an output will not take a frame, known before any copy is made: the frame arrived at

@@ -176,3 +176,28 @@ pub fn start_refused(topo: &Topology, yaml: &str, why: &str) -> String {
     assert_eq!(errors.len(), 1, "one error line for {why}:\n{err}");
     errors[0].to_owned()
 }
+
+/// Runs `relay ARGS --control CONTROL`; whether it succeeded, and what it said.
+pub fn client(control: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(relay_bin())
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// As [`client`], for a command that must succeed; what it printed.
+pub fn client_ok(control: &Path, args: &[&str]) -> String {
+    let (ok, said) = client(control, args);
+    assert!(ok, "relay {args:?}: {said}");
+    said
+}
