@@ -28,6 +28,15 @@ const PORT: u16 = 5000;
 /// The port a unicast -> multicast row sends to the relay's own address on: not the group's,
 /// so the datagrams reach the relay only through its unicast rule.
 const UNICAST_IN_PORT: u16 = 7100;
+/// A group range row (#14): the sender goes round-robin over `RANGE_GROUPS` groups from
+/// `RANGE_FIRST` (239.1.0.1 .. 239.1.3.232), all inside the rule's `RANGE_PREFIX`, and the
+/// relay sends them all to `RANGE_OUT_GROUP`. A thousand groups against the 64 the relay
+/// counts per rule and worker (`relay::topgroups`): every frame's group is one the table just
+/// evicted, the worst case of its churn.
+const RANGE_FIRST: Ipv4Addr = Ipv4Addr::new(239, 1, 0, 1);
+const RANGE_GROUPS: u32 = 1000;
+const RANGE_PREFIX: &str = "239.1.0.0/16";
+const RANGE_OUT_GROUP: Ipv4Addr = Ipv4Addr::new(239, 2, 0, 1);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -64,6 +73,9 @@ enum Addressing {
     MulticastToUnicast,
     /// Sent to the relay's ingress address, relayed to the group from the relay's address.
     UnicastToMulticast,
+    /// Sent round-robin to many groups of a range, relayed to one group (many -> one), which
+    /// the receiver joins.
+    GroupRange,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +103,12 @@ fn scenarios() -> Vec<Scenario> {
         addressing,
         ..s(name, relay(allocator, 1), 1)
     };
+    // A range rule beside the exact rule of its allocator (#14); "1→1" in the name so that
+    // `--only 1→1` runs both.
+    let range = |name: &str, allocator| Scenario {
+        addressing: Addressing::GroupRange,
+        ..s(name, relay(allocator, 1), 1)
+    };
     let many = |name: &str, rules: usize| Scenario {
         extra_rules: rules - 1,
         ..s(name, relay("lockfree", 1), 1)
@@ -107,6 +125,7 @@ fn scenarios() -> Vec<Scenario> {
             "lockfree",
             Addressing::UnicastToMulticast,
         ),
+        range("relay lock-free 1→1, 1,000 groups in a /16", "lockfree"),
         s("relay mutex 1→1", relay("mutex", 1), 1),
         gateway(
             "relay mutex mcast→ucast 1→1",
@@ -118,6 +137,7 @@ fn scenarios() -> Vec<Scenario> {
             "mutex",
             Addressing::UnicastToMulticast,
         ),
+        range("relay mutex 1→1, 1,000 groups in a /16", "mutex"),
         s("kernel ipmr 1→1", Forwarder::Kernel, 1),
         s("socat 1→1", Forwarder::Socat, 1),
         s("relay lock-free 2 workers 1→2", relay("lockfree", 2), 2),
@@ -334,6 +354,7 @@ fn relay_yaml(topo: &Topology, sc: &Scenario, workers: usize, allocator: &str) -
         Addressing::UnicastToMulticast => {
             format!("destination: {RELAY_IN_ADDR}, port: {UNICAST_IN_PORT}")
         }
+        Addressing::GroupRange => format!("group: {RANGE_PREFIX}, port: {PORT}"),
         _ => format!("group: {GROUP}, port: {PORT}"),
     };
     let mut y = format!(
@@ -350,6 +371,10 @@ fn relay_yaml(topo: &Topology, sc: &Scenario, workers: usize, allocator: &str) -
             Addressing::UnicastToMulticast => writeln!(
                 y,
                 "      - {{ interface: rout{i}, group: {GROUP}, port: {PORT}, source: auto }}"
+            ),
+            Addressing::GroupRange => writeln!(
+                y,
+                "      - {{ interface: rout{i}, group: {RANGE_OUT_GROUP} }}"
             ),
         };
     }
@@ -450,6 +475,15 @@ fn run_one(
             Addressing::MulticastToUnicast => {
                 GenReceiver::spawn_unicast(gen_bin, &r.ns, r.addr, PORT, 1000, duration + 20.0)?
             }
+            Addressing::GroupRange => GenReceiver::spawn(
+                gen_bin,
+                &r.ns,
+                RANGE_OUT_GROUP,
+                PORT,
+                r.addr,
+                1000,
+                duration + 20.0,
+            )?,
             _ => GenReceiver::spawn(gen_bin, &r.ns, GROUP, PORT, r.addr, 1000, duration + 20.0)?,
         });
     }
@@ -465,12 +499,17 @@ fn run_one(
         cpu: Some(0),
         afxdp: afxdp_sender.then(|| SENDER_IF.to_owned()),
     };
-    let sender = if sc.addressing == Addressing::UnicastToMulticast {
-        spec.group = RELAY_IN_ADDR;
-        spec.port = UNICAST_IN_PORT;
-        GenSender::spawn_unicast(gen_bin, &topo.sender, &spec, ingress_mac(topo)?)?
-    } else {
-        GenSender::spawn(gen_bin, &topo.sender, &spec)?
+    let sender = match sc.addressing {
+        Addressing::UnicastToMulticast => {
+            spec.group = RELAY_IN_ADDR;
+            spec.port = UNICAST_IN_PORT;
+            GenSender::spawn_unicast(gen_bin, &topo.sender, &spec, ingress_mac(topo)?)?
+        }
+        Addressing::GroupRange => {
+            spec.group = RANGE_FIRST;
+            GenSender::spawn_groups(gen_bin, &topo.sender, &spec, RANGE_GROUPS)?
+        }
+        _ => GenSender::spawn(gen_bin, &topo.sender, &spec)?,
     };
     let sent = sender.finish()?;
     let mut got = Vec::new();

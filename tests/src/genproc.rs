@@ -144,7 +144,13 @@ pub struct GenSender {
 
 impl GenSender {
     pub fn spawn(gen_bin: &Path, ns: &Netns, spec: &SendSpec) -> Result<Self> {
-        Self::start(gen_bin, ns, spec, None)
+        Self::start(gen_bin, ns, spec, None, 1)
+    }
+
+    /// As [`GenSender::spawn`], round-robin over `groups` consecutive groups from
+    /// `spec.group`: the many groups one range rule matches.
+    pub fn spawn_groups(gen_bin: &Path, ns: &Netns, spec: &SendSpec, groups: u32) -> Result<Self> {
+        Self::start(gen_bin, ns, spec, None, groups)
     }
 
     /// As [`GenSender::spawn`], but to a unicast address: `spec.group` holds it, and
@@ -156,7 +162,7 @@ impl GenSender {
         spec: &SendSpec,
         next_hop_mac: [u8; 6],
     ) -> Result<Self> {
-        Self::start(gen_bin, ns, spec, Some(next_hop_mac))
+        Self::start(gen_bin, ns, spec, Some(next_hop_mac), 1)
     }
 
     fn start(
@@ -164,6 +170,7 @@ impl GenSender {
         ns: &Netns,
         spec: &SendSpec,
         next_hop_mac: Option<[u8; 6]>,
+        groups: u32,
     ) -> Result<Self> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns.name()]).arg(gen_bin);
@@ -193,6 +200,10 @@ impl GenSender {
         }
         if let Some(iface) = &spec.afxdp {
             cmd.args(["--afxdp", iface]);
+        }
+        // Only when asked for, so the command lines of every other row stay as they were.
+        if groups > 1 {
+            cmd.args(["--groups", &groups.to_string()]);
         }
         let child = cmd
             .stdout(Stdio::piped())

@@ -28,8 +28,9 @@ const BATCH: usize = 64;
 pub struct XdpSend {
     pub iface: String,
     pub source: Ipv4Addr,
-    /// A group, or a unicast address when `dst_mac` is given.
-    pub destination: Ipv4Addr,
+    /// Groups, sent to round-robin (frame k to the k mod N'th); or one unicast address when
+    /// `dst_mac` is given.
+    pub destinations: Vec<Ipv4Addr>,
     /// The frames' destination MAC for a unicast `destination` (the next hop's, which the
     /// caller knows and this process may not be able to see); a group's own MAC when absent.
     pub dst_mac: Option<[u8; 6]>,
@@ -50,27 +51,36 @@ pub fn send(spec: &XdpSend) -> Result<SendSummary> {
     let mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", spec.iface))
         .with_context(|| format!("no interface {}", spec.iface))?;
     let src_mac = parse_mac(&mac)?;
-    let template = match spec.dst_mac {
-        None => udp4_frame(
-            src_mac,
-            spec.source,
-            spec.destination,
-            spec.port,
-            spec.ttl,
-            spec.size,
-        ),
-        Some(dst_mac) => udp4_frame_to(
-            dst_mac,
-            src_mac,
-            spec.source,
-            spec.destination,
-            spec.port,
-            spec.ttl,
-            spec.size,
-        ),
+    // One whole frame per destination, made once, each with its own destination MAC (a
+    // group's is derived from the group): sending is then the same copy whichever it goes to.
+    let templates: Vec<Vec<u8>> = spec
+        .destinations
+        .iter()
+        .map(|&destination| match spec.dst_mac {
+            None => udp4_frame(
+                src_mac,
+                spec.source,
+                destination,
+                spec.port,
+                spec.ttl,
+                spec.size,
+            ),
+            Some(dst_mac) => udp4_frame_to(
+                dst_mac,
+                src_mac,
+                spec.source,
+                destination,
+                spec.port,
+                spec.ttl,
+                spec.size,
+            ),
+        })
+        .collect();
+    let Some(first) = templates.first() else {
+        bail!("no destination to send to");
     };
-    if template.len() > 2048 - 256 {
-        bail!("a {}-byte frame does not fit a UMEM frame", template.len());
+    if first.len() > 2048 - 256 {
+        bail!("a {}-byte frame does not fit a UMEM frame", first.len());
     }
 
     let umem_config = UmemConfig::builder()
@@ -139,6 +149,9 @@ pub fn send(spec: &XdpSend) -> Result<SendSummary> {
         }
         let t = now_ns();
         batch.clear();
+        // Frame `seq` goes to destination `seq mod N`, also after a short produce (the
+        // numbers not taken are sent again); one division per batch, not per frame.
+        let mut k = (seq % templates.len() as u64) as usize;
         for i in 0..want {
             let mut desc = free.pop().expect("counted above");
             // SAFETY: a free frame, on no ring.
@@ -147,7 +160,11 @@ pub fn send(spec: &XdpSend) -> Result<SendSummary> {
             // send writes the frame again (about a hundred bytes), then the stamp.
             let mut cursor = data.cursor();
             cursor.set_pos(0);
-            cursor.write_all(&template)?;
+            cursor.write_all(&templates[k])?;
+            k += 1;
+            if k == templates.len() {
+                k = 0;
+            }
             stamp(
                 &mut data.contents_mut()[UDP4_PAYLOAD_AT..],
                 spec.flow,

@@ -3,10 +3,12 @@
 //! ```text
 //! relay-gen send --group 239.1.1.1 --port 5000 --source 198.18.1.1 --size 64 --rate 100000 --duration 3
 //! relay-gen recv --group 239.1.1.1 --port 5000 --iface-addr 198.18.2.2
+//! relay-gen send --group 239.1.0.1 --groups 1000 --port 5000 --source 198.18.1.1
 //! relay-gen send --destination 198.18.1.2 --dst-mac 02:00:00:00:00:02 --port 7100 --source 198.18.1.1
 //! relay-gen recv --port 5000 --iface-addr 198.18.2.2
 //! ```
-//! The last two are the unicast ends a gateway rule has: a sender to a unicast address, and a
+//! The third sends round-robin over 239.1.0.1 .. 239.1.3.232, the traffic a rule for a group
+//! range sees. The last two are the unicast ends a gateway rule has: a sender to a unicast address, and a
 //! receiver that joins nothing. The sender stamps every payload with a sequence number and its send time; the receiver
 //! reports loss, duplicates, reordering and one-way latency percentiles. Both print one JSON
 //! line on stdout when they finish. Run them in network namespaces (`ip netns exec`).
@@ -36,6 +38,10 @@ enum Cmd {
     Send {
         #[arg(long)]
         group: Option<Ipv4Addr>,
+        /// Send round-robin over this many consecutive groups from --group (datagram k goes
+        /// to the k mod N'th), as many distinct groups as a range rule may see.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        groups: u32,
         /// A unicast address to send to instead of a group.
         #[arg(long)]
         destination: Option<Ipv4Addr>,
@@ -102,6 +108,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Send {
             group,
+            groups,
             destination,
             dst_mac,
             port,
@@ -119,14 +126,16 @@ fn main() -> Result<()> {
             pin(cpu);
             let to = match (group, destination) {
                 (Some(g), _) => To::Group(g),
-                (None, Some(d)) => To::Unicast(d),
+                (None, Some(d)) if groups == 1 => To::Unicast(d),
+                (None, Some(d)) => bail!("--groups is for groups; {d} is one unicast address"),
                 (None, None) => unreachable!("clap requires one"),
             };
+            let destinations = to.destinations(groups)?;
             let s = match afxdp {
                 Some(iface) => relay_tests::xdpgen::send(&relay_tests::xdpgen::XdpSend {
                     iface,
                     source,
-                    destination: to.addr(),
+                    destinations,
                     dst_mac: match (&to, dst_mac) {
                         (To::Group(_), _) => None,
                         (To::Unicast(_), Some(m)) => Some(relay_tests::xdpgen::parse_mac(&m)?),
@@ -143,7 +152,17 @@ fn main() -> Result<()> {
                     flow,
                 })?,
                 None => send(
-                    to, port, source, size, rate, count, duration, ttl, batch, flow,
+                    &to,
+                    &destinations,
+                    port,
+                    source,
+                    size,
+                    rate,
+                    count,
+                    duration,
+                    ttl,
+                    batch,
+                    flow,
                 )?,
             };
             println!("{}", serde_json::to_string(&s)?);
@@ -171,9 +190,19 @@ enum To {
 }
 
 impl To {
-    fn addr(&self) -> Ipv4Addr {
+    /// The addresses datagrams go to in turn: `groups` consecutive groups from the first, or
+    /// the one unicast address.
+    fn destinations(&self, groups: u32) -> Result<Vec<Ipv4Addr>> {
         match *self {
-            To::Group(a) | To::Unicast(a) => a,
+            To::Unicast(a) => Ok(vec![a]),
+            To::Group(g) => {
+                let first = u32::from(g);
+                let last = first.checked_add(groups - 1).map(Ipv4Addr::from);
+                if !last.is_some_and(|l| l.is_multicast()) {
+                    bail!("{groups} groups from {g} run past the multicast range");
+                }
+                Ok((first..first + groups).map(Ipv4Addr::from).collect())
+            }
         }
     }
 }
@@ -233,7 +262,8 @@ impl MsgBatch {
 
 #[allow(clippy::too_many_arguments)]
 fn send(
-    to: To,
+    to: &To,
+    destinations: &[Ipv4Addr],
     port: u16,
     source: Ipv4Addr,
     size: usize,
@@ -250,7 +280,7 @@ fn send(
     let batch = batch.clamp(1, 1024);
     let sock = UdpSocket::bind(SocketAddrV4::new(source, 0)).context("binding the sender")?;
     let fd = sock.as_raw_fd();
-    match to {
+    match *to {
         To::Group(_) => {
             sock.set_multicast_ttl_v4(ttl)?;
             sock.set_multicast_loop_v4(false)?;
@@ -266,13 +296,21 @@ fn send(
     // A large send buffer lets the kernel queue a whole batch.
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &(4i32 << 20))?;
 
-    // SAFETY: sockaddr_in is plain data.
-    let mut dst: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    dst.sin_family = libc::AF_INET as u16;
-    dst.sin_port = port.to_be();
-    dst.sin_addr.s_addr = u32::from_ne_bytes(to.addr().octets());
+    let mut dsts: Vec<libc::sockaddr_in> = destinations
+        .iter()
+        .map(|a| {
+            // SAFETY: sockaddr_in is plain data.
+            let mut dst: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            dst.sin_family = libc::AF_INET as u16;
+            dst.sin_port = port.to_be();
+            dst.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
+            dst
+        })
+        .collect();
+    // The vector is never resized, so the headers' pointers into it stay valid.
+    let n_dsts = dsts.len();
 
-    let mut io = MsgBatch::new(batch, size, Some(&mut dst));
+    let mut io = MsgBatch::new(batch, size, Some(&mut dsts[0]));
     let limit = count.unwrap_or(u64::MAX);
     let end = Duration::from_secs_f64(duration);
     let start = Instant::now();
@@ -295,7 +333,20 @@ fn send(
         for (i, b) in io.bufs[..n].iter_mut().enumerate() {
             stamp(b, flow, seq + i as u64, t);
         }
-        // SAFETY: msgs[..n] point at live buffers, iovecs and the destination address.
+        // Datagram `seq` goes to destination `seq mod N`, also after a short send (the
+        // numbers not taken are sent again). With one destination every header already names
+        // it, and the loop (and its division) is skipped.
+        if n_dsts > 1 {
+            let mut k = (seq % n_dsts as u64) as usize;
+            for m in &mut io.msgs[..n] {
+                m.msg_hdr.msg_name = std::ptr::from_mut(&mut dsts[k]).cast();
+                k += 1;
+                if k == n_dsts {
+                    k = 0;
+                }
+            }
+        }
+        // SAFETY: msgs[..n] point at live buffers, iovecs and destination addresses.
         let rc = unsafe { libc::sendmmsg(fd, io.msgs.as_mut_ptr(), n as u32, 0) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
@@ -371,4 +422,30 @@ fn recv(
         }
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_run_consecutively_and_stay_multicast() {
+        let d = To::Group(Ipv4Addr::new(239, 1, 0, 1))
+            .destinations(1000)
+            .unwrap();
+        assert_eq!(d.len(), 1000);
+        assert_eq!(d[255], Ipv4Addr::new(239, 1, 1, 0));
+        assert_eq!(d[999], Ipv4Addr::new(239, 1, 3, 232));
+        assert_eq!(
+            To::Group(Ipv4Addr::new(239, 1, 1, 1))
+                .destinations(1)
+                .unwrap(),
+            [Ipv4Addr::new(239, 1, 1, 1)]
+        );
+        assert!(
+            To::Group(Ipv4Addr::new(239, 255, 255, 250))
+                .destinations(10)
+                .is_err()
+        );
+    }
 }
