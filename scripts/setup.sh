@@ -19,7 +19,7 @@ say() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 # libxdp-sys (under xsk-rs) compiles libxdp/libbpf from source with clang, m4, libelf and zlib.
 # iproute2/ethtool/tcpdump/bpftool are used by the namespace harness and by operators.
 APT_PKGS=(pkg-config libelf-dev zlib1g-dev clang m4 llvm libbpf-dev iproute2 ethtool tcpdump
-  bpftool smcroute socat iputils-ping)
+  bpftool smcroute socat iputils-ping procps)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
