@@ -84,10 +84,15 @@ impl TopGroups {
             }
             self.min = self.slots.iter().map(|s| s.1.packets).min().unwrap_or(0);
             let min = self.min;
-            self.at_min = (0..self.slots.len() as u32)
-                .filter(|&i| self.slots[i as usize].1.packets == min)
-                .rev()
-                .collect();
+            // Refilled in place: this runs on the per-frame path, which allocates nothing
+            // once the table has filled.
+            let slots = &self.slots;
+            self.at_min.clear();
+            self.at_min.extend(
+                (0..slots.len() as u32)
+                    .rev()
+                    .filter(|&i| slots[i as usize].1.packets == min),
+            );
         }
     }
 
