@@ -755,15 +755,17 @@ impl Worker {
                 continue;
             }
             let counters = &mut self.stats.rules[rule_id as usize].outputs[oi];
+            let to = on(out);
             if let Some(e) = refusal(out, expired) {
                 match e {
+                    // With its device gone the next hop is gone too: the device is the news.
+                    RewriteError::NoNeighbour if to == NO_DOMAIN => counters.interface_down += 1,
                     RewriteError::NoNeighbour => counters.no_neighbour += 1,
                     RewriteError::NoSource => counters.no_source += 1,
                     _ => counters.ttl_expired += 1,
                 }
                 continue;
             }
-            let to = on(out);
             if to == NO_DOMAIN {
                 // Its device is gone and no new one has come yet: no copy for it.
                 counters.interface_down += 1;
