@@ -167,7 +167,9 @@ impl StatsView {
                             o.next_hop
                                 .as_ref()
                                 .and_then(|s| s.mac())
-                                .map_or("unresolved".to_owned(), |m| crate::sys::format_mac(&m))
+                                .map_or("unresolved".to_owned(), |m| {
+                                    crate::nexthop::MacDisplay(m).to_string()
+                                })
                         }),
                         source: describe_source(&o.action),
                         source_port: o.action.source_port,

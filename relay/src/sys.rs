@@ -67,14 +67,6 @@ pub fn interface_addresses(name: &str) -> Vec<std::net::IpAddr> {
         .collect()
 }
 
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(m: &[u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
-}
-
 /// Whether `iface` can transmit now: administratively up with its link up (operstate `up`,
 /// or `unknown` for interfaces that do not report one). A deleted interface is down.
 pub fn link_up(iface: &str) -> bool {

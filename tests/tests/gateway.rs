@@ -25,7 +25,7 @@ use relay_tests::{
 };
 
 mod common;
-use common::{client_ok, mac_of, serial, stats_until, stop_clean};
+use common::{client_ok, mac_in, mac_of, serial, stats_until, stop_clean};
 
 const N: u64 = 300;
 const INJECT_MAC: [u8; 6] = [0x02, 0xde, 0xad, 0xbe, 0xef, 0x05];
@@ -139,15 +139,8 @@ fn dad_done(ns: &relay_tests::netns::Netns) {
     }
 }
 
-fn mac_in(ns: &relay_tests::netns::Netns, iface: &str) -> [u8; 6] {
-    let s = ns
-        .exec(&["cat", &format!("/sys/class/net/{iface}/address")])
-        .unwrap();
-    relay::sys::parse_mac(s.trim()).unwrap()
-}
-
 fn mac_text(m: [u8; 6]) -> String {
-    relay::sys::format_mac(&m)
+    relay::nexthop::MacDisplay(m).to_string()
 }
 
 /// Frames to the group, marked `MARKED`, injected on the sender's link: the ECN bits must

@@ -764,13 +764,7 @@ fn hostile_frames_get_the_documented_outcome() {
     topo.relay
         .exec(&["ip", "link", "set", RELAY_IN, "mtu", "3000"])
         .unwrap();
-    let rin_mac = {
-        let s = topo
-            .relay
-            .exec(&["cat", &format!("/sys/class/net/{RELAY_IN}/address")])
-            .unwrap();
-        relay::sys::parse_mac(s.trim()).unwrap()
-    };
+    let rin_mac = common::mac_of(&topo, RELAY_IN);
     let cases = cases(rin_mac);
     let relay = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
     let count = |o: Outcome| cases.iter().filter(|c| c.outcome == o).count() as u64;

@@ -115,14 +115,11 @@ fn run(
 ) -> Run {
     require_root();
     let topo = Topology::new(2).unwrap();
-    let mac = |iface: &str| {
-        let s = topo
-            .relay
-            .exec(&["cat", &format!("/sys/class/net/{iface}/address")])
-            .unwrap();
-        relay::sys::parse_mac(s.trim()).unwrap()
-    };
-    let macs: Vec<[u8; 6]> = topo.receivers.iter().map(|r| mac(&r.relay_iface)).collect();
+    let macs: Vec<[u8; 6]> = topo
+        .receivers
+        .iter()
+        .map(|r| common::mac_of(&topo, &r.relay_iface))
+        .collect();
     let relay = RelayProc::start(
         &relay_bin(),
         &topo.relay,
@@ -337,14 +334,11 @@ rules:
 fn a_reload_moves_vlans_and_keeps_counters_by_output_identity() {
     require_root();
     let topo = Topology::new(2).unwrap();
-    let mac = |iface: &str| {
-        let s = topo
-            .relay
-            .exec(&["cat", &format!("/sys/class/net/{iface}/address")])
-            .unwrap();
-        relay::sys::parse_mac(s.trim()).unwrap()
-    };
-    let macs: Vec<[u8; 6]> = topo.receivers.iter().map(|r| mac(&r.relay_iface)).collect();
+    let macs: Vec<[u8; 6]> = topo
+        .receivers
+        .iter()
+        .map(|r| common::mac_of(&topo, &r.relay_iface))
+        .collect();
     let rules = |input_vlan: u16, out_vlan: u16| {
         format!(
             "rules:

@@ -24,9 +24,14 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The MAC of the relay's interface `iface`.
 pub fn mac_of(topo: &Topology, iface: &str) -> [u8; 6] {
-    let s = topo
-        .relay
+    mac_in(&topo.relay, iface)
+}
+
+/// The MAC of interface `iface` in namespace `ns`.
+pub fn mac_in(ns: &relay_tests::netns::Netns, iface: &str) -> [u8; 6] {
+    let s = ns
         .exec(&["cat", &format!("/sys/class/net/{iface}/address")])
         .unwrap();
     relay::sys::parse_mac(s.trim()).unwrap()
