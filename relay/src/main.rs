@@ -620,12 +620,11 @@ impl Running {
             }
         }
         let switched = self.switch(&old, &new, new_config.xdp_mode);
-        let mut kept = if switched.is_ok() {
-            new.clone()
-        } else {
-            old.clone()
-        };
-        track_next_hops(&mut self.neighbours, &mut kept, &[])?;
+        // Now only the table in use is followed; its slots are the ones it already holds.
+        if let Some(n) = &self.neighbours {
+            let kept = if switched.is_ok() { &new } else { &old };
+            n.track(&kept.unicast_targets());
+        }
         switched?;
         let names = |t: &RuleTable| t.rules.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
         let (before, after) = (names(&old), names(&new));
