@@ -38,6 +38,20 @@ const UPSTREAM: &str = "upstream switches must flood these ranges";
 /// Whether `iface` in the relay's namespace is in allmulticast mode: bit 0x200 of its sysfs
 /// flags, which must agree with the ALLMULTI that `ip link` lists.
 fn allmulti(topo: &Topology, iface: &str) -> bool {
+    // The relay may flip the flag between the two reads (it turns it on within half a
+    // second of an interface appearing): read both again until they were read on one side
+    // of a change, a few times at most.
+    for _ in 0..5 {
+        if let Some(on) = allmulti_once(topo, iface) {
+            return on;
+        }
+    }
+    let said = allmulti_once(topo, iface);
+    panic!("{iface}: sysfs and ip link disagree about ALLMULTI five times running: {said:?}");
+}
+
+/// The flag as sysfs and `ip link` show it, when they agree.
+fn allmulti_once(topo: &Topology, iface: &str) -> Option<bool> {
     let flags = topo
         .relay
         .exec(&["cat", &format!("/sys/class/net/{iface}/flags")])
@@ -51,8 +65,7 @@ fn allmulti(topo: &Topology, iface: &str) -> bool {
         .and_then(|(_, r)| r.split_once('>'))
         .map(|(f, _)| f.split(',').any(|f| f == "ALLMULTI"))
         .unwrap_or_else(|| panic!("no flags in {link}"));
-    assert_eq!(on, listed, "{iface}: sysfs flags {flags} against {link}");
-    on
+    (on == listed).then_some(on)
 }
 
 fn ifindex(topo: &Topology, iface: &str) -> u32 {
