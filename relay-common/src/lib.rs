@@ -7,8 +7,14 @@
 
 /// Name of the XSKMAP that the XDP program redirects matches into.
 pub const XSK_MAP: &str = "XSKS";
-/// Name of the hash map from (ingress interface, group, port, source) to rule id.
+/// Name of the hash map from an exact key (ingress interface, one group, one source or any,
+/// port or any, VLAN or any; see [`ExactKey`]) to rule id.
 pub const RULE_MAP: &str = "RULES";
+/// Name of the hash map from a range key (a [`RuleKey`] whose group or source is a prefix
+/// shorter than one address) to rule id. Apart from [`RULE_MAP`] so that exact keys stay
+/// 40 bytes: every exact lookup hashes the whole key, and a frame of an exact-only rule
+/// set is looked up as it was before ranges existed.
+pub const RANGE_RULE_MAP: &str = "RANGE_RULES";
 /// Name of the hash map from ingress interface index to its slot in the XSKMAP.
 pub const IFACE_MAP: &str = "IFACES";
 /// Name of the one-entry array saying which key shapes the rule map holds (`SHAPE_*` bits),
@@ -227,7 +233,26 @@ pub const XSK_MAP_SIZE: u32 = MAX_QUEUES_PER_IFACE * MAX_INGRESS_IFACES;
 /// Most rules (counting each lookup key once) the rule map holds.
 pub const MAX_RULE_KEYS: u32 = 65536;
 
-/// Lookup key of the rule map.
+/// Key of the exact rule map ([`RULE_MAP`]): the first 40 bytes of a [`RuleKey`], whose
+/// lengths an exact key does not need (one group; one source, or an all-zero source for
+/// any).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ExactKey {
+    /// As [`RuleKey::ifindex`].
+    pub ifindex: u32,
+    /// As [`RuleKey::group`].
+    pub group: [u8; 16],
+    /// As [`RuleKey::source`].
+    pub source: [u8; 16],
+    /// As [`RuleKey::port`].
+    pub port: [u8; 2],
+    /// As [`RuleKey::vlan`].
+    pub vlan: u16,
+}
+
+/// Lookup key of the rule maps: of [`RANGE_RULE_MAP`] as it is, of [`RULE_MAP`] as its
+/// first 40 bytes ([`RuleKey::exact`]).
 ///
 /// Addresses are 16 bytes: IPv6 as it is, IPv4 as an IPv4-mapped IPv6 address
 /// (`::ffff:a.b.c.d`, RFC 4291), so one map serves both families and no IPv4 key can equal an
@@ -307,6 +332,20 @@ impl RuleKey {
     pub const fn with_vlan(self, vlan: u16) -> Self {
         Self { vlan, ..self }
     }
+
+    /// The key is exact: one group, and one source or any. It belongs in [`RULE_MAP`].
+    pub const fn is_exact(&self) -> bool {
+        self.glen == FULL_LEN && (self.slen == FULL_LEN || self.slen == 0)
+    }
+
+    /// The key's first 40 bytes, as the exact map takes them, in place: the XDP program
+    /// builds one key on its small stack and looks it up in either map.
+    pub fn exact(&self) -> &ExactKey {
+        // SAFETY: both are #[repr(C)] with the same first five fields in the same order
+        // (so at the same offsets), ExactKey's 40 bytes lie within RuleKey's 44, and both
+        // have alignment 4; a shared reference to the prefix lives no longer than `self`.
+        unsafe { &*(self as *const Self as *const ExactKey) }
+    }
 }
 
 /// Value of the rule map.
@@ -375,6 +414,10 @@ impl XdpCounter {
 // The BPF hash map hashes and compares every byte of a key: these sizes say there is no
 // padding (the fields add up to them), which the Pod impls below rely on.
 const _: () = assert!(core::mem::size_of::<RuleKey>() == 44);
+const _: () = assert!(core::mem::size_of::<ExactKey>() == 40);
+const _: () = assert!(core::mem::align_of::<ExactKey>() == core::mem::align_of::<RuleKey>());
+const _: () =
+    assert!(core::mem::offset_of!(RuleKey, vlan) == core::mem::offset_of!(ExactKey, vlan));
 const _: () = assert!(core::mem::size_of::<Tuple>() == 36);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 44);
 
@@ -385,6 +428,9 @@ mod user {
     // field at a multiple of its own alignment; `pad` fills what would be padding), so every
     // bit pattern is valid and none is uninitialised.
     unsafe impl aya::Pod for super::RuleKey {}
+    // SAFETY: a #[repr(C)] struct of a u32, byte arrays and two u16s, 4 + 16 + 16 + 2 + 2
+    // = 40 bytes with no padding: every bit pattern is valid and none is uninitialised.
+    unsafe impl aya::Pod for super::ExactKey {}
     // SAFETY: a #[repr(C)] struct of byte arrays and u8s (alignment 1), 16 + 16 + 4 = 36 bytes
     // with no padding: every bit pattern is valid and none is uninitialised.
     unsafe impl aya::Pod for super::Tuple {}

@@ -14,18 +14,27 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use relay_common::{
-    FULL_LEN, FragKey, MAX_FRAG_FLOWS, MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_RULE_KEYS,
-    RuleKey, RuleValue, SHAPE_GROUP, SHAPE_PORT, SHAPE_RANGES, SHAPE_SOURCE, SHAPE_SOURCE_PORT,
-    SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, SHAPE_UNICAST, SHAPE_VLAN_SHIFT, SHAPES_VLAN,
-    TUPLE_PORT, TUPLE_SLOTS, TUPLE_V4, TUPLE_VLAN, Tuple, VLAN_ANY, XSK_MAP_SIZE, XdpCounter,
-    frame_vlan, v4_mapped,
+    ExactKey, FULL_LEN, FragKey, MAX_FRAG_FLOWS, MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE,
+    MAX_RULE_KEYS, RuleKey, RuleValue, SHAPE_GROUP, SHAPE_PORT, SHAPE_RANGES, SHAPE_SOURCE,
+    SHAPE_SOURCE_PORT, SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, SHAPE_UNICAST, SHAPE_VLAN_SHIFT,
+    SHAPES_VLAN, TUPLE_PORT, TUPLE_SLOTS, TUPLE_V4, TUPLE_VLAN, Tuple, VLAN_ANY, XSK_MAP_SIZE,
+    XdpCounter, frame_vlan, v4_mapped,
 };
 
 #[map(name = "XSKS")]
 static XSKS: XskMap = XskMap::with_max_entries(XSK_MAP_SIZE, 0);
 
 #[map(name = "RULES")]
-static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RULE_KEYS, 0);
+static RULES: HashMap<ExactKey, RuleValue> = HashMap::with_max_entries(MAX_RULE_KEYS, 0);
+
+/// The range keys, apart so that exact keys stay 40 bytes. Allocated per entry
+/// (BPF_F_NO_PREALLOC): most relays have no range, and the map then costs next to nothing.
+#[map(name = "RANGE_RULES")]
+static RANGE_RULES: HashMap<RuleKey, RuleValue> =
+    HashMap::with_max_entries(MAX_RULE_KEYS, BPF_F_NO_PREALLOC);
+
+/// The map flag for a hash map whose entries are allocated as they are added.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map(name = "IFACES")]
 static IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INGRESS_IFACES, 0);
@@ -81,33 +90,24 @@ const UDP_HLEN: usize = 8;
 static MAX_FRAME_LEN: u32 = 2048 - relay_common::XDP_PACKET_HEADROOM;
 
 /// The program the daemon attaches. Without ranges it looks up the exact shapes itself;
-/// with ranges it hands the frame to `relay_ranges`.
+/// with ranges it hands the frame to `relay_ranges` (see `classify`).
 #[xdp]
 pub fn relay(ctx: XdpContext) -> u32 {
-    let shapes = SHAPES.get(0).copied().unwrap_or(0);
-    if shapes & SHAPE_RANGES != 0 {
-        // SAFETY: a tail call: on success control never comes back, and this program has
-        // nothing to release. It fails only if the slot is empty, and the loader fills it
-        // before it writes any rule, so the exact path below never sees a range rule set.
-        unsafe { RANGE_PROG.tail_call(&ctx, 0) };
-    }
-    run::<false>(&ctx, shapes)
+    count(XdpCounter::Seen);
+    run::<false>(&ctx)
 }
 
-/// `relay` when some rule is a range: the same parse, then the tuple walk.
+/// `relay` when some rule is a range: the same parse, then the tuple walk. Reached only by
+/// `relay`'s tail call, which has counted the frame as seen.
 #[xdp]
 pub fn relay_ranges(ctx: XdpContext) -> u32 {
-    // Read again: a reload may have flipped SHAPES since `relay` read it, and this program
-    // must then follow it, as the tuple count and half come with the flag.
-    let shapes = SHAPES.get(0).copied().unwrap_or(0);
-    run::<true>(&ctx, shapes)
+    run::<true>(&ctx)
 }
 
 /// Classifies and steers or passes one frame; `RANGES`: this is `relay_ranges`.
 #[inline(always)]
-fn run<const RANGES: bool>(ctx: &XdpContext, shapes: u32) -> u32 {
-    count(XdpCounter::Seen);
-    match classify::<RANGES>(ctx, shapes) {
+fn run<const RANGES: bool>(ctx: &XdpContext) -> u32 {
+    match classify::<RANGES>(ctx) {
         Some(rule) => steer(ctx, rule),
         None => {
             count(XdpCounter::Passed);
@@ -191,7 +191,7 @@ fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> 
 /// Two tags (QinQ) end the parse: the inner ethertype is a tag, not IP, so such frames are
 /// passed, never relayed with a VLAN the rules did not name.
 #[inline(always)]
-fn classify<const RANGES: bool>(ctx: &XdpContext, shapes: u32) -> Option<RuleValue> {
+fn classify<const RANGES: bool>(ctx: &XdpContext) -> Option<RuleValue> {
     let mut l3 = ETH_HLEN;
     let mut ethertype = u16::from_be_bytes(bytes_at::<2>(ctx, 12)?);
     let mut tci = None;
@@ -215,7 +215,17 @@ fn classify<const RANGES: bool>(ctx: &XdpContext, shapes: u32) -> Option<RuleVal
     };
     // Only the shapes some rule has are looked up: most rule sets name no source and no VLAN,
     // and then one lookup is made, not eight. Unicast is parsed at all only when a rule
-    // takes a unicast destination.
+    // takes a unicast destination. Read here, where it was read before ranges existed, and
+    // not at the program's entry: the exact path is then the code it was, and measures so.
+    // `relay_ranges` reads it again, as a reload may have flipped it since, and the tuple
+    // count and half come with the flag.
+    let shapes = SHAPES.get(0).copied().unwrap_or(0);
+    if !RANGES && shapes & SHAPE_RANGES != 0 {
+        // SAFETY: a tail call: on success control never comes back, and this program has
+        // nothing to release. It fails only if the slot is empty, and the loader fills it
+        // before it writes any rule, so the exact path below never sees a range rule set.
+        unsafe { RANGE_PROG.tail_call(ctx, 0) };
+    }
     let unicast = shapes & SHAPE_UNICAST != 0;
     let (l4, frag) = match ethertype {
         ETH_P_IP => ipv4(ctx, l3, &mut key, unicast)?,
@@ -348,7 +358,11 @@ fn find_in_tuples(key: &mut RuleKey, shapes: u32, v4: bool) -> u32 {
         };
         key.glen = t.glen;
         key.slen = t.slen;
-        rule = lookup(key);
+        rule = if t.is_exact() {
+            lookup(key.exact())
+        } else {
+            lookup_range(key)
+        };
         if rule != NO_RULE {
             break;
         }
@@ -360,13 +374,13 @@ fn find_in_tuples(key: &mut RuleKey, shapes: u32, v4: bool) -> u32 {
 
 /// Looks `key` up in the four shapes whose `SHAPE_*` bits are set in `shapes`, most specific
 /// first. A miss leaves `key` as it came (the frame's source and port), for the next call.
-/// The keys are exact: one group (`glen` 128), one source (`slen` 128) or any (0).
+/// The keys are exact, in the exact map: one group, one source or any (all zero), so the
+/// key's lengths are not looked at.
 #[inline(always)]
 fn lookup_shapes(key: &mut RuleKey, shapes: u32) -> u32 {
     let (source, port) = (key.source, key.port);
-    key.slen = FULL_LEN;
     if shapes & SHAPE_SOURCE_PORT != 0 {
-        let rule = lookup(key);
+        let rule = lookup(key.exact());
         if rule != NO_RULE {
             return rule;
         }
@@ -374,28 +388,26 @@ fn lookup_shapes(key: &mut RuleKey, shapes: u32) -> u32 {
     // The source is more specific than the port.
     key.port = [0; 2];
     if shapes & SHAPE_SOURCE != 0 {
-        let rule = lookup(key);
+        let rule = lookup(key.exact());
         if rule != NO_RULE {
             return rule;
         }
     }
     key.source = [0; 16];
-    key.slen = 0;
     key.port = port;
     if shapes & SHAPE_PORT != 0 {
-        let rule = lookup(key);
+        let rule = lookup(key.exact());
         if rule != NO_RULE {
             return rule;
         }
     }
     key.port = [0; 2];
     let rule = if shapes & SHAPE_GROUP != 0 {
-        lookup(key)
+        lookup(key.exact())
     } else {
         NO_RULE
     };
     key.source = source;
-    key.slen = FULL_LEN;
     key.port = port;
     rule
 }
@@ -491,9 +503,18 @@ fn ipv6(ctx: &XdpContext, l3: usize, key: &mut RuleKey, unicast: bool) -> Option
 }
 
 #[inline(always)]
-fn lookup(key: &RuleKey) -> u32 {
+fn lookup(key: &ExactKey) -> u32 {
     // SAFETY: RuleValue is a plain u32; an update racing this read yields another valid value.
     match unsafe { RULES.get(key) } {
+        Some(v) => v.rule_id,
+        None => NO_RULE,
+    }
+}
+
+#[inline(always)]
+fn lookup_range(key: &RuleKey) -> u32 {
+    // SAFETY: as in `lookup`.
+    match unsafe { RANGE_RULES.get(key) } {
         Some(v) => v.rule_id,
         None => NO_RULE,
     }

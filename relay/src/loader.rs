@@ -15,9 +15,10 @@ use aya::{
 };
 use log::{info, warn};
 use relay_common::{
-    COUNTER_MAP, FRAG_MAP, FragKey, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM, RANGES_PROGRAM,
-    RANGES_PROGRAM_MAP, RULE_MAP, RuleKey, RuleValue, SHAPE_MAP, SHAPE_RANGES, SHAPE_TUPLES_HALF,
-    SHAPE_TUPLES_SHIFT, TUPLE_MAP, TUPLE_SLOTS, Tuple, XSK_MAP, XdpCounter,
+    COUNTER_MAP, ExactKey, FRAG_MAP, FragKey, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM,
+    RANGE_RULE_MAP, RANGES_PROGRAM, RANGES_PROGRAM_MAP, RULE_MAP, RuleKey, RuleValue, SHAPE_MAP,
+    SHAPE_RANGES, SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, TUPLE_MAP, TUPLE_SLOTS, Tuple, XSK_MAP,
+    XdpCounter,
 };
 
 use crate::{
@@ -134,15 +135,49 @@ impl Steering {
         Ok(steering)
     }
 
-    fn rule_map(&mut self) -> Result<HashMap<&mut MapData, RuleKey, RuleValue>> {
+    fn hash_map<K: aya::Pod>(&mut self, name: &str) -> Result<HashMap<&mut MapData, K, RuleValue>> {
         Ok(HashMap::try_from(
             self.ebpf
-                .map_mut(RULE_MAP)
-                .ok_or_else(|| anyhow!("no {RULE_MAP} map"))?,
+                .map_mut(name)
+                .ok_or_else(|| anyhow!("no {name} map"))?,
         )?)
     }
 
-    /// Moves the rule map from `old` to `new` without a moment where a rule both have is
+    /// Writes `entries` into the exact map (their first 40 bytes) and the range map.
+    fn write_rules(&mut self, entries: &[(RuleKey, RuleValue)]) -> Result<()> {
+        let mut exact = self.hash_map::<ExactKey>(RULE_MAP)?;
+        for (key, value) in entries.iter().filter(|(k, _)| k.is_exact()) {
+            exact
+                .insert(key.exact(), value, 0)
+                .context("writing the rule map")?;
+        }
+        let mut ranges = self.hash_map::<RuleKey>(RANGE_RULE_MAP)?;
+        for (key, value) in entries.iter().filter(|(k, _)| !k.is_exact()) {
+            ranges
+                .insert(key, value, 0)
+                .context("writing the range rule map")?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `keys` from the map each belongs in.
+    fn remove_rules(&mut self, keys: &[RuleKey]) -> Result<()> {
+        let mut exact = self.hash_map::<ExactKey>(RULE_MAP)?;
+        for key in keys.iter().filter(|k| k.is_exact()) {
+            exact
+                .remove(key.exact())
+                .context("deleting from the rule map")?;
+        }
+        let mut ranges = self.hash_map::<RuleKey>(RANGE_RULE_MAP)?;
+        for key in keys.iter().filter(|k| !k.is_exact()) {
+            ranges
+                .remove(key)
+                .context("deleting from the range rule map")?;
+        }
+        Ok(())
+    }
+
+    /// Moves the rule maps from `old` to `new` without a moment where a rule both have is
     /// missing: the program first looks up both tables' shapes (with ranges: the union of
     /// their tuples), then every entry of `new` is written (a key that exists is replaced in
     /// place), then the keys only `old` has are deleted, and last the program is told
@@ -152,18 +187,15 @@ impl Steering {
         // shapes, and walks both tables' tuples in one precedence order.
         let both = merge_tuples(old.tuples(), new.tuples());
         self.set_shapes(old.shapes() | new.shapes(), &both)?;
-        let mut rules = self.rule_map()?;
-        for (key, value) in new.bpf_entries() {
-            rules
-                .insert(&key, &value, 0)
-                .context("writing the rule map")?;
-        }
-        let keep: std::collections::HashSet<RuleKey> = new.bpf_entries().map(|(k, _)| k).collect();
-        for (key, _) in old.bpf_entries() {
-            if !keep.contains(&key) {
-                rules.remove(&key).context("deleting from the rule map")?;
-            }
-        }
+        let entries: Vec<(RuleKey, RuleValue)> = new.bpf_entries().collect();
+        self.write_rules(&entries)?;
+        let keep: std::collections::HashSet<RuleKey> = entries.iter().map(|(k, _)| *k).collect();
+        let gone: Vec<RuleKey> = old
+            .bpf_entries()
+            .map(|(k, _)| k)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        self.remove_rules(&gone)?;
         self.set_shapes(new.shapes(), new.tuples())
     }
 
@@ -410,21 +442,27 @@ impl Steering {
         }
     }
 
-    /// Kernel memory charged to the rule map, from its fdinfo (`memlock`).
+    /// Kernel memory charged to the rule maps (exact and range), from their fdinfo
+    /// (`memlock`).
     pub fn rule_map_memory(&self) -> Result<u64> {
-        let map = self
-            .ebpf
-            .map(RULE_MAP)
-            .ok_or_else(|| anyhow!("no {RULE_MAP} map"))?;
-        let aya::maps::Map::HashMap(data) = map else {
-            return Err(anyhow!("{RULE_MAP} is not a hash map"));
-        };
-        let fd = data.fd().as_fd().as_raw_fd();
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| anyhow!("no memlock in the rule map's fdinfo"))
+        let mut total = 0;
+        for name in [RULE_MAP, RANGE_RULE_MAP] {
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("no {name} map"))?;
+            let aya::maps::Map::HashMap(data) = map else {
+                return Err(anyhow!("{name} is not a hash map"));
+            };
+            let fd = data.fd().as_fd().as_raw_fd();
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+            total += info
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| anyhow!("no memlock in {name}'s fdinfo"))?;
+        }
+        Ok(total)
     }
 
     /// A handle on the program's counters.
