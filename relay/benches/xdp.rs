@@ -107,6 +107,7 @@ fn rule(i: usize, group: Prefix, port: Option<u16>, source: Option<Prefix>) -> R
             destination: None,
             source: None,
             source_port: None,
+            on_demand: false,
         }],
     }
 }

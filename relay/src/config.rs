@@ -2,7 +2,7 @@
 //! machine's interfaces and CPUs that run before anything is attached (`relay --check` runs
 //! these, then [`crate::preflight`]'s; a reload runs these).
 
-use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
+use std::{collections::HashSet, fmt, net::IpAddr, path::Path, time::Duration};
 
 use relay_common::{MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE, MAX_TUPLES};
 use serde::Deserialize;
@@ -34,7 +34,111 @@ pub struct Config {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9469.
     #[serde(default)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// The IGMP/MLD querier's timers, on the interfaces of `on_demand` outputs.
+    #[serde(default)]
+    pub querier: QuerierConfig,
     pub rules: Vec<Rule>,
+}
+
+/// `querier:`: the timers of RFC 3376 §8 and RFC 3810 §9, in seconds, the RFCs' defaults
+/// when absent. The relay queries with them on every interface with an `on_demand` output.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuerierConfig {
+    #[serde(default = "QuerierConfig::default_query_interval")]
+    pub query_interval: f64,
+    #[serde(default = "QuerierConfig::default_query_response_interval")]
+    pub query_response_interval: f64,
+    #[serde(default = "QuerierConfig::default_last_member_query_interval")]
+    pub last_member_query_interval: f64,
+    #[serde(default = "QuerierConfig::default_robustness")]
+    pub robustness: u8,
+}
+
+impl QuerierConfig {
+    fn default_query_interval() -> f64 {
+        125.0
+    }
+    fn default_query_response_interval() -> f64 {
+        10.0
+    }
+    fn default_last_member_query_interval() -> f64 {
+        1.0
+    }
+    fn default_robustness() -> u8 {
+        2
+    }
+
+    /// The timers as durations (after validation, every value is one).
+    pub fn durations(&self) -> (Duration, Duration, Duration) {
+        let d = |s: f64| Duration::from_secs_f64(s.max(0.0));
+        (
+            d(self.query_interval),
+            d(self.query_response_interval),
+            d(self.last_member_query_interval),
+        )
+    }
+
+    /// What `--check`, the start and a reload refuse: values the RFCs' encodings cannot
+    /// carry (a query's QQIC up to 31744 s, its max response code up to 3174.4 s in tenths),
+    /// a response interval not shorter than the query interval (RFC 3376 §8.3), and a
+    /// robustness of 0 or beyond the 3-bit QRV.
+    fn check(&self) -> Result<(), String> {
+        let QuerierConfig {
+            query_interval: qi,
+            query_response_interval: qri,
+            last_member_query_interval: lmqi,
+            robustness,
+        } = *self;
+        if !(1.0..=31744.0).contains(&qi) || qi.fract() != 0.0 {
+            return Err(format!(
+                "querier.query_interval is {qi}: it must be a whole number of seconds from 1 to \
+                 31744"
+            ));
+        }
+        let tenths = |v: f64| (v * 10.0 - (v * 10.0).round()).abs() < 1e-9;
+        if !(0.1..=3174.4).contains(&qri) || !tenths(qri) {
+            return Err(format!(
+                "querier.query_response_interval is {qri}: it must be from 0.1 to 3174.4 \
+                 seconds, in tenths"
+            ));
+        }
+        if qri >= qi {
+            return Err(format!(
+                "querier.query_response_interval {qri} is not shorter than query_interval \
+                 {qi}: hosts answer a query within the response interval, which must end \
+                 before the next query"
+            ));
+        }
+        if !(0.1..=3174.4).contains(&lmqi) || !tenths(lmqi) {
+            return Err(format!(
+                "querier.last_member_query_interval is {lmqi}: it must be from 0.1 to 3174.4 \
+                 seconds, in tenths"
+            ));
+        }
+        if !(1..=7).contains(&robustness) {
+            return Err(format!(
+                "querier.robustness is {robustness}: it must be from 1 to 7 (2 by default; \
+                 raise it on a lossy link)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+// Validation refuses NaN (no range contains it), the one value for which `==` is not
+// reflexive, and `Config` compares whole configurations on reload.
+impl Eq for QuerierConfig {}
+
+impl Default for QuerierConfig {
+    fn default() -> Self {
+        Self {
+            query_interval: Self::default_query_interval(),
+            query_response_interval: Self::default_query_response_interval(),
+            last_member_query_interval: Self::default_last_member_query_interval(),
+            robustness: Self::default_robustness(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -153,6 +257,10 @@ pub struct Output {
     /// Rewrite the UDP source port; the sender's when absent.
     #[serde(default)]
     pub source_port: Option<u16>,
+    /// Forward only while a host behind the interface is a member of the output's group
+    /// (the relay is the IGMP/MLD querier there); always when false.
+    #[serde(default)]
+    pub on_demand: bool,
 }
 
 impl Input {
@@ -556,6 +664,7 @@ impl Config {
         if self.rules.is_empty() {
             return Err(top("no rules: there is nothing to relay".to_owned()));
         }
+        self.querier.check().map_err(top)?;
 
         let mut names = HashSet::new();
         let mut inputs = HashSet::new();
@@ -823,6 +932,22 @@ impl Config {
                 )));
             }
             (None, None) => {}
+        }
+        if out.on_demand {
+            if let Some(d) = out.destination {
+                return Err(err(format!(
+                    "output on_demand on '{on}' sends to the unicast destination {d}: only a \
+                     group has members to follow"
+                )));
+            }
+            if let Some(g) = out.group.or(rule.input.group)
+                && !g.is_host()
+            {
+                return Err(err(format!(
+                    "output on_demand on '{on}' sends to the range {g}: on-demand outputs \
+                     follow one group each; give the output one group, or leave on_demand out"
+                )));
+            }
         }
         if out.port == Some(0) {
             return Err(err(format!(
@@ -1491,6 +1616,63 @@ rules:
                 format!("cpus: [4096]\n{}", rule(ok_in, ok_out)),
                 "r.yaml: cpus: CPU 4096 is beyond the 1024 the relay can pin to",
             ),
+            (
+                rule(
+                    ok_in,
+                    "[{interface: out0, destination: 198.18.2.2, on_demand: true}]",
+                ),
+                "r.yaml: rule 'r1': output on_demand on 'out0' sends to the unicast destination \
+                 198.18.2.2: only a group has members to follow",
+            ),
+            (
+                rule(
+                    "{interface: in0, group: 239.10.0.0/16}",
+                    "[{interface: out0, on_demand: true}]",
+                ),
+                "r.yaml: rule 'r1': output on_demand on 'out0' sends to the range 239.10.0.0/16: \
+                 on-demand outputs follow one group each; give the output one group, or leave \
+                 on_demand out",
+            ),
+            (
+                format!("querier: {{query_interval: 0}}\n{}", rule(ok_in, ok_out)),
+                "r.yaml: querier.query_interval is 0: it must be a whole number of seconds from \
+                 1 to 31744",
+            ),
+            (
+                format!("querier: {{query_interval: 12.5}}\n{}", rule(ok_in, ok_out)),
+                "r.yaml: querier.query_interval is 12.5: it must be a whole number of seconds \
+                 from 1 to 31744",
+            ),
+            (
+                format!(
+                    "querier: {{query_interval: 10, query_response_interval: 10}}\n{}",
+                    rule(ok_in, ok_out)
+                ),
+                "r.yaml: querier.query_response_interval 10 is not shorter than query_interval \
+                 10: hosts answer a query within the response interval, which must end before \
+                 the next query",
+            ),
+            (
+                format!(
+                    "querier: {{query_response_interval: 0.05}}\n{}",
+                    rule(ok_in, ok_out)
+                ),
+                "r.yaml: querier.query_response_interval is 0.05: it must be from 0.1 to 3174.4 \
+                 seconds, in tenths",
+            ),
+            (
+                format!(
+                    "querier: {{last_member_query_interval: 4000}}\n{}",
+                    rule(ok_in, ok_out)
+                ),
+                "r.yaml: querier.last_member_query_interval is 4000: it must be from 0.1 to \
+                 3174.4 seconds, in tenths",
+            ),
+            (
+                format!("querier: {{robustness: 0}}\n{}", rule(ok_in, ok_out)),
+                "r.yaml: querier.robustness is 0: it must be from 1 to 7 (2 by default; raise it \
+                 on a lossy link)",
+            ),
         ];
         for (yaml, want) in cases {
             let c = Config::parse("r.yaml", &yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
@@ -1613,6 +1795,10 @@ rules:
             (
                 "umem: {frames: -1}\nrules: []\n",
                 "r.yaml: umem.frames: invalid type: integer `-1`, expected u32 at line 1 column 16",
+            ),
+            (
+                "querier: {interval: 5}\nrules: []\n",
+                "r.yaml: querier: unknown field `interval`, expected one of `query_interval`, `query_response_interval`, `last_member_query_interval`, `robustness` at line 1 column 11",
             ),
             (
                 "xdp_mode: fast\nrules: []\n",

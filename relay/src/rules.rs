@@ -369,6 +369,7 @@ mod tests {
                 dscp: None,
                 source: None,
                 source_port: None,
+                on_demand: false,
             }],
         }
     }
@@ -392,6 +393,7 @@ mod tests {
             destination: None,
             source: None,
             source_port: None,
+            on_demand: false,
         });
         let t = RuleTable::compile(&c, "t", &fake()).unwrap();
         assert_eq!(t.ingress.len(), 1);

@@ -82,6 +82,7 @@ fn prefix_rule(
             dscp: None,
             source: None,
             source_port: None,
+            on_demand: false,
         }],
     }
 }
