@@ -16,6 +16,7 @@ pub mod loader;
 pub mod membership;
 pub mod neighbours;
 pub mod nexthop;
+pub mod ondemand;
 pub mod pool;
 pub mod prefix;
 pub mod preflight;

@@ -25,7 +25,7 @@ pub fn shutdown(
             let eg = &table.egress[out.egress];
             let _ = writeln!(
                 s,
-                "rule={} output={} {}={} port={}{}{}{}{} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={} too_large={} interface_down={} no_neighbour={} no_source={}",
+                "rule={} output={} {}={} port={}{}{}{}{} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={} too_large={} interface_down={} no_neighbour={} no_source={}{}",
                 rule.name,
                 eg.name,
                 if out.action.destination.is_some() {
@@ -65,6 +65,12 @@ pub fn shutdown(
                 oc.interface_down,
                 oc.no_neighbour,
                 oc.no_source,
+                // Held back, not dropped: only for the outputs that can hold back.
+                if out.on_demand {
+                    format!(" on_demand no_listener={}", oc.no_listener)
+                } else {
+                    String::new()
+                },
             );
         }
     }

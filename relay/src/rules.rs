@@ -13,6 +13,7 @@ use relay_common::{
 use crate::{
     config::{Config, ConfigError, Input, InterfaceInfo, SourceSpec, System, auto_source},
     nexthop::NextHopSlot,
+    ondemand::{ListenKey, ListenSlot},
     prefix::Prefix,
     rewrite::OutputAction,
     vlan::Vlan,
@@ -42,15 +43,35 @@ pub struct CompiledOutput {
     /// [`RuleTable::unicast_targets`]' caller (the neighbour tracker) before the table is
     /// used; `None` until then, and for group outputs.
     pub next_hop: Option<Arc<NextHopSlot>>,
+    /// `on_demand: true`: frames go out only while [`CompiledOutput::listening`] says a
+    /// listener wants them.
+    pub on_demand: bool,
+    /// For an on-demand output, where the data path reads whether it has listeners: filled
+    /// by the querier ([`RuleTable::set_listeners`]); `None` until then (nothing is sent),
+    /// and for outputs that are always on.
+    pub listening: Option<Arc<ListenSlot>>,
 }
 
 impl PartialEq for CompiledOutput {
     fn eq(&self, other: &Self) -> bool {
-        let slot = match (&self.next_hop, &other.next_hop) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (a, b) => a.is_none() && b.is_none(),
-        };
-        self.egress == other.egress && self.action == other.action && slot
+        fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            }
+        }
+        self.egress == other.egress
+            && self.action == other.action
+            && same(&self.next_hop, &other.next_hop)
+            && self.on_demand == other.on_demand
+            && same(&self.listening, &other.listening)
+    }
+}
+
+impl CompiledOutput {
+    /// An on-demand output that has no listener now.
+    pub fn unwanted(&self) -> bool {
+        self.on_demand && !self.listening.as_ref().is_some_and(|l| l.on())
     }
 }
 
@@ -161,6 +182,8 @@ impl RuleTable {
                         ..OutputAction::plain(info.mac)
                     },
                     next_hop: None,
+                    on_demand: out.on_demand,
+                    listening: None,
                 });
             }
             let tuple = input_tuple(&rule.input);
@@ -238,6 +261,41 @@ impl RuleTable {
         for o in self.rules.iter_mut().flat_map(|r| r.outputs.iter_mut()) {
             if o.action.destination.is_some() && egress[o.egress] != 0 {
                 o.next_hop = slots.next();
+            }
+        }
+    }
+
+    /// What each on-demand output whose interface exists listens for, in the order
+    /// [`RuleTable::set_listeners`] takes their slots: its interface, the group it sends to
+    /// there, and the source its frames carry when listeners may pick sources (a rewritten
+    /// source, or the rule's exact input source).
+    pub fn listen_targets(&self) -> Vec<ListenKey> {
+        self.rules
+            .iter()
+            .flat_map(|r| r.outputs.iter().map(move |o| (r, o)))
+            .filter(|(_, o)| o.on_demand)
+            .filter_map(|(r, o)| {
+                let ifindex = self.egress[o.egress].info.ifindex;
+                (ifindex != 0).then(|| ListenKey {
+                    ifindex,
+                    group: o.action.group.map_or(r.group, |g| g.network()),
+                    source: o
+                        .action
+                        .source
+                        .or(r.source.filter(|s| s.is_host()).map(|s| s.network())),
+                })
+            })
+            .collect()
+    }
+
+    /// Gives the on-demand outputs their slots, one per [`RuleTable::listen_targets`]
+    /// entry, in its order.
+    pub fn set_listeners(&mut self, slots: Vec<Arc<ListenSlot>>) {
+        let egress: Vec<u32> = self.egress.iter().map(|e| e.info.ifindex).collect();
+        let mut slots = slots.into_iter();
+        for o in self.rules.iter_mut().flat_map(|r| r.outputs.iter_mut()) {
+            if o.on_demand && egress[o.egress] != 0 {
+                o.listening = slots.next();
             }
         }
     }

@@ -94,6 +94,23 @@ pub struct OutputView {
     pub bytes: u64,
     /// Drops by reason.
     pub dropped: BTreeMap<String, u64>,
+    /// For an `on_demand: true` output: whether it forwards now, and what it held back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<OnDemandView>,
+}
+
+/// The listener side of an on-demand output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnDemandView {
+    /// A listener on the interface wants the output's group (and source) now.
+    pub forwarding: bool,
+    /// Frames not sent because nobody listened (not counted as dropped).
+    pub no_listener: u64,
+    /// Groups with listeners on the output's interface, of the rule's family.
+    pub groups: u32,
+    /// When `forwarding` last changed, in milliseconds since the Unix epoch; absent if never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +213,12 @@ impl StatsView {
                         .into_iter()
                         .map(|(k, v)| (k.to_owned(), v))
                         .collect(),
+                        on_demand: o.on_demand.then(|| OnDemandView {
+                            forwarding: !o.unwanted(),
+                            no_listener: oc.no_listener,
+                            groups: o.listening.as_ref().map_or(0, |l| l.groups()),
+                            changed_ms: o.listening.as_ref().and_then(|l| l.changed_ms()),
+                        }),
                     })
                     .collect(),
             })
@@ -288,6 +311,21 @@ impl StatsView {
                         format!(" ({})", reasons.join(", "))
                     }
                 );
+                if let Some(d) = &o.on_demand {
+                    let _ = writeln!(
+                        s,
+                        "     on demand: {}, {} held back (no listener), {} groups with \
+                         listeners on {}{}",
+                        if d.forwarding { "forwarding" } else { "idle" },
+                        d.no_listener,
+                        d.groups,
+                        o.interface,
+                        d.changed_ms.map_or(String::new(), |ms| format!(
+                            ", changed {} s ago",
+                            seconds_since(ms)
+                        )),
+                    );
+                }
             }
         }
         let xdp: Vec<String> = self.xdp.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -403,6 +441,36 @@ impl StatsView {
                 })
                 .collect(),
         );
+        let on_demand = |f: fn(&OnDemandView) -> u64| -> Vec<(String, u64)> {
+            self.rules
+                .iter()
+                .flat_map(|r| {
+                    r.outputs.iter().filter_map(move |o| {
+                        o.on_demand
+                            .as_ref()
+                            .map(|d| (format!("{{{}}}", ol(r, o)), f(d)))
+                    })
+                })
+                .collect()
+        };
+        family(
+            "relay_output_forwarding",
+            "gauge",
+            "1 while an on-demand output has a listener and forwards, 0 while it holds back.",
+            on_demand(|d| u64::from(d.forwarding)),
+        );
+        family(
+            "relay_output_no_listener_packets_total",
+            "counter",
+            "Frames an on-demand output held back because nobody listened (not drops).",
+            on_demand(|d| d.no_listener),
+        );
+        family(
+            "relay_output_listened_groups",
+            "gauge",
+            "Groups with listeners on an on-demand output's interface.",
+            on_demand(|d| u64::from(d.groups)),
+        );
         family(
             "relay_xdp_packets_total",
             "counter",
@@ -430,6 +498,14 @@ impl StatsView {
         );
         s
     }
+}
+
+/// Whole seconds from `ms` (since the Unix epoch) to now; 0 for a time ahead of the clock.
+fn seconds_since(ms: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now.saturating_sub(ms) / 1000
 }
 
 /// What `source:` an output writes, for the views: `auto (ADDRESS)` (or `auto (none)`

@@ -21,6 +21,9 @@ pub struct OutputCounters {
     pub no_neighbour: u64,
     /// `source: auto` on an interface with no address of the rule's family at the time.
     pub no_source: u64,
+    /// Frames an on-demand output did not send because no listener wanted them then: the
+    /// output doing its job, not a loss, so not part of [`OutputCounters::dropped`].
+    pub no_listener: u64,
 }
 
 impl OutputCounters {
@@ -48,6 +51,7 @@ impl OutputCounters {
         self.interface_down += o.interface_down;
         self.no_neighbour += o.no_neighbour;
         self.no_source += o.no_source;
+        self.no_listener += o.no_listener;
     }
 }
 

@@ -748,13 +748,18 @@ impl Worker {
         let last = rule
             .outputs
             .iter()
-            .rposition(|o| refusal(o, expired).is_none() && on(o) == dom);
+            .rposition(|o| !o.unwanted() && refusal(o, expired).is_none() && on(o) == dom);
 
         for (oi, out) in rule.outputs.iter().enumerate() {
             if Some(oi) == last {
                 continue;
             }
             let counters = &mut self.stats.rules[rule_id as usize].outputs[oi];
+            if out.unwanted() {
+                // Nobody behind it listens: not a loss, so not counted as dropped.
+                counters.no_listener += 1;
+                continue;
+            }
             let to = on(out);
             if let Some(e) = refusal(out, expired) {
                 match e {
