@@ -940,6 +940,13 @@ impl Config {
                      group has members to follow"
                 )));
             }
+            if let Some(v) = out.vlan.filter(|v| v.vid().is_some()) {
+                return Err(err(format!(
+                    "output on_demand on '{on}' with vlan {v}: on-demand outputs follow the \
+                     listeners of an interface, not of a VLAN on a trunk; use the VLAN's own \
+                     interface ({on}.{v}), or leave on_demand out"
+                )));
+            }
             if let Some(g) = out.group.or(rule.input.group)
                 && !g.is_host()
             {
@@ -1632,6 +1639,12 @@ rules:
                 "r.yaml: rule 'r1': output on_demand on 'out0' sends to the range 239.10.0.0/16: \
                  on-demand outputs follow one group each; give the output one group, or leave \
                  on_demand out",
+            ),
+            (
+                rule(ok_in, "[{interface: out0, vlan: 10, on_demand: true}]"),
+                "r.yaml: rule 'r1': output on_demand on 'out0' with vlan 10: on-demand outputs \
+                 follow the listeners of an interface, not of a VLAN on a trunk; use the VLAN's \
+                 own interface (out0.10), or leave on_demand out",
             ),
             (
                 format!("querier: {{query_interval: 0}}\n{}", rule(ok_in, ok_out)),

@@ -21,6 +21,7 @@ pub mod pool;
 pub mod prefix;
 pub mod preflight;
 pub mod probe;
+pub mod querier;
 pub mod report;
 pub mod rewrite;
 pub mod rtnl;

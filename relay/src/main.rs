@@ -22,8 +22,11 @@ use relay::{
     loader::Steering,
     membership::Memberships,
     neighbours::Neighbours,
+    ondemand::{ListenKey, ListenSlot},
     pool::AllocatorKind,
-    preflight, report,
+    preflight,
+    querier::Querier,
+    report,
     rules::RuleTable,
     stats::StatsView,
     sys::LiveSystem,
@@ -101,6 +104,14 @@ enum ClientCmd {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         control: PathBuf,
     },
+    /// The IGMP/MLD state on the interfaces of on-demand outputs: who is querier, and
+    /// each group's listeners (filter mode, sources, expiry, last reporter).
+    Members {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control: PathBuf,
+    },
     /// Checks that the relay answers.
     Ping {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
@@ -124,7 +135,10 @@ Config file (YAML): allocator (lockfree|mutex), umem {frames, frame_size, separa
 up to the CPUs), cpus (CPUs to pin the workers to), control (socket path), metrics (address
 for Prometheus), rules: [{name, input {interface, group, port?, source?, vlan? (1-4094 or
 untagged; any when absent)}, outputs [{interface, group?, port?, ttl? (alias hop_limit),
-vlan? (tag with this VID; untagged when absent), dscp? (0-63; ECN kept)}]}]. Groups and sources are IPv4 or IPv6,
+vlan? (tag with this VID; untagged when absent), dscp? (0-63; ECN kept), destination?,
+source?, source_port?, on_demand? (only while a host on the interface is a member)}]}],
+querier {query_interval, query_response_interval, last_member_query_interval, robustness}
+(IGMP/MLD timers for on_demand outputs). Groups and sources are IPv4 or IPv6,
 one family per rule. Unknown keys are errors. An interface that does not exist yet is a
 warning: its rules start idle and come alive when it appears.
 
@@ -162,7 +176,12 @@ fn main() -> ExitCode {
 
 fn client(cmd: ClientCmd) -> Result<ExitCode> {
     let mut with_groups = false;
+    let mut members = false;
     let (req, path, json) = match cmd {
+        ClientCmd::Members { json, control } => {
+            members = true;
+            (Request::Stats, control, json)
+        }
         ClientCmd::Stats {
             json,
             groups,
@@ -188,6 +207,13 @@ fn client(cmd: ClientCmd) -> Result<ExitCode> {
     match control::request(&path, &req)? {
         Reply::Pong { version } => println!("relay {version} is running"),
         Reply::Reloaded(summary) => println!("done: {summary}"),
+        Reply::Stats(view) if members => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view.queriers)?);
+            } else {
+                print!("{}", view.render_members());
+            }
+        }
         Reply::Stats(view) => {
             let view = if with_groups {
                 *view
@@ -292,6 +318,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     preflight::frame_budget(&file, config.umem.frames, &table, workers)?;
     let mut neighbours = None;
     track_next_hops(&mut neighbours, &mut table, &[])?;
+    let querier = Arc::new(Querier::start(&config.querier)?);
+    track_listeners(&querier, &mut table, &[])?;
     if let Some(n) = &neighbours {
         await_next_hops(n, Duration::from_secs(1));
     }
@@ -315,15 +343,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     let monitor = datapath.monitor();
     let counters = steering.counters();
+    let listening = querier.clone();
     let snapshot: control::Snapshot = Arc::new(move || {
         let (table, stats) = monitor.stats();
-        StatsView::build(
-            &table,
-            &stats,
-            counters.read().ok().as_ref(),
-            &monitor.pool(),
-            monitor.allocator(),
-        )
+        StatsView {
+            queriers: listening.describe(),
+            ..StatsView::build(
+                &table,
+                &stats,
+                counters.read().ok().as_ref(),
+                &monitor.pool(),
+                monitor.allocator(),
+            )
+        }
     });
     // Reload requests from the control socket are carried out on this thread, which owns
     // the XDP program and the data path; the control thread waits for the answer.
@@ -360,6 +392,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         memberships,
         allmulti,
         neighbours,
+        querier,
         gone: Vec::new(),
         bind_error: None,
     };
@@ -433,6 +466,8 @@ struct Running {
     allmulti: AllMulti,
     /// Follows the next hops of unicast outputs; started with the first such output.
     neighbours: Option<Neighbours>,
+    /// The IGMP/MLD querier of on-demand outputs (idle while there are none).
+    querier: Arc<Querier>,
     /// Interfaces of the running rules that do not exist right now.
     gone: Vec<String>,
     /// Why binding to a re-created interface failed last time, so it is logged once.
@@ -606,6 +641,11 @@ impl Running {
         // The old table's next hops stay followed until the switch is done either way.
         let old_targets = old.unicast_targets();
         track_next_hops(&mut self.neighbours, &mut new, &old_targets)?;
+        // Likewise the old table's listeners: an on-demand output both tables have keeps its
+        // slot, and so its state.
+        let old_listeners = old.listen_targets();
+        self.querier.set_timers(&new_config.querier);
+        track_listeners(&self.querier, &mut new, &old_listeners)?;
         for (what, changed) in [
             ("allocator", new_config.allocator != self.config.allocator),
             ("umem", new_config.umem != self.config.umem),
@@ -621,9 +661,12 @@ impl Running {
         }
         let switched = self.switch(&old, &new, new_config.xdp_mode);
         // Now only the table in use is followed; its slots are the ones it already holds.
+        let kept = if switched.is_ok() { &new } else { &old };
         if let Some(n) = &self.neighbours {
-            let kept = if switched.is_ok() { &new } else { &old };
             n.track(&kept.unicast_targets());
+        }
+        if let Err(e) = listener_slots(&self.querier, kept, &kept.listen_targets()) {
+            warn!("on-demand outputs: {e:#}");
         }
         switched?;
         let names = |t: &RuleTable| t.rules.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
@@ -672,6 +715,38 @@ fn track_next_hops(
     slots.truncate(targets.len());
     table.set_next_hops(slots);
     Ok(())
+}
+
+/// Gives `table`'s on-demand outputs their listener slots. The querier follows those and
+/// `also` (what another table still in use sends to), and nothing else: an output followed
+/// before keeps its slot and state.
+fn track_listeners(querier: &Querier, table: &mut RuleTable, also: &[ListenKey]) -> Result<()> {
+    let targets = table.listen_targets();
+    let mut all = targets.clone();
+    all.extend_from_slice(also);
+    let mut slots = listener_slots(querier, table, &all)?;
+    slots.truncate(targets.len());
+    table.set_listeners(slots);
+    Ok(())
+}
+
+/// The querier's slots for `keys`, which it follows from now on (and nothing else); a new
+/// interface among them is named from `table`.
+fn listener_slots(
+    querier: &Querier,
+    table: &RuleTable,
+    keys: &[ListenKey],
+) -> Result<Vec<Arc<ListenSlot>>> {
+    let name_of = |ifindex: u32| {
+        table
+            .egress
+            .iter()
+            .find(|e| e.info.ifindex == ifindex)
+            .map(|e| e.name.clone())
+    };
+    querier
+        .track(keys, &LiveSystem, &name_of)
+        .context("starting the IGMP/MLD querier for on-demand outputs")
 }
 
 /// Waits, at most `limit`, for the next hops of the unicast outputs to resolve before the

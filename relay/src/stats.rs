@@ -28,6 +28,10 @@ pub struct StatsView {
     /// Of those, copies from one UMEM into another.
     #[serde(default)]
     pub cross_umem: u64,
+    /// The IGMP/MLD querier on each interface with an on-demand output, with its members
+    /// (`relay members`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queriers: Vec<crate::querier::QuerierView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,7 +249,64 @@ impl StatsView {
             malformed: stats.malformed,
             copies: stats.copies,
             cross_umem: stats.cross_umem,
+            queriers: Vec::new(),
         }
+    }
+
+    /// The table `relay members` prints: per interface and family, who is querier, what
+    /// was refused, and each group's listeners.
+    pub fn render_members(&self) -> String {
+        let mut s = String::new();
+        if self.queriers.is_empty() {
+            let _ = writeln!(s, "no on-demand outputs: the relay is querier nowhere");
+        }
+        for q in &self.queriers {
+            let refused: Vec<String> = q.refused.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(
+                s,
+                "{} {}: {} (from {}){}",
+                q.interface,
+                q.family,
+                if q.querier {
+                    "querier"
+                } else {
+                    "another router is querier"
+                },
+                q.address,
+                if refused.is_empty() {
+                    String::new()
+                } else {
+                    format!(", refused {}", refused.join(" "))
+                }
+            );
+            let _ = writeln!(
+                s,
+                "  {:<28} {:<8} {:<6} {:>10}  {:<24} SOURCES",
+                "GROUP", "MODE", "COMPAT", "EXPIRES", "LAST REPORTER"
+            );
+            for m in &q.members {
+                let sources: Vec<String> = m
+                    .sources
+                    .iter()
+                    .map(|(a, ms)| format!("{a} ({:.1} s)", *ms as f64 / 1000.0))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "  {:<28} {:<8} {:<6} {:>8.1} s  {:<24} {}",
+                    m.group,
+                    m.mode,
+                    m.version,
+                    m.expires_ms as f64 / 1000.0,
+                    m.last_reporter.as_deref().unwrap_or("-"),
+                    if sources.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        sources.join(", ")
+                    }
+                );
+            }
+        }
+        s
     }
 
     /// The table `relay stats` prints.

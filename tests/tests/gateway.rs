@@ -25,7 +25,7 @@ use relay_tests::{
 };
 
 mod common;
-use common::{client_ok, mac_in, mac_of, serial, stats_until, stop_clean};
+use common::{client_ok, dad_done, mac_in, mac_of, serial, stats_until, stop_clean};
 
 const N: u64 = 300;
 const INJECT_MAC: [u8; 6] = [0x02, 0xde, 0xad, 0xbe, 0xef, 0x05];
@@ -126,19 +126,6 @@ fn inspect(frame: &[u8]) -> Seen {
 }
 
 /// Waits (5 s at most) until no IPv6 address in `ns` is still tentative.
-fn dad_done(ns: &relay_tests::netns::Netns) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !ns
-        .exec(&["ip", "-6", "addr", "show", "tentative"])
-        .unwrap()
-        .trim()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "IPv6 addresses still tentative");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn mac_text(m: [u8; 6]) -> String {
     relay::nexthop::MacDisplay(m).to_string()
 }

@@ -206,3 +206,21 @@ pub fn client_ok(control: &Path, args: &[&str]) -> String {
     assert!(ok, "relay {args:?}: {said}");
     said
 }
+
+/// Waits (5 s at most) until no IPv6 address in `ns` is tentative: duplicate address
+/// detection is done, so link-local sources (ND, MLD) and global ones can be used.
+pub fn dad_done(ns: &relay_tests::netns::Netns) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !ns
+        .exec(&["ip", "-6", "addr", "show", "tentative"])
+        .unwrap()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "IPv6 addresses still tentative"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,589 @@
+//! The IGMP/MLD querier on the interfaces of on-demand outputs: the thin I/O around
+//! [`crate::listeners`], which holds the protocol and no sockets.
+//!
+//! One packet socket per interface (AF_PACKET, a classic BPF filter that lets IGMP and
+//! ICMPv6 through and nothing else, allmulticast held by the socket so that the NIC delivers
+//! reports sent to group MACs, and released by the kernel however the relay ends). One
+//! thread reads them, drives one [`Router`] per (interface, family), sends the queries the
+//! routers ask for, and writes the [`ListenSlot`]s the data path reads.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::IpAddr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use log::{debug, info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{QuerierConfig, System},
+    listeners::{
+        router::{Family, Router, Timers},
+        wire::{self, Refusal},
+    },
+    ondemand::{ListenKey, ListenSlot},
+};
+
+/// The longest the thread sleeps: how soon it sees a new interface or a stop.
+const TICK: Duration = Duration::from_millis(100);
+/// The largest frame read; membership reports longer than this are truncated and refused.
+const FRAME: usize = 9216;
+
+/// The routers' timers from the config.
+pub fn timers(q: &QuerierConfig) -> Timers {
+    let (query_interval, query_response_interval, last_member_query_interval) = q.durations();
+    Timers {
+        query_interval,
+        query_response_interval,
+        last_member_query_interval,
+        robustness: q.robustness,
+    }
+}
+
+/// One membership as `relay members` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub interface: String,
+    pub group: String,
+    /// `include` or `exclude` (IGMPv3/MLDv2 filter mode).
+    pub mode: String,
+    /// The compatibility mode the group runs in: `v1`, `v2`, `v3` (IGMP) or `mldv1`,
+    /// `mldv2`.
+    pub version: String,
+    /// Sources with the milliseconds left on their timers (INCLUDE: forwarded; EXCLUDE:
+    /// those with time left are forwarded, those at 0 are blocked).
+    pub sources: Vec<(String, u64)>,
+    /// Milliseconds left on the group timer (0 in INCLUDE mode).
+    pub expires_ms: u64,
+    pub last_reporter: Option<String>,
+}
+
+/// One interface's querier state, for `relay members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuerierView {
+    pub interface: String,
+    pub family: String,
+    /// The relay sends the general queries on this link (no querier with a lower address).
+    pub querier: bool,
+    pub address: String,
+    /// Reports and queries refused, by reason.
+    pub refused: BTreeMap<String, u64>,
+    pub members: Vec<MemberView>,
+}
+
+/// The querier: owns the thread.
+pub struct Querier {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Each step finishes its writes to the slots last; a panic elsewhere leaves the state
+        // usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+struct State {
+    epoch: Instant,
+    timers: Timers,
+    /// In the order `track` was given them, without duplicates.
+    targets: Vec<(ListenKey, Arc<ListenSlot>)>,
+    links: BTreeMap<u32, Link>,
+}
+
+/// One interface the relay is querier on.
+struct Link {
+    name: String,
+    socket: OwnedFd,
+    mac: [u8; 6],
+    v4: Option<Router>,
+    v6: Option<Router>,
+    refused: BTreeMap<&'static str, u64>,
+}
+
+impl Link {
+    fn router(&mut self, ip: IpAddr) -> Option<&mut Router> {
+        match ip {
+            IpAddr::V4(_) => self.v4.as_mut(),
+            IpAddr::V6(_) => self.v6.as_mut(),
+        }
+    }
+}
+
+impl Querier {
+    /// Starts the thread, querying nowhere yet.
+    pub fn start(config: &QuerierConfig) -> Result<Querier> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                epoch: Instant::now(),
+                timers: timers(config),
+                targets: Vec::new(),
+                links: BTreeMap::new(),
+            }),
+            stop: AtomicBool::new(false),
+        });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("relay-querier".into())
+            .spawn(move || run(&worker))
+            .context("spawning the querier thread")?;
+        Ok(Querier {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Makes `wanted` the set of on-demand outputs followed; one slot per entry, in order.
+    /// An entry followed before keeps its slot (and so its state across a reload); a new
+    /// interface gets its socket and routers here, so a failure to open one fails the caller.
+    /// Interfaces no entry names any more are left: their routers stop.
+    pub fn track(
+        &self,
+        wanted: &[ListenKey],
+        sys: &dyn System,
+        names: &dyn Fn(u32) -> Option<String>,
+    ) -> Result<Vec<Arc<ListenSlot>>> {
+        let mut st = self.shared.state();
+        let now = st.epoch.elapsed();
+        let timers = st.timers;
+        for key in wanted {
+            let name = match st.links.get(&key.ifindex) {
+                Some(l) => l.name.clone(),
+                None => names(key.ifindex)
+                    .with_context(|| format!("no interface has ifindex {}", key.ifindex))?,
+            };
+            if !st.links.contains_key(&key.ifindex) {
+                let info = sys.interface(&name).with_context(|| {
+                    format!("{name}: the interface of an on-demand output is gone")
+                })?;
+                let socket = open(key.ifindex)
+                    .with_context(|| format!("{name}: opening the IGMP/MLD packet socket"))?;
+                info!(
+                    "{name}: IGMP/MLD querier for on-demand outputs (query interval {} s)",
+                    timers.query_interval.as_secs()
+                );
+                st.links.insert(
+                    key.ifindex,
+                    Link {
+                        name: name.clone(),
+                        socket,
+                        mac: info.mac,
+                        v4: None,
+                        v6: None,
+                        refused: BTreeMap::new(),
+                    },
+                );
+            }
+            let link = st.links.get_mut(&key.ifindex).expect("inserted above");
+            let addresses = sys.addresses(&name);
+            // The interface was readdressed: the election runs again with the new address.
+            for (router, v4) in [(link.v4.as_mut(), true), (link.v6.as_mut(), false)] {
+                if let Some(r) = router
+                    && r.address() != own_address(&addresses, v4)
+                {
+                    r.set_address(own_address(&addresses, v4), now);
+                }
+            }
+            match key.group {
+                IpAddr::V4(_) if link.v4.is_none() => {
+                    let own = own_address(&addresses, true);
+                    link.v4 = Some(Router::new(Family::V4, own, timers, now));
+                }
+                IpAddr::V6(_) if link.v6.is_none() => {
+                    let own = own_address(&addresses, false);
+                    link.v6 = Some(Router::new(Family::V6, own, timers, now));
+                }
+                _ => {}
+            }
+        }
+        let mut old: BTreeMap<ListenKey, Arc<ListenSlot>> = st.targets.drain(..).collect();
+        let mut slots = Vec::with_capacity(wanted.len());
+        for key in wanted {
+            if let Some((_, s)) = st.targets.iter().find(|(k, _)| k == key) {
+                slots.push(s.clone());
+                continue;
+            }
+            let slot = old.remove(key).unwrap_or_default();
+            slots.push(slot.clone());
+            st.targets.push((*key, slot));
+        }
+        for gone in old.values() {
+            gone.set(false);
+        }
+        let keep: Vec<u32> = st.targets.iter().map(|(k, _)| k.ifindex).collect();
+        st.links.retain(|ifindex, l| {
+            let kept = keep.contains(ifindex);
+            if !kept {
+                info!("{}: no on-demand output left; querier stopped", l.name);
+            }
+            kept
+        });
+        st.refresh_all();
+        Ok(slots)
+    }
+
+    /// New timers from a reload: routers made from now on use them; the running ones keep
+    /// theirs until their interface's routers are made again.
+    pub fn set_timers(&self, config: &QuerierConfig) {
+        self.shared.state().timers = timers(config);
+    }
+
+    /// Every interface's querier state and members.
+    pub fn describe(&self) -> Vec<QuerierView> {
+        let st = self.shared.state();
+        let now = st.epoch.elapsed();
+        let mut out = Vec::new();
+        for l in st.links.values() {
+            for (family, r) in [("ipv4", &l.v4), ("ipv6", &l.v6)] {
+                let Some(r) = r else { continue };
+                out.push(QuerierView {
+                    interface: l.name.clone(),
+                    family: family.to_owned(),
+                    querier: r.is_querier(),
+                    address: r.address().to_string(),
+                    refused: l
+                        .refused
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), *v))
+                        .collect(),
+                    members: r
+                        .groups(now)
+                        .into_iter()
+                        .map(|g| MemberView {
+                            interface: l.name.clone(),
+                            group: g.group.to_string(),
+                            mode: g.mode.to_string(),
+                            version: g.compatibility.to_string(),
+                            sources: g
+                                .sources
+                                .iter()
+                                .map(|(s, left)| (s.to_string(), left.as_millis() as u64))
+                                .collect(),
+                            expires_ms: g.group_timer.as_millis() as u64,
+                            last_reporter: g.last_reporter.map(|a| a.to_string()),
+                        })
+                        .collect(),
+                });
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Querier {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            warn!("querier thread panicked");
+        }
+    }
+}
+
+impl std::fmt::Debug for Querier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Querier").finish_non_exhaustive()
+    }
+}
+
+/// The address a router queries from: the interface's primary IPv4 address, or its IPv6
+/// link-local one (RFC 3810 §5.1.14 wants a link-local source); the unspecified address when
+/// it has none yet (a query from it still works for the hosts, and the election of a querier
+/// with an address prefers it).
+fn own_address(addresses: &[IpAddr], v4: bool) -> IpAddr {
+    let found = addresses.iter().copied().find(|a| match a {
+        IpAddr::V4(_) => v4,
+        IpAddr::V6(a) => !v4 && a.segments()[0] & 0xffc0 == 0xfe80,
+    });
+    found.unwrap_or(if v4 {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    })
+}
+
+impl State {
+    /// Sends what the routers ask for and writes every slot from the routers' state.
+    fn refresh_all(&mut self) {
+        let ifindexes: Vec<u32> = self.links.keys().copied().collect();
+        for ifindex in ifindexes {
+            self.flush(ifindex);
+        }
+    }
+
+    /// One link: its queries out, its events into its slots.
+    fn flush(&mut self, ifindex: u32) {
+        let Some(link) = self.links.get_mut(&ifindex) else {
+            return;
+        };
+        for router in [link.v4.as_mut(), link.v6.as_mut()].into_iter().flatten() {
+            while let Some(q) = router.poll_transmit() {
+                let frame = wire::build_query(&q, link.mac, router.address());
+                // SAFETY: `frame` is a valid buffer of its length for the call; the socket is
+                // bound to the interface, so the frame needs no address.
+                let sent = unsafe {
+                    libc::send(
+                        link.socket.as_raw_fd(),
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        0,
+                    )
+                };
+                if sent < 0 {
+                    debug!(
+                        "{}: sending a query: {}",
+                        link.name,
+                        io::Error::last_os_error()
+                    );
+                }
+            }
+            // The slots are written from the state below, whatever changed.
+            while router.poll_event().is_some() {}
+        }
+        {
+            let now = self.epoch.elapsed();
+            for (key, slot) in self.targets.iter().filter(|(k, _)| k.ifindex == ifindex) {
+                let Some(router) = link.router(key.group) else {
+                    slot.set(false);
+                    continue;
+                };
+                let on = router.forwards(key.group, key.source);
+                slot.set_groups(router.groups(now).len() as u32);
+                if on != slot.on() {
+                    info!(
+                        "{}: {} {} listeners for {}{}",
+                        link.name,
+                        if on { "now has" } else { "has no more" },
+                        if key.group.is_ipv4() { "IGMP" } else { "MLD" },
+                        key.group,
+                        key.source.map_or(String::new(), |s| format!(" from {s}"))
+                    );
+                }
+                slot.set(on);
+            }
+        }
+    }
+}
+
+fn run(shared: &Shared) {
+    let mut buf = vec![0u8; FRAME];
+    while !shared.stop.load(Ordering::Relaxed) {
+        let (fds, wait) = {
+            let st = shared.state();
+            let now = st.epoch.elapsed();
+            let next = st
+                .links
+                .values()
+                .flat_map(|l| [l.v4.as_ref(), l.v6.as_ref()])
+                .flatten()
+                .filter_map(Router::poll_timeout)
+                .min();
+            let wait = next.map_or(TICK, |t| t.saturating_sub(now).min(TICK));
+            let fds: Vec<(u32, i32)> = st
+                .links
+                .iter()
+                .map(|(i, l)| (*i, l.socket.as_raw_fd()))
+                .collect();
+            (fds, wait)
+        };
+        let mut polls: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|&(_, fd)| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `polls` is a valid array of its length for the call. A descriptor closed
+        // meanwhile by `track` (under the lock, not held here) makes poll report POLLNVAL
+        // for it, or the number was reused and its readiness is read below through the
+        // state again, by ifindex.
+        let n = unsafe {
+            libc::poll(
+                polls.as_mut_ptr(),
+                polls.len() as libc::nfds_t,
+                wait.as_millis().max(1) as i32,
+            )
+        };
+        let mut st = shared.state();
+        let now = st.epoch.elapsed();
+        if n > 0 {
+            for (p, &(ifindex, _)) in polls.iter().zip(&fds) {
+                if p.revents & libc::POLLIN != 0 {
+                    st.receive(ifindex, &mut buf, now);
+                }
+            }
+        }
+        for link in st.links.values_mut() {
+            for r in [link.v4.as_mut(), link.v6.as_mut()].into_iter().flatten() {
+                r.handle_timeout(now);
+            }
+        }
+        st.refresh_all();
+    }
+}
+
+impl State {
+    /// Reads what is waiting on one link's socket and hands it to its routers.
+    fn receive(&mut self, ifindex: u32, buf: &mut [u8], now: Duration) {
+        let Some(link) = self.links.get_mut(&ifindex) else {
+            return;
+        };
+        loop {
+            // SAFETY: `buf` is a valid writable buffer of its length; MSG_DONTWAIT keeps the
+            // thread from blocking on a socket that was drained.
+            let n = unsafe {
+                libc::recv(
+                    link.socket.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                return;
+            }
+            match wire::parse(&buf[..n as usize]) {
+                Ok(got) => {
+                    if let Some(r) = link.router(got.source) {
+                        r.receive(got.source, &got.message, now);
+                    }
+                }
+                Err(Refusal::NotMembership) => {}
+                Err(e) => *link.refused.entry(e.name()).or_default() += 1,
+            }
+        }
+    }
+}
+
+/// A packet socket on `ifindex` that receives IGMP and ICMPv6 (the kernel filters the rest
+/// out before they are queued), with the interface in allmulticast mode while it is open.
+fn open(ifindex: u32) -> Result<OwnedFd> {
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: a plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            proto.into(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("socket(AF_PACKET)");
+    }
+    // SAFETY: `fd` is a descriptor just opened and owned by nothing else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let filter = membership_filter();
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    setsockopt(&sock, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
+        .context("attaching the IGMP/ICMPv6 filter")?;
+    // Our own queries are not news to us.
+    setsockopt(&sock, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &1i32)
+        .context("PACKET_IGNORE_OUTGOING")?;
+    // SAFETY: sockaddr_ll is plain data; zero is a valid value for every field.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = proto;
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: `addr` is a valid sockaddr_ll and the length is its size.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error()).context("binding to the interface");
+    }
+    // SAFETY: packet_mreq is plain data; zero is a valid value for every field.
+    let mut mreq: libc::packet_mreq = unsafe { std::mem::zeroed() };
+    mreq.mr_ifindex = ifindex as i32;
+    mreq.mr_type = libc::PACKET_MR_ALLMULTI as u16;
+    setsockopt(&sock, libc::SOL_PACKET, libc::PACKET_ADD_MEMBERSHIP, &mreq)
+        .context("allmulticast, for reports sent to group MACs")?;
+    Ok(sock)
+}
+
+fn setsockopt<T>(sock: &OwnedFd, level: i32, name: i32, value: &T) -> Result<()> {
+    // SAFETY: `value` points to a live T of the size given, which is the option's type.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if rc < 0 {
+        bail!(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A classic BPF filter: IPv4 with protocol 2 (IGMP), or IPv6 whose next header is 58
+/// (ICMPv6) directly or after a hop-by-hop header (where MLD's Router Alert sits). Anything
+/// else is not queued to the socket at all. Untagged frames: a VLAN device's frames arrive
+/// on it untagged, and a trunk's tag is taken off by the kernel before packet sockets see it.
+fn membership_filter() -> Vec<libc::sock_filter> {
+    const LDH_ABS: u16 = 0x28;
+    const LDB_ABS: u16 = 0x30;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    vec![
+        op(LDH_ABS, 0, 0, 12),         // 0: ethertype
+        op(JEQ_K, 0, 2, 0x0800),       // 1: IPv4? else 4
+        op(LDB_ABS, 0, 0, 23),         // 2: IPv4 protocol
+        op(JEQ_K, 6, 7, 2),            // 3: IGMP -> accept (10) else reject (11)
+        op(JEQ_K, 0, 6, 0x86dd),       // 4: IPv6? else reject (11)
+        op(LDB_ABS, 0, 0, 20),         // 5: next header
+        op(JEQ_K, 3, 0, 58),           // 6: ICMPv6 -> accept (10)
+        op(JEQ_K, 0, 3, 0),            // 7: hop-by-hop? else reject (11)
+        op(LDB_ABS, 0, 0, 54),         // 8: its next header
+        op(JEQ_K, 0, 1, 58),           // 9: ICMPv6 -> accept (10) else reject (11)
+        op(RET_K, 0, 0, FRAME as u32), // 10: accept
+        op(RET_K, 0, 0, 0),            // 11: reject
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_address_is_the_primary_ipv4_or_the_link_local_ipv6() {
+        let a: Vec<IpAddr> = ["2001:2::1", "198.18.2.1", "fe80::1", "198.18.2.9"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(
+            own_address(&a, true),
+            "198.18.2.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(own_address(&a, false), "fe80::1".parse::<IpAddr>().unwrap());
+        assert_eq!(own_address(&a[..1], false), "::".parse::<IpAddr>().unwrap());
+        assert_eq!(own_address(&[], true), "0.0.0.0".parse::<IpAddr>().unwrap());
+    }
+}

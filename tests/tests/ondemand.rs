@@ -1,0 +1,915 @@
+//! On-demand outputs on real kernel paths: the relay is the IGMP/MLD querier on the output's
+//! link, the hosts behind it are Linux's own IGMPv3/MLDv2 (and, forced, IGMPv2/MLDv1) stacks
+//! joining and leaving with ordinary sockets, and the flow follows them. An always-on output
+//! of the same rule gets everything throughout. Both allocators; IPv4 and IPv6.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use relay::{
+    checksum::checksum,
+    querier::QuerierView,
+    stats::{OutputView, StatsView},
+};
+use relay_tests::{
+    netns::{Netns, require_root},
+    relay_proc::{RelayProc, relay_bin},
+    topo::{SENDER_ADDR, SENDER_ADDR6, Topology},
+    traffic::{Flow, Limits, capture, check_payload, ifindex_of, inject, join, listen, send},
+};
+
+mod common;
+use common::{client_ok, dad_done, is_udp_to_test_group, serial, stats_until, stop_clean};
+
+const G4: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
+const G6: Ipv6Addr = Ipv6Addr::new(0xff18, 0, 0, 0, 0, 0, 1, 1);
+const ROUT0: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+/// The RFCs' defaults but a 1 s response interval, so a host answers a query within a
+/// second; the last member query time is then 2 × 1 s.
+const QUERIER: &str = "querier: { query_interval: 125, query_response_interval: 1 }\n";
+const LMQT: Duration = Duration::from_secs(2);
+
+const RULES: &str = "\
+rules:
+  - name: od4
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs:
+      - { interface: rout0, on_demand: true }
+      - { interface: rout1 }
+  - name: od6
+    input: { interface: rin, group: 'ff18::1:1', port: 5000 }
+    outputs:
+      - { interface: rout0, on_demand: true }
+      - { interface: rout1 }
+";
+
+/// A host's membership, held by a socket on a thread in its namespace until dropped (then the
+/// kernel reports the leave); it records when each relayed datagram arrived.
+struct Member {
+    stop: mpsc::Sender<()>,
+    handle: JoinHandle<Result<Vec<(Instant, u64)>>>,
+    joined: Instant,
+}
+
+impl Member {
+    fn join(ns: &Netns, group: IpAddr, iface_addr: IpAddr) -> Member {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let handle = ns.run(move || {
+            let sock = UdpSocket::bind(SocketAddr::new(group, 5000))
+                .with_context(|| format!("binding {group}"))?;
+            match (group, iface_addr) {
+                (IpAddr::V4(g), IpAddr::V4(a)) => sock.join_multicast_v4(&g, &a)?,
+                (IpAddr::V6(g), IpAddr::V6(a)) => sock.join_multicast_v6(&g, ifindex_of(a)?)?,
+                _ => anyhow::bail!("mixed families"),
+            }
+            sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+            let _ = ready_tx.send(Instant::now());
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while stopped.try_recv().is_err() && Instant::now() < deadline {
+                if let Ok(n) = sock.recv(&mut buf)
+                    && let Some(seq) = check_payload(&buf[..n])
+                {
+                    got.push((Instant::now(), seq));
+                }
+            }
+            Ok(got)
+        });
+        let joined = ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the member joined");
+        Member {
+            stop,
+            handle,
+            joined,
+        }
+    }
+
+    /// Leaves (the socket closes); what arrived while it was a member.
+    fn leave(self) -> (Instant, Vec<(Instant, u64)>) {
+        let _ = self.stop.send(());
+        let got = join(self.handle).unwrap();
+        (Instant::now(), got)
+    }
+}
+
+fn output<'a>(v: &'a StatsView, rule: &str, i: usize) -> &'a OutputView {
+    &v.rules.iter().find(|r| r.name == rule).unwrap().outputs[i]
+}
+
+fn forwarding(v: &StatsView, rule: &str) -> bool {
+    output(v, rule, 0).on_demand.as_ref().unwrap().forwarding
+}
+
+/// Polls `relay stats` until the on-demand outputs of `rules` forward (`on`) or not; when
+/// that was seen, or `None` after `limit`.
+fn until_forwarding(
+    relay: &RelayProc,
+    rules: &[&str],
+    on: bool,
+    limit: Duration,
+) -> Option<Instant> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let v = stats_until(&relay.control, |_| true);
+        if rules.iter().all(|r| forwarding(&v, r) == on) {
+            return Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn queriers(relay: &RelayProc) -> Vec<QuerierView> {
+    let out = client_ok(&relay.control, &["members", "--json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn querier<'a>(q: &'a [QuerierView], family: &str) -> &'a QuerierView {
+    q.iter()
+        .find(|q| q.interface == "rout0" && q.family == family)
+        .unwrap_or_else(|| panic!("no {family} querier on rout0: {q:?}"))
+}
+
+/// A paced flow to each group: `count` datagrams, about 1,000 a second.
+fn flows(topo: &Topology, count: u64) -> [JoinHandle<Result<u64>>; 2] {
+    let flow = |g: IpAddr| Flow {
+        burst: 4,
+        pause: Duration::from_millis(4),
+        ..Flow::new(g, 5000, count)
+    };
+    [
+        send(&topo.sender, SENDER_ADDR, flow(G4.into())),
+        send(&topo.sender, SENDER_ADDR6, flow(G6.into())),
+    ]
+}
+
+/// An IGMP general or group-specific query, or an MLD query, seen on the wire: (source,
+/// group; unspecified for a general query).
+fn query_of(frame: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    match ethertype {
+        0x0800 => {
+            let ihl = usize::from(frame.get(14)? & 0x0f) * 4;
+            if *frame.get(23)? != 2 {
+                return None;
+            }
+            let igmp = frame.get(14 + ihl..)?;
+            (*igmp.first()? == 0x11).then(|| {
+                let src: [u8; 4] = frame[26..30].try_into().unwrap();
+                let g: [u8; 4] = igmp[4..8].try_into().unwrap();
+                (IpAddr::from(src), IpAddr::from(g))
+            })
+        }
+        0x86dd => {
+            // Hop-by-hop (Router Alert) then ICMPv6.
+            if *frame.get(20)? != 0 || *frame.get(54)? != 58 {
+                return None;
+            }
+            let hbh_len = (usize::from(*frame.get(55)?) + 1) * 8;
+            let icmp = frame.get(54 + hbh_len..)?;
+            (*icmp.first()? == 130).then(|| {
+                let src: [u8; 16] = frame[22..38].try_into().unwrap();
+                let g: [u8; 16] = icmp.get(8..24)?.try_into().unwrap();
+                Some((IpAddr::from(src), IpAddr::from(g)))
+            })?
+        }
+        _ => None,
+    }
+}
+
+fn is_query(frame: &[u8]) -> bool {
+    query_of(frame).is_some()
+}
+
+fn link_local(ns: &Netns, iface: &str) -> Ipv6Addr {
+    let out = ns
+        .exec(&[
+            "ip", "-6", "-o", "addr", "show", "dev", iface, "scope", "link",
+        ])
+        .unwrap();
+    let a = out
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no link-local address on {iface}: {out}"));
+    a.parse().unwrap()
+}
+
+/// Join, flow, leave, for both families at once: nothing before the join, the flow within a
+/// second of it, none again within the last member query time and a second after the
+/// leave, and the always-on output gets every datagram throughout.
+fn follows_joins_and_leaves(allocator: &str) {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(2).unwrap();
+    let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
+    for ns in [&topo.relay, &r0.ns, &r1.ns] {
+        dad_done(ns);
+    }
+    let queries = capture(
+        &r0.ns,
+        &r0.iface,
+        Limits {
+            expect: u64::MAX,
+            idle: Duration::from_secs(30),
+            max: Duration::from_secs(25),
+        },
+        is_query,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        &format!("{QUERIER}{RULES}"),
+        &["--allocator", allocator],
+    )
+    .unwrap();
+    const COUNT: u64 = 9000;
+    let always: Vec<_> = [
+        (IpAddr::from(G4), IpAddr::from(r1.addr)),
+        (G6.into(), r1.addr6.into()),
+    ]
+    .into_iter()
+    .map(|(g, a)| listen(&r1.ns, g, 5000, a, Limits::new(COUNT)).unwrap())
+    .collect();
+    let senders = flows(&topo, COUNT);
+
+    // Before any join: the on-demand output holds everything back, and its link sees none.
+    let before = capture(
+        &r0.ns,
+        &r0.iface,
+        Limits {
+            expect: u64::MAX,
+            idle: Duration::from_secs(2),
+            max: Duration::from_millis(1500),
+        },
+        is_udp_to_test_group,
+    )
+    .unwrap();
+    let relayed_before = join(before).unwrap();
+    assert!(relayed_before.is_empty(), "{} frames", relayed_before.len());
+    let v = stats_until(&relay.control, |_| true);
+    for rule in ["od4", "od6"] {
+        let o = output(&v, rule, 0);
+        let d = o.on_demand.as_ref().unwrap();
+        assert!(
+            !d.forwarding && o.sent == 0 && d.no_listener > 0,
+            "{rule}: {o:?}"
+        );
+        assert!(
+            output(&v, rule, 1).sent > 0,
+            "{rule}: the always-on output sends"
+        );
+    }
+
+    // A host joins: its kernel reports at once, and the flow starts within a second.
+    let m4 = Member::join(&r0.ns, G4.into(), r0.addr.into());
+    let m6 = Member::join(&r0.ns, G6.into(), r0.addr6.into());
+    std::thread::sleep(Duration::from_millis(1500));
+    let q = queriers(&relay);
+    let g4 = querier(&q, "ipv4")
+        .members
+        .iter()
+        .find(|m| m.group == G4.to_string());
+    let g4 = g4.unwrap_or_else(|| panic!("{q:?}"));
+    assert_eq!(
+        (g4.mode.as_str(), g4.version.as_str()),
+        ("exclude", "v3"),
+        "{g4:?}"
+    );
+    assert_eq!(
+        g4.last_reporter.as_deref(),
+        Some(r0.addr.to_string().as_str())
+    );
+    assert!(
+        querier(&q, "ipv4").querier && querier(&q, "ipv6").querier,
+        "{q:?}"
+    );
+    let g6 = querier(&q, "ipv6")
+        .members
+        .iter()
+        .find(|m| m.group == G6.to_string());
+    assert_eq!(g6.unwrap_or_else(|| panic!("{q:?}")).version, "mldv2");
+    let (joined4, joined6) = (m4.joined, m6.joined);
+    let (left, got4) = m4.leave();
+    let (_, got6) = m6.leave();
+    for (family, joined, got) in [("IPv4", joined4, &got4), ("IPv6", joined6, &got6)] {
+        let first = got
+            .first()
+            .unwrap_or_else(|| panic!("{family}: nothing arrived while joined"))
+            .0;
+        assert!(
+            first - joined <= Duration::from_secs(1),
+            "{family}: the flow started {:?} after the join",
+            first - joined
+        );
+    }
+
+    // The host left: the relay asks for the group twice, a second apart, and stops.
+    let stopped = until_forwarding(
+        &relay,
+        &["od4", "od6"],
+        false,
+        LMQT + Duration::from_secs(2),
+    )
+    .expect("the flow stopped after the leave");
+    let after_leave = stopped - left;
+    assert!(
+        after_leave <= LMQT + Duration::from_secs(1),
+        "stopped {after_leave:?} after the leave"
+    );
+    let v = stats_until(&relay.control, |_| true);
+    std::thread::sleep(Duration::from_millis(1000));
+    let later = stats_until(&relay.control, |_| true);
+    for rule in ["od4", "od6"] {
+        assert_eq!(
+            output(&later, rule, 0).sent,
+            output(&v, rule, 0).sent,
+            "{rule}: stopped"
+        );
+    }
+
+    for s in senders {
+        assert_eq!(join(s).unwrap(), COUNT);
+    }
+    for (family, a) in ["IPv4", "IPv6"].iter().zip(always) {
+        assert_eq!(
+            join(a).unwrap().len() as u64,
+            COUNT,
+            "{family}: the always-on output"
+        );
+    }
+    let v = stats_until(&relay.control, |v| {
+        v.rules.iter().all(|r| r.received == COUNT)
+    });
+    for rule in ["od4", "od6"] {
+        let o = output(&v, rule, 0);
+        let d = o.on_demand.as_ref().unwrap();
+        // Every frame was either sent or held back for want of a listener; nothing dropped.
+        assert_eq!(o.sent + d.no_listener, COUNT, "{rule}: {o:?}");
+        assert_eq!(o.dropped.values().sum::<u64>(), 0, "{rule}: {o:?}");
+        assert!(d.changed_ms.is_some(), "{rule}: {d:?}");
+    }
+    let exit = stop_clean(relay, &topo);
+    assert!(
+        exit.stdout.contains(" on_demand no_listener="),
+        "{}",
+        exit.stdout
+    );
+
+    // The relay's startup queries, from its own addresses, in its first second; and the
+    // group-specific ones after the leave.
+    let seen: Vec<(IpAddr, IpAddr)> = join(queries)
+        .unwrap()
+        .iter()
+        .filter_map(|f| query_of(f))
+        .collect();
+    let relay_ll = IpAddr::from(link_local(&topo.relay, "rout0"));
+    for (from, general, specific) in [
+        (
+            IpAddr::from(ROUT0),
+            IpAddr::from(Ipv4Addr::UNSPECIFIED),
+            IpAddr::from(G4),
+        ),
+        (relay_ll, Ipv6Addr::UNSPECIFIED.into(), G6.into()),
+    ] {
+        let general_n = seen.iter().filter(|q| **q == (from, general)).count();
+        assert!(
+            general_n >= 2,
+            "startup general queries from {from}: {seen:?}"
+        );
+        let specific_n = seen.iter().filter(|q| **q == (from, specific)).count();
+        assert!(
+            specific_n >= 1,
+            "group-specific queries from {from}: {seen:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the capture covered the run"
+    );
+}
+
+#[test]
+fn follows_joins_and_leaves_with_lockfree_pool() {
+    follows_joins_and_leaves("lockfree");
+}
+
+#[test]
+fn follows_joins_and_leaves_with_mutex_pool() {
+    follows_joins_and_leaves("mutex");
+}
+
+const ONE_RULE: &str = "\
+rules:
+  - name: od4
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs: [ { interface: rout0, on_demand: true } ]
+  - name: od6
+    input: { interface: rin, group: 'ff18::1:1', port: 5000 }
+    outputs: [ { interface: rout0, on_demand: true } ]
+";
+
+/// A second host on receiver 0's link: receiver 0's interface goes into a bridge (with its
+/// address), and a new namespace hangs off the bridge as 198.18.2.3. The bridge floods
+/// multicast (no snooping), as a dumb switch does.
+fn second_host(topo: &Topology) -> Netns {
+    let r0 = &topo.receivers[0];
+    let h2 = Netns::new("h2").unwrap();
+    for cmd in [
+        "ip link add br0 type bridge mcast_snooping 0",
+        "ip link set br0 up",
+        "ip addr del 198.18.2.2/24 dev rcv0",
+        "ip link set rcv0 master br0",
+        "ip addr add 198.18.2.2/24 dev br0",
+        "sysctl -qw net.ipv4.conf.br0.rp_filter=0",
+    ] {
+        r0.ns.exec(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
+    }
+    r0.ns
+        .exec(&[
+            "ip",
+            "link",
+            "add",
+            "h2p",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "h2e",
+            "netns",
+            h2.name(),
+        ])
+        .unwrap();
+    r0.ns
+        .exec(&["ip", "link", "set", "h2p", "master", "br0", "up"])
+        .unwrap();
+    for cmd in [
+        "ip addr add 198.18.2.3/24 dev h2e",
+        "ip link set h2e up",
+        "sysctl -qw net.ipv4.conf.all.rp_filter=0",
+        "sysctl -qw net.ipv4.conf.h2e.rp_filter=0",
+    ] {
+        h2.exec(&cmd.split(' ').collect::<Vec<_>>()).unwrap();
+    }
+    h2
+}
+
+/// A host that joined before the relay started is found by the relay's startup query; with
+/// two hosts on the link, one leaving keeps the flow (the other answers the relay's
+/// group-specific query), and the flow stops when the last one leaves.
+#[test]
+fn found_by_the_startup_query_and_kept_by_a_second_listener() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let h2 = second_host(&topo);
+    let a = Member::join(
+        &topo.receivers[0].ns,
+        G4.into(),
+        Ipv4Addr::new(198, 18, 2, 2).into(),
+    );
+    // Its unsolicited reports (two, within a second) are over before the relay starts.
+    std::thread::sleep(Duration::from_millis(2500));
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        &format!("{QUERIER}{ONE_RULE}"),
+        &[],
+    )
+    .unwrap();
+    let start = Instant::now();
+    let senders = flows(&topo, 12_000);
+    let found = until_forwarding(&relay, &["od4"], true, Duration::from_secs(4))
+        .expect("the startup query found the member");
+    // The host answers the query within its 1 s response interval.
+    assert!(
+        found - start <= Duration::from_secs(2),
+        "found after {:?}",
+        found - start
+    );
+
+    let b = Member::join(&h2, G4.into(), Ipv4Addr::new(198, 18, 2, 3).into());
+    std::thread::sleep(Duration::from_millis(500));
+    let (a_left, _) = a.leave();
+    // Longer than the last member query time and a second: the flow never stops.
+    while a_left.elapsed() < LMQT + Duration::from_millis(1500) {
+        let v = stats_until(&relay.control, |_| true);
+        assert!(
+            forwarding(&v, "od4"),
+            "the second listener keeps the flow: {v:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let q = queriers(&relay);
+    let m = querier(&q, "ipv4")
+        .members
+        .iter()
+        .find(|m| m.group == G4.to_string());
+    assert_eq!(
+        m.unwrap_or_else(|| panic!("{q:?}"))
+            .last_reporter
+            .as_deref(),
+        Some("198.18.2.3"),
+        "the second host answered the group-specific query"
+    );
+    let (b_left, got_b) = b.leave();
+    let late = got_b.iter().filter(|(t, _)| *t > a_left + LMQT).count();
+    assert!(late > 100, "the second host kept receiving: {late}");
+    let stopped = until_forwarding(&relay, &["od4"], false, LMQT + Duration::from_secs(2))
+        .expect("the flow stopped after the last leave");
+    assert!(stopped - b_left <= LMQT + Duration::from_secs(1));
+    for s in senders {
+        join(s).unwrap();
+    }
+    stop_clean(relay, &topo);
+}
+
+/// An IGMPv3 general query from `source` (max response 1 s, QRV 2, QQIC 2 s), as a router
+/// on the link would send it: TTL 1, Router Alert.
+fn general_query_from(source: Ipv4Addr) -> Vec<u8> {
+    let mut igmp = vec![0x11, 10, 0, 0, 0, 0, 0, 0, 0x02, 2, 0, 0];
+    let c = checksum(&igmp);
+    igmp[2..4].copy_from_slice(&c.to_be_bytes());
+    igmp_frame(source, Ipv4Addr::new(224, 0, 0, 1), 1, true, &igmp)
+}
+
+/// An Ethernet frame with an IPv4 header (with a Router Alert option when `ra`) around `igmp`.
+fn igmp_frame(source: Ipv4Addr, dest: Ipv4Addr, ttl: u8, ra: bool, igmp: &[u8]) -> Vec<u8> {
+    let d = dest.octets();
+    let mut f = vec![
+        0x01,
+        0x00,
+        0x5e,
+        d[1] & 0x7f,
+        d[2],
+        d[3],
+        0x02,
+        0xee,
+        0,
+        0,
+        0,
+        9,
+        0x08,
+        0x00,
+    ];
+    let hlen = if ra { 24 } else { 20 };
+    let total = (hlen + igmp.len()) as u16;
+    let mut ip = vec![(0x40 | hlen / 4) as u8, 0xc0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0, 0, ttl, 2, 0, 0]);
+    ip.extend_from_slice(&source.octets());
+    ip.extend_from_slice(&d);
+    if ra {
+        ip.extend_from_slice(&[0x94, 0x04, 0, 0]);
+    }
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(igmp);
+    f
+}
+
+/// Another querier with a lower address on the link: the relay stops its general queries
+/// while it is heard (and still follows reports), and takes over again once it has been
+/// quiet for the other querier present interval.
+#[test]
+fn a_querier_with_a_lower_address_silences_the_relay() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let r0 = &topo.receivers[0];
+    // Queries every 2 s; the other querier present interval is then 2 × 2 + 0.5 = 4.5 s.
+    let yaml = format!("querier: {{ query_interval: 2, query_response_interval: 1 }}\n{ONE_RULE}");
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, &yaml, &[]).unwrap();
+    let ours = |f: &[u8]| query_of(f) == Some((ROUT0.into(), Ipv4Addr::UNSPECIFIED.into()));
+    let count_ours = |frames: Vec<Vec<u8>>| frames.iter().filter(|f| ours(f)).count();
+    let window = |d: Duration| Limits {
+        expect: u64::MAX,
+        idle: d + Duration::from_secs(1),
+        max: d,
+    };
+    let heard = count_ours(
+        join(
+            capture(
+                &r0.ns,
+                &r0.iface,
+                window(Duration::from_millis(4500)),
+                is_query,
+            )
+            .unwrap(),
+        )
+        .unwrap(),
+    );
+    assert!(heard >= 2, "the relay queries every 2 s: {heard}");
+
+    // The other router queries every second for 7 s.
+    let lower = Ipv4Addr::new(198, 18, 0, 9);
+    let other = inject(
+        &r0.ns,
+        &r0.iface,
+        vec![general_query_from(lower); 7],
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let quiet = capture(&r0.ns, &r0.iface, window(Duration::from_secs(6)), is_query).unwrap();
+    let q = queriers(&relay);
+    assert!(!querier(&q, "ipv4").querier, "{q:?}");
+    // Reports are still followed while another router queries.
+    let m = Member::join(&r0.ns, G4.into(), r0.addr.into());
+    let senders = flows(&topo, 3000);
+    assert!(until_forwarding(&relay, &["od4"], true, Duration::from_secs(1)).is_some());
+    assert_eq!(count_ours(join(quiet).unwrap()), 0, "the relay kept quiet");
+    assert_eq!(join(other).unwrap(), 7);
+    let _ = m.leave();
+
+    // Quiet for 4.5 s: the relay is querier again.
+    let back = count_ours(
+        join(capture(&r0.ns, &r0.iface, window(Duration::from_secs(8)), is_query).unwrap())
+            .unwrap(),
+    );
+    assert!(back >= 1, "the relay took over again");
+    assert!(querier(&queriers(&relay), "ipv4").querier);
+    for s in senders {
+        join(s).unwrap();
+    }
+    stop_clean(relay, &topo);
+}
+
+/// Hosts forced to IGMPv2 and MLDv1: their reports and leaves work, and the groups run in
+/// those compatibility modes.
+#[test]
+fn igmpv2_and_mldv1_hosts() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let r0 = &topo.receivers[0];
+    dad_done(&topo.relay);
+    dad_done(&r0.ns);
+    for knob in [
+        format!("net.ipv4.conf.{}.force_igmp_version=2", r0.iface),
+        format!("net.ipv6.conf.{}.force_mld_version=1", r0.iface),
+    ] {
+        r0.ns.exec(&["sysctl", "-qw", &knob]).unwrap();
+    }
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        &format!("{QUERIER}{ONE_RULE}"),
+        &[],
+    )
+    .unwrap();
+    let senders = flows(&topo, 8000);
+    let m4 = Member::join(&r0.ns, G4.into(), r0.addr.into());
+    let m6 = Member::join(&r0.ns, G6.into(), r0.addr6.into());
+    let on = until_forwarding(&relay, &["od4", "od6"], true, Duration::from_secs(2))
+        .expect("v2/v1 reports start the flow");
+    assert!(on - m6.joined <= Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(1500));
+    let q = queriers(&relay);
+    let version = |family: &str, g: String| {
+        querier(&q, family)
+            .members
+            .iter()
+            .find(|m| m.group == g)
+            .unwrap_or_else(|| panic!("{q:?}"))
+            .version
+            .clone()
+    };
+    assert_eq!(version("ipv4", G4.to_string()), "v2");
+    assert_eq!(version("ipv6", G6.to_string()), "mldv1");
+    let (left, got) = m4.leave();
+    let _ = m6.leave();
+    assert!(!got.is_empty());
+    let off = until_forwarding(
+        &relay,
+        &["od4", "od6"],
+        false,
+        LMQT + Duration::from_secs(2),
+    )
+    .expect("an IGMPv2 leave and an MLDv1 done stop the flow");
+    assert!(off - left <= LMQT + Duration::from_secs(1));
+    for s in senders {
+        join(s).unwrap();
+    }
+    stop_clean(relay, &topo);
+}
+
+/// An IGMPv3 report with one record of `kind` for `group` and `sources`.
+fn v3_report(records: &[(u8, Ipv4Addr, &[Ipv4Addr])], claimed: Option<u16>) -> Vec<u8> {
+    let mut igmp = vec![0x22, 0, 0, 0, 0, 0];
+    igmp.extend_from_slice(&claimed.unwrap_or(records.len() as u16).to_be_bytes());
+    for (kind, g, sources) in records {
+        igmp.extend_from_slice(&[*kind, 0]);
+        igmp.extend_from_slice(&(sources.len() as u16).to_be_bytes());
+        igmp.extend_from_slice(&g.octets());
+        for s in *sources {
+            igmp.extend_from_slice(&s.octets());
+        }
+    }
+    let c = checksum(&igmp);
+    igmp[2..4].copy_from_slice(&c.to_be_bytes());
+    igmp
+}
+
+/// An MLDv2 report frame from `source` (hop-by-hop Router Alert, ICMPv6 checksum) with one
+/// EXCLUDE({}) record for `group`.
+fn mld_report(source: Ipv6Addr, hop_limit: u8, group: Ipv6Addr) -> Vec<u8> {
+    let dest: Ipv6Addr = "ff02::16".parse().unwrap();
+    let mut icmp = vec![143, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0];
+    icmp.extend_from_slice(&group.octets());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&source.octets());
+    pseudo.extend_from_slice(&dest.octets());
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&icmp);
+    let c = checksum(&pseudo);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = vec![
+        0x33, 0x33, 0, 0, 0, 0x16, 0x02, 0xee, 0, 0, 0, 9, 0x86, 0xdd,
+    ];
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&((8 + icmp.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, hop_limit]);
+    f.extend_from_slice(&source.octets());
+    f.extend_from_slice(&dest.octets());
+    // Hop-by-hop: next header ICMPv6, Router Alert (MLD), PadN.
+    f.extend_from_slice(&[58, 0, 5, 2, 0, 0, 1, 0]);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// Hostile and broken reports on the output's link: each refused, counted by reason, none of
+/// them a member, and the relay carries on (a real host's join works afterwards).
+#[test]
+fn hostile_reports_are_counted_and_refused() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let r0 = &topo.receivers[0];
+    dad_done(&topo.relay);
+    dad_done(&r0.ns);
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        &format!("{QUERIER}{ONE_RULE}"),
+        &[],
+    )
+    .unwrap();
+    let host = r0.addr;
+    let to = Ipv4Addr::new(224, 0, 0, 22);
+    let join_g4 = v3_report(&[(4, G4, &[])], None);
+    let mut bad_sum = join_g4.clone();
+    bad_sum[2] ^= 0x55;
+    let truncated = {
+        let mut r = v3_report(&[(1, G4, &[host, host])], None);
+        r.truncate(r.len() - 6);
+        r
+    };
+    let huge = v3_report(&[(4, G4, &[])], Some(u16::MAX));
+    let ll = link_local(&r0.ns, &r0.iface);
+    let frames = vec![
+        igmp_frame(host, to, 1, true, &bad_sum),
+        igmp_frame(host, to, 1, true, &truncated),
+        igmp_frame(host, to, 1, true, &huge),
+        igmp_frame(host, to, 2, true, &join_g4),
+        igmp_frame(host, to, 1, false, &join_g4),
+        mld_report(r0.addr6, 1, G6),
+        mld_report(ll, 255, G6),
+        // Cut inside the hop-by-hop header.
+        mld_report(ll, 1, G6)[..60].to_vec(),
+    ];
+    let n = frames.len();
+    assert_eq!(
+        join(inject(&r0.ns, &r0.iface, frames, Duration::from_millis(20)).unwrap()).unwrap(),
+        n
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let q = queriers(&relay);
+    let (v4, v6) = (querier(&q, "ipv4"), querier(&q, "ipv6"));
+    let refused = |v: &QuerierView, k: &str| v.refused.get(k).copied().unwrap_or(0);
+    assert_eq!(refused(v4, "bad_checksum"), 1, "{v4:?}");
+    assert_eq!(refused(v4, "truncated"), 2, "{v4:?}");
+    assert_eq!(refused(v4, "ttl_not_one"), 1, "{v4:?}");
+    assert_eq!(refused(v4, "no_router_alert"), 1, "{v4:?}");
+    assert_eq!(refused(v6, "bad_source"), 1, "{v6:?}");
+    assert_eq!(refused(v6, "ttl_not_one"), 1, "{v6:?}");
+    assert_eq!(refused(v6, "truncated"), 1, "{v6:?}");
+    assert!(v4.members.is_empty() && v6.members.is_empty(), "{q:?}");
+    let v = stats_until(&relay.control, |_| true);
+    assert!(!forwarding(&v, "od4") && !forwarding(&v, "od6"));
+
+    // A valid report from the same host works.
+    let ok = igmp_frame(host, to, 1, true, &join_g4);
+    assert_eq!(
+        join(inject(&r0.ns, &r0.iface, vec![ok], Duration::ZERO).unwrap()).unwrap(),
+        1
+    );
+    assert!(until_forwarding(&relay, &["od4"], true, Duration::from_secs(1)).is_some());
+    client_ok(&relay.control, &["ping"]);
+    stop_clean(relay, &topo);
+}
+
+/// A reload (a rule added, the on-demand outputs kept) and a reload that is refused keep the
+/// membership state: the outputs forward throughout, without waiting for a query; an
+/// on-demand output added by the reload to a group a host already joined is found by the
+/// next query, and a rule removed stops its output.
+fn reload_keeps_membership(allocator: &str) {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let r0 = &topo.receivers[0];
+    dad_done(&topo.relay);
+    dad_done(&r0.ns);
+    // Queries every 4 s, so the added output is found within one.
+    let querier = "querier: { query_interval: 4, query_response_interval: 1 }\n";
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        &format!("{querier}{ONE_RULE}"),
+        &["--allocator", allocator],
+    )
+    .unwrap();
+    let m4 = Member::join(&r0.ns, G4.into(), r0.addr.into());
+    let m6 = Member::join(&r0.ns, G6.into(), r0.addr6.into());
+    // A host that listens to a group no output sends yet.
+    let g3 = Ipv4Addr::new(239, 3, 3, 3);
+    let m3 = Member::join(&r0.ns, g3.into(), r0.addr.into());
+    assert!(until_forwarding(&relay, &["od4", "od6"], true, Duration::from_secs(2)).is_some());
+    let senders = flows(&topo, 6000);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let watch = |what: &str, d: Duration| {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            let v = stats_until(&relay.control, |_| true);
+            assert!(
+                forwarding(&v, "od4") && forwarding(&v, "od6"),
+                "{what}: the kept outputs forward throughout"
+            );
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    };
+    let added = format!(
+        "{querier}{ONE_RULE}  - name: more\n    input: {{ interface: rin, group: 239.1.1.1, port: 5001 }}\n    outputs: [ {{ interface: rout0, group: 239.3.3.3, on_demand: true }} ]\n"
+    );
+    std::fs::write(&relay.config, &added).unwrap();
+    client_ok(&relay.control, &["reload"]);
+    watch("after the reload", Duration::from_millis(500));
+    // The added output's group was joined before: the next general query finds it.
+    assert!(
+        until_forwarding(&relay, &["more"], true, Duration::from_secs(6)).is_some(),
+        "the added on-demand output found its listener"
+    );
+    // A file that does not validate: refused, the state stays.
+    std::fs::write(
+        &relay.config,
+        format!("querier: {{ robustness: 0 }}\n{ONE_RULE}"),
+    )
+    .unwrap();
+    let (ok, said) = common::client(&relay.control, &["reload"]);
+    assert!(!ok && said.contains("querier.robustness is 0"), "{said}");
+    watch("after the refused reload", Duration::from_millis(500));
+    // The rule removed: nothing is left to forward its group, and the others carry on.
+    std::fs::write(&relay.config, format!("{querier}{ONE_RULE}")).unwrap();
+    client_ok(&relay.control, &["reload"]);
+    watch("after the rule was removed", Duration::from_millis(300));
+    for s in senders {
+        join(s).unwrap();
+    }
+    let (_, got4) = m4.leave();
+    let (_, got6) = m6.leave();
+    let _ = m3.leave();
+    for (family, got) in [("IPv4", got4), ("IPv6", got6)] {
+        // Paced at about a datagram a millisecond, so a gap of 200 ms is a stall.
+        let stall = got.windows(2).map(|w| w[1].0 - w[0].0).max().unwrap();
+        assert!(
+            stall < Duration::from_millis(200),
+            "{family}: a {stall:?} gap"
+        );
+        assert!(got.len() > 3000, "{family}: {}", got.len());
+    }
+    stop_clean(relay, &topo);
+}
+
+#[test]
+fn reload_keeps_membership_with_lockfree_pool() {
+    reload_keeps_membership("lockfree");
+}
+
+#[test]
+fn reload_keeps_membership_with_mutex_pool() {
+    reload_keeps_membership("mutex");
+}
