@@ -521,18 +521,19 @@ impl Group {
             if self.is_empty() {
                 return;
             }
-            if self.group_query.is_some_and(|(_, at)| at <= t) {
-                if cx.querier && self.mode == FilterMode::Exclude {
-                    self.send_group_query(cx);
-                } else {
-                    self.group_query = None;
-                }
-            }
+            // Source queries first, as the TO_IN action that starts both sends them.
             if due(self.source_query) {
                 if cx.querier {
                     self.send_source_queries(cx);
                 } else {
                     self.source_query = None;
+                }
+            }
+            if self.group_query.is_some_and(|(_, at)| at <= t) {
+                if cx.querier && self.mode == FilterMode::Exclude {
+                    self.send_group_query(cx);
+                } else {
+                    self.group_query = None;
                 }
             }
         }
@@ -956,5 +957,1181 @@ impl Router {
                 last_reporter: g.last_reporter,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listeners::wire::Record;
+    use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const T0: Time = Duration::from_secs(1000);
+    const OWN: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5));
+    const LOWER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+    const HIGHER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
+    const HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 100));
+    const HOST2: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 101));
+    const G: IpAddr = IpAddr::V4(Ipv4Addr::new(239, 1, 1, 1));
+    const GMI: u64 = 260_000;
+
+    fn ms(m: u64) -> Duration {
+        Duration::from_millis(m)
+    }
+
+    fn s(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, n))
+    }
+
+    /// A router on a simulated clock, its startup queries drained.
+    struct Sim {
+        r: Router,
+        now: Time,
+    }
+
+    type State = (FilterMode, Vec<(u8, u64)>, Option<u64>);
+
+    impl Sim {
+        fn v4() -> Sim {
+            let mut r = Router::new(Family::V4, OWN, Timers::default(), T0);
+            r.handle_timeout(T0);
+            let mut sim = Sim { r, now: T0 };
+            assert_eq!(sim.general(), 1);
+            sim
+        }
+
+        fn advance(&mut self, m: u64) {
+            self.now += ms(m);
+            self.r.handle_timeout(self.now);
+        }
+
+        fn rec(&mut self, kind: RecordType, srcs: &[u8]) {
+            self.rec_from(HOST, kind, srcs);
+        }
+
+        fn rec_from(&mut self, from: IpAddr, kind: RecordType, srcs: &[u8]) {
+            let records = vec![Record {
+                kind,
+                group: G,
+                sources: srcs.iter().map(|n| s(*n)).collect(),
+            }];
+            self.r.receive(from, &Message::Report { records }, self.now);
+        }
+
+        fn msg(&mut self, from: IpAddr, m: Message) {
+            self.r.receive(from, &m, self.now);
+        }
+
+        /// G's mode, sources (last octet, remaining ms) and group timer (ms).
+        fn state(&self) -> Option<State> {
+            self.r
+                .groups(self.now)
+                .into_iter()
+                .find(|v| v.group == G)
+                .map(|v| {
+                    let sources = v
+                        .sources
+                        .iter()
+                        .map(|sv| match sv.source {
+                            IpAddr::V4(a) => (a.octets()[3], sv.remaining.as_millis() as u64),
+                            IpAddr::V6(_) => unreachable!(),
+                        })
+                        .collect();
+                    (v.mode, sources, v.timer.map(|t| t.as_millis() as u64))
+                })
+        }
+
+        /// The group-specific queries for G sent since the last call, as (sources, S flag);
+        /// periodic general queries are skipped ([`Sim::general`] counts those).
+        fn queries(&mut self) -> Vec<(Vec<u8>, bool)> {
+            let mut out = Vec::new();
+            while let Some(q) = self.r.poll_transmit() {
+                if q.group.is_none() {
+                    continue;
+                }
+                assert_eq!(q.group, Some(G), "only queries for G expected here: {q:?}");
+                assert_eq!(q.max_response, ms(1000), "LMQI");
+                let srcs = q
+                    .sources
+                    .iter()
+                    .map(|a| match a {
+                        IpAddr::V4(a) => a.octets()[3],
+                        IpAddr::V6(_) => unreachable!(),
+                    })
+                    .collect();
+                out.push((srcs, q.suppress));
+            }
+            out
+        }
+
+        /// How many general queries were sent since the last call (and no others).
+        fn general(&mut self) -> usize {
+            let mut n = 0;
+            while let Some(q) = self.r.poll_transmit() {
+                assert_eq!(q.group, None, "{q:?}");
+                assert_eq!(
+                    (q.max_response, q.qrv, q.qqi, q.suppress),
+                    (ms(10_000), 2, ms(125_000), false)
+                );
+                n += 1;
+            }
+            n
+        }
+
+        fn changed(&mut self) -> bool {
+            let mut seen = false;
+            while let Some(Event::Changed { group }) = self.r.poll_event() {
+                assert_eq!(group, G);
+                seen = true;
+            }
+            seen
+        }
+
+        fn fwd(&self, n: u8) -> bool {
+            self.r.forwards(G, Some(s(n)))
+        }
+
+        fn any(&self) -> bool {
+            self.r.forwards(G, None)
+        }
+
+        /// Another router wins the election.
+        fn lose_election(&mut self) {
+            let q = general_query();
+            self.msg(LOWER, q);
+            assert!(!self.r.is_querier());
+        }
+
+        /// EXCLUDE(X = {2}, Y = {3}), both records at the current time.
+        fn exclude_x2_y3(&mut self) {
+            self.rec(RecordType::IsIn, &[2]);
+            self.rec(RecordType::IsEx, &[2, 3]);
+            assert_eq!(
+                self.state(),
+                Some((FilterMode::Exclude, vec![(2, GMI), (3, 0)], Some(GMI)))
+            );
+        }
+    }
+
+    fn general_query() -> Message {
+        Message::Query(Query {
+            version: 3,
+            group: None,
+            max_response: ms(10_000),
+            suppress: false,
+            qrv: 2,
+            qqi: ms(125_000),
+            sources: vec![],
+        })
+    }
+
+    fn specific_query(sources: &[u8], suppress: bool) -> Message {
+        Message::Query(Query {
+            version: 3,
+            group: Some(G),
+            max_response: ms(1000),
+            suppress,
+            qrv: 2,
+            qqi: ms(125_000),
+            sources: sources.iter().map(|n| s(*n)).collect(),
+        })
+    }
+
+    use FilterMode::{Exclude, Include};
+    use RecordType::*;
+
+    // RFC 3376 §6.4.1, current-state records.
+
+    #[test]
+    fn include_is_in_adds_sources_at_gmi() {
+        let mut sim = Sim::v4();
+        sim.rec(IsIn, &[1, 2]);
+        assert!(sim.changed());
+        sim.advance(10_000);
+        sim.rec(IsIn, &[2, 3]);
+        assert_eq!(
+            sim.state(),
+            Some((Include, vec![(1, GMI - 10_000), (2, GMI), (3, GMI)], None))
+        );
+        assert!(sim.queries().is_empty());
+        assert!(sim.fwd(1) && sim.fwd(2) && sim.fwd(3) && sim.any());
+        assert!(!sim.fwd(4));
+        assert!(sim.changed(), "source 3 is new");
+    }
+
+    #[test]
+    fn include_is_ex_goes_to_exclude_with_new_sources_excluded() {
+        let mut sim = Sim::v4();
+        sim.rec(IsIn, &[1, 2]);
+        sim.advance(10_000);
+        sim.changed();
+        sim.rec(IsEx, &[2, 3]);
+        // EXCLUDE(A*B, B-A): 1 deleted, 2 keeps its timer, 3 at zero.
+        assert_eq!(
+            sim.state(),
+            Some((Exclude, vec![(2, GMI - 10_000), (3, 0)], Some(GMI)))
+        );
+        assert!(sim.queries().is_empty());
+        assert!(sim.changed());
+        assert!(sim.fwd(1) && sim.fwd(2) && sim.fwd(4));
+        assert!(!sim.fwd(3));
+    }
+
+    #[test]
+    fn exclude_is_in_moves_sources_out_of_the_exclude_list() {
+        let mut sim = Sim::v4();
+        sim.exclude_x2_y3();
+        assert!(!sim.fwd(3));
+        sim.advance(10_000);
+        sim.changed();
+        sim.rec(IsIn, &[3, 4]);
+        assert_eq!(
+            sim.state(),
+            Some((
+                Exclude,
+                vec![(2, GMI - 10_000), (3, GMI), (4, GMI)],
+                Some(GMI - 10_000)
+            ))
+        );
+        assert!(sim.fwd(3) && sim.fwd(4));
+        assert!(sim.queries().is_empty());
+        assert!(sim.changed());
+    }
+
+    #[test]
+    fn exclude_is_ex_replaces_both_lists() {
+        let mut sim = Sim::v4();
+        sim.exclude_x2_y3();
+        sim.advance(10_000);
+        sim.rec(IsEx, &[3, 4]);
+        // EXCLUDE(A-Y, Y*A): 2 deleted, 3 stays excluded, 4 new at GMI; group timer GMI.
+        assert_eq!(
+            sim.state(),
+            Some((Exclude, vec![(3, 0), (4, GMI)], Some(GMI)))
+        );
+        assert!(sim.queries().is_empty());
+        assert!(sim.fwd(2) && sim.fwd(4) && !sim.fwd(3));
+    }
+
+    // RFC 3376 §6.4.2, filter-mode-change and source-list-change records.
+
+    #[test]
+    fn include_allow_adds_sources() {
+        let mut sim = Sim::v4();
+        sim.rec(IsIn, &[1]);
+        sim.advance(10_000);
+        sim.rec(Allow, &[1, 2]);
+        assert_eq!(sim.state(), Some((Include, vec![(1, GMI), (2, GMI)], None)));
+        assert!(sim.queries().is_empty());
+    }
+
+    #[test]
+    fn include_block_queries_the_blocked_sources_then_drops_them() {
+        let mut sim = Sim::v4();
+        sim.rec(IsIn, &[1, 2]);
+        sim.advance(10_000);
+        sim.changed();
+        sim.rec(Block, &[2, 9]);
+        // Q(G, A*B) = Q(G, {2}); 2 lowered to LMQT; 9 was never there.
+        assert_eq!(sim.queries(), vec![(vec![2], false)]);
+        assert_eq!(
+            sim.state(),
+            Some((Include, vec![(1, GMI - 10_000), (2, 2000)], None))
+        );
+        assert!(sim.fwd(2), "until LMQT runs out");
+        assert!(!sim.changed());
+        sim.advance(999);
+        assert!(sim.queries().is_empty());
+        sim.advance(1);
+        assert_eq!(
+            sim.queries(),
+            vec![(vec![2], false)],
+            "the retransmission, LMQI later"
+        );
+        sim.advance(999);
+        assert!(sim.fwd(2));
+        sim.advance(1);
+        assert!(!sim.fwd(2) && sim.fwd(1));
+        assert_eq!(sim.state(), Some((Include, vec![(1, GMI - 12_000)], None)));
+        assert!(sim.changed());
+        sim.advance(10_000);
+        assert!(
+            sim.queries().is_empty(),
+            "[Last Member Query Count] = 2 queries only"
+        );
+    }
+
+    #[test]
+    fn include_block_answered_keeps_the_source_and_suppresses() {
+        let mut sim = Sim::v4();
+        sim.rec(IsIn, &[1, 2]);
+        sim.rec(Block, &[2]);
+        assert_eq!(sim.queries(), vec![(vec![2], false)]);
+        sim.advance(300);
+        sim.rec_from(HOST2, IsIn, &[2]);
+        sim.advance(700);
+        // The report raised 2 above LMQT: the retransmission says so with the S flag.
+        assert_eq!(sim.queries(), vec![(vec![2], true)]);
+        sim.advance(5000);
+        assert!(sim.fwd(2));
+        assert_eq!(
+            sim.state(),
+            Some((Include, vec![(1, GMI - 6000), (2, GMI - 5700)], None))
+        );
+    }
+
+    #[test]
+    fn include_to_ex_switches_mode_and_queries_the_kept_sources() {
+        let mut sim = Sim::v4();
+        sim.rec(IsIn, &[1, 2]);
+        sim.advance(10_000);
+        sim.rec(ToEx, &[2, 3]);
+        // EXCLUDE(A*B, B-A); Q(G, A*B) lowers 2 to LMQT; group timer GMI.
+        assert_eq!(
+            sim.state(),
+            Some((Exclude, vec![(2, 2000), (3, 0)], Some(GMI)))
+        );
+        assert_eq!(sim.queries(), vec![(vec![2], false)]);
+        assert!(sim.fwd(1) && sim.fwd(2) && !sim.fwd(3));
+        sim.advance(1000);
+        assert_eq!(sim.queries(), vec![(vec![2], false)]);
+        sim.advance(1000);
+        // An EXCLUDE source whose timer runs out is excluded, not deleted.
+        assert_eq!(
+            sim.state(),
+            Some((Exclude, vec![(2, 0), (3, 0)], Some(GMI - 2000)))
+        );
+        assert!(!sim.fwd(2) && sim.fwd(1));
+    }
+
+    #[test]
+    fn include_to_in_queries_the_sources_left_out() {
+        let mut sim = Sim::v4();
+        sim.rec(IsIn, &[1, 2]);
+        sim.advance(10_000);
+        sim.rec(ToIn, &[2, 3]);
+        assert_eq!(
+            sim.state(),
+            Some((Include, vec![(1, 2000), (2, GMI), (3, GMI)], None))
+        );
+        assert_eq!(sim.queries(), vec![(vec![1], false)]);
+        sim.advance(2000);
+        assert_eq!(sim.queries(), vec![(vec![1], false)]);
+        assert!(!sim.fwd(1) && sim.fwd(2) && sim.fwd(3));
+    }
+
+    #[test]
+    fn exclude_allow_moves_sources_to_the_requested_list() {
+        let mut sim = Sim::v4();
+        sim.exclude_x2_y3();
+        sim.advance(10_000);
+        sim.rec(Allow, &[3, 4]);
+        assert_eq!(
+            sim.state(),
+            Some((
+                Exclude,
+                vec![(2, GMI - 10_000), (3, GMI), (4, GMI)],
+                Some(GMI - 10_000)
+            ))
+        );
+        assert!(sim.queries().is_empty());
+        assert!(sim.fwd(3));
+    }
+
+    #[test]
+    fn exclude_block_adds_at_the_group_timer_and_queries_a_minus_y() {
+        let mut sim = Sim::v4();
+        sim.exclude_x2_y3();
+        sim.advance(10_000);
+        sim.rec(Block, &[2, 3, 4]);
+        // 4 joins X at the group timer, then Q(G, A-Y) = Q(G, {2, 4}) lowers both to LMQT;
+        // 3 stays excluded.
+        assert_eq!(sim.queries(), vec![(vec![2, 4], false)]);
+        assert_eq!(
+            sim.state(),
+            Some((
+                Exclude,
+                vec![(2, 2000), (3, 0), (4, 2000)],
+                Some(GMI - 10_000)
+            ))
+        );
+        sim.advance(1000);
+        assert_eq!(sim.queries(), vec![(vec![2, 4], false)]);
+        sim.changed();
+        sim.advance(1000);
+        assert!(!sim.fwd(2) && !sim.fwd(3) && !sim.fwd(4) && sim.fwd(5) && sim.any());
+        assert!(sim.changed());
+    }
+
+    #[test]
+    fn exclude_block_on_a_non_querier_sets_the_group_timer_and_sends_nothing() {
+        let mut sim = Sim::v4();
+        sim.lose_election();
+        sim.queries();
+        sim.exclude_x2_y3();
+        sim.advance(10_000);
+        sim.rec(Block, &[4]);
+        assert_eq!(
+            sim.state(),
+            Some((
+                Exclude,
+                vec![(2, GMI - 10_000), (3, 0), (4, GMI - 10_000)],
+                Some(GMI - 10_000)
+            ))
+        );
+        assert!(sim.queries().is_empty());
+    }
+
+    #[test]
+    fn exclude_to_ex_replaces_lists_and_queries_new_sources() {
+        let mut sim = Sim::v4();
+        sim.exclude_x2_y3();
+        sim.advance(10_000);
+        sim.rec(ToEx, &[3, 4]);
+        // 2 deleted (X-A), 3 stays in Y, 4 at the group timer lowered by Q(G, A-Y = {4}),
+        // group timer GMI.
+        assert_eq!(
+            sim.state(),
+            Some((Exclude, vec![(3, 0), (4, 2000)], Some(GMI)))
+        );
+        assert_eq!(sim.queries(), vec![(vec![4], false)]);
+    }
+
+    #[test]
+    fn exclude_to_ex_on_a_non_querier_gives_new_sources_the_old_group_timer() {
+        let mut sim = Sim::v4();
+        sim.lose_election();
+        sim.exclude_x2_y3();
+        sim.advance(10_000);
+        sim.rec(ToEx, &[3, 4]);
+        assert_eq!(
+            sim.state(),
+            Some((Exclude, vec![(3, 0), (4, GMI - 10_000)], Some(GMI)))
+        );
+        assert!(sim.queries().is_empty());
+    }
+
+    #[test]
+    fn exclude_to_in_queries_x_minus_a_and_the_group_then_falls_back_to_include() {
+        let mut sim = Sim::v4();
+        sim.exclude_x2_y3();
+        sim.advance(10_000);
+        sim.rec(ToIn, &[3]);
+        // EXCLUDE(X+A, Y-A); (A)=GMI; Q(G, X-A) = Q(G, {2}); Q(G) lowers the group timer.
+        assert_eq!(
+            sim.state(),
+            Some((Exclude, vec![(2, 2000), (3, GMI)], Some(2000)))
+        );
+        assert_eq!(sim.queries(), vec![(vec![2], false), (vec![], false)]);
+        sim.advance(1000);
+        assert_eq!(sim.queries(), vec![(vec![2], false), (vec![], false)]);
+        sim.changed();
+        sim.advance(1000);
+        // Group timer out with 3 still running: INCLUDE({3}).
+        assert_eq!(sim.state(), Some((Include, vec![(3, GMI - 2000)], None)));
+        assert!(sim.fwd(3) && !sim.fwd(2) && !sim.fwd(9) && sim.any());
+        assert!(sim.changed());
+        assert!(sim.queries().is_empty());
+    }
+
+    // Timers (RFC 3376 §6.3, §6.5).
+
+    #[test]
+    fn exclude_group_timer_expiry_without_sources_deletes_the_group() {
+        let mut sim = Sim::v4();
+        sim.rec(IsEx, &[]);
+        assert!(sim.changed() && sim.any());
+        sim.advance(GMI - 1);
+        assert!(sim.any() && !sim.changed());
+        assert_eq!(sim.r.poll_timeout(), Some(sim.now + ms(1)));
+        sim.advance(1);
+        assert!(!sim.any());
+        assert!(sim.changed());
+        assert_eq!(sim.state(), None);
+    }
+
+    #[test]
+    fn exclude_group_timer_expiry_with_running_sources_switches_to_include() {
+        let mut sim = Sim::v4();
+        sim.rec(IsEx, &[3]);
+        sim.advance(100_000);
+        sim.rec(Allow, &[1]);
+        sim.changed();
+        sim.advance(GMI - 100_000);
+        assert_eq!(sim.state(), Some((Include, vec![(1, 100_000)], None)));
+        assert!(sim.changed());
+        assert!(sim.fwd(1) && !sim.fwd(3) && !sim.fwd(4) && sim.any());
+        sim.advance(100_000);
+        assert_eq!(sim.state(), None);
+        assert!(sim.changed() && !sim.any());
+    }
+
+    #[test]
+    fn include_source_expiry_deletes_the_source_then_the_group() {
+        let mut sim = Sim::v4();
+        sim.rec(IsIn, &[1]);
+        sim.advance(10_000);
+        sim.rec(Allow, &[2]);
+        sim.changed();
+        sim.advance(GMI - 10_000);
+        assert_eq!(sim.state(), Some((Include, vec![(2, 10_000)], None)));
+        assert!(sim.changed() && !sim.fwd(1));
+        sim.advance(10_000);
+        assert_eq!(sim.state(), None);
+        assert!(sim.changed());
+    }
+
+    #[test]
+    fn exclude_source_expiry_excludes_the_source() {
+        let mut sim = Sim::v4();
+        sim.rec(IsEx, &[]);
+        sim.advance(5_000);
+        sim.rec(Allow, &[1]);
+        sim.advance(195_000);
+        // IS_EX({1}) keeps 1's timer (A*X) and refreshes the group's.
+        sim.rec(IsEx, &[1]);
+        sim.changed();
+        assert_eq!(
+            sim.state(),
+            Some((Exclude, vec![(1, GMI - 195_000)], Some(GMI)))
+        );
+        sim.advance(GMI - 195_000);
+        assert_eq!(sim.state(), Some((Exclude, vec![(1, 0)], Some(195_000))));
+        assert!(!sim.fwd(1) && sim.fwd(2));
+        assert!(sim.changed());
+    }
+
+    #[test]
+    fn late_handle_timeout_serves_timers_in_order() {
+        // Source 1 runs out (to the exclude list) before the group timer: the group is then
+        // deleted, not switched to INCLUDE({1}).
+        let mut sim = Sim::v4();
+        sim.rec(IsEx, &[]);
+        sim.advance(1000);
+        sim.rec(Allow, &[1]);
+        sim.advance(100_000);
+        sim.rec(IsEx, &[1]);
+        // 1 ends at 261 s, the group at 361 s; one call at 400 s.
+        sim.advance(299_000);
+        assert_eq!(sim.state(), None);
+    }
+
+    // Queries of the querier (RFC 3376 §8.6).
+
+    #[test]
+    fn startup_then_periodic_general_queries() {
+        let mut r = Router::new(Family::V4, OWN, Timers::default(), T0);
+        assert_eq!(r.poll_timeout(), Some(T0));
+        assert!(
+            r.poll_transmit().is_none(),
+            "nothing before the first handle_timeout"
+        );
+        r.handle_timeout(T0);
+        let q = r.poll_transmit().expect("the first startup query");
+        assert_eq!(
+            q,
+            QueryToSend {
+                group: None,
+                sources: vec![],
+                max_response: ms(10_000),
+                suppress: false,
+                qrv: 2,
+                qqi: ms(125_000)
+            }
+        );
+        assert!(r.poll_transmit().is_none());
+        let startup = T0 + ms(31_250);
+        assert_eq!(
+            r.poll_timeout(),
+            Some(startup),
+            "a quarter of the query interval"
+        );
+        r.handle_timeout(startup - ms(1));
+        assert!(r.poll_transmit().is_none());
+        r.handle_timeout(startup);
+        assert!(r.poll_transmit().is_some_and(|q| q.group.is_none()));
+        assert!(r.poll_transmit().is_none());
+        // Robustness 2: two startup queries, then the query interval.
+        for k in 1..=3u32 {
+            let at = startup + ms(125_000) * k;
+            assert_eq!(r.poll_timeout(), Some(at));
+            r.handle_timeout(at);
+            assert!(r.poll_transmit().is_some_and(|q| q.group.is_none()));
+            assert!(r.poll_transmit().is_none());
+        }
+        assert!(r.is_querier());
+    }
+
+    #[test]
+    fn a_late_clock_sends_one_general_query_not_a_burst() {
+        let mut r = Router::new(Family::V4, OWN, Timers::default(), T0);
+        r.handle_timeout(T0 + ms(10_000_000));
+        assert!(r.poll_transmit().is_some());
+        assert!(r.poll_transmit().is_none());
+        assert!(r.poll_timeout().unwrap() > T0 + ms(10_000_000));
+    }
+
+    // Compatibility modes (RFC 3376 §7.3.2, RFC 3810 §8.3.2).
+
+    fn compat(sim: &Sim) -> Compat {
+        sim.r
+            .groups(sim.now)
+            .into_iter()
+            .find(|v| v.group == G)
+            .unwrap()
+            .compat
+    }
+
+    #[test]
+    fn igmpv1_host_present_ignores_leaves_blocks_and_to_ex_sources() {
+        let mut sim = Sim::v4();
+        sim.msg(HOST, Message::V1Report { group: G });
+        assert_eq!(compat(&sim), Compat::IgmpV1);
+        assert_eq!(sim.state(), Some((Exclude, vec![], Some(GMI))));
+        sim.advance(10_000);
+        sim.msg(HOST, Message::Leave { group: G });
+        assert!(sim.queries().is_empty(), "leaves are ignored in v1 mode");
+        assert_eq!(sim.state(), Some((Exclude, vec![], Some(GMI - 10_000))));
+        sim.rec(Block, &[1]);
+        assert!(sim.queries().is_empty());
+        assert_eq!(sim.state(), Some((Exclude, vec![], Some(GMI - 10_000))));
+        sim.rec(ToEx, &[1]);
+        assert_eq!(
+            sim.state(),
+            Some((Exclude, vec![], Some(GMI))),
+            "TO_EX({{1}}) as TO_EX({{}})"
+        );
+        assert!(sim.fwd(1));
+        // A v2 report too is IS_EX({}) and v1 still rules.
+        sim.msg(HOST2, Message::V2Report { group: G });
+        assert_eq!(compat(&sim), Compat::IgmpV1);
+        // v1 host present ends GMI after the v1 report; the group lives on from later
+        // reports, now in v2 mode until the v2 host timer ends too.
+        sim.advance(GMI - 10_000);
+        assert_eq!(compat(&sim), Compat::IgmpV2);
+        sim.advance(10_000);
+        sim.rec(IsEx, &[]);
+        assert_eq!(compat(&sim), Compat::IgmpV3);
+        sim.msg(HOST, Message::Leave { group: G });
+        assert_eq!(sim.queries(), vec![(vec![], false)], "leaves count again");
+    }
+
+    #[test]
+    fn igmpv2_host_present_translates_and_expires_back_to_v3() {
+        let mut sim = Sim::v4();
+        sim.msg(HOST, Message::V2Report { group: G });
+        assert_eq!(compat(&sim), Compat::IgmpV2);
+        assert_eq!(sim.r.groups(sim.now)[0].last_reporter, Some(HOST));
+        sim.rec(Block, &[1]);
+        sim.rec(ToEx, &[1]);
+        assert!(sim.queries().is_empty());
+        assert_eq!(sim.state(), Some((Exclude, vec![], Some(GMI))));
+        sim.advance(200_000);
+        sim.rec(IsEx, &[]);
+        sim.advance(GMI - 200_000 - 1);
+        assert_eq!(compat(&sim), Compat::IgmpV2);
+        sim.advance(1);
+        assert_eq!(compat(&sim), Compat::IgmpV3);
+        // BLOCK counts again: 1 joins X at the group timer and is queried.
+        sim.rec(Block, &[1]);
+        assert_eq!(sim.queries(), vec![(vec![1], false)]);
+    }
+
+    #[test]
+    fn mldv1_host_present_and_done() {
+        let own6: IpAddr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 5).into();
+        let host6: IpAddr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x100).into();
+        let g6: IpAddr = Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 0, 0x42).into();
+        let src6: IpAddr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into();
+        let mut r = Router::new(Family::V6, own6, Timers::default(), T0);
+        r.handle_timeout(T0);
+        assert!(r.poll_transmit().is_some_and(|q| q.group.is_none()));
+        // IPv4 messages do not touch an IPv6 router.
+        r.receive(HOST, &Message::V2Report { group: G }, T0);
+        r.receive(HOST, &Message::V1Report { group: G }, T0);
+        assert!(r.groups(T0).is_empty());
+        r.receive(host6, &Message::V2Report { group: g6 }, T0);
+        let v = &r.groups(T0)[0];
+        assert_eq!(
+            (v.compat, v.mode, v.timer),
+            (Compat::MldV1, Exclude, Some(ms(GMI)))
+        );
+        let block = Message::Report {
+            records: vec![Record {
+                kind: Block,
+                group: g6,
+                sources: vec![src6],
+            }],
+        };
+        r.receive(host6, &block, T0);
+        assert!(r.poll_transmit().is_none(), "BLOCK ignored in MLDv1 mode");
+        r.receive(host6, &Message::Leave { group: g6 }, T0 + ms(1000));
+        let q = r
+            .poll_transmit()
+            .expect("a multicast-address-specific query");
+        assert_eq!((q.group, q.suppress, q.sources.len()), (Some(g6), false, 0));
+        r.handle_timeout(T0 + ms(2000));
+        assert!(r.poll_transmit().is_some());
+        assert!(r.forwards(g6, None));
+        r.handle_timeout(T0 + ms(3000));
+        assert!(!r.forwards(g6, None));
+        assert!(r.groups(T0 + ms(3000)).is_empty());
+    }
+
+    #[test]
+    fn mld_source_queries_are_split_to_fit_the_minimum_mtu() {
+        let own6: IpAddr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 5).into();
+        let g6: IpAddr = Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 0, 0x42).into();
+        let mut r = Router::new(Family::V6, own6, Timers::default(), T0);
+        r.handle_timeout(T0);
+        r.poll_transmit();
+        let sources: Vec<IpAddr> = (0..100u16)
+            .map(|i| Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i).into())
+            .collect();
+        let rec = |kind| Message::Report {
+            records: vec![Record {
+                kind,
+                group: g6,
+                sources: sources.clone(),
+            }],
+        };
+        r.receive(own6, &rec(Allow), T0);
+        r.receive(own6, &rec(Block), T0);
+        let qs: Vec<QueryToSend> = std::iter::from_fn(|| r.poll_transmit()).collect();
+        assert_eq!(
+            qs.iter().map(|q| q.sources.len()).collect::<Vec<_>>(),
+            vec![75, 25]
+        );
+        let frame = crate::listeners::wire::build_query(&qs[0], [2; 6], own6);
+        assert!(frame.len() - 14 <= 1280);
+    }
+
+    // Querier election (RFC 3376 §6.6.2).
+
+    #[test]
+    fn a_lower_querier_takes_over_until_it_goes_quiet() {
+        let mut sim = Sim::v4();
+        sim.advance(1000);
+        sim.lose_election();
+        assert_eq!(sim.r.querier_address(), LOWER);
+        // No more general queries: neither the second startup one nor periodic ones.
+        sim.advance(200_000);
+        assert_eq!(sim.general(), 0);
+        // Reports are still tracked; a leave sends nothing and lowers nothing.
+        sim.msg(HOST, Message::V2Report { group: G });
+        assert!(sim.any());
+        sim.advance(1000);
+        sim.msg(HOST, Message::Leave { group: G });
+        assert!(sim.queries().is_empty());
+        assert_eq!(sim.state(), Some((Exclude, vec![], Some(GMI - 1000))));
+        // Other querier present interval: 2 × 125 + 10 / 2 = 255 s after its query.
+        let back = T0 + ms(1000 + 255_000);
+        sim.advance((back - sim.now).as_millis() as u64 - 1);
+        assert!(!sim.r.is_querier());
+        assert_eq!(sim.general(), 0);
+        sim.advance(1);
+        assert!(sim.r.is_querier());
+        assert_eq!(sim.r.querier_address(), OWN);
+        assert_eq!(sim.general(), 1, "a general query on taking over");
+        assert_eq!(sim.r.poll_timeout(), Some(back + ms(125_000)));
+        sim.advance(125_000);
+        assert_eq!(sim.general(), 1);
+    }
+
+    #[test]
+    fn a_querier_heard_again_keeps_us_quiet() {
+        let mut sim = Sim::v4();
+        sim.lose_election();
+        for _ in 0..5 {
+            sim.advance(125_000);
+            sim.lose_election();
+        }
+        assert_eq!(sim.general(), 0);
+    }
+
+    #[test]
+    fn a_higher_querier_does_not_win() {
+        let mut sim = Sim::v4();
+        sim.msg(HIGHER, general_query());
+        assert!(sim.r.is_querier());
+        sim.advance(31_250);
+        assert_eq!(sim.general(), 1, "startup goes on");
+        // Nor does a query from 0.0.0.0, or our own looped back.
+        sim.msg(IpAddr::V4(Ipv4Addr::UNSPECIFIED), general_query());
+        sim.msg(OWN, general_query());
+        assert!(sim.r.is_querier());
+    }
+
+    #[test]
+    fn losing_the_election_stops_pending_specific_queries() {
+        let mut sim = Sim::v4();
+        sim.msg(HOST, Message::V2Report { group: G });
+        sim.msg(HOST, Message::Leave { group: G });
+        assert_eq!(sim.queries(), vec![(vec![], false)]);
+        sim.lose_election();
+        sim.advance(1000);
+        assert!(sim.queries().is_empty());
+    }
+
+    #[test]
+    fn a_non_querier_lowers_timers_on_specific_queries_without_the_s_flag() {
+        let mut sim = Sim::v4();
+        sim.lose_election();
+        sim.rec(IsEx, &[]);
+        sim.msg(LOWER, specific_query(&[], true));
+        assert_eq!(
+            sim.state(),
+            Some((Exclude, vec![], Some(GMI))),
+            "S set: no change"
+        );
+        sim.msg(LOWER, specific_query(&[], false));
+        // The querier's max response (1 s) × robustness.
+        assert_eq!(sim.state(), Some((Exclude, vec![], Some(2000))));
+        sim.advance(2000);
+        assert!(!sim.any());
+
+        sim.rec(IsIn, &[1, 2]);
+        sim.msg(LOWER, specific_query(&[1], false));
+        assert_eq!(
+            sim.state(),
+            Some((Include, vec![(1, 2000), (2, GMI)], None))
+        );
+        sim.advance(2000);
+        assert!(!sim.fwd(1) && sim.fwd(2));
+    }
+
+    #[test]
+    fn set_address_reruns_the_election() {
+        let mut sim = Sim::v4();
+        sim.msg(HIGHER, general_query());
+        assert!(sim.r.is_querier());
+        sim.r
+            .set_address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 20)), sim.now);
+        assert!(!sim.r.is_querier());
+        assert_eq!(sim.r.querier_address(), HIGHER);
+        sim.advance(1000);
+        sim.r
+            .set_address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), sim.now);
+        assert!(sim.r.is_querier());
+        sim.r.handle_timeout(sim.now);
+        assert_eq!(sim.general(), 1);
+    }
+
+    #[test]
+    fn a_non_querier_adopts_the_queriers_robustness_and_interval() {
+        let mut sim = Sim::v4();
+        let q = Message::Query(Query {
+            version: 3,
+            group: None,
+            max_response: ms(10_000),
+            suppress: false,
+            qrv: 3,
+            qqi: ms(60_000),
+            sources: vec![],
+        });
+        sim.msg(LOWER, q);
+        assert_eq!(
+            (sim.r.timers().robustness, sim.r.timers().query_interval),
+            (3, ms(60_000))
+        );
+        sim.rec(IsEx, &[]);
+        assert_eq!(
+            sim.state(),
+            Some((Exclude, vec![], Some(3 * 60_000 + 10_000)))
+        );
+        // Other querier present: 3 × 60 + 5 s; then our own values again.
+        sim.advance(185_000);
+        assert!(sim.r.is_querier());
+        assert_eq!(sim.r.timers(), Timers::default());
+    }
+
+    // Leaves (RFC 3376 §6.6.3.1).
+
+    #[test]
+    fn last_member_leaves() {
+        let mut sim = Sim::v4();
+        sim.msg(HOST, Message::V2Report { group: G });
+        sim.advance(10_000);
+        sim.changed();
+        sim.msg(HOST, Message::Leave { group: G });
+        assert_eq!(sim.queries(), vec![(vec![], false)]);
+        assert_eq!(sim.state(), Some((Exclude, vec![], Some(2000))));
+        sim.advance(1000);
+        assert_eq!(sim.queries(), vec![(vec![], false)]);
+        sim.advance(999);
+        assert!(sim.any() && !sim.changed());
+        sim.advance(1);
+        assert!(!sim.any() && sim.changed());
+        sim.advance(10_000);
+        assert!(sim.queries().is_empty());
+    }
+
+    #[test]
+    fn a_report_after_a_leave_keeps_the_group() {
+        let mut sim = Sim::v4();
+        sim.msg(HOST, Message::V2Report { group: G });
+        sim.advance(10_000);
+        sim.msg(HOST, Message::Leave { group: G });
+        assert_eq!(sim.queries(), vec![(vec![], false)]);
+        sim.advance(500);
+        sim.msg(HOST2, Message::V2Report { group: G });
+        assert_eq!(sim.state(), Some((Exclude, vec![], Some(GMI))));
+        sim.advance(500);
+        assert_eq!(
+            sim.queries(),
+            vec![(vec![], true)],
+            "the retransmission suppresses"
+        );
+        sim.advance(5000);
+        assert!(sim.any());
+        assert!(sim.queries().is_empty());
+        assert_eq!(sim.r.groups(sim.now)[0].last_reporter, Some(HOST2));
+    }
+
+    #[test]
+    fn two_v3_members_one_leaving() {
+        let mut sim = Sim::v4();
+        sim.rec_from(HOST, IsEx, &[]);
+        sim.rec_from(HOST2, IsEx, &[]);
+        sim.advance(10_000);
+        sim.rec_from(HOST, ToIn, &[]);
+        assert_eq!(sim.queries(), vec![(vec![], false)]);
+        sim.advance(300);
+        sim.rec_from(HOST2, IsEx, &[]);
+        sim.advance(5000);
+        assert!(sim.any());
+        assert_eq!(sim.state(), Some((Exclude, vec![], Some(GMI - 5000))));
+        assert_eq!(sim.queries(), vec![(vec![], true)]);
+    }
+
+    #[test]
+    fn records_that_create_nothing_leave_no_state() {
+        let mut sim = Sim::v4();
+        sim.msg(HOST, Message::Leave { group: G });
+        sim.rec(Block, &[1]);
+        sim.rec(ToIn, &[]);
+        sim.rec(IsIn, &[]);
+        sim.rec(Allow, &[]);
+        assert_eq!(sim.state(), None);
+        assert!(sim.queries().is_empty() && !sim.changed());
+        // Non-multicast groups are not groups.
+        sim.msg(HOST, Message::V2Report { group: HOST });
+        assert!(sim.r.groups(sim.now).is_empty());
+    }
+
+    // Bounds.
+
+    #[test]
+    fn groups_beyond_the_bound_are_dropped_and_counted() {
+        let mut sim = Sim::v4();
+        for i in 0..MAX_GROUPS as u32 {
+            let g = IpAddr::V4(Ipv4Addr::from(0xef00_0000 | i));
+            sim.msg(HOST, Message::V2Report { group: g });
+        }
+        assert_eq!(sim.r.dropped_over_limit(), 0);
+        sim.msg(HOST, Message::V2Report { group: G });
+        assert_eq!(sim.r.dropped_over_limit(), 1);
+        assert!(!sim.any());
+        assert_eq!(sim.r.groups(sim.now).len(), MAX_GROUPS);
+        // Existing groups still update.
+        let first = IpAddr::V4(Ipv4Addr::from(0xef00_0000));
+        sim.msg(HOST, Message::Leave { group: first });
+        assert_eq!(sim.r.poll_transmit().map(|q| q.group), Some(Some(first)));
+    }
+
+    #[test]
+    fn sources_beyond_the_bound_are_dropped_and_counted() {
+        let mut sim = Sim::v4();
+        let many: Vec<IpAddr> = (0..300u32)
+            .map(|i| IpAddr::V4(Ipv4Addr::from(0xc000_0200 + i)))
+            .collect();
+        sim.msg(
+            HOST,
+            Message::Report {
+                records: vec![Record {
+                    kind: Allow,
+                    group: G,
+                    sources: many.clone(),
+                }],
+            },
+        );
+        assert_eq!(sim.r.groups(sim.now)[0].sources.len(), MAX_SOURCES);
+        assert_eq!(sim.r.dropped_over_limit(), 300 - MAX_SOURCES as u64);
+        assert!(sim.r.forwards(G, Some(many[0])) && !sim.r.forwards(G, Some(many[299])));
+    }
+
+    // Properties.
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Advance(u64),
+        Record(u8, u8, Vec<u8>),
+        V1(u8),
+        V2(u8),
+        Leave(u8),
+        Query {
+            from: u8,
+            group: Option<u8>,
+            sources: Vec<u8>,
+            suppress: bool,
+            qrv: u8,
+            qqi: u64,
+        },
+        Address(u8),
+    }
+
+    fn group(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(239, 0, 0, n % 4))
+    }
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        let srcs = proptest::collection::vec(0u8..6, 0..5);
+        prop_oneof![
+            4 => prop_oneof![0u64..3000, 0u64..300_000, Just(0)].prop_map(Op::Advance),
+            4 => (1u8..=6, any::<u8>(), srcs.clone()).prop_map(|(k, g, s)| Op::Record(k, g, s)),
+            1 => any::<u8>().prop_map(Op::V1),
+            2 => any::<u8>().prop_map(Op::V2),
+            2 => any::<u8>().prop_map(Op::Leave),
+            1 => (0u8..12, proptest::option::of(any::<u8>()), srcs, any::<bool>(), 0u8..8, 0u64..400)
+                .prop_map(|(from, group, sources, suppress, qrv, qqi)| Op::Query { from, group, sources, suppress, qrv, qqi }),
+            1 => (1u8..12).prop_map(Op::Address),
+        ]
+    }
+
+    fn run_op(r: &mut Router, now: &mut Time, op: &Op) {
+        let host = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 100));
+        match op {
+            Op::Advance(m) => {
+                *now += ms(*m);
+                r.handle_timeout(*now);
+            }
+            Op::Record(k, g, srcs) => {
+                let records = vec![Record {
+                    kind: RecordType::from_wire(*k).unwrap(),
+                    group: group(*g),
+                    sources: srcs.iter().map(|n| s(*n)).collect(),
+                }];
+                r.receive(host, &Message::Report { records }, *now);
+            }
+            Op::V1(g) => r.receive(host, &Message::V1Report { group: group(*g) }, *now),
+            Op::V2(g) => r.receive(host, &Message::V2Report { group: group(*g) }, *now),
+            Op::Leave(g) => r.receive(host, &Message::Leave { group: group(*g) }, *now),
+            Op::Query {
+                from,
+                group: g,
+                sources,
+                suppress,
+                qrv,
+                qqi,
+            } => {
+                let q = Query {
+                    version: 3,
+                    group: g.map(group),
+                    max_response: ms(1000),
+                    suppress: *suppress,
+                    qrv: *qrv,
+                    qqi: ms(qqi * 1000),
+                    sources: sources.iter().map(|n| s(*n)).collect(),
+                };
+                r.receive(
+                    IpAddr::V4(Ipv4Addr::new(10, 0, 0, *from)),
+                    &Message::Query(q),
+                    *now,
+                );
+            }
+            Op::Address(a) => r.set_address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, *a)), *now),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any sequence: no panic, no deadline left in the past, no empty or oversized
+        /// state, every forwarding change announced, queries only for known-shaped groups.
+        #[test]
+        fn random_sequences_keep_the_invariants(ops in proptest::collection::vec(arb_op(), 1..60)) {
+            let mut now = T0;
+            let mut r = Router::new(Family::V4, OWN, Timers::default(), now);
+            let probe: Vec<(IpAddr, Option<IpAddr>)> = (0..4u8)
+                .flat_map(|g| std::iter::once((group(g), None)).chain((0..6).map(move |n| (group(g), Some(s(n))))))
+                .collect();
+            let mut seen: Vec<bool> = probe.iter().map(|(g, src)| r.forwards(*g, *src)).collect();
+            for op in &ops {
+                run_op(&mut r, &mut now, op);
+                r.handle_timeout(now);
+                if let Some(t) = r.poll_timeout() {
+                    prop_assert!(t > now, "deadline {t:?} not after {now:?} after {op:?}");
+                }
+                let views = r.groups(now);
+                prop_assert!(views.len() <= MAX_GROUPS);
+                for v in &views {
+                    prop_assert!(v.sources.len() <= MAX_SOURCES);
+                    prop_assert!(v.mode == FilterMode::Exclude || !v.sources.is_empty(), "empty INCLUDE kept: {v:?}");
+                    prop_assert_eq!(v.timer.is_some(), v.mode == FilterMode::Exclude);
+                    if v.mode == FilterMode::Include {
+                        prop_assert!(v.sources.iter().all(|s| !s.remaining.is_zero()));
+                    }
+                    prop_assert!(r.forwards(v.group, None));
+                }
+                let mut changed = std::collections::BTreeSet::new();
+                while let Some(Event::Changed { group }) = r.poll_event() {
+                    changed.insert(group);
+                }
+                for (i, (g, src)) in probe.iter().enumerate() {
+                    let now_fwd = r.forwards(*g, *src);
+                    if now_fwd != seen[i] {
+                        prop_assert!(changed.contains(g), "{g} {src:?} changed silently after {op:?}");
+                    }
+                    seen[i] = now_fwd;
+                }
+                let querier = r.is_querier();
+                while let Some(q) = r.poll_transmit() {
+                    prop_assert!(q.group.is_none_or(|g| g.is_multicast()));
+                    prop_assert!(q.sources.len() <= MAX_QUERY_SOURCES_V4);
+                    // Losing the election drops what was queued; a non-querier adds nothing.
+                    prop_assert!(querier, "{q:?} queued by a non-querier after {op:?}");
+                }
+            }
+        }
+
+        /// Any-source joins and leaves (IGMPv2 reports and leaves, IGMPv3 IS_EX({}) and
+        /// TO_IN({})) on a lone querier agree with a model that knows only: a join keeps
+        /// the group GMI from now, a leave cuts what is left to LMQT.
+        #[test]
+        fn any_source_membership_matches_a_reference_model(
+            ops in proptest::collection::vec((0u8..5, 0u8..3, 0u64..400_000), 1..80)
+        ) {
+            let mut now = T0;
+            let mut r = Router::new(Family::V4, OWN, Timers::default(), now);
+            let mut model: BTreeMap<IpAddr, Time> = BTreeMap::new();
+            let host = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 100));
+            for (kind, g, wait) in ops {
+                let g = group(g);
+                let rec = |kind| Message::Report { records: vec![Record { kind, group: g, sources: vec![] }] };
+                // Waits are mostly short, so leaves land within LMQT of each other too.
+                now += ms(if wait % 3 == 0 { wait } else { wait % 3000 });
+                r.handle_timeout(now);
+                model.retain(|_, end| *end > now);
+                let joined = now + ms(GMI);
+                let left = now + ms(2000);
+                match kind {
+                    0 => r.receive(host, &Message::V2Report { group: g }, now),
+                    1 => r.receive(host, &rec(RecordType::IsEx), now),
+                    2 => r.receive(host, &Message::Leave { group: g }, now),
+                    3 => r.receive(host, &rec(RecordType::ToIn), now),
+                    _ => {}
+                }
+                match kind {
+                    0 | 1 => { model.insert(g, joined); }
+                    2 | 3 => if let Some(end) = model.get_mut(&g) { *end = (*end).min(left); },
+                    _ => {}
+                }
+                for n in 0..4 {
+                    let g = group(n);
+                    prop_assert_eq!(r.forwards(g, None), model.contains_key(&g), "group {} at {:?}", g, now);
+                }
+            }
+        }
     }
 }
