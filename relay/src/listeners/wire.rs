@@ -1378,6 +1378,101 @@ mod tests {
         );
     }
 
+    /// Writes the fuzz seeds: `RELAY_LISTENERS_SEEDS=fuzz/corpus/listeners cargo test -p
+    /// relay --lib write_fuzz_seeds -- --ignored`. Each is two bytes of arrival time (the
+    /// fuzz target's prefix) and a frame of one message kind.
+    #[test]
+    #[ignore = "writes files; run by hand to regenerate the fuzz corpus"]
+    fn write_fuzz_seeds() {
+        let dir = std::env::var("RELAY_LISTENERS_SEEDS").expect("RELAY_LISTENERS_SEEDS");
+        let s4: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
+        let s6: IpAddr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into();
+        let query = |group, sources| QueryToSend {
+            group,
+            sources,
+            max_response: Duration::from_secs(1),
+            suppress: false,
+            qrv: 2,
+            qqi: Duration::from_secs(125),
+        };
+        let lower4: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
+        let frames = [
+            (
+                "igmpv1_report",
+                v4_frame(H, G4, 1, false, &igmp_simple(0x12, 0, G4)),
+            ),
+            (
+                "igmpv2_report",
+                v4_frame(H, G4, 1, true, &igmp_simple(0x16, 0, G4)),
+            ),
+            (
+                "igmpv2_leave",
+                v4_frame(H, G4, 1, true, &igmp_simple(0x17, 0, G4)),
+            ),
+            (
+                "igmpv2_query",
+                v4_frame(H, G4, 1, true, &igmp_simple(0x11, 10, G4)),
+            ),
+            (
+                "igmpv3_report",
+                v4_frame(
+                    H,
+                    IGMPV3_ROUTERS,
+                    1,
+                    true,
+                    &v3_report(&[
+                        record(RecordType::IsEx, G4.into(), &[s4]),
+                        record(RecordType::Block, G4.into(), &[s4]),
+                        record(RecordType::ToIn, G4.into(), &[]),
+                    ]),
+                ),
+            ),
+            (
+                "igmpv3_general_query",
+                build_query(&query(None, vec![]), [2; 6], lower4),
+            ),
+            (
+                "igmpv3_source_query",
+                build_query(&query(Some(G4.into()), vec![s4]), [2; 6], lower4),
+            ),
+            (
+                "mldv1_report",
+                v6_frame(LL, G6, 1, true, &mld_simple(131, 0, G6)),
+            ),
+            (
+                "mldv1_done",
+                v6_frame(LL, G6, 1, true, &mld_simple(132, 0, G6)),
+            ),
+            (
+                "mldv2_report",
+                v6_frame(
+                    LL,
+                    MLDV2_ROUTERS,
+                    1,
+                    true,
+                    &v3_report(&[
+                        record(RecordType::IsIn, G6.into(), &[s6]),
+                        record(RecordType::ToEx, G6.into(), &[s6]),
+                    ]),
+                ),
+            ),
+            (
+                "mldv2_query",
+                build_query(
+                    &query(Some(G6.into()), vec![s6]),
+                    [2; 6],
+                    IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
+                ),
+            ),
+        ];
+        for (name, frame) in frames {
+            assert!(parse(&frame).is_ok(), "{name}");
+            let mut seed = vec![0x01, 0x00];
+            seed.extend_from_slice(&frame);
+            std::fs::write(format!("{dir}/{name}"), seed).unwrap();
+        }
+    }
+
     #[test]
     fn refusal_names_are_distinct() {
         let names: std::collections::BTreeSet<_> = Refusal::ALL.iter().map(|r| r.name()).collect();
