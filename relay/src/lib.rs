@@ -12,6 +12,7 @@ pub mod control;
 pub mod craft;
 pub mod datapath;
 pub mod frag;
+pub mod listeners;
 pub mod loader;
 pub mod membership;
 pub mod neighbours;

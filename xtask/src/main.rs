@@ -466,7 +466,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     // run and leaves the input in fuzz/artifacts/. libFuzzer writes what it finds into the
     // first corpus directory, so that is a scratch one: a test run leaves the committed
     // corpus as it was.
-    for target in ["frame", "config"] {
+    for target in ["frame", "config", "listeners"] {
         let scratch =
             std::env::temp_dir().join(format!("relay-fuzz-{target}-{}", std::process::id()));
         std::fs::create_dir_all(&scratch)?;
