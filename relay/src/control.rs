@@ -288,6 +288,7 @@ mod tests {
             },
             unmatched: 0,
             malformed: 0,
+            queriers: Vec::new(),
             copies: 0,
             cross_umem: 0,
         })

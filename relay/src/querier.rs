@@ -114,7 +114,8 @@ struct Link {
     mac: [u8; 6],
     v4: Option<Router>,
     v6: Option<Router>,
-    refused: BTreeMap<&'static str, u64>,
+    /// Refused reports and queries by reason: [IPv4, IPv6].
+    refused: [BTreeMap<&'static str, u64>; 2],
 }
 
 impl Link {
@@ -163,34 +164,31 @@ impl Querier {
         let now = st.epoch.elapsed();
         let timers = st.timers;
         for key in wanted {
-            let name = match st.links.get(&key.ifindex) {
-                Some(l) => l.name.clone(),
-                None => names(key.ifindex)
-                    .with_context(|| format!("no interface has ifindex {}", key.ifindex))?,
-            };
-            if !st.links.contains_key(&key.ifindex) {
-                let info = sys.interface(&name).with_context(|| {
-                    format!("{name}: the interface of an on-demand output is gone")
-                })?;
-                let socket = open(key.ifindex)
-                    .with_context(|| format!("{name}: opening the IGMP/MLD packet socket"))?;
-                info!(
-                    "{name}: IGMP/MLD querier for on-demand outputs (query interval {} s)",
-                    timers.query_interval.as_secs()
-                );
-                st.links.insert(
-                    key.ifindex,
-                    Link {
-                        name: name.clone(),
+            let link = match st.links.entry(key.ifindex) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let name = names(key.ifindex)
+                        .with_context(|| format!("no interface has ifindex {}", key.ifindex))?;
+                    let info = sys.interface(&name).with_context(|| {
+                        format!("{name}: the interface of an on-demand output is gone")
+                    })?;
+                    let socket = open(key.ifindex)
+                        .with_context(|| format!("{name}: opening the IGMP/MLD packet socket"))?;
+                    info!(
+                        "{name}: IGMP/MLD querier for on-demand outputs (query interval {} s)",
+                        timers.query_interval.as_secs()
+                    );
+                    e.insert(Link {
+                        name,
                         socket,
                         mac: info.mac,
                         v4: None,
                         v6: None,
-                        refused: BTreeMap::new(),
-                    },
-                );
-            }
-            let link = st.links.get_mut(&key.ifindex).expect("inserted above");
+                        refused: Default::default(),
+                    })
+                }
+            };
+            let name = link.name.clone();
             let addresses = sys.addresses(&name);
             // The interface was readdressed: the election runs again with the new address.
             for (router, v4) in [(link.v4.as_mut(), true), (link.v6.as_mut(), false)] {
@@ -250,15 +248,14 @@ impl Querier {
         let now = st.epoch.elapsed();
         let mut out = Vec::new();
         for l in st.links.values() {
-            for (family, r) in [("ipv4", &l.v4), ("ipv6", &l.v6)] {
+            for (i, (family, r)) in [("ipv4", &l.v4), ("ipv6", &l.v6)].into_iter().enumerate() {
                 let Some(r) = r else { continue };
                 out.push(QuerierView {
                     interface: l.name.clone(),
                     family: family.to_owned(),
                     querier: r.is_querier(),
                     address: r.address().to_string(),
-                    refused: l
-                        .refused
+                    refused: l.refused[i]
                         .iter()
                         .map(|(k, v)| ((*k).to_owned(), *v))
                         .collect(),
@@ -269,13 +266,13 @@ impl Querier {
                             interface: l.name.clone(),
                             group: g.group.to_string(),
                             mode: g.mode.to_string(),
-                            version: g.compatibility.to_string(),
+                            version: g.compat.to_string(),
                             sources: g
                                 .sources
                                 .iter()
-                                .map(|(s, left)| (s.to_string(), left.as_millis() as u64))
+                                .map(|s| (s.source.to_string(), s.remaining.as_millis() as u64))
                                 .collect(),
-                            expires_ms: g.group_timer.as_millis() as u64,
+                            expires_ms: g.timer.map_or(0, |t| t.as_millis() as u64),
                             last_reporter: g.last_reporter.map(|a| a.to_string()),
                         })
                         .collect(),
@@ -467,7 +464,13 @@ impl State {
                     }
                 }
                 Err(Refusal::NotMembership) => {}
-                Err(e) => *link.refused.entry(e.name()).or_default() += 1,
+                Err(e) => {
+                    // The family by the ethertype (after one VLAN tag): what the refused
+                    // frame claimed to be.
+                    let at = if buf[12..14] == [0x81, 0x00] { 16 } else { 12 };
+                    let v6 = buf.get(at..at + 2) == Some(&[0x86, 0xdd][..]);
+                    *link.refused[usize::from(v6)].entry(e.name()).or_default() += 1;
+                }
             }
         }
     }

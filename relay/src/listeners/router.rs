@@ -103,6 +103,15 @@ pub enum FilterMode {
     Exclude,
 }
 
+impl std::fmt::Display for FilterMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FilterMode::Include => "include",
+            FilterMode::Exclude => "exclude",
+        })
+    }
+}
+
 /// A group's compatibility mode (RFC 3376 §7.3.2, RFC 3810 §8.3.2): the oldest version of
 /// host heard within the older host present interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,6 +121,18 @@ pub enum Compat {
     IgmpV3,
     MldV1,
     MldV2,
+}
+
+impl std::fmt::Display for Compat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compat::IgmpV1 => "v1",
+            Compat::IgmpV2 => "v2",
+            Compat::IgmpV3 => "v3",
+            Compat::MldV1 => "mldv1",
+            Compat::MldV2 => "mldv2",
+        })
+    }
 }
 
 impl Compat {
@@ -590,6 +611,11 @@ impl Router {
             events: VecDeque::new(),
             dropped_over_limit: 0,
         }
+    }
+
+    /// The address this router queries from.
+    pub fn address(&self) -> IpAddr {
+        self.own
     }
 
     /// Our address changed: the election is run again against the querier last heard.
