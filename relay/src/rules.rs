@@ -384,6 +384,61 @@ mod tests {
     use crate::config::{Input, Output, Rule, tests::fake};
     use proptest::prelude::*;
 
+    /// What each on-demand output listens for: the group after remapping, and the source
+    /// its frames carry (rewritten, or the rule's exact source; none for any source or a
+    /// source prefix); always-on outputs listen for nothing; slots go back in that order.
+    #[test]
+    fn on_demand_outputs_listen_for_what_they_send() {
+        let yaml = "rules:
+  - name: a
+    input: { interface: in0, group: 239.1.1.1, port: 5000 }
+    outputs:
+      - { interface: out0, on_demand: true }
+      - { interface: out1 }
+      - { interface: out1, group: 239.9.9.9, on_demand: true }
+      - { interface: out1, port: 6000, source: auto, on_demand: true }
+  - name: b
+    input: { interface: in0, group: 'ff18::1', source: '2001:2::7' }
+    outputs: [ { interface: out0, on_demand: true } ]
+  - name: c
+    input: { interface: in0, group: 239.2.2.2, source: 198.18.7.0/24 }
+    outputs: [ { interface: out0, on_demand: true } ]
+";
+        let cfg = Config::parse("r.yaml", yaml).unwrap();
+        let mut t = RuleTable::compile(&cfg, "r.yaml", &fake()).unwrap();
+        let key = |ifindex, group: &str, source: Option<&str>| ListenKey {
+            ifindex,
+            group: group.parse().unwrap(),
+            source: source.map(|s| s.parse().unwrap()),
+        };
+        let want = vec![
+            key(11, "239.1.1.1", None),
+            key(12, "239.9.9.9", None),
+            // out1 (ifindex 12) is 198.18.12.1 in the fake system.
+            key(12, "239.1.1.1", Some("198.18.12.1")),
+            key(11, "ff18::1", Some("2001:2::7")),
+            key(11, "239.2.2.2", None),
+        ];
+        assert_eq!(t.listen_targets(), want);
+        let slots: Vec<Arc<ListenSlot>> = want.iter().map(|_| Arc::default()).collect();
+        t.set_listeners(slots.clone());
+        let got: Vec<&Arc<ListenSlot>> = t
+            .rules
+            .iter()
+            .flat_map(|r| &r.outputs)
+            .filter_map(|o| o.listening.as_ref())
+            .collect();
+        assert_eq!(got.len(), slots.len());
+        assert!(got.iter().zip(&slots).all(|(a, b)| Arc::ptr_eq(a, b)));
+        let a = &t.rules[0].outputs;
+        assert!(
+            a[0].unwanted() && !a[1].unwanted(),
+            "off until a listener comes"
+        );
+        slots[0].set(true);
+        assert!(!a[0].unwanted());
+    }
+
     fn flow(group: [u8; 4], source: [u8; 4], port: u16) -> Flow {
         Flow {
             tci: None,

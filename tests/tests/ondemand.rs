@@ -932,3 +932,92 @@ fn reload_keeps_membership_with_lockfree_pool() {
 fn reload_keeps_membership_with_mutex_pool() {
     reload_keeps_membership("mutex");
 }
+
+/// A source-specific listener (IGMPv3 INCLUDE) on receiver 0's link, held until the
+/// returned sender is dropped or sent to. Its socket binds `port` (each its own: the
+/// membership is what counts).
+fn join_source(
+    ns: &Netns,
+    group: Ipv4Addr,
+    source: Ipv4Addr,
+    iface: Ipv4Addr,
+    port: u16,
+) -> mpsc::Sender<()> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let handle = ns.run(move || {
+        let sock = UdpSocket::bind(SocketAddr::new(group.into(), port))?;
+        let mreq = libc::ip_mreq_source {
+            imr_multiaddr: libc::in_addr {
+                s_addr: u32::from(group).to_be(),
+            },
+            imr_interface: libc::in_addr {
+                s_addr: u32::from(iface).to_be(),
+            },
+            imr_sourceaddr: libc::in_addr {
+                s_addr: u32::from(source).to_be(),
+            },
+        };
+        relay_tests::traffic::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::IPPROTO_IP,
+            libc::IP_ADD_SOURCE_MEMBERSHIP,
+            &mreq,
+        )?;
+        let _ = ready_tx.send(());
+        let _ = stopped.recv_timeout(Duration::from_secs(60));
+        Ok(())
+    });
+    if ready_rx.recv_timeout(Duration::from_secs(5)).is_err() {
+        panic!("joining ({source}, {group}): {:?}", join(handle));
+    }
+    stop
+}
+
+/// An (S,G) rule's on-demand output follows its listeners' source lists: a listener that
+/// wants another source of the group does not start it, one that includes the rule's source
+/// does, and its leave (a BLOCK of that source) stops it after the last member query time.
+#[test]
+fn source_specific_listeners_select_the_source() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let r0 = &topo.receivers[0];
+    let yaml = format!(
+        "{QUERIER}rules:\n  - name: ssm\n    input: {{ interface: rin, group: 239.1.1.1, port: 5000, source: {SENDER_ADDR} }}\n    outputs: [ {{ interface: rout0, on_demand: true }} ]\n"
+    );
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, &yaml, &[]).unwrap();
+    let other = join_source(&r0.ns, G4, Ipv4Addr::new(198, 18, 1, 99), r0.addr, 5002);
+    assert!(
+        until_forwarding(&relay, &["ssm"], true, Duration::from_millis(1500)).is_none(),
+        "INCLUDE(another source) does not start the rule's source"
+    );
+    let q = queriers(&relay);
+    let m = querier(&q, "ipv4")
+        .members
+        .iter()
+        .find(|m| m.group == G4.to_string());
+    let m = m.unwrap_or_else(|| panic!("{q:?}"));
+    assert_eq!(m.mode, "include");
+    assert_eq!(m.sources.len(), 1, "{m:?}");
+    assert_eq!(m.sources[0].0, "198.18.1.99");
+
+    let wanted = join_source(&r0.ns, G4, SENDER_ADDR, r0.addr, 5003);
+    let on = until_forwarding(&relay, &["ssm"], true, Duration::from_secs(1));
+    assert!(on.is_some(), "INCLUDE(the rule's source) starts it");
+    drop(wanted);
+    let left = Instant::now();
+    let off = until_forwarding(&relay, &["ssm"], false, LMQT + Duration::from_secs(2))
+        .expect("the source's listener left");
+    assert!(off - left <= LMQT + Duration::from_secs(1));
+    // The other source's listener is still there.
+    let q = queriers(&relay);
+    assert!(
+        querier(&q, "ipv4")
+            .members
+            .iter()
+            .any(|m| m.group == G4.to_string())
+    );
+    drop(other);
+    stop_clean(relay, &topo);
+}
