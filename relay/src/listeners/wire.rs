@@ -1378,13 +1378,13 @@ mod tests {
         );
     }
 
-    /// Writes the fuzz seeds: `RELAY_LISTENERS_SEEDS=fuzz/corpus/listeners cargo test -p
-    /// relay --lib write_fuzz_seeds -- --ignored`. Each is two bytes of arrival time (the
-    /// fuzz target's prefix) and a frame of one message kind.
+    /// The committed fuzz seeds (fuzz/corpus/listeners) are the frames below, each of one
+    /// message kind, and each parses: two bytes of arrival time (the fuzz target's prefix)
+    /// and the frame. With `RELAY_LISTENERS_SEEDS=1` the seeds are written anew instead.
     #[test]
-    #[ignore = "writes files; run by hand to regenerate the fuzz corpus"]
-    fn write_fuzz_seeds() {
-        let dir = std::env::var("RELAY_LISTENERS_SEEDS").expect("RELAY_LISTENERS_SEEDS");
+    fn fuzz_seeds_are_the_message_kinds() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/listeners");
+        let write = std::env::var_os("RELAY_LISTENERS_SEEDS").is_some();
         let s4: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
         let s6: IpAddr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into();
         let query = |group, sources| QueryToSend {
@@ -1469,7 +1469,13 @@ mod tests {
             assert!(parse(&frame).is_ok(), "{name}");
             let mut seed = vec![0x01, 0x00];
             seed.extend_from_slice(&frame);
-            std::fs::write(format!("{dir}/{name}"), seed).unwrap();
+            let path = format!("{dir}/{name}");
+            if write {
+                std::fs::write(&path, seed).unwrap();
+            } else {
+                let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                assert_eq!(committed, seed, "{path} is stale: regenerate the seeds");
+            }
         }
     }
 
