@@ -356,13 +356,20 @@ impl State {
         }
         {
             let now = self.epoch.elapsed();
+            // Counted once per router, not per slot: every slot of the family shows it.
+            let count = |r: &Option<Router>| r.as_ref().map_or(0, |r| r.groups(now).len() as u32);
+            let (groups4, groups6) = (count(&link.v4), count(&link.v6));
             for (key, slot) in self.targets.iter().filter(|(k, _)| k.ifindex == ifindex) {
                 let Some(router) = link.router(key.group) else {
                     slot.set(false);
                     continue;
                 };
                 let on = router.forwards(key.group, key.source);
-                slot.set_groups(router.groups(now).len() as u32);
+                slot.set_groups(if key.group.is_ipv4() {
+                    groups4
+                } else {
+                    groups6
+                });
                 if on != slot.on() {
                     info!(
                         "{}: {} {} listeners for {}{}",

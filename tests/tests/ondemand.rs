@@ -912,10 +912,12 @@ fn reload_keeps_membership(allocator: &str) {
     let (_, got6) = m6.leave();
     let _ = m3.leave();
     for (family, got) in [("IPv4", got4), ("IPv6", got6)] {
-        // Paced at about a datagram a millisecond, so a gap of 200 ms is a stall.
+        // Paced at about a datagram a millisecond: a gap of half a second is a stall (an
+        // output that lost its state would wait for the next query, seconds away), and
+        // shorter ones a busy machine's scheduling.
         let stall = got.windows(2).map(|w| w[1].0 - w[0].0).max().unwrap();
         assert!(
-            stall < Duration::from_millis(200),
+            stall < Duration::from_millis(500),
             "{family}: a {stall:?} gap"
         );
         assert!(got.len() > 3000, "{family}: {}", got.len());
