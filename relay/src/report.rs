@@ -83,8 +83,8 @@ pub fn shutdown(
     }
     let _ = writeln!(
         s,
-        "datapath unmatched={} malformed={} copies={} cross_umem={}",
-        stats.unmatched, stats.malformed, stats.copies, stats.cross_umem
+        "datapath unmatched={} malformed={} copies={} cross_umem={} kicks={}",
+        stats.unmatched, stats.malformed, stats.copies, stats.cross_umem, stats.kicks
     );
     for (name, queue, st) in sockets {
         let _ = writeln!(

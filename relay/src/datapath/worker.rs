@@ -1000,25 +1000,60 @@ impl Worker {
         // Hand the buffers back so their capacity is reused (with what waits for room).
         self.staged[pi] = staged;
         self.staged_tags[pi] = tags;
-        let port = &mut self.ports[pi];
-        // Copy mode transmits only inside sendto(), a bounded batch per call, so kick while
-        // anything is outstanding; zero-copy drivers say when they need it.
-        if port.in_tx > 0
-            && !port.dead
-            && (port.copy_mode || port.tx.needs_wakeup())
-            && let Err(e) = port.tx.wakeup()
-        {
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                log::warn!(
-                    "{}: the kernel no longer transmits on this socket (its device was unregistered); its frames are dropped as interface_down",
-                    port.name
-                );
-                port.dead = true;
-            } else {
-                debug!("{}: TX wakeup: {e}", port.name);
-            }
-        }
+        self.kick(pi);
         sent
+    }
+
+    /// Has the kernel transmit what is on a port's TX ring. Copy mode transmits only inside
+    /// sendto(), at most a batch (32 frames) per call, and says "more" with EAGAIN, which
+    /// the socket layer swallows: so kick while the ring still holds descriptors the kernel
+    /// has not taken, and stop when a kick takes none (the device is busy; the next pass
+    /// tries again). Frames that were sent but not yet completed need no kick: their
+    /// completions come when the kernel frees them. Zero-copy drivers say when they need
+    /// one.
+    fn kick(&mut self, pi: usize) {
+        let port = &mut self.ports[pi];
+        if port.in_tx == 0 || port.dead {
+            return;
+        }
+        let kicks = if port.copy_mode {
+            let mut unsent = RING_SIZE - port.tx.nb_free_exact();
+            let mut kicks = 0;
+            // Bounded: a whole ring is RING_SIZE / 32 batches.
+            while unsent > 0 && kicks <= RING_SIZE / 32 {
+                kicks += 1;
+                if let Err(e) = port.tx.wakeup() {
+                    Self::wakeup_failed(port, e);
+                    break;
+                }
+                let left = RING_SIZE - port.tx.nb_free_exact();
+                if left >= unsent {
+                    break;
+                }
+                unsent = left;
+            }
+            kicks
+        } else if port.tx.needs_wakeup() {
+            if let Err(e) = port.tx.wakeup() {
+                Self::wakeup_failed(port, e);
+            }
+            1
+        } else {
+            0
+        };
+        self.stats.kicks += u64::from(kicks);
+    }
+
+    fn wakeup_failed(port: &mut Port, e: std::io::Error) {
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            log::warn!(
+                "{}: the kernel no longer transmits on this socket (its device was unregistered); its frames are dropped as interface_down",
+                port.name
+            );
+            port.dead = true;
+        } else {
+            debug!("{}: TX wakeup: {e}", port.name);
+        }
     }
 
     /// Returns completed TX frames to the pool (through this worker's cache).
