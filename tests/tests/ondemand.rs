@@ -425,6 +425,16 @@ rules:
     outputs: [ { interface: rout0, on_demand: true } ]
 ";
 
+/// One receiver's link, its IPv6 addresses past duplicate address detection (MLD wants the
+/// link-local ones), and the relay started on it with `yaml`.
+fn one_link(yaml: &str, args: &[&str]) -> (Topology, RelayProc) {
+    let topo = Topology::new(1).unwrap();
+    dad_done(&topo.relay);
+    dad_done(&topo.receivers[0].ns);
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, yaml, args).unwrap();
+    (topo, relay)
+}
+
 /// A second host on receiver 0's link: receiver 0's interface goes into a bridge (with its
 /// address), and a new namespace hangs off the bridge as 198.18.2.3. The bridge floods
 /// multicast (no snooping), as a dumb switch does.
@@ -592,11 +602,10 @@ fn igmp_frame(source: Ipv4Addr, dest: Ipv4Addr, ttl: u8, ra: bool, igmp: &[u8]) 
 fn a_querier_with_a_lower_address_silences_the_relay() {
     require_root();
     let _serial = serial();
-    let topo = Topology::new(1).unwrap();
-    let r0 = &topo.receivers[0];
     // Queries every 2 s; the other querier present interval is then 2 × 2 + 0.5 = 4.5 s.
     let yaml = format!("querier: {{ query_interval: 2, query_response_interval: 1 }}\n{ONE_RULE}");
-    let relay = RelayProc::start(&relay_bin(), &topo.relay, &yaml, &[]).unwrap();
+    let (topo, relay) = one_link(&yaml, &[]);
+    let r0 = &topo.receivers[0];
     let ours = |f: &[u8]| query_of(f) == Some((ROUT0.into(), Ipv4Addr::UNSPECIFIED.into()));
     let count_ours = |frames: Vec<Vec<u8>>| frames.iter().filter(|f| ours(f)).count();
     let window = |d: Duration| Limits {
@@ -658,23 +667,15 @@ fn a_querier_with_a_lower_address_silences_the_relay() {
 fn igmpv2_and_mldv1_hosts() {
     require_root();
     let _serial = serial();
-    let topo = Topology::new(1).unwrap();
+    let (topo, relay) = one_link(&format!("{QUERIER}{ONE_RULE}"), &[]);
     let r0 = &topo.receivers[0];
-    dad_done(&topo.relay);
-    dad_done(&r0.ns);
+    // Before the host joins anything: its reports are then of these versions only.
     for knob in [
         format!("net.ipv4.conf.{}.force_igmp_version=2", r0.iface),
         format!("net.ipv6.conf.{}.force_mld_version=1", r0.iface),
     ] {
         r0.ns.exec(&["sysctl", "-qw", &knob]).unwrap();
     }
-    let relay = RelayProc::start(
-        &relay_bin(),
-        &topo.relay,
-        &format!("{QUERIER}{ONE_RULE}"),
-        &[],
-    )
-    .unwrap();
     let senders = flows(&topo, 8000);
     let m4 = Member::join(&r0.ns, G4.into(), r0.addr.into());
     let m6 = Member::join(&r0.ns, G6.into(), r0.addr6.into());
@@ -762,17 +763,8 @@ fn mld_report(source: Ipv6Addr, hop_limit: u8, group: Ipv6Addr) -> Vec<u8> {
 fn hostile_reports_are_counted_and_refused() {
     require_root();
     let _serial = serial();
-    let topo = Topology::new(1).unwrap();
+    let (topo, relay) = one_link(&format!("{QUERIER}{ONE_RULE}"), &[]);
     let r0 = &topo.receivers[0];
-    dad_done(&topo.relay);
-    dad_done(&r0.ns);
-    let relay = RelayProc::start(
-        &relay_bin(),
-        &topo.relay,
-        &format!("{QUERIER}{ONE_RULE}"),
-        &[],
-    )
-    .unwrap();
     let host = r0.addr;
     let to = Ipv4Addr::new(224, 0, 0, 22);
     let join_g4 = v3_report(&[(4, G4, &[])], None);
@@ -848,19 +840,10 @@ fn hostile_reports_are_counted_and_refused() {
 fn reload_keeps_membership(allocator: &str) {
     require_root();
     let _serial = serial();
-    let topo = Topology::new(1).unwrap();
-    let r0 = &topo.receivers[0];
-    dad_done(&topo.relay);
-    dad_done(&r0.ns);
     // Queries every 4 s, so the added output is found within one.
     let querier = "querier: { query_interval: 4, query_response_interval: 1 }\n";
-    let relay = RelayProc::start(
-        &relay_bin(),
-        &topo.relay,
-        &format!("{querier}{ONE_RULE}"),
-        &["--allocator", allocator],
-    )
-    .unwrap();
+    let (topo, relay) = one_link(&format!("{querier}{ONE_RULE}"), &["--allocator", allocator]);
+    let r0 = &topo.receivers[0];
     let m4 = Member::join(&r0.ns, G4.into(), r0.addr.into());
     let m6 = Member::join(&r0.ns, G6.into(), r0.addr6.into());
     // A host that listens to a group no output sends yet.
@@ -983,12 +966,11 @@ fn join_source(
 fn source_specific_listeners_select_the_source() {
     require_root();
     let _serial = serial();
-    let topo = Topology::new(1).unwrap();
-    let r0 = &topo.receivers[0];
     let yaml = format!(
         "{QUERIER}rules:\n  - name: ssm\n    input: {{ interface: rin, group: 239.1.1.1, port: 5000, source: {SENDER_ADDR} }}\n    outputs: [ {{ interface: rout0, on_demand: true }} ]\n"
     );
-    let relay = RelayProc::start(&relay_bin(), &topo.relay, &yaml, &[]).unwrap();
+    let (topo, relay) = one_link(&yaml, &[]);
+    let r0 = &topo.receivers[0];
     let other = join_source(&r0.ns, G4, Ipv4Addr::new(198, 18, 1, 99), r0.addr, 5002);
     assert!(
         until_forwarding(&relay, &["ssm"], true, Duration::from_millis(1500)).is_none(),
