@@ -20,6 +20,10 @@ pub struct Config {
     pub xdp_mode: XdpModeConfig,
     #[serde(default)]
     pub bind: BindMode,
+    /// How an idle worker waits: `sleep` (in poll(2), woken by its sockets) or `busy`
+    /// (never sleeps: a whole CPU per worker, for the lowest latency).
+    #[serde(default)]
+    pub poll: PollMode,
     /// Data path threads; when absent, one per ingress rx queue, up to the number of CPUs
     /// (see [`default_workers`]). Sockets are shared out among them; frames for an egress
     /// owned by another worker are handed over through a lock-free lane.
@@ -194,6 +198,19 @@ pub enum BindMode {
     Auto,
     Zerocopy,
     Copy,
+}
+
+/// How an idle data path worker waits for frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PollMode {
+    /// In poll(2) on its sockets and its wake-up eventfd: no CPU when idle, a wake-up per
+    /// burst.
+    #[default]
+    Sleep,
+    /// Spinning over its rings: no wake-up, a whole CPU per worker. On zero-copy drivers
+    /// with NAPI the sockets also prefer busy polling (SO_PREFER_BUSY_POLL).
+    Busy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -1808,6 +1825,10 @@ rules:
             (
                 "umem: {frames: -1}\nrules: []\n",
                 "r.yaml: umem.frames: invalid type: integer `-1`, expected u32 at line 1 column 16",
+            ),
+            (
+                "poll: spin\nrules: []\n",
+                "r.yaml: poll: unknown variant `spin`, expected `sleep` or `busy` at line 1 column 7",
             ),
             (
                 "querier: {interval: 5}\nrules: []\n",

@@ -132,7 +132,8 @@ Signals: SIGTERM/SIGINT stop (detach XDP, drain, print counters, exit 0); SIGHUP
 Config file (YAML): allocator (lockfree|mutex), umem {frames, frame_size, separate
 [interfaces with a UMEM of their own]}, xdp_mode
 (auto|native|skb), bind (auto|zerocopy|copy), workers (default: one per ingress rx queue,
-up to the CPUs), cpus (CPUs to pin the workers to), control (socket path), metrics (address
+up to the CPUs), cpus (CPUs to pin the workers to), poll (sleep|busy), control (socket
+path), metrics (address
 for Prometheus), rules: [{name, input {interface, group, port?, source?, vlan? (1-4094 or
 untagged; any when absent)}, outputs [{interface, group?, port?, ttl? (alias hop_limit),
 vlan? (tag with this VID; untagged when absent), dscp? (0-63; ECN kept), destination?,
@@ -284,6 +285,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
     let allocator = cli.allocator.unwrap_or(config.allocator);
     info!("frame allocator: {}", allocator.describe());
+    if config.poll == relay::config::PollMode::Busy {
+        info!("poll: busy: the data path workers busy-poll and never sleep (a whole CPU each)");
+    }
 
     // Dropping `control_socket` (or, once served, `control_file`) removes the socket file, so
     // every way out of this function from here on, an error included, leaves none behind.
@@ -332,6 +336,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         config.umem.separate.clone(),
         workers,
         config.cpus.clone(),
+        config.poll,
     )?;
     for (ifindex, queue, fd) in &bindings {
         steering.set_socket(*ifindex, *queue, fd)?;
@@ -652,6 +657,7 @@ impl Running {
             ("workers", new_config.workers != self.config.workers),
             ("cpus", new_config.cpus != self.config.cpus),
             ("bind", new_config.bind != self.config.bind),
+            ("poll", new_config.poll != self.config.poll),
             ("control", new_config.control != self.config.control),
             ("metrics", new_config.metrics != self.config.metrics),
         ] {

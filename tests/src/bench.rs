@@ -58,6 +58,8 @@ enum Forwarder {
     Relay {
         allocator: &'static str,
         workers: usize,
+        /// The config's `poll:` (`sleep` or `busy`).
+        poll: &'static str,
     },
     Kernel,
     Socat,
@@ -89,7 +91,16 @@ struct Scenario {
 }
 
 fn scenarios() -> Vec<Scenario> {
-    let relay = |allocator, workers| Forwarder::Relay { allocator, workers };
+    let relay = |allocator, workers| Forwarder::Relay {
+        allocator,
+        workers,
+        poll: "sleep",
+    };
+    let busy = |allocator| Forwarder::Relay {
+        allocator,
+        workers: 1,
+        poll: "busy",
+    };
     let s = |name: &str, fwd, outputs| Scenario {
         name: name.to_owned(),
         fwd,
@@ -126,7 +137,10 @@ fn scenarios() -> Vec<Scenario> {
             Addressing::UnicastToMulticast,
         ),
         range("relay lock-free 1→1, 1,000 groups in a /16", "lockfree"),
+        // `poll: busy` (#16), beside the sleeping rows of its allocator.
+        s("relay lock-free busy-poll 1→1", busy("lockfree"), 1),
         s("relay mutex 1→1", relay("mutex", 1), 1),
+        s("relay mutex busy-poll 1→1", busy("mutex"), 1),
         gateway(
             "relay mutex mcast→ucast 1→1",
             "mutex",
@@ -143,6 +157,7 @@ fn scenarios() -> Vec<Scenario> {
         s("relay lock-free 2 workers 1→2", relay("lockfree", 2), 2),
         s("relay mutex 2 workers 1→2", relay("mutex", 2), 2),
         s("relay lock-free 1→2", relay("lockfree", 1), 2),
+        s("relay lock-free busy-poll 1→2", busy("lockfree"), 2),
         s("kernel ipmr 1→2", Forwarder::Kernel, 2),
         s("relay lock-free 1→8", relay("lockfree", 1), 8),
         s("kernel ipmr 1→8", Forwarder::Kernel, 8),
@@ -395,8 +410,12 @@ fn relay_yaml(topo: &Topology, sc: &Scenario, workers: usize, allocator: &str) -
 fn start(topo: &Topology, relay_bin: &Path, sc: &Scenario, cpus: usize) -> Result<Running> {
     let relay_cpu = (1 % cpus).to_string();
     let running = match sc.fwd {
-        Forwarder::Relay { allocator, workers } => {
-            let yaml = relay_yaml(topo, sc, workers, allocator);
+        Forwarder::Relay {
+            allocator,
+            workers,
+            poll,
+        } => {
+            let yaml = format!("poll: {poll}\n{}", relay_yaml(topo, sc, workers, allocator));
             let r = RelayProc::start(relay_bin, &topo.relay, &yaml, &[])?;
             if sc.addressing == Addressing::MulticastToUnicast {
                 wait_resolved(relay_bin, &r)?;

@@ -46,7 +46,7 @@ fn ping_answers(ns: &relay_tests::netns::Netns, addr: IpAddr) {
     assert!(ping.contains("3 received"), "{ping}");
 }
 
-fn relays_and_remaps(allocator: &str, log_name: &str, workers: usize) {
+fn relays_and_remaps(allocator: &str, log_name: &str, workers: usize, poll: &str) {
     require_root();
     let _serial = serial();
     const N: u64 = 500;
@@ -55,11 +55,16 @@ fn relays_and_remaps(allocator: &str, log_name: &str, workers: usize) {
     let relay = RelayProc::start(
         &relay_bin(),
         &topo.relay,
-        RULES,
+        &format!("poll: {poll}\n{RULES}"),
         &["--allocator", allocator, "--workers", &w],
     )
     .unwrap();
     let log = std::fs::read_to_string(&relay.stderr).unwrap();
+    assert_eq!(
+        log.contains("workers busy-poll"),
+        poll == "busy",
+        "the log says how workers wait:\n{log}"
+    );
     assert!(
         log.contains(&format!("frame allocator: {log_name}")),
         "log names the allocator:\n{log}"
@@ -157,23 +162,35 @@ fn relays_and_remaps(allocator: &str, log_name: &str, workers: usize) {
 
 #[test]
 fn relays_and_remaps_with_lockfree_pool() {
-    relays_and_remaps("lockfree", "lock-free", 1);
+    relays_and_remaps("lockfree", "lock-free", 1, "sleep");
 }
 
 #[test]
 fn relays_and_remaps_with_mutex_pool() {
-    relays_and_remaps("mutex", "mutex", 1);
+    relays_and_remaps("mutex", "mutex", 1, "sleep");
 }
 
 /// Two workers: frames cross threads between the RX worker and the TX owner of rout0.
 #[test]
 fn relays_across_workers_with_lockfree_pool() {
-    relays_and_remaps("lockfree", "lock-free", 2);
+    relays_and_remaps("lockfree", "lock-free", 2, "sleep");
 }
 
 #[test]
 fn relays_across_workers_with_mutex_pool() {
-    relays_and_remaps("mutex", "mutex", 2);
+    relays_and_remaps("mutex", "mutex", 2, "sleep");
+}
+
+/// `poll: busy`: workers that never sleep relay the same, with one worker and with two
+/// (frames handed between spinning threads, no wake-up).
+#[test]
+fn relays_busy_polling_with_lockfree_pool() {
+    relays_and_remaps("lockfree", "lock-free", 2, "busy");
+}
+
+#[test]
+fn relays_busy_polling_with_mutex_pool() {
+    relays_and_remaps("mutex", "mutex", 1, "busy");
 }
 
 /// TTL=1 traffic (mDNS, SSDP) is dropped and counted where the output decrements, and

@@ -120,6 +120,8 @@ pub(super) struct Shared {
     pub abandoned: AtomicUsize,
     /// Frames each worker's cache may hold (see `budget`).
     pub cache_frames: usize,
+    /// `poll: busy`: idle workers spin instead of sleeping.
+    pub busy_poll: bool,
     /// Counters a data path this one replaced had (see `Datapath::rebuild`), with the plan
     /// they are shaped by.
     pub base: Mutex<Option<(Arc<Plan>, DatapathStats)>>,
@@ -468,7 +470,11 @@ impl Worker {
         while self.shared.phase.load(Ordering::Relaxed) == RUN {
             self.adopt();
             if !self.step() {
-                self.idle_wait();
+                if self.shared.busy_poll {
+                    self.busy_wait();
+                } else {
+                    self.idle_wait();
+                }
             }
             // Readers (`relay stats`, the metrics endpoint) see counters at most this old; the
             // lock is taken ten times a second, never per packet.
@@ -625,6 +631,28 @@ impl Worker {
         }
         waker.sleeping.store(false, Ordering::Relaxed);
         waker.clear();
+    }
+
+    /// `poll: busy`: an idle pass costs no sleep and no wake-up. Nobody writes this worker's
+    /// eventfd (it never says it sleeps). On a zero-copy socket the kernel's receive runs in
+    /// the driver's NAPI, which a non-blocking recvfrom drives when the socket prefers busy
+    /// polling; copy-mode sockets are fed by the sender's CPU and need nothing.
+    fn busy_wait(&mut self) {
+        for p in self.ports.iter().filter(|p| p.ingress && !p.copy_mode) {
+            // SAFETY: a zero-length, non-blocking receive into no buffer; the result is not
+            // needed (AF_XDP returns no data through it), only the busy poll it triggers.
+            unsafe {
+                libc::recvfrom(
+                    p.rx.fd().as_raw_fd(),
+                    std::ptr::null_mut(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+        }
+        std::hint::spin_loop();
     }
 
     /// What an idle worker waits on: its ingress sockets and its eventfd. Built when its
