@@ -354,34 +354,32 @@ impl State {
             // The slots are written from the state below, whatever changed.
             while router.poll_event().is_some() {}
         }
-        {
-            let now = self.epoch.elapsed();
-            // Counted once per router, not per slot: every slot of the family shows it.
-            let count = |r: &Option<Router>| r.as_ref().map_or(0, |r| r.groups(now).len() as u32);
-            let (groups4, groups6) = (count(&link.v4), count(&link.v6));
-            for (key, slot) in self.targets.iter().filter(|(k, _)| k.ifindex == ifindex) {
-                let Some(router) = link.router(key.group) else {
-                    slot.set(false);
-                    continue;
-                };
-                let on = router.forwards(key.group, key.source);
-                slot.set_groups(if key.group.is_ipv4() {
-                    groups4
-                } else {
-                    groups6
-                });
-                if on != slot.on() {
-                    info!(
-                        "{}: {} {} listeners for {}{}",
-                        link.name,
-                        if on { "now has" } else { "has no more" },
-                        if key.group.is_ipv4() { "IGMP" } else { "MLD" },
-                        key.group,
-                        key.source.map_or(String::new(), |s| format!(" from {s}"))
-                    );
-                }
-                slot.set(on);
+        let now = self.epoch.elapsed();
+        // Counted once per router, not per slot: every slot of the family shows it.
+        let count = |r: &Option<Router>| r.as_ref().map_or(0, |r| r.groups(now).len() as u32);
+        let (groups4, groups6) = (count(&link.v4), count(&link.v6));
+        for (key, slot) in self.targets.iter().filter(|(k, _)| k.ifindex == ifindex) {
+            let Some(router) = link.router(key.group) else {
+                slot.set(false);
+                continue;
+            };
+            let on = router.forwards(key.group, key.source);
+            slot.set_groups(if key.group.is_ipv4() {
+                groups4
+            } else {
+                groups6
+            });
+            if on != slot.on() {
+                info!(
+                    "{}: {} {} listeners for {}{}",
+                    link.name,
+                    if on { "now has" } else { "has no more" },
+                    if key.group.is_ipv4() { "IGMP" } else { "MLD" },
+                    key.group,
+                    key.source.map_or(String::new(), |s| format!(" from {s}"))
+                );
             }
+            slot.set(on);
         }
     }
 }
