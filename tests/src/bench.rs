@@ -63,6 +63,12 @@ enum Forwarder {
     },
     Kernel,
     Socat,
+    /// The floor under the relay (#16): `relay-floor`, the same XDP program, UMEM and rings
+    /// moving frames RX -> TX with only the MACs and the TTL written.
+    Floor {
+        /// `sleep` or `busy`, as the relay's `poll:`.
+        poll: &'static str,
+    },
 }
 
 /// What a row's datagrams are addressed to on either side of the forwarder.
@@ -125,6 +131,10 @@ fn scenarios() -> Vec<Scenario> {
         ..s(name, relay("lockfree", 1), 1)
     };
     vec![
+        // The floor rows first, then the relay rows they are quoted against (ratios below the
+        // table): the relay's own work is what it spends above them.
+        s("floor 1→1", Forwarder::Floor { poll: "sleep" }, 1),
+        s("floor busy-poll 1→1", Forwarder::Floor { poll: "busy" }, 1),
         s("relay lock-free 1→1", relay("lockfree", 1), 1),
         gateway(
             "relay lock-free mcast→ucast 1→1",
@@ -243,6 +253,7 @@ pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String>
         "| scenario | payload B | offered | delivered pps per output (median, min–max) | loss % | p50 µs | p99 µs | p99.9 µs | forwarder CPU ns/pkt | forwarder RSS MiB |"
     );
     let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|");
+    let mut medians = Vec::new();
     for sc in scenarios() {
         if !opts.only.is_empty() && !opts.only.iter().any(|o| sc.name.contains(o.as_str())) {
             continue;
@@ -274,10 +285,93 @@ pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String>
                     samples.push(s);
                 }
                 let _ = writeln!(table, "{}", row(&sc, size, rate, &samples));
+                medians.push(Medians::of(&sc, size, rate, &samples));
             }
         }
     }
+    table.push_str(&floor_ratios(&medians));
     Ok(table)
+}
+
+/// One row's medians, for the ratios against the floor.
+struct Medians {
+    name: String,
+    fwd: Forwarder,
+    outputs: usize,
+    size: usize,
+    rate: u64,
+    pps: f64,
+    cpu_ns: Option<f64>,
+    loss_pct: f64,
+}
+
+impl Medians {
+    fn of(sc: &Scenario, size: usize, rate: u64, s: &[Sample]) -> Self {
+        let cpu: Vec<f64> = s.iter().filter_map(|x| x.cpu_ns_per_pkt).collect();
+        Medians {
+            name: sc.name.clone(),
+            fwd: sc.fwd,
+            outputs: sc.outputs,
+            size,
+            rate,
+            pps: median(s.iter().map(|x| x.delivered_pps).collect()),
+            cpu_ns: (!cpu.is_empty()).then(|| median(cpu)),
+            loss_pct: median(s.iter().map(|x| x.loss_pct).collect()),
+        }
+    }
+}
+
+/// The relay's 1→1 multicast rows over the floor row of the same poll mode, payload size and
+/// offered rate, from this run: delivered pps (relay ÷ floor, the bar is ≥ 0.97) and CPU per
+/// packet (the bar is ≤ 1.05).
+fn floor_ratios(rows: &[Medians]) -> String {
+    let mut out = String::new();
+    for relay in rows {
+        let Forwarder::Relay {
+            poll, workers: 1, ..
+        } = relay.fwd
+        else {
+            continue;
+        };
+        if relay.outputs != 1 || !relay.name.ends_with(" 1→1") || relay.name.contains("cast→") {
+            continue;
+        }
+        let Some(floor) = rows.iter().find(|f| {
+            matches!(f.fwd, Forwarder::Floor { poll: p } if p == poll)
+                && f.size == relay.size
+                && f.rate == relay.rate
+        }) else {
+            continue;
+        };
+        if out.is_empty() {
+            out.push_str(
+                "\n| relay row ÷ floor row (same run) | payload B | offered | delivered pps | ratio | CPU ns/pkt | ratio | loss % relay / floor |\n|---|---|---|---|---|---|---|---|\n",
+            );
+        }
+        let cpu = match (relay.cpu_ns, floor.cpu_ns) {
+            (Some(r), Some(f)) if f > 0.0 => format!("{r:.0} / {f:.0} | {:.2}", r / f),
+            _ => "— | —".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} ÷ {} | {} | {} | {:.0} / {:.0} | {:.2} | {} | {:.2} / {:.2} |",
+            relay.name,
+            floor.name,
+            relay.size,
+            offered(relay.rate),
+            relay.pps,
+            floor.pps,
+            if floor.pps > 0.0 {
+                relay.pps / floor.pps
+            } else {
+                0.0
+            },
+            cpu,
+            relay.loss_pct,
+            floor.loss_pct,
+        );
+    }
+    out
 }
 
 fn offered(rate: u64) -> String {
@@ -335,6 +429,7 @@ enum Running {
     Relay(RelayProc),
     Kernel(KernelMroute),
     Socat(Child),
+    Floor(Child),
 }
 
 impl Running {
@@ -342,7 +437,7 @@ impl Running {
         match self {
             Running::Relay(r) => Some(r.pid()),
             Running::Kernel(_) => None,
-            Running::Socat(c) => Some(c.id()),
+            Running::Socat(c) | Running::Floor(c) => Some(c.id()),
         }
     }
 
@@ -358,6 +453,18 @@ impl Running {
             Running::Socat(mut c) => {
                 let _ = c.kill();
                 let _ = c.wait();
+            }
+            Running::Floor(c) => {
+                // SIGTERM: it detaches its XDP program and says what it forwarded.
+                sh(&["kill", "-TERM", &c.id().to_string()])?;
+                let out = c.wait_with_output().context("waiting for relay-floor")?;
+                if !out.status.success() {
+                    bail!(
+                        "relay-floor exited {}: {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
             }
         }
         Ok(())
@@ -407,7 +514,13 @@ fn relay_yaml(topo: &Topology, sc: &Scenario, workers: usize, allocator: &str) -
     y
 }
 
-fn start(topo: &Topology, relay_bin: &Path, sc: &Scenario, cpus: usize) -> Result<Running> {
+fn start(
+    topo: &Topology,
+    relay_bin: &Path,
+    gen_bin: &Path,
+    sc: &Scenario,
+    cpus: usize,
+) -> Result<Running> {
     let relay_cpu = (1 % cpus).to_string();
     let running = match sc.fwd {
         Forwarder::Relay {
@@ -471,6 +584,39 @@ fn start(topo: &Topology, relay_bin: &Path, sc: &Scenario, cpus: usize) -> Resul
             std::thread::sleep(Duration::from_millis(300));
             Running::Socat(child)
         }
+        Forwarder::Floor { poll } => {
+            // Built beside the generator (`cargo xtask bench` builds both).
+            let floor = gen_bin.with_file_name("relay-floor");
+            let mut child = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    topo.relay.name(),
+                    "taskset",
+                    "-c",
+                    &relay_cpu,
+                ])
+                .arg(&floor)
+                .args([RELAY_IN, "rout0", &GROUP.to_string(), &PORT.to_string()])
+                .args(["--poll", poll])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("starting {}", floor.display()))?;
+            // It says so once its socket is in the XSKMAP and the program attached.
+            let mut line = String::new();
+            let stdout = child.stdout.as_mut().expect("piped");
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+            if !line.contains("forwarding") {
+                let out = child.wait_with_output()?;
+                bail!(
+                    "relay-floor did not start: {line}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Running::Floor(child)
+        }
     };
     Ok(running)
 }
@@ -487,7 +633,7 @@ fn run_one(
     cpus: usize,
     afxdp_sender: bool,
 ) -> Result<Sample> {
-    let fwd = start(topo, relay_bin, sc, cpus)?;
+    let fwd = start(topo, relay_bin, gen_bin, sc, cpus)?;
     let mut receivers = Vec::new();
     for r in &topo.receivers[..sc.outputs] {
         receivers.push(match sc.addressing {

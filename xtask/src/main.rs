@@ -304,6 +304,9 @@ fn build_gen(root: &Path) -> Result<PathBuf> {
         "relay-tests",
         "--bin",
         "relay-gen",
+        // The bench's floor forwarder, found beside the generator.
+        "--bin",
+        "relay-floor",
     ]))?;
     Ok(target_dir(root).join("release/relay-gen"))
 }
