@@ -2,7 +2,7 @@
 //!
 //! The modules split as quinn splits `quinn-proto` from `quinn`: [`wire`], [`checksum`],
 //! [`rewrite`], [`config`], [`rules`], [`nexthop`] and [`pool`] are logic with no I/O, tested
-//! without root; [`sys`], [`loader`], [`datapath`], [`neighbours`], [`probe`] and
+//! without root; [`sys`], [`loader`], [`datapath`], [`links`], [`neighbours`], [`probe`] and
 //! [`preflight`] talk to the kernel.
 
 pub mod allmulti;
@@ -12,6 +12,7 @@ pub mod control;
 pub mod craft;
 pub mod datapath;
 pub mod frag;
+pub mod links;
 pub mod listeners;
 pub mod loader;
 pub mod membership;

@@ -259,6 +259,20 @@ mod cpu_tests {
 }
 
 /// Whether a device with this ifindex still exists in the relay's namespace (under any name).
+/// The name of the interface with this index now, if there is one.
+pub fn ifindex_name(ifindex: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has the IF_NAMESIZE bytes if_indextoname may write, and is NUL-terminated
+    // by it on success.
+    let p = unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success `name` holds a NUL-terminated string.
+    let c = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Some(c.to_string_lossy().into_owned())
+}
+
 pub fn ifindex_exists(ifindex: u32) -> bool {
     let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: `name` has the IF_NAMESIZE bytes if_indextoname may write.

@@ -381,7 +381,9 @@ impl Datapath {
                 meta.umem_fd = Some(fd);
                 meta.anchor = Some(id);
             }
-            let mtu = crate::sys::mtu(&name).unwrap_or(1500);
+            // Its device's state from here on: kept by the link watcher, read by the worker.
+            let link = crate::links::watch(ifindex, &name)?;
+            let mtu = link.mtu();
             opened.push((
                 w,
                 id,
@@ -402,6 +404,7 @@ impl Datapath {
                     fill_target: 0,
                     down: false,
                     mtu,
+                    link,
                     fill_log: ringlog::RingLog::new(RING_SIZE as usize),
                     tx_log: ringlog::RingLog::new(RING_SIZE as usize),
                     dead: false,

@@ -246,6 +246,8 @@ pub(super) struct Port {
     pub down: bool,
     /// Its MTU when last looked at: the largest IP packet it sends.
     pub mtu: u32,
+    /// Its device's state, kept current by the link watcher from netlink notifications.
+    pub link: Arc<crate::links::LinkSlot>,
     /// The frames last given to the fill ring and the TX ring, to take back the ones the
     /// kernel had not consumed when the socket is retired.
     pub fill_log: RingLog,
@@ -567,16 +569,19 @@ impl Worker {
     }
 
     /// Notes which egress interfaces are down, so their frames are dropped and counted rather
-    /// than left to fill a TX ring nothing drains.
+    /// than left to fill a TX ring nothing drains. The link watcher keeps the state; this reads
+    /// three atomics per port, no system call.
     fn check_links(&mut self) {
         for p in &mut self.ports {
             // A socket is bound to an ifindex: an interface deleted and created again under
             // the same name is another device, which the main thread binds to with new
             // sockets (`watch_interfaces`).
-            p.mtu = crate::sys::mtu(&p.name).unwrap_or(p.mtu);
-            let now = crate::sys::ifindex(&p.name);
-            let replaced = now.is_some_and(|i| i != p.ifindex);
-            let down = replaced || !crate::sys::link_up(&p.name);
+            let mtu = p.link.mtu();
+            if mtu > 0 {
+                p.mtu = mtu;
+            }
+            let replaced = !p.link.present();
+            let down = replaced || !p.link.up();
             if down != p.down {
                 if replaced {
                     log::warn!(
