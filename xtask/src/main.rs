@@ -95,6 +95,10 @@ enum Task {
         /// Print the table without touching docs/PERFORMANCE.md.
         #[arg(long)]
         no_write: bool,
+        /// Instead of the scenarios: find the kernel's loss-free 1→1 rate in this run and
+        /// offer it to the relay's 1→1 rows (#16 item 5).
+        #[arg(long)]
+        loss_free: bool,
     },
 }
 
@@ -133,6 +137,7 @@ fn main() -> Result<()> {
             only,
             afxdp_sender,
             no_write,
+            loss_free,
         } => {
             let gen_bin = build_for_traffic(&root)?;
             let opts = relay_tests::bench::BenchOpts {
@@ -143,6 +148,10 @@ fn main() -> Result<()> {
                 only,
                 afxdp_sender,
             };
+            if loss_free {
+                let table = relay_tests::bench::loss_free(&relay_bin(&root), &gen_bin, &opts)?;
+                return record(&root, "bench-loss-free", &table, no_write);
+            }
             let table = relay_tests::bench::run(&relay_bin(&root), &gen_bin, &opts)?;
             record(&root, "bench", &table, no_write)
         }
