@@ -1,7 +1,7 @@
 //! relay: a multicast UDP relay built on XDP and AF_XDP.
 //!
 //! The modules split as quinn splits `quinn-proto` from `quinn`: [`wire`], [`checksum`],
-//! [`rewrite`], [`config`], [`rules`], [`nexthop`] and [`pool`] are logic with no I/O, tested
+//! [`rewrite`], [`config`], [`rules`], [`nexthop`], [`merge`] and [`pool`] are logic with no I/O, tested
 //! without root; [`sys`], [`loader`], [`datapath`], [`links`], [`neighbours`], [`probe`] and
 //! [`preflight`] talk to the kernel.
 
@@ -16,6 +16,7 @@ pub mod links;
 pub mod listeners;
 pub mod loader;
 pub mod membership;
+pub mod merge;
 pub mod neighbours;
 pub mod nexthop;
 pub mod ondemand;

@@ -234,7 +234,9 @@ fn run(socket: &Socket, watcher: &Watcher) {
         buf.clear();
         match socket.recv(&mut buf, libc::MSG_TRUNC) {
             Ok(n) if n > buf.capacity() => {
-                warn!("a link notification of {n} bytes was truncated; reading every interface again");
+                warn!(
+                    "a link notification of {n} bytes was truncated; reading every interface again"
+                );
                 resync(watcher);
             }
             Ok(_) => {
@@ -363,14 +365,20 @@ mod tests {
         table.apply(link_state(&new_link(3, None, Some(State::Up))).unwrap());
         assert_eq!((slot.mtu(), slot.up()), (1400, true));
         table.apply(link_state(&del_link(3)).unwrap());
-        assert_eq!((slot.mtu(), slot.up(), slot.present()), (1400, false, false));
+        assert_eq!(
+            (slot.mtu(), slot.up(), slot.present()),
+            (1400, false, false)
+        );
     }
 
     #[test]
     fn a_first_reading_of_a_missing_device_says_gone() {
         let slot = LinkSlot::new(u32::MAX);
         read_sysfs(&slot, "relay-no-such-interface");
-        assert_eq!((slot.mtu(), slot.up(), slot.present()), (1500, false, false));
+        assert_eq!(
+            (slot.mtu(), slot.up(), slot.present()),
+            (1500, false, false)
+        );
     }
 
     #[test]
