@@ -347,7 +347,7 @@ mod tests {
                 "{s}: {o:?}"
             );
             assert!(!o.hole_filled);
-            assert_eq!(o.restart, true);
+            assert!(o.restart);
         }
         // ... and is followed from there: 50 after 49 is no gap.
         assert_eq!(m.offer(0, 50, 2100).leg_gaps, 0);
@@ -532,13 +532,13 @@ mod tests {
             };
             prop_assert!(opened >= filled, "{} opened, {} filled", opened, filled);
             prop_assert_eq!(opened - filled, open);
-            for leg in 0..2 {
+            for (leg, &got) in gaps.iter().enumerate() {
                 let mine: Vec<u64> = packets.iter().filter(|p| p.0 == leg).map(|p| p.1).collect();
                 let want = match (mine.first(), mine.last()) {
                     (Some(a), Some(b)) => b - a + 1 - mine.len() as u64,
                     _ => 0,
                 };
-                prop_assert_eq!(gaps[leg], want, "leg {}", leg);
+                prop_assert_eq!(got, want, "leg {}", leg);
             }
         }
     }
