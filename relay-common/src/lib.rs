@@ -15,8 +15,6 @@ pub const RULE_MAP: &str = "RULES";
 /// 40 bytes: every exact lookup hashes the whole key, and a frame of an exact-only rule
 /// set is looked up as it was before ranges existed.
 pub const RANGE_RULE_MAP: &str = "RANGE_RULES";
-/// Name of the hash map from ingress interface index to its slot in the XSKMAP.
-pub const IFACE_MAP: &str = "IFACES";
 /// Name of the one-entry array saying which key shapes the rule map holds (`SHAPE_*` bits),
 /// so the XDP program skips lookups that cannot hit.
 pub const SHAPE_MAP: &str = "SHAPES";
@@ -354,6 +352,10 @@ impl RuleKey {
 pub struct RuleValue {
     /// Index of the rule in the daemon's rule table.
     pub rule_id: u32,
+    /// The key's ingress interface's slot in the XSKMAP (its sockets are at
+    /// `slot * MAX_QUEUES_PER_IFACE + queue`): carried here so that a matched frame costs one
+    /// hash lookup, not a second one by ifindex. The loader fills it as it writes the key.
+    pub slot: u32,
 }
 
 /// Indices into the per-CPU counter array kept by the XDP program.
@@ -414,6 +416,7 @@ impl XdpCounter {
 // The BPF hash map hashes and compares every byte of a key: these sizes say there is no
 // padding (the fields add up to them), which the Pod impls below rely on.
 const _: () = assert!(core::mem::size_of::<RuleKey>() == 44);
+const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
 const _: () = assert!(core::mem::size_of::<ExactKey>() == 40);
 const _: () = assert!(core::mem::align_of::<ExactKey>() == core::mem::align_of::<RuleKey>());
 const _: () =
@@ -437,6 +440,7 @@ mod user {
     // SAFETY: a #[repr(C)] struct of a u32, byte arrays and two u16s, 4 + 4 + 16 + 16 + 2 + 2
     // = 44 bytes with no padding: every bit pattern is valid and none is uninitialised.
     unsafe impl aya::Pod for super::FragKey {}
-    // SAFETY: as above, a single u32.
+    // SAFETY: a #[repr(C)] struct of two u32s, 8 bytes with no padding: every bit pattern is
+    // valid and none is uninitialised.
     unsafe impl aya::Pod for super::RuleValue {}
 }

@@ -36,9 +36,6 @@ static RANGE_RULES: HashMap<RuleKey, RuleValue> =
 /// The map flag for a hash map whose entries are allocated as they are added.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-#[map(name = "IFACES")]
-static IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INGRESS_IFACES, 0);
-
 /// Which key shapes the rule map holds, so a lookup that cannot hit is not made.
 #[map(name = "SHAPES")]
 static SHAPES: Array<u32> = Array::with_max_entries(1, 0);
@@ -117,7 +114,7 @@ fn run<const RANGES: bool>(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn steer(ctx: &XdpContext, _rule: RuleValue) -> u32 {
+fn steer(ctx: &XdpContext, rule: RuleValue) -> u32 {
     count(XdpCounter::Matched);
     // SAFETY: a read of a u32 global; volatile, so the value the loader set is the one used
     // rather than the compile-time default.
@@ -128,15 +125,12 @@ fn steer(ctx: &XdpContext, _rule: RuleValue) -> u32 {
         count(XdpCounter::Passed);
         return xdp_action::XDP_PASS;
     }
-    // SAFETY: the kernel hands the program a valid xdp_md for the duration of the call.
-    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let queue = ctx.rx_queue_index();
-    // SAFETY: the value is a plain u32 the daemon wrote; a concurrent update can only replace
-    // it with another valid u32.
-    let slot = match unsafe { IFACES.get(&ifindex) } {
-        Some(slot) => *slot,
-        None => return redirect_failed(),
-    };
+    // The rule's key named the ingress interface, and its value carries that interface's slot.
+    let slot = rule.slot;
+    if slot >= MAX_INGRESS_IFACES {
+        return redirect_failed();
+    }
     if queue >= MAX_QUEUES_PER_IFACE {
         return redirect_failed();
     }
@@ -241,15 +235,18 @@ fn classify<const RANGES: bool>(ctx: &XdpContext) -> Option<RuleValue> {
     // A hit leaves the key's source zeroed if the rule has none, and its VLAN "any"; the
     // tuple walk puts the frame's group and source back.
     let (source, vlan) = (key.source, key.vlan);
-    let rule_id = if RANGES && shapes & SHAPE_RANGES != 0 {
+    let found = if RANGES && shapes & SHAPE_RANGES != 0 {
         find_in_tuples(&mut key, shapes, ethertype == ETH_P_IP)
     } else {
         find_rule(&mut key, shapes)
     };
-    if rule_id == NO_RULE {
+    if found == NO_RULE {
         return None;
     }
-    let rule = RuleValue { rule_id };
+    let rule = RuleValue {
+        rule_id: found as u32,
+        slot: (found >> 32) as u32,
+    };
     if let Frag::First(id) = frag {
         // The later fragments carry no ports, so they follow what the first one matched.
         // A full map drops its least recently used entry: a datagram long since complete.
@@ -278,8 +275,8 @@ fn frag_key(key: &RuleKey, id: [u8; 4], vlan: u16) -> FragKey {
 /// been seen. Otherwise the fragment goes to the kernel: the relay never reassembles.
 #[inline(always)]
 fn later_fragment(key: &RuleKey, id: [u8; 4], vlan: u16) -> Option<RuleValue> {
-    // SAFETY: RuleValue is a plain u32; an update or eviction racing this read yields another
-    // valid value or none.
+    // SAFETY: RuleValue is two plain u32s; an update or eviction racing this read yields
+    // another valid value or none.
     match unsafe { FRAGS.get(&frag_key(key, id, vlan)) } {
         Some(rule) => {
             count(XdpCounter::Fragments);
@@ -292,16 +289,22 @@ fn later_fragment(key: &RuleKey, id: [u8; 4], vlan: u16) -> Option<RuleValue> {
     }
 }
 
-/// What the lookups below return for "no rule". They pass rule ids as plain u32s rather than
-/// `Option<RuleValue>`: a `None` leaves the payload undefined, and LLVM may then shift an
-/// uninitialised register while packing the option, which the verifier refuses.
-const NO_RULE: u32 = u32::MAX;
+/// What the lookups below return for "no rule". They pass a rule's value as a plain u64 (slot
+/// in the high half, rule id in the low) rather than `Option<RuleValue>`: a `None` leaves the
+/// payload undefined, and LLVM may then shift an uninitialised register while packing the
+/// option, which the verifier refuses.
+const NO_RULE: u64 = u64::MAX;
+
+#[inline(always)]
+fn packed(v: &RuleValue) -> u64 {
+    (v.slot as u64) << 32 | v.rule_id as u64
+}
 
 /// The rule map lookups, in the same order as the daemon's matcher
 /// (relay::rules::RuleTable::lookup): the frame's own VLAN (or "untagged") before any VLAN, as
 /// a VLAN is an interface of its own. [`NO_RULE`] when none matches.
 #[inline(always)]
-fn find_rule(key: &mut RuleKey, shapes: u32) -> u32 {
+fn find_rule(key: &mut RuleKey, shapes: u32) -> u64 {
     if shapes & SHAPES_VLAN != 0 {
         let rule = lookup_shapes(key, shapes >> SHAPE_VLAN_SHIFT);
         if rule != NO_RULE {
@@ -318,7 +321,7 @@ fn find_rule(key: &mut RuleKey, shapes: u32) -> u32 {
 /// port or none, its VLAN or any. The first hit wins. `key` comes with the frame's fields
 /// and leaves with its group and source as they came (the fragment map wants them).
 #[inline(always)]
-fn find_in_tuples(key: &mut RuleKey, shapes: u32, v4: bool) -> u32 {
+fn find_in_tuples(key: &mut RuleKey, shapes: u32, v4: bool) -> u64 {
     let count = (shapes >> SHAPE_TUPLES_SHIFT) & 0xff;
     let base = if shapes & SHAPE_TUPLES_HALF != 0 {
         TUPLE_SLOTS
@@ -377,7 +380,7 @@ fn find_in_tuples(key: &mut RuleKey, shapes: u32, v4: bool) -> u32 {
 /// The keys are exact, in the exact map: one group, one source or any (all zero), so the
 /// key's lengths are not looked at.
 #[inline(always)]
-fn lookup_shapes(key: &mut RuleKey, shapes: u32) -> u32 {
+fn lookup_shapes(key: &mut RuleKey, shapes: u32) -> u64 {
     let (source, port) = (key.source, key.port);
     if shapes & SHAPE_SOURCE_PORT != 0 {
         let rule = lookup(key.exact());
@@ -503,19 +506,21 @@ fn ipv6(ctx: &XdpContext, l3: usize, key: &mut RuleKey, unicast: bool) -> Option
 }
 
 #[inline(always)]
-fn lookup(key: &ExactKey) -> u32 {
-    // SAFETY: RuleValue is a plain u32; an update racing this read yields another valid value.
+fn lookup(key: &ExactKey) -> u64 {
+    // SAFETY: RuleValue is two plain u32s, so any bytes read are a valid value; an update
+    // racing this read can only change the rule id (a key's slot is its ingress's, which does
+    // not change while the key is in the map).
     match unsafe { RULES.get(key) } {
-        Some(v) => v.rule_id,
+        Some(v) => packed(v),
         None => NO_RULE,
     }
 }
 
 #[inline(always)]
-fn lookup_range(key: &RuleKey) -> u32 {
+fn lookup_range(key: &RuleKey) -> u64 {
     // SAFETY: as in `lookup`.
     match unsafe { RANGE_RULES.get(key) } {
-        Some(v) => v.rule_id,
+        Some(v) => packed(v),
         None => NO_RULE,
     }
 }

@@ -15,10 +15,9 @@ use aya::{
 };
 use log::{info, warn};
 use relay_common::{
-    COUNTER_MAP, ExactKey, FRAG_MAP, FragKey, IFACE_MAP, MAX_QUEUES_PER_IFACE, PROGRAM,
-    RANGE_RULE_MAP, RANGES_PROGRAM, RANGES_PROGRAM_MAP, RULE_MAP, RuleKey, RuleValue, SHAPE_MAP,
-    SHAPE_RANGES, SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, TUPLE_MAP, TUPLE_SLOTS, Tuple, XSK_MAP,
-    XdpCounter,
+    COUNTER_MAP, ExactKey, FRAG_MAP, FragKey, MAX_QUEUES_PER_IFACE, PROGRAM, RANGE_RULE_MAP,
+    RANGES_PROGRAM, RANGES_PROGRAM_MAP, RULE_MAP, RuleKey, RuleValue, SHAPE_MAP, SHAPE_RANGES,
+    SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, TUPLE_MAP, TUPLE_SLOTS, Tuple, XSK_MAP, XdpCounter,
 };
 
 use crate::{
@@ -145,6 +144,21 @@ impl Steering {
 
     /// Writes `entries` into the exact map (their first 40 bytes) and the range map.
     fn write_rules(&mut self, entries: &[(RuleKey, RuleValue)]) -> Result<()> {
+        // Each value carries its ingress's XSKMAP slot, given out here if the interface has
+        // none yet (its sockets get the same one).
+        let entries = entries
+            .iter()
+            .map(|&(key, value)| {
+                Ok((
+                    key,
+                    RuleValue {
+                        slot: self.slot(key.ifindex)?,
+                        ..value
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let entries = &entries[..];
         let mut exact = self.hash_map::<ExactKey>(RULE_MAP)?;
         for (key, value) in entries.iter().filter(|(k, _)| k.is_exact()) {
             exact
@@ -246,6 +260,17 @@ impl Steering {
         if let Some(i) = self.slots.iter().position(|&x| x == ifindex) {
             return Ok(i as u32);
         }
+        // Slots of devices that are gone are free again: their keys can no longer match.
+        if !self.slots.contains(&0)
+            && self.slots.len() as u32 >= relay_common::MAX_INGRESS_IFACES
+            && let Some(gone) = self
+                .slots
+                .iter()
+                .position(|&x| !crate::sys::ifindex_exists(x))
+        {
+            let old = self.slots[gone];
+            self.release_iface(old)?;
+        }
         let slot = match self.slots.iter().position(|&x| x == 0) {
             Some(free) => {
                 self.slots[free] = ifindex;
@@ -262,14 +287,6 @@ impl Steering {
                 ));
             }
         };
-        let mut ifaces: HashMap<_, u32, u32> = HashMap::try_from(
-            self.ebpf
-                .map_mut(IFACE_MAP)
-                .ok_or_else(|| anyhow!("no {IFACE_MAP} map"))?,
-        )?;
-        ifaces
-            .insert(&ifindex, &slot, 0)
-            .context("filling the interface map")?;
         Ok(slot)
     }
 
@@ -288,8 +305,9 @@ impl Steering {
         Ok(self.entries.insert((ifindex, queue)))
     }
 
-    /// Undoes a [`Steering::set_socket`] that filled an empty entry; frees the interface's
-    /// slot when it has no entry left.
+    /// Undoes a [`Steering::set_socket`] that filled an empty entry. The interface keeps its
+    /// slot: rule keys written for it carry the slot, and a slot is only given to another
+    /// interface once this one is gone ([`Steering::release_iface`]).
     pub fn unset_socket(&mut self, ifindex: u32, queue: u32) -> Result<()> {
         let Some(slot) = self.slots.iter().position(|&x| x == ifindex) else {
             return Ok(());
@@ -298,25 +316,17 @@ impl Steering {
             .unset(slot as u32 * MAX_QUEUES_PER_IFACE + queue)
             .context("removing an AF_XDP socket from the XSKMAP")?;
         self.entries.remove(&(ifindex, queue));
-        if !self.entries.iter().any(|&(i, _)| i == ifindex) {
-            self.release_iface(ifindex)?;
-        }
         Ok(())
     }
 
     /// Forgets a device that went away: its sockets leave the XSKMAP and its slot is free for
-    /// the next ingress, so interfaces can be re-created any number of times.
+    /// the next ingress, so interfaces can be re-created any number of times. The rule keys
+    /// of the old device may still name the slot, but they can match no frame: their ifindex
+    /// is gone for good.
     pub fn release_iface(&mut self, ifindex: u32) -> Result<()> {
         let Some(slot) = self.slots.iter().position(|&x| x == ifindex) else {
             return Ok(());
         };
-        let mut ifaces: HashMap<_, u32, u32> = HashMap::try_from(
-            self.ebpf
-                .map_mut(IFACE_MAP)
-                .ok_or_else(|| anyhow!("no {IFACE_MAP} map"))?,
-        )?;
-        // Already gone if the kernel never had it; nothing else can fail here.
-        let _ = ifaces.remove(&ifindex);
         for q in 0..MAX_QUEUES_PER_IFACE {
             let _ = self.xsks.unset(slot as u32 * MAX_QUEUES_PER_IFACE + q);
         }

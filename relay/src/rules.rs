@@ -219,7 +219,7 @@ impl RuleTable {
     pub fn bpf_entries(&self) -> impl Iterator<Item = (RuleKey, RuleValue)> + '_ {
         self.keys
             .iter()
-            .map(|(k, &rule_id)| (*k, RuleValue { rule_id }))
+            .map(|(k, &rule_id)| (*k, RuleValue { rule_id, slot: 0 }))
     }
 
     /// The `SHAPE_*` bits of the keys in the rule map: which of the eight exact lookups can

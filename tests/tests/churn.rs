@@ -46,9 +46,10 @@ fn never_backwards(before: &StatsView, now: &StatsView, when: &str) {
     }
 }
 
-/// The entries of the relay's IFACES map (ingress ifindex -> XSKMAP slot). The map is found
-/// among the map ids the relay's own descriptors hold, so no other relay's map is read.
-fn iface_map_entries(pid: u32) -> usize {
+/// The XSKMAP slots the values of the relay's rule map carry (each key's ingress slot). The
+/// map is found among the map ids the relay's own descriptors hold, so no other relay's map is
+/// read.
+fn rule_map_slots(pid: u32) -> std::collections::BTreeSet<u32> {
     let mut held = Vec::new();
     for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
         let info = std::fs::read_to_string(fd.unwrap().path()).unwrap_or_default();
@@ -63,8 +64,8 @@ fn iface_map_entries(pid: u32) -> usize {
     let maps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let id = maps
         .iter()
-        .find(|m| m["name"] == "IFACES" && m["id"].as_u64().is_some_and(|id| held.contains(&id)))
-        .unwrap_or_else(|| panic!("no IFACES map among {held:?} held by pid {pid}"))["id"]
+        .find(|m| m["name"] == "RULES" && m["id"].as_u64().is_some_and(|id| held.contains(&id)))
+        .unwrap_or_else(|| panic!("no RULES map among {held:?} held by pid {pid}"))["id"]
         .as_u64()
         .unwrap();
     let out = std::process::Command::new("bpftool")
@@ -72,7 +73,24 @@ fn iface_map_entries(pid: u32) -> usize {
         .output()
         .unwrap();
     let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    entries.len()
+    entries
+        .iter()
+        .map(|e| {
+            // With BTF bpftool formats the value; without, it lists its bytes in hex.
+            if let Some(slot) = e["formatted"]["value"]["slot"].as_u64() {
+                return slot as u32;
+            }
+            let bytes: Vec<u8> = e["value"]
+                .as_array()
+                .unwrap_or_else(|| panic!("a rule map entry without a value: {e}"))
+                .iter()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+                })
+                .collect();
+            u32::from_le_bytes(bytes[4..8].try_into().unwrap())
+        })
+        .collect()
 }
 
 fn recreated_under_a_running_flow(allocator: &str) {
@@ -129,7 +147,12 @@ fn recreated_under_a_running_flow(allocator: &str) {
         }
         last = now;
     }
-    assert_eq!(iface_map_entries(relay.pid()), 1, "one ingress, one slot");
+    // Each re-created ingress is a new device; the gone one's slot is given to it again.
+    assert_eq!(
+        rule_map_slots(relay.pid()),
+        std::collections::BTreeSet::from([0]),
+        "one ingress, one slot"
+    );
 
     // An egress deleted and created again while a flow runs: the other output gets every
     // datagram, and the re-created one's counters carry on from where they were.
