@@ -291,6 +291,7 @@ mod tests {
             queriers: Vec::new(),
             copies: 0,
             cross_umem: 0,
+            sockets: Vec::new(),
         })
     }
 

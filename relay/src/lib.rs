@@ -23,6 +23,8 @@ pub mod prefix;
 pub mod preflight;
 pub mod probe;
 pub mod querier;
+pub mod rates;
+pub mod render;
 pub mod report;
 pub mod rewrite;
 pub mod rtnl;

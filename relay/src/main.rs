@@ -353,6 +353,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         let (table, stats) = monitor.stats();
         StatsView {
             queriers: listening.describe(),
+            sockets: monitor.sockets(),
             ..StatsView::build(
                 &table,
                 &stats,
