@@ -7,6 +7,7 @@
 
 pub mod allmulti;
 pub mod checksum;
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod craft;
