@@ -280,6 +280,64 @@ pub struct Output {
     pub on_demand: bool,
 }
 
+impl Rule {
+    /// One rule as `relay add-rule` takes it: the YAML of one entry of `rules:`, as a mapping
+    /// or as a list of one `- name: ...` item (pasted from a file). `source` names where it
+    /// came from in errors.
+    pub fn parse_one(source: &str, yaml: &str) -> Result<Rule, ConfigError> {
+        let err = |rule: Option<String>, message: String| ConfigError {
+            file: source.to_owned(),
+            rule,
+            message,
+        };
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(yaml).map_err(|e| err(None, format!("not YAML: {e}")))?;
+        let name =
+            |v: &serde_yaml::Value| v.get("name").and_then(|n| n.as_str()).map(str::to_owned);
+        let parsed = match &doc {
+            serde_yaml::Value::Sequence(items) if items.len() == 1 => {
+                serde_yaml::from_str::<Vec<Rule>>(yaml).map(|mut v| v.remove(0))
+            }
+            serde_yaml::Value::Sequence(items) => {
+                let names: Vec<String> = items.iter().filter_map(name).collect();
+                return Err(err(
+                    None,
+                    format!(
+                        "a list of {} rules ({}): add-rule adds one at a time",
+                        items.len(),
+                        names.join(", ")
+                    ),
+                ));
+            }
+            serde_yaml::Value::Mapping(m) if m.contains_key("rules") => {
+                return Err(err(
+                    None,
+                    "a config file (it has `rules:`): add-rule takes one entry of `rules:`, such \
+                     as `{name: a, input: {...}, outputs: [...]}`"
+                        .to_owned(),
+                ));
+            }
+            _ => serde_yaml::from_str::<Rule>(yaml),
+        };
+        parsed.map_err(|e| {
+            let mut e = parse_error(source, yaml, &e);
+            let rule = match &doc {
+                serde_yaml::Value::Sequence(items) => items.first().and_then(name),
+                one => name(one),
+            };
+            e.rule = e.rule.or(rule);
+            // `[0].input...` for a list of one: the rule is named already.
+            for prefix in [".[0].", "[0].", ".[0]: ", "[0]: "] {
+                if let Some(rest) = e.message.strip_prefix(prefix) {
+                    e.message = rest.to_owned();
+                    break;
+                }
+            }
+            e
+        })
+    }
+}
+
 impl Input {
     /// The destination address the input matches: its group, or its unicast destination.
     /// (Validation refuses an input with neither; unspecified until then.)
@@ -475,6 +533,19 @@ fn multicast_range(addr: IpAddr) -> &'static str {
 /// from the file at that position, and a `rules[N]` path gets the rule's name.
 fn parse_error(file: &str, yaml: &str, e: &serde_yaml::Error) -> ConfigError {
     let mut message = e.to_string();
+    // `hop_limit` is `ttl`'s other name, and serde reports the pair as `ttl` twice.
+    if message.contains("duplicate field `ttl`")
+        && let Some((rule, both)) = ttl_twice(yaml)
+    {
+        let position = message.find(" at line ").map_or("", |p| &message[p..]);
+        return ConfigError {
+            file: file.to_owned(),
+            rule,
+            message: format!(
+                "{both}: `hop_limit` is another name for `ttl` (the IPv6 one); give one of them{position}"
+            ),
+        };
+    }
     // Only errors about a value point at it; others point at a key or a mapping.
     if message.contains(": invalid ")
         && let Some(at) = e.location()
@@ -489,6 +560,32 @@ fn parse_error(file: &str, yaml: &str, e: &serde_yaml::Error) -> ConfigError {
         rule: rule_name(yaml, &message),
         message,
     }
+}
+
+/// The first output that has both `ttl:` and `hop_limit:`, as its rule's name and
+/// `outputs[N]: ttl: A and hop_limit: B`; `yaml` is a whole file or one rule.
+fn ttl_twice(yaml: &str) -> Option<(Option<String>, String)> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(yaml).ok()?;
+    let rules: Vec<&serde_yaml::Value> = match (doc.get("rules"), &doc) {
+        (Some(serde_yaml::Value::Sequence(rules)), _) => rules.iter().collect(),
+        (_, serde_yaml::Value::Sequence(rules)) => rules.iter().collect(),
+        (_, rule) => vec![rule],
+    };
+    let show = |v: &serde_yaml::Value| serde_json::to_string(v).unwrap_or_default();
+    rules.into_iter().find_map(|rule| {
+        let outputs = rule.get("outputs")?.as_sequence()?;
+        outputs.iter().enumerate().find_map(|(i, o)| {
+            let (ttl, hops) = (o.get("ttl")?, o.get("hop_limit")?);
+            Some((
+                rule.get("name").and_then(|n| n.as_str()).map(str::to_owned),
+                format!(
+                    "outputs[{i}]: `ttl: {}` and `hop_limit: {}`",
+                    show(ttl),
+                    show(hops)
+                ),
+            ))
+        })
+    })
 }
 
 /// The scalar written at 1-based `line` and `column`: up to the next `,`, `}`, `]`, ` #` or
@@ -1305,6 +1402,71 @@ rules:
         assert_eq!(r.outputs[0].ttl, Some(9));
     }
 
+    /// `ttl` and `hop_limit` are one setting: both on one output names both, their values
+    /// and the rule, in a file and in a rule given to add-rule.
+    #[test]
+    fn ttl_and_hop_limit_together_are_refused_by_name() {
+        let yaml = "rules:\n  - name: v6\n    input: {interface: in0, group: ff18::1:1}\n    outputs: [{interface: out0}, {interface: out1, ttl: 5, hop_limit: 9}]\n";
+        let e = Config::parse("r.yaml", yaml).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "r.yaml: rule 'v6': outputs[1]: `ttl: 5` and `hop_limit: 9`: `hop_limit` is another name for `ttl` (the IPv6 one); give one of them at line 4"
+            ),
+            "{e}"
+        );
+        let one = "name: v6\ninput: {interface: in0, group: ff18::1:1}\noutputs: [{interface: out1, hop_limit: 9, ttl: 5}]\n";
+        let e = Rule::parse_one("new.yaml", one).unwrap_err().to_string();
+        assert!(
+            e.starts_with("new.yaml: rule 'v6': outputs[0]: `ttl: 5` and `hop_limit: 9`"),
+            "{e}"
+        );
+    }
+
+    /// What add-rule takes: a mapping, or a list of one item pasted from a file; anything
+    /// else is refused with the source's name.
+    #[test]
+    fn one_rule_parses_as_a_mapping_or_a_list_of_one() {
+        let mapping =
+            "name: a\ninput: {interface: in0, group: 239.1.1.1}\noutputs: [{interface: out0}]\n";
+        let item = "- name: a\n  input: {interface: in0, group: 239.1.1.1}\n  outputs: [{interface: out0}]\n";
+        assert_eq!(
+            Rule::parse_one("a.yaml", mapping).unwrap(),
+            Rule::parse_one("a.yaml", item).unwrap()
+        );
+        let two = format!("{item}{}", item.replace("name: a", "name: b"));
+        assert_eq!(
+            Rule::parse_one("a.yaml", &two).unwrap_err().to_string(),
+            "a.yaml: a list of 2 rules (a, b): add-rule adds one at a time"
+        );
+        let file = format!(
+            "rules:\n{}",
+            item.replace("- ", "  - ").replace("\n  ", "\n    ")
+        );
+        assert!(
+            Rule::parse_one("a.yaml", &file)
+                .unwrap_err()
+                .to_string()
+                .starts_with("a.yaml: a config file (it has `rules:`)")
+        );
+        let bad = item.replace("239.1.1.1", "239.1.1");
+        assert_eq!(
+            Rule::parse_one("standard input", &bad)
+                .unwrap_err()
+                .to_string(),
+            "standard input: rule 'a': input.group: invalid value: string \"239.1.1\", expected an IP address or a prefix such as 239.10.0.0/16 at line 2 column 34"
+        );
+    }
+
+    /// The allocator's name as the log writes it is accepted too.
+    #[test]
+    fn lock_free_is_spelled_either_way() {
+        for spelling in ["lockfree", "lock-free"] {
+            let c =
+                Config::parse("r.yaml", &format!("allocator: {spelling}\nrules: []\n")).unwrap();
+            assert_eq!(c.allocator, AllocatorKind::Lockfree);
+        }
+    }
+
     #[test]
     fn default_workers_is_one_per_queue_up_to_the_cpus() {
         assert_eq!(default_workers(1, 2), 1);
@@ -1808,7 +1970,7 @@ rules:
             ),
             (
                 "allocator: spinlock\nrules: []\n",
-                "r.yaml: allocator: unknown variant `spinlock`, expected `lockfree` or `mutex` at line 1 column 12",
+                "r.yaml: allocator: unknown variant `spinlock`, expected one of `lock-free`, `lockfree`, `mutex` at line 1 column 12",
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1}\n    outputs: [{interface: out0, ttl: 300}]\n",

@@ -38,6 +38,9 @@ pub enum Request {
     /// Adds one rule, given as the YAML of one entry of `rules:`.
     AddRule {
         rule: String,
+        /// Where the rule came from (its file, or `standard input`), for errors.
+        #[serde(default)]
+        source: Option<String>,
     },
     RemoveRule {
         name: String,
@@ -49,7 +52,11 @@ pub enum Request {
 pub enum Change {
     /// Re-read the config file.
     Reload,
-    AddRule(String),
+    AddRule {
+        rule: String,
+        /// Where it came from, for errors about it.
+        source: String,
+    },
     RemoveRule(String),
 }
 
@@ -75,7 +82,10 @@ pub fn answer(line: &str, snapshot: &Snapshot, reloader: &Reloader) -> Reply {
         },
         Ok(Request::Stats) | Ok(Request::Rules) => Reply::Stats(Box::new(snapshot())),
         Ok(Request::Reload) => changed(reloader(Change::Reload)),
-        Ok(Request::AddRule { rule }) => changed(reloader(Change::AddRule(rule))),
+        Ok(Request::AddRule { rule, source }) => changed(reloader(Change::AddRule {
+            rule,
+            source: source.unwrap_or_else(|| "the added rule".to_owned()),
+        })),
         Ok(Request::RemoveRule { name }) => changed(reloader(Change::RemoveRule(name))),
         Err(e) => Reply::Error(format!("bad request: {e}")),
     }
@@ -291,6 +301,7 @@ mod tests {
             queriers: Vec::new(),
             copies: 0,
             cross_umem: 0,
+            sockets: Vec::new(),
         })
     }
 

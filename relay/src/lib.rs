@@ -7,6 +7,7 @@
 
 pub mod allmulti;
 pub mod checksum;
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod craft;
@@ -25,6 +26,8 @@ pub mod prefix;
 pub mod preflight;
 pub mod probe;
 pub mod querier;
+pub mod rates;
+pub mod render;
 pub mod report;
 pub mod rewrite;
 pub mod rtnl;

@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 use log::{error, info, warn};
 use relay::{
     allmulti::{self, AllMulti},
+    client,
     config::Config,
     control::{self, Reply, Request},
     datapath::Datapath,
@@ -63,59 +64,106 @@ struct Cli {
     check: bool,
 }
 
+/// Which relay a client command talks to.
+#[derive(clap::Args)]
+struct Target {
+    /// The relay's config file: its `control:` names the socket [default:
+    /// /etc/relay/rules.yaml].
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The control socket; overrides the config file's `control:`.
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+impl Target {
+    /// The socket to talk to; `config` is a `--config` given before the subcommand.
+    fn socket(&self, config: Option<&PathBuf>) -> Result<PathBuf> {
+        let file = self
+            .config
+            .as_ref()
+            .or(config)
+            .map_or_else(|| PathBuf::from(client::DEFAULT_CONFIG), PathBuf::clone);
+        client::control_path(
+            self.control.as_deref(),
+            &file,
+            self.config.is_some() || config.is_some(),
+        )
+    }
+}
+
+/// `--watch [SECONDS]` and `--count N`.
+#[derive(clap::Args)]
+struct Watch {
+    /// Print again every SECONDS (default 1), redrawn in place on a terminal; `relay stats`
+    /// then shows rates (packets/s, bits/s, drops/s) over the interval. Ctrl-C stops.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1")]
+    watch: Option<f64>,
+    /// With --watch: stop after N updates.
+    #[arg(long, value_name = "N", requires = "watch")]
+    count: Option<u64>,
+}
+
 /// Talk to a running relay over its control socket.
 #[derive(Subcommand)]
 enum ClientCmd {
-    /// Counters per rule and output, the XDP program's, and the pool's.
+    /// Counters per rule and output, the XDP program's, the data path's, each socket's, and
+    /// the pool's.
     Stats {
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table (with --watch: one line of rates per update).
         #[arg(long)]
         json: bool,
         /// Add the busiest groups of each rule with a group range (at most 32 per rule).
         #[arg(long)]
         groups: bool,
-        /// The control socket.
-        #[arg(long, default_value = control::DEFAULT_SOCKET)]
-        control: PathBuf,
+        #[command(flatten)]
+        watch: Watch,
+        #[command(flatten)]
+        target: Target,
     },
-    /// The rules with their counters (the same view as `stats`).
+    /// The rules as they run: each input, and where and how each output sends (TTL or hop
+    /// limit, remapping, VLAN, DSCP, unicast, source rewrites, on demand).
     Rules {
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = control::DEFAULT_SOCKET)]
-        control: PathBuf,
+        #[command(flatten)]
+        target: Target,
     },
     /// Re-reads the config file and switches to its rules without dropping a packet of the
     /// rules that stay (SIGHUP does the same). A file that does not validate is refused.
     Reload {
-        #[arg(long, default_value = control::DEFAULT_SOCKET)]
-        control: PathBuf,
+        #[command(flatten)]
+        target: Target,
     },
-    /// Adds one rule to the running relay: FILE holds one entry of `rules:` in YAML (`-`
-    /// reads standard input). The config file is not changed; a reload forgets the rule.
+    /// Adds one rule to the running relay: FILE holds one entry of `rules:` in YAML (a
+    /// mapping, or a list of one `- name: ...` item; `-` reads standard input). The config
+    /// file is not changed; a reload forgets the rule.
     AddRule {
         file: PathBuf,
-        #[arg(long, default_value = control::DEFAULT_SOCKET)]
-        control: PathBuf,
+        #[command(flatten)]
+        target: Target,
     },
-    /// Removes a rule, by name, from the running relay (until the next reload).
+    /// Removes a rule, by name, from the running relay (until the next reload). Removing the
+    /// last one leaves the relay running idle.
     RemoveRule {
         name: String,
-        #[arg(long, default_value = control::DEFAULT_SOCKET)]
-        control: PathBuf,
+        #[command(flatten)]
+        target: Target,
     },
     /// The IGMP/MLD state on the interfaces of on-demand outputs: who is querier, and
     /// each group's listeners (filter mode, sources, expiry, last reporter).
     Members {
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value = control::DEFAULT_SOCKET)]
-        control: PathBuf,
+        #[command(flatten)]
+        watch: Watch,
+        #[command(flatten)]
+        target: Target,
     },
     /// Checks that the relay answers.
     Ping {
-        #[arg(long, default_value = control::DEFAULT_SOCKET)]
-        control: PathBuf,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -129,7 +177,7 @@ Running:
 
 Signals: SIGTERM/SIGINT stop (detach XDP, drain, print counters, exit 0); SIGHUP reloads the file.
 
-Config file (YAML): allocator (lockfree|mutex), umem {frames, frame_size, separate
+Config file (YAML): allocator (lockfree (or lock-free)|mutex), umem {frames, frame_size, separate
 [interfaces with a UMEM of their own]}, xdp_mode
 (auto|native|skb), bind (auto|zerocopy|copy), workers (default: one per ingress rx queue,
 up to the CPUs), cpus (CPUs to pin the workers to), poll (sleep|busy), control (socket
@@ -142,6 +190,10 @@ querier {query_interval, query_response_interval, last_member_query_interval, ro
 (IGMP/MLD timers for on_demand outputs). Groups and sources are IPv4 or IPv6,
 one family per rule. Unknown keys are errors. An interface that does not exist yet is a
 warning: its rules start idle and come alive when it appears.
+
+Client commands (stats, rules, members, reload, add-rule, remove-rule, ping) find the control
+socket through --config FILE (default /etc/relay/rules.yaml) and its `control:`; --control PATH
+names it directly. `relay stats --watch` shows rates, redrawn every second.
 
 Files: /etc/relay/rules.yaml (the packaged config), /run/relay/relay.sock (control socket).
 More: /usr/share/doc/relay/OPERATIONS.md, or docs/OPERATIONS.md in the source.";
@@ -158,12 +210,20 @@ extern "C" fn on_signal(sig: libc::c_int) {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
+    // The XDP loader's own debug output (BTF, relocations) is not the relay's: RUST_LOG=debug
+    // leaves it at info unless RUST_LOG names it (`aya=debug`), which then wins.
+    let mut logger = env_logger::Builder::new();
+    logger
+        .filter_level(log::LevelFilter::Info)
+        .filter_module("aya", log::LevelFilter::Info)
+        .format_timestamp_millis();
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        logger.parse_filters(&spec);
+    }
+    logger.init();
     let cli = Cli::parse();
     let result = match cli.client {
-        Some(cmd) => client(cmd),
+        Some(cmd) => client(cmd, cli.config.as_ref()),
         None => run(cli),
     };
     match result {
@@ -175,58 +235,71 @@ fn main() -> ExitCode {
     }
 }
 
-fn client(cmd: ClientCmd) -> Result<ExitCode> {
-    let mut with_groups = false;
-    let mut members = false;
-    let (req, path, json) = match cmd {
-        ClientCmd::Members { json, control } => {
-            members = true;
-            (Request::Stats, control, json)
-        }
+fn client(cmd: ClientCmd, config: Option<&PathBuf>) -> Result<ExitCode> {
+    let (req, path) = match &cmd {
         ClientCmd::Stats {
             json,
             groups,
-            control,
+            watch,
+            target,
         } => {
-            with_groups = groups;
-            (Request::Stats, control, json)
-        }
-        ClientCmd::Rules { json, control } => (Request::Rules, control, json),
-        ClientCmd::Ping { control } => (Request::Ping, control, false),
-        ClientCmd::Reload { control } => (Request::Reload, control, false),
-        ClientCmd::AddRule { file, control } => {
-            let rule = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin())?
+            let show = if *json {
+                client::Show::Json
             } else {
-                std::fs::read_to_string(&file)
-                    .with_context(|| format!("reading {}", file.display()))?
+                client::Show::Table
             };
-            (Request::AddRule { rule }, control, false)
+            let show = client::View::Stats {
+                show,
+                groups: *groups,
+            };
+            return client::show(&target.socket(config)?, show, watch.watch, watch.count);
         }
-        ClientCmd::RemoveRule { name, control } => (Request::RemoveRule { name }, control, false),
+        ClientCmd::Members {
+            json,
+            watch,
+            target,
+        } => {
+            let show = client::View::Members { json: *json };
+            return client::show(&target.socket(config)?, show, watch.watch, watch.count);
+        }
+        ClientCmd::Rules { json, target } => {
+            let show = client::View::Rules { json: *json };
+            return client::show(&target.socket(config)?, show, None, None);
+        }
+        ClientCmd::Ping { target } => (Request::Ping, target.socket(config)?),
+        ClientCmd::Reload { target } => (Request::Reload, target.socket(config)?),
+        ClientCmd::AddRule { file, target } => {
+            let (rule, source) = if file.as_os_str() == "-" {
+                (
+                    std::io::read_to_string(std::io::stdin())
+                        .context("reading the rule from standard input")?,
+                    "standard input".to_owned(),
+                )
+            } else {
+                (
+                    std::fs::read_to_string(file)
+                        .with_context(|| format!("reading {}", file.display()))?,
+                    file.display().to_string(),
+                )
+            };
+            // Checked here first, so a rule that does not parse is refused with its own
+            // file's name before anything is sent.
+            relay::config::Rule::parse_one(&source, &rule)?;
+            let req = Request::AddRule {
+                rule,
+                source: Some(source),
+            };
+            (req, target.socket(config)?)
+        }
+        ClientCmd::RemoveRule { name, target } => (
+            Request::RemoveRule { name: name.clone() },
+            target.socket(config)?,
+        ),
     };
     match control::request(&path, &req)? {
         Reply::Pong { version } => println!("relay {version} is running"),
         Reply::Reloaded(summary) => println!("done: {summary}"),
-        Reply::Stats(view) if members => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&view.queriers)?);
-            } else {
-                print!("{}", view.render_members());
-            }
-        }
-        Reply::Stats(view) => {
-            let view = if with_groups {
-                *view
-            } else {
-                view.without_groups()
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
-            } else {
-                print!("{}", view.render_table());
-            }
-        }
+        Reply::Stats(_) => anyhow::bail!("the relay answered with counters to {req:?}"),
         Reply::Error(e) => anyhow::bail!("the relay refused the request: {e}"),
     }
     Ok(ExitCode::SUCCESS)
@@ -353,6 +426,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         let (table, stats) = monitor.stats();
         StatsView {
             queriers: listening.describe(),
+            sockets: monitor.sockets(),
             ..StatsView::build(
                 &table,
                 &stats,
@@ -417,7 +491,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         if let Ok((change, reply)) = reload_rx.recv_timeout(Duration::from_millis(50)) {
             let what = match &change {
                 control::Change::Reload => "reload".to_owned(),
-                control::Change::AddRule(_) => "add-rule".to_owned(),
+                control::Change::AddRule { source, .. } => format!("add-rule from {source}"),
                 control::Change::RemoveRule(n) => format!("remove-rule {n}"),
             };
             let result = relay.change(change).map_err(|e| format!("{e:#}"));
@@ -579,21 +653,44 @@ impl Running {
     fn change(&mut self, change: control::Change) -> Result<String> {
         let mut config = self.config.clone();
         match change {
-            control::Change::Reload => return self.reload(),
-            control::Change::AddRule(yaml) => {
-                let rule: relay::config::Rule = serde_yaml::from_str(&yaml)
-                    .map_err(|e| anyhow::anyhow!("the rule does not parse: {e}"))?;
+            control::Change::Reload => self.reload(),
+            control::Change::AddRule { rule, source } => {
+                let rule = relay::config::Rule::parse_one(&source, &rule)?;
+                let name = rule.name.clone();
                 config.rules.push(rule);
+                // An error about the added rule is the added rule's source's, not the file's.
+                let file = self.config_path.display().to_string();
+                let table = RuleTable::compile(&config, &file, &LiveSystem).map_err(|mut e| {
+                    if e.rule.as_deref() == Some(name.as_str()) {
+                        e.file = source;
+                    }
+                    e
+                })?;
+                self.apply_table(config, table)
             }
             control::Change::RemoveRule(name) => {
                 let before = config.rules.len();
                 config.rules.retain(|r| r.name != name);
                 if config.rules.len() == before {
-                    anyhow::bail!("no rule named '{name}'");
+                    let names: Vec<&str> =
+                        self.config.rules.iter().map(|r| r.name.as_str()).collect();
+                    anyhow::bail!(
+                        "no rule named '{name}' (the running rules: {})",
+                        if names.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            names.join(", ")
+                        }
+                    );
                 }
+                if config.rules.is_empty() {
+                    // The relay idles, its XDP program detached, until a rule is added or the
+                    // file reloaded (a file must still have rules).
+                    return self.apply_table(config, RuleTable::default());
+                }
+                self.apply(config)
             }
         }
-        self.apply(config)
     }
 
     /// Closes the sockets of devices that no longer exist, with their frames taken back, and
@@ -651,6 +748,8 @@ impl Running {
         let old_listeners = old.listen_targets();
         self.querier.set_timers(&new_config.querier);
         track_listeners(&self.querier, &mut new, &old_listeners)?;
+        // Said in the log and in the reply to whoever asked for the change.
+        let mut notes = Vec::new();
         for (what, changed) in [
             ("allocator", new_config.allocator != self.config.allocator),
             ("umem", new_config.umem != self.config.umem),
@@ -662,7 +761,9 @@ impl Running {
             ("metrics", new_config.metrics != self.config.metrics),
         ] {
             if changed {
-                warn!("{file}: `{what}` changed; it takes effect at the next start");
+                let note = format!("{file}: `{what}` changed; it takes effect at the next start");
+                warn!("{note}");
+                notes.push(note);
             }
         }
         let switched = self.switch(&old, &new, new_config.xdp_mode);
@@ -690,10 +791,17 @@ impl Running {
             rules: new_config.rules,
             ..self.config.clone()
         };
-        Ok(format!(
+        let mut summary = format!(
             "{} rules ({added} added, {removed} removed, {changed} changed)",
             new.rules.len()
-        ))
+        );
+        if new.rules.is_empty() {
+            summary.push_str("; the relay is idle until a rule is added");
+        }
+        for note in notes {
+            summary.push_str(&format!("; warning: {note}"));
+        }
+        Ok(summary)
     }
 }
 

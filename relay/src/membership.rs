@@ -64,6 +64,19 @@ pub fn wanted(table: &RuleTable) -> Vec<Membership> {
         .collect()
 }
 
+/// A membership as the log names it: `(S, G) (IGMPv3 source-specific)` or `G (IGMP)`.
+fn describe(m: &Membership) -> String {
+    let (any, ssm) = if m.2.is_ipv4() {
+        ("IGMP", "IGMPv3")
+    } else {
+        ("MLD", "MLDv2")
+    };
+    match m.3 {
+        Some(s) => format!("({s}, {}) ({ssm} source-specific)", m.2),
+        None => format!("{} ({any})", m.2),
+    }
+}
+
 /// Held memberships; dropping this leaves every group.
 pub struct Memberships {
     held: Vec<(Membership, OwnedFd)>,
@@ -75,15 +88,7 @@ impl Memberships {
         let mut held = Vec::new();
         for m in wanted(table) {
             let fd = join_one(&m)?;
-            let (any, ssm) = if m.2.is_ipv4() {
-                ("IGMP", "IGMPv3")
-            } else {
-                ("MLD", "MLDv2")
-            };
-            match m.3 {
-                Some(s) => info!("{}: joined ({s}, {}) ({ssm} source-specific)", m.0, m.2),
-                None => info!("{}: joined {} ({any})", m.0, m.2),
-            }
+            info!("{}: joined {}", m.0, describe(&m));
             held.push((m, fd));
         }
         Ok(Self { held })
@@ -99,7 +104,7 @@ impl Memberships {
             }
             match join_one(&m) {
                 Ok(fd) => {
-                    info!("{}: joined {}", m.0, m.2);
+                    info!("{}: joined {}", m.0, describe(&m));
                     self.held.push((m.clone(), fd));
                     joined.push(m);
                 }
@@ -129,7 +134,7 @@ impl Memberships {
         self.held.retain(|(m, _)| {
             let go = these.contains(m);
             if go {
-                info!("{}: left {}", m.0, m.2);
+                info!("{}: left {}", m.0, describe(m));
             }
             !go
         });
@@ -146,9 +151,9 @@ impl Memberships {
 
 impl Drop for Memberships {
     fn drop(&mut self) {
-        for ((name, _, group, _), fd) in self.held.drain(..) {
+        for (m, fd) in self.held.drain(..) {
             drop(fd);
-            info!("{name}: left {group}");
+            info!("{}: left {}", m.0, describe(&m));
         }
     }
 }

@@ -1,16 +1,18 @@
-//! One view of every counter, and its three renderings: JSON (the control socket and
-//! `relay stats --json`), a table (`relay stats`), and the Prometheus text format (the
-//! `metrics:` endpoint).
+//! One view of every counter and setting, and two of its renderings: JSON (the control
+//! socket and `relay stats --json`) and the Prometheus text format (the `metrics:`
+//! endpoint). The tables `relay stats`, `relay rules` and `relay members` print are in
+//! [`crate::render`], the rates of `--watch` in [`crate::rates`].
 
-use std::{collections::BTreeMap, fmt::Write};
+use std::{collections::BTreeMap, fmt, fmt::Write};
 
 use relay_common::XdpCounter;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::DatapathStats,
+    datapath::{DatapathStats, SocketCounters},
     pool::{AllocatorKind, PoolStats},
     rules::RuleTable,
+    vlan::Vlan,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +23,7 @@ pub struct StatsView {
     pub pool: PoolView,
     /// Redirected frames the data path could not attribute to a rule.
     pub unmatched: u64,
+    /// Redirected frames that were not multicast UDP after all, or whose lengths disagree.
     pub malformed: u64,
     /// Fan-out copies made (outputs - 1 per frame at most).
     #[serde(default)]
@@ -32,14 +35,61 @@ pub struct StatsView {
     /// (`relay members`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queriers: Vec<crate::querier::QuerierView>,
+    /// The kernel's counters of each AF_XDP socket, one per (interface, queue), at most
+    /// 100 ms old: the drops before the relay sees a frame.
+    #[serde(default)]
+    pub sockets: Vec<SocketCounters>,
+}
+
+/// A rule's input: what it matches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputView {
+    pub interface: String,
+    /// The group or range it matches, or its unicast destination (`unicast`).
+    pub group: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unicast: bool,
+    /// The UDP port; any when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The source or source prefix; any when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// A VID or `untagged`; any VLAN or none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<Vlan>,
+}
+
+/// `rin 239.1.1.1:5000 from 198.18.0.1 vlan 10`; `*` for any port, IPv6 in brackets.
+impl fmt::Display for InputView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.interface, endpoint(&self.group, self.port))?;
+        if let Some(s) = &self.source {
+            write!(f, " from {s}")?;
+        }
+        if let Some(v) = self.vlan {
+            write!(f, " vlan {v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// An address and port as written in a URL: `239.1.1.1:5000`, `[ff18::1:1]:5000`; `*` for
+/// no port (any on an input, the received one on an output). A prefix (`239.10.0.0/16`)
+/// is an address here.
+pub fn endpoint(address: &str, port: Option<u16>) -> String {
+    let port = port.map_or("*".to_owned(), |p| p.to_string());
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleView {
     pub name: String,
-    /// The rule's input, as `interface group:port from source`, and ` vlan N` (or
-    /// ` vlan untagged`) when it names one.
-    pub input: String,
+    pub input: InputView,
     pub received: u64,
     pub bytes: u64,
     /// Received frames whose partial UDP checksum the data path completed (senders with
@@ -87,7 +137,12 @@ pub struct OutputView {
     /// The UDP source port the output writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_port: Option<u16>,
-    pub port: String,
+    /// The UDP port it sends to; the received one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The TTL (IPv4) or hop limit (IPv6) it writes; the received one minus one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u8>,
     /// The VID the output tags its frames with; absent when it sends them untagged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vlan: Option<u16>,
@@ -149,18 +204,18 @@ impl StatsView {
             .zip(&stats.rules)
             .map(|(r, rc)| RuleView {
                 name: r.name.clone(),
-                input: format!(
-                    "{} {}:{} from {}{}",
-                    table
+                input: InputView {
+                    interface: table
                         .ingress
                         .iter()
                         .find(|i| i.info.ifindex == r.ingress_ifindex)
-                        .map_or("?", |i| i.name.as_str()),
-                    r.prefix,
-                    r.port.map_or("any".into(), |p| p.to_string()),
-                    r.source.map_or("any".into(), |s| s.to_string()),
-                    r.vlan.map_or(String::new(), |v| format!(" vlan {v}")),
-                ),
+                        .map_or("?".to_owned(), |i| i.name.clone()),
+                    group: r.prefix.to_string(),
+                    unicast: r.unicast,
+                    port: r.port,
+                    source: r.source.map(|s| s.to_string()),
+                    vlan: r.vlan,
+                },
                 received: rc.packets,
                 bytes: rc.bytes,
                 checksum_completed: rc.checksum_completed,
@@ -194,11 +249,8 @@ impl StatsView {
                         }),
                         source: describe_source(&o.action),
                         source_port: o.action.source_port,
-                        port: o
-                            .action
-                            .port
-                            .or(r.port)
-                            .map_or("same".into(), |p| p.to_string()),
+                        port: o.action.port.or(r.port),
+                        ttl: o.action.ttl,
                         vlan: o.action.vlan,
                         dscp: o.action.dscp,
                         sent: oc.packets,
@@ -250,161 +302,8 @@ impl StatsView {
             copies: stats.copies,
             cross_umem: stats.cross_umem,
             queriers: Vec::new(),
+            sockets: Vec::new(),
         }
-    }
-
-    /// The table `relay members` prints: per interface and family, who is querier, what
-    /// was refused, and each group's listeners.
-    pub fn render_members(&self) -> String {
-        let mut s = String::new();
-        if self.queriers.is_empty() {
-            let _ = writeln!(s, "no on-demand outputs: the relay is querier nowhere");
-        }
-        for q in &self.queriers {
-            let refused: Vec<String> = q.refused.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let _ = writeln!(
-                s,
-                "{} {}: {} (from {}){}",
-                q.interface,
-                q.family,
-                if q.querier {
-                    "querier"
-                } else {
-                    "another router is querier"
-                },
-                q.address,
-                if refused.is_empty() {
-                    String::new()
-                } else {
-                    format!(", refused {}", refused.join(" "))
-                }
-            );
-            let _ = writeln!(
-                s,
-                "  {:<28} {:<8} {:<6} {:>10}  {:<24} SOURCES",
-                "GROUP", "MODE", "COMPAT", "EXPIRES", "LAST REPORTER"
-            );
-            for m in &q.members {
-                let sources: Vec<String> = m
-                    .sources
-                    .iter()
-                    .map(|(a, ms)| format!("{a} ({:.1} s)", *ms as f64 / 1000.0))
-                    .collect();
-                let _ = writeln!(
-                    s,
-                    "  {:<28} {:<8} {:<6} {:>8.1} s  {:<24} {}",
-                    m.group,
-                    m.mode,
-                    m.version,
-                    m.expires_ms as f64 / 1000.0,
-                    m.last_reporter.as_deref().unwrap_or("-"),
-                    if sources.is_empty() {
-                        "-".to_owned()
-                    } else {
-                        sources.join(", ")
-                    }
-                );
-            }
-        }
-        s
-    }
-
-    /// The table `relay stats` prints.
-    pub fn render_table(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "{:<16} {:<28} {:>12} {:>14}",
-            "RULE", "INPUT", "RECEIVED", "BYTES"
-        );
-        for r in &self.rules {
-            // Only where it happens: most relays never see a partial checksum.
-            let completed = if r.checksum_completed > 0 {
-                format!("  checksum_completed={}", r.checksum_completed)
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                s,
-                "{:<16} {:<28} {:>12} {:>14}{completed}",
-                r.name, r.input, r.received, r.bytes
-            );
-            for g in r.groups.iter().flatten() {
-                let _ = writeln!(
-                    s,
-                    "   . {:<40} {:>12} {:>14}{}",
-                    g.group,
-                    g.packets,
-                    g.bytes,
-                    if g.error > 0 {
-                        format!("  (at most {} of them other groups')", g.error)
-                    } else {
-                        String::new()
-                    }
-                );
-            }
-            for o in &r.outputs {
-                let dropped: u64 = o.dropped.values().sum();
-                let reasons: Vec<String> = o
-                    .dropped
-                    .iter()
-                    .filter(|(_, v)| **v > 0)
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                let _ = writeln!(
-                    s,
-                    "  -> {:<12} {:<22} {:>12} {:>14}  dropped {}{}",
-                    o.interface,
-                    format!(
-                        "{}:{}{}{}{}",
-                        o.group,
-                        o.port,
-                        vlan_suffix(o.vlan),
-                        o.dscp.map_or(String::new(), |d| format!(" dscp {d}")),
-                        rewrites_suffix(o),
-                    ),
-                    o.sent,
-                    o.bytes,
-                    dropped,
-                    if reasons.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", reasons.join(", "))
-                    }
-                );
-                if let Some(d) = &o.on_demand {
-                    let _ = writeln!(
-                        s,
-                        "     on demand: {}, {} held back (no listener), {} groups with \
-                         listeners on {}{}",
-                        if d.forwarding { "forwarding" } else { "idle" },
-                        d.no_listener,
-                        d.groups,
-                        o.interface,
-                        d.changed_ms.map_or(String::new(), |ms| format!(
-                            ", changed {} s ago",
-                            seconds_since(ms)
-                        )),
-                    );
-                }
-            }
-        }
-        let xdp: Vec<String> = self.xdp.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let _ = writeln!(s, "xdp: {}", xdp.join(" "));
-        let p = &self.pool;
-        let _ = writeln!(
-            s,
-            "pool: {} allocator, {} frames, {} free, {} in flight, low-water {}, rejected {}",
-            p.allocator, p.capacity, p.free, p.in_flight, p.low_water, p.rejected
-        );
-        if self.unmatched + self.malformed > 0 {
-            let _ = writeln!(
-                s,
-                "datapath: unmatched={} malformed={}",
-                self.unmatched, self.malformed
-            );
-        }
-        s
     }
 
     /// The Prometheus text exposition format (version 0.0.4).
@@ -422,18 +321,17 @@ impl StatsView {
             format!(
                 "{{rule=\"{}\",interface=\"{}\"}}",
                 escape(&r.name),
-                escape(r.input.split(' ').next().unwrap_or(""))
+                escape(&r.input.interface)
             )
         };
         // Two outputs may differ only in their VLAN, so it is part of the output's name.
         // A unicast output is labelled with its destination rather than a group.
         let ol = |r: &RuleView, o: &OutputView| {
             format!(
-                "rule=\"{}\",output=\"{} {}:{}{}\",interface=\"{}\",{}=\"{}\"",
+                "rule=\"{}\",output=\"{} {}{}\",interface=\"{}\",{}=\"{}\"",
                 escape(&r.name),
                 escape(&o.interface),
-                o.group,
-                o.port,
+                endpoint(&o.group, o.port),
                 vlan_suffix(o.vlan),
                 escape(&o.interface),
                 if o.unicast { "destination" } else { "group" },
@@ -541,6 +439,40 @@ impl StatsView {
                 .map(|(k, v)| (format!("{{counter=\"{k}\"}}"), *v))
                 .collect(),
         );
+        family(
+            "relay_datapath_packets_total",
+            "counter",
+            "Frames the data path received and could not use (unmatched: no rule in userspace; malformed: not multicast UDP after all), and the fan-out copies it made (copies, of them cross_umem).",
+            [
+                ("unmatched", self.unmatched),
+                ("malformed", self.malformed),
+                ("copies", self.copies),
+                ("cross_umem", self.cross_umem),
+            ]
+            .into_iter()
+            .map(|(k, v)| (format!("{{counter=\"{k}\"}}"), v))
+            .collect(),
+        );
+        family(
+            "relay_socket_packets_total",
+            "counter",
+            "The kernel's counters of each AF_XDP socket (XDP_STATISTICS): frames dropped before the relay saw them (rx_dropped, rx_ring_full), times the fill ring was empty (fill_ring_empty), invalid descriptors (rx_invalid, tx_invalid).",
+            self.sockets
+                .iter()
+                .flat_map(|k| {
+                    k.fields().into_iter().map(move |(c, v)| {
+                        (
+                            format!(
+                                "{{interface=\"{}\",queue=\"{}\",counter=\"{c}\"}}",
+                                escape(&k.interface),
+                                k.queue
+                            ),
+                            v,
+                        )
+                    })
+                })
+                .collect(),
+        );
         let p = &self.pool;
         family(
             "relay_pool_frames",
@@ -561,14 +493,6 @@ impl StatsView {
     }
 }
 
-/// Whole seconds from `ms` (since the Unix epoch) to now; 0 for a time ahead of the clock.
-fn seconds_since(ms: u64) -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    now.saturating_sub(ms) / 1000
-}
-
 /// What `source:` an output writes, for the views: `auto (ADDRESS)` (or `auto (none)`
 /// while the interface has none), or the address the rule names.
 pub fn describe_source(a: &crate::rewrite::OutputAction) -> Option<String> {
@@ -580,27 +504,6 @@ pub fn describe_source(a: &crate::rewrite::OutputAction) -> Option<String> {
         ),
         SourceSpec::Address(s) => s.to_string(),
     })
-}
-
-/// ` unicast via MAC from SOURCE:PORT` for the rewrites an output makes beyond the group.
-fn rewrites_suffix(o: &OutputView) -> String {
-    let mut s = String::new();
-    if let Some(hop) = &o.next_hop {
-        let _ = write!(s, " via {hop}");
-    }
-    match (&o.source, o.source_port) {
-        (Some(a), Some(p)) => {
-            let _ = write!(s, " from {a} port {p}");
-        }
-        (Some(a), None) => {
-            let _ = write!(s, " from {a}");
-        }
-        (None, Some(p)) => {
-            let _ = write!(s, " from port {p}");
-        }
-        (None, None) => {}
-    }
-    s
 }
 
 /// ` vlan N` for an output that tags its frames, nothing for one that does not.
@@ -641,13 +544,26 @@ mod tests {
             low_water: 50,
             rejected: 0,
         };
-        StatsView::build(
-            &t,
-            &d,
-            Some(&[12, 10, 10, 2, 0, 0, 0, 0]),
-            &pool,
-            AllocatorKind::Lockfree,
-        )
+        d.unmatched = 3;
+        d.malformed = 2;
+        StatsView {
+            sockets: vec![SocketCounters {
+                interface: "in0".into(),
+                queue: 1,
+                ingress: true,
+                rx_ring_full: 7,
+                fill_ring_empty: 5,
+                rx_dropped: 6,
+                ..Default::default()
+            }],
+            ..StatsView::build(
+                &t,
+                &d,
+                Some(&[12, 10, 10, 2, 0, 0, 0, 0]),
+                &pool,
+                AllocatorKind::Lockfree,
+            )
+        }
     }
 
     #[test]
@@ -655,13 +571,23 @@ mod tests {
         let v = view();
         let json = serde_json::to_string(&v).unwrap();
         assert_eq!(serde_json::from_str::<StatsView>(&json).unwrap(), v);
-        assert_eq!(v.rules[0].input, "in0 239.1.1.1:5000 from any vlan 10");
+        assert_eq!(v.rules[0].input.to_string(), "in0 239.1.1.1:5000 vlan 10");
         assert_eq!(
             (v.rules[0].outputs[0].vlan, v.rules[0].outputs[1].vlan),
             (None, Some(30))
         );
         assert_eq!(v.rules[0].outputs[1].group, "239.2.2.2");
-        assert_eq!(v.rules[0].outputs[1].port, "6000");
+        assert_eq!(v.rules[0].outputs[1].port, Some(6000));
+        // Numbers are numbers, and the input is its parts.
+        let tree: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(tree["rules"][0]["outputs"][1]["port"], 6000);
+        assert_eq!(tree["rules"][0]["outputs"][1]["vlan"], 30);
+        assert_eq!(
+            tree["rules"][0]["input"],
+            serde_json::json!({"interface": "in0", "group": "239.1.1.1", "port": 5000, "vlan": 10})
+        );
+        assert_eq!(tree["sockets"][0]["rx_ring_full"], 7);
+        assert_eq!(tree["unmatched"], 3);
         assert_eq!(v.xdp["redirected"], 10);
         assert_eq!(v.pool.in_flight, 4);
         assert_eq!(v.rules[0].checksum_completed, 4);
@@ -708,9 +634,14 @@ mod tests {
         );
         assert_eq!(v.rules[1].groups, None);
         assert_eq!(v.rules[0].outputs[0].group, "239.20.0.0/16");
-        assert_eq!(v.rules[0].input, "in0 239.10.0.0/16:5000 from any");
+        assert_eq!(v.rules[0].input.to_string(), "in0 239.10.0.0/16:5000");
         let table = v.render_table();
-        assert!(table.contains("   . 239.10.0.39"), "{table}");
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("   . ") && l.contains(" 239.10.0.39 ")),
+            "{table}"
+        );
         let json = serde_json::to_string(&v).unwrap();
         assert_eq!(serde_json::from_str::<StatsView>(&json).unwrap(), v);
         let bare = v.without_groups();
@@ -759,7 +690,8 @@ mod tests {
         let back = &v.rules[1].outputs[0];
         assert_eq!((back.unicast, back.next_hop.as_deref()), (false, None));
         assert_eq!(back.source.as_deref(), Some("198.18.12.1"));
-        assert_eq!(v.rules[1].input, "in0 198.18.1.2:7100 from any");
+        assert_eq!(v.rules[1].input.to_string(), "in0 198.18.1.2:7100");
+        assert!(v.rules[1].input.unicast);
         let json = serde_json::to_string(&v).unwrap();
         assert_eq!(serde_json::from_str::<StatsView>(&json).unwrap(), v);
 
@@ -793,6 +725,117 @@ mod tests {
             t.contains("pool: lock-free allocator, 64 frames, 60 free, 4 in flight"),
             "{t}"
         );
+        assert!(
+            t.contains("datapath: unmatched=3 malformed=2 copies=0 cross_umem=0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "socket in0  queue 1  ingress  rx_dropped=6 rx_ring_full=7 fill_ring_empty=5 rx_invalid=0 tx_invalid=0\n"
+            ),
+            "{t}"
+        );
+    }
+
+    /// Every row's numbers end in the same column, whatever the names, sources and
+    /// addresses before them; IPv6 endpoints are in brackets.
+    #[test]
+    fn table_columns_align_with_long_names_sources_and_ipv6() {
+        let c = Config::parse(
+            "t",
+            "rules:\n  - name: a-rather-long-rule-name-for-a-table\n    input: {interface: in0, group: ff18::1:1, port: 5000, source: 2001:2::1}\n    outputs: [{interface: out0, group: 'ff18::2:2', port: 6000}, {interface: out1}]\n  - name: s\n    input: {interface: in0, group: 239.1.1.1, source: 198.18.0.0/24}\n    outputs: [{interface: out0}]\n",
+        )
+        .unwrap();
+        let t = RuleTable::compile(&c, "t", &fake()).unwrap();
+        let mut d = DatapathStats::new([2, 1].into_iter());
+        d.rules[0].packets = 123456789;
+        d.rules[0].outputs[1].bytes = 7;
+        d.rules[1].outputs[0].packets = 5;
+        let pool = PoolStats {
+            capacity: 64,
+            free: 64,
+            low_water: 64,
+            rejected: 0,
+        };
+        let v = StatsView::build(&t, &d, None, &pool, AllocatorKind::Lockfree);
+        assert_eq!(
+            v.rules[0].input.to_string(),
+            "in0 [ff18::1:1]:5000 from 2001:2::1"
+        );
+        assert_eq!(
+            v.rules[1].input.to_string(),
+            "in0 239.1.1.1:* from 198.18.0.0/24"
+        );
+        let table = v.render_table();
+        let rows: Vec<&str> = table.lines().take(6).collect();
+        assert!(rows[0].starts_with("RULE "), "{table}");
+        assert!(rows[2].contains("[ff18::2:2]:6000"), "{table}");
+        assert!(rows[3].contains("[ff18::1:1]:5000"), "{table}");
+        assert!(rows[5].contains("239.1.1.1:*"), "{table}");
+        // The BYTES column ends at the same place on every row: the header's, the rules'
+        // and the outputs'.
+        let end = rows[0].find("BYTES").unwrap() + "BYTES".len();
+        for row in &rows[1..] {
+            let before_notes = row.split("  dropped").next().unwrap();
+            assert_eq!(before_notes.trim_end().len(), end, "{row:?} in\n{table}");
+        }
+        // And PACKETS too.
+        let packets = rows[0].find("PACKETS").unwrap() + "PACKETS".len();
+        assert_eq!(&rows[1][packets - 9..packets], "123456789", "{table}");
+    }
+
+    /// `relay rules`: where each output sends and what it does to the frames.
+    #[test]
+    fn rules_table_shows_ttl_remap_and_rewrites() {
+        let c = Config::parse(
+            "t",
+            "rules:\n  - name: gw\n    input: {interface: in0, group: 239.1.1.1, port: 5000, vlan: 10}\n    outputs: [{interface: out0, group: 239.2.2.2, port: 6000, ttl: 5, vlan: 30, dscp: 46}, {interface: out1, destination: 198.18.3.9, source: 198.18.12.1, source_port: 7001}]\n  - name: v6\n    input: {interface: in0, group: ff18::1:1, port: 5000}\n    outputs: [{interface: out0, hop_limit: 9, on_demand: true}]\n",
+        )
+        .unwrap();
+        let t = RuleTable::compile(&c, "t", &fake()).unwrap();
+        let d = DatapathStats::new([2, 1].into_iter());
+        let pool = PoolStats {
+            capacity: 64,
+            free: 64,
+            low_water: 64,
+            rejected: 0,
+        };
+        let v = StatsView::build(&t, &d, None, &pool, AllocatorKind::Lockfree);
+        assert_eq!(v.rules[0].outputs[0].ttl, Some(5));
+        let r = v.render_rules();
+        let lines: Vec<&str> = r.lines().collect();
+        assert_eq!(lines.len(), 6, "{r}");
+        assert!(
+            lines[1].starts_with("gw ") && lines[1].ends_with("in0 239.1.1.1:5000 vlan 10"),
+            "{r}"
+        );
+        let settings = lines[0].find("SETTINGS").unwrap();
+        assert_eq!(
+            (&lines[2][..12], &lines[2][settings..]),
+            (
+                "  -> out0  2",
+                "ttl 5, remapped from 239.1.1.1:5000, vlan 30, dscp 46"
+            ),
+            "{r}"
+        );
+        assert!(lines[2].contains("  239.2.2.2:6000 "), "{r}");
+        assert_eq!(
+            &lines[3][settings..],
+            "ttl received-1, remapped from 239.1.1.1:5000, unicast via unresolved, source 198.18.12.1, source_port 7001",
+            "{r}"
+        );
+        assert!(lines[3].contains("  198.18.3.9:5000 "), "{r}");
+        assert_eq!(&lines[5][settings..], "hop_limit 9, on_demand", "{r}");
+        assert!(lines[5].contains("  [ff18::1:1]:5000 "), "{r}");
+        let empty = StatsView {
+            rules: Vec::new(),
+            ..v
+        };
+        assert!(
+            empty
+                .render_rules()
+                .starts_with("no rules: the relay is idle")
+        );
     }
 
     #[test]
@@ -817,6 +860,36 @@ mod tests {
             "{p}"
         );
         assert!(p.contains("# TYPE relay_pool_frames gauge"), "{p}");
+        assert!(
+            p.contains("relay_datapath_packets_total{counter=\"unmatched\"} 3\n"),
+            "{p}"
+        );
+        assert!(
+            p.contains("relay_datapath_packets_total{counter=\"malformed\"} 2\n"),
+            "{p}"
+        );
+        assert!(
+            p.contains(
+                "relay_socket_packets_total{interface=\"in0\",queue=\"1\",counter=\"rx_ring_full\"} 7\n"
+            ),
+            "{p}"
+        );
+        assert!(
+            p.contains(
+                "relay_socket_packets_total{interface=\"in0\",queue=\"1\",counter=\"fill_ring_empty\"} 5\n"
+            ),
+            "{p}"
+        );
+        assert!(
+            p.contains(
+                "relay_socket_packets_total{interface=\"in0\",queue=\"1\",counter=\"rx_dropped\"} 6\n"
+            ),
+            "{p}"
+        );
+        assert!(
+            p.contains("# TYPE relay_socket_packets_total counter"),
+            "{p}"
+        );
         // Every sample line is `name{labels} value` or `name value`.
         for line in p.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();

@@ -71,6 +71,16 @@ impl fmt::Display for Vlan {
     }
 }
 
+/// As written in the file: the VID as a number, or `"untagged"`.
+impl serde::Serialize for Vlan {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Vlan::Untagged => s.serialize_str("untagged"),
+            Vlan::Id(vid) => s.serialize_u16(*vid),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Vlan {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visitor;

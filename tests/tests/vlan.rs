@@ -379,8 +379,10 @@ fn a_reload_moves_vlans_and_keeps_counters_by_output_identity() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let v = stats_until(&relay.control, |v| v.rules[0].input.ends_with("vlan 11"));
-    assert_eq!(v.rules[0].input, "rin 239.1.1.1:5000 from any vlan 11");
+    let v = stats_until(&relay.control, |v| {
+        v.rules[0].input.vlan == Some(relay::vlan::Vlan::Id(11))
+    });
+    assert_eq!(v.rules[0].input.to_string(), "rin 239.1.1.1:5000 vlan 11");
     assert_eq!(
         sent(&v),
         [0, 2],

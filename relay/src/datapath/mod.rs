@@ -32,7 +32,7 @@ use xsk_rs::{
     config::{FrameSize, QueueSize, UmemConfig},
 };
 
-pub use stats::{DatapathStats, OutputCounters, RuleCounters};
+pub use stats::{DatapathStats, OutputCounters, RuleCounters, SocketCounters};
 use worker::{
     DRAIN, Domain, MAX_DOMAINS, MAX_PORTS, NO_DOMAIN, Plan, Port, RUN, Shared, Waker, Worker,
     WorkerReport,
@@ -193,6 +193,18 @@ impl Monitor {
     pub fn allocator(&self) -> crate::pool::AllocatorKind {
         self.shared().allocator
     }
+
+    /// The kernel's counters of every open socket, as the workers last published them (at
+    /// most 100 ms old), one line per (interface, queue).
+    pub fn sockets(&self) -> Vec<SocketCounters> {
+        let shared = self.shared();
+        stats::merge_sockets(
+            shared
+                .sockets
+                .iter()
+                .flat_map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+        )
+    }
 }
 
 /// What the data path leaves when it has stopped.
@@ -202,7 +214,8 @@ pub struct Finished {
     pub stats: DatapathStats,
     pub account: FrameAccount,
     pub pool: PoolStats,
-    pub sockets: Vec<(String, u32, xsk_rs::socket::XdpStatistics)>,
+    /// The kernel's counters of the sockets open at the end, one per (interface, queue).
+    pub sockets: Vec<SocketCounters>,
     /// Kept open until the report is printed, then dropped.
     _ports: Vec<Port>,
 }
@@ -285,6 +298,7 @@ impl Datapath {
             snapshots: (0..workers)
                 .map(|_| Mutex::new((empty.clone(), DatapathStats::default())))
                 .collect(),
+            sockets: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
         });
         let mut dp = Datapath {
             shared: shared.clone(),
@@ -885,16 +899,13 @@ impl Datapath {
             in_tx: ports.iter().map(|p| p.in_tx).sum(),
             abandoned: self.shared.abandoned.load(Ordering::Acquire),
         };
-        let sockets = ports
-            .iter()
-            .filter_map(|p| {
-                p.rx.fd()
-                    .xdp_statistics()
-                    .map(|s| (p.name.clone(), p.queue, s))
-                    .map_err(|e| warn!("{}: reading XDP statistics: {e}", p.name))
-                    .ok()
-            })
-            .collect();
+        let sockets = stats::merge_sockets(ports.iter().filter_map(|p| {
+            p.rx.fd()
+                .xdp_statistics()
+                .map(|s| SocketCounters::from_kernel(&p.name, p.queue, p.ingress, &s))
+                .map_err(|e| warn!("{}: reading XDP statistics: {e}", p.name))
+                .ok()
+        }));
         Finished {
             table: plan.table.clone(),
             stats,

@@ -55,6 +55,80 @@ impl OutputCounters {
     }
 }
 
+/// The kernel's counters of one AF_XDP socket (XDP_STATISTICS), as its worker last read
+/// them: frames the kernel dropped before the relay saw them, which no other counter shows.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SocketCounters {
+    pub interface: String,
+    pub queue: u32,
+    /// Bound to an ingress queue the XDP program redirects to (else it only transmits).
+    pub ingress: bool,
+    /// Dropped for other reasons than a full RX ring (in copy mode: no fill frame).
+    pub rx_dropped: u64,
+    /// Dropped because the RX ring was full: the worker did not keep up.
+    pub rx_ring_full: u64,
+    /// Times the kernel found the fill ring empty: frames it had nowhere to put.
+    pub fill_ring_empty: u64,
+    pub rx_invalid: u64,
+    pub tx_invalid: u64,
+}
+
+impl SocketCounters {
+    /// The counters as `(name, value)`, in the order every view prints them.
+    pub fn fields(&self) -> [(&'static str, u64); 5] {
+        [
+            ("rx_dropped", self.rx_dropped),
+            ("rx_ring_full", self.rx_ring_full),
+            ("fill_ring_empty", self.fill_ring_empty),
+            ("rx_invalid", self.rx_invalid),
+            ("tx_invalid", self.tx_invalid),
+        ]
+    }
+
+    pub fn from_kernel(
+        interface: &str,
+        queue: u32,
+        ingress: bool,
+        st: &xsk_rs::socket::XdpStatistics,
+    ) -> Self {
+        SocketCounters {
+            interface: interface.to_owned(),
+            queue,
+            ingress,
+            rx_dropped: st.rx_dropped(),
+            rx_ring_full: st.rx_ring_full(),
+            fill_ring_empty: st.rx_fill_ring_empty_descs(),
+            rx_invalid: st.rx_invalid_descs(),
+            tx_invalid: st.tx_invalid_descs(),
+        }
+    }
+}
+
+/// One line per (interface, queue), sorted. A queue can have had more than one socket (a
+/// device deleted and created again under the same name): each socket's kernel counters
+/// start at zero, so the line is their sum, and an ingress as soon as one of them is.
+pub fn merge_sockets(sockets: impl IntoIterator<Item = SocketCounters>) -> Vec<SocketCounters> {
+    let mut out: Vec<SocketCounters> = Vec::new();
+    for s in sockets {
+        match out
+            .iter_mut()
+            .find(|o| o.interface == s.interface && o.queue == s.queue)
+        {
+            Some(o) => {
+                o.ingress |= s.ingress;
+                o.rx_dropped += s.rx_dropped;
+                o.rx_ring_full += s.rx_ring_full;
+                o.fill_ring_empty += s.fill_ring_empty;
+                o.rx_invalid += s.rx_invalid;
+                o.tx_invalid += s.tx_invalid;
+            }
+            None => out.push(s),
+        }
+    }
+    out.sort_by(|a, b| (&a.interface, a.queue).cmp(&(&b.interface, b.queue)));
+    out
+}
+
 /// Counters of one rule.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RuleCounters {
@@ -145,5 +219,30 @@ mod tests {
         assert_eq!(a.rules[1].outputs[0].bytes, 7);
         assert_eq!(a.rules[1].checksum_completed, 5);
         assert_eq!(a.malformed, 1);
+    }
+
+    #[test]
+    fn one_line_per_socket_queue() {
+        let s = |interface: &str, queue, ingress, rx_ring_full| SocketCounters {
+            interface: interface.into(),
+            queue,
+            ingress,
+            rx_ring_full,
+            ..Default::default()
+        };
+        let merged = merge_sockets([
+            s("rin", 1, true, 1),
+            s("rout", 0, false, 0),
+            s("rin", 0, false, 2),
+            s("rin", 0, true, 3),
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                s("rin", 0, true, 5),
+                s("rin", 1, true, 1),
+                s("rout", 0, false, 0)
+            ]
+        );
     }
 }

@@ -24,7 +24,7 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem, umem::fram
 use super::{
     BATCH, DRAIN_TIMEOUT, IDLE_POLL_MS, RING_SIZE,
     ringlog::RingLog,
-    stats::{DatapathStats, OutputCounters},
+    stats::{DatapathStats, OutputCounters, SocketCounters},
 };
 use crate::{
     frag::{FragTable, rewrite_packet},
@@ -127,6 +127,8 @@ pub(super) struct Shared {
     pub base: Mutex<Option<(Arc<Plan>, DatapathStats)>>,
     /// Each worker's counters as of its last publication, with the plan they are shaped by.
     pub snapshots: Vec<Mutex<(Arc<Plan>, DatapathStats)>>,
+    /// Each worker's sockets' kernel counters as of its last publication.
+    pub sockets: Vec<Mutex<Vec<SocketCounters>>>,
 }
 
 impl Shared {
@@ -607,6 +609,20 @@ impl Worker {
             .unwrap_or_else(|p| p.into_inner());
         slot.0 = self.plan.clone();
         slot.1.clone_from(&self.stats);
+        drop(slot);
+        // One getsockopt per socket per publication, never per packet.
+        let mut sockets = self.shared.sockets[self.id]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        sockets.clear();
+        for p in &self.ports {
+            match p.rx.fd().xdp_statistics() {
+                Ok(st) => sockets.push(SocketCounters::from_kernel(
+                    &p.name, p.queue, p.ingress, &st,
+                )),
+                Err(e) => debug!("{} queue {}: reading XDP statistics: {e}", p.name, p.queue),
+            }
+        }
     }
 
     fn receive_all(&mut self) -> usize {

@@ -24,7 +24,10 @@ use ring::BulkRing;
 #[serde(rename_all = "lowercase")]
 pub enum AllocatorKind {
     /// A bounded lock-free ring with bulk operations: no lock on take or give-back.
+    /// `lock-free`, as the log writes it, is accepted too.
     #[default]
+    #[serde(alias = "lock-free")]
+    #[value(alias = "lock-free")]
     Lockfree,
     /// `Mutex<Vec<u32>>`: simple, and the baseline.
     Mutex,

@@ -1,0 +1,233 @@
+//! The client side of the command line: which control socket to talk to, and printing
+//! what the relay answers, once or `--watch`ed.
+
+use std::{
+    io::{IsTerminal, Write},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    control::{self, Reply, Request},
+    stats::StatsView,
+};
+
+/// The config file client commands read `control:` from unless told another.
+pub const DEFAULT_CONFIG: &str = "/etc/relay/rules.yaml";
+
+/// The control socket a client command talks to: `control` if given, else the `control:`
+/// of the config file `config`, else the default socket. Only `control:` is read from the
+/// file, so a file with a mistake elsewhere (one a reload would refuse) still names its
+/// relay. A file that cannot be read is an error when it was `named` on the command line;
+/// the default file may be missing (the default socket then).
+pub fn control_path(control: Option<&Path>, config: &Path, named: bool) -> Result<PathBuf> {
+    if let Some(c) = control {
+        return Ok(c.to_path_buf());
+    }
+    let text = match std::fs::read_to_string(config) {
+        Ok(text) => text,
+        Err(e) if !named && e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(PathBuf::from(control::DEFAULT_SOCKET));
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "{}: cannot read it to find the relay's control socket (or give --control)",
+                    config.display()
+                )
+            });
+        }
+    };
+    control_in(&config.display().to_string(), &text)
+}
+
+/// The `control:` of a config file's text, or the default socket when it has none.
+pub fn control_in(file: &str, yaml: &str) -> Result<PathBuf> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(yaml)
+        .with_context(|| format!("{file}: not YAML, so it names no control socket"))?;
+    match doc.get("control") {
+        None | Some(serde_yaml::Value::Null) => Ok(PathBuf::from(control::DEFAULT_SOCKET)),
+        Some(serde_yaml::Value::String(path)) => Ok(PathBuf::from(path)),
+        Some(other) => bail!(
+            "{file}: control: `{}` is not a path",
+            serde_json::to_string(other).unwrap_or_default()
+        ),
+    }
+}
+
+/// How `relay stats` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Show {
+    Table,
+    Json,
+}
+
+/// Which view a command prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Stats { show: Show, groups: bool },
+    Rules { json: bool },
+    Members { json: bool },
+}
+
+/// Set by SIGINT and SIGTERM while a `--watch` runs.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn counters(path: &Path) -> Result<StatsView> {
+    match control::request(path, &Request::Stats)? {
+        Reply::Stats(v) => Ok(*v),
+        Reply::Error(e) => bail!("the relay refused the request: {e}"),
+        other => bail!("the relay answered {other:?} to a request for its counters"),
+    }
+}
+
+/// Prints `view` once, or every `watch` seconds (`count` times at most) until Ctrl-C.
+pub fn show(path: &Path, view: View, watch: Option<f64>, count: Option<u64>) -> Result<ExitCode> {
+    let Some(seconds) = watch else {
+        print!("{}", once(&counters(path)?, view)?);
+        return Ok(ExitCode::SUCCESS);
+    };
+    if !(seconds.is_finite() && seconds >= 0.1) {
+        bail!("--watch {seconds}: give an interval of at least 0.1 seconds");
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and the
+        // sigaction struct is fully initialised (zeroed, then the handler set).
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_stop as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("installing signal handlers");
+        }
+    }
+    let redraw = std::io::stdout().is_terminal();
+    let interval = Duration::from_secs_f64(seconds);
+    let mut before = (Instant::now(), counters(path)?);
+    let mut shown = 0;
+    while count.is_none_or(|n| shown < n) {
+        let due = before.0 + interval;
+        while Instant::now() < due {
+            if STOP.load(Ordering::Relaxed) {
+                return Ok(ExitCode::SUCCESS);
+            }
+            std::thread::sleep((due - Instant::now()).min(Duration::from_millis(50)));
+        }
+        let now = (Instant::now(), counters(path)?);
+        let text = match view {
+            View::Stats { show, .. } => {
+                let rates = crate::rates::rates(
+                    &before.1,
+                    &now.1,
+                    now.0.duration_since(before.0).as_secs_f64(),
+                );
+                match show {
+                    Show::Json => format!("{}\n", serde_json::to_string(&rates)?),
+                    Show::Table => rates.render(),
+                }
+            }
+            _ => once(&now.1, view)?,
+        };
+        let mut out = std::io::stdout().lock();
+        if redraw {
+            // Home, the new block, then clear what the last one left below it: no flicker.
+            write!(out, "\x1b[H{}\x1b[J", text.replace('\n', "\x1b[K\n"))?;
+        } else {
+            write!(out, "{text}")?;
+            if !matches!(
+                view,
+                View::Stats {
+                    show: Show::Json,
+                    ..
+                }
+            ) {
+                writeln!(out)?;
+            }
+        }
+        out.flush()?;
+        before = now;
+        shown += 1;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What one answer prints as.
+fn once(v: &StatsView, view: View) -> Result<String> {
+    Ok(match view {
+        View::Stats { show, groups } => {
+            let v = if groups {
+                v.clone()
+            } else {
+                v.clone().without_groups()
+            };
+            match show {
+                Show::Json => format!("{}\n", serde_json::to_string_pretty(&v)?),
+                Show::Table => v.render_table(),
+            }
+        }
+        View::Rules { json: true } => {
+            format!("{}\n", serde_json::to_string_pretty(&v.rules)?)
+        }
+        View::Rules { json: false } => v.render_rules(),
+        View::Members { json: true } => {
+            format!("{}\n", serde_json::to_string_pretty(&v.queriers)?)
+        }
+        View::Members { json: false } => v.render_members(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_comes_from_the_command_line_then_the_file() {
+        let dir = std::env::temp_dir().join(format!("relay-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.yaml");
+        // A file with a mistake elsewhere still names its socket.
+        std::fs::write(&file, "control: /run/relay-a/relay.sock\nrules: 7\n").unwrap();
+        assert_eq!(
+            control_path(None, &file, true).unwrap(),
+            Path::new("/run/relay-a/relay.sock")
+        );
+        assert_eq!(
+            control_path(Some(Path::new("/tmp/x.sock")), &file, true).unwrap(),
+            Path::new("/tmp/x.sock")
+        );
+        std::fs::write(&file, "rules: []\n").unwrap();
+        assert_eq!(
+            control_path(None, &file, true).unwrap(),
+            Path::new(control::DEFAULT_SOCKET)
+        );
+        let missing = dir.join("missing.yaml");
+        assert_eq!(
+            control_path(None, &missing, false).unwrap(),
+            Path::new(control::DEFAULT_SOCKET),
+            "the default file may be missing"
+        );
+        let e = format!("{:#}", control_path(None, &missing, true).unwrap_err());
+        assert!(
+            e.starts_with(&format!("{}: cannot read it", missing.display())),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            control_in("r.yaml", "control: [1, 2]\n").unwrap_err()
+        );
+        assert_eq!(e, "r.yaml: control: `[1,2]` is not a path");
+        let e = format!("{:#}", control_in("r.yaml", "control: [\n").unwrap_err());
+        assert!(e.starts_with("r.yaml: not YAML"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
