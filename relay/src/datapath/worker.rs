@@ -574,7 +574,9 @@ impl Worker {
     /// than left to fill a TX ring nothing drains. The link watcher keeps the state; this reads
     /// three atomics per port, no system call.
     fn check_links(&mut self) {
-        for p in &mut self.ports {
+        for pi in 0..self.ports.len() {
+            let sends = self.local_egress.contains(&Some(pi));
+            let p = &mut self.ports[pi];
             // A socket is bound to an ifindex: an interface deleted and created again under
             // the same name is another device, which the main thread binds to with new
             // sockets (`watch_interfaces`).
@@ -587,16 +589,30 @@ impl Worker {
             if down != p.down {
                 if replaced {
                     log::warn!(
-                        "{}: this socket's interface was deleted; its frames are dropped as interface_down",
-                        p.name
+                        "{}: this socket's interface was deleted; {}",
+                        p.name,
+                        if sends {
+                            "its frames are dropped as interface_down"
+                        } else {
+                            "nothing arrives on it"
+                        }
                     );
-                } else if down {
+                } else if down && sends {
                     log::warn!(
                         "{}: link down; its outputs' frames are dropped (interface_down) until it is back",
                         p.name
                     );
+                } else if down {
+                    log::warn!(
+                        "{}: link down; nothing arrives on it until it is back",
+                        p.name
+                    );
                 } else {
-                    log::info!("{}: link up; transmitting again", p.name);
+                    log::info!(
+                        "{}: link up; {}",
+                        p.name,
+                        if sends { "transmitting again" } else { "receiving again" }
+                    );
                 }
                 p.down = down;
             }
