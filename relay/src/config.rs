@@ -214,11 +214,114 @@ pub enum PollMode {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RuleYaml")]
 pub struct Rule {
     pub name: String,
+    /// The input; with `inputs:`, the first leg.
     pub input: Input,
+    /// With `inputs:`, the legs after the first: the same stream arriving again, merged
+    /// (`merge:`) so that each packet goes out once.
+    pub legs: Vec<Input>,
+    /// How the legs' packets are numbered; required with two or more inputs.
+    pub merge: Option<MergeSpec>,
+    /// How long a sequence number counts as already relayed (`merge:` only).
+    pub window_ms: Option<u32>,
     pub outputs: Vec<Output>,
+}
+
+/// A rule as written: `input:` or `inputs:`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleYaml {
+    name: String,
+    #[serde(default)]
+    input: Option<Input>,
+    #[serde(default)]
+    inputs: Option<Vec<Input>>,
+    #[serde(default)]
+    merge: Option<MergeSpec>,
+    #[serde(default)]
+    window_ms: Option<u32>,
+    outputs: Vec<Output>,
+}
+
+impl TryFrom<RuleYaml> for Rule {
+    type Error = String;
+
+    fn try_from(r: RuleYaml) -> Result<Self, String> {
+        let mut legs = match (r.input, r.inputs) {
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "rule '{}' has both input: and inputs:: one input, or a list of the legs \
+                     of a merged stream",
+                    r.name
+                ));
+            }
+            (None, None) => {
+                return Err(format!(
+                    "rule '{}' has no input: name one (input:), or the legs of a merged stream \
+                     (inputs:)",
+                    r.name
+                ));
+            }
+            (Some(one), None) => vec![one],
+            (None, Some(list)) if list.is_empty() => {
+                return Err(format!("rule '{}': inputs: is empty", r.name));
+            }
+            (None, Some(list)) => list,
+        };
+        let input = legs.remove(0);
+        Ok(Rule {
+            name: r.name,
+            input,
+            legs,
+            merge: r.merge,
+            window_ms: r.window_ms,
+            outputs: r.outputs,
+        })
+    }
+}
+
+/// `merge:`, as written: `rtp`, or `{ offset: N, bytes: 4 | 8 }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum MergeSpec {
+    /// A kind by name (`rtp` is the one there is; validation names any other).
+    Named(String),
+    /// A big-endian counter in the UDP payload.
+    Counter(CounterSpec),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CounterSpec {
+    pub offset: u32,
+    pub bytes: u32,
+}
+
+/// The largest UDP payload (an IPv4 datagram of 65,535 bytes, less its headers).
+const MAX_UDP_PAYLOAD: u32 = 65_507;
+
+/// The window a merged rule has without `window_ms:`: ST 2022-7's class D skew between paths.
+pub const DEFAULT_WINDOW_MS: u32 = 500;
+
+impl Rule {
+    /// The rule's inputs: the input (or first leg), then the other legs.
+    pub fn inputs(&self) -> impl Iterator<Item = &Input> {
+        std::iter::once(&self.input).chain(&self.legs)
+    }
+
+    /// The merge's numbering, once validated.
+    pub fn sequence(&self) -> Option<crate::merge::Sequence> {
+        match self.merge.as_ref()? {
+            MergeSpec::Named(n) if n == "rtp" => Some(crate::merge::Sequence::Rtp),
+            MergeSpec::Named(_) => None,
+            MergeSpec::Counter(c) => Some(crate::merge::Sequence::Counter {
+                offset: c.offset as usize,
+                bytes: c.bytes as usize,
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -796,128 +899,157 @@ impl Config {
             if !names.insert(rule.name.as_str()) {
                 return Err(err("duplicate rule name".to_owned()));
             }
-            let input = &rule.input;
-            check_interface_name(&input.interface, "input").map_err(err)?;
-            // An interface that does not exist yet leaves the rule idle until it appears
-            // (see `absent_interfaces`).
-            let info = sys
-                .interface(&input.interface)
-                .unwrap_or_else(InterfaceInfo::absent);
-            if info.rx_queues > MAX_QUEUES_PER_IFACE {
-                return Err(err(format!(
-                    "input interface '{}' has {} rx queues: the relay steers at most \
-                     {MAX_QUEUES_PER_IFACE} per interface (`ethtool -L {} combined \
-                     {MAX_QUEUES_PER_IFACE}` lowers them)",
-                    input.interface, info.rx_queues, input.interface
-                )));
-            }
-            ingress.insert(input.interface.as_str());
-            if ingress.len() > MAX_INGRESS_IFACES as usize {
-                return Err(err(format!(
-                    "input interface '{}' is one more than the {MAX_INGRESS_IFACES} input \
-                     interfaces the relay steers",
-                    input.interface
-                )));
-            }
-            let address = match (input.group, input.destination) {
-                (Some(g), Some(d)) => {
+            self.check_merge(rule).map_err(&err)?;
+            let mut address = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+            for (leg, input) in rule.inputs().enumerate() {
+                // A merged rule's errors say which leg; a plain rule's read as they always did.
+                let merged = !rule.legs.is_empty();
+                let err = |message: String| {
+                    err(if merged {
+                        format!("inputs[{leg}]: {message}")
+                    } else {
+                        message
+                    })
+                };
+                check_interface_name(&input.interface, "input").map_err(err)?;
+                // An interface that does not exist yet leaves the rule idle until it appears
+                // (see `absent_interfaces`).
+                let info = sys
+                    .interface(&input.interface)
+                    .unwrap_or_else(InterfaceInfo::absent);
+                if info.rx_queues > MAX_QUEUES_PER_IFACE {
                     return Err(err(format!(
-                        "input has both group {g} and destination {d}: an input takes a group \
-                         or a unicast destination, not both"
+                        "input interface '{}' has {} rx queues: the relay steers at most \
+                         {MAX_QUEUES_PER_IFACE} per interface (`ethtool -L {} combined \
+                         {MAX_QUEUES_PER_IFACE}` lowers them)",
+                        input.interface, info.rx_queues, input.interface
                     )));
                 }
-                (None, None) => {
-                    return Err(err(
-                        "input has neither group: nor destination:: name the group to relay, \
-                         or the unicast address and port"
-                            .to_owned(),
-                    ));
-                }
-                (Some(g), None) => {
-                    check_group_prefix(&g, "input group", "").map_err(err)?;
-                    g.addr
-                }
-                (None, Some(d)) => {
-                    if d.is_multicast() {
-                        return Err(err(format!(
-                            "input destination {d} is a multicast address: it goes in group:"
-                        )));
-                    }
-                    if !is_unicast_host(d) {
-                        return Err(err(format!(
-                            "input destination {d} is not a unicast host address"
-                        )));
-                    }
-                    if input.port.is_none() {
-                        return Err(err(format!(
-                            "input destination {d} has no port: a unicast input takes the UDP \
-                             datagrams to one port of the address, and the host keeps the rest"
-                        )));
-                    }
-                    d
-                }
-            };
-            let unicast_in = input.destination.is_some();
-            if input.port == Some(0) {
-                return Err(err("input port 0 is not a valid UDP port".to_owned()));
-            }
-            if let Some(src) = input.source {
-                if src.addr.is_ipv4() != address.is_ipv4() {
+                ingress.insert(input.interface.as_str());
+                if ingress.len() > MAX_INGRESS_IFACES as usize {
                     return Err(err(format!(
-                        "input source {src} and {} {} are of different families: a rule is \
-                         all IPv4 or all IPv6",
+                        "input interface '{}' is one more than the {MAX_INGRESS_IFACES} input \
+                         interfaces the relay steers",
+                        input.interface
+                    )));
+                }
+                let leg_address = match (input.group, input.destination) {
+                    (Some(g), Some(d)) => {
+                        return Err(err(format!(
+                            "input has both group {g} and destination {d}: an input takes a group \
+                             or a unicast destination, not both"
+                        )));
+                    }
+                    (None, None) => {
+                        return Err(err(
+                            "input has neither group: nor destination:: name the group to relay, \
+                             or the unicast address and port"
+                                .to_owned(),
+                        ));
+                    }
+                    (Some(g), None) => {
+                        check_group_prefix(&g, "input group", "").map_err(err)?;
+                        g.addr
+                    }
+                    (None, Some(d)) => {
+                        if d.is_multicast() {
+                            return Err(err(format!(
+                                "input destination {d} is a multicast address: it goes in group:"
+                            )));
+                        }
+                        if !is_unicast_host(d) {
+                            return Err(err(format!(
+                                "input destination {d} is not a unicast host address"
+                            )));
+                        }
+                        if input.port.is_none() {
+                            return Err(err(format!(
+                                "input destination {d} has no port: a unicast input takes the UDP \
+                                 datagrams to one port of the address, and the host keeps the rest"
+                            )));
+                        }
+                        d
+                    }
+                };
+                let unicast_in = input.destination.is_some();
+                if input.port == Some(0) {
+                    return Err(err("input port 0 is not a valid UDP port".to_owned()));
+                }
+                if let Some(src) = input.source {
+                    if src.addr.is_ipv4() != leg_address.is_ipv4() {
+                        return Err(err(format!(
+                            "input source {src} and {} {} are of different families: a rule is \
+                             all IPv4 or all IPv6",
+                            input_key(unicast_in),
+                            input.prefix()
+                        )));
+                    }
+                    check_source_prefix(&src).map_err(err)?;
+                }
+                if let Some(v) = input.vlan
+                    && !v.is_valid()
+                {
+                    return Err(err(format!(
+                        "input vlan {v} is not a VLAN ID from 1 to 4094 or untagged"
+                    )));
+                }
+                let key = (
+                    &input.interface,
+                    input.prefix(),
+                    input.port,
+                    input.source,
+                    input.vlan,
+                );
+                if !inputs.insert(key) {
+                    return Err(err(format!(
+                        "another rule already has the input {} {}:{} from {}{}",
+                        input.interface,
+                        input.prefix(),
+                        input.port.map_or("any".to_owned(), |p| p.to_string()),
+                        input.source.map_or("any".to_owned(), |s| s.to_string()),
+                        input.vlan.map_or(String::new(), |v| format!(" vlan {v}")),
+                    )));
+                }
+                // With ranges the XDP program walks one lookup per tuple (form of input) in a
+                // loop the verifier must see end; during a reload it walks the old and the new
+                // rules' tuples, so each table gets half of the program's bound.
+                tuples.insert(crate::rules::input_tuple(input));
+                if tuples.len() > MAX_TUPLES as usize {
+                    return Err(err(format!(
+                        "input {} {}:{} from {}{} makes {} forms of input (family, VLAN or any, \
+                         group prefix length, source prefix length, port or any; this one's \
+                         lengths are /{} and {}): the XDP program looks up at most {MAX_TUPLES}; \
+                         use fewer distinct prefix lengths",
+                        input.interface,
+                        input.prefix(),
+                        input.port.map_or("any".to_owned(), |p| p.to_string()),
+                        input.source.map_or("any".to_owned(), |s| s.to_string()),
+                        input.vlan.map_or(String::new(), |v| format!(" vlan {v}")),
+                        tuples.len(),
+                        input.prefix().len,
+                        input
+                            .source
+                            .map_or("/0".to_owned(), |s| format!("/{}", s.len)),
+                    )));
+                }
+                if leg == 0 {
+                    address = leg_address;
+                } else if leg_address.is_ipv4() != address.is_ipv4() {
+                    return Err(err(format!(
+                        "{} {} and the first leg's {address} are of different families: a rule \
+                         is all IPv4 or all IPv6",
                         input_key(unicast_in),
                         input.prefix()
                     )));
                 }
-                check_source_prefix(&src).map_err(err)?;
+                if merged && !input.prefix().is_host() {
+                    return Err(err(format!(
+                        "group {} is a range: a leg of a merged stream is one group",
+                        input.prefix()
+                    )));
+                }
             }
-            if let Some(v) = input.vlan
-                && !v.is_valid()
-            {
-                return Err(err(format!(
-                    "input vlan {v} is not a VLAN ID from 1 to 4094 or untagged"
-                )));
-            }
-            let key = (
-                &input.interface,
-                input.prefix(),
-                input.port,
-                input.source,
-                input.vlan,
-            );
-            if !inputs.insert(key) {
-                return Err(err(format!(
-                    "another rule already has the input {} {}:{} from {}{}",
-                    input.interface,
-                    input.prefix(),
-                    input.port.map_or("any".to_owned(), |p| p.to_string()),
-                    input.source.map_or("any".to_owned(), |s| s.to_string()),
-                    input.vlan.map_or(String::new(), |v| format!(" vlan {v}")),
-                )));
-            }
-            // With ranges the XDP program walks one lookup per tuple (form of input) in a
-            // loop the verifier must see end; during a reload it walks the old and the new
-            // rules' tuples, so each table gets half of the program's bound.
-            tuples.insert(crate::rules::input_tuple(input));
-            if tuples.len() > MAX_TUPLES as usize {
-                return Err(err(format!(
-                    "input {} {}:{} from {}{} makes {} forms of input (family, VLAN or any, \
-                     group prefix length, source prefix length, port or any; this one's \
-                     lengths are /{} and {}): the XDP program looks up at most {MAX_TUPLES}; \
-                     use fewer distinct prefix lengths",
-                    input.interface,
-                    input.prefix(),
-                    input.port.map_or("any".to_owned(), |p| p.to_string()),
-                    input.source.map_or("any".to_owned(), |s| s.to_string()),
-                    input.vlan.map_or(String::new(), |v| format!(" vlan {v}")),
-                    tuples.len(),
-                    input.prefix().len,
-                    input
-                        .source
-                        .map_or("/0".to_owned(), |s| format!("/{}", s.len)),
-                )));
-            }
+            let input = &rule.input;
             if rule.outputs.is_empty() {
                 return Err(err("no outputs".to_owned()));
             }
@@ -941,21 +1073,87 @@ impl Config {
                         vid.map_or(String::new(), |v| format!(" vlan {v}")),
                     )));
                 }
-                let same_group = out.prefix().is_none_or(|g| g == input.prefix());
-                let same_port = out.port.is_none() || out.port == input.port;
-                if out.interface == input.interface
-                    && same_group
-                    && same_port
-                    && crate::vlan::may_loop(input.vlan, out.vlan)
-                {
-                    return Err(err(format!(
-                        "output on '{}' sends the input's own {} and port back out of its \
-                         input interface: a loop",
-                        out.interface,
-                        input_key(unicast_in)
-                    )));
+                // What the output sends (a merged stream goes out as its first leg) against
+                // what each leg receives.
+                let sends = (
+                    out.prefix().unwrap_or(input.prefix()),
+                    out.port.or(input.port),
+                );
+                for leg in rule.inputs() {
+                    if out.interface == leg.interface
+                        && sends.0 == leg.prefix()
+                        && sends.1 == leg.port
+                        && crate::vlan::may_loop(leg.vlan, out.vlan)
+                    {
+                        return Err(err(format!(
+                            "output on '{}' sends the input's own {} and port back out of its \
+                             input interface: a loop",
+                            out.interface,
+                            input_key(leg.destination.is_some())
+                        )));
+                    }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// `inputs:`, `merge:` and `window_ms:` together: two or more legs need a numbering to
+    /// merge by, one input has nothing to merge, and the numbering and window are ones the
+    /// merge can read and time.
+    fn check_merge(&self, rule: &Rule) -> Result<(), String> {
+        let legs = 1 + rule.legs.len();
+        match (&rule.merge, legs) {
+            (None, 1) => {
+                if let Some(w) = rule.window_ms {
+                    return Err(format!(
+                        "window_ms {w} without merge:: the window is how long a merged stream \
+                         remembers a sequence number"
+                    ));
+                }
+                return Ok(());
+            }
+            (None, n) => {
+                return Err(format!(
+                    "inputs: lists {n} legs but there is no merge:: say how their packets are \
+                     numbered (merge: rtp, or merge: {{ offset: N, bytes: 4 }})"
+                ));
+            }
+            (Some(_), 1) => {
+                return Err(
+                    "merge: with one input: a merge takes two or more legs (inputs:)".to_owned(),
+                );
+            }
+            (Some(MergeSpec::Named(n)), _) if n != "rtp" => {
+                return Err(format!(
+                    "merge: {n} is not a numbering the relay reads: rtp (the RTP sequence \
+                     number), or {{ offset: N, bytes: 4 or 8 }} (a counter in the payload)"
+                ));
+            }
+            (Some(MergeSpec::Counter(c)), _) => {
+                if c.bytes != 4 && c.bytes != 8 {
+                    return Err(format!(
+                        "merge: bytes {}: a payload counter is 4 or 8 bytes",
+                        c.bytes
+                    ));
+                }
+                if c.offset + c.bytes > MAX_UDP_PAYLOAD {
+                    return Err(format!(
+                        "merge: offset {} with bytes {} ends beyond the largest UDP payload \
+                         ({MAX_UDP_PAYLOAD} bytes)",
+                        c.offset, c.bytes
+                    ));
+                }
+            }
+            (Some(_), _) => {}
+        }
+        if let Some(w) = rule.window_ms
+            && !(1..=crate::merge::MAX_WINDOW_MS).contains(&w)
+        {
+            return Err(format!(
+                "window_ms {w} is out of range: from 1 to {} ms",
+                crate::merge::MAX_WINDOW_MS
+            ));
         }
         Ok(())
     }
@@ -1870,6 +2068,142 @@ rules:
             let c = Config::parse("r.yaml", &yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
             let got = c.validate("r.yaml", &fake()).expect_err(&yaml).to_string();
             assert_eq!(got, want, "for\n{yaml}");
+        }
+    }
+
+    /// `inputs:` with `merge:`: parsed into the first leg and the others, with the numbering
+    /// and the window; every way of getting it wrong is refused naming the rule and value.
+    #[test]
+    fn merged_rules_parse_and_their_mistakes_are_named() {
+        let merged = |legs: &str, extra: &str, outputs: &str| {
+            format!("rules:\n  - name: m\n    inputs: {legs}\n{extra}    outputs: {outputs}\n")
+        };
+        let two = "[{interface: in0, group: 239.1.1.1, port: 5000}, {interface: out1, group: 239.101.1.1, port: 5000}]";
+        let out = "[{interface: out0}]";
+        let c = Config::parse("r.yaml", &merged(two, "    merge: rtp\n", out)).unwrap();
+        c.validate("r.yaml", &fake()).unwrap();
+        let r = &c.rules[0];
+        assert_eq!(r.input.interface, "in0");
+        assert_eq!(r.legs.len(), 1);
+        assert_eq!(r.legs[0].group, Some("239.101.1.1".parse().unwrap()));
+        assert_eq!(r.sequence(), Some(crate::merge::Sequence::Rtp));
+        assert_eq!(r.window_ms, None);
+        let c = Config::parse(
+            "r.yaml",
+            &merged(
+                two,
+                "    merge: {offset: 8, bytes: 8}\n    window_ms: 200\n",
+                out,
+            ),
+        )
+        .unwrap();
+        c.validate("r.yaml", &fake()).unwrap();
+        assert_eq!(
+            c.rules[0].sequence(),
+            Some(crate::merge::Sequence::Counter {
+                offset: 8,
+                bytes: 8
+            })
+        );
+        assert_eq!(c.rules[0].window_ms, Some(200));
+        // A single input in a list is a plain rule.
+        let c = Config::parse(
+            "r.yaml",
+            &merged("[{interface: in0, group: 239.1.1.1}]", "", out),
+        )
+        .unwrap();
+        c.validate("r.yaml", &fake()).unwrap();
+        assert!(c.rules[0].legs.is_empty());
+
+        let bad: Vec<(String, &str)> = vec![
+            (
+                merged(two, "", out),
+                "r.yaml: rule 'm': inputs: lists 2 legs but there is no merge:: say how their \
+                 packets are numbered (merge: rtp, or merge: { offset: N, bytes: 4 })",
+            ),
+            (
+                ONE_RULE.replace("    outputs", "    merge: rtp\n    outputs"),
+                "r.yaml: rule 'r1': merge: with one input: a merge takes two or more legs \
+                 (inputs:)",
+            ),
+            (
+                ONE_RULE.replace("    outputs", "    window_ms: 100\n    outputs"),
+                "r.yaml: rule 'r1': window_ms 100 without merge:: the window is how long a \
+                 merged stream remembers a sequence number",
+            ),
+            (
+                merged(two, "    merge: smpte\n", out),
+                "r.yaml: rule 'm': merge: smpte is not a numbering the relay reads: rtp (the RTP \
+                 sequence number), or { offset: N, bytes: 4 or 8 } (a counter in the payload)",
+            ),
+            (
+                merged(two, "    merge: {offset: 0, bytes: 2}\n", out),
+                "r.yaml: rule 'm': merge: bytes 2: a payload counter is 4 or 8 bytes",
+            ),
+            (
+                merged(two, "    merge: {offset: 65500, bytes: 8}\n", out),
+                "r.yaml: rule 'm': merge: offset 65500 with bytes 8 ends beyond the largest UDP \
+                 payload (65507 bytes)",
+            ),
+            (
+                merged(two, "    merge: rtp\n    window_ms: 0\n", out),
+                "r.yaml: rule 'm': window_ms 0 is out of range: from 1 to 60000 ms",
+            ),
+            (
+                merged(
+                    "[{interface: in0, group: 239.1.1.1}, {interface: out1, group: 'ff18::1'}]",
+                    "    merge: rtp\n",
+                    out,
+                ),
+                "r.yaml: rule 'm': inputs[1]: group ff18::1 and the first leg's 239.1.1.1 are of \
+                 different families: a rule is all IPv4 or all IPv6",
+            ),
+            (
+                merged(
+                    "[{interface: in0, group: 239.1.1.1}, {interface: out1, group: 239.2.0.0/16}]",
+                    "    merge: rtp\n",
+                    out,
+                ),
+                "r.yaml: rule 'm': inputs[1]: group 239.2.0.0/16 is a range: a leg of a merged \
+                 stream is one group",
+            ),
+            (
+                merged(
+                    "[{interface: in0, group: 239.1.1.1}, {interface: in0, group: 239.1.1.1}]",
+                    "    merge: rtp\n",
+                    out,
+                ),
+                "r.yaml: rule 'm': inputs[1]: another rule already has the input in0 \
+                 239.1.1.1:any from any",
+            ),
+            (
+                merged(
+                    "[{interface: in0, group: 239.1.1.1, port: 5000}, {interface: out1, group: 239.101.1.1, port: 5000}]",
+                    "    merge: rtp\n",
+                    "[{interface: out1, group: 239.101.1.1}]",
+                ),
+                "r.yaml: rule 'm': output on 'out1' sends the input's own group and port back \
+                 out of its input interface: a loop",
+            ),
+        ];
+        for (yaml, want) in bad {
+            let c = Config::parse("r.yaml", &yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            let got = c.validate("r.yaml", &fake()).expect_err(&yaml).to_string();
+            assert_eq!(got, want, "for\n{yaml}");
+        }
+        for (yaml, want) in [
+            (
+                "rules:\n  - name: m\n    input: {interface: in0, group: 239.1.1.1}\n    inputs: [{interface: in0, group: 239.1.1.2}]\n    outputs: [{interface: out0}]\n",
+                "r.yaml: rules: rule 'm' has both input: and inputs:: one input, or a list of the \
+                 legs of a merged stream at line 2 column 3",
+            ),
+            (
+                "rules:\n  - name: m\n    outputs: [{interface: out0}]\n",
+                "r.yaml: rules: rule 'm' has no input: name one (input:), or the legs of a merged \
+                 stream (inputs:) at line 2 column 3",
+            ),
+        ] {
+            assert_eq!(Config::parse("r.yaml", yaml).unwrap_err().to_string(), want);
         }
     }
 

@@ -472,6 +472,9 @@ mod tests {
                 source,
                 vlan,
             },
+            legs: Vec::new(),
+            merge: None,
+            window_ms: None,
             outputs: vec![Output {
                 interface: "out0".into(),
                 group: None,

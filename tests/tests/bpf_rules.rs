@@ -65,6 +65,9 @@ fn prefix_rule(
             source,
             vlan,
         },
+        legs: Vec::new(),
+        merge: None,
+        window_ms: None,
         outputs: vec![Output {
             interface: "out0".into(),
             // A unicast input's output names where to send.

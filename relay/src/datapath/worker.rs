@@ -611,7 +611,11 @@ impl Worker {
                     log::info!(
                         "{}: link up; {}",
                         p.name,
-                        if sends { "transmitting again" } else { "receiving again" }
+                        if sends {
+                            "transmitting again"
+                        } else {
+                            "receiving again"
+                        }
                     );
                 }
                 p.down = down;
