@@ -15,6 +15,7 @@ pub mod frag;
 pub mod listeners;
 pub mod loader;
 pub mod membership;
+pub mod metrics;
 pub mod neighbours;
 pub mod nexthop;
 pub mod ondemand;
