@@ -64,9 +64,13 @@ pub fn serve(listener: TcpListener, snapshot: Snapshot) -> Result<()> {
 fn admit(stream: TcpStream, snapshot: &Snapshot, clients: &Arc<AtomicUsize>) {
     if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
         clients.fetch_sub(1, Ordering::AcqRel);
-        // A few bytes into an empty send buffer: never blocks.
+        // Nothing here may block. The request is read first where it has arrived: closing a
+        // socket with unread data resets it, and the client would lose the answer. The answer
+        // is a few bytes into an empty send buffer.
         let _ = stream.set_nonblocking(true);
+        let _ = (&stream).read(&mut [0u8; MAX_HEAD]);
         let _ = (&stream).write_all(&plain("503 Service Unavailable", "busy: try again\n"));
+        let _ = stream.shutdown(std::net::Shutdown::Write);
         return;
     }
     let (snapshot, slot) = (snapshot.clone(), Slot(clients.clone()));
@@ -113,7 +117,7 @@ fn answer(stream: &TcpStream, snapshot: &Snapshot) -> io::Result<()> {
         let left = time_left(started + REQUEST_DEADLINE)?;
         stream.set_read_timeout(Some(left))?;
         let mut chunk = [0u8; 1024];
-        let n = (&*stream)
+        let n = stream
             .take((MAX_HEAD - buf.len()) as u64)
             .read(&mut chunk)?;
         if n == 0 {
@@ -228,10 +232,10 @@ fn time_left(deadline: Instant) -> io::Result<Duration> {
 
 /// Writes all of `bytes` by `deadline`: a timeout per write would let a client that reads a
 /// byte at a time hold the connection for ever.
-fn write_by(stream: &TcpStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
+fn write_by(mut stream: &TcpStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
     while !bytes.is_empty() {
         stream.set_write_timeout(Some(time_left(deadline)?))?;
-        match (&*stream).write(bytes) {
+        match stream.write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
