@@ -899,7 +899,7 @@ impl Config {
             if !names.insert(rule.name.as_str()) {
                 return Err(err("duplicate rule name".to_owned()));
             }
-            self.check_merge(rule).map_err(&err)?;
+            self.check_merge(rule).map_err(err)?;
             let mut address = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
             for (leg, input) in rule.inputs().enumerate() {
                 // A merged rule's errors say which leg; a plain rule's read as they always did.

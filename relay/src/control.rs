@@ -1,4 +1,5 @@
-//! The control socket (`relay stats`, `relay rules`, `relay ping`) and the Prometheus endpoint.
+//! The control socket (`relay stats`, `relay rules`, `relay ping`); the Prometheus endpoint is
+//! in [`crate::metrics`].
 //!
 //! The control socket is a Unix stream socket, root-only (0600, in a 0700 directory). A client
 //! writes one JSON request on one line and reads one JSON reply on one line. A request that is
@@ -247,29 +248,11 @@ pub fn request(path: &Path, req: &Request) -> Result<Reply> {
     serde_json::from_str(&reply).with_context(|| format!("reply: {reply}"))
 }
 
-/// Serves the Prometheus text format (any path) on a thread of its own, on a listener bound
-/// early in the start (`preflight::metrics`), so that an address that cannot be bound stops
-/// the relay before it touches an interface.
+/// Serves the Prometheus endpoint (see [`crate::metrics`]) on a thread of its own, on a
+/// listener bound early in the start (`preflight::metrics`), so that an address that cannot be
+/// bound stops the relay before it touches an interface.
 pub fn serve_metrics(listener: TcpListener, snapshot: Snapshot) -> Result<()> {
-    let addr = listener.local_addr()?;
-    info!("Prometheus metrics at http://{addr}/metrics");
-    std::thread::Builder::new()
-        .name("relay-metrics".into())
-        .spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                // Read the request head (bounded) and answer whatever it asked.
-                let mut head = [0u8; 4096];
-                let _ = (&conn).read(&mut head);
-                let body = snapshot().render_prometheus();
-                let resp = format!(
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = (&conn).write_all(resp.as_bytes());
-            }
-        })?;
-    Ok(())
+    crate::metrics::serve(listener, snapshot)
 }
 
 /// The control socket path: the config's, or the default.

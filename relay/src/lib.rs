@@ -18,6 +18,7 @@ pub mod listeners;
 pub mod loader;
 pub mod membership;
 pub mod merge;
+pub mod metrics;
 pub mod neighbours;
 pub mod nexthop;
 pub mod ondemand;

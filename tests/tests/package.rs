@@ -1,5 +1,7 @@
 //! The Debian package that `cargo xtask package` (and `cargo xtask test`) builds: what it
-//! installs, that apt would install it, and that its unit grants the capabilities the
+//! installs, that apt would install it, that it leaves the unit disabled (the example config
+//! names placeholder interfaces), that `systemctl reload` goes through `relay reload` (which
+//! fails when the relay refuses the file), and that its unit grants the capabilities the
 //! namespace harness proved sufficient.
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command};
@@ -31,6 +33,7 @@ fn installs_binary_unit_config_and_docs() {
         "./etc/relay/rules.yaml",
         "./usr/lib/systemd/system/relay.service",
         "./usr/share/doc/relay/OPERATIONS.md",
+        "./usr/share/relay/grafana/relay.json",
     ] {
         assert!(
             listing.lines().any(|l| l.ends_with(path)),
@@ -51,10 +54,38 @@ fn installs_binary_unit_config_and_docs() {
         "/etc/relay/rules.yaml",
         "the config survives upgrades"
     );
+    // Installed disabled and not started: enabled with the example's eth0/eth1/eth2 it would
+    // fail and restart at every boot. (An upgrade keeps what the operator chose:
+    // deb-systemd-helper's state.)
     let postinst = std::fs::read_to_string(dir.join("DEBIAN/postinst")).unwrap();
+    // The one `enable` is the upgrade's, for a unit the operator had enabled.
+    let kept = "if deb-systemd-helper --quiet was-enabled relay.service; then";
+    let (_, after) = postinst
+        .split_once(kept)
+        .unwrap_or_else(|| panic!("{postinst}"));
+    let block = &after[..after.find("\n\t\tfi").unwrap()];
     assert!(
-        postinst.contains("deb-systemd-helper enable relay.service"),
+        block.contains("deb-systemd-helper enable relay.service"),
         "{postinst}"
+    );
+    assert_eq!(
+        postinst.matches("deb-systemd-helper enable").count(),
+        1,
+        "{postinst}"
+    );
+    assert!(!postinst.contains("systemctl start"), "{postinst}");
+    assert!(!postinst.contains("deb-systemd-invoke start"), "{postinst}");
+
+    // The Grafana dashboard, as in the source tree (whose queries a unit test checks
+    // against the exposition).
+    let dashboard = std::fs::read(dir.join("usr/share/relay/grafana/relay.json")).unwrap();
+    let source = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/grafana/relay.json"),
+    )
+    .unwrap();
+    assert!(
+        dashboard == source,
+        "the packaged dashboard is not packaging/grafana/relay.json"
     );
 
     // The packaged example parses: only its interface names are placeholders.
@@ -84,7 +115,14 @@ fn installs_binary_unit_config_and_docs() {
     .collect();
     assert_eq!(caps("AmbientCapabilities="), want);
     assert_eq!(caps("CapabilityBoundingSet="), want);
-    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    // `relay reload` waits for the relay's answer and exits 1 when it refuses the file, so
+    // `systemctl reload` fails then (a signal would report success either way).
+    let reload: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecReload="))
+        .collect();
+    assert_eq!(reload, ["/usr/bin/relay reload"], "{unit}");
+    assert!(!unit.contains("kill"), "{unit}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

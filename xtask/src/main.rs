@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod check_setup;
 mod pool_bench;
 
 #[derive(Parser)]
@@ -65,6 +66,10 @@ enum Task {
         #[arg(long)]
         no_write: bool,
     },
+    /// Run scripts/setup.sh with CARGO_HOME and RUSTUP_HOME pointed at empty folders (as CI
+    /// systems do) and check that every tool it installs is where cargo looks, and that the
+    /// real homes are untouched (downloads the nightly and builds the tools: minutes).
+    CheckSetup,
     /// Build, then relay multicast on a throw-away veth topology and print what happened.
     Demo {
         /// Packets to send per group.
@@ -190,6 +195,7 @@ fn main() -> Result<()> {
             let tables = pool_bench::run(&root, &target_dir(&root), repeats)?;
             record(&root, "pool", &tables, no_write)
         }
+        Task::CheckSetup => check_setup(&root),
         Task::Demo { packets } => {
             setup(&root)?;
             build_ebpf(&root)?;
@@ -304,6 +310,10 @@ fn build_for_traffic(root: &Path) -> Result<PathBuf> {
     build_gen(root)
 }
 
+fn check_setup(root: &Path) -> Result<()> {
+    check_setup::run(root, &target_dir(root), &stable(root)?, &nightly(root)?)
+}
+
 /// Builds the traffic generator; returns its path.
 fn build_gen(root: &Path) -> Result<PathBuf> {
     run(Command::new("cargo").current_dir(root).args([
@@ -329,8 +339,19 @@ fn nightly(root: &Path) -> Result<String> {
 }
 
 fn build_ebpf(root: &Path) -> Result<()> {
-    let nightly = nightly(root)?;
     let mut cmd = Command::new("cargo");
+    configure_ebpf_build(&mut cmd, root, &nightly(root)?);
+    run(&mut cmd)?;
+    let obj = xdp_object(root);
+    if !obj.exists() {
+        bail!("the eBPF build finished but {} is missing", obj.display());
+    }
+    eprintln!("xtask: XDP program at {}", obj.display());
+    Ok(())
+}
+
+/// Makes `cmd` (a `cargo`) build the eBPF crate with the pinned nightly.
+fn configure_ebpf_build(cmd: &mut Command, root: &Path, nightly: &str) {
     cmd.current_dir(root.join("relay-ebpf"))
         // The outer cargo (pinned stable) exports its own toolchain; clear it so `+nightly` wins.
         .env_remove("RUSTUP_TOOLCHAIN")
@@ -352,13 +373,19 @@ fn build_ebpf(root: &Path) -> Result<()> {
             "-Z",
             "build-std=core",
         ]);
-    run(&mut cmd)?;
-    let obj = xdp_object(root);
-    if !obj.exists() {
-        bail!("the eBPF build finished but {} is missing", obj.display());
-    }
-    eprintln!("xtask: XDP program at {}", obj.display());
-    Ok(())
+}
+
+/// The pinned stable, from rust-toolchain.toml.
+fn stable(root: &Path) -> Result<String> {
+    let path = root.join("rust-toolchain.toml");
+    std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .lines()
+        .find_map(|l| {
+            let v = l.strip_prefix("channel")?.trim_start().strip_prefix('=')?;
+            Some(v.trim().trim_matches('"').to_owned())
+        })
+        .with_context(|| format!("{} names no channel", path.display()))
 }
 
 /// Builds the Debian package from the release build.
@@ -493,6 +520,16 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         let result = tally.check(&format!("fuzz {target}"), &mut fuzz, &mut failures);
         let _ = std::fs::remove_dir_all(&scratch);
         result?;
+    }
+
+    // Setup from empty CARGO_HOME and RUSTUP_HOME, as a CI system runs it.
+    match check_setup(root) {
+        Ok(()) => tally.passed += 1,
+        Err(e) => {
+            println!("check-setup: {e:#}");
+            tally.failed += 1;
+            failures.push("check-setup".to_owned());
+        }
     }
 
     // The soak, for one minute: a steady flow through periodic reloads loses nothing, leaks
