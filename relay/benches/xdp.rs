@@ -97,6 +97,9 @@ fn rule(i: usize, group: Prefix, port: Option<u16>, source: Option<Prefix>) -> R
             source,
             vlan: None,
         },
+        legs: Vec::new(),
+        merge: None,
+        window_ms: None,
         outputs: vec![Output {
             interface: "out0".into(),
             group: None,
