@@ -288,13 +288,23 @@ mod tests {
             low_water: 50,
             rejected: 0,
         };
-        StatsView::build(
-            &t,
-            &d,
-            Some(&[12, 10, 10, 2, 0, 0, 0, 0]),
-            &pool,
-            AllocatorKind::Lockfree,
-        )
+        StatsView {
+            sockets: vec![crate::datapath::SocketCounters {
+                interface: "in0".into(),
+                queue: 0,
+                ingress: true,
+                rx_ring_full: 7,
+                fill_ring_empty: 5,
+                ..Default::default()
+            }],
+            ..StatsView::build(
+                &t,
+                &d,
+                Some(&[12, 10, 10, 2, 0, 0, 0, 0]),
+                &pool,
+                AllocatorKind::Lockfree,
+            )
+        }
     }
 
     /// Family name -> the label sets of its samples, from a strict parse of `text`. Each
