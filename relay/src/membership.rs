@@ -29,28 +29,30 @@ pub fn wanted(table: &RuleTable) -> Vec<Membership> {
     // A rule whose input does not exist yet joins nothing until it does; a unicast input
     // has no group to join, and a range cannot be joined group by group (its interface is
     // put into allmulticast mode instead).
-    let rules = || {
+    // A merged rule joins on each of its legs.
+    let inputs = || {
         table
             .rules
             .iter()
-            .filter(|r| r.ingress_ifindex != 0 && !r.unicast && r.prefix.is_host())
+            .flat_map(|r| r.inputs())
+            .filter(|i| i.ifindex != 0 && !i.unicast && i.prefix.is_host())
     };
     // A source prefix cannot be joined source-specifically: it joins any-source.
     let one_source =
-        |r: &crate::rules::CompiledRule| r.source.filter(|s| s.is_host()).map(|s| s.addr);
-    for r in rules() {
-        if one_source(r).is_none() {
-            any.insert((r.ingress_ifindex, r.group));
+        |i: &crate::rules::CompiledInput| i.source.filter(|s| s.is_host()).map(|s| s.addr);
+    for i in inputs() {
+        if one_source(&i).is_none() {
+            any.insert((i.ifindex, i.group));
         }
     }
     let mut out: BTreeSet<(u32, IpAddr, Option<IpAddr>)> = BTreeSet::new();
-    for r in rules() {
-        let src = if any.contains(&(r.ingress_ifindex, r.group)) {
+    for i in inputs() {
+        let src = if any.contains(&(i.ifindex, i.group)) {
             None
         } else {
-            one_source(r)
+            one_source(&i)
         };
-        out.insert((r.ingress_ifindex, r.group, src));
+        out.insert((i.ifindex, i.group, src));
     }
     out.into_iter()
         .map(|(ifindex, g, s)| {

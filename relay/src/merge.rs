@@ -103,6 +103,19 @@ pub struct MergeState {
     leg_high: Box<[AtomicU64]>,
 }
 
+/// Two states are equal when they merge the same way (numbering, window, legs, size): what a
+/// reload compares to decide whether a rule changed. What they remember is not compared.
+impl PartialEq for MergeState {
+    fn eq(&self, other: &Self) -> bool {
+        self.sequence == other.sequence
+            && self.window_ms == other.window_ms
+            && self.legs() == other.legs()
+            && self.slots.len() == other.slots.len()
+    }
+}
+
+impl Eq for MergeState {}
+
 impl MergeState {
     /// A table for `legs` legs; `slots` is rounded up to a power of two.
     pub fn new(sequence: Sequence, legs: usize, window_ms: u32, slots: usize) -> Self {

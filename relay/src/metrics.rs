@@ -273,11 +273,16 @@ mod tests {
              \x20     - {interface: out0, destination: 198.18.2.2, port: 7000}\n\
              \x20 - name: \"b\\\"c\"\n\
              \x20   input: {interface: in0, group: 239.1.1.2}\n\
-             \x20   outputs: [{interface: out1}]\n",
+             \x20   outputs: [{interface: out1}]\n\
+             \x20 - name: feed\n\
+             \x20   inputs: [{interface: in0, group: 239.1.1.3}, {interface: out1, group: 239.1.1.4}]\n\
+             \x20   merge: rtp\n\
+             \x20   outputs: [{interface: out0}]\n",
         )
         .unwrap();
         let t = RuleTable::compile(&c, "t", &fake()).unwrap();
-        let mut d = DatapathStats::new([4, 1].into_iter());
+        let mut d = DatapathStats::new([4, 1, 1].into_iter());
+        d.rules[2].merge.leg(1).first = 5;
         d.rules[0].packets = 10;
         d.rules[0].bytes = 1000;
         d.rules[0].outputs[1].packets = 9;

@@ -216,6 +216,24 @@ impl StatsView {
                     String::new()
                 },
             ]);
+            if let Some(m) = &r.merge {
+                for (i, leg) in m.legs.iter().enumerate() {
+                    t.row(vec![
+                        format!("   leg {i}"),
+                        leg.input.to_string(),
+                        leg.received.to_string(),
+                        String::new(),
+                        format!(
+                            "first={} duplicate={} gaps={}",
+                            leg.first, leg.duplicate, leg.gaps
+                        ),
+                    ]);
+                }
+                t.line(format!(
+                    "     merge ({}, window {} ms): relayed={} lost={} malformed={}",
+                    m.numbering, m.window_ms, m.relayed, m.lost, m.malformed
+                ));
+            }
             for g in r.groups.iter().flatten() {
                 t.row(vec![
                     "   .".into(),
@@ -295,7 +313,26 @@ impl StatsView {
             "SETTINGS".into(),
         ]);
         for r in &self.rules {
-            t.row(vec![r.name.clone(), r.input.to_string(), String::new()]);
+            match &r.merge {
+                None => t.row(vec![r.name.clone(), r.input.to_string(), String::new()]),
+                Some(m) => {
+                    for (i, leg) in m.legs.iter().enumerate() {
+                        t.row(vec![
+                            if i == 0 {
+                                r.name.clone()
+                            } else {
+                                String::new()
+                            },
+                            leg.input.to_string(),
+                            if i == 0 {
+                                format!("merged ({}, window {} ms)", m.numbering, m.window_ms)
+                            } else {
+                                String::new()
+                            },
+                        ]);
+                    }
+                }
+            }
             for o in &r.outputs {
                 t.row(vec![
                     output_label(&o.interface),

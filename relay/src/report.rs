@@ -58,6 +58,35 @@ pub fn render(
             rc.bytes,
             rc.checksum_completed
         );
+        if rule.merge.is_some() {
+            let _ = writeln!(
+                s,
+                "rule={} merge relayed={} lost={} malformed={}",
+                value(&rule.name),
+                rc.merge.relayed(),
+                rc.merge.lost(),
+                rc.merge.malformed
+            );
+            for (i, leg) in rule.inputs().enumerate() {
+                let c = rc.merge.legs.get(i).copied().unwrap_or_default();
+                let name = table
+                    .ingress
+                    .iter()
+                    .find(|g| g.info.ifindex == leg.ifindex && leg.ifindex != 0)
+                    .map_or("?", |g| g.name.as_str());
+                let _ = writeln!(
+                    s,
+                    "rule={} leg={i} interface={} group={} received={} first={} duplicate={} gaps={}",
+                    value(&rule.name),
+                    value(name),
+                    leg.prefix,
+                    c.received,
+                    c.first,
+                    c.duplicate,
+                    c.gaps
+                );
+            }
+        }
         for (out, oc) in rule.outputs.iter().zip(&rc.outputs) {
             let eg = &table.egress[out.egress];
             let _ = writeln!(

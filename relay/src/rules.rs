@@ -11,7 +11,11 @@ use relay_common::{
 };
 
 use crate::{
-    config::{Config, ConfigError, Input, InterfaceInfo, SourceSpec, System, auto_source},
+    config::{
+        Config, ConfigError, DEFAULT_WINDOW_MS, Input, InterfaceInfo, SourceSpec, System,
+        auto_source,
+    },
+    merge::{DEFAULT_SLOTS, MergeState},
     nexthop::NextHopSlot,
     ondemand::{ListenKey, ListenSlot},
     prefix::Prefix,
@@ -92,7 +96,54 @@ pub struct CompiledRule {
     pub source: Option<Prefix>,
     /// The input's `vlan:`: any VLAN or none when absent.
     pub vlan: Option<Vlan>,
+    /// A merged rule's legs after the first (whose fields are the ones above).
+    pub legs: Vec<CompiledInput>,
+    /// A merged rule's shared state: which sequence numbers went out, and when.
+    pub merge: Option<Arc<MergeState>>,
     pub outputs: Vec<CompiledOutput>,
+}
+
+/// One input of a rule, as compiled: a merged rule has several (its legs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompiledInput {
+    pub ifindex: u32,
+    pub group: IpAddr,
+    pub prefix: Prefix,
+    pub unicast: bool,
+    pub port: Option<u16>,
+    pub source: Option<Prefix>,
+    pub vlan: Option<Vlan>,
+}
+
+impl CompiledRule {
+    /// The rule's inputs: its own, then a merged rule's other legs.
+    pub fn inputs(&self) -> impl Iterator<Item = CompiledInput> + '_ {
+        std::iter::once(CompiledInput {
+            ifindex: self.ingress_ifindex,
+            group: self.group,
+            prefix: self.prefix,
+            unicast: self.unicast,
+            port: self.port,
+            source: self.source,
+            vlan: self.vlan,
+        })
+        .chain(self.legs.iter().copied())
+    }
+
+    /// The leg a frame of this rule arrived on: the first whose interface, destination and
+    /// port it has (0 for a rule with one input).
+    pub fn leg_of(&self, ifindex: u32, flow: &Flow) -> usize {
+        if self.legs.is_empty() {
+            return 0;
+        }
+        self.inputs()
+            .position(|i| {
+                i.ifindex == ifindex
+                    && i.prefix.contains(flow.group)
+                    && i.port.is_none_or(|p| p == flow.port)
+            })
+            .unwrap_or(0)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -144,7 +195,20 @@ impl RuleTable {
                     info: in_info,
                 });
             }
+            for leg in &rule.legs {
+                if !table.ingress.iter().any(|i| i.name == leg.interface) {
+                    table.ingress.push(Ingress {
+                        name: leg.interface.clone(),
+                        info: sys
+                            .interface(&leg.interface)
+                            .unwrap_or_else(InterfaceInfo::absent),
+                    });
+                }
+            }
             let address = rule.input.address();
+            // A merged stream goes out as its first leg: frames of the others get its group
+            // and port unless the output names its own.
+            let merged = !rule.legs.is_empty();
             let mut outputs = Vec::with_capacity(rule.outputs.len());
             for out in &rule.outputs {
                 let info = sys
@@ -170,8 +234,10 @@ impl RuleTable {
                 outputs.push(CompiledOutput {
                     egress,
                     action: OutputAction {
-                        group: out.group,
-                        port: out.port,
+                        group: out
+                            .group
+                            .or((merged && out.destination.is_none()).then(|| rule.input.prefix())),
+                        port: out.port.or(if merged { rule.input.port } else { None }),
                         ttl: out.ttl,
                         vlan: out.vlan.and_then(Vlan::vid),
                         dscp: out.dscp,
@@ -186,19 +252,45 @@ impl RuleTable {
                     listening: None,
                 });
             }
-            let tuple = input_tuple(&rule.input);
-            let key = RuleKey::new(
-                in_info.ifindex,
-                key_addr(address),
-                rule.input.source.map_or([0; 16], |s| key_addr(s.network())),
-                rule.input.port.unwrap_or(0),
-            )
-            .with_vlan(rule.input.vlan.map_or(VLAN_ANY, Vlan::key))
-            .with_lengths(tuple.glen, tuple.slen);
-            if in_info.exists() {
-                table.keys.insert(key, id as u32);
-                table.tuples.push(tuple);
+            let mut legs = Vec::with_capacity(rule.legs.len());
+            for input in rule.inputs() {
+                let info = sys
+                    .interface(&input.interface)
+                    .unwrap_or_else(InterfaceInfo::absent);
+                let tuple = input_tuple(input);
+                let key = RuleKey::new(
+                    info.ifindex,
+                    key_addr(input.address()),
+                    input.source.map_or([0; 16], |s| key_addr(s.network())),
+                    input.port.unwrap_or(0),
+                )
+                .with_vlan(input.vlan.map_or(VLAN_ANY, Vlan::key))
+                .with_lengths(tuple.glen, tuple.slen);
+                // A leg whose interface does not exist yet receives nothing until it does;
+                // the others carry the stream meanwhile.
+                if info.exists() {
+                    table.keys.insert(key, id as u32);
+                    table.tuples.push(tuple);
+                }
+                legs.push(CompiledInput {
+                    ifindex: info.ifindex,
+                    group: input.address(),
+                    prefix: input.prefix(),
+                    unicast: input.destination.is_some(),
+                    port: input.port,
+                    source: input.source,
+                    vlan: input.vlan,
+                });
             }
+            legs.remove(0);
+            let merge = rule.sequence().map(|sequence| {
+                Arc::new(MergeState::new(
+                    sequence,
+                    1 + rule.legs.len(),
+                    rule.window_ms.unwrap_or(DEFAULT_WINDOW_MS),
+                    DEFAULT_SLOTS,
+                ))
+            });
             table.rules.push(CompiledRule {
                 name: rule.name.clone(),
                 ingress_ifindex: in_info.ifindex,
@@ -208,6 +300,8 @@ impl RuleTable {
                 port: rule.input.port,
                 source: rule.input.source,
                 vlan: rule.input.vlan,
+                legs,
+                merge,
                 outputs,
             });
         }
@@ -787,6 +881,67 @@ mod tests {
             Just(Vlan::Untagged),
             (10u16..12).prop_map(Vlan::Id)
         ])
+    }
+
+    /// A merged rule: each leg's key finds the rule and tells its leg, the outputs send the
+    /// first leg's group and port, and every leg is joined.
+    #[test]
+    fn merged_legs_find_their_rule_and_go_out_as_the_first() {
+        let cfg = Config::parse(
+            "t",
+            "rules:\n  - name: feed\n    inputs:\n      - {interface: in0, group: 239.1.1.1, port: 5000}\n      - {interface: out1, group: 239.101.1.1, port: 5002}\n    merge: rtp\n    window_ms: 300\n    outputs: [{interface: out0}, {interface: out0, group: 239.9.9.9, port: 9}]\n",
+        )
+        .unwrap();
+        let t = RuleTable::compile(&cfg, "t", &fake()).unwrap();
+        let r = &t.rules[0];
+        let (in0, out1) = (
+            fake().interface("in0").unwrap(),
+            fake().interface("out1").unwrap(),
+        );
+        let a = flow([239, 1, 1, 1], [198, 18, 0, 1], 5000);
+        let b = flow([239, 101, 1, 1], [198, 18, 0, 9], 5002);
+        assert_eq!(t.lookup(in0.ifindex, &a), Some(0));
+        assert_eq!(t.lookup(out1.ifindex, &b), Some(0));
+        assert_eq!(t.lookup(in0.ifindex, &b), None, "a leg is its interface's");
+        assert_eq!(
+            (r.leg_of(in0.ifindex, &a), r.leg_of(out1.ifindex, &b)),
+            (0, 1)
+        );
+        assert_eq!(t.bpf_entries().count(), 2);
+        assert!(t.ingress.iter().any(|i| i.name == "out1"));
+        let m = r.merge.as_ref().unwrap();
+        assert_eq!((m.legs(), m.window_ms()), (2, 300));
+        assert_eq!(m.sequence(), crate::merge::Sequence::Rtp);
+        let o = &r.outputs[0].action;
+        assert_eq!(
+            (o.group, o.port),
+            (Some("239.1.1.1".parse().unwrap()), Some(5000))
+        );
+        let o = &r.outputs[1].action;
+        assert_eq!(
+            (o.group, o.port),
+            (Some("239.9.9.9".parse().unwrap()), Some(9))
+        );
+        let joins: Vec<(String, IpAddr)> = crate::membership::wanted(&t)
+            .into_iter()
+            .map(|m| (m.0, m.2))
+            .collect();
+        assert_eq!(
+            joins,
+            vec![
+                ("in0".to_owned(), "239.1.1.1".parse().unwrap()),
+                ("out1".to_owned(), "239.101.1.1".parse().unwrap())
+            ]
+        );
+        // A rule with one input has no merge, and its outputs keep the received group.
+        let plain = RuleTable::compile(
+            &config(vec![rule("p".into(), [239, 1, 1, 1], Some(5000), None)]),
+            "t",
+            &fake(),
+        )
+        .unwrap();
+        assert!(plain.rules[0].merge.is_none() && plain.rules[0].legs.is_empty());
+        assert_eq!(plain.rules[0].outputs[0].action.group, None);
     }
 
     proptest! {

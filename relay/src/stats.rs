@@ -101,6 +101,59 @@ pub struct RuleView {
     /// [`GROUPS_SHOWN`]; `relay stats --groups` shows them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub groups: Option<Vec<GroupView>>,
+    /// For a merged rule (`inputs:` with `merge:`): each leg and what the merge decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeView>,
+}
+
+/// A merged rule's legs and totals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeView {
+    /// `rtp`, or `counter of N bytes at offset M`.
+    pub numbering: String,
+    pub window_ms: u32,
+    /// Packets relayed: the first of each sequence number within the window.
+    pub relayed: u64,
+    /// Sequence numbers no leg carried (so far).
+    pub lost: u64,
+    /// Packets without a sequence number the merge could read: dropped.
+    pub malformed: u64,
+    pub legs: Vec<LegView>,
+}
+
+/// One leg of a merged rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegView {
+    pub input: InputView,
+    pub received: u64,
+    /// Relayed from this leg: it brought the sequence number first.
+    pub first: u64,
+    /// Dropped: another leg had brought it.
+    pub duplicate: u64,
+    /// Sequence numbers this leg skipped: a failing path shows here first.
+    pub gaps: u64,
+}
+
+impl LegView {
+    /// The counters as `(name, value)`, in the order every view prints them.
+    pub fn fields(&self) -> [(&'static str, u64); 4] {
+        [
+            ("received", self.received),
+            ("first", self.first),
+            ("duplicate", self.duplicate),
+            ("gaps", self.gaps),
+        ]
+    }
+}
+
+impl MergeView {
+    pub fn fields(&self) -> [(&'static str, u64); 3] {
+        [
+            ("relayed", self.relayed),
+            ("lost", self.lost),
+            ("malformed", self.malformed),
+        ]
+    }
 }
 
 /// Groups of a range rule a view shows.
@@ -219,6 +272,43 @@ impl StatsView {
                 received: rc.packets,
                 bytes: rc.bytes,
                 checksum_completed: rc.checksum_completed,
+                merge: r.merge.as_ref().map(|m| {
+                    let counted = |i: usize| rc.merge.legs.get(i).copied().unwrap_or_default();
+                    MergeView {
+                        numbering: match m.sequence() {
+                            crate::merge::Sequence::Rtp => "rtp".to_owned(),
+                            crate::merge::Sequence::Counter { offset, bytes } => {
+                                format!("counter of {bytes} bytes at offset {offset}")
+                            }
+                        },
+                        window_ms: m.window_ms(),
+                        relayed: rc.merge.relayed(),
+                        lost: rc.merge.lost(),
+                        malformed: rc.merge.malformed,
+                        legs: r
+                            .inputs()
+                            .enumerate()
+                            .map(|(i, leg)| LegView {
+                                input: InputView {
+                                    interface: table
+                                        .ingress
+                                        .iter()
+                                        .find(|g| g.info.ifindex == leg.ifindex && leg.ifindex != 0)
+                                        .map_or("?".to_owned(), |g| g.name.clone()),
+                                    group: leg.prefix.to_string(),
+                                    unicast: leg.unicast,
+                                    port: leg.port,
+                                    source: leg.source.map(|s| s.to_string()),
+                                    vlan: leg.vlan,
+                                },
+                                received: counted(i).received,
+                                first: counted(i).first,
+                                duplicate: counted(i).duplicate,
+                                gaps: counted(i).gaps,
+                            })
+                            .collect(),
+                    }
+                }),
                 groups: (!r.prefix.is_host()).then(|| {
                     rc.groups
                         .top(GROUPS_SHOWN)
@@ -350,6 +440,50 @@ impl StatsView {
             "Bytes of the frames the rule matched.",
             self.rules.iter().map(|r| (rl(r), r.bytes)).collect(),
         );
+        let merged: Vec<&RuleView> = self.rules.iter().filter(|r| r.merge.is_some()).collect();
+        if !merged.is_empty() {
+            family(
+                "relay_merge_packets_total",
+                "counter",
+                "A merged rule's packets: relayed (the first of each sequence number), lost (sequence numbers no leg carried), malformed (no sequence number to read: dropped).",
+                merged
+                    .iter()
+                    .flat_map(|r| {
+                        let m = r.merge.as_ref().expect("merged");
+                        m.fields().map(|(counter, v)| {
+                            (
+                                format!("{{rule=\"{}\",counter=\"{counter}\"}}", escape(&r.name)),
+                                v,
+                            )
+                        })
+                    })
+                    .collect(),
+            );
+            family(
+                "relay_merge_leg_packets_total",
+                "counter",
+                "Each leg of a merged rule: received, first (relayed from this leg), duplicate (another leg was first), gaps (sequence numbers the leg skipped).",
+                merged
+                    .iter()
+                    .flat_map(|r| {
+                        let m = r.merge.as_ref().expect("merged");
+                        m.legs.iter().enumerate().flat_map(move |(i, l)| {
+                            l.fields().map(move |(counter, v)| {
+                                (
+                                    format!(
+                                        "{{rule=\"{}\",leg=\"{i}\",interface=\"{}\",group=\"{}\",counter=\"{counter}\"}}",
+                                        escape(&r.name),
+                                        escape(&l.input.interface),
+                                        l.input.group
+                                    ),
+                                    v,
+                                )
+                            })
+                        })
+                    })
+                    .collect(),
+            );
+        }
         family(
             "relay_rule_checksum_completed_total",
             "counter",
@@ -564,6 +698,73 @@ mod tests {
                 AllocatorKind::Lockfree,
             )
         }
+    }
+
+    /// A merged rule shows its legs and totals in every view: JSON, table, rules,
+    /// Prometheus.
+    #[test]
+    fn merged_rules_show_their_legs() {
+        let c = Config::parse(
+            "t",
+            "rules:\n  - name: feed\n    inputs: [{interface: in0, group: 239.1.1.1, port: 5000}, {interface: out1, group: 239.101.1.1, port: 5000}]\n    merge: {offset: 4, bytes: 8}\n    window_ms: 250\n    outputs: [{interface: out0}]\n",
+        )
+        .unwrap();
+        let t = RuleTable::compile(&c, "t", &fake()).unwrap();
+        let mut d = DatapathStats::new([1].into_iter());
+        let m = &mut d.rules[0].merge;
+        *m.leg(0) = crate::datapath::LegCounters {
+            received: 90,
+            first: 60,
+            duplicate: 30,
+            gaps: 10,
+        };
+        *m.leg(1) = crate::datapath::LegCounters {
+            received: 95,
+            first: 40,
+            duplicate: 55,
+            gaps: 5,
+        };
+        m.holes_opened = 3;
+        m.holes_filled = 1;
+        m.malformed = 2;
+        let pool = PoolStats {
+            capacity: 64,
+            free: 60,
+            low_water: 50,
+            rejected: 0,
+        };
+        let v = StatsView::build(&t, &d, None, &pool, AllocatorKind::Mutex);
+        let mv = v.rules[0].merge.as_ref().unwrap();
+        assert_eq!(
+            (mv.relayed, mv.lost, mv.malformed, mv.window_ms),
+            (100, 2, 2, 250)
+        );
+        assert_eq!(mv.numbering, "counter of 8 bytes at offset 4");
+        assert_eq!(mv.legs[1].input.interface, "out1");
+        assert_eq!(mv.legs[1].input.group, "239.101.1.1");
+        let back: StatsView = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+        assert_eq!(back, v);
+        let table = v.render_table();
+        assert!(table.contains("leg 1"), "{table}");
+        assert!(table.contains("first=40 duplicate=55 gaps=5"), "{table}");
+        assert!(table.contains("relayed=100 lost=2 malformed=2"), "{table}");
+        let rules = v.render_rules();
+        assert!(rules.contains("out1 239.101.1.1:5000"), "{rules}");
+        let p = v.render_prometheus();
+        assert!(
+            p.contains("relay_merge_packets_total{rule=\"feed\",counter=\"lost\"} 2\n"),
+            "{p}"
+        );
+        assert!(
+            p.contains("relay_merge_leg_packets_total{rule=\"feed\",leg=\"1\",interface=\"out1\",group=\"239.101.1.1\",counter=\"gaps\"} 5\n"),
+            "{p}"
+        );
+        // Without merged rules the families are not there at all.
+        let plain = StatsView {
+            rules: Vec::new(),
+            ..v
+        };
+        assert!(!plain.render_prometheus().contains("relay_merge"));
     }
 
     #[test]

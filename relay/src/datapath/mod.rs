@@ -32,7 +32,9 @@ use xsk_rs::{
     config::{FrameSize, QueueSize, UmemConfig},
 };
 
-pub use stats::{DatapathStats, OutputCounters, RuleCounters, SocketCounters};
+pub use stats::{
+    DatapathStats, LegCounters, MergeCounters, OutputCounters, RuleCounters, SocketCounters,
+};
 use worker::{
     DRAIN, Domain, MAX_DOMAINS, MAX_PORTS, NO_DOMAIN, Plan, Port, RUN, Shared, Waker, Worker,
     WorkerReport,

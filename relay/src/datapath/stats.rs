@@ -140,6 +140,68 @@ pub struct RuleCounters {
     pub outputs: Vec<OutputCounters>,
     /// For a rule with a group range: its busiest groups, in bounded memory.
     pub groups: crate::topgroups::TopGroups,
+    /// For a merged rule: what the merge decided (empty until its first frame).
+    pub merge: MergeCounters,
+}
+
+/// What a merged rule's data path counted: per leg, and of the merge as a whole.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MergeCounters {
+    /// Indexed by leg; grown to the leg a frame arrived on.
+    pub legs: Vec<LegCounters>,
+    /// Frames without a sequence number the merge can read (not RTP version 2, too short
+    /// for the counter, a fragment): dropped, never relayed.
+    pub malformed: u64,
+    /// Sequence numbers jumped over by a relayed packet (below or above those relayed)...
+    pub holes_opened: u64,
+    /// ... and those of them a later packet filled: the difference is what no leg carried.
+    pub holes_filled: u64,
+}
+
+/// One leg of a merged rule.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LegCounters {
+    /// Packets with a sequence number that arrived on this leg.
+    pub received: u64,
+    /// Of those, relayed: no leg had brought their number within the window.
+    pub first: u64,
+    /// Of those, dropped: another leg (or this one) had.
+    pub duplicate: u64,
+    /// Sequence numbers this leg skipped.
+    pub gaps: u64,
+}
+
+impl MergeCounters {
+    /// The counters of leg `leg`.
+    pub fn leg(&mut self, leg: usize) -> &mut LegCounters {
+        if self.legs.len() <= leg {
+            self.legs.resize(leg + 1, LegCounters::default());
+        }
+        &mut self.legs[leg]
+    }
+
+    /// Sequence numbers no leg carried (so far: a late one may still fill one).
+    pub fn lost(&self) -> u64 {
+        self.holes_opened.saturating_sub(self.holes_filled)
+    }
+
+    /// Packets the merge let through.
+    pub fn relayed(&self) -> u64 {
+        self.legs.iter().map(|l| l.first).sum()
+    }
+
+    pub fn add(&mut self, o: &MergeCounters) {
+        for (i, l) in o.legs.iter().enumerate() {
+            let m = self.leg(i);
+            m.received += l.received;
+            m.first += l.first;
+            m.duplicate += l.duplicate;
+            m.gaps += l.gaps;
+        }
+        self.malformed += o.malformed;
+        self.holes_opened += o.holes_opened;
+        self.holes_filled += o.holes_filled;
+    }
 }
 
 /// Everything the data path counts.
@@ -182,6 +244,7 @@ impl DatapathStats {
             r.packets += o.packets;
             r.bytes += o.bytes;
             r.checksum_completed += o.checksum_completed;
+            r.merge.add(&o.merge);
             if !o.groups.is_empty() {
                 r.groups.merge(&o.groups);
             }
