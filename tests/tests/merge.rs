@@ -1,0 +1,332 @@
+//! Hitless merge (#18) on real kernel paths: one stream sent twice, over two links from the
+//! sender to the relay (legs `rin` and `rin2`, to different groups), merged into one output.
+//! The receiver must see every packet either leg carried, exactly once and intact, whatever
+//! each leg lost; the counters must say what each leg lost and brought.
+//!
+//! Each datagram is an RTP packet (version 2, its sequence number), then an 8-byte counter
+//! (for `merge: {offset: 12, bytes: 8}`), then the harness's own payload of a packet id, so a
+//! packet's bytes are the same on both legs and checkable at the receiver.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use relay::stats::{MergeView, StatsView};
+use relay_tests::{
+    netns::{Netns, require_root},
+    relay_proc::{RelayProc, relay_bin},
+    topo::{SENDER_ADDR, Topology},
+    traffic::{Limits, check_payload, join, listen, payload, setsockopt},
+};
+
+mod common;
+use common::{serial, stats_until, stop_clean};
+
+const GROUP_A: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
+const GROUP_B: Ipv4Addr = Ipv4Addr::new(239, 101, 1, 1);
+const PORT: u16 = 5000;
+/// Bytes of the harness payload after the RTP header and the counter.
+const BODY: usize = 40;
+
+/// One datagram to send: on which leg, its RTP sequence number, its payload counter, and
+/// the packet id its bytes are made from.
+#[derive(Debug, Clone, Copy)]
+struct Packet {
+    leg: usize,
+    rtp: u16,
+    counter: u64,
+    id: u64,
+}
+
+fn datagram(p: &Packet, rtp_version: u8) -> Vec<u8> {
+    let mut d = vec![rtp_version << 6, 96];
+    d.extend_from_slice(&p.rtp.to_be_bytes());
+    d.extend_from_slice(&(p.id as u32).to_be_bytes());
+    d.extend_from_slice(&0x5eed_cafe_u32.to_be_bytes());
+    d.extend_from_slice(&p.counter.to_be_bytes());
+    d.extend_from_slice(&payload(p.id, BODY));
+    d
+}
+
+/// The packet id of a relayed datagram, checking that it is one of ours, intact.
+fn id_of(d: &[u8]) -> u64 {
+    assert_eq!(d.len(), 20 + BODY, "{d:02x?}");
+    check_payload(&d[20..]).unwrap_or_else(|| panic!("damaged payload {d:02x?}"))
+}
+
+/// Sends `packets` in order from the sender namespace: leg 0 from `SENDER_ADDR` to
+/// `GROUP_A`, leg 1 from `leg1_source` (the second link) to `GROUP_B`, paced.
+fn send(ns: &Netns, leg1_source: Ipv4Addr, packets: Vec<Packet>, rtp_version: u8) {
+    join(ns.run(move || {
+        let socket = |source: Ipv4Addr| -> anyhow::Result<UdpSocket> {
+            let s = UdpSocket::bind(SocketAddr::new(source.into(), 0))?;
+            s.set_multicast_ttl_v4(8)?;
+            s.set_multicast_loop_v4(false)?;
+            let a = libc::in_addr {
+                s_addr: u32::from(source).to_be(),
+            };
+            setsockopt(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MULTICAST_IF, &a)?;
+            Ok(s)
+        };
+        let legs = [
+            (socket(SENDER_ADDR)?, GROUP_A),
+            (socket(leg1_source)?, GROUP_B),
+        ];
+        for (i, p) in packets.iter().enumerate() {
+            let (s, g) = &legs[p.leg];
+            s.send_to(&datagram(p, rtp_version), SocketAddr::new((*g).into(), PORT))?;
+            if i % 16 == 15 {
+                std::thread::sleep(Duration::from_micros(800));
+            }
+        }
+        Ok(())
+    }))
+    .unwrap();
+}
+
+fn yaml(merge: &str, workers: usize) -> String {
+    format!(
+        "workers: {workers}
+rules:
+  - name: feed
+    inputs:
+      - {{ interface: rin, group: {GROUP_A}, port: {PORT} }}
+      - {{ interface: rin2, group: {GROUP_B}, port: {PORT} }}
+    merge: {merge}
+    outputs: [{{ interface: rout0 }}]
+"
+    )
+}
+
+/// Starts a relay merging the two legs of `topo` (whose second link is made here).
+fn start(topo: &Topology, merge: &str, workers: usize, allocator: &str) -> (RelayProc, Ipv4Addr) {
+    let leg1 = topo.add_ingress("rin2", "snd1", 100).unwrap();
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        &yaml(merge, workers),
+        &["--allocator", allocator],
+    )
+    .unwrap();
+    (relay, leg1)
+}
+
+fn merge_view(control: &std::path::Path, relayed: u64) -> (StatsView, MergeView) {
+    let v = stats_until(control, |v| {
+        v.rules[0].merge.as_ref().is_some_and(|m| m.relayed >= relayed)
+    });
+    let m = v.rules[0].merge.clone().expect("a merged rule");
+    (v, m)
+}
+
+/// What the counters must say for `packets` (sent in order, nothing lost on the wire).
+struct Expected {
+    relayed: BTreeSet<u64>,
+    received: [u64; 2],
+    gaps: [u64; 2],
+    lost: u64,
+}
+
+fn expected(packets: &[Packet]) -> Expected {
+    let ids = |leg: usize| -> BTreeSet<u64> {
+        packets.iter().filter(|p| p.leg == leg).map(|p| p.id).collect()
+    };
+    let (a, b) = (ids(0), ids(1));
+    let relayed: BTreeSet<u64> = a.union(&b).copied().collect();
+    let gaps = |s: &BTreeSet<u64>| match (s.first(), s.last()) {
+        (Some(lo), Some(hi)) => hi - lo + 1 - s.len() as u64,
+        _ => 0,
+    };
+    Expected {
+        received: [a.len() as u64, b.len() as u64],
+        gaps: [gaps(&a), gaps(&b)],
+        lost: gaps(&relayed),
+        relayed,
+    }
+}
+
+/// Both legs of ids `ids`, the RTP sequence starting at `rtp0`, each leg losing the ids its
+/// `lost` says, leg 0's packet first.
+fn both_legs(
+    ids: std::ops::Range<u64>,
+    rtp0: u16,
+    counter0: u64,
+    lost: impl Fn(usize, u64) -> bool,
+) -> Vec<Packet> {
+    let first = ids.start;
+    ids.flat_map(|id| {
+        (0..2).map(move |leg| Packet {
+            leg,
+            rtp: rtp0.wrapping_add((id - first) as u16),
+            counter: counter0 + (id - first),
+            id,
+        })
+    })
+    .filter(|p| !lost(p.leg, p.id))
+    .collect()
+}
+
+/// The output's receiver, joined to the first leg's group (what the merged stream goes out
+/// as), ready before it returns.
+fn receiver(topo: &Topology, expect: u64) -> Receiving {
+    let r = &topo.receivers[0];
+    listen(&r.ns, GROUP_A, PORT, r.addr, Limits::new(expect)).unwrap()
+}
+
+type Receiving = std::thread::JoinHandle<anyhow::Result<Vec<Vec<u8>>>>;
+
+/// Every id the output carried, each exactly once.
+fn ids_once(got: &[Vec<u8>]) -> BTreeSet<u64> {
+    let mut count: BTreeMap<u64, usize> = BTreeMap::new();
+    for d in got {
+        *count.entry(id_of(d)).or_default() += 1;
+    }
+    let twice: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "relayed more than once: {twice:?}");
+    count.into_keys().collect()
+}
+
+fn check_counters(m: &MergeView, want: &Expected) {
+    assert_eq!(m.relayed, want.relayed.len() as u64, "{m:?}");
+    assert_eq!(m.lost, want.lost, "{m:?}");
+    assert_eq!(m.malformed, 0, "{m:?}");
+    for leg in 0..2 {
+        let l = &m.legs[leg];
+        assert_eq!(l.received, want.received[leg], "leg {leg}: {m:?}");
+        assert_eq!(l.first + l.duplicate, l.received, "leg {leg}: {m:?}");
+        assert_eq!(l.gaps, want.gaps[leg], "leg {leg}: {m:?}");
+    }
+}
+
+/// Two legs with independent losses and an outage each, across the RTP sequence number's
+/// wrap from 65535 to 0: the output carries every packet either leg carried, once.
+fn lossy_legs(allocator: &str, workers: usize) {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let (relay, leg1) = start(&topo, "rtp", workers, allocator);
+    // Neither leg loses the first or the last packet, so each leg's gaps are what it
+    // skipped between them; ids 1000-1002 are lost on both (nobody can relay them).
+    let lost = |leg: usize, id: u64| {
+        if id == 0 || id == 2999 {
+            return false;
+        }
+        match leg {
+            0 => id % 13 == 4 || (600..800).contains(&id) || (1000..1003).contains(&id),
+            _ => id % 11 == 7 || (1800..1950).contains(&id) || (1000..1003).contains(&id),
+        }
+    };
+    let packets = both_legs(0..3000, 65535 - 1500, 0, lost);
+    let want = expected(&packets);
+    assert_eq!(want.lost, 3);
+    let rx = receiver(&topo, want.relayed.len() as u64);
+    send(&topo.sender, leg1, packets, 2);
+    let got = ids_once(&join(rx).unwrap());
+    assert_eq!(got, want.relayed, "every packet either leg carried");
+    let (_, m) = merge_view(&relay.control, want.relayed.len() as u64);
+    check_counters(&m, &want);
+    assert!(
+        m.legs[0].first > 0 && m.legs[1].first > 0,
+        "each leg was first at times: {m:?}"
+    );
+    stop_clean(relay, &topo);
+}
+
+#[test]
+fn merges_lossy_legs_across_the_wrap_with_lockfree_pool() {
+    lossy_legs("lockfree", 1);
+}
+
+#[test]
+fn merges_lossy_legs_across_the_wrap_with_mutex_pool() {
+    lossy_legs("mutex", 1);
+}
+
+/// Two workers: each leg's interface has its own worker, so the legs race for the merge
+/// state from two threads.
+#[test]
+fn merges_legs_received_by_two_workers() {
+    lossy_legs("lockfree", 2);
+}
+
+/// One leg's link is deleted mid-stream: the other carries on alone and nothing is lost.
+#[test]
+fn one_leg_dies_and_the_other_carries_on() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let (relay, leg1) = start(&topo, "rtp", 1, "lockfree");
+    let rx = receiver(&topo, 2000);
+    send(&topo.sender, leg1, both_legs(0..1000, 100, 0, |_, _| false), 2);
+    topo.relay.exec(&["ip", "link", "del", "rin2"]).unwrap();
+    let alone: Vec<Packet> = both_legs(1000..2000, 1100, 1000, |leg, _| leg == 1);
+    send(&topo.sender, leg1, alone, 2);
+    let got = ids_once(&join(rx).unwrap());
+    assert_eq!(got, (0..2000).collect::<BTreeSet<u64>>());
+    let (_, m) = merge_view(&relay.control, 2000);
+    assert_eq!((m.relayed, m.lost), (2000, 0), "{m:?}");
+    assert_eq!(m.legs[0].received, 2000, "{m:?}");
+    stop_clean(relay, &topo);
+}
+
+/// The sender starts again at a lower sequence number after a pause longer than the
+/// window: nothing is swallowed as a duplicate, with RTP numbering and with a counter.
+fn restart(merge: &str) {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let (relay, leg1) = start(&topo, merge, 1, "mutex");
+    let rx = receiver(&topo, 2000);
+    send(&topo.sender, leg1, both_legs(0..1000, 500, 500, |_, _| false), 2);
+    // The window is 500 ms.
+    std::thread::sleep(Duration::from_millis(1200));
+    send(&topo.sender, leg1, both_legs(1000..2000, 200, 200, |_, _| false), 2);
+    let got = ids_once(&join(rx).unwrap());
+    assert_eq!(got, (0..2000).collect::<BTreeSet<u64>>(), "{merge}");
+    let (_, m) = merge_view(&relay.control, 2000);
+    assert_eq!((m.relayed, m.lost), (2000, 0), "{merge}: {m:?}");
+    for l in &m.legs {
+        assert_eq!((l.received, l.first + l.duplicate, l.gaps), (2000, 2000, 0), "{m:?}");
+    }
+    stop_clean(relay, &topo);
+}
+
+#[test]
+fn a_sender_that_starts_again_lower_is_not_swallowed_rtp() {
+    restart("rtp");
+}
+
+#[test]
+fn a_sender_that_starts_again_lower_is_not_swallowed_counter() {
+    restart("{ offset: 12, bytes: 8 }");
+}
+
+/// Datagrams that are not RTP version 2 on a merged input are counted and never relayed;
+/// the RTP ones around them go out.
+#[test]
+fn packets_without_a_sequence_number_are_counted_not_relayed() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let (relay, leg1) = start(&topo, "rtp", 1, "lockfree");
+    let rx = receiver(&topo, 200);
+    send(&topo.sender, leg1, both_legs(0..100, 7, 0, |_, _| false), 2);
+    // RTP version 1: no sequence number the merge reads.
+    send(&topo.sender, leg1, both_legs(5000..5100, 0, 0, |leg, _| leg == 1), 1);
+    send(&topo.sender, leg1, both_legs(100..200, 107, 100, |_, _| false), 2);
+    let got = ids_once(&join(rx).unwrap());
+    assert_eq!(got, (0..200).collect::<BTreeSet<u64>>());
+    let v = stats_until(&relay.control, |v| {
+        v.rules[0].merge.as_ref().is_some_and(|m| m.malformed >= 100)
+    });
+    let m = v.rules[0].merge.as_ref().unwrap();
+    assert_eq!((m.malformed, m.relayed), (100, 200), "{m:?}");
+    assert_eq!(
+        v.rules[0].outputs[0].sent, 200,
+        "the output sent the relayed ones only"
+    );
+    stop_clean(relay, &topo);
+}
