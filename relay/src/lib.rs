@@ -3,7 +3,8 @@
 //! The modules split as quinn splits `quinn-proto` from `quinn`: [`wire`], [`checksum`],
 //! [`rewrite`], [`config`], [`rules`], [`nexthop`], [`merge`] and [`pool`] are logic with no I/O, tested
 //! without root; [`sys`], [`loader`], [`datapath`], [`links`], [`neighbours`], [`probe`] and
-//! [`preflight`] talk to the kernel.
+//! [`preflight`] talk to the kernel. [`daemon`] puts them together into the running relay; the
+//! binary is its command line.
 
 pub mod allmulti;
 pub mod checksum;
@@ -11,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod craft;
+pub mod daemon;
 pub mod datapath;
 pub mod frag;
 pub mod links;

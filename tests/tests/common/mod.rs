@@ -3,7 +3,13 @@
 // Each test file uses its own subset of these.
 #![allow(dead_code)]
 
-use std::{collections::BTreeSet, net::IpAddr, path::Path, sync::Mutex, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    sync::Mutex,
+    time::Duration,
+};
 
 use relay::{
     checksum::{checksum, udp_ipv4, udp_ipv6},
@@ -15,6 +21,34 @@ use relay_tests::{
     topo::{SENDER_ADDR, SENDER_ADDR6, Topology},
     traffic::check_payload,
 };
+
+/// The group of the rule most end-to-end tests relay ([`RULES`]), and what rout1 remaps it to.
+pub const G1: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
+pub const G2: Ipv4Addr = Ipv4Addr::new(239, 2, 2, 2);
+
+/// One rule, video-a: G1 port 5000 from rin to rout0 as it came, and to rout1 remapped to
+/// G2 port 6000 with TTL 16.
+pub const RULES: &str = "\
+rules:
+  - name: video-a
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs:
+      - interface: rout0
+      - interface: rout1
+        group: 239.2.2.2
+        port: 6000
+        ttl: 16
+";
+
+/// Three pings from `ns` to `addr` are all answered.
+pub fn ping_answers(ns: &relay_tests::netns::Netns, addr: IpAddr) {
+    let family = if addr.is_ipv6() { "-6" } else { "-4" };
+    let to = addr.to_string();
+    let ping = ns
+        .exec(&["ping", family, "-c", "3", "-i", "0.2", "-W", "1", &to])
+        .unwrap_or_else(|e| panic!("ping {to}: {e:#}"));
+    assert!(ping.contains("3 received"), "{ping}");
+}
 
 /// The machine has two cores: tests that push traffic run one at a time so that one test's
 /// load cannot cost another packets.

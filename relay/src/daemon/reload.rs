@@ -1,0 +1,153 @@
+//! Changes to the running rules: a reload of the file, a rule added or removed over the
+//! control socket, the running rules applied again to interfaces that changed under them.
+
+use anyhow::Result;
+use log::warn;
+
+use super::{
+    running::Running,
+    tracking::{listener_slots, track_listeners, track_next_hops},
+};
+use crate::{config::Config, control, rules::RuleTable, sys::LiveSystem};
+
+impl Running {
+    /// Re-reads the config file and switches to its rules. Everything is validated before
+    /// anything changes; a refused file leaves the running rules as they were. Rules present
+    /// before and after keep flowing: their BPF map entries are replaced in place and the
+    /// workers switch tables between two passes.
+    pub(super) fn reload(&mut self) -> Result<String> {
+        let new_config = Config::load(&self.config_path)?;
+        self.apply(new_config)
+    }
+
+    /// Carries out a change asked for over the control socket. Rules added or removed this
+    /// way change the running relay only: the file is not rewritten, and the next reload
+    /// goes back to what it says.
+    pub(super) fn change(&mut self, change: control::Change) -> Result<String> {
+        let mut config = self.config.clone();
+        match change {
+            control::Change::Reload => self.reload(),
+            control::Change::AddRule { rule, source } => {
+                let rule = crate::config::Rule::parse_one(&source, &rule)?;
+                let name = rule.name.clone();
+                config.rules.push(rule);
+                // An error about the added rule is the added rule's source's, not the file's.
+                let file = self.config_path.display().to_string();
+                let table = RuleTable::compile(&config, &file, &LiveSystem).map_err(|mut e| {
+                    if e.rule.as_deref() == Some(name.as_str()) {
+                        e.file = source;
+                    }
+                    e
+                })?;
+                self.apply_table(config, table)
+            }
+            control::Change::RemoveRule(name) => {
+                let before = config.rules.len();
+                config.rules.retain(|r| r.name != name);
+                if config.rules.len() == before {
+                    let names: Vec<&str> =
+                        self.config.rules.iter().map(|r| r.name.as_str()).collect();
+                    anyhow::bail!(
+                        "no rule named '{name}' (the running rules: {})",
+                        if names.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            names.join(", ")
+                        }
+                    );
+                }
+                if config.rules.is_empty() {
+                    // The relay idles, its XDP program detached, until a rule is added or the
+                    // file reloaded (a file must still have rules).
+                    return self.apply_table(config, RuleTable::default());
+                }
+                self.apply(config)
+            }
+        }
+    }
+
+    /// Validates `new_config` against the system and switches to its rules.
+    fn apply(&mut self, new_config: Config) -> Result<String> {
+        let file = self.config_path.display().to_string();
+        let new = RuleTable::compile(&new_config, &file, &LiveSystem)?;
+        self.apply_table(new_config, new)
+    }
+
+    /// Applies the running rules again, to interfaces re-created or readdressed under them;
+    /// an output whose `source: auto` has no address now drops its frames until it has.
+    pub(super) fn apply_running(&mut self) -> Result<String> {
+        let file = self.config_path.display().to_string();
+        let new = RuleTable::compile_running(&self.config, &file, &LiveSystem)?;
+        self.apply_table(self.config.clone(), new)
+    }
+
+    fn apply_table(&mut self, new_config: Config, mut new: RuleTable) -> Result<String> {
+        let file = self.config_path.display().to_string();
+        // An interface re-created since the last look has new sockets coming: the old ones
+        // go first, so the new ones can share the UMEM through a live socket.
+        self.retire_gone()?;
+        let old = self.datapath.table();
+        // The old table's next hops stay followed until the switch is done either way.
+        let old_targets = old.unicast_targets();
+        track_next_hops(&mut self.neighbours, &mut new, &old_targets)?;
+        // Likewise the old table's listeners: an on-demand output both tables have keeps its
+        // slot, and so its state.
+        let old_listeners = old.listen_targets();
+        self.querier.set_timers(&new_config.querier);
+        track_listeners(&self.querier, &mut new, &old_listeners)?;
+        // Said in the log and in the reply to whoever asked for the change.
+        let mut notes = Vec::new();
+        for (what, changed) in [
+            ("allocator", new_config.allocator != self.config.allocator),
+            ("umem", new_config.umem != self.config.umem),
+            ("workers", new_config.workers != self.config.workers),
+            ("cpus", new_config.cpus != self.config.cpus),
+            ("bind", new_config.bind != self.config.bind),
+            ("poll", new_config.poll != self.config.poll),
+            ("control", new_config.control != self.config.control),
+            ("metrics", new_config.metrics != self.config.metrics),
+        ] {
+            if changed {
+                let note = format!("{file}: `{what}` changed; it takes effect at the next start");
+                warn!("{note}");
+                notes.push(note);
+            }
+        }
+        let switched = self.switch(&old, &new, new_config.xdp_mode);
+        // Now only the table in use is followed; its slots are the ones it already holds.
+        let kept = if switched.is_ok() { &new } else { &old };
+        if let Some(n) = &self.neighbours {
+            n.track(&kept.unicast_targets());
+        }
+        if let Err(e) = listener_slots(&self.querier, kept, &kept.listen_targets()) {
+            warn!("on-demand outputs: {e:#}");
+        }
+        switched?;
+        let names = |t: &RuleTable| t.rules.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+        let (before, after) = (names(&old), names(&new));
+        let added = after.iter().filter(|n| !before.contains(n)).count();
+        let removed = before.iter().filter(|n| !after.contains(n)).count();
+        let changed = new
+            .rules
+            .iter()
+            .filter(|r| old.rules.iter().any(|o| o.name == r.name && o != *r))
+            .count();
+        // Settings that need a restart keep their running values; the rules are the new ones.
+        self.config = Config {
+            xdp_mode: new_config.xdp_mode,
+            rules: new_config.rules,
+            ..self.config.clone()
+        };
+        let mut summary = format!(
+            "{} rules ({added} added, {removed} removed, {changed} changed)",
+            new.rules.len()
+        );
+        if new.rules.is_empty() {
+            summary.push_str("; the relay is idle until a rule is added");
+        }
+        for note in notes {
+            summary.push_str(&format!("; warning: {note}"));
+        }
+        Ok(summary)
+    }
+}
