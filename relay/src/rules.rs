@@ -309,6 +309,23 @@ impl RuleTable {
         table
     }
 
+    /// Takes over the merge state of each merged rule `old` has the same way (name, legs,
+    /// numbering, window): a reload must not forget which sequence numbers went out.
+    pub fn keep_merge_state(&mut self, old: &RuleTable) {
+        for r in self.rules.iter_mut().filter(|r| r.merge.is_some()) {
+            let same = old.rules.iter().find(|o| {
+                o.name == r.name
+                    && o.merge == r.merge
+                    && o.inputs()
+                        .map(|i| (i.group, i.port, i.vlan))
+                        .eq(r.inputs().map(|i| (i.group, i.port, i.vlan)))
+            });
+            if let Some(o) = same {
+                r.merge.clone_from(&o.merge);
+            }
+        }
+    }
+
     /// The entries of the XDP program's rule map.
     pub fn bpf_entries(&self) -> impl Iterator<Item = (RuleKey, RuleValue)> + '_ {
         self.keys
@@ -942,6 +959,37 @@ mod tests {
         .unwrap();
         assert!(plain.rules[0].merge.is_none() && plain.rules[0].legs.is_empty());
         assert_eq!(plain.rules[0].outputs[0].action.group, None);
+    }
+
+    /// A reload keeps a merged rule's state when the rule merges the same way, and starts a
+    /// new one when it does not.
+    #[test]
+    fn reloads_keep_merge_state_of_rules_that_stay() {
+        let yaml = |window: u32| {
+            format!(
+                "rules:\n  - name: feed\n    inputs: [{{interface: in0, group: 239.1.1.1}}, {{interface: out1, group: 239.101.1.1}}]\n    merge: rtp\n    window_ms: {window}\n    outputs: [{{interface: out0}}]\n"
+            )
+        };
+        let table = |window| {
+            RuleTable::compile(&Config::parse("t", &yaml(window)).unwrap(), "t", &fake()).unwrap()
+        };
+        let old = table(500);
+        assert!(old.rules[0].merge.as_ref().unwrap().offer(0, 7, 0).first);
+        let mut same = table(500);
+        same.keep_merge_state(&old);
+        let (a, b) = (&old.rules[0].merge, &same.rules[0].merge);
+        assert!(Arc::ptr_eq(a.as_ref().unwrap(), b.as_ref().unwrap()));
+        assert!(
+            !b.as_ref().unwrap().offer(1, 7, 1).first,
+            "remembered across the reload"
+        );
+        let mut other = table(200);
+        other.keep_merge_state(&old);
+        assert!(!Arc::ptr_eq(
+            old.rules[0].merge.as_ref().unwrap(),
+            other.rules[0].merge.as_ref().unwrap()
+        ));
+        assert!(other.rules[0].merge.as_ref().unwrap().offer(1, 7, 1).first);
     }
 
     proptest! {

@@ -77,7 +77,10 @@ fn send(ns: &Netns, leg1_source: Ipv4Addr, packets: Vec<Packet>, rtp_version: u8
         ];
         for (i, p) in packets.iter().enumerate() {
             let (s, g) = &legs[p.leg];
-            s.send_to(&datagram(p, rtp_version), SocketAddr::new((*g).into(), PORT))?;
+            s.send_to(
+                &datagram(p, rtp_version),
+                SocketAddr::new((*g).into(), PORT),
+            )?;
             if i % 16 == 15 {
                 std::thread::sleep(Duration::from_micros(800));
             }
@@ -116,7 +119,10 @@ fn start(topo: &Topology, merge: &str, workers: usize, allocator: &str) -> (Rela
 
 fn merge_view(control: &std::path::Path, relayed: u64) -> (StatsView, MergeView) {
     let v = stats_until(control, |v| {
-        v.rules[0].merge.as_ref().is_some_and(|m| m.relayed >= relayed)
+        v.rules[0]
+            .merge
+            .as_ref()
+            .is_some_and(|m| m.relayed >= relayed)
     });
     let m = v.rules[0].merge.clone().expect("a merged rule");
     (v, m)
@@ -132,7 +138,11 @@ struct Expected {
 
 fn expected(packets: &[Packet]) -> Expected {
     let ids = |leg: usize| -> BTreeSet<u64> {
-        packets.iter().filter(|p| p.leg == leg).map(|p| p.id).collect()
+        packets
+            .iter()
+            .filter(|p| p.leg == leg)
+            .map(|p| p.id)
+            .collect()
     };
     let (a, b) = (ids(0), ids(1));
     let relayed: BTreeSet<u64> = a.union(&b).copied().collect();
@@ -260,7 +270,12 @@ fn one_leg_dies_and_the_other_carries_on() {
     let topo = Topology::new(1).unwrap();
     let (relay, leg1) = start(&topo, "rtp", 1, "lockfree");
     let rx = receiver(&topo, 2000);
-    send(&topo.sender, leg1, both_legs(0..1000, 100, 0, |_, _| false), 2);
+    send(
+        &topo.sender,
+        leg1,
+        both_legs(0..1000, 100, 0, |_, _| false),
+        2,
+    );
     topo.relay.exec(&["ip", "link", "del", "rin2"]).unwrap();
     let alone: Vec<Packet> = both_legs(1000..2000, 1100, 1000, |leg, _| leg == 1);
     send(&topo.sender, leg1, alone, 2);
@@ -280,16 +295,30 @@ fn restart(merge: &str) {
     let topo = Topology::new(1).unwrap();
     let (relay, leg1) = start(&topo, merge, 1, "mutex");
     let rx = receiver(&topo, 2000);
-    send(&topo.sender, leg1, both_legs(0..1000, 500, 500, |_, _| false), 2);
+    send(
+        &topo.sender,
+        leg1,
+        both_legs(0..1000, 500, 500, |_, _| false),
+        2,
+    );
     // The window is 500 ms.
     std::thread::sleep(Duration::from_millis(1200));
-    send(&topo.sender, leg1, both_legs(1000..2000, 200, 200, |_, _| false), 2);
+    send(
+        &topo.sender,
+        leg1,
+        both_legs(1000..2000, 200, 200, |_, _| false),
+        2,
+    );
     let got = ids_once(&join(rx).unwrap());
     assert_eq!(got, (0..2000).collect::<BTreeSet<u64>>(), "{merge}");
     let (_, m) = merge_view(&relay.control, 2000);
     assert_eq!((m.relayed, m.lost), (2000, 0), "{merge}: {m:?}");
     for l in &m.legs {
-        assert_eq!((l.received, l.first + l.duplicate, l.gaps), (2000, 2000, 0), "{m:?}");
+        assert_eq!(
+            (l.received, l.first + l.duplicate, l.gaps),
+            (2000, 2000, 0),
+            "{m:?}"
+        );
     }
     stop_clean(relay, &topo);
 }
@@ -315,12 +344,25 @@ fn packets_without_a_sequence_number_are_counted_not_relayed() {
     let rx = receiver(&topo, 200);
     send(&topo.sender, leg1, both_legs(0..100, 7, 0, |_, _| false), 2);
     // RTP version 1: no sequence number the merge reads.
-    send(&topo.sender, leg1, both_legs(5000..5100, 0, 0, |leg, _| leg == 1), 1);
-    send(&topo.sender, leg1, both_legs(100..200, 107, 100, |_, _| false), 2);
+    send(
+        &topo.sender,
+        leg1,
+        both_legs(5000..5100, 0, 0, |leg, _| leg == 1),
+        1,
+    );
+    send(
+        &topo.sender,
+        leg1,
+        both_legs(100..200, 107, 100, |_, _| false),
+        2,
+    );
     let got = ids_once(&join(rx).unwrap());
     assert_eq!(got, (0..200).collect::<BTreeSet<u64>>());
     let v = stats_until(&relay.control, |v| {
-        v.rules[0].merge.as_ref().is_some_and(|m| m.malformed >= 100)
+        v.rules[0]
+            .merge
+            .as_ref()
+            .is_some_and(|m| m.malformed >= 100)
     });
     let m = v.rules[0].merge.as_ref().unwrap();
     assert_eq!((m.malformed, m.relayed), (100, 200), "{m:?}");

@@ -95,6 +95,9 @@ impl Running {
         let old_listeners = old.listen_targets();
         self.querier.set_timers(&new_config.querier);
         track_listeners(&self.querier, &mut new, &old_listeners)?;
+        // A merged rule that stays keeps what it remembers, so the packets still in flight
+        // on its other legs are not relayed twice.
+        new.keep_merge_state(&old);
         // Said in the log and in the reply to whoever asked for the change.
         let mut notes = Vec::new();
         for (what, changed) in [
