@@ -10,6 +10,8 @@
 
 pub(crate) mod backend;
 pub mod budget;
+pub mod loopback;
+pub mod memory;
 mod ringlog;
 mod socket;
 pub mod stats;

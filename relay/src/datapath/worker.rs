@@ -333,7 +333,7 @@ pub(super) struct Worker<B: Backend> {
 const FRAG_SLOTS: usize = 4096;
 
 /// Frames that did not fit a TX ring and wait for the next pass, at most.
-const WAITING_MAX: usize = 4 * BATCH;
+pub(super) const WAITING_MAX: usize = 4 * BATCH;
 
 /// How often a worker publishes its counters.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
@@ -500,6 +500,23 @@ impl<B: Backend> Worker<B> {
                 String::new()
             }
         );
+    }
+
+    /// One pass, for a caller that drives the worker itself (the in-memory loopback): a newer
+    /// plan taken up first, as `run` does.
+    pub fn pass(&mut self) -> bool {
+        self.adopt();
+        self.step()
+    }
+
+    /// This worker's counters, shaped by its plan.
+    pub fn stats(&self) -> &DatapathStats {
+        &self.stats
+    }
+
+    /// Its sockets, by global id.
+    pub fn ports(&self) -> impl Iterator<Item = (usize, &Port<B>)> {
+        self.port_ids.iter().copied().zip(&self.ports)
     }
 
     /// Runs until the data path is told to drain, then drains, and reports.
