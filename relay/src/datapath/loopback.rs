@@ -104,7 +104,7 @@ impl Loopback {
                 budget.cache,
                 true,
             )
-            .context("creating eventfds")?,
+            .context("setting up the data path")?,
         );
         let arena = Arc::new(Arena::new(frames, options.frame_size as usize));
         let domain = Domain {

@@ -148,6 +148,8 @@ impl Backend for Memory {
 #[derive(Default)]
 pub struct Wire {
     state: Mutex<WireState>,
+    /// Frames that arrived (put on the RX ring by the simulated kernel).
+    delivered: AtomicU64,
     /// Frames sent (taken off the TX ring by the simulated kernel).
     sent: AtomicU64,
     /// Bytes of those frames.
@@ -213,6 +215,11 @@ impl Wire {
     /// While stalled, the device takes nothing off the TX ring, which fills up.
     pub fn stall(&self, stalled: bool) {
         self.state().stalled = stalled;
+    }
+
+    /// Frames that have arrived so far (are on the RX ring, or past it).
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Acquire)
     }
 
     /// Frames sent so far.
@@ -290,6 +297,7 @@ impl MemRings {
             return;
         }
         let mut s = self.wire.state();
+        let before = self.rx.entries.len();
         for _ in 0..room {
             let desc = if let Some(frame) = s.queued.pop_front() {
                 arrive(&self.arena, &mut self.fill, &frame)
@@ -301,6 +309,9 @@ impl MemRings {
             };
             self.rx.entries.push_back(desc);
         }
+        drop(s);
+        let n = self.rx.entries.len() - before;
+        self.wire.delivered.fetch_add(n as u64, Ordering::AcqRel);
     }
 
     /// The kernel's transmit: what is on the TX ring is sent and completed.

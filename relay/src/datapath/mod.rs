@@ -262,7 +262,7 @@ impl Datapath {
                 budget.cache,
                 poll == crate::config::PollMode::Busy,
             )
-            .context("creating eventfds")?,
+            .context("setting up the data path")?,
         );
         let mut dp = Datapath {
             shared: shared.clone(),
@@ -584,7 +584,7 @@ impl Datapath {
             if let Some(lane) = self.shared.lanes[id].get() {
                 let pool = &self.shared.domain(self.ports[id].domain).pool;
                 while let Some((desc, _)) = lane.pop() {
-                    pool.give((desc.addr() / self.shared.frame_size) as u32);
+                    pool.give(self.shared.frame_of(desc.addr()));
                 }
             }
         }
@@ -851,7 +851,7 @@ fn settle<B: Backend>(
         // A lane is made only for a socket that exists, so it has a UMEM.
         let pool = &shared.domain(port_domain[id]).pool;
         while let Some((desc, _)) = lane.pop() {
-            pool.give((B::addr(&desc) / shared.frame_size) as u32);
+            pool.give(shared.frame_of(B::addr(&desc)));
         }
     }
     let account = FrameAccount {

@@ -97,6 +97,9 @@ pub(super) struct Shared<B: Backend> {
     /// The UMEMs, made when a socket first needs one and never moved.
     pub domains: Box<[OnceLock<Domain<B>>]>,
     pub frame_size: usize,
+    /// log2 of `frame_size`: a frame's number is its offset shifted by this, once per frame
+    /// and not a division.
+    pub frame_shift: u32,
     pub allocator: crate::pool::AllocatorKind,
     /// The current plan; workers look at `plan_gen` every pass and take the lock only when it
     /// moved.
@@ -136,6 +139,12 @@ impl<B: Backend> Shared<B> {
         cache_frames: usize,
         busy_poll: bool,
     ) -> std::io::Result<Self> {
+        if !frame_size.is_power_of_two() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("frame size {frame_size} is not a power of two"),
+            ));
+        }
         let wakers = (0..workers)
             .map(|_| Waker::new())
             .collect::<std::io::Result<Vec<_>>>()?;
@@ -152,6 +161,7 @@ impl<B: Backend> Shared<B> {
         Ok(Shared {
             domains: (0..MAX_DOMAINS).map(|_| OnceLock::new()).collect(),
             frame_size,
+            frame_shift: frame_size.trailing_zeros(),
             allocator,
             plan: Mutex::new(empty.clone()),
             plan_gen: AtomicU64::new(0),
@@ -176,6 +186,12 @@ impl<B: Backend> Shared<B> {
         self.domains[d]
             .get()
             .expect("a socket's UMEM is made before the socket")
+    }
+
+    /// The number of the frame at `addr` in its UMEM.
+    #[inline]
+    pub fn frame_of(&self, addr: usize) -> u32 {
+        (addr >> self.frame_shift) as u32
     }
 
     /// The UMEMs made so far.
@@ -325,6 +341,8 @@ pub(super) struct Worker<B: Backend> {
     poll_fds: Vec<libc::pollfd>,
     take_buf: Vec<u32>,
     desc_buf: Vec<B::Desc>,
+    /// What each output of the frame being forwarded does with it (see [`verdict`]).
+    verdicts: Vec<Verdict>,
     /// The rules the first fragments of recent datagrams matched, for their later fragments.
     frags: FragTable,
 }
@@ -365,6 +383,7 @@ impl<B: Backend> Worker<B> {
             poll_fds: Vec::new(),
             take_buf: Vec::with_capacity(RING_SIZE as usize),
             desc_buf: Vec::with_capacity(RING_SIZE as usize),
+            verdicts: Vec::new(),
             frags: FragTable::new(FRAG_SLOTS),
         };
         w.local_egress = w.map_egress();
@@ -744,7 +763,7 @@ impl<B: Backend> Worker<B> {
     }
 
     fn frame_index(&self, desc: &B::Desc) -> u32 {
-        (B::addr(desc) / self.shared.frame_size) as u32
+        self.shared.frame_of(B::addr(desc))
     }
 
     /// Consumes one batch from an ingress RX ring and sends every frame on its way.
@@ -835,40 +854,46 @@ impl<B: Backend> Worker<B> {
             output: output as u16,
             plan: plan.generation as u16,
         };
-        // What an output refuses (a frame at the end of its scope, a next hop not resolved
-        // yet) is decided here, so no copy is made for it.
-        let on = |o: &crate::rules::CompiledOutput| plan.egress_domain[o.egress];
-        let last = rule
-            .outputs
-            .iter()
-            .rposition(|o| !o.unwanted() && refusal(o, expired).is_none() && on(o) == dom);
-
+        // What each output does with the frame, decided once, before any copy: what it
+        // refuses (a frame at the end of its scope, a next hop not resolved yet) gets no copy,
+        // and the last output on the frame's own UMEM gets the frame itself.
+        let mut verdicts = std::mem::take(&mut self.verdicts);
+        verdicts.clear();
+        let mut last = None;
         for (oi, out) in rule.outputs.iter().enumerate() {
+            let v = verdict(out, expired, plan.egress_domain[out.egress]);
+            if v == Verdict::To(dom) {
+                last = Some(oi);
+            }
+            verdicts.push(v);
+        }
+
+        for (oi, (out, &v)) in rule.outputs.iter().zip(&verdicts).enumerate() {
             if Some(oi) == last {
                 continue;
             }
             let counters = &mut self.stats.rules[rule_id as usize].outputs[oi];
-            if out.unwanted() {
+            let to = match v {
+                Verdict::To(to) => to,
                 // Nobody behind it listens: not a loss, so not counted as dropped.
-                counters.no_listener += 1;
-                continue;
-            }
-            let to = on(out);
-            if let Some(e) = refusal(out, expired) {
-                match e {
-                    // With its device gone the next hop is gone too: the device is the news.
-                    RewriteError::NoNeighbour if to == NO_DOMAIN => counters.interface_down += 1,
-                    RewriteError::NoNeighbour => counters.no_neighbour += 1,
-                    RewriteError::NoSource => counters.no_source += 1,
-                    _ => counters.ttl_expired += 1,
+                Verdict::NoListener => {
+                    counters.no_listener += 1;
+                    continue;
                 }
-                continue;
-            }
-            if to == NO_DOMAIN {
+                Verdict::Refused(e) => {
+                    match e {
+                        RewriteError::NoNeighbour => counters.no_neighbour += 1,
+                        RewriteError::NoSource => counters.no_source += 1,
+                        _ => counters.ttl_expired += 1,
+                    }
+                    continue;
+                }
                 // Its device is gone and no new one has come yet: no copy for it.
-                counters.interface_down += 1;
-                continue;
-            }
+                Verdict::Gone => {
+                    counters.interface_down += 1;
+                    continue;
+                }
+            };
             let Some(copy_no) = self.cache(to).take() else {
                 self.stats.rules[rule_id as usize].outputs[oi].no_frame += 1;
                 continue;
@@ -892,6 +917,7 @@ impl<B: Backend> Worker<B> {
             self.settle(out.egress, to, copy, tag(oi), result);
         }
 
+        self.verdicts = verdicts;
         let Some(last) = last else {
             // Every output got a copy (or refused the frame): the received one goes back.
             self.cache(dom).give(frame_no);
@@ -1053,7 +1079,6 @@ impl<B: Backend> Worker<B> {
             }
             staged.truncate(kept);
             tags.truncate(kept);
-            let frame_size = self.shared.frame_size;
             let port = &mut self.ports[pi];
             // The ring takes a batch whole or not at all, so offer what fits.
             let room = (port.rings.tx_free(staged.len() as u32) as usize).min(staged.len());
@@ -1062,7 +1087,7 @@ impl<B: Backend> Worker<B> {
             sent = unsafe { port.rings.tx_produce(&staged[..room]) };
             port.in_tx += sent;
             for desc in &staged[..sent] {
-                port.tx_log.record((B::addr(desc) / frame_size) as u32);
+                port.tx_log.record(self.shared.frame_of(B::addr(desc)));
             }
             for (desc, tag) in staged[..sent].iter().zip(&tags[..sent]) {
                 if let Some(oc) = self.counters(*tag) {
@@ -1160,7 +1185,7 @@ impl<B: Backend> Worker<B> {
         port.in_tx -= n;
         let dom = port.domain;
         for k in 0..n {
-            let f = (B::addr(&self.comp_buf[k]) / self.shared.frame_size) as u32;
+            let f = self.shared.frame_of(B::addr(&self.comp_buf[k]));
             self.cache(dom).give(f);
         }
         n
@@ -1242,19 +1267,38 @@ fn resolved_action(out: &crate::rules::CompiledOutput) -> std::borrow::Cow<'_, O
     }
 }
 
-/// Why an output will not take a frame, known before any copy is made: the frame arrived at
-/// the end of its scope (`expired`) and the output does not set the TTL, its unicast next hop
-/// has no MAC yet, or `source: auto` has no address to write.
-fn refusal(out: &crate::rules::CompiledOutput, expired: bool) -> Option<RewriteError> {
+/// What one output of a frame's rule does with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// It sends it, from a frame of this UMEM (its socket's).
+    To(usize),
+    /// An on-demand output with no listener now.
+    NoListener,
+    /// It will not take it (see [`verdict`]).
+    Refused(RewriteError),
+    /// Its device is gone.
+    Gone,
+}
+
+/// What `out` does with a frame, known before any copy is made, its socket being on UMEM
+/// `to`: nothing if nobody listens; it refuses the frame if the frame arrived at the end of
+/// its scope (`expired`) and the output does not set the TTL, if `source: auto` has no address
+/// to write, or if its unicast next hop has no MAC yet (with its device gone the next hop is
+/// gone too: then the device is the news).
+fn verdict(out: &crate::rules::CompiledOutput, expired: bool, to: usize) -> Verdict {
     let a = &out.action;
-    if expired && a.ttl.is_none() {
-        Some(RewriteError::TtlExpired)
+    if out.unwanted() {
+        Verdict::NoListener
+    } else if expired && a.ttl.is_none() {
+        Verdict::Refused(RewriteError::TtlExpired)
     } else if a.source_spec.is_some() && a.source.is_none() {
-        Some(RewriteError::NoSource)
+        Verdict::Refused(RewriteError::NoSource)
+    } else if to == NO_DOMAIN {
+        Verdict::Gone
     } else if out.next_hop.as_ref().is_some_and(|s| s.mac().is_none()) {
-        Some(RewriteError::NoNeighbour)
+        Verdict::Refused(RewriteError::NoNeighbour)
     } else {
-        None
+        Verdict::To(to)
     }
 }
 
