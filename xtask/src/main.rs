@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod datapath_bench;
 mod pool_bench;
 
 #[derive(Parser)]
@@ -62,6 +63,16 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
         /// Print the tables without touching docs/PERFORMANCE.md.
+        #[arg(long)]
+        no_write: bool,
+    },
+    /// Measure the worker's per-frame path over in-memory sockets (no root), both allocators,
+    /// 1 and 2 workers, 1->1 and 1->8, and write the table into docs/PERFORMANCE.md.
+    BenchDatapath {
+        /// Runs; the table shows the median with the range.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Print the table without touching docs/PERFORMANCE.md.
         #[arg(long)]
         no_write: bool,
     },
@@ -180,6 +191,10 @@ fn main() -> Result<()> {
             build_ebpf(&root)?;
             let tables = pool_bench::run(&root, &target_dir(&root), repeats)?;
             record(&root, "pool", &tables, no_write)
+        }
+        Task::BenchDatapath { repeats, no_write } => {
+            let table = datapath_bench::run(&root, &target_dir(&root), repeats)?;
+            record(&root, "datapath", &table, no_write)
         }
         Task::Demo { packets } => {
             setup(&root)?;

@@ -4,8 +4,8 @@
 //!
 //! The simulated kernel does what the kernel and the NIC do for a zero-copy socket, and no
 //! more: when the worker looks at its RX ring, frames waiting on the port's [`Wire`] are
-//! written into frames from the fill ring and put on the RX ring (as many as there are fill
-//! entries: nothing is dropped, the rest wait); when it looks at its completion ring, what is
+//! written into frames from the fill ring and put on the RX ring (as many as the worker takes
+//! at once, if there are fill entries for them: nothing is dropped, the rest wait); when it looks at its completion ring, what is
 //! on the TX ring is "sent" (counted, copied out if the wire captures) and put on the
 //! completion ring, unless the wire is stalled. It runs in the worker's thread, inside the
 //! worker's own ring calls, so a worker needs no other thread and is never woken.
@@ -290,9 +290,10 @@ impl MemRings {
     }
 
     /// The kernel's receive: frames waiting on the wire into fill ring frames, onto the RX
-    /// ring.
-    fn deliver(&mut self) {
-        let room = self.fill.entries.len().min(self.rx.free());
+    /// ring, at most `budget` of them (a NAPI poll's), so a frame is written shortly before the
+    /// worker reads it, as a NIC's DMA writes shortly before.
+    fn deliver(&mut self, budget: usize) {
+        let room = self.fill.entries.len().min(self.rx.free()).min(budget);
         if room == 0 {
             return;
         }
@@ -356,7 +357,7 @@ fn arrive(arena: &Arena, fill: &mut Ring, frame: &[u8]) -> MemDesc {
 
 impl Rings<MemDesc> for MemRings {
     unsafe fn rx_consume(&mut self, out: &mut [MemDesc]) -> usize {
-        self.deliver();
+        self.deliver(out.len().saturating_sub(self.rx.entries.len()));
         self.rx.consume(out)
     }
 

@@ -345,6 +345,20 @@ pub(super) struct Worker<B: Backend> {
     verdicts: Vec<Verdict>,
     /// The rules the first fragments of recent datagrams matched, for their later fragments.
     frags: FragTable,
+    /// The last unfragmented frame's lookup and the rule it found, if any.
+    last_lookup: Option<(LookupKey, Option<u32>)>,
+}
+
+/// What a rule lookup depends on: the frame's ingress, group, source, port and VLAN, and the
+/// plan whose table it was looked up in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LookupKey {
+    generation: u64,
+    ifindex: u32,
+    group: std::net::IpAddr,
+    source: std::net::IpAddr,
+    port: u16,
+    tci: Option<u16>,
 }
 
 /// Datagrams whose fragments a worker follows at once (see `FragTable`).
@@ -385,6 +399,7 @@ impl<B: Backend> Worker<B> {
             desc_buf: Vec::with_capacity(RING_SIZE as usize),
             verdicts: Vec::new(),
             frags: FragTable::new(FRAG_SLOTS),
+            last_lookup: None,
         };
         w.local_egress = w.map_egress();
         w.poll_fds = w.poll_set();
@@ -935,7 +950,24 @@ impl<B: Backend> Worker<B> {
     /// fragment, the rule its datagram's first fragment matched, which is remembered here.
     fn find_rule(&mut self, plan: &Plan, ifindex: u32, flow: &crate::wire::Flow) -> Option<u32> {
         let Some(frag) = flow.frag else {
-            return plan.table.lookup(ifindex, flow);
+            // A stream's frames come in runs, and a plan's table never changes: the frame
+            // before this one may have been looked up already.
+            let key = LookupKey {
+                generation: plan.generation,
+                ifindex,
+                group: flow.group,
+                source: flow.source,
+                port: flow.port,
+                tci: flow.tci,
+            };
+            if let Some((last, rule)) = &self.last_lookup
+                && *last == key
+            {
+                return *rule;
+            }
+            let rule = plan.table.lookup(ifindex, flow);
+            self.last_lookup = Some((key, rule));
+            return rule;
         };
         let key = crate::frag::key(ifindex, flow, frag);
         if flow.is_later_fragment() {
