@@ -1032,14 +1032,7 @@ impl<B: Backend> Worker<B> {
 
     /// The counters a tag names, if it was made under the plan this worker counts by.
     fn counters(&mut self, tag: Tag) -> Option<&mut OutputCounters> {
-        if tag.plan != self.plan.generation as u16 {
-            return None;
-        }
-        self.stats
-            .rules
-            .get_mut(tag.rule as usize)?
-            .outputs
-            .get_mut(tag.output as usize)
+        output_counters(&mut self.stats, self.plan.generation, tag)
     }
 
     fn count_rewrite_error(&mut self, tag: Tag, e: RewriteError) {
@@ -1097,7 +1090,10 @@ impl<B: Backend> Worker<B> {
             let checked = self.ports[pi].waiting.min(staged.len());
             let mut kept = checked;
             for k in checked..staged.len() {
-                if ip_len::<B>(self.shared.domain(dom), &staged[k]) <= mtu {
+                // A frame whose whole length fits needs no look at its headers.
+                let fits = B::len(&staged[k]) <= mtu as usize + crate::wire::ETH_HLEN
+                    || ip_len::<B>(self.shared.domain(dom), &staged[k]) <= mtu;
+                if fits {
                     staged[kept] = staged[k];
                     tags[kept] = tags[k];
                     kept += 1;
@@ -1118,11 +1114,10 @@ impl<B: Backend> Worker<B> {
             // over through a lane) and is on no ring.
             sent = unsafe { port.rings.tx_produce(&staged[..room]) };
             port.in_tx += sent;
-            for desc in &staged[..sent] {
-                port.tx_log.record(self.shared.frame_of(B::addr(desc)));
-            }
+            let generation = self.plan.generation;
             for (desc, tag) in staged[..sent].iter().zip(&tags[..sent]) {
-                if let Some(oc) = self.counters(*tag) {
+                port.tx_log.record(self.shared.frame_of(B::addr(desc)));
+                if let Some(oc) = output_counters(&mut self.stats, generation, *tag) {
                     oc.packets += 1;
                     oc.bytes += B::len(desc) as u64;
                 }
@@ -1216,9 +1211,12 @@ impl<B: Backend> Worker<B> {
         let n = unsafe { port.rings.comp_consume(&mut self.comp_buf[..want]) };
         port.in_tx -= n;
         let dom = port.domain;
-        for k in 0..n {
-            let f = self.shared.frame_of(B::addr(&self.comp_buf[k]));
-            self.cache(dom).give(f);
+        let shared = &self.shared;
+        let cache = self.caches[dom].get_or_insert_with(|| {
+            FrameCache::new(shared.domain(dom).pool.clone(), shared.cache_frames)
+        });
+        for desc in &self.comp_buf[..n] {
+            cache.give(shared.frame_of(B::addr(desc)));
         }
         n
     }
@@ -1258,6 +1256,24 @@ impl<B: Backend> Worker<B> {
             port.rings.fill_wakeup();
         }
     }
+}
+
+/// The counters in `stats` a tag names, if it was made under plan `generation`, which
+/// `stats` is shaped by.
+#[inline]
+fn output_counters(
+    stats: &mut DatapathStats,
+    generation: u64,
+    tag: Tag,
+) -> Option<&mut OutputCounters> {
+    if tag.plan != generation as u16 {
+        return None;
+    }
+    stats
+        .rules
+        .get_mut(tag.rule as usize)?
+        .outputs
+        .get_mut(tag.output as usize)
 }
 
 /// Rewrites a frame in its UMEM frame for one output: its VLAN tag first, which may move
