@@ -24,7 +24,25 @@ pub trait FrameMut {
             "a frame's data fits in any frame"
         );
         self.set_len(src.len());
-        self.contents_mut().copy_from_slice(src);
+        copy_frame(self.contents_mut(), src);
+    }
+}
+
+/// Copies a frame's bytes, `src` into `dst` of the same length, 16 bytes a move. A copy's
+/// headers are read right after it is made, to rewrite them: libc's memcpy writes a frame of
+/// a hundred bytes with 64-byte stores, which this CPU does not forward to those 2- and 4-byte
+/// reads, so each waited for the stores to complete (the profile put a quarter of a fan-out's
+/// rewrite time on its first read of the copy). 16-byte stores forward.
+#[inline]
+pub fn copy_frame(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len(), "a copy is as long as its source");
+    let (to, to_rest) = dst.as_chunks_mut::<16>();
+    let (from, from_rest) = src.as_chunks::<16>();
+    for (d, s) in to.iter_mut().zip(from) {
+        *d = u128::from_ne_bytes(*s).to_ne_bytes();
+    }
+    for (d, s) in to_rest.iter_mut().zip(from_rest) {
+        *d = *s;
     }
 }
 

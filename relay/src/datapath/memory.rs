@@ -5,10 +5,11 @@
 //! The simulated kernel does what the kernel and the NIC do for a zero-copy socket, and no
 //! more: when the worker looks at its RX ring, frames waiting on the port's [`Wire`] are
 //! written into frames from the fill ring and put on the RX ring (as many as the worker takes
-//! at once, if there are fill entries for them: nothing is dropped, the rest wait); when it looks at its completion ring, what is
-//! on the TX ring is "sent" (counted, copied out if the wire captures) and put on the
-//! completion ring, unless the wire is stalled. It runs in the worker's thread, inside the
-//! worker's own ring calls, so a worker needs no other thread and is never woken.
+//! at once, if there are fill entries for them: nothing is dropped, the rest wait); when it
+//! looks at its completion ring, what is on the TX ring is "sent" (counted, copied out if the
+//! wire captures) and put on the completion ring, unless the wire is stalled. It runs in the
+//! worker's thread, inside the worker's own ring calls, so a worker needs no other thread and
+//! is never woken.
 
 use std::{
     cell::UnsafeCell,
@@ -233,20 +234,31 @@ impl Wire {
     }
 }
 
-/// A fixed-capacity ring of descriptors.
+/// A ring of descriptors, `RING_SIZE` (a power of two) entries, in memory: the entries from
+/// `head` (the consumer's) to `tail` (the producer's), indices taken modulo the size.
 struct Ring {
-    entries: VecDeque<MemDesc>,
+    slots: Box<[MemDesc]>,
+    head: usize,
+    tail: usize,
 }
 
 impl Ring {
+    const MASK: usize = RING_SIZE as usize - 1;
+
     fn new() -> Self {
         Ring {
-            entries: VecDeque::with_capacity(RING_SIZE as usize),
+            slots: vec![MemDesc::default(); RING_SIZE as usize].into_boxed_slice(),
+            head: 0,
+            tail: 0,
         }
     }
 
+    fn len(&self) -> usize {
+        self.tail - self.head
+    }
+
     fn free(&self) -> usize {
-        RING_SIZE as usize - self.entries.len()
+        RING_SIZE as usize - self.len()
     }
 
     /// All of `descs` or none, as an xsk ring produces.
@@ -254,16 +266,35 @@ impl Ring {
         if descs.len() > self.free() {
             return 0;
         }
-        self.entries.extend(descs.iter().copied());
+        for (i, &d) in descs.iter().enumerate() {
+            self.slots[(self.tail + i) & Self::MASK] = d;
+        }
+        self.tail += descs.len();
         descs.len()
     }
 
     fn consume(&mut self, out: &mut [MemDesc]) -> usize {
-        let n = out.len().min(self.entries.len());
-        for (slot, desc) in out.iter_mut().zip(self.entries.drain(..n)) {
-            *slot = desc;
+        let n = out.len().min(self.len());
+        for (i, slot) in out[..n].iter_mut().enumerate() {
+            *slot = self.slots[(self.head + i) & Self::MASK];
         }
+        self.head += n;
         n
+    }
+
+    /// One entry, where the caller has made sure there is room.
+    fn push(&mut self, desc: MemDesc) {
+        debug_assert!(self.free() > 0);
+        self.slots[self.tail & Self::MASK] = desc;
+        self.tail += 1;
+    }
+
+    fn pop(&mut self) -> Option<MemDesc> {
+        (self.len() > 0).then(|| {
+            let d = self.slots[self.head & Self::MASK];
+            self.head += 1;
+            d
+        })
     }
 }
 
@@ -293,12 +324,12 @@ impl MemRings {
     /// ring, at most `budget` of them (a NAPI poll's), so a frame is written shortly before the
     /// worker reads it, as a NIC's DMA writes shortly before.
     fn deliver(&mut self, budget: usize) {
-        let room = self.fill.entries.len().min(self.rx.free()).min(budget);
+        let room = self.fill.len().min(self.rx.free()).min(budget);
         if room == 0 {
             return;
         }
         let mut s = self.wire.state();
-        let before = self.rx.entries.len();
+        let before = self.rx.len();
         for _ in 0..room {
             let desc = if let Some(frame) = s.queued.pop_front() {
                 arrive(&self.arena, &mut self.fill, &frame)
@@ -308,16 +339,16 @@ impl MemRings {
             } else {
                 break;
             };
-            self.rx.entries.push_back(desc);
+            self.rx.push(desc);
         }
         drop(s);
-        let n = self.rx.entries.len() - before;
+        let n = self.rx.len() - before;
         self.wire.delivered.fetch_add(n as u64, Ordering::AcqRel);
     }
 
     /// The kernel's transmit: what is on the TX ring is sent and completed.
     fn send(&mut self) {
-        let n = self.tx.entries.len().min(self.comp.free());
+        let n = self.tx.len().min(self.comp.free());
         if n == 0 {
             return;
         }
@@ -326,14 +357,15 @@ impl MemRings {
             return;
         }
         let mut bytes = 0;
-        for desc in self.tx.entries.drain(..n) {
+        for _ in 0..n {
+            let desc = self.tx.pop().expect("n is at most its length");
             bytes += desc.len as u64;
             if s.capture {
                 // SAFETY: the frame was on the TX ring, which hands it to the kernel alone.
                 let frame = unsafe { self.arena.frame(desc.addr) };
                 s.captured.push(frame[..desc.len].to_vec());
             }
-            self.comp.entries.push_back(desc);
+            self.comp.push(desc);
         }
         drop(s);
         self.wire.sent_bytes.fetch_add(bytes, Ordering::AcqRel);
@@ -343,21 +375,18 @@ impl MemRings {
 
 /// Writes a frame that arrived into the next fill ring frame.
 fn arrive(arena: &Arena, fill: &mut Ring, frame: &[u8]) -> MemDesc {
-    let mut desc = fill
-        .entries
-        .pop_front()
-        .expect("deliver looks at the fill ring first");
+    let mut desc = fill.pop().expect("deliver looks at the fill ring first");
     // SAFETY: the frame was on the fill ring, which hands it to the kernel alone.
     let buf = unsafe { arena.frame(desc.addr) };
     let len = frame.len().min(buf.len());
-    buf[..len].copy_from_slice(&frame[..len]);
+    super::backend::copy_frame(&mut buf[..len], &frame[..len]);
     desc.len = len;
     desc
 }
 
 impl Rings<MemDesc> for MemRings {
     unsafe fn rx_consume(&mut self, out: &mut [MemDesc]) -> usize {
-        self.deliver(out.len().saturating_sub(self.rx.entries.len()));
+        self.deliver(out.len().saturating_sub(self.rx.len()));
         self.rx.consume(out)
     }
 
@@ -366,7 +395,7 @@ impl Rings<MemDesc> for MemRings {
     }
 
     fn fill_held(&mut self) -> usize {
-        self.fill.entries.len()
+        self.fill.len()
     }
 
     unsafe fn fill_produce(&mut self, descs: &[MemDesc]) -> usize {
@@ -384,7 +413,7 @@ impl Rings<MemDesc> for MemRings {
     }
 
     fn tx_held(&mut self) -> u32 {
-        self.tx.entries.len() as u32
+        self.tx.len() as u32
     }
 
     unsafe fn tx_produce(&mut self, descs: &[MemDesc]) -> usize {

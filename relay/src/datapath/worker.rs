@@ -69,6 +69,9 @@ pub(super) struct Plan {
     pub fill_targets: Vec<usize>,
 }
 
+/// Sockets a reload opened for one worker: (global id, socket).
+pub(super) type Incoming<B> = Vec<(usize, Port<B>)>;
+
 /// Frames handed from one worker to the owner of a socket.
 pub(super) type Lane<B> = ArrayQueue<(<B as Backend>::Desc, Tag)>;
 
@@ -108,7 +111,7 @@ pub(super) struct Shared<B: Backend> {
     /// The plan generation each worker has adopted.
     pub adopted: Vec<AtomicU64>,
     /// Sockets opened by a reload, waiting for their worker to take them: (global id, socket).
-    pub incoming: Vec<Mutex<Vec<(usize, Port<B>)>>>,
+    pub incoming: Vec<Mutex<Incoming<B>>>,
     /// For each socket (by global id), frames other workers hand to its owner; made on first
     /// use.
     pub lanes: Box<[OnceLock<Lane<B>>]>,
