@@ -154,7 +154,7 @@ pub struct RuleTable {
     /// Looked up for every relayed frame. FxHash rather than SipHash: the profile under load
     /// showed SipHash as a third of the relay's own CPU time, and a lookup key from the wire
     /// cannot grow this table (only the config fills it), so flooding it is not a concern.
-    keys: FxHashMap<RuleKey, u32>,
+    keys: FxHashMap<MapKey, u32>,
     /// The tuples (forms of key) the keys have, most specific first: what a lookup walks,
     /// here and in the XDP program, and nothing else, so a rule set without sources or
     /// VLANs costs one hash lookup per frame.
@@ -269,7 +269,7 @@ impl RuleTable {
                 // A leg whose interface does not exist yet receives nothing until it does;
                 // the others carry the stream meanwhile.
                 if info.exists() {
-                    table.keys.insert(key, id as u32);
+                    table.keys.insert(MapKey(key), id as u32);
                     table.tuples.push(tuple);
                 }
                 legs.push(CompiledInput {
@@ -330,7 +330,7 @@ impl RuleTable {
     pub fn bpf_entries(&self) -> impl Iterator<Item = (RuleKey, RuleValue)> + '_ {
         self.keys
             .iter()
-            .map(|(k, &rule_id)| (*k, RuleValue { rule_id, slot: 0 }))
+            .map(|(k, &rule_id)| (k.0, RuleValue { rule_id, slot: 0 }))
     }
 
     /// The `SHAPE_*` bits of the keys in the rule map: which of the eight exact lookups can
@@ -339,7 +339,7 @@ impl RuleTable {
     /// The tuple count and half bits are the loader's.
     pub fn shapes(&self) -> u32 {
         let ranges = if self.has_ranges() { SHAPE_RANGES } else { 0 };
-        self.keys.keys().fold(ranges, |s, k| {
+        self.keys.keys().map(|k| &k.0).fold(ranges, |s, k| {
             let unicast = !IpAddr::from(k.group).to_canonical().is_multicast();
             let exact = Tuple::new(k.glen, k.slen, 0).is_exact();
             s | if exact { k.shape() } else { 0 } | if unicast { SHAPE_UNICAST } else { 0 }
@@ -451,8 +451,33 @@ impl RuleTable {
                     slen: t.slen,
                     pad: 0,
                 };
-                self.keys.get(&key).copied()
+                self.keys.get(&MapKey(key)).copied()
             })
+    }
+}
+
+/// A rule key as the table's map holds it: hashed as six words rather than field by field
+/// (the derived hash writes each field and each array's length on its own, a dozen rounds),
+/// as it is hashed once per tuple for every relayed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MapKey(RuleKey);
+
+impl std::hash::Hash for MapKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let k = &self.0;
+        let word = |b: &[u8; 16], half: usize| {
+            u64::from_ne_bytes(b[half * 8..half * 8 + 8].try_into().expect("8 bytes"))
+        };
+        state.write_u64(
+            u64::from(k.ifindex)
+                | u64::from(u16::from_ne_bytes(k.port)) << 32
+                | u64::from(k.vlan) << 48,
+        );
+        state.write_u64(word(&k.group, 0));
+        state.write_u64(word(&k.group, 1));
+        state.write_u64(word(&k.source, 0));
+        state.write_u64(word(&k.source, 1));
+        state.write_u64(u64::from(k.glen) | u64::from(k.slen) << 8 | u64::from(k.pad) << 16);
     }
 }
 

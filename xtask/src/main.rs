@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod check_setup;
+mod datapath_bench;
 mod pool_bench;
 
 #[derive(Parser)]
@@ -70,6 +71,16 @@ enum Task {
     /// systems do) and check that every tool it installs is where cargo looks, and that the
     /// real homes are untouched (downloads the nightly and builds the tools: minutes).
     CheckSetup,
+    /// Measure the worker's per-frame path over in-memory sockets (no root), both allocators,
+    /// 1 and 2 workers, 1->1 and 1->8, and write the table into docs/PERFORMANCE.md.
+    BenchDatapath {
+        /// Runs; the table shows the median with the range.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Print the table without touching docs/PERFORMANCE.md.
+        #[arg(long)]
+        no_write: bool,
+    },
     /// Build, then relay multicast on a throw-away veth topology and print what happened.
     Demo {
         /// Packets to send per group.
@@ -196,6 +207,10 @@ fn main() -> Result<()> {
             record(&root, "pool", &tables, no_write)
         }
         Task::CheckSetup => check_setup(&root),
+        Task::BenchDatapath { repeats, no_write } => {
+            let table = datapath_bench::run(&root, &target_dir(&root), repeats)?;
+            record(&root, "datapath", &table, no_write)
+        }
         Task::Demo { packets } => {
             setup(&root)?;
             build_ebpf(&root)?;

@@ -8,19 +8,20 @@
 //! whenever the workers have stopped, so at shutdown `pool + in_fill + in_tx == frames` must
 //! hold, and the relay says so.
 
+pub(crate) mod backend;
 pub mod budget;
+pub mod loopback;
+pub mod memory;
 mod ringlog;
 mod socket;
 pub mod stats;
 mod worker;
+mod xsk;
 
 use std::{
     num::NonZeroU32,
     os::fd::{AsRawFd, RawFd},
-    sync::{
-        Arc, Mutex, OnceLock,
-        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::Ordering},
     thread::JoinHandle,
     time::Duration,
 };
@@ -32,13 +33,14 @@ use xsk_rs::{
     config::{FrameSize, QueueSize, UmemConfig},
 };
 
+use backend::Backend;
 pub use stats::{
     DatapathStats, LegCounters, MergeCounters, OutputCounters, RuleCounters, SocketCounters,
 };
 use worker::{
-    DRAIN, Domain, MAX_DOMAINS, MAX_PORTS, NO_DOMAIN, Plan, Port, RUN, Shared, Waker, Worker,
-    WorkerReport,
+    DRAIN, Domain, MAX_DOMAINS, MAX_PORTS, NO_DOMAIN, Plan, Port, Shared, Worker, WorkerReport,
 };
+use xsk::Xsk;
 
 use crate::{
     config::BindMode,
@@ -117,7 +119,7 @@ struct DomainMeta {
 
 /// Sockets opened for a table the data path is not running yet.
 pub struct Prepared {
-    opened: Vec<(usize, usize, Port)>,
+    opened: Vec<(usize, usize, Port<Xsk>)>,
     pub bindings: Vec<XskBinding>,
     /// How many sockets the data path knew before.
     known: usize,
@@ -135,9 +137,9 @@ pub struct Retired {
 
 /// The data path before and while it runs.
 pub struct Datapath {
-    shared: Arc<Shared>,
-    pending: Vec<Vec<(usize, Port)>>,
-    running: Vec<JoinHandle<WorkerReport>>,
+    shared: Arc<Shared<Xsk>>,
+    pending: Vec<Vec<(usize, Port<Xsk>)>>,
+    running: Vec<JoinHandle<WorkerReport<Xsk>>>,
     ports: Vec<PortMeta>,
     bind: BindMode,
     /// How the UMEM's frames are shared out.
@@ -155,7 +157,7 @@ pub struct Datapath {
     /// CPUs to pin the workers to (worker i on `cpus[i % len]`).
     cpus: Option<Vec<usize>>,
     /// What monitors read: this data path's shared state, or its successor's after a rebuild.
-    current: Arc<Mutex<Arc<Shared>>>,
+    current: Arc<Mutex<Arc<Shared<Xsk>>>>,
 }
 
 /// Reads the data path's counters from any thread: each worker's last publication (at most
@@ -163,11 +165,11 @@ pub struct Datapath {
 /// It follows the data path through a rebuild (see [`Datapath::rebuild`]).
 #[derive(Clone)]
 pub struct Monitor {
-    current: Arc<Mutex<Arc<Shared>>>,
+    current: Arc<Mutex<Arc<Shared<Xsk>>>>,
 }
 
 impl Monitor {
-    fn shared(&self) -> Arc<Shared> {
+    fn shared(&self) -> Arc<Shared<Xsk>> {
         self.current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -219,7 +221,7 @@ pub struct Finished {
     /// The kernel's counters of the sockets open at the end, one per (interface, queue).
     pub sockets: Vec<SocketCounters>,
     /// Kept open until the report is printed, then dropped.
-    _ports: Vec<Port>,
+    _ports: Vec<Port<Xsk>>,
 }
 
 /// The sockets a table needs: one per ingress (interface, rx queue), and one per egress
@@ -267,41 +269,16 @@ impl Datapath {
         let queues = wanted_sockets(&table).iter().filter(|w| w.3).count();
         check_budget(frames as usize, queues, workers)?;
         let budget = budget::Budget::new(frames as usize, workers);
-        let wakers = (0..workers)
-            .map(|_| Waker::new())
-            .collect::<std::io::Result<Vec<_>>>()
-            .context("creating eventfds")?;
-        let empty = Arc::new(Plan {
-            generation: 0,
-            table: RuleTable::default(),
-            egress_port: Vec::new(),
-            egress_owner: Vec::new(),
-            ingress_ports: Vec::new(),
-            retire: Vec::new(),
-            egress_domain: Vec::new(),
-            fill_targets: Vec::new(),
-        });
-        let shared = Arc::new(Shared {
-            domains: (0..MAX_DOMAINS).map(|_| OnceLock::new()).collect(),
-            frame_size: frame_size as usize,
-            allocator,
-            plan: Mutex::new(empty.clone()),
-            plan_gen: AtomicU64::new(0),
-            adopted: (0..workers).map(|_| AtomicU64::new(0)).collect(),
-            incoming: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
-            lanes: (0..MAX_PORTS).map(|_| OnceLock::new()).collect(),
-            wakers,
-            phase: AtomicU8::new(RUN),
-            rx_done: AtomicUsize::new(0),
-            abandoned: AtomicUsize::new(0),
-            base: Mutex::new(None),
-            cache_frames: budget.cache,
-            busy_poll: poll == crate::config::PollMode::Busy,
-            snapshots: (0..workers)
-                .map(|_| Mutex::new((empty.clone(), DatapathStats::default())))
-                .collect(),
-            sockets: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
-        });
+        let shared = Arc::new(
+            Shared::new(
+                workers,
+                frame_size as usize,
+                allocator,
+                budget.cache,
+                poll == crate::config::PollMode::Busy,
+            )
+            .context("setting up the data path")?,
+        );
         let mut dp = Datapath {
             shared: shared.clone(),
             pending: (0..workers).map(|_| Vec::new()).collect(),
@@ -334,7 +311,7 @@ impl Datapath {
     fn open_sockets(
         &mut self,
         table: &RuleTable,
-    ) -> Result<(Vec<(usize, usize, Port)>, Vec<XskBinding>)> {
+    ) -> Result<(Vec<(usize, usize, Port<Xsk>)>, Vec<XskBinding>)> {
         let known = self.ports.len();
         let result = self.try_open_sockets(table);
         if result.is_err() {
@@ -348,7 +325,7 @@ impl Datapath {
     fn try_open_sockets(
         &mut self,
         table: &RuleTable,
-    ) -> Result<(Vec<(usize, usize, Port)>, Vec<XskBinding>)> {
+    ) -> Result<(Vec<(usize, usize, Port<Xsk>)>, Vec<XskBinding>)> {
         let workers = self.shared.wakers.len();
         let mut opened = Vec::new();
         let mut bindings = Vec::new();
@@ -410,17 +387,19 @@ impl Datapath {
                     queue,
                     ingress,
                     copy_mode: b.copy_mode,
-                    tx: b.tx,
-                    rx: b.rx,
-                    fq: b.fq,
-                    cq: b.cq,
+                    rings: xsk::XskRings {
+                        tx: b.tx,
+                        rx: b.rx,
+                        fq: b.fq,
+                        cq: b.cq,
+                    },
                     in_fill: 0,
                     in_tx: 0,
                     // Set from the plan the socket arrives with.
                     fill_target: 0,
                     down: false,
                     mtu,
-                    link,
+                    link: Some(link),
                     fill_log: ringlog::RingLog::new(RING_SIZE as usize),
                     tx_log: ringlog::RingLog::new(RING_SIZE as usize),
                     dead: false,
@@ -557,51 +536,15 @@ impl Datapath {
     /// Makes `table` the current plan (the workers take it up on their next pass), with the
     /// sockets in `retire` to be closed by their workers.
     fn publish_plan(&mut self, table: RuleTable, retire: Vec<usize>) -> u64 {
-        let live = |name: &str, ifindex: u32, queue: u32| {
-            self.ports.iter().position(|p| {
-                !p.retired && p.name == name && p.queue == queue && p.ifindex == ifindex
-            })
-        };
-        let egress_port: Vec<Option<usize>> = table
-            .egress
-            .iter()
-            .map(|e| live(&e.name, e.info.ifindex, 0))
-            .collect();
-        let egress_owner = egress_port
-            .iter()
-            .map(|id| id.map(|id| self.ports[id].owner))
-            .collect();
-        let ingress_ports: Vec<usize> = table
-            .ingress
-            .iter()
-            .flat_map(|i| (0..i.info.rx_queues).map(move |q| (i.name.clone(), i.info.ifindex, q)))
-            .filter_map(|(n, ifindex, q)| live(&n, ifindex, q))
-            .collect();
-        let egress_domain = egress_port
-            .iter()
-            .map(|id| id.map_or(NO_DOMAIN, |id| self.ports[id].domain))
-            .collect();
-        // Each UMEM's fill budget is shared by the ingress queues on it.
-        let fill_targets = (0..self.domains.len())
-            .map(|d| {
-                let queues = ingress_ports
-                    .iter()
-                    .filter(|&&id| self.ports[id].domain == d)
-                    .count();
-                self.budget.fill_target(queues, RING_SIZE as usize)
-            })
-            .collect();
         let generation = self.shared.plan_gen.load(Ordering::Acquire) + 1;
-        let plan = Arc::new(Plan {
-            generation,
+        let plan = Arc::new(build_plan(
+            &self.ports,
+            &self.budget,
+            self.domains.len(),
             table,
-            egress_port,
-            egress_owner,
-            egress_domain,
-            ingress_ports,
             retire,
-            fill_targets,
-        });
+            generation,
+        ));
         *self.shared.plan.lock().unwrap_or_else(|p| p.into_inner()) = plan;
         self.shared.plan_gen.store(generation, Ordering::Release);
         generation
@@ -659,7 +602,7 @@ impl Datapath {
             if let Some(lane) = self.shared.lanes[id].get() {
                 let pool = &self.shared.domain(self.ports[id].domain).pool;
                 while let Some((desc, _)) = lane.pop() {
-                    pool.give((desc.addr() / self.shared.frame_size) as u32);
+                    pool.give(self.shared.frame_of(desc.addr()));
                 }
             }
         }
@@ -863,46 +806,13 @@ impl Datapath {
     /// and settles the books.
     pub fn stop(self) -> Finished {
         self.shared.phase.store(DRAIN, Ordering::Release);
-        let plan = self.shared.current_plan();
-        let mut stats = DatapathStats::new(plan.table.rules.iter().map(|r| r.outputs.len()));
-        let mut ports = Vec::new();
-        for h in self.running {
-            match h.join() {
-                Ok(report) => {
-                    stats.add(&worker::remap(&report.plan, &report.stats, &plan));
-                    ports.extend(report.ports);
-                }
-                Err(_) => warn!("a worker thread panicked; its counters are lost"),
-            }
-        }
-        stats.add(&self.shared.inherited(&plan));
-        // Sockets a reload opened that no worker took up before stopping.
-        for slot in &self.shared.incoming {
-            ports.extend(
-                std::mem::take(&mut *slot.lock().unwrap_or_else(|p| p.into_inner()))
-                    .into_iter()
-                    .map(|(_, p)| p),
-            );
-        }
-        // Frames still in a lane were handed over after their transmitting worker stopped:
-        // they were never sent, so they go back to the pool.
-        for (id, lane) in self.shared.lanes.iter().enumerate() {
-            let Some(lane) = lane.get() else { continue };
-            // A lane is made only for a socket that exists, so it has a UMEM.
-            let pool = &self.shared.domain(self.ports[id].domain).pool;
-            while let Some((desc, _)) = lane.pop() {
-                pool.give((desc.addr() / self.shared.frame_size) as u32);
-            }
-        }
-        let account = FrameAccount {
-            frames: self.shared.made_domains().map(|d| d.frames.len()).sum(),
-            in_pool: self.shared.made_domains().map(|d| d.pool.free()).sum(),
-            in_fill: ports.iter().map(|p| p.in_fill).sum(),
-            in_tx: ports.iter().map(|p| p.in_tx).sum(),
-            abandoned: self.shared.abandoned.load(Ordering::Acquire),
-        };
+        let reports: Vec<_> = self.running.into_iter().map(|h| h.join().ok()).collect();
+        let domains: Vec<usize> = self.ports.iter().map(|p| p.domain).collect();
+        let (plan, stats, account, ports) = settle(&self.shared, reports, &domains);
         let sockets = stats::merge_sockets(ports.iter().filter_map(|p| {
-            p.rx.fd()
+            p.rings
+                .rx
+                .fd()
                 .xdp_statistics()
                 .map(|s| SocketCounters::from_kernel(&p.name, p.queue, p.ingress, &s))
                 .map_err(|e| warn!("{}: reading XDP statistics: {e}", p.name))
@@ -916,6 +826,112 @@ impl Datapath {
             sockets,
             _ports: ports,
         }
+    }
+}
+
+/// Settles the books once the workers have stopped (`reports`, `None` for one that panicked):
+/// their counters summed and re-shaped to the current plan, the frames left in lanes given
+/// back, and where every frame is. `port_domain` is the UMEM of each socket by global id.
+#[allow(clippy::type_complexity)]
+fn settle<B: Backend>(
+    shared: &Shared<B>,
+    reports: Vec<Option<WorkerReport<B>>>,
+    port_domain: &[usize],
+) -> (Arc<Plan>, DatapathStats, FrameAccount, Vec<Port<B>>) {
+    let plan = shared.current_plan();
+    let mut stats = DatapathStats::new(plan.table.rules.iter().map(|r| r.outputs.len()));
+    let mut ports = Vec::new();
+    for report in reports {
+        match report {
+            Some(report) => {
+                stats.add(&worker::remap(&report.plan, &report.stats, &plan));
+                ports.extend(report.ports);
+            }
+            None => warn!("a worker thread panicked; its counters are lost"),
+        }
+    }
+    stats.add(&shared.inherited(&plan));
+    // Sockets a reload opened that no worker took up before stopping.
+    for slot in &shared.incoming {
+        ports.extend(
+            std::mem::take(&mut *slot.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .map(|(_, p)| p),
+        );
+    }
+    // Frames still in a lane were handed over after their transmitting worker stopped:
+    // they were never sent, so they go back to the pool.
+    for (id, lane) in shared.lanes.iter().enumerate() {
+        let Some(lane) = lane.get() else { continue };
+        // A lane is made only for a socket that exists, so it has a UMEM.
+        let pool = &shared.domain(port_domain[id]).pool;
+        while let Some((desc, _)) = lane.pop() {
+            pool.give(shared.frame_of(B::addr(&desc)));
+        }
+    }
+    let account = FrameAccount {
+        frames: shared.made_domains().map(|d| d.frames.len()).sum(),
+        in_pool: shared.made_domains().map(|d| d.pool.free()).sum(),
+        in_fill: ports.iter().map(|p| p.in_fill).sum(),
+        in_tx: ports.iter().map(|p| p.in_tx).sum(),
+        abandoned: shared.abandoned.load(Ordering::Acquire),
+    };
+    (plan, stats, account, ports)
+}
+
+/// The plan that runs `table` over the sockets `ports` (by global id) on `domains` UMEMs
+/// shared out by `budget`, closing the sockets in `retire`.
+fn build_plan(
+    ports: &[PortMeta],
+    budget: &budget::Budget,
+    domains: usize,
+    table: RuleTable,
+    retire: Vec<usize>,
+    generation: u64,
+) -> Plan {
+    let live = |name: &str, ifindex: u32, queue: u32| {
+        ports
+            .iter()
+            .position(|p| !p.retired && p.name == name && p.queue == queue && p.ifindex == ifindex)
+    };
+    let egress_port: Vec<Option<usize>> = table
+        .egress
+        .iter()
+        .map(|e| live(&e.name, e.info.ifindex, 0))
+        .collect();
+    let egress_owner = egress_port
+        .iter()
+        .map(|id| id.map(|id| ports[id].owner))
+        .collect();
+    let ingress_ports: Vec<usize> = table
+        .ingress
+        .iter()
+        .flat_map(|i| (0..i.info.rx_queues).map(move |q| (i.name.clone(), i.info.ifindex, q)))
+        .filter_map(|(n, ifindex, q)| live(&n, ifindex, q))
+        .collect();
+    let egress_domain = egress_port
+        .iter()
+        .map(|id| id.map_or(NO_DOMAIN, |id| ports[id].domain))
+        .collect();
+    // Each UMEM's fill budget is shared by the ingress queues on it.
+    let fill_targets = (0..domains)
+        .map(|d| {
+            let queues = ingress_ports
+                .iter()
+                .filter(|&&id| ports[id].domain == d)
+                .count();
+            budget.fill_target(queues, RING_SIZE as usize)
+        })
+        .collect();
+    Plan {
+        generation,
+        table,
+        egress_port,
+        egress_owner,
+        egress_domain,
+        ingress_ports,
+        retire,
+        fill_targets,
     }
 }
 

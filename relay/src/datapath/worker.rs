@@ -8,7 +8,6 @@
 //! by the transmitting one (completion ring).
 
 use std::{
-    io::Write,
     os::fd::{AsRawFd, OwnedFd},
     sync::{
         Arc, Mutex, OnceLock,
@@ -17,12 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crossbeam_queue::ArrayQueue;
-use log::debug;
-use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem, umem::frame::DataMut};
-
 use super::{
     BATCH, DRAIN_TIMEOUT, IDLE_POLL_MS, RING_SIZE,
+    backend::{Backend, FrameMut, Rings},
     ringlog::RingLog,
     stats::{DatapathStats, OutputCounters, SocketCounters},
 };
@@ -34,6 +30,8 @@ use crate::{
     vlan::retag,
     wire::{check_lengths, classify_udp},
 };
+use crossbeam_queue::ArrayQueue;
+use log::debug;
 
 /// Where the data path is in its life.
 pub(super) const RUN: u8 = 0;
@@ -71,8 +69,11 @@ pub(super) struct Plan {
     pub fill_targets: Vec<usize>,
 }
 
+/// Sockets a reload opened for one worker: (global id, socket).
+pub(super) type Incoming<B> = Vec<(usize, Port<B>)>;
+
 /// Frames handed from one worker to the owner of a socket.
-pub(super) type Lane = ArrayQueue<(FrameDesc, Tag)>;
+pub(super) type Lane<B> = ArrayQueue<(<B as Backend>::Desc, Tag)>;
 
 /// Most sockets one relay opens over its lifetime.
 pub(super) const MAX_PORTS: usize = 1024;
@@ -80,10 +81,10 @@ pub(super) const MAX_PORTS: usize = 1024;
 /// One UMEM, the frames it holds and the pool of those that are free. Sockets share one per
 /// bind mode, and one per `umem.separate` interface; a frame is copied only to cross from
 /// one to another.
-pub(super) struct Domain {
-    pub umem: Umem,
+pub(super) struct Domain<B: Backend> {
+    pub umem: B::Umem,
     /// The descriptor `Umem::new` made for each frame, indexed by frame number.
-    pub frames: Vec<FrameDesc>,
+    pub frames: Vec<B::Desc>,
     pub pool: Arc<dyn FramePool>,
 }
 
@@ -95,10 +96,13 @@ pub(super) const MAX_DOMAINS: usize = 32;
 pub(super) const NO_DOMAIN: usize = usize::MAX;
 
 /// What the workers share.
-pub(super) struct Shared {
+pub(super) struct Shared<B: Backend> {
     /// The UMEMs, made when a socket first needs one and never moved.
-    pub domains: Box<[OnceLock<Domain>]>,
+    pub domains: Box<[OnceLock<Domain<B>>]>,
     pub frame_size: usize,
+    /// log2 of `frame_size`: a frame's number is its offset shifted by this, once per frame
+    /// and not a division.
+    pub frame_shift: u32,
     pub allocator: crate::pool::AllocatorKind,
     /// The current plan; workers look at `plan_gen` every pass and take the lock only when it
     /// moved.
@@ -107,10 +111,10 @@ pub(super) struct Shared {
     /// The plan generation each worker has adopted.
     pub adopted: Vec<AtomicU64>,
     /// Sockets opened by a reload, waiting for their worker to take them: (global id, socket).
-    pub incoming: Vec<Mutex<Vec<(usize, Port)>>>,
+    pub incoming: Vec<Mutex<Incoming<B>>>,
     /// For each socket (by global id), frames other workers hand to its owner; made on first
     /// use.
-    pub lanes: Box<[OnceLock<Lane>]>,
+    pub lanes: Box<[OnceLock<Lane<B>>]>,
     pub wakers: Vec<Waker>,
     pub phase: AtomicU8,
     /// Workers that have emptied their RX rings while draining.
@@ -131,16 +135,73 @@ pub(super) struct Shared {
     pub sockets: Vec<Mutex<Vec<SocketCounters>>>,
 }
 
-impl Shared {
+impl<B: Backend> Shared<B> {
+    /// The state `workers` workers share, with no UMEM and an empty plan (generation 0).
+    pub fn new(
+        workers: usize,
+        frame_size: usize,
+        allocator: crate::pool::AllocatorKind,
+        cache_frames: usize,
+        busy_poll: bool,
+    ) -> std::io::Result<Self> {
+        if !frame_size.is_power_of_two() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("frame size {frame_size} is not a power of two"),
+            ));
+        }
+        let wakers = (0..workers)
+            .map(|_| Waker::new())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let empty = Arc::new(Plan {
+            generation: 0,
+            table: RuleTable::default(),
+            egress_port: Vec::new(),
+            egress_owner: Vec::new(),
+            ingress_ports: Vec::new(),
+            retire: Vec::new(),
+            egress_domain: Vec::new(),
+            fill_targets: Vec::new(),
+        });
+        Ok(Shared {
+            domains: (0..MAX_DOMAINS).map(|_| OnceLock::new()).collect(),
+            frame_size,
+            frame_shift: frame_size.trailing_zeros(),
+            allocator,
+            plan: Mutex::new(empty.clone()),
+            plan_gen: AtomicU64::new(0),
+            adopted: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            incoming: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+            lanes: (0..MAX_PORTS).map(|_| OnceLock::new()).collect(),
+            wakers,
+            phase: AtomicU8::new(RUN),
+            rx_done: AtomicUsize::new(0),
+            abandoned: AtomicUsize::new(0),
+            base: Mutex::new(None),
+            cache_frames,
+            busy_poll,
+            snapshots: (0..workers)
+                .map(|_| Mutex::new((empty.clone(), DatapathStats::default())))
+                .collect(),
+            sockets: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+        })
+    }
+
     /// A UMEM a socket uses (so it was made before the socket).
-    pub fn domain(&self, d: usize) -> &Domain {
+    pub fn domain(&self, d: usize) -> &Domain<B> {
         self.domains[d]
             .get()
             .expect("a socket's UMEM is made before the socket")
     }
 
+    /// The number of the frame at `addr` in its UMEM.
+    #[inline]
+    pub fn frame_of(&self, addr: usize) -> u32 {
+        (addr >> self.frame_shift) as u32
+    }
+
     /// The UMEMs made so far.
-    pub fn made_domains(&self) -> impl Iterator<Item = &Domain> {
+    pub fn made_domains(&self) -> impl Iterator<Item = &Domain<B>> {
         self.domains.iter().filter_map(OnceLock::get)
     }
 
@@ -162,7 +223,7 @@ impl Shared {
         sum
     }
 
-    pub fn lane(&self, port: usize) -> &Lane {
+    pub fn lane(&self, port: usize) -> &Lane<B> {
         self.lanes[port].get_or_init(|| ArrayQueue::new(super::LANE_FRAMES))
     }
 
@@ -227,7 +288,7 @@ impl Waker {
 }
 
 /// One AF_XDP socket, bound to one (interface, queue).
-pub(super) struct Port {
+pub(super) struct Port<B: Backend> {
     /// The UMEM its frames are in.
     pub domain: usize,
     pub name: String,
@@ -235,10 +296,7 @@ pub(super) struct Port {
     pub queue: u32,
     pub ingress: bool,
     pub copy_mode: bool,
-    pub tx: TxQueue,
-    pub rx: RxQueue,
-    pub fq: FillQueue,
-    pub cq: CompQueue,
+    pub rings: B::Rings,
     /// Frames given to the fill ring and not yet consumed from the RX ring.
     pub in_fill: usize,
     /// Frames produced to the TX ring and not yet consumed from the completion ring.
@@ -248,8 +306,9 @@ pub(super) struct Port {
     pub down: bool,
     /// Its MTU when last looked at: the largest IP packet it sends.
     pub mtu: u32,
-    /// Its device's state, kept current by the link watcher from netlink notifications.
-    pub link: Arc<crate::links::LinkSlot>,
+    /// Its device's state, kept current by the link watcher from netlink notifications
+    /// (`None` for in-memory sockets, which have no device).
+    pub link: Option<Arc<crate::links::LinkSlot>>,
     /// The frames last given to the fill ring and the TX ring, to take back the ones the
     /// kernel had not consumed when the socket is retired.
     pub fill_log: RingLog,
@@ -263,17 +322,17 @@ pub(super) struct Port {
 }
 
 /// What a worker hands back when it ends.
-pub(super) struct WorkerReport {
+pub(super) struct WorkerReport<B: Backend> {
     pub plan: Arc<Plan>,
     pub stats: DatapathStats,
-    pub ports: Vec<Port>,
+    pub ports: Vec<Port<B>>,
 }
 
-pub(super) struct Worker {
+pub(super) struct Worker<B: Backend> {
     id: usize,
-    shared: Arc<Shared>,
+    shared: Arc<Shared<B>>,
     plan: Arc<Plan>,
-    ports: Vec<Port>,
+    ports: Vec<Port<B>>,
     /// The global id of each of `ports`.
     port_ids: Vec<usize>,
     /// A frame cache per UMEM, made on first use.
@@ -282,32 +341,48 @@ pub(super) struct Worker {
     /// For each egress of the plan's table, the index of this worker's port for it, if it
     /// owns it.
     local_egress: Vec<Option<usize>>,
-    staged: Vec<Vec<FrameDesc>>,
+    staged: Vec<Vec<B::Desc>>,
     staged_tags: Vec<Vec<Tag>>,
     /// Workers this one handed frames to during the current pass.
     to_wake: Vec<bool>,
-    rx_buf: Vec<FrameDesc>,
-    comp_buf: Vec<FrameDesc>,
+    rx_buf: Vec<B::Desc>,
+    comp_buf: Vec<B::Desc>,
     poll_fds: Vec<libc::pollfd>,
     take_buf: Vec<u32>,
-    desc_buf: Vec<FrameDesc>,
+    desc_buf: Vec<B::Desc>,
+    /// What each output of the frame being forwarded does with it (see [`verdict`]).
+    verdicts: Vec<Verdict>,
     /// The rules the first fragments of recent datagrams matched, for their later fragments.
     frags: FragTable,
+    /// The last unfragmented frame's lookup and the rule it found, if any.
+    last_lookup: Option<(LookupKey, Option<u32>)>,
+}
+
+/// What a rule lookup depends on: the frame's ingress, group, source, port and VLAN, and the
+/// plan whose table it was looked up in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LookupKey {
+    generation: u64,
+    ifindex: u32,
+    group: std::net::IpAddr,
+    source: std::net::IpAddr,
+    port: u16,
+    tci: Option<u16>,
 }
 
 /// Datagrams whose fragments a worker follows at once (see `FragTable`).
 const FRAG_SLOTS: usize = 4096;
 
 /// Frames that did not fit a TX ring and wait for the next pass, at most.
-const WAITING_MAX: usize = 4 * BATCH;
+pub(super) const WAITING_MAX: usize = 4 * BATCH;
 
 /// How often a worker publishes its counters.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 
-impl Worker {
-    pub fn new(id: usize, shared: Arc<Shared>, ports: Vec<(usize, Port)>) -> Self {
+impl<B: Backend> Worker<B> {
+    pub fn new(id: usize, shared: Arc<Shared<B>>, ports: Vec<(usize, Port<B>)>) -> Self {
         let plan = shared.current_plan();
-        let (port_ids, mut ports): (Vec<usize>, Vec<Port>) = ports.into_iter().unzip();
+        let (port_ids, mut ports): (Vec<usize>, Vec<Port<B>>) = ports.into_iter().unzip();
         for p in &mut ports {
             p.fill_target = plan.fill_targets.get(p.domain).copied().unwrap_or(0);
         }
@@ -326,12 +401,14 @@ impl Worker {
             staged: vec![Vec::with_capacity(BATCH * 4); n],
             staged_tags: vec![Vec::with_capacity(BATCH * 4); n],
             to_wake: vec![false; workers],
-            rx_buf: vec![FrameDesc::default(); BATCH],
-            comp_buf: vec![FrameDesc::default(); RING_SIZE as usize],
+            rx_buf: vec![B::Desc::default(); BATCH],
+            comp_buf: vec![B::Desc::default(); RING_SIZE as usize],
             poll_fds: Vec::new(),
             take_buf: Vec::with_capacity(RING_SIZE as usize),
             desc_buf: Vec::with_capacity(RING_SIZE as usize),
+            verdicts: Vec::new(),
             frags: FragTable::new(FRAG_SLOTS),
+            last_lookup: None,
         };
         w.local_egress = w.map_egress();
         w.poll_fds = w.poll_set();
@@ -406,7 +483,7 @@ impl Worker {
         let staged = self.staged.remove(pi);
         let tags = self.staged_tags.remove(pi);
         let lane = self.shared.lanes[id].get();
-        let handed: Vec<(FrameDesc, Tag)> =
+        let handed: Vec<(B::Desc, Tag)> =
             std::iter::from_fn(|| lane.and_then(ArrayQueue::pop)).collect();
         for (desc, tag) in staged.into_iter().zip(tags).chain(handed) {
             if let Some(c) = self.counters(tag) {
@@ -419,7 +496,7 @@ impl Worker {
         loop {
             // SAFETY: as in `receive`: descriptors on the RX ring name frames the kernel has
             // handed back to us.
-            let n = unsafe { port.rx.consume(&mut self.rx_buf) };
+            let n = unsafe { port.rings.rx_consume(&mut self.rx_buf) };
             if n == 0 {
                 break;
             }
@@ -429,7 +506,7 @@ impl Worker {
                 self.cache(dom).give(f);
             }
         }
-        let unfilled = (RING_SIZE - port.fq.nb_free_exact()) as usize;
+        let unfilled = port.rings.fill_held();
         let unfilled = unfilled.min(port.in_fill);
         for f in port.fill_log.last(unfilled) {
             self.cache(dom).give(f);
@@ -437,7 +514,7 @@ impl Worker {
         port.in_fill -= unfilled;
         loop {
             // SAFETY: the completion ring hands back frames the kernel has finished with.
-            let n = unsafe { port.cq.consume(&mut self.comp_buf) };
+            let n = unsafe { port.rings.comp_consume(&mut self.comp_buf) };
             if n == 0 {
                 break;
             }
@@ -447,7 +524,7 @@ impl Worker {
                 self.cache(dom).give(f);
             }
         }
-        let unsent = (RING_SIZE - port.tx.nb_free_exact()) as usize;
+        let unsent = port.rings.tx_held() as usize;
         let unsent = unsent.min(port.in_tx);
         for f in port.tx_log.last(unsent) {
             self.cache(dom).give(f);
@@ -468,8 +545,25 @@ impl Worker {
         );
     }
 
+    /// One pass, for a caller that drives the worker itself (the in-memory loopback): a newer
+    /// plan taken up first, as `run` does.
+    pub fn pass(&mut self) -> bool {
+        self.adopt();
+        self.step()
+    }
+
+    /// This worker's counters, shaped by its plan.
+    pub fn stats(&self) -> &DatapathStats {
+        &self.stats
+    }
+
+    /// Its sockets, by global id.
+    pub fn ports(&self) -> impl Iterator<Item = (usize, &Port<B>)> {
+        self.port_ids.iter().copied().zip(&self.ports)
+    }
+
     /// Runs until the data path is told to drain, then drains, and reports.
-    pub fn run(mut self) -> WorkerReport {
+    pub fn run(mut self) -> WorkerReport<B> {
         let mut published = Instant::now();
         while self.shared.phase.load(Ordering::Relaxed) == RUN {
             self.adopt();
@@ -484,7 +578,9 @@ impl Worker {
             // lock is taken ten times a second, never per packet.
             if published.elapsed() >= PUBLISH_EVERY {
                 self.publish();
-                self.check_links();
+                if B::REAL_LINKS {
+                    self.check_links();
+                }
                 published = Instant::now();
             }
         }
@@ -577,15 +673,16 @@ impl Worker {
         for pi in 0..self.ports.len() {
             let sends = self.local_egress.contains(&Some(pi));
             let p = &mut self.ports[pi];
+            let Some(link) = &p.link else { continue };
             // A socket is bound to an ifindex: an interface deleted and created again under
             // the same name is another device, which the main thread binds to with new
             // sockets (`watch_interfaces`).
-            let mtu = p.link.mtu();
+            let mtu = link.mtu();
             if mtu > 0 {
                 p.mtu = mtu;
             }
-            let replaced = !p.link.present();
-            let down = replaced || !p.link.up();
+            let replaced = !link.present();
+            let down = replaced || !link.up();
             if down != p.down {
                 if replaced {
                     log::warn!(
@@ -636,11 +733,14 @@ impl Worker {
             .unwrap_or_else(|p| p.into_inner());
         sockets.clear();
         for p in &self.ports {
-            match p.rx.fd().xdp_statistics() {
-                Ok(st) => sockets.push(SocketCounters::from_kernel(
+            match p.rings.kernel_counters() {
+                Some(Ok(st)) => sockets.push(SocketCounters::from_kernel(
                     &p.name, p.queue, p.ingress, &st,
                 )),
-                Err(e) => debug!("{} queue {}: reading XDP statistics: {e}", p.name, p.queue),
+                Some(Err(e)) => {
+                    debug!("{} queue {}: reading XDP statistics: {e}", p.name, p.queue)
+                }
+                None => {}
             }
         }
     }
@@ -679,12 +779,17 @@ impl Worker {
     /// the driver's NAPI, which a non-blocking recvfrom drives when the socket prefers busy
     /// polling; copy-mode sockets are fed by the sender's CPU and need nothing.
     fn busy_wait(&mut self) {
-        for p in self.ports.iter().filter(|p| p.ingress && !p.copy_mode) {
+        for fd in self
+            .ports
+            .iter()
+            .filter(|p| p.ingress && !p.copy_mode)
+            .filter_map(|p| p.rings.poll_fd())
+        {
             // SAFETY: a zero-length, non-blocking receive into no buffer; the result is not
             // needed (AF_XDP returns no data through it), only the busy poll it triggers.
             unsafe {
                 libc::recvfrom(
-                    p.rx.fd().as_raw_fd(),
+                    fd,
                     std::ptr::null_mut(),
                     0,
                     libc::MSG_DONTWAIT,
@@ -702,7 +807,7 @@ impl Worker {
         self.ports
             .iter()
             .filter(|p| p.ingress)
-            .map(|p| p.rx.fd().as_raw_fd())
+            .filter_map(|p| p.rings.poll_fd())
             .chain(std::iter::once(
                 self.shared.wakers[self.id].event.as_raw_fd(),
             ))
@@ -722,22 +827,22 @@ impl Worker {
         })
     }
 
-    fn frame_index(&self, desc: &FrameDesc) -> u32 {
-        (desc.addr() / self.shared.frame_size) as u32
+    fn frame_index(&self, desc: &B::Desc) -> u32 {
+        self.shared.frame_of(B::addr(desc))
     }
 
     /// Consumes one batch from an ingress RX ring and sends every frame on its way.
     fn receive(&mut self, pi: usize) -> usize {
         // SAFETY: rx_buf descriptors are only written by the ring; the frames they then name
         // were handed to the kernel through the fill ring and are now ours.
-        let n = unsafe { self.ports[pi].rx.consume(&mut self.rx_buf) };
+        let n = unsafe { self.ports[pi].rings.rx_consume(&mut self.rx_buf) };
         self.ports[pi].in_fill -= n;
         if n == 0 {
             // A zero-copy driver sets the flag when it runs out of fill entries, which may be
             // long after we last produced; an empty receive is when to look (as xdpsock does).
             let port = &mut self.ports[pi];
-            if port.fq.needs_wakeup() {
-                let _ = port.fq.wakeup(port.rx.fd_mut(), 0);
+            if port.rings.fill_needs_wakeup() {
+                port.rings.fill_wakeup();
             }
             return 0;
         }
@@ -759,17 +864,17 @@ impl Worker {
     /// copy to every other output, taken from the UMEM of its socket.
     fn forward(
         &mut self,
-        shared: &Shared,
+        shared: &Shared<B>,
         plan: &Plan,
         ifindex: u32,
         dom: usize,
-        mut desc: FrameDesc,
+        mut desc: B::Desc,
     ) {
         let frame_no = self.frame_index(&desc);
         let home = shared.domain(dom);
         // SAFETY: the frame came off the RX ring, so neither the kernel nor another descriptor
         // refers to it until we hand it on.
-        let bytes = unsafe { home.umem.data(&desc) }.contents();
+        let bytes = unsafe { B::data(&home.umem, &desc) };
         let len = bytes.len();
         let Some(flow) = classify_udp(bytes) else {
             self.stats.malformed += 1;
@@ -796,7 +901,10 @@ impl Worker {
         // a later fragment's data is no UDP header.
         let completed = flow.frag.is_none()
             && unsafe {
-                complete_partial_udp_checksum(home.umem.data_mut(&mut desc).contents_mut(), &flow)
+                complete_partial_udp_checksum(
+                    B::data_mut(&home.umem, &mut desc).contents_mut(),
+                    &flow,
+                )
             };
         let rule = &plan.table.rules[rule_id as usize];
         let rc = &mut self.stats.rules[rule_id as usize];
@@ -811,40 +919,46 @@ impl Worker {
             output: output as u16,
             plan: plan.generation as u16,
         };
-        // What an output refuses (a frame at the end of its scope, a next hop not resolved
-        // yet) is decided here, so no copy is made for it.
-        let on = |o: &crate::rules::CompiledOutput| plan.egress_domain[o.egress];
-        let last = rule
-            .outputs
-            .iter()
-            .rposition(|o| !o.unwanted() && refusal(o, expired).is_none() && on(o) == dom);
-
+        // What each output does with the frame, decided once, before any copy: what it
+        // refuses (a frame at the end of its scope, a next hop not resolved yet) gets no copy,
+        // and the last output on the frame's own UMEM gets the frame itself.
+        let mut verdicts = std::mem::take(&mut self.verdicts);
+        verdicts.clear();
+        let mut last = None;
         for (oi, out) in rule.outputs.iter().enumerate() {
+            let v = verdict(out, expired, plan.egress_domain[out.egress]);
+            if v == Verdict::To(dom) {
+                last = Some(oi);
+            }
+            verdicts.push(v);
+        }
+
+        for (oi, (out, &v)) in rule.outputs.iter().zip(&verdicts).enumerate() {
             if Some(oi) == last {
                 continue;
             }
             let counters = &mut self.stats.rules[rule_id as usize].outputs[oi];
-            if out.unwanted() {
+            let to = match v {
+                Verdict::To(to) => to,
                 // Nobody behind it listens: not a loss, so not counted as dropped.
-                counters.no_listener += 1;
-                continue;
-            }
-            let to = on(out);
-            if let Some(e) = refusal(out, expired) {
-                match e {
-                    // With its device gone the next hop is gone too: the device is the news.
-                    RewriteError::NoNeighbour if to == NO_DOMAIN => counters.interface_down += 1,
-                    RewriteError::NoNeighbour => counters.no_neighbour += 1,
-                    RewriteError::NoSource => counters.no_source += 1,
-                    _ => counters.ttl_expired += 1,
+                Verdict::NoListener => {
+                    counters.no_listener += 1;
+                    continue;
                 }
-                continue;
-            }
-            if to == NO_DOMAIN {
+                Verdict::Refused(e) => {
+                    match e {
+                        RewriteError::NoNeighbour => counters.no_neighbour += 1,
+                        RewriteError::NoSource => counters.no_source += 1,
+                        _ => counters.ttl_expired += 1,
+                    }
+                    continue;
+                }
                 // Its device is gone and no new one has come yet: no copy for it.
-                counters.interface_down += 1;
-                continue;
-            }
+                Verdict::Gone => {
+                    counters.interface_down += 1;
+                    continue;
+                }
+            };
             let Some(copy_no) = self.cache(to).take() else {
                 self.stats.rules[rule_id as usize].outputs[oi].no_frame += 1;
                 continue;
@@ -860,18 +974,15 @@ impl Worker {
             // frame (another frame, or another UMEM), and no ring holds it; `desc`'s frame is
             // only read here.
             let result = unsafe {
-                let src = home.umem.data(&desc).contents();
-                let mut dst = away.umem.data_mut(&mut copy);
-                let mut cursor = dst.cursor();
-                cursor.set_pos(0);
-                cursor
-                    .write_all(src)
-                    .expect("a frame's data fits in any frame");
+                let src = B::data(&home.umem, &desc);
+                let mut dst = B::data_mut(&away.umem, &mut copy);
+                dst.copy_from(src);
                 rewrite_frame(&mut dst, &flow, &action)
             };
             self.settle(out.egress, to, copy, tag(oi), result);
         }
 
+        self.verdicts = verdicts;
         let Some(last) = last else {
             // Every output got a copy (or refused the frame): the received one goes back.
             self.cache(dom).give(frame_no);
@@ -880,7 +991,8 @@ impl Worker {
         let out = &rule.outputs[last];
         let action = resolved_action(out);
         // SAFETY: the copies are done, so this is the frame's only user.
-        let result = unsafe { rewrite_frame(&mut home.umem.data_mut(&mut desc), &flow, &action) };
+        let result =
+            unsafe { rewrite_frame(&mut B::data_mut(&home.umem, &mut desc), &flow, &action) };
         self.settle(out.egress, dom, desc, tag(last), result);
     }
 
@@ -888,7 +1000,24 @@ impl Worker {
     /// fragment, the rule its datagram's first fragment matched, which is remembered here.
     fn find_rule(&mut self, plan: &Plan, ifindex: u32, flow: &crate::wire::Flow) -> Option<u32> {
         let Some(frag) = flow.frag else {
-            return plan.table.lookup(ifindex, flow);
+            // A stream's frames come in runs, and a plan's table never changes: the frame
+            // before this one may have been looked up already.
+            let key = LookupKey {
+                generation: plan.generation,
+                ifindex,
+                group: flow.group,
+                source: flow.source,
+                port: flow.port,
+                tci: flow.tci,
+            };
+            if let Some((last, rule)) = &self.last_lookup
+                && *last == key
+            {
+                return *rule;
+            }
+            let rule = plan.table.lookup(ifindex, flow);
+            self.last_lookup = Some((key, rule));
+            return rule;
         };
         let key = crate::frag::key(ifindex, flow, frag);
         if flow.is_later_fragment() {
@@ -905,7 +1034,7 @@ impl Worker {
         &mut self,
         egress: usize,
         dom: usize,
-        desc: FrameDesc,
+        desc: B::Desc,
         tag: Tag,
         result: Result<(), RewriteError>,
     ) {
@@ -921,7 +1050,7 @@ impl Worker {
 
     /// Stages a frame (in UMEM `dom`, the egress socket's) on this worker's socket for
     /// `egress`, or hands it to the owner's lane.
-    fn dispatch(&mut self, egress: usize, dom: usize, desc: FrameDesc, tag: Tag) {
+    fn dispatch(&mut self, egress: usize, dom: usize, desc: B::Desc, tag: Tag) {
         if let Some(pi) = self.local_egress[egress] {
             self.staged[pi].push(desc);
             self.staged_tags[pi].push(tag);
@@ -953,14 +1082,7 @@ impl Worker {
 
     /// The counters a tag names, if it was made under the plan this worker counts by.
     fn counters(&mut self, tag: Tag) -> Option<&mut OutputCounters> {
-        if tag.plan != self.plan.generation as u16 {
-            return None;
-        }
-        self.stats
-            .rules
-            .get_mut(tag.rule as usize)?
-            .outputs
-            .get_mut(tag.output as usize)
+        output_counters(&mut self.stats, self.plan.generation, tag)
     }
 
     fn count_rewrite_error(&mut self, tag: Tag, e: RewriteError) {
@@ -1018,7 +1140,10 @@ impl Worker {
             let checked = self.ports[pi].waiting.min(staged.len());
             let mut kept = checked;
             for k in checked..staged.len() {
-                if ip_len(self.shared.domain(dom), &staged[k]) <= mtu {
+                // A frame whose whole length fits needs no look at its headers.
+                let fits = B::len(&staged[k]) <= mtu as usize + crate::wire::ETH_HLEN
+                    || ip_len::<B>(self.shared.domain(dom), &staged[k]) <= mtu;
+                if fits {
                     staged[kept] = staged[k];
                     tags[kept] = tags[k];
                     kept += 1;
@@ -1032,21 +1157,19 @@ impl Worker {
             }
             staged.truncate(kept);
             tags.truncate(kept);
-            let frame_size = self.shared.frame_size;
             let port = &mut self.ports[pi];
             // The ring takes a batch whole or not at all, so offer what fits.
-            let room = (port.tx.nb_free(staged.len() as u32) as usize).min(staged.len());
+            let room = (port.rings.tx_free(staged.len() as u32) as usize).min(staged.len());
             // SAFETY: every staged frame is ours (off an RX ring, out of the pool, or handed
             // over through a lane) and is on no ring.
-            sent = unsafe { port.tx.produce(&staged[..room]) };
+            sent = unsafe { port.rings.tx_produce(&staged[..room]) };
             port.in_tx += sent;
-            for desc in &staged[..sent] {
-                port.tx_log.record((desc.addr() / frame_size) as u32);
-            }
+            let generation = self.plan.generation;
             for (desc, tag) in staged[..sent].iter().zip(&tags[..sent]) {
-                if let Some(oc) = self.counters(*tag) {
+                port.tx_log.record(self.shared.frame_of(B::addr(desc)));
+                if let Some(oc) = output_counters(&mut self.stats, generation, *tag) {
                     oc.packets += 1;
-                    oc.bytes += desc.lengths().data() as u64;
+                    oc.bytes += B::len(desc) as u64;
                 }
             }
             // What did not fit waits for the next pass, a few batches at most: beyond that the
@@ -1086,24 +1209,24 @@ impl Worker {
             return;
         }
         let kicks = if port.copy_mode {
-            let mut unsent = RING_SIZE - port.tx.nb_free_exact();
+            let mut unsent = port.rings.tx_held();
             let mut kicks = 0;
             // Bounded: a whole ring is RING_SIZE / 32 batches.
             while unsent > 0 && kicks <= RING_SIZE / 32 {
                 kicks += 1;
-                if let Err(e) = port.tx.wakeup() {
+                if let Err(e) = port.rings.tx_wakeup() {
                     Self::wakeup_failed(port, e);
                     break;
                 }
-                let left = RING_SIZE - port.tx.nb_free_exact();
+                let left = port.rings.tx_held();
                 if left >= unsent {
                     break;
                 }
                 unsent = left;
             }
             kicks
-        } else if port.tx.needs_wakeup() {
-            if let Err(e) = port.tx.wakeup() {
+        } else if port.rings.tx_needs_wakeup() {
+            if let Err(e) = port.rings.tx_wakeup() {
                 Self::wakeup_failed(port, e);
             }
             1
@@ -1113,7 +1236,7 @@ impl Worker {
         self.stats.kicks += u64::from(kicks);
     }
 
-    fn wakeup_failed(port: &mut Port, e: std::io::Error) {
+    fn wakeup_failed(port: &mut Port<B>, e: std::io::Error) {
         if e.raw_os_error() == Some(libc::ENXIO) {
             log::warn!(
                 "{}: the kernel no longer transmits on this socket (its device was unregistered); its frames are dropped as interface_down",
@@ -1135,12 +1258,15 @@ impl Worker {
         // nothing needs resetting between passes.
         let want = port.in_tx.min(self.comp_buf.len());
         // SAFETY: the completion ring hands back frames the kernel has finished sending.
-        let n = unsafe { port.cq.consume(&mut self.comp_buf[..want]) };
+        let n = unsafe { port.rings.comp_consume(&mut self.comp_buf[..want]) };
         port.in_tx -= n;
         let dom = port.domain;
-        for k in 0..n {
-            let f = (self.comp_buf[k].addr() / self.shared.frame_size) as u32;
-            self.cache(dom).give(f);
+        let shared = &self.shared;
+        let cache = self.caches[dom].get_or_insert_with(|| {
+            FrameCache::new(shared.domain(dom).pool.clone(), shared.cache_frames)
+        });
+        for desc in &self.comp_buf[..n] {
+            cache.give(shared.frame_of(B::addr(desc)));
         }
         n
     }
@@ -1152,7 +1278,7 @@ impl Worker {
             return;
         }
         let want = port.fill_target - port.in_fill;
-        let want = want.min(port.fq.nb_free(want as u32) as usize);
+        let want = want.min(port.rings.fill_free(want as u32) as usize);
         if want == 0 {
             return;
         }
@@ -1169,17 +1295,35 @@ impl Worker {
             .extend(self.take_buf.iter().map(|&f| frames[f as usize]));
         let port = &mut self.ports[pi];
         // SAFETY: the frames came from the pool, so nothing else refers to them.
-        let produced = unsafe { port.fq.produce(&self.desc_buf) };
+        let produced = unsafe { port.rings.fill_produce(&self.desc_buf) };
         port.in_fill += produced;
         for &f in &self.take_buf[..produced] {
             port.fill_log.record(f);
         }
         // The fill ring is ours alone and had room for `want`, so this is empty.
         cache.give_batch(&self.take_buf[produced..]);
-        if port.fq.needs_wakeup() {
-            let _ = port.fq.wakeup(port.rx.fd_mut(), 0);
+        if port.rings.fill_needs_wakeup() {
+            port.rings.fill_wakeup();
         }
     }
+}
+
+/// The counters in `stats` a tag names, if it was made under plan `generation`, which
+/// `stats` is shaped by.
+#[inline]
+fn output_counters(
+    stats: &mut DatapathStats,
+    generation: u64,
+    tag: Tag,
+) -> Option<&mut OutputCounters> {
+    if tag.plan != generation as u16 {
+        return None;
+    }
+    stats
+        .rules
+        .get_mut(tag.rule as usize)?
+        .outputs
+        .get_mut(tag.output as usize)
 }
 
 /// Rewrites a frame in its UMEM frame for one output: its VLAN tag first, which may move
@@ -1187,7 +1331,7 @@ impl Worker {
 /// and header offsets, then MACs, group, port, TTL and checksums at the new offsets (only the
 /// IP header's in a later fragment).
 fn rewrite_frame(
-    data: &mut DataMut<'_>,
+    data: &mut impl FrameMut,
     flow: &crate::wire::Flow,
     action: &crate::rewrite::OutputAction,
 ) -> Result<(), RewriteError> {
@@ -1199,14 +1343,13 @@ fn rewrite_frame(
     if grows {
         // The data segment runs to the end of the UMEM frame; the cursor's position is the
         // frame's length, so moving it past the data lends the tag's 4 bytes.
-        let mut cursor = data.cursor();
-        if cursor.buf_len() < len + crate::wire::VLAN_HLEN {
+        if data.capacity() < len + crate::wire::VLAN_HLEN {
             return Err(RewriteError::TooLarge);
         }
-        cursor.set_pos(len + crate::wire::VLAN_HLEN);
+        data.set_len(len + crate::wire::VLAN_HLEN);
     }
     let (new_len, flow) = retag(data.contents_mut(), len, flow, action.vlan)?;
-    data.cursor().set_pos(new_len);
+    data.set_len(new_len);
     rewrite_packet(data.contents_mut(), &flow, action)
 }
 
@@ -1222,19 +1365,38 @@ fn resolved_action(out: &crate::rules::CompiledOutput) -> std::borrow::Cow<'_, O
     }
 }
 
-/// Why an output will not take a frame, known before any copy is made: the frame arrived at
-/// the end of its scope (`expired`) and the output does not set the TTL, its unicast next hop
-/// has no MAC yet, or `source: auto` has no address to write.
-fn refusal(out: &crate::rules::CompiledOutput, expired: bool) -> Option<RewriteError> {
+/// What one output of a frame's rule does with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// It sends it, from a frame of this UMEM (its socket's).
+    To(usize),
+    /// An on-demand output with no listener now.
+    NoListener,
+    /// It will not take it (see [`verdict`]).
+    Refused(RewriteError),
+    /// Its device is gone.
+    Gone,
+}
+
+/// What `out` does with a frame, known before any copy is made, its socket being on UMEM
+/// `to`: nothing if nobody listens; it refuses the frame if the frame arrived at the end of
+/// its scope (`expired`) and the output does not set the TTL, if `source: auto` has no address
+/// to write, or if its unicast next hop has no MAC yet (with its device gone the next hop is
+/// gone too: then the device is the news).
+fn verdict(out: &crate::rules::CompiledOutput, expired: bool, to: usize) -> Verdict {
     let a = &out.action;
-    if expired && a.ttl.is_none() {
-        Some(RewriteError::TtlExpired)
+    if out.unwanted() {
+        Verdict::NoListener
+    } else if expired && a.ttl.is_none() {
+        Verdict::Refused(RewriteError::TtlExpired)
     } else if a.source_spec.is_some() && a.source.is_none() {
-        Some(RewriteError::NoSource)
+        Verdict::Refused(RewriteError::NoSource)
+    } else if to == NO_DOMAIN {
+        Verdict::Gone
     } else if out.next_hop.as_ref().is_some_and(|s| s.mac().is_none()) {
-        Some(RewriteError::NoNeighbour)
+        Verdict::Refused(RewriteError::NoNeighbour)
     } else {
-        None
+        Verdict::To(to)
     }
 }
 
@@ -1247,9 +1409,9 @@ fn arrived_ttl(frame: &[u8], flow: &crate::wire::Flow) -> u8 {
 
 /// The length of the IP packet in a frame: what must fit the egress MTU. A VLAN tag the output
 /// sends with does not count.
-fn ip_len(domain: &Domain, desc: &FrameDesc) -> u32 {
+fn ip_len<B: Backend>(domain: &Domain<B>, desc: &B::Desc) -> u32 {
     // SAFETY: the frame is staged, so it is ours and only read here.
-    let data = unsafe { domain.umem.data(desc) }.contents();
+    let data = unsafe { B::data(&domain.umem, desc) };
     let tagged = data
         .get(12..14)
         .is_some_and(|t| t == [0x81, 0x00] || t == [0x88, 0xa8]);

@@ -1,0 +1,304 @@
+//! The worker's logic over in-memory sockets, without root: the real rule table, pools,
+//! workers, lanes and shutdown books, with frames checked byte for byte against ones built
+//! from scratch.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use super::*;
+use crate::{
+    config::{Config, StaticSystem},
+    craft::{UdpFrame, build_udp_frame},
+};
+
+const ALLOCATORS: [AllocatorKind; 2] = [AllocatorKind::Lockfree, AllocatorKind::Mutex];
+
+fn system() -> StaticSystem {
+    StaticSystem::new(&[("in0", 10), ("out0", 11), ("out1", 12), ("out2", 13)])
+}
+
+fn table(yaml: &str) -> RuleTable {
+    let cfg = Config::parse("rules.yaml", yaml).unwrap();
+    RuleTable::compile(&cfg, "rules.yaml", &system()).unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Frame `n` of a test: its payload says which it is, and its length varies.
+fn sent(group: &str, source: &str, port: u16, ttl: u8, n: usize) -> UdpFrame {
+    let payload: Vec<u8> = (0..16 + n % 48).map(|i| (n + i) as u8).collect();
+    UdpFrame::simple(ip(source), ip(group), port, ttl, &payload)
+}
+
+/// `f` as the relay sends it on interface `ifindex` of the fixed system.
+fn relayed(f: &UdpFrame, ifindex: u8, group: &str, port: u16, ttl: u8) -> Vec<u8> {
+    build_udp_frame(&UdpFrame {
+        src_mac: [0x02, 0, 0, 0, 0, ifindex],
+        group: ip(group),
+        dst_port: port,
+        ttl,
+        ..f.clone()
+    })
+}
+
+fn options(allocator: AllocatorKind, workers: usize, frames: u32) -> Options {
+    Options {
+        frames,
+        frame_size: 2048,
+        allocator,
+        workers,
+    }
+}
+
+/// Every frame is back in the pool, or on a fill ring: none on a TX ring, none lost, none
+/// given back twice.
+fn assert_books(out: &Outcome, frames: u32) {
+    let a = out.account;
+    assert_eq!(a.frames, frames as usize);
+    assert_eq!(a.leaked(), 0, "{a:?}");
+    assert_eq!(a.in_tx, 0, "{a:?}");
+    assert_eq!(a.abandoned, 0, "{a:?}");
+    assert_eq!(a.in_pool + a.in_fill, a.frames, "{a:?}");
+    assert_eq!(out.pool.free, a.in_pool);
+    assert_eq!(out.pool.rejected, 0, "a frame was given back twice");
+}
+
+/// Steps until nothing is waiting on `wire` and a pass moves nothing.
+fn run_dry(lb: &mut Loopback, wire: &Wire) {
+    for _ in 0..10_000 {
+        if !lb.step() && wire.waiting() == 0 {
+            return;
+        }
+    }
+    panic!("the loopback never went idle");
+}
+
+const ONE_TO_ONE: &str = "rules:
+  - name: v4
+    input: { interface: in0, group: 239.1.1.1, port: 5000 }
+    outputs: [ { interface: out0, group: 239.9.9.9, port: 6000, ttl: 7 } ]
+  - name: v6
+    input: { interface: in0, group: 'ff18::1', port: 5000 }
+    outputs: [ { interface: out0, group: 'ff18::9' } ]
+";
+
+#[test]
+fn one_to_one_delivers_every_frame_rewritten() {
+    for allocator in ALLOCATORS {
+        let mut lb = Loopback::new(table(ONE_TO_ONE), options(allocator, 1, 4096)).unwrap();
+        let (input, output) = (lb.wire("in0", 0).unwrap(), lb.wire("out0", 0).unwrap());
+        output.capture();
+        let mut want = Vec::new();
+        let mut bytes = [0u64; 2];
+        for n in 0..3000 {
+            let (f, expect) = if n % 3 == 2 {
+                let f = sent("ff18::1", "2001:2:0:10::2", 5000, 9, n);
+                let e = relayed(&f, 11, "ff18::9", 5000, 8);
+                (f, e)
+            } else {
+                let f = sent("239.1.1.1", "198.18.10.2", 5000, 16, n);
+                let e = relayed(&f, 11, "239.9.9.9", 6000, 7);
+                (f, e)
+            };
+            let frame = build_udp_frame(&f);
+            bytes[usize::from(n % 3 == 2)] += frame.len() as u64;
+            input.send(frame);
+            want.push(expect);
+        }
+        run_dry(&mut lb, &input);
+        let got = output.take_captured();
+        assert_eq!(got.len(), want.len(), "{allocator:?}");
+        for (n, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "{allocator:?}: frame {n}");
+        }
+        let s = lb.stats();
+        assert_eq!([s.rules[0].packets, s.rules[1].packets], [2000, 1000]);
+        assert_eq!([s.rules[0].bytes, s.rules[1].bytes], bytes);
+        assert_eq!(s.rules[0].outputs[0].packets, 2000);
+        assert_eq!(s.rules[1].outputs[0].packets, 1000);
+        assert_eq!(s.rules[0].outputs[0].dropped(), 0);
+        assert_eq!(s.rules[1].outputs[0].dropped(), 0);
+        assert_eq!(output.sent_bytes(), bytes[0] + bytes[1]);
+        assert_eq!((s.copies, s.unmatched, s.malformed), (0, 0, 0));
+        let out = lb.stop();
+        assert_eq!(out.stats.rules[0].outputs[0].packets, 2000);
+        assert_books(&out, 4096);
+    }
+}
+
+#[test]
+fn fan_out_copies_one_less_than_the_outputs() {
+    let yaml = "rules:
+  - name: fan
+    input: { interface: in0, group: 239.1.1.1, port: 5000 }
+    outputs:
+      - { interface: out0 }
+      - { interface: out1, port: 6001 }
+      - { interface: out2, group: 239.3.3.3, ttl: 3 }
+";
+    for allocator in ALLOCATORS {
+        let mut lb = Loopback::new(table(yaml), options(allocator, 1, 4096)).unwrap();
+        let input = lb.wire("in0", 0).unwrap();
+        let outs: Vec<_> = ["out0", "out1", "out2"]
+            .iter()
+            .map(|n| lb.wire(n, 0).unwrap())
+            .collect();
+        outs.iter().for_each(|w| w.capture());
+        let frames: Vec<UdpFrame> = (0..1000)
+            .map(|n| sent("239.1.1.1", "198.18.10.2", 5000, 16, n))
+            .collect();
+        for f in &frames {
+            input.send(build_udp_frame(f));
+        }
+        run_dry(&mut lb, &input);
+        let want: [Vec<Vec<u8>>; 3] = [
+            frames
+                .iter()
+                .map(|f| relayed(f, 11, "239.1.1.1", 5000, 15))
+                .collect(),
+            frames
+                .iter()
+                .map(|f| relayed(f, 12, "239.1.1.1", 6001, 15))
+                .collect(),
+            frames
+                .iter()
+                .map(|f| relayed(f, 13, "239.3.3.3", 5000, 3))
+                .collect(),
+        ];
+        for (o, (wire, want)) in outs.iter().zip(&want).enumerate() {
+            assert_eq!(&wire.take_captured(), want, "{allocator:?}: output {o}");
+        }
+        let s = lb.stats();
+        assert_eq!(s.copies, 2000, "{allocator:?}: outputs - 1 per frame");
+        assert_eq!(s.cross_umem, 0);
+        for o in &s.rules[0].outputs {
+            assert_eq!((o.packets, o.dropped()), (1000, 0));
+        }
+        assert_books(&lb.stop(), 4096);
+    }
+}
+
+#[test]
+fn full_tx_ring_keeps_the_waiting_bound_and_drops_the_rest() {
+    for allocator in ALLOCATORS {
+        let mut lb = Loopback::new(table(ONE_TO_ONE), options(allocator, 1, 8192)).unwrap();
+        let (input, output) = (lb.wire("in0", 0).unwrap(), lb.wire("out0", 0).unwrap());
+        output.stall(true);
+        let extra = 100;
+        let f = build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, 0));
+        input.stream(&f, (RING + WAITING + extra) as u64);
+        assert_eq!(lb.port("out0", 0).unwrap().waiting, 0);
+        let total = (RING + WAITING + extra) as u64;
+        for _ in 0..10_000 {
+            if lb.stats().rules[0].packets == total {
+                break;
+            }
+            lb.step();
+        }
+        // And a pass more, which moves nothing: the ring is still full.
+        lb.step();
+        let port = lb.port("out0", 0).unwrap();
+        assert_eq!(port.in_tx, RING, "{allocator:?}: the TX ring is full");
+        assert_eq!(port.waiting, WAITING, "{allocator:?}");
+        let o = lb.stats().rules[0].outputs[0];
+        assert_eq!(o.tx_ring_full, extra as u64, "{allocator:?}");
+        assert_eq!(o.packets, RING as u64, "counted when put on the ring");
+        assert_eq!(output.sent(), 0);
+        output.stall(false);
+        run_dry(&mut lb, &input);
+        assert_eq!(output.sent(), (RING + WAITING) as u64, "{allocator:?}");
+        let o = lb.stats().rules[0].outputs[0];
+        assert_eq!(
+            (o.packets, o.tx_ring_full),
+            ((RING + WAITING) as u64, extra as u64)
+        );
+        assert_eq!(lb.port("out0", 0).unwrap().waiting, 0);
+        assert_books(&lb.stop(), 8192);
+    }
+}
+
+#[test]
+fn an_egress_of_the_other_worker_goes_through_its_lane() {
+    for allocator in ALLOCATORS {
+        let mut lb = Loopback::new(table(ONE_TO_ONE), options(allocator, 2, 4096)).unwrap();
+        assert_eq!(lb.owner("in0", 0), Some(0));
+        assert_eq!(lb.owner("out0", 0), Some(1));
+        let (input, output) = (lb.wire("in0", 0).unwrap(), lb.wire("out0", 0).unwrap());
+        output.capture();
+        let frames: Vec<UdpFrame> = (0..2000)
+            .map(|n| sent("239.1.1.1", "198.18.10.2", 5000, 16, n))
+            .collect();
+        for f in &frames {
+            input.send(build_udp_frame(f));
+        }
+        run_dry(&mut lb, &input);
+        let want: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|f| relayed(f, 11, "239.9.9.9", 6000, 7))
+            .collect();
+        assert_eq!(output.take_captured(), want, "{allocator:?}");
+        let o = lb.stats().rules[0].outputs[0];
+        assert_eq!((o.packets, o.handoff_full, o.dropped()), (2000, 0, 0));
+        assert_books(&lb.stop(), 4096);
+    }
+}
+
+/// The same path with each worker in its own thread, as the relay runs them, stopped while
+/// frames are still arriving.
+#[test]
+fn two_worker_threads_deliver_and_drain() {
+    for allocator in ALLOCATORS {
+        let mut lb = Loopback::new(table(ONE_TO_ONE), options(allocator, 2, 4096)).unwrap();
+        let (input, output) = (lb.wire("in0", 0).unwrap(), lb.wire("out0", 0).unwrap());
+        let f = build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, 0));
+        lb.start().unwrap();
+        input.stream(&f, 20_000);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while output.sent() < 20_000 {
+            assert!(
+                Instant::now() < deadline,
+                "{allocator:?}: {}",
+                output.sent()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        input.stream(&f, 1_000_000);
+        let out = lb.stop();
+        let o = out.stats.rules[0].outputs[0];
+        assert_eq!(o.dropped(), 0, "{allocator:?}: {o:?}");
+        assert_eq!(o.packets, output.sent(), "{allocator:?}");
+        assert_eq!(out.stats.rules[0].packets, o.packets);
+        assert!(o.packets < 1_020_000, "the stop cut the stream short");
+        assert_books(&out, 4096);
+    }
+}
+
+#[test]
+fn frames_no_rule_matches_are_counted_and_returned() {
+    for allocator in ALLOCATORS {
+        let mut lb = Loopback::new(table(ONE_TO_ONE), options(allocator, 1, 4096)).unwrap();
+        let (input, output) = (lb.wire("in0", 0).unwrap(), lb.wire("out0", 0).unwrap());
+        for n in 0..5000 {
+            // Another group, and the right group on another port.
+            let (group, port) = if n % 2 == 0 {
+                ("239.5.5.5", 5000)
+            } else {
+                ("239.1.1.1", 5001)
+            };
+            input.send(build_udp_frame(&sent(group, "198.18.10.2", port, 16, n)));
+        }
+        let mut garbage = build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, 0));
+        garbage[23] = 6; // TCP
+        input.send(garbage);
+        run_dry(&mut lb, &input);
+        let s = lb.stats();
+        assert_eq!((s.unmatched, s.malformed), (5000, 1), "{allocator:?}");
+        assert_eq!(s.rules[0].packets + s.rules[1].packets, 0);
+        assert_eq!(output.sent(), 0);
+        assert_books(&lb.stop(), 4096);
+    }
+}
