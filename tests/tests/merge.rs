@@ -71,12 +71,15 @@ fn send(ns: &Netns, leg1_source: Ipv4Addr, packets: Vec<Packet>, rtp_version: u8
             setsockopt(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MULTICAST_IF, &a)?;
             Ok(s)
         };
+        // Only the legs this batch uses: a leg whose link was deleted has no address.
+        let used = |leg: usize| packets.iter().any(|p| p.leg == leg);
         let legs = [
-            (socket(SENDER_ADDR)?, GROUP_A),
-            (socket(leg1_source)?, GROUP_B),
+            (used(0).then(|| socket(SENDER_ADDR)).transpose()?, GROUP_A),
+            (used(1).then(|| socket(leg1_source)).transpose()?, GROUP_B),
         ];
         for (i, p) in packets.iter().enumerate() {
             let (s, g) = &legs[p.leg];
+            let s = s.as_ref().expect("a socket for every leg used");
             s.send_to(
                 &datagram(p, rtp_version),
                 SocketAddr::new((*g).into(), PORT),
@@ -219,7 +222,8 @@ fn lossy_legs(allocator: &str, workers: usize) {
     let topo = Topology::new(1).unwrap();
     let (relay, leg1) = start(&topo, "rtp", workers, allocator);
     // Neither leg loses the first or the last packet, so each leg's gaps are what it
-    // skipped between them; ids 1000-1002 are lost on both (nobody can relay them).
+    // skipped between them; ids 1000-1002 are lost on both (nobody can relay them), and so
+    // are those where the two patterns meet.
     let lost = |leg: usize, id: u64| {
         if id == 0 || id == 2999 {
             return false;
@@ -229,9 +233,21 @@ fn lossy_legs(allocator: &str, workers: usize) {
             _ => id % 11 == 7 || (1800..1950).contains(&id) || (1000..1003).contains(&id),
         }
     };
+    if workers == 2 {
+        // The legs really are on two threads.
+        let log = std::fs::read_to_string(&relay.stderr).unwrap();
+        let worker_of = |iface: &str| {
+            log.lines()
+                .find(|l| l.contains(&format!("{iface} queue 0: AF_XDP socket bound")))
+                .and_then(|l| l.split("worker ").nth(1))
+                .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_digit()).to_owned())
+                .unwrap_or_else(|| panic!("no socket for {iface} in\n{log}"))
+        };
+        assert_ne!(worker_of("rin"), worker_of("rin2"), "{log}");
+    }
     let packets = both_legs(0..3000, 65535 - 1500, 0, lost);
     let want = expected(&packets);
-    assert_eq!(want.lost, 3);
+    assert!(want.lost >= 3, "some numbers are lost on both legs");
     let rx = receiver(&topo, want.relayed.len() as u64);
     send(&topo.sender, leg1, packets, 2);
     let got = ids_once(&join(rx).unwrap());

@@ -126,6 +126,9 @@ pub(super) struct Shared<B: Backend> {
     pub cache_frames: usize,
     /// `poll: busy`: idle workers spin instead of sleeping.
     pub busy_poll: bool,
+    /// The clock merged rules time their windows by, shared so that legs received by
+    /// different workers compare times.
+    pub epoch: Instant,
     /// Counters a data path this one replaced had (see `Datapath::rebuild`), with the plan
     /// they are shaped by.
     pub base: Mutex<Option<(Arc<Plan>, DatapathStats)>>,
@@ -180,6 +183,7 @@ impl<B: Backend> Shared<B> {
             base: Mutex::new(None),
             cache_frames,
             busy_poll,
+            epoch: Instant::now(),
             snapshots: (0..workers)
                 .map(|_| Mutex::new((empty.clone(), DatapathStats::default())))
                 .collect(),
@@ -346,6 +350,8 @@ pub(super) struct Worker<B: Backend> {
     /// Workers this one handed frames to during the current pass.
     to_wake: Vec<bool>,
     rx_buf: Vec<B::Desc>,
+    /// The merge clock as read for the current batch (see `merge_now`).
+    batch_ms: Option<u64>,
     comp_buf: Vec<B::Desc>,
     poll_fds: Vec<libc::pollfd>,
     take_buf: Vec<u32>,
@@ -402,6 +408,7 @@ impl<B: Backend> Worker<B> {
             staged_tags: vec![Vec::with_capacity(BATCH * 4); n],
             to_wake: vec![false; workers],
             rx_buf: vec![B::Desc::default(); BATCH],
+            batch_ms: None,
             comp_buf: vec![B::Desc::default(); RING_SIZE as usize],
             poll_fds: Vec::new(),
             take_buf: Vec::with_capacity(RING_SIZE as usize),
@@ -852,11 +859,21 @@ impl<B: Backend> Worker<B> {
         // worker, and touching it per frame would bounce its cache line between them.
         let plan = Arc::clone(&self.plan);
         let shared = Arc::clone(&self.shared);
+        // Read once per batch, and only if a merged rule asks for it.
+        self.batch_ms = None;
         for k in 0..n {
             let desc = self.rx_buf[k];
             self.forward(&shared, &plan, ifindex, dom, desc);
         }
         n
+    }
+
+    /// Milliseconds on the merge clock, read at most once per received batch (a batch is
+    /// microseconds; windows are hundreds of milliseconds).
+    fn merge_now(&mut self, shared: &Shared<B>) -> u64 {
+        *self
+            .batch_ms
+            .get_or_insert_with(|| shared.epoch.elapsed().as_millis() as u64)
     }
 
     /// Sends one received frame (in UMEM `dom`) to each output of its rule: the received frame
@@ -893,6 +910,20 @@ impl<B: Backend> Worker<B> {
         }
         // Read before the frame is borrowed mutably below.
         let expired = arrived_ttl(bytes, &flow) <= 1;
+        // A merged rule's sequence number, from the UDP payload. A fragment carries none the
+        // merge could trust (the later ones none at all).
+        let merged = plan.table.rules[rule_id as usize].merge.as_ref();
+        let sequence = merged.and_then(|m| {
+            if flow.frag.is_some() {
+                return None;
+            }
+            let udp_len = usize::from(u16::from_be_bytes([
+                *bytes.get(flow.l4 + 4)?,
+                *bytes.get(flow.l4 + 5)?,
+            ]));
+            m.sequence()
+                .read(bytes.get(flow.l4 + 8..flow.l4 + udp_len)?)
+        });
         // Once per received frame, before any copy: every copy then starts from a full
         // checksum, which each output's incremental update keeps valid.
         // SAFETY: the frame came off the RX ring and no copy of it exists yet, so this is its
@@ -913,6 +944,31 @@ impl<B: Backend> Worker<B> {
         rc.checksum_completed += u64::from(completed);
         if !rule.prefix.is_host() {
             rc.groups.record(flow.group, len as u64);
+        }
+        if let Some(merge) = &rule.merge {
+            // First arrival wins: a sequence number another leg (or this one) brought within
+            // the window is dropped here, before any copy or rewrite.
+            let Some(seq) = sequence else {
+                rc.merge.malformed += 1;
+                self.cache(dom).give(frame_no);
+                return;
+            };
+            let leg = rule.leg_of(ifindex, &flow);
+            let now = self.merge_now(shared);
+            let o = merge.offer(leg, seq, now);
+            let rc = &mut self.stats.rules[rule_id as usize];
+            rc.merge.holes_opened += o.holes_opened;
+            rc.merge.holes_filled += u64::from(o.hole_filled);
+            let lc = rc.merge.leg(leg);
+            lc.received += 1;
+            lc.gaps += o.leg_gaps;
+            if o.first {
+                lc.first += 1;
+            } else {
+                lc.duplicate += 1;
+                self.cache(dom).give(frame_no);
+                return;
+            }
         }
         let tag = |output: usize| Tag {
             rule: rule_id,
@@ -1447,6 +1503,11 @@ pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathSt
         out.rules[ni].packets = oc.packets;
         out.rules[ni].bytes = oc.bytes;
         out.rules[ni].checksum_completed = oc.checksum_completed;
+        // A merged rule that stays keeps its state (`RuleTable::keep_merge_state`), and so
+        // its counters.
+        if or.merge == nr.merge {
+            out.rules[ni].merge = oc.merge.clone();
+        }
         if or.prefix == nr.prefix {
             out.rules[ni].groups = oc.groups.clone();
         }
