@@ -37,6 +37,11 @@ const RANGE_FIRST: Ipv4Addr = Ipv4Addr::new(239, 1, 0, 1);
 const RANGE_GROUPS: u32 = 1000;
 const RANGE_PREFIX: &str = "239.1.0.0/16";
 const RANGE_OUT_GROUP: Ipv4Addr = Ipv4Addr::new(239, 2, 0, 1);
+/// A merge row's second leg: its group, and the link it comes over (made for merge rows).
+const MERGE_GROUP_B: Ipv4Addr = Ipv4Addr::new(239, 101, 1, 1);
+const MERGE_IN_B: &str = "rin2";
+const MERGE_SENDER_B: &str = "snd1";
+const MERGE_SUBNET_B: u8 = 100;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -84,6 +89,10 @@ enum Addressing {
     /// Sent round-robin to many groups of a range, relayed to one group (many -> one), which
     /// the receiver joins.
     GroupRange,
+    /// The same stream sent twice (#18), to `GROUP` over the sender's link and to
+    /// `MERGE_GROUP_B` over a second one, by two generators; the relay merges the legs on the
+    /// generator's own sequence number (`merge: {offset: 8, bytes: 8}`) into one output.
+    Merged,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +135,11 @@ fn scenarios() -> Vec<Scenario> {
         addressing: Addressing::GroupRange,
         ..s(name, relay(allocator, 1), 1)
     };
+    // A merge of two legs beside the plain row of its allocator (#18).
+    let merged = |name: &str, allocator| Scenario {
+        addressing: Addressing::Merged,
+        ..s(name, relay(allocator, 1), 1)
+    };
     let many = |name: &str, rules: usize| Scenario {
         extra_rules: rules - 1,
         ..s(name, relay("lockfree", 1), 1)
@@ -147,6 +161,7 @@ fn scenarios() -> Vec<Scenario> {
             Addressing::UnicastToMulticast,
         ),
         range("relay lock-free 1→1, 1,000 groups in a /16", "lockfree"),
+        merged("relay lock-free merge of 2 legs 1→1", "lockfree"),
         // `poll: busy` (#16), beside the sleeping rows of its allocator.
         s("relay lock-free busy-poll 1→1", busy("lockfree"), 1),
         s("relay mutex 1→1", relay("mutex", 1), 1),
@@ -162,6 +177,7 @@ fn scenarios() -> Vec<Scenario> {
             Addressing::UnicastToMulticast,
         ),
         range("relay mutex 1→1, 1,000 groups in a /16", "mutex"),
+        merged("relay mutex merge of 2 legs 1→1", "mutex"),
         s("kernel ipmr 1→1", Forwarder::Kernel, 1),
         s("socat 1→1", Forwarder::Socat, 1),
         s("relay lock-free 2 workers 1→2", relay("lockfree", 2), 2),
@@ -243,6 +259,15 @@ pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String>
         .max()
         .unwrap_or(1);
     let topo = Topology::new(wanted)?;
+    let merges = scenarios().into_iter().any(|sc| {
+        sc.addressing == Addressing::Merged
+            && (opts.only.is_empty() || opts.only.iter().any(|o| sc.name.contains(o.as_str())))
+    });
+    if merges {
+        topo.add_ingress(MERGE_IN_B, MERGE_SENDER_B, MERGE_SUBNET_B)?;
+        topo.sender
+            .exec(&["ethtool", "-K", MERGE_SENDER_B, "gro", "on"])?;
+    }
     // Receivers read their sockets with large buffers; let them have what they ask for.
     for r in &topo.receivers {
         r.ns.exec(&["sysctl", "-qw", "net.core.rmem_max=16777216"])?;
@@ -444,7 +469,11 @@ fn floor_ratios(rows: &[Medians]) -> String {
         else {
             continue;
         };
-        if relay.outputs != 1 || !relay.name.ends_with(" 1→1") || relay.name.contains("cast→") {
+        if relay.outputs != 1
+            || !relay.name.ends_with(" 1→1")
+            || relay.name.contains("cast→")
+            || relay.name.contains("merge")
+        {
             continue;
         }
         let Some(floor) = rows.iter().find(|f| {
@@ -590,12 +619,20 @@ fn relay_yaml(topo: &Topology, sc: &Scenario, workers: usize, allocator: &str) -
         Addressing::GroupRange => format!("group: {RANGE_PREFIX}, port: {PORT}"),
         _ => format!("group: {GROUP}, port: {PORT}"),
     };
-    let mut y = format!(
-        "allocator: {allocator}\nworkers: {workers}\nrules:\n  - name: bench\n    input: {{ interface: {RELAY_IN}, {input} }}\n    outputs:\n"
-    );
+    let mut y = if sc.addressing == Addressing::Merged {
+        format!(
+            "allocator: {allocator}\nworkers: {workers}\nrules:\n  - name: bench\n    inputs:\n      - {{ interface: {RELAY_IN}, {input} }}\n      - {{ interface: {MERGE_IN_B}, group: {MERGE_GROUP_B}, port: {PORT} }}\n    merge: {{ offset: 8, bytes: 8 }}\n    outputs:\n"
+        )
+    } else {
+        format!(
+            "allocator: {allocator}\nworkers: {workers}\nrules:\n  - name: bench\n    input: {{ interface: {RELAY_IN}, {input} }}\n    outputs:\n"
+        )
+    };
     for (i, r) in topo.receivers[..sc.outputs].iter().enumerate() {
         let _ = match sc.addressing {
-            Addressing::Multicast => writeln!(y, "      - interface: rout{i}"),
+            Addressing::Multicast | Addressing::Merged => {
+                writeln!(y, "      - interface: rout{i}")
+            }
             Addressing::MulticastToUnicast => writeln!(
                 y,
                 "      - {{ interface: rout{i}, destination: {}, port: {PORT}, source: auto }}",
@@ -787,7 +824,22 @@ fn run_one(
         }
         _ => GenSender::spawn(gen_bin, &topo.sender, &spec)?,
     };
+    // A merge row's second leg: the same sequence numbers over the second link.
+    let leg_b = if sc.addressing == Addressing::Merged {
+        let spec_b = SendSpec {
+            group: MERGE_GROUP_B,
+            source: Ipv4Addr::new(198, 18, MERGE_SUBNET_B, 1),
+            afxdp: afxdp_sender.then(|| MERGE_SENDER_B.to_owned()),
+            ..spec.clone()
+        };
+        Some(GenSender::spawn(gen_bin, &topo.sender, &spec_b)?)
+    } else {
+        None
+    };
     let sent = sender.finish()?;
+    if let Some(b) = leg_b {
+        b.finish()?;
+    }
     let mut got = Vec::new();
     for r in receivers {
         got.push(r.finish()?);
