@@ -16,6 +16,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crossbeam_utils::CachePadded;
+
 /// How a leg's packets are numbered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sequence {
@@ -94,13 +96,14 @@ pub struct MergeState {
     window_ms: u64,
     slots: Box<[AtomicU64]>,
     mask: u64,
-    /// Highest sequence number let through, + 1 (`NONE` before the first).
-    high: AtomicU64,
+    /// Highest sequence number let through, + 1 (`NONE` before the first). Each mark on a
+    /// cache line of its own: legs on different workers write them.
+    high: CachePadded<AtomicU64>,
     /// Lowest sequence number let through since the last restart (`u64::MAX` before the
     /// first): a late packet below it filled no hole, it only had not been seen yet.
-    low: AtomicU64,
+    low: CachePadded<AtomicU64>,
     /// Highest sequence number each leg brought, + 1.
-    leg_high: Box<[AtomicU64]>,
+    leg_high: Box<[CachePadded<AtomicU64>]>,
 }
 
 /// Two states are equal when they merge the same way (numbering, window, legs, size): what a
@@ -125,9 +128,11 @@ impl MergeState {
             window_ms: u64::from(window_ms.min(MAX_WINDOW_MS)),
             slots: (0..slots).map(|_| AtomicU64::new(0)).collect(),
             mask: slots as u64 - 1,
-            high: AtomicU64::new(NONE),
-            low: AtomicU64::new(u64::MAX),
-            leg_high: (0..legs).map(|_| AtomicU64::new(NONE)).collect(),
+            high: CachePadded::new(AtomicU64::new(NONE)),
+            low: CachePadded::new(AtomicU64::new(u64::MAX)),
+            leg_high: (0..legs)
+                .map(|_| CachePadded::new(AtomicU64::new(NONE)))
+                .collect(),
         }
     }
 
@@ -182,7 +187,13 @@ impl MergeState {
                 self.low.store(seq, Ordering::Release);
                 u64::MAX
             } else {
-                self.low.fetch_min(seq, Ordering::AcqRel)
+                // Written only when it moves: the common packet is above it.
+                let low = self.low.load(Ordering::Acquire);
+                if seq < low {
+                    self.low.fetch_min(seq, Ordering::AcqRel)
+                } else {
+                    low
+                }
             };
             let below = match low.checked_sub(seq) {
                 Some(d) if low != u64::MAX && d > 0 && d < self.horizon() => d - 1,
@@ -206,7 +217,15 @@ impl MergeState {
     /// behind than the table remembers, moves the mark back to it.
     fn advance(&self, mark: &AtomicU64, seq: u64, restart: bool) -> (u64, bool) {
         // A 64-bit counter at its very last value shares the mark with the one before it.
-        let prev = mark.fetch_max(seq.saturating_add(1), Ordering::AcqRel);
+        // Written only when it moves (a duplicate, a late packet does not), so a mark
+        // several workers share bounces between them once per new number at most.
+        let next = seq.saturating_add(1);
+        let seen = mark.load(Ordering::Acquire);
+        let prev = if next > seen {
+            mark.fetch_max(next, Ordering::AcqRel)
+        } else {
+            seen
+        };
         if prev == NONE {
             return (0, false);
         }
@@ -217,7 +236,7 @@ impl MergeState {
             return (if jump < self.horizon() { jump } else { 0 }, false);
         }
         if restart || prev - seq >= self.horizon() {
-            mark.store(seq.saturating_add(1), Ordering::Release);
+            mark.store(next, Ordering::Release);
             return (0, false);
         }
         (0, seq < prev)
