@@ -69,11 +69,7 @@ pub fn render(
             );
             for (i, leg) in rule.inputs().enumerate() {
                 let c = rc.merge.legs.get(i).copied().unwrap_or_default();
-                let name = table
-                    .ingress
-                    .iter()
-                    .find(|g| g.info.ifindex == leg.ifindex && leg.ifindex != 0)
-                    .map_or("?", |g| g.name.as_str());
+                let name = table.ingress_name(leg.ifindex);
                 let _ = writeln!(
                     s,
                     "rule={} leg={i} interface={} group={} received={} first={} duplicate={} gaps={}",

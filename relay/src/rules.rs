@@ -326,6 +326,14 @@ impl RuleTable {
         }
     }
 
+    /// The name of the ingress interface with this index (`?` if none has it).
+    pub fn ingress_name(&self, ifindex: u32) -> &str {
+        self.ingress
+            .iter()
+            .find(|i| i.info.ifindex == ifindex)
+            .map_or("?", |i| i.name.as_str())
+    }
+
     /// The entries of the XDP program's rule map.
     pub fn bpf_entries(&self) -> impl Iterator<Item = (RuleKey, RuleValue)> + '_ {
         self.keys

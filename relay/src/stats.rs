@@ -60,6 +60,20 @@ pub struct InputView {
     pub vlan: Option<Vlan>,
 }
 
+impl InputView {
+    /// A compiled input (a rule's, or a leg's) as the views show it.
+    pub fn of(table: &RuleTable, input: &crate::rules::CompiledInput) -> Self {
+        InputView {
+            interface: table.ingress_name(input.ifindex).to_owned(),
+            group: input.prefix.to_string(),
+            unicast: input.unicast,
+            port: input.port,
+            source: input.source.map(|s| s.to_string()),
+            vlan: input.vlan,
+        }
+    }
+}
+
 /// `rin 239.1.1.1:5000 from 198.18.0.1 vlan 10`; `*` for any port, IPv6 in brackets.
 impl fmt::Display for InputView {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -257,18 +271,7 @@ impl StatsView {
             .zip(&stats.rules)
             .map(|(r, rc)| RuleView {
                 name: r.name.clone(),
-                input: InputView {
-                    interface: table
-                        .ingress
-                        .iter()
-                        .find(|i| i.info.ifindex == r.ingress_ifindex)
-                        .map_or("?".to_owned(), |i| i.name.clone()),
-                    group: r.prefix.to_string(),
-                    unicast: r.unicast,
-                    port: r.port,
-                    source: r.source.map(|s| s.to_string()),
-                    vlan: r.vlan,
-                },
+                input: InputView::of(table, &r.inputs().next().expect("a rule has an input")),
                 received: rc.packets,
                 bytes: rc.bytes,
                 checksum_completed: rc.checksum_completed,
@@ -289,18 +292,7 @@ impl StatsView {
                             .inputs()
                             .enumerate()
                             .map(|(i, leg)| LegView {
-                                input: InputView {
-                                    interface: table
-                                        .ingress
-                                        .iter()
-                                        .find(|g| g.info.ifindex == leg.ifindex && leg.ifindex != 0)
-                                        .map_or("?".to_owned(), |g| g.name.clone()),
-                                    group: leg.prefix.to_string(),
-                                    unicast: leg.unicast,
-                                    port: leg.port,
-                                    source: leg.source.map(|s| s.to_string()),
-                                    vlan: leg.vlan,
-                                },
+                                input: InputView::of(table, &leg),
                                 received: counted(i).received,
                                 first: counted(i).first,
                                 duplicate: counted(i).duplicate,
