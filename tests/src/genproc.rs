@@ -85,9 +85,13 @@ impl GenReceiver {
         max_secs: f64,
     ) -> Result<Self> {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name()])
-            .arg(gen_bin)
-            .arg("recv");
+        cmd.args(["netns", "exec", ns.name()]);
+        // For the tail-latency evidence in docs/PERFORMANCE.md: the receivers kept off the
+        // forwarder's CPU (RELAY_BENCH_RECEIVER_CPUS=0 puts them beside the sender).
+        if let Ok(cpus) = std::env::var("RELAY_BENCH_RECEIVER_CPUS") {
+            cmd.args(["taskset", "-c", &cpus]);
+        }
+        cmd.arg(gen_bin).arg("recv");
         if let Some(group) = group {
             cmd.args(["--group", &group.to_string()]);
         }
