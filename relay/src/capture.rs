@@ -52,16 +52,13 @@ impl Filter {
     /// Refuses a filter that names a rule or interface the running rules do not have: it
     /// would capture nothing, and the operator most likely mistyped it.
     pub fn check(&self, table: &RuleTable) -> Result<(), String> {
-        let rule = match &self.rule {
-            Some(name) => Some(
-                table
-                    .rules
-                    .iter()
-                    .find(|r| r.name == *name)
-                    .ok_or_else(|| format!("no rule named '{name}' is running (see `relay rules`)"))?,
-            ),
-            None => None,
-        };
+        let rule =
+            match &self.rule {
+                Some(name) => Some(table.rules.iter().find(|r| r.name == *name).ok_or_else(
+                    || format!("no rule named '{name}' is running (see `relay rules`)"),
+                )?),
+                None => None,
+            };
         if let Some(iface) = &self.output {
             if !table.egress.iter().any(|e| e.name == *iface) {
                 return Err(format!(
@@ -174,6 +171,15 @@ impl Session {
 
     pub fn pop(&self) -> Option<Captured> {
         self.queue.pop()
+    }
+
+    /// Frames waiting in the queue.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
     }
 }
 
@@ -311,25 +317,37 @@ pub fn stream(capture: Capture, out: &UnixStream, count: Option<u64>) -> std::io
     let mut pcap = PcapngStream::new(BufWriter::new(out), interface_name)?;
     pcap.get_mut().flush()?;
     let mut written = 0u64;
-    loop {
+    // Writes up to `most` queued frames (fewer if the count is reached); false once it is.
+    let mut write_queued = |most: usize, written: &mut u64| -> std::io::Result<(usize, bool)> {
         let mut moved = 0;
-        while moved < WRITE_BATCH {
-            if count.is_some_and(|n| written >= n) {
+        while moved < most {
+            if count.is_some_and(|n| *written >= n) {
                 pcap.get_mut().flush()?;
-                return Ok(written);
+                return Ok((moved, false));
             }
             let Some(frame) = capture.session.pop() else {
                 break;
             };
             pcap.write(&frame)?;
-            written += 1;
+            *written += 1;
             moved += 1;
         }
         pcap.get_mut().flush()?;
+        Ok((moved, true))
+    };
+    loop {
+        let (moved, more) = write_queued(WRITE_BATCH, &mut written)?;
+        if !more {
+            return Ok(written);
+        }
         // Nothing waiting: sleep a little on the socket, which also says when the client
         // went away. Otherwise just look.
         let wait_ms = if moved == 0 { 20 } else { 0 };
         if client_gone(out, wait_ms) {
+            // What was captured before the client said stop is still written (a client
+            // that is really gone fails the write, which ends this as well): the frames
+            // queued now, and no more.
+            write_queued(capture.session.len(), &mut written)?;
             return Ok(written);
         }
     }
@@ -431,7 +449,9 @@ rules:
         let tap = Arc::new(Tap::default());
         assert!(tap.current().is_none());
         let capture = tap.start(Filter::default(), 2).unwrap();
-        let session = tap.current().expect("the capture is visible to the workers");
+        let session = tap
+            .current()
+            .expect("the capture is visible to the workers");
         assert!(Arc::ptr_eq(&session, &capture.session));
         assert_eq!(
             tap.start(Filter::default(), 2).err().unwrap(),
@@ -439,12 +459,18 @@ rules:
         );
         assert!(session.offer(Direction::Inbound, 1, &[1]));
         assert!(session.offer(Direction::Outbound, 2, &[2]));
-        assert!(!session.offer(Direction::Inbound, 1, &[3]), "the queue holds 2");
+        assert!(
+            !session.offer(Direction::Inbound, 1, &[3]),
+            "the queue holds 2"
+        );
         assert_eq!(session.pop().unwrap().data, vec![1]);
         assert!(session.offer(Direction::Inbound, 1, &[3]));
         drop(capture);
         assert!(tap.current().is_none(), "dropping the capture stops it");
-        assert!(tap.start(Filter::default(), 2).is_ok(), "and frees the slot");
+        assert!(
+            tap.start(Filter::default(), 2).is_ok(),
+            "and frees the slot"
+        );
     }
 
     fn names(ifindex: u32) -> String {
@@ -488,14 +514,24 @@ rules:
             match block.unwrap() {
                 Block::InterfaceDescription(idb) => {
                     assert_eq!(idb.linktype, DataLink::ETHERNET);
-                    interfaces.push(idb.options.clone().into_iter().map(|o| o.into_owned()).collect::<Vec<_>>());
+                    interfaces.push(
+                        idb.options
+                            .clone()
+                            .into_iter()
+                            .map(|o| o.into_owned())
+                            .collect::<Vec<_>>(),
+                    );
                 }
                 Block::EnhancedPacket(epb) => packets.push((
                     epb.interface_id,
                     epb.timestamp,
                     epb.original_len,
                     epb.data.to_vec(),
-                    epb.options.clone().into_iter().map(|o| o.into_owned()).collect::<Vec<_>>(),
+                    epb.options
+                        .clone()
+                        .into_iter()
+                        .map(|o| o.into_owned())
+                        .collect::<Vec<_>>(),
                 )),
                 other => panic!("unexpected block {other:?}"),
             }
@@ -560,5 +596,22 @@ rules:
         theirs.shutdown(std::net::Shutdown::Write).unwrap();
         assert_eq!(stream(capture, &ours, None).unwrap(), 0);
         assert!(tap.current().is_none());
+
+        // What was queued before the client said stop is still written.
+        let capture = tap.start(Filter::default(), 16).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        assert!(capture.session.offer(Direction::Inbound, 1, &[7; 64]));
+        assert!(capture.session.offer(Direction::Outbound, 1, &[8; 64]));
+        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(stream(capture, &ours, None).unwrap(), 2);
+        drop(ours);
+        let mut reader = PcapNgReader::new(&theirs).unwrap();
+        let mut seen = Vec::new();
+        while let Some(block) = reader.next_block() {
+            if let Block::EnhancedPacket(epb) = block.unwrap() {
+                seen.push(epb.data[0]);
+            }
+        }
+        assert_eq!(seen, vec![7, 8]);
     }
 }

@@ -16,7 +16,9 @@ use std::{
 
 use pcap_file::pcapng::{
     Block, PcapNgReader,
-    blocks::{enhanced_packet::EnhancedPacketOption, interface_description::InterfaceDescriptionOption},
+    blocks::{
+        enhanced_packet::EnhancedPacketOption, interface_description::InterfaceDescriptionOption,
+    },
 };
 use relay::control::{Reply, Request};
 use relay_tests::{
@@ -91,7 +93,11 @@ fn wait_file(path: &Path, what: &str) {
         if text.contains(what) {
             return;
         }
-        assert!(Instant::now() < deadline, "{} never said {what:?}: {text}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {what:?}: {text}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -135,7 +141,10 @@ fn a_capture_holds_each_frame_as_received_and_as_sent() {
         if let Some(s) = client.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "relay capture --count 20 did not end");
+        assert!(
+            Instant::now() < deadline,
+            "relay capture --count 20 did not end"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let stderr = std::fs::read_to_string(&err).unwrap();
@@ -160,14 +169,63 @@ fn a_capture_holds_each_frame_as_received_and_as_sent() {
         assert_eq!((g, p, ttl), (IpAddr::from(G1), 5000, 8), "as received");
         assert_eq!(check_payload(&payload), Some(k as u64));
         let (g, p, ttl, sent_payload) = inspect(out_frame, egress_mac);
-        assert_eq!((g, p, ttl), (IpAddr::from(G2), 6000, 7), "as sent: remapped, TTL - 1");
+        assert_eq!(
+            (g, p, ttl),
+            (IpAddr::from(G2), 6000, 7),
+            "as sent: remapped, TTL - 1"
+        );
         assert_eq!(sent_payload, payload);
     }
+
+    // Without --count it runs until Ctrl-C, and the file still ends with a whole frame.
+    let file = dir.join("all.pcapng");
+    let err = dir.join("all.err");
+    let mut client = Command::new(relay_bin())
+        .args(["capture", "--output", &r0.relay_iface, "-w"])
+        .arg(&file)
+        .arg("--control")
+        .arg(&relay.control)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    wait_file(&err, &format!("capturing output '{}'", r0.relay_iface));
+    let rx = listen(&r0.ns, G2, 6000, r0.addr, Limits::new(10)).unwrap();
+    let mut flow = Flow::new(G1, 5000, 10);
+    flow.first_seq = 1000;
+    assert_eq!(join(send(&topo.sender, SENDER_ADDR, flow)).unwrap(), 10);
+    assert_eq!(join(rx).unwrap().len(), 10);
+    wait_file(&relay.stderr, "capture of output");
+    // SAFETY: kill(2) on the child this test spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(client.id() as i32, libc::SIGINT) }, 0);
+    let status = client.wait().unwrap();
+    let stderr = std::fs::read_to_string(&err).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("capture ended"), "{stderr}");
+    let seen: Vec<(String, u32, u64)> = frames(&std::fs::read(&file).unwrap())
+        .into_iter()
+        .map(|(i, f, frame)| {
+            let payload = &frame[14 + 20 + 8..];
+            (i, f, check_payload(payload).unwrap())
+        })
+        .collect();
+    let expected: Vec<(String, u32, u64)> = (1000..1010)
+        .flat_map(|s| [("rin".to_owned(), 1, s), (r0.relay_iface.clone(), 2, s)])
+        .collect();
+    assert_eq!(
+        seen,
+        expected,
+        "{stderr}\n{}",
+        std::fs::read_to_string(&relay.stderr).unwrap()
+    );
 
     // A filter naming what does not run is refused, by name, and writes no file.
     for (args, says) in [
         (&["--rule", "nope"][..], "no rule named 'nope' is running"),
-        (&["--output", "rin"][..], "no rule has an output on interface 'rin'"),
+        (
+            &["--output", "rin"][..],
+            "no rule has an output on interface 'rin'",
+        ),
     ] {
         let none = dir.join("none.pcapng");
         let out = Command::new(relay_bin())
@@ -249,7 +307,11 @@ fn forwarding_keeps_its_rate_while_a_capture_client_does_not_read() {
         .iter()
         .map(|p| check_payload(p).unwrap())
         .collect();
-    assert_eq!(got, (0..N).collect(), "every datagram delivered while the capture stalled");
+    assert_eq!(
+        got,
+        (0..N).collect(),
+        "every datagram delivered while the capture stalled"
+    );
 
     // Now read what the capture took: with what it could not, every frame in and out.
     stream
@@ -268,7 +330,10 @@ fn forwarding_keeps_its_rate_while_a_capture_client_does_not_read() {
     let taken = frames(&bytes).len() as u64;
     let v = stats_until(&relay.control, |v| v.capture_dropped + taken == 2 * N);
     eprintln!("captured {taken} frames, {} not taken", v.capture_dropped);
-    assert!(v.capture_dropped > 0, "the stalled client's queue filled: {v:?}");
+    assert!(
+        v.capture_dropped > 0,
+        "the stalled client's queue filled: {v:?}"
+    );
     assert_eq!(v.capture_dropped + taken, 2 * N, "taken {taken}: {v:?}");
     let out = &v.rules[0].outputs[0];
     assert_eq!(out.sent, N, "{v:?}");
@@ -289,5 +354,9 @@ fn forwarding_keeps_its_rate_while_a_capture_client_does_not_read() {
     };
     drop(again);
     let exit = stop_clean(relay, &topo);
-    assert!(exit.stderr.contains("capture of every rule's frames ended"), "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains("capture of every rule's frames ended"),
+        "{}",
+        exit.stderr
+    );
 }
