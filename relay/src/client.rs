@@ -183,7 +183,10 @@ pub fn capture(
             Err(e) => return Err(e).context("reading the capture"),
         }
     }
-    eprintln!("capture ended: {bytes} bytes of pcapng written to {}", output.display());
+    eprintln!(
+        "capture ended: {bytes} bytes of pcapng written to {}",
+        output.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

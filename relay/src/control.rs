@@ -77,7 +77,9 @@ pub enum Change {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Reply {
-    Pong { version: String },
+    Pong {
+        version: String,
+    },
     Stats(Box<StatsView>),
     Reloaded(String),
     /// A capture started (what it takes); the pcapng stream follows the reply line.

@@ -124,7 +124,11 @@ pub fn rates(before: &StatsView, now: &StatsView, seconds: f64) -> Rates {
         ("malformed", before.malformed, now.malformed),
         ("copies", before.copies, now.copies),
         ("cross_umem", before.cross_umem, now.cross_umem),
-        ("capture_dropped", before.capture_dropped, now.capture_dropped),
+        (
+            "capture_dropped",
+            before.capture_dropped,
+            now.capture_dropped,
+        ),
     ]
     .into_iter()
     .map(|(k, b, n)| (k.to_owned(), rate(Some(b), n, seconds)))

@@ -933,7 +933,9 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("datapath: unmatched=3 malformed=2 copies=0 cross_umem=0 capture_dropped=0\n"),
+            t.contains(
+                "datapath: unmatched=3 malformed=2 copies=0 cross_umem=0 capture_dropped=0\n"
+            ),
             "{t}"
         );
         assert!(

@@ -172,9 +172,7 @@ pub fn run(options: Options) -> Result<ExitCode> {
     let capturing = monitor.clone();
     let capturer: control::Capturer = Arc::new(move |filter: crate::capture::Filter| {
         filter.check(&capturing.table())?;
-        capturing
-            .tap()
-            .start(filter, crate::capture::QUEUE_FRAMES)
+        capturing.tap().start(filter, crate::capture::QUEUE_FRAMES)
     });
     let counters = steering.counters();
     let listening = querier.clone();

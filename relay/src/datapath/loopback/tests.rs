@@ -310,8 +310,8 @@ fn frames_no_rule_matches_are_counted_and_returned() {
 #[test]
 fn a_capture_sees_frames_as_received_and_as_sent_and_never_holds_them_up() {
     use crate::capture::{Direction, Filter};
-    let mut lb = Loopback::new(table(ONE_TO_ONE), options(AllocatorKind::Lockfree, 1, 4096))
-        .unwrap();
+    let mut lb =
+        Loopback::new(table(ONE_TO_ONE), options(AllocatorKind::Lockfree, 1, 4096)).unwrap();
     let (input, output) = (lb.wire("in0", 0).unwrap(), lb.wire("out0", 0).unwrap());
     output.capture();
     let filter = Filter {
@@ -328,10 +328,20 @@ fn a_capture_sees_frames_as_received_and_as_sent_and_never_holds_them_up() {
         want_out.push(relayed(&f, 11, "239.9.9.9", 6000, 7));
         input.send(build_udp_frame(&f));
         // Another rule's frames are not taken.
-        input.send(build_udp_frame(&sent("ff18::1", "2001:2:0:10::2", 5000, 9, n)));
+        input.send(build_udp_frame(&sent(
+            "ff18::1",
+            "2001:2:0:10::2",
+            5000,
+            9,
+            n,
+        )));
     }
     run_dry(&mut lb, &input);
-    assert_eq!(output.take_captured().len(), 40, "every frame was forwarded");
+    assert_eq!(
+        output.take_captured().len(),
+        40,
+        "every frame was forwarded"
+    );
     let mut got = Vec::new();
     while let Some(c) = capture.session.pop() {
         got.push((c.direction, c.ifindex, c.data));
@@ -348,7 +358,13 @@ fn a_capture_sees_frames_as_received_and_as_sent_and_never_holds_them_up() {
     assert_eq!(lb.stats().capture_dropped, 30, "15 datagrams in and out");
 
     drop(capture);
-    input.send(build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, 99)));
+    input.send(build_udp_frame(&sent(
+        "239.1.1.1",
+        "198.18.10.2",
+        5000,
+        16,
+        99,
+    )));
     run_dry(&mut lb, &input);
     assert_eq!(output.take_captured().len(), 1);
     assert!(lb.tap().current().is_none());
