@@ -81,6 +81,115 @@ extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 
+/// SIGINT and SIGTERM set [`STOP`] instead of ending the process. Without SA_RESTART, so a
+/// blocking read returns (EINTR) and the loop around it sees the flag.
+fn stop_on_signals() -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and the
+        // sigaction struct is fully initialised (zeroed, then the handler set).
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_stop as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("installing signal handlers");
+        }
+    }
+    Ok(())
+}
+
+/// `relay capture`: asks the relay to capture what `filter` names (`count` frames at most),
+/// and writes the pcapng stream it sends to `output` (`-`: standard output) as it comes.
+/// Ctrl-C shuts the request's side of the connection down; the relay then ends the stream
+/// after a whole block, and the file is read to its end, so it is never cut mid-frame.
+pub fn capture(
+    path: &Path,
+    filter: crate::capture::Filter,
+    count: Option<u64>,
+    output: &Path,
+) -> Result<ExitCode> {
+    let to_stdout = output.as_os_str() == "-";
+    if to_stdout && std::io::stdout().is_terminal() {
+        bail!(
+            "-w -: standard output is a terminal; pipe it (`relay capture -w - | tcpdump -r -`) \
+             or give a file"
+        );
+    }
+    if count == Some(0) {
+        bail!("--count 0: give at least 1 frame");
+    }
+    let stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
+        format!(
+            "connecting to {} (is the relay running, and are you root?)",
+            path.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(&Request::Capture { filter, count })?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes())?;
+    // The reply line, read a byte at a time so nothing of the stream after it is consumed.
+    let mut reply = Vec::new();
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        match std::io::Read::read(&mut &stream, &mut byte)? {
+            0 => bail!("the relay closed the connection without answering"),
+            _ => reply.push(byte[0]),
+        }
+    }
+    let what = match serde_json::from_slice(&reply)
+        .with_context(|| format!("reply: {}", String::from_utf8_lossy(&reply)))?
+    {
+        Reply::Capturing(what) => what,
+        Reply::Error(e) => bail!("the relay refused the capture: {e}"),
+        other => bail!("the relay answered {other:?} to a capture"),
+    };
+    let mut out: Box<dyn Write> = if to_stdout {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(
+            std::fs::File::create(output)
+                .with_context(|| format!("creating {}", output.display()))?,
+        )
+    };
+    stop_on_signals()?;
+    eprintln!("capturing {what}; Ctrl-C stops");
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut stopping = false;
+    let mut bytes = 0u64;
+    loop {
+        if !stopping && STOP.load(Ordering::Relaxed) {
+            stopping = true;
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        }
+        match std::io::Read::read(&mut &stream, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                out.write_all(&buf[..n])
+                    .with_context(|| format!("writing {}", output.display()))?;
+                out.flush()?;
+                bytes += n as u64;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e).context("reading the capture"),
+        }
+    }
+    eprintln!(
+        "capture ended: {bytes} bytes of pcapng written to {}",
+        output.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn counters(path: &Path) -> Result<StatsView> {
     match control::request(path, &Request::Stats)? {
         Reply::Stats(v) => Ok(*v),
@@ -98,19 +207,7 @@ pub fn show(path: &Path, view: View, watch: Option<f64>, count: Option<u64>) -> 
     if !(seconds.is_finite() && seconds >= 0.1) {
         bail!("--watch {seconds}: give an interval of at least 0.1 seconds");
     }
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and the
-        // sigaction struct is fully initialised (zeroed, then the handler set).
-        let rc = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_stop as *const () as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("installing signal handlers");
-        }
-    }
+    stop_on_signals()?;
     let redraw = std::io::stdout().is_terminal();
     let interval = Duration::from_secs_f64(seconds);
     let mut before = (Instant::now(), counters(path)?);

@@ -4,7 +4,9 @@
 //! The control socket is a Unix stream socket, root-only (0600, in a 0700 directory). A client
 //! writes one JSON request on one line and reads one JSON reply on one line. A request that is
 //! not JSON, is too long, or names no known command gets an error reply; nothing a client sends
-//! can stop the daemon.
+//! can stop the daemon. `capture` is the one request whose connection stays open: after its
+//! reply line the daemon streams the captured frames as pcapng until the count is reached or
+//! the client goes away (see [`crate::capture`]).
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -22,7 +24,10 @@ use anyhow::{Context, Result, bail};
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
-use crate::stats::StatsView;
+use crate::{
+    capture::{self, Capture, Filter},
+    stats::StatsView,
+};
 
 /// Where the control socket lives unless the config says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/relay/relay.sock";
@@ -46,6 +51,14 @@ pub enum Request {
     RemoveRule {
         name: String,
     },
+    /// Streams copies of the frames the data path receives and sends (`relay capture`).
+    Capture {
+        #[serde(flatten)]
+        filter: Filter,
+        /// Stop after this many frames; until the client goes away when absent.
+        #[serde(default)]
+        count: Option<u64>,
+    },
 }
 
 /// A change to the running rules, carried out by the thread that owns them.
@@ -64,9 +77,13 @@ pub enum Change {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Reply {
-    Pong { version: String },
+    Pong {
+        version: String,
+    },
     Stats(Box<StatsView>),
     Reloaded(String),
+    /// A capture started (what it takes); the pcapng stream follows the reply line.
+    Capturing(String),
     Error(String),
 }
 
@@ -74,6 +91,8 @@ pub enum Reply {
 pub type Snapshot = Arc<dyn Fn() -> StatsView + Send + Sync>;
 /// Carries out a change and says how it went.
 pub type Reloader = Arc<dyn Fn(Change) -> Result<String, String> + Send + Sync>;
+/// Starts a capture against the running rules, or says why not.
+pub type Capturer = Arc<dyn Fn(Filter) -> Result<Capture, String> + Send + Sync>;
 
 /// Answers one request.
 pub fn answer(line: &str, snapshot: &Snapshot, reloader: &Reloader) -> Reply {
@@ -88,6 +107,8 @@ pub fn answer(line: &str, snapshot: &Snapshot, reloader: &Reloader) -> Reply {
             source: source.unwrap_or_else(|| "the added rule".to_owned()),
         })),
         Ok(Request::RemoveRule { name }) => changed(reloader(Change::RemoveRule(name))),
+        // Served by `handle`, which keeps the connection for the stream.
+        Ok(Request::Capture { .. }) => Reply::Error("this relay does not capture".to_owned()),
         Err(e) => Reply::Error(format!("bad request: {e}")),
     }
 }
@@ -96,6 +117,7 @@ pub fn answer(line: &str, snapshot: &Snapshot, reloader: &Reloader) -> Reply {
 pub struct ControlSocket {
     listener: UnixListener,
     file: SocketFile,
+    capturer: Option<Capturer>,
 }
 
 /// The control socket file this relay created: removed when this is dropped, on every path
@@ -181,15 +203,29 @@ pub fn bind(path: &Path) -> Result<ControlSocket> {
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("making {} root-only", path.display()))?;
-    Ok(ControlSocket { listener, file })
+    Ok(ControlSocket {
+        listener,
+        file,
+        capturer: None,
+    })
 }
 
 impl ControlSocket {
+    /// Serves `capture` requests with `capturer`.
+    pub fn with_capture(mut self, capturer: Capturer) -> Self {
+        self.capturer = Some(capturer);
+        self
+    }
+
     /// Answers requests on a thread of its own. The socket file stays until the returned
     /// guard is dropped.
     pub fn serve(self, snapshot: Snapshot, reloader: Reloader) -> Result<SocketFile> {
         info!("control socket at {}", self.file.path.display());
-        let ControlSocket { listener, file } = self;
+        let ControlSocket {
+            listener,
+            file,
+            capturer,
+        } = self;
         let path = file.path.clone();
         std::thread::Builder::new()
             .name("relay-control".into())
@@ -197,7 +233,7 @@ impl ControlSocket {
                 for conn in listener.incoming() {
                     match conn {
                         Ok(stream) => {
-                            if let Err(e) = handle(stream, &snapshot, &reloader) {
+                            if let Err(e) = handle(stream, &snapshot, &reloader, &capturer) {
                                 warn!("control client: {e:#}");
                             }
                         }
@@ -214,7 +250,12 @@ pub fn serve(path: &Path, snapshot: Snapshot, reloader: Reloader) -> Result<Sock
     bind(path)?.serve(snapshot, reloader)
 }
 
-fn handle(stream: UnixStream, snapshot: &Snapshot, reloader: &Reloader) -> Result<()> {
+fn handle(
+    stream: UnixStream,
+    snapshot: &Snapshot,
+    reloader: &Reloader,
+    capturer: &Option<Capturer>,
+) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut line = String::new();
@@ -222,12 +263,43 @@ fn handle(stream: UnixStream, snapshot: &Snapshot, reloader: &Reloader) -> Resul
     reader.read_line(&mut line)?;
     let reply = if line.len() > MAX_REQUEST {
         Reply::Error(format!("request longer than {MAX_REQUEST} bytes"))
+    } else if let (Ok(Request::Capture { filter, count }), Some(capturer)) =
+        (serde_json::from_str(line.trim()), capturer)
+    {
+        match capturer(filter) {
+            Ok(capture) => return start_stream(stream, capture, count),
+            Err(e) => Reply::Error(e),
+        }
     } else {
         answer(&line, snapshot, reloader)
     };
-    let mut out = serde_json::to_string(&reply)?;
+    write_reply(&stream, &reply)
+}
+
+fn write_reply(stream: &UnixStream, reply: &Reply) -> Result<()> {
+    let mut out = serde_json::to_string(reply)?;
     out.push('\n');
-    (&stream).write_all(out.as_bytes())?;
+    (&*stream).write_all(out.as_bytes())?;
+    Ok(())
+}
+
+/// Says the capture started, then streams it on a thread of its own, so the control socket
+/// goes on answering (and a client that reads slowly holds up nobody but itself).
+fn start_stream(stream: UnixStream, capture: Capture, count: Option<u64>) -> Result<()> {
+    let what = capture.session.filter.describe();
+    write_reply(&stream, &Reply::Capturing(what.clone()))?;
+    // The stream goes at the client's pace: a write waits as long as the client does not
+    // read, while the capture's queue fills and the workers count what it cannot take.
+    stream.set_write_timeout(None)?;
+    std::thread::Builder::new()
+        .name("relay-capture".into())
+        .spawn(move || {
+            info!("capture of {what} started");
+            match capture::stream(capture, &stream, count) {
+                Ok(n) => info!("capture of {what} ended: {n} frames written"),
+                Err(e) => info!("capture of {what} ended: the client went away ({e})"),
+            }
+        })?;
     Ok(())
 }
 
@@ -284,6 +356,7 @@ mod tests {
             queriers: Vec::new(),
             copies: 0,
             cross_umem: 0,
+            capture_dropped: 0,
             sockets: Vec::new(),
         })
     }

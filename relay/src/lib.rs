@@ -7,6 +7,7 @@
 //! binary is its command line.
 
 pub mod allmulti;
+pub mod capture;
 pub mod checksum;
 pub mod client;
 pub mod config;

@@ -139,6 +139,27 @@ enum ClientCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Copies of the frames the relay receives and sends, as pcapng (tcpdump on the relay
+    /// host sees none of them: XDP takes them first). Taken off the data path through a
+    /// bounded queue: a capture never slows forwarding; what it could not take is counted
+    /// as capture_dropped in `relay stats`. Ctrl-C stops.
+    Capture {
+        /// Frames of this rule only.
+        #[arg(long, value_name = "NAME")]
+        rule: Option<String>,
+        /// Frames sent on this interface only, and the received frames of rules that send
+        /// there.
+        #[arg(long, value_name = "IFACE")]
+        output: Option<String>,
+        /// Stop after N frames (received and sent together) [default: until Ctrl-C].
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// The pcapng file to write; `-` writes to standard output (`-w - | tcpdump -r -`).
+        #[arg(short = 'w', value_name = "FILE")]
+        write: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Checks that the relay answers.
     Ping {
         #[command(flatten)]
@@ -170,7 +191,7 @@ querier {query_interval, query_response_interval, last_member_query_interval, ro
 one family per rule. Unknown keys are errors. An interface that does not exist yet is a
 warning: its rules start idle and come alive when it appears.
 
-Client commands (stats, rules, members, reload, add-rule, remove-rule, ping) find the control
+Client commands (stats, rules, members, reload, add-rule, remove-rule, capture, ping) find the control
 socket through --config FILE (default /etc/relay/rules.yaml) and its `control:`; --control PATH
 names it directly. `relay stats --watch` shows rates, redrawn every second.
 
@@ -244,6 +265,19 @@ fn client(cmd: ClientCmd, config: Option<&PathBuf>) -> Result<ExitCode> {
             let show = client::View::Rules { json: *json };
             return client::show(&target.socket(config)?, show, None, None);
         }
+        ClientCmd::Capture {
+            rule,
+            output,
+            count,
+            write,
+            target,
+        } => {
+            let filter = relay::capture::Filter {
+                rule: rule.clone(),
+                output: output.clone(),
+            };
+            return client::capture(&target.socket(config)?, filter, *count, write);
+        }
         ClientCmd::Ping { target } => (Request::Ping, target.socket(config)?),
         ClientCmd::Reload { target } => (Request::Reload, target.socket(config)?),
         ClientCmd::AddRule { file, target } => {
@@ -278,6 +312,7 @@ fn client(cmd: ClientCmd, config: Option<&PathBuf>) -> Result<ExitCode> {
         Reply::Pong { version } => println!("relay {version} is running"),
         Reply::Reloaded(summary) => println!("done: {summary}"),
         Reply::Stats(_) => anyhow::bail!("the relay answered with counters to {req:?}"),
+        Reply::Capturing(_) => anyhow::bail!("the relay started a capture in answer to {req:?}"),
         Reply::Error(e) => anyhow::bail!("the relay refused the request: {e}"),
     }
     Ok(ExitCode::SUCCESS)

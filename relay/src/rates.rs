@@ -32,7 +32,7 @@ pub struct Rates {
     pub seconds: f64,
     pub rules: Vec<RuleRates>,
     pub xdp: Vec<(String, Rate)>,
-    /// The data path's own: unmatched, malformed, copies, cross_umem.
+    /// The data path's own: unmatched, malformed, copies, cross_umem, capture_dropped.
     pub datapath: Vec<(String, Rate)>,
     pub sockets: Vec<SocketRates>,
     /// The pool as it is now (a gauge, not a rate).
@@ -124,6 +124,11 @@ pub fn rates(before: &StatsView, now: &StatsView, seconds: f64) -> Rates {
         ("malformed", before.malformed, now.malformed),
         ("copies", before.copies, now.copies),
         ("cross_umem", before.cross_umem, now.cross_umem),
+        (
+            "capture_dropped",
+            before.capture_dropped,
+            now.capture_dropped,
+        ),
     ]
     .into_iter()
     .map(|(k, b, n)| (k.to_owned(), rate(Some(b), n, seconds)))

@@ -273,8 +273,8 @@ impl StatsView {
         let _ = writeln!(s, "xdp: {}", xdp.join(" "));
         let _ = writeln!(
             s,
-            "datapath: unmatched={} malformed={} copies={} cross_umem={}",
-            self.unmatched, self.malformed, self.copies, self.cross_umem
+            "datapath: unmatched={} malformed={} copies={} cross_umem={} capture_dropped={}",
+            self.unmatched, self.malformed, self.copies, self.cross_umem, self.capture_dropped
         );
         let mut k = Columns::new(&[]);
         for sock in &self.sockets {

@@ -31,6 +31,10 @@ pub struct StatsView {
     /// Of those, copies from one UMEM into another.
     #[serde(default)]
     pub cross_umem: u64,
+    /// Frames `relay capture` wanted and could not queue (the client fell behind); the
+    /// frames themselves were forwarded.
+    #[serde(default)]
+    pub capture_dropped: u64,
     /// The IGMP/MLD querier on each interface with an on-demand output, with its members
     /// (`relay members`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -383,6 +387,7 @@ impl StatsView {
             malformed: stats.malformed,
             copies: stats.copies,
             cross_umem: stats.cross_umem,
+            capture_dropped: stats.capture_dropped,
             queriers: Vec::new(),
             sockets: Vec::new(),
         }
@@ -568,12 +573,13 @@ impl StatsView {
         family(
             "relay_datapath_packets_total",
             "counter",
-            "Frames the data path received and could not use (unmatched: no rule in userspace; malformed: not multicast UDP after all), and the fan-out copies it made (copies, of them cross_umem).",
+            "Frames the data path received and could not use (unmatched: no rule in userspace; malformed: not multicast UDP after all), and the fan-out copies it made (copies, of them cross_umem), and the frames relay capture could not queue (capture_dropped; they were forwarded).",
             [
                 ("unmatched", self.unmatched),
                 ("malformed", self.malformed),
                 ("copies", self.copies),
                 ("cross_umem", self.cross_umem),
+                ("capture_dropped", self.capture_dropped),
             ]
             .into_iter()
             .map(|(k, v)| (format!("{{counter=\"{k}\"}}"), v))
@@ -919,7 +925,9 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("datapath: unmatched=3 malformed=2 copies=0 cross_umem=0\n"),
+            t.contains(
+                "datapath: unmatched=3 malformed=2 copies=0 cross_umem=0 capture_dropped=0\n"
+            ),
             "{t}"
         );
         assert!(

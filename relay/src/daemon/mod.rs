@@ -168,6 +168,12 @@ pub fn run(options: Options) -> Result<ExitCode> {
         info!("{iface}: XDP program attached in {} mode", mode.describe());
     }
     let monitor = datapath.monitor();
+    // `relay capture`: checked against the rules running when it starts.
+    let capturing = monitor.clone();
+    let capturer: control::Capturer = Arc::new(move |filter: crate::capture::Filter| {
+        filter.check(&capturing.table())?;
+        capturing.tap().start(filter, crate::capture::QUEUE_FRAMES)
+    });
     let counters = steering.counters();
     let listening = querier.clone();
     let snapshot: control::Snapshot = Arc::new(move || {
@@ -199,7 +205,9 @@ pub fn run(options: Options) -> Result<ExitCode> {
         rx.recv_timeout(Duration::from_secs(30))
             .map_err(|_| "the reload did not finish within 30 s".to_owned())?
     });
-    let control_file = control_socket.serve(snapshot.clone(), reloader)?;
+    let control_file = control_socket
+        .with_capture(capturer)
+        .serve(snapshot.clone(), reloader)?;
     if let Some(listener) = metrics {
         control::serve_metrics(listener, snapshot)?;
     }

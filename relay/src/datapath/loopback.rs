@@ -103,6 +103,7 @@ impl Loopback {
                 options.allocator,
                 budget.cache,
                 true,
+                Arc::default(),
             )
             .context("setting up the data path")?,
         );
@@ -234,6 +235,11 @@ impl Loopback {
                 in_tx: p.in_tx,
                 waiting: p.waiting,
             })
+    }
+
+    /// What captures start on (`relay capture`).
+    pub fn tap(&self) -> Arc<crate::capture::Tap> {
+        self.shared.tap.clone()
     }
 
     /// Frames free in the pool now.

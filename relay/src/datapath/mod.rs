@@ -189,6 +189,16 @@ impl Monitor {
         (plan.table.clone(), sum)
     }
 
+    /// The rules in force.
+    pub fn table(&self) -> RuleTable {
+        self.shared().current_plan().table.clone()
+    }
+
+    /// What `relay capture` starts captures on.
+    pub fn tap(&self) -> Arc<crate::capture::Tap> {
+        self.shared().tap.clone()
+    }
+
     /// The pools of every UMEM, added up.
     pub fn pool(&self) -> PoolStats {
         self.shared().pool_stats()
@@ -263,6 +273,34 @@ impl Datapath {
         cpus: Option<Vec<usize>>,
         poll: crate::config::PollMode,
     ) -> Result<(Self, Vec<XskBinding>)> {
+        Self::with_tap(
+            table,
+            frames,
+            frame_size,
+            bind,
+            allocator,
+            separate,
+            workers,
+            cpus,
+            poll,
+            Arc::default(),
+        )
+    }
+
+    /// As [`Datapath::new`], with the capture tap of the data path this one replaces.
+    #[allow(clippy::too_many_arguments)]
+    fn with_tap(
+        table: RuleTable,
+        frames: u32,
+        frame_size: u32,
+        bind: BindMode,
+        allocator: AllocatorKind,
+        separate: Vec<String>,
+        workers: usize,
+        cpus: Option<Vec<usize>>,
+        poll: crate::config::PollMode,
+        tap: Arc<crate::capture::Tap>,
+    ) -> Result<(Self, Vec<XskBinding>)> {
         let workers = workers.max(1);
         FrameSize::new(frame_size).map_err(|e| anyhow!("frame size: {e}"))?;
         NonZeroU32::new(frames).ok_or_else(|| anyhow!("zero frames"))?;
@@ -276,6 +314,7 @@ impl Datapath {
                 allocator,
                 budget.cache,
                 poll == crate::config::PollMode::Busy,
+                tap,
             )
             .context("setting up the data path")?,
         );
@@ -690,7 +729,7 @@ impl Datapath {
     /// the caller applies them again, which opens sockets on the new UMEM.
     pub fn rebuild(&mut self) -> Result<FrameAccount> {
         let table = self.table();
-        let (mut next, _) = Datapath::new(
+        let (mut next, _) = Datapath::with_tap(
             RuleTable::default(),
             self.frames as u32,
             self.shared.frame_size as u32,
@@ -704,6 +743,7 @@ impl Datapath {
             } else {
                 crate::config::PollMode::Sleep
             },
+            self.shared.tap.clone(),
         )?;
         next.current = self.current.clone();
         let old = std::mem::replace(self, next);

@@ -219,6 +219,9 @@ pub struct DatapathStats {
     /// Of those, copies into another UMEM: the output's socket is on a UMEM of its own
     /// (`umem.separate`) or of another mode (zero-copy beside copy).
     pub cross_umem: u64,
+    /// Frames `relay capture` wanted and did not get: its queue was full (the client reads
+    /// slower than the relay forwards). Forwarding never waits for a capture.
+    pub capture_dropped: u64,
     /// TX kicks (sendto on an AF_XDP socket): what the data path pays in syscalls to
     /// transmit, for the syscall table in docs/PERFORMANCE.md.
     pub kicks: u64,
@@ -256,6 +259,7 @@ impl DatapathStats {
         self.malformed += other.malformed;
         self.copies += other.copies;
         self.cross_umem += other.cross_umem;
+        self.capture_dropped += other.capture_dropped;
         self.kicks += other.kicks;
     }
 }

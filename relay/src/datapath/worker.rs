@@ -23,6 +23,7 @@ use super::{
     stats::{DatapathStats, OutputCounters, SocketCounters},
 };
 use crate::{
+    capture::{Direction, Session, Tap},
     frag::{FragTable, rewrite_packet},
     pool::{FrameCache, FramePool},
     rewrite::{OutputAction, RewriteError, complete_partial_udp_checksum},
@@ -136,6 +137,9 @@ pub(super) struct Shared<B: Backend> {
     pub snapshots: Vec<Mutex<(Arc<Plan>, DatapathStats)>>,
     /// Each worker's sockets' kernel counters as of its last publication.
     pub sockets: Vec<Mutex<Vec<SocketCounters>>>,
+    /// `relay capture`: looked at once per received batch. Kept across a rebuild, so a
+    /// capture follows the data path to its new UMEM.
+    pub tap: Arc<Tap>,
 }
 
 impl<B: Backend> Shared<B> {
@@ -146,6 +150,7 @@ impl<B: Backend> Shared<B> {
         allocator: crate::pool::AllocatorKind,
         cache_frames: usize,
         busy_poll: bool,
+        tap: Arc<Tap>,
     ) -> std::io::Result<Self> {
         if !frame_size.is_power_of_two() {
             return Err(std::io::Error::new(
@@ -188,6 +193,7 @@ impl<B: Backend> Shared<B> {
                 .map(|_| Mutex::new((empty.clone(), DatapathStats::default())))
                 .collect(),
             sockets: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+            tap,
         })
     }
 
@@ -362,6 +368,8 @@ pub(super) struct Worker<B: Backend> {
     frags: FragTable,
     /// The last unfragmented frame's lookup and the rule it found, if any.
     last_lookup: Option<(LookupKey, Option<u32>)>,
+    /// The capture running during the current received batch, if any (`relay capture`).
+    capture: Option<Arc<Session>>,
 }
 
 /// What a rule lookup depends on: the frame's ingress, group, source, port and VLAN, and the
@@ -416,6 +424,7 @@ impl<B: Backend> Worker<B> {
             verdicts: Vec::new(),
             frags: FragTable::new(FRAG_SLOTS),
             last_lookup: None,
+            capture: None,
         };
         w.local_egress = w.map_egress();
         w.poll_fds = w.poll_set();
@@ -861,10 +870,14 @@ impl<B: Backend> Worker<B> {
         let shared = Arc::clone(&self.shared);
         // Read once per batch, and only if a merged rule asks for it.
         self.batch_ms = None;
+        // One relaxed load per batch while no capture runs; its frames are copied only while
+        // one does.
+        self.capture = shared.tap.current();
         for k in 0..n {
             let desc = self.rx_buf[k];
             self.forward(&shared, &plan, ifindex, dom, desc);
         }
+        self.capture = None;
         n
     }
 
@@ -938,6 +951,17 @@ impl<B: Backend> Worker<B> {
                 )
             };
         let rule = &plan.table.rules[rule_id as usize];
+        if let Some(session) = &self.capture
+            && session.filter.wants_received(rule, &plan.table)
+        {
+            // As received, before the merge or any rewrite (a checksum left for offload is
+            // completed, as the wire would have carried it).
+            // SAFETY: the frame is ours (off the RX ring) and nothing writes it here.
+            let frame = unsafe { B::data(&home.umem, &desc) };
+            if !session.offer(Direction::Inbound, ifindex, frame) {
+                self.stats.capture_dropped += 1;
+            }
+        }
         let rc = &mut self.stats.rules[rule_id as usize];
         rc.packets += 1;
         rc.bytes += len as u64;
@@ -1107,6 +1131,9 @@ impl<B: Backend> Worker<B> {
     /// Stages a frame (in UMEM `dom`, the egress socket's) on this worker's socket for
     /// `egress`, or hands it to the owner's lane.
     fn dispatch(&mut self, egress: usize, dom: usize, desc: B::Desc, tag: Tag) {
+        if self.capture.is_some() {
+            self.capture_sent(egress, dom, &desc, tag);
+        }
         if let Some(pi) = self.local_egress[egress] {
             self.staged[pi].push(desc);
             self.staged_tags[pi].push(tag);
@@ -1133,6 +1160,27 @@ impl<B: Backend> Worker<B> {
                 let f = self.frame_index(&desc);
                 self.cache(dom).give(f);
             }
+        }
+    }
+
+    /// Offers a rewritten frame, as it is handed to its egress, to the running capture.
+    fn capture_sent(&mut self, egress: usize, dom: usize, desc: &B::Desc, tag: Tag) {
+        let Some(session) = &self.capture else {
+            return;
+        };
+        let table = &self.plan.table;
+        let (Some(rule), Some(eg)) = (table.rules.get(tag.rule as usize), table.egress.get(egress))
+        else {
+            return;
+        };
+        if !session.filter.wants_sent(rule, &eg.name) {
+            return;
+        }
+        // SAFETY: the frame is ours (rewritten, not yet staged or handed over) and nothing
+        // writes it here.
+        let frame = unsafe { B::data(&self.shared.domain(dom).umem, desc) };
+        if !session.offer(Direction::Outbound, eg.info.ifindex, frame) {
+            self.stats.capture_dropped += 1;
         }
     }
 
@@ -1488,6 +1536,7 @@ pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathSt
     out.malformed = stats.malformed;
     out.copies = stats.copies;
     out.cross_umem = stats.cross_umem;
+    out.capture_dropped = stats.capture_dropped;
     let by_name: rustc_hash::FxHashMap<&str, usize> = old
         .table
         .rules

@@ -302,3 +302,73 @@ fn frames_no_rule_matches_are_counted_and_returned() {
         assert_books(&lb.stop(), 4096);
     }
 }
+
+/// `relay capture`'s tap: while a capture runs, each frame of its rule is queued as it came
+/// in (inbound, the ingress) and as it went out (rewritten, outbound, the egress); frames
+/// of other rules are not; a full queue drops captures, never forwarded frames; with the
+/// capture stopped nothing more is taken.
+#[test]
+fn a_capture_sees_frames_as_received_and_as_sent_and_never_holds_them_up() {
+    use crate::capture::{Direction, Filter};
+    let mut lb =
+        Loopback::new(table(ONE_TO_ONE), options(AllocatorKind::Lockfree, 1, 4096)).unwrap();
+    let (input, output) = (lb.wire("in0", 0).unwrap(), lb.wire("out0", 0).unwrap());
+    output.capture();
+    let filter = Filter {
+        rule: Some("v4".into()),
+        output: None,
+    };
+    // Room for 10 frames: 5 datagrams in and out, then the queue is full.
+    let capture = lb.tap().start(filter, 10).unwrap();
+    let mut want_in = Vec::new();
+    let mut want_out = Vec::new();
+    for n in 0..20 {
+        let f = sent("239.1.1.1", "198.18.10.2", 5000, 16, n);
+        want_in.push(build_udp_frame(&f));
+        want_out.push(relayed(&f, 11, "239.9.9.9", 6000, 7));
+        input.send(build_udp_frame(&f));
+        // Another rule's frames are not taken.
+        input.send(build_udp_frame(&sent(
+            "ff18::1",
+            "2001:2:0:10::2",
+            5000,
+            9,
+            n,
+        )));
+    }
+    run_dry(&mut lb, &input);
+    assert_eq!(
+        output.take_captured().len(),
+        40,
+        "every frame was forwarded"
+    );
+    let mut got = Vec::new();
+    while let Some(c) = capture.session.pop() {
+        got.push((c.direction, c.ifindex, c.data));
+    }
+    let expected: Vec<_> = (0..5)
+        .flat_map(|n| {
+            [
+                (Direction::Inbound, 10, want_in[n].clone()),
+                (Direction::Outbound, 11, want_out[n].clone()),
+            ]
+        })
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(lb.stats().capture_dropped, 30, "15 datagrams in and out");
+
+    drop(capture);
+    input.send(build_udp_frame(&sent(
+        "239.1.1.1",
+        "198.18.10.2",
+        5000,
+        16,
+        99,
+    )));
+    run_dry(&mut lb, &input);
+    assert_eq!(output.take_captured().len(), 1);
+    assert!(lb.tap().current().is_none());
+    let out = lb.stop();
+    assert_eq!(out.stats.capture_dropped, 30);
+    assert_books(&out, 4096);
+}
