@@ -176,6 +176,21 @@ fn a_capture_holds_each_frame_as_received_and_as_sent() {
         );
         assert_eq!(sent_payload, payload);
     }
+    // The tool operators reach for reads it too, with the groups, ports and TTLs as above.
+    let dump = Command::new("tcpdump")
+        .args(["-nn", "-v", "-r"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let lines = |what: &str| text.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(lines("> 239.1.1.1.5000: UDP"), 10, "{text}");
+    assert_eq!(lines("> 239.2.2.2.6000: UDP"), 10, "{text}");
 
     // Without --count it runs until Ctrl-C, and the file still ends with a whole frame.
     let file = dir.join("all.pcapng");
