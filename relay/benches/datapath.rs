@@ -5,9 +5,9 @@
 //!
 //! Each iteration is one frame received (a 64-byte UDP payload, 106 bytes on the wire): its
 //! time is from the frames arriving to the last output's completion. Rows:
-//! - `datapath_kernel/bounce`: the simulated kernel alone (frames written into fill ring
-//!   frames, RX and TX descriptors bounced, completions back on the fill ring), which every
-//!   other row includes;
+//! - `datapath_kernel/bounce`, `bounce8`: the simulated kernel alone (frames written into
+//!   fill ring frames, RX descriptors bounced to the TX ring once or eight times, completions
+//!   back on the fill ring), which the 1->1 and 1->8 rows include;
 //! - `datapath_w1/<allocator>/<1to1|1to8>`: one worker, stepped in the bench's thread;
 //! - `datapath_w2/<allocator>/<1to1|1to8>`: two worker threads as the relay deals sockets:
 //!   the ingress on worker 0, out0 on worker 1 (so 1->1 goes through the lane), and at 1->8
@@ -97,13 +97,15 @@ fn kernel(c: &mut Criterion) {
     let mut g = c.benchmark_group("datapath_kernel");
     g.throughput(Throughput::Elements(1));
     g.measurement_time(Duration::from_secs(3));
-    g.bench_function("bounce", |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            bounce(black_box(&f), iters, 64);
-            start.elapsed()
-        })
-    });
+    for (outputs, name) in [(1, "bounce"), (8, "bounce8")] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                bounce(black_box(&f), iters, 64, outputs);
+                start.elapsed()
+            })
+        });
+    }
     g.finish();
 }
 
