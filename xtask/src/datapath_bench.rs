@@ -76,7 +76,8 @@ fn render(s: &Samples) -> String {
     let kernel_extra = (kernel[1] - kernel[0]) / 7.0;
     let _ = writeln!(
         out,
-        "ns per frame received (64-byte payload), median of the runs (range); \"per extra \
+        "ns per frame (64-byte payload; with one worker none is dropped, with two the time is \
+         per frame delivered to every output), median of the runs (range); \"per extra \
          output\" is (1→8 − 1→1) / 7 of the medians:\n\n\
          | ns per frame | lock-free | mutex |\n|---|---|---|"
     );
