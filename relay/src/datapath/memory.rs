@@ -440,10 +440,16 @@ impl Rings<MemDesc> for MemRings {
 
 /// The simulated kernel alone, for the benchmark's baseline: `frames` copies of `frame`
 /// arrive on one in-memory socket and are bounced straight back out, each RX descriptor put
-/// on the TX ring as it is and each completion back on the fill ring, in batches of
-/// `batch`; no worker, no pool. What is left of a data path measurement after this is the
+/// on the TX ring `outputs` times as it is (the kernel's share of a fan-out: a TX entry, a
+/// completion each) and one completion of each back on the fill ring, `batch` frames at a
+/// time; no worker, no pool. What is left of a data path measurement after this is the
 /// worker's own work.
-pub fn bounce(frame: &[u8], frames: u64, batch: usize) {
+pub fn bounce(frame: &[u8], frames: u64, batch: usize, outputs: usize) {
+    let outputs = outputs.max(1);
+    assert!(
+        batch * outputs <= RING_SIZE as usize,
+        "a batch's fan-out fits the TX ring"
+    );
     let arena = Arc::new(Arena::new(RING_SIZE as usize, 2048));
     let wire = Arc::new(Wire::default());
     let mut rings = MemRings::new(arena.clone(), wire.clone());
@@ -451,15 +457,26 @@ pub fn bounce(frame: &[u8], frames: u64, batch: usize) {
     // SAFETY: every frame of the arena starts on the fill ring, which owns it then.
     unsafe { rings.fill_produce(&descs) };
     wire.stream(frame, frames);
-    let mut buf = vec![MemDesc::default(); batch];
-    while wire.sent() < frames {
-        // SAFETY: frames come off the RX ring and go straight to the TX ring, and from the
-        // completion ring straight back to the fill ring: each has one owner at a time.
+    let mut rx = vec![MemDesc::default(); batch];
+    let mut tx = Vec::with_capacity(batch * outputs);
+    let mut comp = vec![MemDesc::default(); RING_SIZE as usize];
+    let mut back = Vec::with_capacity(RING_SIZE as usize);
+    while wire.sent() < frames * outputs as u64 {
+        // SAFETY: frames come off the RX ring and go straight to the TX ring (a frame listed
+        // `outputs` times, which the simulated kernel only counts), and from the completion
+        // ring straight back to the fill ring, once each: each has one owner at a time.
         unsafe {
-            let n = rings.rx_consume(&mut buf);
-            rings.tx_produce(&buf[..n]);
-            let n = rings.comp_consume(&mut buf);
-            rings.fill_produce(&buf[..n]);
+            let n = rings.rx_consume(&mut rx);
+            tx.clear();
+            for d in &rx[..n] {
+                tx.extend(std::iter::repeat_n(*d, outputs));
+            }
+            rings.tx_produce(&tx);
+            // The TX ring is emptied whole, so completions come in whole groups.
+            let n = rings.comp_consume(&mut comp);
+            back.clear();
+            back.extend(comp[..n].iter().step_by(outputs));
+            rings.fill_produce(&back);
         }
     }
 }

@@ -373,15 +373,46 @@ pub(super) struct Worker<B: Backend> {
 }
 
 /// What a rule lookup depends on: the frame's ingress, group, source, port and VLAN, and the
-/// plan whose table it was looked up in.
+/// plan whose table it was looked up in. The addresses are taken as the frame holds them (the
+/// bytes `classify_udp` made the flow's from), which compare as two words, where the flow's
+/// `IpAddr`s, written a byte at a time, would stall the read on store forwarding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct LookupKey {
     generation: u64,
     ifindex: u32,
-    group: std::net::IpAddr,
-    source: std::net::IpAddr,
-    port: u16,
     tci: Option<u16>,
+    port: u16,
+    v4: bool,
+    /// Source then destination: IPv4's 8 bytes (and zeros), or IPv6's 32.
+    addrs: [u128; 2],
+}
+
+impl LookupKey {
+    /// The key of an unfragmented frame, `None` if the frame is shorter than its flow says
+    /// (which `classify_udp` rules out).
+    #[inline]
+    fn of(generation: u64, ifindex: u32, flow: &crate::wire::Flow, frame: &[u8]) -> Option<Self> {
+        let v4 = flow.group.is_ipv4();
+        let addrs = if v4 {
+            // Source and destination, adjacent in the IPv4 header.
+            let at = flow.l3 + 12;
+            let both: [u8; 8] = frame.get(at..at + 8)?.try_into().ok()?;
+            [u128::from(u64::from_ne_bytes(both)), 0]
+        } else {
+            let at = flow.l3 + 8;
+            let source: [u8; 16] = frame.get(at..at + 16)?.try_into().ok()?;
+            let group: [u8; 16] = frame.get(at + 16..at + 32)?.try_into().ok()?;
+            [u128::from_ne_bytes(source), u128::from_ne_bytes(group)]
+        };
+        Some(LookupKey {
+            generation,
+            ifindex,
+            tci: flow.tci,
+            port: flow.port,
+            v4,
+            addrs,
+        })
+    }
 }
 
 /// Datagrams whose fragments a worker follows at once (see `FragTable`).
@@ -911,7 +942,7 @@ impl<B: Backend> Worker<B> {
             self.cache(dom).give(frame_no);
             return;
         };
-        let Some(rule_id) = self.find_rule(plan, ifindex, &flow) else {
+        let Some(rule_id) = self.find_rule(plan, ifindex, &flow, bytes) else {
             self.stats.unmatched += 1;
             self.cache(dom).give(frame_no);
             return;
@@ -1078,17 +1109,18 @@ impl<B: Backend> Worker<B> {
 
     /// The rule of a frame: by the rule table, as the XDP program found it; for a later
     /// fragment, the rule its datagram's first fragment matched, which is remembered here.
-    fn find_rule(&mut self, plan: &Plan, ifindex: u32, flow: &crate::wire::Flow) -> Option<u32> {
+    fn find_rule(
+        &mut self,
+        plan: &Plan,
+        ifindex: u32,
+        flow: &crate::wire::Flow,
+        frame: &[u8],
+    ) -> Option<u32> {
         let Some(frag) = flow.frag else {
             // A stream's frames come in runs, and a plan's table never changes: the frame
             // before this one may have been looked up already.
-            let key = LookupKey {
-                generation: plan.generation,
-                ifindex,
-                group: flow.group,
-                source: flow.source,
-                port: flow.port,
-                tci: flow.tci,
+            let Some(key) = LookupKey::of(plan.generation, ifindex, flow, frame) else {
+                return plan.table.lookup(ifindex, flow);
             };
             if let Some((last, rule)) = &self.last_lookup
                 && *last == key

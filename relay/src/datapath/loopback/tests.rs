@@ -277,28 +277,54 @@ fn two_worker_threads_deliver_and_drain() {
     }
 }
 
+/// Frames that differ from the one before in one field only (group, port or source), so
+/// the worker's memory of its last lookup must not answer for them.
 #[test]
 fn frames_no_rule_matches_are_counted_and_returned() {
+    let yaml = "rules:
+  - name: any
+    input: { interface: in0, group: 239.1.1.1, port: 5000 }
+    outputs: [ { interface: out0 } ]
+  - name: one-source
+    input: { interface: in0, group: 239.7.7.7, source: 198.18.10.9 }
+    outputs: [ { interface: out0 } ]
+";
     for allocator in ALLOCATORS {
-        let mut lb = Loopback::new(table(ONE_TO_ONE), options(allocator, 1, 4096)).unwrap();
+        let mut lb = Loopback::new(table(yaml), options(allocator, 1, 4096)).unwrap();
         let (input, output) = (lb.wire("in0", 0).unwrap(), lb.wire("out0", 0).unwrap());
-        for n in 0..5000 {
-            // Another group, and the right group on another port.
-            let (group, port) = if n % 2 == 0 {
-                ("239.5.5.5", 5000)
-            } else {
-                ("239.1.1.1", 5001)
-            };
-            input.send(build_udp_frame(&sent(group, "198.18.10.2", port, 16, n)));
+        // (group, source, port, matches which rule)
+        let kinds = [
+            ("239.1.1.1", "198.18.10.2", 5000, Some(0)),
+            ("239.1.1.1", "198.18.10.2", 5001, None),
+            ("239.5.5.5", "198.18.10.2", 5000, None),
+            ("239.7.7.7", "198.18.10.9", 5000, Some(1)),
+            ("239.7.7.7", "198.18.10.2", 5000, None),
+            ("239.7.7.7", "198.18.10.9", 6000, Some(1)),
+        ];
+        let mut want = [0u64; 2];
+        let mut unmatched = 0;
+        for n in 0..6000 {
+            // Runs of one to three frames of a kind.
+            let (group, source, port, rule) = kinds[(n / (1 + n % 3)) % kinds.len()];
+            match rule {
+                Some(r) => want[r] += 1,
+                None => unmatched += 1,
+            }
+            input.send(build_udp_frame(&sent(group, source, port, 16, n)));
         }
         let mut garbage = build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, 0));
         garbage[23] = 6; // TCP
         input.send(garbage);
         run_dry(&mut lb, &input);
         let s = lb.stats();
-        assert_eq!((s.unmatched, s.malformed), (5000, 1), "{allocator:?}");
-        assert_eq!(s.rules[0].packets + s.rules[1].packets, 0);
-        assert_eq!(output.sent(), 0);
+        assert_eq!((s.unmatched, s.malformed), (unmatched, 1), "{allocator:?}");
+        assert_eq!(
+            [s.rules[0].packets, s.rules[1].packets],
+            want,
+            "{allocator:?}"
+        );
+        assert!(want.iter().all(|&w| w > 0) && unmatched > 0);
+        assert_eq!(output.sent(), want[0] + want[1]);
         assert_books(&lb.stop(), 4096);
     }
 }
