@@ -254,14 +254,14 @@ pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String>
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let wanted = scenarios()
         .into_iter()
-        .filter(|sc| opts.only.is_empty() || opts.only.iter().any(|o| sc.name.contains(o.as_str())))
+        .filter(|sc| opts.only.is_empty() || opts.only.iter().any(|o| selects(o, &sc.name)))
         .map(|sc| sc.outputs)
         .max()
         .unwrap_or(1);
     let topo = Topology::new(wanted)?;
     let merges = scenarios().into_iter().any(|sc| {
         sc.addressing == Addressing::Merged
-            && (opts.only.is_empty() || opts.only.iter().any(|o| sc.name.contains(o.as_str())))
+            && (opts.only.is_empty() || opts.only.iter().any(|o| selects(o, &sc.name)))
     });
     if merges {
         topo.add_ingress(MERGE_IN_B, MERGE_SENDER_B, MERGE_SUBNET_B)?;
@@ -280,7 +280,7 @@ pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String>
     let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|");
     let mut medians = Vec::new();
     for sc in scenarios() {
-        if !opts.only.is_empty() && !opts.only.iter().any(|o| sc.name.contains(o.as_str())) {
+        if !opts.only.is_empty() && !opts.only.iter().any(|o| selects(o, &sc.name)) {
             continue;
         }
         for &size in &opts.sizes {
@@ -427,6 +427,15 @@ pub fn loss_free(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<S
 /// A run at `rate` that the sender reached and that lost nothing.
 fn held(s: &Sample, rate: u64) -> bool {
     s.loss_pct == 0.0 && s.offered_pps >= 0.97 * rate as f64
+}
+
+/// Whether `--only` pattern `o` picks the scenario `name`: a substring, or with a leading
+/// `=` the whole name.
+fn selects(o: &str, name: &str) -> bool {
+    match o.strip_prefix('=') {
+        Some(exact) => name == exact,
+        None => name.contains(o),
+    }
 }
 
 /// One row's medians, for the ratios against the floor.

@@ -102,7 +102,7 @@ enum Task {
         /// UDP payload sizes.
         #[arg(long, value_delimiter = ',', default_values_t = [64usize, 1400])]
         sizes: Vec<usize>,
-        /// Only scenarios whose name contains one of these.
+        /// Only scenarios whose name contains one of these (`=NAME`: exactly that name).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Send with the generator's AF_XDP sender instead of sendmmsg.
