@@ -338,9 +338,12 @@ fn build_gen(root: &Path) -> Result<PathBuf> {
         "relay-tests",
         "--bin",
         "relay-gen",
-        // The bench's floor forwarder, found beside the generator.
+        // The bench's floor forwarder, found beside the generator (it needs the relay
+        // library, and so the XDP object, hence a feature).
         "--bin",
         "relay-floor",
+        "--features",
+        "floor",
     ]))?;
     Ok(target_dir(root).join("release/relay-gen"))
 }
