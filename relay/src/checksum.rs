@@ -16,7 +16,7 @@ pub fn sum(initial: u32, data: &[u8]) -> u16 {
     fold(acc)
 }
 
-fn fold(mut acc: u64) -> u16 {
+pub(crate) fn fold(mut acc: u64) -> u16 {
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }
@@ -47,6 +47,34 @@ pub fn update32(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
         u16::from_be_bytes([old[2], old[3]]),
         u16::from_be_bytes([new[2], new[3]]),
     )
+}
+
+/// What a field's change from `old` to `new` adds to a one's-complement sum (RFC 1624 eqn. 3's
+/// `~m + m'`, word by word, unfolded): worked out once, it updates any number of checksums
+/// with [`update_by`]. Equal fields add nothing (not `0xffff`, which is zero too but would
+/// turn a sum of zero into `0xffff`).
+pub fn delta(old: &[u8], new: &[u8]) -> u64 {
+    debug_assert_eq!(old.len(), new.len());
+    let (old, new) = (old.as_chunks::<2>().0, new.as_chunks::<2>().0);
+    old.iter()
+        .zip(new)
+        .filter(|(o, n)| o != n)
+        .map(|(o, n)| u64::from(!u16::from_be_bytes(*o)) + u64::from(u16::from_be_bytes(*n)))
+        .sum()
+}
+
+/// As [`delta`] for one 16-bit word.
+pub fn delta16(old: u16, new: u16) -> u64 {
+    if old == new {
+        0
+    } else {
+        u64::from(!old) + u64::from(new)
+    }
+}
+
+/// The checksum after changes whose [`delta`]s add up to `add`: HC' = ~(~HC + Σ(~m + m')).
+pub fn update_by(check: u16, add: u64) -> u16 {
+    !fold(u64::from(!check) + add)
 }
 
 /// As [`update16`] for a field of any even length, word by word: an IPv6 address.

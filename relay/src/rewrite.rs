@@ -14,10 +14,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::{
-    checksum::{pseudo_ipv4, pseudo_ipv6, sum, udp_ipv6, update_words, update16, update32},
+    checksum::{delta, delta16, pseudo_ipv4, pseudo_ipv6, sum, udp_ipv6, update_by, update16},
     config::SourceSpec,
     prefix::Prefix,
-    wire::{EthernetFrame, Flow, Ipv4Packet, Ipv6Packet, UDP_HLEN, UdpPacket, multicast_mac},
+    wire::{ETH_HLEN, Flow, UDP_HLEN, UdpPacket, multicast_mac},
 };
 
 /// What one output does to a frame.
@@ -131,37 +131,204 @@ pub fn rewrite(frame: &mut [u8], flow: &Flow, action: &OutputAction) -> Result<(
     if frame.len() < flow.l4 || flow.l4 < flow.l3 {
         return Err(RewriteError::Malformed);
     }
-    let dst_mac = destination_mac(flow, action)?;
-    let source = source_of(flow, action)?;
-    let dst = action.destination_of(flow);
-    let (head, l4) = frame.split_at_mut(flow.l4);
-    let (l2, l3) = head.split_at_mut(flow.l3);
-    let mut udp = UdpPacket::new_checked(l4).map_err(|_| RewriteError::Malformed)?;
-    let ports = Ports {
-        old_dst: flow.port,
-        dst: action.port.unwrap_or(flow.port),
-        old_src: udp.src_port(),
-        src: action.source_port.unwrap_or_else(|| udp.src_port()),
-    };
-    match (flow.source, source, flow.group, dst) {
-        (IpAddr::V4(old_src), IpAddr::V4(src), IpAddr::V4(old), IpAddr::V4(new)) => {
-            ipv4(l3, &mut udp, [old_src, src, old, new], ports, action.ttl)?
-        }
-        (IpAddr::V6(old_src), IpAddr::V6(src), IpAddr::V6(old), IpAddr::V6(new)) => {
-            ipv6(l3, &mut udp, [old_src, src, old, new], ports, action.ttl)?
-        }
-        _ => return Err(RewriteError::Malformed),
-    }
-    if let Some(dscp) = action.dscp {
-        set_dscp(l3, dscp)?;
-    }
-    udp.set_dst_port(ports.dst);
-    udp.set_src_port(ports.src);
+    Prepared::new(flow, action)?.apply(frame, flow)
+}
 
-    let mut eth = EthernetFrame::new_checked(l2).map_err(|_| RewriteError::Malformed)?;
-    eth.set_dst_mac(dst_mac);
-    eth.set_src_mac(action.src_mac);
-    Ok(())
+/// One output's rewrite of one stream, worked out once: the MACs, the addresses and ports it
+/// writes, and what those changes add to each checksum. Everything here depends only on the
+/// frame's addresses and destination port (the data path's flow key, under which it keeps
+/// one per output) and on the action; [`Prepared::apply`] does what differs per frame (TTL,
+/// DSCP, source port, the checksums' update) and nothing else, so a frame's rewrite costs a
+/// few loads and stores rather than the address comparisons and checksum updates of all of
+/// it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prepared {
+    /// Destination MAC, then source MAC.
+    macs: [u8; 12],
+    v6: bool,
+    /// The addresses to write (the first 4 bytes for IPv4), and whether they differ from the
+    /// stream's (a group relay keeps the source: no store for it).
+    dst: [u8; 16],
+    src: [u8; 16],
+    write_dst: bool,
+    write_src: bool,
+    /// The destination port the stream arrives on, and the one it leaves with.
+    old_port: u16,
+    port: u16,
+    source_port: Option<u16>,
+    ttl: Option<u8>,
+    dscp: Option<u8>,
+    /// What the address changes add to the IPv4 header checksum, and the address and
+    /// destination port changes to the UDP checksum ([`crate::checksum::delta`]).
+    ip_add: u64,
+    udp_add: u64,
+}
+
+impl Prepared {
+    /// The rewrite of `flow`'s stream for `action`: refused with what `rewrite` would refuse
+    /// every frame of it with (an unresolved next hop, a `source: auto` with no address, an
+    /// action of the other family).
+    pub fn new(flow: &Flow, action: &OutputAction) -> Result<Prepared, RewriteError> {
+        let dst_mac = destination_mac(flow, action)?;
+        let source = source_of(flow, action)?;
+        let dst = action.destination_of(flow);
+        let mut macs = [0; 12];
+        macs[..6].copy_from_slice(&dst_mac);
+        macs[6..].copy_from_slice(&action.src_mac);
+        let port = action.port.unwrap_or(flow.port);
+        let (v6, old_src, src, old_dst, new_dst) = match (flow.source, source, flow.group, dst) {
+            (IpAddr::V4(a), IpAddr::V4(b), IpAddr::V4(c), IpAddr::V4(d)) => {
+                (false, v4_bytes(a), v4_bytes(b), v4_bytes(c), v4_bytes(d))
+            }
+            (IpAddr::V6(a), IpAddr::V6(b), IpAddr::V6(c), IpAddr::V6(d)) => {
+                (true, a.octets(), b.octets(), c.octets(), d.octets())
+            }
+            _ => return Err(RewriteError::Malformed),
+        };
+        // Both addresses are in the UDP pseudo-header; only IPv4 has a header checksum.
+        let addrs = delta(&old_dst, &new_dst) + delta(&old_src, &src);
+        Ok(Prepared {
+            macs,
+            v6,
+            dst: new_dst,
+            src,
+            write_dst: new_dst != old_dst,
+            write_src: src != old_src,
+            old_port: flow.port,
+            port,
+            source_port: action.source_port,
+            ttl: action.ttl,
+            dscp: action.dscp,
+            ip_add: if v6 { 0 } else { addrs },
+            udp_add: addrs + delta16(flow.port, port),
+        })
+    }
+
+    /// Rewrites one frame of the stream this was prepared for, in place; `flow` is the
+    /// frame's own (its header offsets may differ from the first frame's: IPv4 options).
+    #[inline]
+    pub fn apply(&self, frame: &mut [u8], flow: &Flow) -> Result<(), RewriteError> {
+        let (l3, l4) = (flow.l3, flow.l4);
+        if l3 < ETH_HLEN || l4 < l3 || frame.len() < l4 + UDP_HLEN {
+            return Err(RewriteError::Malformed);
+        }
+        let (head, udp) = frame.split_at_mut(l4);
+        let (l2, ip) = head.split_at_mut(l3);
+        if self.v6 {
+            self.ipv6(ip, udp)?;
+        } else {
+            self.ipv4(ip, udp)?;
+        }
+        // The destination port is written whatever the checksum held; the source port too
+        // when the output sets one.
+        udp[2..4].copy_from_slice(&self.port.to_be_bytes());
+        if let Some(sp) = self.source_port {
+            udp[0..2].copy_from_slice(&sp.to_be_bytes());
+        }
+        l2[..12].copy_from_slice(&self.macs);
+        Ok(())
+    }
+
+    /// The IPv4 header and the UDP checksum. `ip` is the header, options included.
+    #[inline(always)]
+    fn ipv4(&self, ip: &mut [u8], udp: &mut [u8]) -> Result<(), RewriteError> {
+        if ip.len() < 20 || ip[0] >> 4 != 4 || ip.len() < usize::from(ip[0] & 0x0f) * 4 {
+            return Err(RewriteError::Malformed);
+        }
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        if ihl < 20 {
+            return Err(RewriteError::Malformed);
+        }
+        let old_ttl = ip[8];
+        let ttl = next_hops(old_ttl, self.ttl)?;
+        // TTL shares its 16-bit word with the protocol byte, DSCP its with the version.
+        let mut add = self.ip_add + delta16(u16::from(old_ttl) << 8, u16::from(ttl) << 8);
+        ip[8] = ttl;
+        if let Some(dscp) = self.dscp {
+            let old = ip[1];
+            ip[1] = (dscp & 0x3f) << 2 | (old & 0x03);
+            add += delta16(u16::from(old), u16::from(ip[1]));
+        }
+        if self.write_dst {
+            ip[16..20].copy_from_slice(&self.dst[..4]);
+        }
+        if self.write_src {
+            ip[12..16].copy_from_slice(&self.src[..4]);
+        }
+        let check = u16::from_be_bytes([ip[10], ip[11]]);
+        ip[10..12].copy_from_slice(&update_by(check, add).to_be_bytes());
+
+        // A zero UDP checksum means "none" over IPv4 and stays zero.
+        let old = u16::from_be_bytes([udp[6], udp[7]]);
+        if old != 0 {
+            let s = update_by(old, self.udp_add + self.source_port_delta(udp));
+            udp[6..8].copy_from_slice(&nonzero(s).to_be_bytes());
+        }
+        Ok(())
+    }
+
+    /// The IPv6 header and the UDP checksum: the hop limit is in no checksum, the addresses
+    /// only in UDP's.
+    #[inline(always)]
+    fn ipv6(&self, ip: &mut [u8], udp: &mut [u8]) -> Result<(), RewriteError> {
+        if ip.len() < 40 || ip[0] >> 4 != 6 {
+            return Err(RewriteError::Malformed);
+        }
+        ip[7] = next_hops(ip[7], self.ttl)?;
+        if let Some(dscp) = self.dscp {
+            set_dscp(ip, dscp)?;
+        }
+        if self.write_dst {
+            ip[24..40].copy_from_slice(&self.dst);
+        }
+        if self.write_src {
+            ip[8..24].copy_from_slice(&self.src);
+        }
+        let old = u16::from_be_bytes([udp[6], udp[7]]);
+        let s = if old == 0 {
+            // Not allowed in IPv6, so nothing to update: compute it over the datagram the UDP
+            // length names, with the new ports in place.
+            let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+            udp[2..4].copy_from_slice(&self.port.to_be_bytes());
+            if let Some(sp) = self.source_port {
+                udp[0..2].copy_from_slice(&sp.to_be_bytes());
+            }
+            let datagram = udp
+                .get(..len)
+                .filter(|d| d.len() >= UDP_HLEN)
+                .ok_or(RewriteError::Malformed)?;
+            udp_ipv6(Ipv6Addr::from(self.src), Ipv6Addr::from(self.dst), datagram)
+        } else {
+            nonzero(update_by(old, self.udp_add + self.source_port_delta(udp)))
+        };
+        udp[6..8].copy_from_slice(&s.to_be_bytes());
+        Ok(())
+    }
+
+    /// What rewriting this frame's UDP source port adds to its checksum: the port the sender
+    /// chose differs per frame (per socket), so it is the one part not prepared.
+    #[inline(always)]
+    fn source_port_delta(&self, udp: &[u8]) -> u64 {
+        self.source_port
+            .map_or(0, |sp| delta16(u16::from_be_bytes([udp[0], udp[1]]), sp))
+    }
+
+    /// The destination port frames of the stream arrive on (tests).
+    pub fn old_port(&self) -> u16 {
+        self.old_port
+    }
+}
+
+fn v4_bytes(a: Ipv4Addr) -> [u8; 16] {
+    let mut b = [0; 16];
+    b[..4].copy_from_slice(&a.octets());
+    b
+}
+
+/// A UDP checksum that came out zero is sent as all ones: zero means "none" in IPv4 and is
+/// forbidden in IPv6 (RFC 768, RFC 8200).
+fn nonzero(sum: u16) -> u16 {
+    if sum == 0 { 0xffff } else { sum }
 }
 
 /// The destination MAC of a frame of `flow` on `action`'s output: a group's own (RFC 1112,
@@ -180,15 +347,6 @@ pub fn source_of(flow: &Flow, action: &OutputAction) -> Result<IpAddr, RewriteEr
         (Some(_), None) => Err(RewriteError::NoSource),
         (None, None) => Ok(flow.source),
     }
-}
-
-/// The UDP ports as received and as sent.
-#[derive(Clone, Copy)]
-struct Ports {
-    old_dst: u16,
-    dst: u16,
-    old_src: u16,
-    src: u16,
 }
 
 /// Completes a partial UDP checksum in `frame`, in place; true if there was one to complete.
@@ -286,114 +444,13 @@ fn next_hops(received: u8, set: Option<u8>) -> Result<u8, RewriteError> {
     }
 }
 
-/// `addrs` is [received source, source, received destination, destination].
-// Inlined: called out of line, its four addresses went through a stack array that the
-// caller wrote a byte or two at a time from the `IpAddr`s, and reading them back stalled on
-// store forwarding, a third of this function's time in the data path benchmark.
-#[inline(always)]
-fn ipv4(
-    l3: &mut [u8],
-    udp: &mut UdpPacket<&mut [u8]>,
-    [old_src, src, old_dst, dst]: [Ipv4Addr; 4],
-    ports: Ports,
-    ttl: Option<u8>,
-) -> Result<(), RewriteError> {
-    let mut ip = Ipv4Packet::new_checked(l3).map_err(|_| RewriteError::Malformed)?;
-    let old_ttl = ip.ttl();
-    let new_ttl = next_hops(old_ttl, ttl)?;
-
-    // TTL shares its 16-bit word with the protocol byte.
-    let proto = u16::from(ip.protocol());
-    let mut ip_sum = update16(
-        ip.checksum(),
-        u16::from(old_ttl) << 8 | proto,
-        u16::from(new_ttl) << 8 | proto,
-    );
-    ip.set_ttl(new_ttl);
-    if dst != old_dst {
-        ip_sum = update32(ip_sum, old_dst.octets(), dst.octets());
-        ip.set_dst_addr(dst);
-    }
-    if src != old_src {
-        ip_sum = update32(ip_sum, old_src.octets(), src.octets());
-        ip.set_src_addr(src);
-    }
-    ip.set_checksum(ip_sum);
-
-    // A zero UDP checksum means "none" over IPv4 and stays zero; both addresses are in the
-    // pseudo-header, so they change the UDP checksum too.
-    let old_sum = udp.checksum();
-    if old_sum != 0 {
-        let mut s = update32(old_sum, old_dst.octets(), dst.octets());
-        // A group relay rewrites neither source: no work for it on every frame.
-        if src != old_src {
-            s = update32(s, old_src.octets(), src.octets());
-        }
-        s = update16(s, ports.old_dst, ports.dst);
-        if ports.src != ports.old_src {
-            s = update16(s, ports.old_src, ports.src);
-        }
-        udp.set_checksum(if s == 0 { 0xffff } else { s });
-    }
-    Ok(())
-}
-
-/// As [`ipv4`]; the hop limit is in no checksum, the addresses only in UDP's.
-// Inlined, as `ipv4` is.
-#[inline(always)]
-fn ipv6(
-    l3: &mut [u8],
-    udp: &mut UdpPacket<&mut [u8]>,
-    [old_src, src, old_dst, dst]: [Ipv6Addr; 4],
-    ports: Ports,
-    hops: Option<u8>,
-) -> Result<(), RewriteError> {
-    let mut ip = Ipv6Packet::new_checked(l3).map_err(|_| RewriteError::Malformed)?;
-    let new_hops = next_hops(ip.hop_limit(), hops)?;
-    ip.set_hop_limit(new_hops);
-    ip.set_dst_addr(dst);
-    if src != old_src {
-        ip.set_src_addr(src);
-    }
-
-    let old_sum = udp.checksum();
-    let s = if old_sum == 0 {
-        // Not allowed in IPv6, so nothing to update: compute it over the datagram the UDP
-        // length names, with the new ports in place.
-        let len = usize::from(udp.len());
-        udp.set_dst_port(ports.dst);
-        udp.set_src_port(ports.src);
-        let datagram = udp
-            .as_bytes()
-            .get(..len)
-            .filter(|d| d.len() >= 8)
-            .ok_or(RewriteError::Malformed)?;
-        udp_ipv6(src, dst, datagram)
-    } else {
-        let mut s = update_words(old_sum, &old_dst.octets(), &dst.octets());
-        if src != old_src {
-            s = update_words(s, &old_src.octets(), &src.octets());
-        }
-        s = update16(s, ports.old_dst, ports.dst);
-        if ports.src != ports.old_src {
-            s = update16(s, ports.old_src, ports.src);
-        }
-        match s {
-            0 => 0xffff,
-            s => s,
-        }
-    };
-    udp.set_checksum(s);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
         checksum::{checksum, udp_ipv4},
         craft::{UdpFrame, build_udp_frame, make_udp_checksum_partial},
-        wire::{Ipv6Packet, classify},
+        wire::{EthernetFrame, Ipv4Packet, Ipv6Packet, classify},
     };
     use proptest::prelude::*;
 
@@ -900,6 +957,60 @@ mod tests {
                 without_checksums(&expect, &flow, spec.group.is_ipv4())
             );
             verify(&f);
+        }
+    }
+
+    proptest! {
+        /// The data path prepares an output's rewrite at a stream's first frame and applies it
+        /// to the rest: applied to any other frame of the stream (same addresses, destination
+        /// port and tag; any source port, TTL, options, extension headers, payload, checksum
+        /// or none), it writes exactly the bytes a rewrite of that frame from scratch writes,
+        /// or refuses it alike, for every kind of output.
+        #[test]
+        fn prepared_rewrite_is_the_rewrite_of_every_frame_of_its_stream(
+            first in arb_frame(),
+            other in arb_frame(),
+            group in proptest::option::of(any::<[u8; 16]>()),
+            port in proptest::option::of(1u16..),
+            ttl in proptest::option::of(1u8..),
+            dscp in proptest::option::of(0u8..64),
+            source in proptest::option::of(any::<[u8; 16]>()),
+            source_port in proptest::option::of(any::<u16>()),
+            expired in any::<bool>(),
+        ) {
+            let mut other = other;
+            other.source = first.source;
+            other.group = first.group;
+            other.dst_port = first.dst_port;
+            other.vlan = first.vlan;
+            if expired {
+                other.ttl = 1;
+            }
+            let a = OutputAction {
+                group: group.map(|g| group_like(first.group, g).into()),
+                port,
+                ttl,
+                dscp,
+                source: source.map(|s| unicast_like(first.group, s)),
+                source_port,
+                ..OutputAction::plain(OUT_MAC)
+            };
+            let f0 = build_udp_frame(&first);
+            let prepared = Prepared::new(&classify(&f0).unwrap(), &a).unwrap();
+
+            let mut by_prepared = build_udp_frame(&other);
+            let flow = classify(&by_prepared).unwrap();
+            let mut from_scratch = by_prepared.clone();
+            let want = rewrite(&mut from_scratch, &flow, &a);
+            prop_assert_eq!(prepared.apply(&mut by_prepared, &flow), want);
+            prop_assert_eq!(prepared.old_port(), first.dst_port);
+            if want.is_ok() {
+                prop_assert_eq!(&by_prepared, &from_scratch);
+                verify(&by_prepared);
+            } else {
+                prop_assert_eq!(want, Err(RewriteError::TtlExpired));
+                prop_assert!(expired && ttl.is_none());
+            }
         }
     }
 

@@ -26,7 +26,7 @@ use crate::{
     capture::{Direction, Session, Tap},
     frag::{FragTable, rewrite_packet},
     pool::{FrameCache, FramePool},
-    rewrite::{OutputAction, RewriteError, complete_partial_udp_checksum},
+    rewrite::{OutputAction, Prepared, RewriteError, complete_partial_udp_checksum},
     rules::RuleTable,
     vlan::retag,
     wire::{check_lengths, classify_udp},
@@ -39,7 +39,7 @@ pub(super) const RUN: u8 = 0;
 pub(super) const DRAIN: u8 = 1;
 
 /// A frame on its way to an egress, and whose counters it moves.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Tag {
     pub rule: u32,
     pub output: u16,
@@ -368,6 +368,12 @@ pub(super) struct Worker<B: Backend> {
     frags: FragTable,
     /// The last unfragmented frame's lookup and the rule it found, if any.
     last_lookup: Option<(LookupKey, Option<u32>)>,
+    /// The frame being forwarded is of `last_lookup`'s stream: `prepared` holds its outputs'
+    /// rewrites (those worked out so far).
+    same_stream: bool,
+    /// The rewrite of each output of `last_lookup`'s rule for its stream, worked out at the
+    /// stream's first frame and reused by the rest of its run (see [`Prepared`]).
+    prepared: Vec<Option<Result<Prepared, RewriteError>>>,
     /// The capture running during the current received batch, if any (`relay capture`).
     capture: Option<Arc<Session>>,
 }
@@ -474,6 +480,8 @@ impl<B: Backend> Worker<B> {
             verdicts: Vec::new(),
             frags: FragTable::new(FRAG_SLOTS),
             last_lookup: None,
+            same_stream: false,
+            prepared: Vec::new(),
             capture: None,
         };
         w.local_egress = w.map_egress();
@@ -830,14 +838,23 @@ impl<B: Backend> Worker<B> {
             .iter()
             .any(|&g| self.shared.lanes[g].get().is_some_and(|l| !l.is_empty()));
         let new_plan = self.shared.plan_gen.load(Ordering::Acquire) != self.plan.generation;
+        let mut signalled = false;
         if !pending && !new_plan && self.shared.phase.load(Ordering::Relaxed) == RUN {
             let fds = &mut self.poll_fds;
             // SAFETY: `fds` is a valid array of initialised pollfd for the duration of the
             // call. EINTR (a stop signal) simply ends the wait.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, IDLE_POLL_MS) };
+            let ready =
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, IDLE_POLL_MS) };
+            // The eventfd is the set's last entry.
+            signalled = ready > 0 && fds.last().is_some_and(|f| f.revents & libc::POLLIN != 0);
         }
         waker.sleeping.store(false, Ordering::Relaxed);
-        waker.clear();
+        // Only when it was written: most wake-ups are frames arriving, and reading an empty
+        // eventfd is a system call per wake-up for nothing. A write that came while the worker
+        // did not poll is read after the next poll, which it ends at once.
+        if signalled {
+            waker.clear();
+        }
     }
 
     /// `poll: busy`: an idle pass costs no sleep and no wake-up. Nobody writes this worker's
@@ -1076,6 +1093,8 @@ impl<B: Backend> Worker<B> {
             verdicts.push(v);
         }
 
+        let stream = self.same_stream;
+        let mut prepared = std::mem::take(&mut self.prepared);
         for (oi, (out, &v)) in rule.outputs.iter().zip(&verdicts).enumerate() {
             if Some(oi) == last {
                 continue;
@@ -1112,7 +1131,6 @@ impl<B: Backend> Worker<B> {
             }
             let away = shared.domain(to);
             let mut copy = away.frames[copy_no as usize];
-            let action = resolved_action(out);
             // SAFETY: `copy` is a free frame just taken from its pool, distinct from `desc`'s
             // frame (another frame, or another UMEM), and no ring holds it; `desc`'s frame is
             // only read here.
@@ -1120,22 +1138,31 @@ impl<B: Backend> Worker<B> {
                 let src = B::data(&home.umem, &desc);
                 let mut dst = B::data_mut(&away.umem, &mut copy);
                 dst.copy_from(src);
-                rewrite_frame(&mut dst, &flow, &action)
+                rewrite_output(&mut prepared, stream, oi, out, &flow, &mut dst)
             };
             self.settle(out.egress, to, copy, tag(oi), result);
         }
 
         self.verdicts = verdicts;
         let Some(last) = last else {
+            self.prepared = prepared;
             // Every output got a copy (or refused the frame): the received one goes back.
             self.cache(dom).give(frame_no);
             return;
         };
         let out = &rule.outputs[last];
-        let action = resolved_action(out);
         // SAFETY: the copies are done, so this is the frame's only user.
-        let result =
-            unsafe { rewrite_frame(&mut B::data_mut(&home.umem, &mut desc), &flow, &action) };
+        let result = unsafe {
+            rewrite_output(
+                &mut prepared,
+                stream,
+                last,
+                out,
+                &flow,
+                &mut B::data_mut(&home.umem, &mut desc),
+            )
+        };
+        self.prepared = prepared;
         self.settle(out.egress, dom, desc, tag(last), result);
     }
 
@@ -1148,12 +1175,14 @@ impl<B: Backend> Worker<B> {
         flow: &crate::wire::Flow,
         frame: &[u8],
     ) -> Option<u32> {
+        self.same_stream = false;
         let Some(frag) = flow.frag else {
             // A stream's frames come in runs, and a plan's table never changes: the frame
             // before this one may have been looked up already.
             let Some(key) = LookupKey::of(plan.generation, ifindex, flow, frame) else {
                 return plan.table.lookup(ifindex, flow);
             };
+            self.same_stream = true;
             if let Some((last, rule)) = &self.last_lookup
                 && *last == key
             {
@@ -1161,6 +1190,7 @@ impl<B: Backend> Worker<B> {
             }
             let rule = plan.table.lookup(ifindex, flow);
             self.last_lookup = Some((key, rule));
+            self.prepared.clear();
             return rule;
         };
         let key = crate::frag::key(ifindex, flow, frag);
@@ -1333,12 +1363,26 @@ impl<B: Backend> Worker<B> {
             sent = unsafe { port.rings.tx_produce(&staged[..room]) };
             port.in_tx += sent;
             let generation = self.plan.generation;
+            // A port's frames come in runs of one output's (a rule's fan-out stages one frame
+            // per port): its counters are found once per run, not per frame.
+            let mut run: Option<(Tag, u64, u64)> = None;
             for (desc, tag) in staged[..sent].iter().zip(&tags[..sent]) {
                 port.tx_log.record(self.shared.frame_of(B::addr(desc)));
-                if let Some(oc) = output_counters(&mut self.stats, generation, *tag) {
-                    oc.packets += 1;
-                    oc.bytes += B::len(desc) as u64;
+                let len = B::len(desc) as u64;
+                match &mut run {
+                    Some((t, packets, bytes)) if t == tag => {
+                        *packets += 1;
+                        *bytes += len;
+                    }
+                    _ => {
+                        if let Some((t, packets, bytes)) = run.replace((*tag, 1, len)) {
+                            count_sent(&mut self.stats, generation, t, packets, bytes);
+                        }
+                    }
                 }
+            }
+            if let Some((t, packets, bytes)) = run {
+                count_sent(&mut self.stats, generation, t, packets, bytes);
             }
             // What did not fit waits for the next pass, a few batches at most: beyond that the
             // egress is not keeping up and the newest frames are dropped, rather than moved
@@ -1476,6 +1520,15 @@ impl<B: Backend> Worker<B> {
     }
 }
 
+/// Counts `packets` frames of `bytes` sent for the output `tag` names.
+#[inline]
+fn count_sent(stats: &mut DatapathStats, generation: u64, tag: Tag, packets: u64, bytes: u64) {
+    if let Some(oc) = output_counters(stats, generation, tag) {
+        oc.packets += packets;
+        oc.bytes += bytes;
+    }
+}
+
 /// The counters in `stats` a tag names, if it was made under plan `generation`, which
 /// `stats` is shaped by.
 #[inline]
@@ -1519,6 +1572,60 @@ fn rewrite_frame(
     let (new_len, flow) = retag(data.contents_mut(), len, flow, action.vlan)?;
     data.set_len(new_len);
     rewrite_packet(data.contents_mut(), &flow, action)
+}
+
+/// Rewrites a frame for output `oi` of its rule: with the output's rewrite prepared for the
+/// frame's stream (`stream`: the frame is of the worker's last looked-up stream, whose
+/// prepared rewrites `prepared` holds), worked out now if this is the stream's first frame
+/// on that output; from scratch where a frame's rewrite cannot be prepared: a VLAN tag to
+/// add, change or remove (which moves the headers), a unicast output (its next hop's MAC is
+/// read per frame), a fragment.
+#[inline(always)]
+fn rewrite_output(
+    prepared: &mut Vec<Option<Result<Prepared, RewriteError>>>,
+    stream: bool,
+    oi: usize,
+    out: &crate::rules::CompiledOutput,
+    flow: &crate::wire::Flow,
+    data: &mut impl FrameMut,
+) -> Result<(), RewriteError> {
+    if let Some(Some(Ok(p))) = prepared.get(oi)
+        && stream
+        && flow.tci.is_none()
+    {
+        // Entries exist only for outputs that can have one, and are cleared with the stream.
+        return p.apply(data.contents_mut(), flow);
+    }
+    rewrite_output_slow(prepared, stream, oi, out, flow, data)
+}
+
+/// [`rewrite_output`] for a stream's first frame on an output, and for frames no prepared
+/// rewrite serves: out of line, so the common path stays a few instructions.
+#[cold]
+#[inline(never)]
+fn rewrite_output_slow(
+    prepared: &mut Vec<Option<Result<Prepared, RewriteError>>>,
+    stream: bool,
+    oi: usize,
+    out: &crate::rules::CompiledOutput,
+    flow: &crate::wire::Flow,
+    data: &mut impl FrameMut,
+) -> Result<(), RewriteError> {
+    let preparable = stream
+        && flow.frag.is_none()
+        && flow.tci.is_none()
+        && out.action.vlan.is_none()
+        && out.next_hop.is_none();
+    if !preparable {
+        return rewrite_frame(data, flow, &resolved_action(out));
+    }
+    if prepared.len() <= oi {
+        prepared.resize(oi + 1, None);
+    }
+    match prepared[oi].get_or_insert_with(|| Prepared::new(flow, &out.action)) {
+        Ok(p) => p.apply(data.contents_mut(), flow),
+        Err(e) => Err(*e),
+    }
 }
 
 /// `out`'s action as this frame needs it: a unicast output's with its next hop's MAC of the
