@@ -206,7 +206,7 @@ impl Prepared {
 
     /// Rewrites one frame of the stream this was prepared for, in place; `flow` is the
     /// frame's own (its header offsets may differ from the first frame's: IPv4 options).
-    #[inline]
+    #[inline(always)]
     pub fn apply(&self, frame: &mut [u8], flow: &Flow) -> Result<(), RewriteError> {
         let (l3, l4) = (flow.l3, flow.l4);
         if l3 < ETH_HLEN || l4 < l3 || frame.len() < l4 + UDP_HLEN {
