@@ -54,3 +54,22 @@ for rate in 50000 0; do
         printf "  %-12s %9d  %8.2f per 1000 frames\n", $NF, $4, $4 * 1000 / sent }' \
         "$work/strace" | sort -k2 -n -r | head -8
 done
+# The floor forwarder (tests/src/bin/relay-floor.rs, built with `cargo xtask build-gen` or
+# the bench) the same way: what AF_XDP itself asks of a forwarder on this setup.
+[ -x "$bin/relay-floor" ] || { echo "no $bin/relay-floor: run cargo xtask bench once"; exit 0; }
+for rate in 50000 0; do
+    ip netns exec "${tag}r" strace -f -c -o "$work/strace" "$bin/relay-floor" rin rout0 \
+        239.1.1.1 5000 >"$work/report" 2>"$work/log" &
+    pid=$!
+    for _ in $(seq 50); do grep -q forwarding "$work/report" 2>/dev/null && break; sleep 0.1; done
+    ip netns exec "${tag}s" "$bin/relay-gen" send --group 239.1.1.1 --port 5000 \
+        --source 198.18.1.1 --rate "$rate" --duration 3 --afxdp snd0 --cpu 0 >/dev/null
+    sleep 0.5
+    pkill -TERM -f "relay-floor rin rout0" || true
+    wait "$pid" || true
+    sent=$(grep -o 'sent=[0-9]*' "$work/report" | cut -d= -f2)
+    echo "floor, rate $([ "$rate" = 0 ] && echo 'flat out' || echo "$rate pps"): $sent frames forwarded"
+    awk -v sent="$sent" 'NR > 2 && $NF != "total" && $4 ~ /^[0-9]+$/ {
+        printf "  %-12s %9d  %8.2f per 1000 frames\n", $NF, $4, $4 * 1000 / sent }' \
+        "$work/strace" | sort -k2 -n -r | head -8
+done

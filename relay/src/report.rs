@@ -145,8 +145,8 @@ pub fn render(
     }
     let _ = writeln!(
         s,
-        "datapath unmatched={} malformed={} copies={} cross_umem={} kicks={}",
-        stats.unmatched, stats.malformed, stats.copies, stats.cross_umem, stats.kicks
+        "datapath unmatched={} malformed={} copies={} cross_umem={} kicks={} yields={}",
+        stats.unmatched, stats.malformed, stats.copies, stats.cross_umem, stats.kicks, stats.yields
     );
     for k in sockets {
         let fields: Vec<String> = k.fields().iter().map(|(n, v)| format!("{n}={v}")).collect();

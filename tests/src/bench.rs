@@ -597,6 +597,13 @@ impl Running {
                 if !exit.status.success() {
                     bail!("relay exited {}: {}", exit.status, exit.stderr);
                 }
+                // Where a run's losses happened, by the relay's own account (its shutdown
+                // report), for the loss analysis in docs/PERFORMANCE.md.
+                if std::env::var_os("RELAY_BENCH_REPORT").is_some() {
+                    for line in exit.stdout.lines() {
+                        eprintln!("bench: relay report: {line}");
+                    }
+                }
             }
             Running::Kernel(k) => drop(k),
             Running::Socat(mut c) => {
@@ -685,7 +692,15 @@ fn start(
             workers,
             poll,
         } => {
-            let yaml = format!("poll: {poll}\n{}", relay_yaml(topo, sc, workers, allocator));
+            // RELAY_BENCH_UMEM_FRAMES: the relay's `umem: frames:` (the loss analysis in
+            // docs/PERFORMANCE.md); its default otherwise.
+            let umem = std::env::var("RELAY_BENCH_UMEM_FRAMES")
+                .map(|f| format!("umem: {{ frames: {f} }}\n"))
+                .unwrap_or_default();
+            let yaml = format!(
+                "poll: {poll}\n{umem}{}",
+                relay_yaml(topo, sc, workers, allocator)
+            );
             let r = RelayProc::start(relay_bin, &topo.relay, &yaml, &[])?;
             if sc.addressing == Addressing::MulticastToUnicast {
                 wait_resolved(relay_bin, &r)?;

@@ -28,7 +28,10 @@ impl Budget {
 
     /// The fill target of each of `ingress_queues` queues, at most a ring's worth.
     pub fn fill_target(&self, ingress_queues: usize, ring_size: usize) -> usize {
-        (self.fill_total / ingress_queues.max(1)).min(ring_size)
+        // Counted are the frames in the fill ring and those received and not yet consumed
+        // (the RX ring): up to a ring of each, so a worker that falls behind for a moment
+        // leaves a full fill ring behind its backlog rather than an empty one.
+        (self.fill_total / ingress_queues.max(1)).min(2 * ring_size)
     }
 }
 

@@ -225,6 +225,9 @@ pub struct DatapathStats {
     /// TX kicks (sendto on an AF_XDP socket): what the data path pays in syscalls to
     /// transmit, for the syscall table in docs/PERFORMANCE.md.
     pub kicks: u64,
+    /// Times an idle worker gave up its CPU while it awaited only completions (`poll:
+    /// sleep`), for the kernel's deferred softirq work that produces them.
+    pub yields: u64,
 }
 
 impl DatapathStats {
@@ -261,6 +264,7 @@ impl DatapathStats {
         self.cross_umem += other.cross_umem;
         self.capture_dropped += other.capture_dropped;
         self.kicks += other.kicks;
+        self.yields += other.yields;
     }
 }
 
