@@ -80,6 +80,7 @@ fn loopback(
             frame_size: 2048,
             allocator,
             workers,
+            sleep: false,
         },
     )
     .unwrap();

@@ -37,6 +37,10 @@ pub struct Options {
     pub frame_size: u32,
     pub allocator: AllocatorKind,
     pub workers: usize,
+    /// Worker threads sleep when idle, as with `poll: sleep` (in-memory sockets have no
+    /// descriptor to wake them, so an idle worker looks again after its poll timeout);
+    /// otherwise they spin, as with `poll: busy`.
+    pub sleep: bool,
 }
 
 impl Default for Options {
@@ -44,6 +48,7 @@ impl Default for Options {
         Options {
             frames: 4096,
             frame_size: 2048,
+            sleep: false,
             allocator: AllocatorKind::Lockfree,
             workers: 1,
         }
@@ -102,7 +107,7 @@ impl Loopback {
                 options.frame_size as usize,
                 options.allocator,
                 budget.cache,
-                true,
+                !options.sleep,
                 Arc::default(),
             )
             .context("setting up the data path")?,

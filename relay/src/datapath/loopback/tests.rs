@@ -51,6 +51,7 @@ fn options(allocator: AllocatorKind, workers: usize, frames: u32) -> Options {
         frame_size: 2048,
         allocator,
         workers,
+        sleep: false,
     }
 }
 
@@ -397,4 +398,43 @@ fn a_capture_sees_frames_as_received_and_as_sent_and_never_holds_them_up() {
     let out = lb.stop();
     assert_eq!(out.stats.capture_dropped, 30);
     assert_books(&out, 4096);
+}
+
+/// A worker thread whose only work is to await TX completions (its egress stalled) gives its
+/// CPU up between looks, rather than spin over them: in copy mode the completions come from
+/// the kernel's receive work on the same CPU, which a spinning worker keeps waiting. Once the
+/// egress moves again, everything held is delivered and the books balance.
+#[test]
+fn a_worker_awaiting_only_completions_yields_its_cpu() {
+    for allocator in ALLOCATORS {
+        let sleeping = Options {
+            sleep: true,
+            ..options(allocator, 1, 8192)
+        };
+        let mut lb = Loopback::new(table(ONE_TO_ONE), sleeping).unwrap();
+        let (input, output) = (lb.wire("in0", 0).unwrap(), lb.wire("out0", 0).unwrap());
+        output.stall(true);
+        let f = build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, 0));
+        input.stream(&f, 100);
+        lb.start().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(output.sent(), 0, "{allocator:?}: the egress is stalled");
+        output.stall(false);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while output.sent() < 100 {
+            assert!(
+                Instant::now() < deadline,
+                "{allocator:?}: {}",
+                output.sent()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let out = lb.stop();
+        assert!(
+            out.stats.yields > 0,
+            "{allocator:?}: 200 ms of awaiting completions without one yield"
+        );
+        assert_eq!(out.stats.rules[0].outputs[0].packets, 100, "{allocator:?}");
+        assert_books(&out, 8192);
+    }
 }
