@@ -164,7 +164,18 @@ impl MergeState {
         let first = loop {
             let cur = slot.load(Ordering::Acquire);
             let same = cur & USED != 0 && cur >> TAG_SHIFT == tag;
-            let age = now.wrapping_sub(cur & TIME_MASK) & TIME_MASK;
+            let stamped = cur & TIME_MASK;
+            // Each worker reads the clock once per batch, so the worker of the other leg may
+            // have stamped the slot after this one's reading: a stamp that is ahead of `now`
+            // (by no more than a window) is as fresh as can be, not 2^24 ms old. Read as
+            // old, it let a packet's second copy through as a restart, once in a while with
+            // the legs on two workers and a reload making one of them late.
+            let ahead = stamped.wrapping_sub(now) & TIME_MASK;
+            let age = if ahead <= self.window_ms {
+                0
+            } else {
+                now.wrapping_sub(stamped) & TIME_MASK
+            };
             if same && age < self.window_ms {
                 break false;
             }
@@ -312,6 +323,32 @@ mod tests {
         assert!(!m.offer(1, 10, 1).first);
         assert!(m.offer(1, 11, 2).first);
         assert!(!m.offer(0, 11, 3).first);
+    }
+
+    /// The legs' workers read the clock once per batch each, so the second copy of a number
+    /// can come with an earlier reading than the first copy's stamp: still a duplicate,
+    /// also where the 24-bit clock wraps; a stamp further ahead than a window, and one
+    /// older than a window, are not fresh.
+    #[test]
+    fn a_copy_timed_before_the_first_is_still_a_duplicate() {
+        let m = MergeState::new(Sequence::Rtp, 2, 500, DEFAULT_SLOTS);
+        assert!(m.offer(0, 10, 10_000).first);
+        assert!(
+            !m.offer(1, 10, 9_997).first,
+            "3 ms earlier by the other worker's clock"
+        );
+        assert!(!m.offer(1, 10, 9_500).first, "a window earlier");
+        let wrap = TIME_MASK - 1;
+        assert!(m.offer(0, 11, wrap + 3).first);
+        assert!(!m.offer(1, 11, wrap).first, "across the clock's wrap");
+        assert!(m.offer(0, 12, 20_000).first);
+        let restart = m.offer(1, 12, 20_000 - 501);
+        assert!(
+            restart.first && restart.restart,
+            "ahead by more than a window"
+        );
+        assert!(m.offer(0, 13, 30_000).first);
+        assert!(m.offer(1, 13, 30_500).first, "a window later: a restart");
     }
 
     #[test]

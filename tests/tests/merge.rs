@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     time::Duration,
 };
@@ -18,8 +18,8 @@ use relay::stats::{MergeView, StatsView};
 use relay_tests::{
     netns::{Netns, require_root},
     relay_proc::{RelayProc, relay_bin},
-    topo::{SENDER_ADDR, Topology},
-    traffic::{Limits, check_payload, join, listen, payload, setsockopt},
+    topo::{SENDER_ADDR, SENDER_ADDR6, Topology},
+    traffic::{Limits, check_payload, ifindex_of, join, listen, payload, setsockopt},
 };
 
 mod common;
@@ -387,4 +387,190 @@ fn packets_without_a_sequence_number_are_counted_not_relayed() {
         "the output sent the relayed ones only"
     );
     stop_clean(relay, &topo);
+}
+
+const GROUP_A6: Ipv6Addr = Ipv6Addr::new(0xff18, 0, 0, 0, 0, 0, 0x101, 1);
+const GROUP_B6: Ipv6Addr = Ipv6Addr::new(0xff18, 0, 0, 0, 0, 0, 0x102, 1);
+/// The sender's and the relay's addresses on the second link (`snd1` -- `rin2`).
+const LEG1_SENDER6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 100, 0, 0, 0, 1);
+const LEG1_RELAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 100, 0, 0, 0, 2);
+
+/// The source ports of the two IPv6 legs: fixed, so the test can work out each datagram's
+/// checksum.
+const LEG_PORTS: [u16; 2] = [41000, 41001];
+
+/// Whether the relay counts a datagram sent with transmit checksum offload as completed: it
+/// counts a completion when the full checksum differs from the partial one the sender left
+/// (the two are equal for one datagram in 65,536, which is then already right).
+fn completes(p: &Packet) -> bool {
+    let (source, group) = [(SENDER_ADDR6, GROUP_A6), (LEG1_SENDER6, GROUP_B6)][p.leg];
+    let body = datagram(p, 2);
+    let len = (8 + body.len()) as u16;
+    let mut udp = Vec::with_capacity(usize::from(len));
+    udp.extend_from_slice(&LEG_PORTS[p.leg].to_be_bytes());
+    udp.extend_from_slice(&PORT.to_be_bytes());
+    udp.extend_from_slice(&len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&body);
+    let partial = relay::checksum::pseudo_ipv6(source, group, u32::from(len));
+    relay::checksum::udp_ipv6(source, group, &udp) != partial
+}
+
+/// As [`send`] over IPv6 (leg 0 from `SENDER_ADDR6` to `GROUP_A6`, leg 1 from
+/// `LEG1_SENDER6` to `GROUP_B6`), in the background: the caller reloads meanwhile.
+fn send6(ns: &Netns, packets: Vec<Packet>) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    ns.run(move || {
+        let socket = |source: Ipv6Addr, port: u16| -> anyhow::Result<UdpSocket> {
+            let s = UdpSocket::bind(SocketAddr::new(source.into(), port))?;
+            s.set_multicast_loop_v6(false)?;
+            let hops: libc::c_int = 8;
+            setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MULTICAST_HOPS,
+                &hops,
+            )?;
+            let index: libc::c_uint = ifindex_of(source)?;
+            setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MULTICAST_IF,
+                &index,
+            )?;
+            Ok(s)
+        };
+        let legs = [
+            (socket(SENDER_ADDR6, LEG_PORTS[0])?, GROUP_A6),
+            (socket(LEG1_SENDER6, LEG_PORTS[1])?, GROUP_B6),
+        ];
+        for (i, p) in packets.iter().enumerate() {
+            let (s, g) = &legs[p.leg];
+            s.send_to(&datagram(p, 2), SocketAddr::new((*g).into(), PORT))?;
+            if i % 16 == 15 {
+                std::thread::sleep(Duration::from_micros(800));
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Merged IPv6 legs, from a sender whose transmit checksum offload is on (so every frame on
+/// both legs arrives with a partial UDP checksum), while the rules are reloaded six times
+/// around the merged rule (another rule added and removed): every packet either leg carried
+/// reaches the receiver once and intact (its stack checks the completed checksum), and the
+/// merged rule's counters run on across the reloads as if there had been none.
+fn ipv6_legs_offload_on_through_reloads(allocator: &str) {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    topo.add_ingress("rin2", "snd1", 100).unwrap();
+    for (ns, iface, a) in [
+        (&topo.sender, "snd1", LEG1_SENDER6),
+        (&topo.relay, "rin2", LEG1_RELAY6),
+    ] {
+        ns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/64"),
+            "dev",
+            iface,
+            "nodad",
+        ])
+        .unwrap();
+    }
+    topo.sender_tx_offload_on().unwrap();
+    topo.sender
+        .exec(&["ethtool", "-K", "snd1", "tx", "on"])
+        .unwrap();
+    let base = format!(
+        "rules:
+  - name: feed
+    inputs:
+      - {{ interface: rin, group: '{GROUP_A6}', port: {PORT} }}
+      - {{ interface: rin2, group: '{GROUP_B6}', port: {PORT} }}
+    merge: rtp
+    outputs: [{{ interface: rout0 }}]
+"
+    );
+    let with_extra = format!(
+        "{base}  - name: extra\n    input: {{ interface: rin, group: 239.3.3.3, port: 5000 }}\n    outputs: [{{ interface: rout0 }}]\n"
+    );
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        &base,
+        &["--allocator", allocator],
+    )
+    .unwrap();
+    let lost = |leg: usize, id: u64| {
+        if id == 0 || id == 7999 {
+            return false;
+        }
+        match leg {
+            0 => id % 7 == 3 || (2000..2600).contains(&id) || (5000..5004).contains(&id),
+            _ => id % 9 == 5 || (4000..4500).contains(&id) || (5000..5004).contains(&id),
+        }
+    };
+    let packets = both_legs(0..8000, 60_000, 0, lost);
+    let want = expected(&packets);
+    let completed = packets.iter().filter(|p| completes(p)).count() as u64;
+    assert!(want.lost >= 4, "some numbers are lost on both legs");
+    let r = &topo.receivers[0];
+    let rx = listen(
+        &r.ns,
+        GROUP_A6,
+        PORT,
+        r.addr6,
+        Limits::new(want.relayed.len() as u64),
+    )
+    .unwrap();
+    let sender = send6(&topo.sender, packets);
+    let ctl = relay.control.to_str().unwrap().to_owned();
+    for i in 0..6 {
+        std::thread::sleep(Duration::from_millis(60));
+        let yaml = if i % 2 == 0 { &with_extra } else { &base };
+        std::fs::write(&relay.config, yaml).unwrap();
+        let out = std::process::Command::new(relay_bin())
+            .args(["reload", "--control", &ctl])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && said.starts_with("done: "), "{said}");
+    }
+    join(sender).unwrap();
+    let got = ids_once(&join(rx).unwrap());
+    assert_eq!(
+        got.len(),
+        want.relayed.len(),
+        "{allocator}: missing {:?}",
+        want.relayed.difference(&got).take(20).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        got, want.relayed,
+        "{allocator}: every packet either leg carried"
+    );
+    let (v, m) = merge_view(&relay.control, want.relayed.len() as u64);
+    check_counters(&m, &want);
+    assert_eq!(
+        v.rules[0].received,
+        want.received[0] + want.received[1],
+        "{allocator}: the rule's own count ran on across the reloads"
+    );
+    assert_eq!(
+        v.rules[0].checksum_completed, completed,
+        "{allocator}: every frame arrived with a partial checksum and was completed"
+    );
+    stop_clean(relay, &topo);
+}
+
+#[test]
+fn merges_ipv6_legs_with_offload_on_through_reloads_lockfree() {
+    ipv6_legs_offload_on_through_reloads("lockfree");
+}
+
+#[test]
+fn merges_ipv6_legs_with_offload_on_through_reloads_mutex() {
+    ipv6_legs_offload_on_through_reloads("mutex");
 }
