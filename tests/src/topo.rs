@@ -217,7 +217,8 @@ fn addr(ns: &Netns, iface: &str, a: Ipv4Addr) -> Result<()> {
     Ok(())
 }
 
-fn addr6(ns: &Netns, iface: &str, a: Ipv6Addr) -> Result<()> {
+/// Gives `iface` in `ns` the address `a`/64, usable at once.
+pub fn addr6(ns: &Netns, iface: &str, a: Ipv6Addr) -> Result<()> {
     // No duplicate address detection: the address is usable at once, and these links hold
     // nobody else.
     ns.exec(&[

@@ -18,7 +18,7 @@ use relay::stats::{MergeView, StatsView};
 use relay_tests::{
     netns::{Netns, require_root},
     relay_proc::{RelayProc, relay_bin},
-    topo::{SENDER_ADDR, SENDER_ADDR6, Topology},
+    topo::{SENDER_ADDR, SENDER_ADDR6, Topology, addr6},
     traffic::{Limits, check_payload, ifindex_of, join, listen, payload, setsockopt},
 };
 
@@ -464,22 +464,8 @@ fn ipv6_legs_offload_on_through_reloads(allocator: &str) {
     let _serial = serial();
     let topo = Topology::new(1).unwrap();
     topo.add_ingress("rin2", "snd1", 100).unwrap();
-    for (ns, iface, a) in [
-        (&topo.sender, "snd1", LEG1_SENDER6),
-        (&topo.relay, "rin2", LEG1_RELAY6),
-    ] {
-        ns.exec(&[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{a}/64"),
-            "dev",
-            iface,
-            "nodad",
-        ])
-        .unwrap();
-    }
+    addr6(&topo.sender, "snd1", LEG1_SENDER6).unwrap();
+    addr6(&topo.relay, "rin2", LEG1_RELAY6).unwrap();
     topo.sender_tx_offload_on().unwrap();
     topo.sender
         .exec(&["ethtool", "-K", "snd1", "tx", "on"])

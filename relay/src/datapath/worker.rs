@@ -368,12 +368,8 @@ pub(super) struct Worker<B: Backend> {
     frags: FragTable,
     /// The last unfragmented frame's lookup and the rule it found, if any.
     last_lookup: Option<(LookupKey, Option<u32>)>,
-    /// The frame being forwarded is of `last_lookup`'s stream: `prepared` holds its outputs'
-    /// rewrites (those worked out so far).
-    same_stream: bool,
-    /// The rewrite of each output of `last_lookup`'s rule for its stream, worked out at the
-    /// stream's first frame and reused by the rest of its run (see [`Prepared`]).
-    prepared: Vec<Option<Result<Prepared, RewriteError>>>,
+    /// The rewrites of `last_lookup`'s stream, by output of its rule.
+    rewrites: StreamRewrites,
     /// The capture running during the current received batch, if any (`relay capture`).
     capture: Option<Arc<Session>>,
     /// The last pass moved a frame (received, handed over, transmitted or completed).
@@ -482,8 +478,7 @@ impl<B: Backend> Worker<B> {
             verdicts: Vec::new(),
             frags: FragTable::new(FRAG_SLOTS),
             last_lookup: None,
-            same_stream: false,
-            prepared: Vec::new(),
+            rewrites: StreamRewrites::default(),
             moved: false,
             capture: None,
         };
@@ -1105,8 +1100,7 @@ impl<B: Backend> Worker<B> {
             verdicts.push(v);
         }
 
-        let stream = self.same_stream;
-        let mut prepared = std::mem::take(&mut self.prepared);
+        let mut rewrites = std::mem::take(&mut self.rewrites);
         for (oi, (out, &v)) in rule.outputs.iter().zip(&verdicts).enumerate() {
             if Some(oi) == last {
                 continue;
@@ -1150,31 +1144,23 @@ impl<B: Backend> Worker<B> {
                 let src = B::data(&home.umem, &desc);
                 let mut dst = B::data_mut(&away.umem, &mut copy);
                 dst.copy_from(src);
-                rewrite_output(&mut prepared, stream, oi, out, &flow, &mut dst)
+                rewrites.rewrite(oi, out, &flow, &mut dst)
             };
             self.settle(out.egress, to, copy, tag(oi), result);
         }
 
         self.verdicts = verdicts;
         let Some(last) = last else {
-            self.prepared = prepared;
+            self.rewrites = rewrites;
             // Every output got a copy (or refused the frame): the received one goes back.
             self.cache(dom).give(frame_no);
             return;
         };
         let out = &rule.outputs[last];
         // SAFETY: the copies are done, so this is the frame's only user.
-        let result = unsafe {
-            rewrite_output(
-                &mut prepared,
-                stream,
-                last,
-                out,
-                &flow,
-                &mut B::data_mut(&home.umem, &mut desc),
-            )
-        };
-        self.prepared = prepared;
+        let result =
+            unsafe { rewrites.rewrite(last, out, &flow, &mut B::data_mut(&home.umem, &mut desc)) };
+        self.rewrites = rewrites;
         self.settle(out.egress, dom, desc, tag(last), result);
     }
 
@@ -1187,14 +1173,14 @@ impl<B: Backend> Worker<B> {
         flow: &crate::wire::Flow,
         frame: &[u8],
     ) -> Option<u32> {
-        self.same_stream = false;
+        self.rewrites.current = false;
         let Some(frag) = flow.frag else {
             // A stream's frames come in runs, and a plan's table never changes: the frame
             // before this one may have been looked up already.
             let Some(key) = LookupKey::of(plan.generation, ifindex, flow, frame) else {
                 return plan.table.lookup(ifindex, flow);
             };
-            self.same_stream = true;
+            self.rewrites.current = true;
             if let Some((last, rule)) = &self.last_lookup
                 && *last == key
             {
@@ -1202,7 +1188,7 @@ impl<B: Backend> Worker<B> {
             }
             let rule = plan.table.lookup(ifindex, flow);
             self.last_lookup = Some((key, rule));
-            self.prepared.clear();
+            self.rewrites.by_output.clear();
             return rule;
         };
         let key = crate::frag::key(ifindex, flow, frag);
@@ -1586,57 +1572,67 @@ fn rewrite_frame(
     rewrite_packet(data.contents_mut(), &flow, action)
 }
 
-/// Rewrites a frame for output `oi` of its rule: with the output's rewrite prepared for the
-/// frame's stream (`stream`: the frame is of the worker's last looked-up stream, whose
-/// prepared rewrites `prepared` holds), worked out now if this is the stream's first frame
-/// on that output; from scratch where a frame's rewrite cannot be prepared: a VLAN tag to
-/// add, change or remove (which moves the headers), a unicast output (its next hop's MAC is
-/// read per frame), a fragment.
-#[inline(always)]
-fn rewrite_output(
-    prepared: &mut Vec<Option<Result<Prepared, RewriteError>>>,
-    stream: bool,
-    oi: usize,
-    out: &crate::rules::CompiledOutput,
-    flow: &crate::wire::Flow,
-    data: &mut impl FrameMut,
-) -> Result<(), RewriteError> {
-    if let Some(Some(Ok(p))) = prepared.get(oi)
-        && stream
-        && flow.tci.is_none()
-    {
-        // Entries exist only for outputs that can have one, and are cleared with the stream.
-        return p.apply(data.contents_mut(), flow);
-    }
-    rewrite_output_slow(prepared, stream, oi, out, flow, data)
+/// The rewrites of each output of the worker's last looked-up rule for its stream, worked out
+/// at the stream's first frame and reused by the rest of its run (see [`Prepared`]).
+#[derive(Default)]
+struct StreamRewrites {
+    /// The frame being forwarded is of that stream.
+    current: bool,
+    /// By output; `None` until the output's first frame of the stream.
+    by_output: Vec<Option<Result<Prepared, RewriteError>>>,
 }
 
-/// [`rewrite_output`] for a stream's first frame on an output, and for frames no prepared
-/// rewrite serves: out of line, so the common path stays a few instructions.
-#[cold]
-#[inline(never)]
-fn rewrite_output_slow(
-    prepared: &mut Vec<Option<Result<Prepared, RewriteError>>>,
-    stream: bool,
-    oi: usize,
-    out: &crate::rules::CompiledOutput,
-    flow: &crate::wire::Flow,
-    data: &mut impl FrameMut,
-) -> Result<(), RewriteError> {
-    let preparable = stream
-        && flow.frag.is_none()
-        && flow.tci.is_none()
-        && out.action.vlan.is_none()
-        && out.next_hop.is_none();
-    if !preparable {
-        return rewrite_frame(data, flow, &resolved_action(out));
+impl StreamRewrites {
+    /// Rewrites a frame for output `oi` of its rule: with the output's rewrite prepared for
+    /// the frame's stream, worked out now if this is the stream's first frame on that output;
+    /// from scratch where a frame's rewrite cannot be prepared: a VLAN tag to add, change or
+    /// remove (which moves the headers), a unicast output (its next hop's MAC is read per
+    /// frame), a fragment.
+    #[inline(always)]
+    fn rewrite(
+        &mut self,
+        oi: usize,
+        out: &crate::rules::CompiledOutput,
+        flow: &crate::wire::Flow,
+        data: &mut impl FrameMut,
+    ) -> Result<(), RewriteError> {
+        if let Some(Some(Ok(p))) = self.by_output.get(oi)
+            && self.current
+            && flow.tci.is_none()
+        {
+            // Entries exist only for outputs that can have one, and go with the stream.
+            return p.apply(data.contents_mut(), flow);
+        }
+        match self.prepare(oi, out, flow) {
+            Some(Ok(p)) => p.apply(data.contents_mut(), flow),
+            Some(Err(e)) => Err(e),
+            None => rewrite_frame(data, flow, &resolved_action(out)),
+        }
     }
-    if prepared.len() <= oi {
-        prepared.resize(oi + 1, None);
-    }
-    match prepared[oi].get_or_insert_with(|| Prepared::new(flow, &out.action)) {
-        Ok(p) => p.apply(data.contents_mut(), flow),
-        Err(e) => Err(*e),
+
+    /// Output `oi`'s rewrite for the current stream, worked out at its first frame (out of
+    /// line, so the common path stays a few instructions); `None` where a frame's rewrite
+    /// cannot be prepared.
+    #[cold]
+    #[inline(never)]
+    fn prepare(
+        &mut self,
+        oi: usize,
+        out: &crate::rules::CompiledOutput,
+        flow: &crate::wire::Flow,
+    ) -> Option<Result<Prepared, RewriteError>> {
+        let preparable = self.current
+            && flow.frag.is_none()
+            && flow.tci.is_none()
+            && out.action.vlan.is_none()
+            && out.next_hop.is_none();
+        if !preparable {
+            return None;
+        }
+        if self.by_output.len() <= oi {
+            self.by_output.resize(oi + 1, None);
+        }
+        Some(*self.by_output[oi].get_or_insert_with(|| Prepared::new(flow, &out.action)))
     }
 }
 
