@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeSet,
     io::{Read, Write},
-    net::IpAddr,
+    net::{IpAddr, Ipv6Addr},
     os::unix::net::UnixStream,
     path::Path,
     process::{Command, Stdio},
@@ -24,7 +24,7 @@ use relay::control::{Reply, Request};
 use relay_tests::{
     netns::require_root,
     relay_proc::{RelayProc, relay_bin},
-    topo::{SENDER_ADDR, SENDER_IF, Topology},
+    topo::{SENDER_ADDR, SENDER_ADDR6, SENDER_IF, Topology},
     traffic::{Flow, Limits, check_payload, join, listen, send},
 };
 
@@ -102,6 +102,92 @@ fn wait_file(path: &Path, what: &str) {
     }
 }
 
+/// Checks a capture of `--count 20` on a one-output rule with one worker: each datagram as it
+/// came in on rin (group, port, TTL or hop limit `received`), then as it went out on the
+/// egress (`sent`), in order, the payloads those the harness sent.
+fn check_pairs(
+    captured: &[Frame],
+    topo: &Topology,
+    received: (IpAddr, u16, u8),
+    sent: (IpAddr, u16, u8),
+) {
+    assert_eq!(captured.len(), 20, "--count 20");
+    let egress = &topo.receivers[0].relay_iface;
+    let sender_mac = mac_in(&topo.sender, SENDER_IF);
+    let egress_mac = mac_of(topo, egress);
+    for (k, pair) in captured.chunks(2).enumerate() {
+        let [(in_if, in_flags, in_frame), (out_if, out_flags, out_frame)] = pair else {
+            panic!("pairs");
+        };
+        assert_eq!((in_if.as_str(), *in_flags), ("rin", 0b01), "inbound on rin");
+        assert_eq!(
+            (out_if.as_str(), *out_flags),
+            (egress.as_str(), 0b10),
+            "outbound on the egress"
+        );
+        let (g, p, hops, payload) = inspect(in_frame, sender_mac);
+        assert_eq!((g, p, hops), received, "as received");
+        assert_eq!(check_payload(&payload), Some(k as u64));
+        let (g, p, hops, sent_payload) = inspect(out_frame, egress_mac);
+        assert_eq!(
+            (g, p, hops),
+            sent,
+            "as sent: remapped, TTL or hop limit - 1"
+        );
+        assert_eq!(sent_payload, payload);
+    }
+}
+
+/// How many lines of `tcpdump -nn -r file` contain each of `what`: the tool operators reach
+/// for reads the file too.
+fn tcpdump_counts(file: &Path, what: &[&str]) -> Vec<usize> {
+    let dump = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let text = String::from_utf8_lossy(&dump.stdout);
+    what.iter()
+        .map(|w| text.lines().filter(|l| l.contains(w)).count())
+        .collect()
+}
+
+/// Starts `relay capture --rule RULE --count 20 -w FILE` against `relay`, its stderr into
+/// `err`, and returns once it says it captures.
+fn capture_rule(relay: &RelayProc, rule: &str, file: &Path, err: &Path) -> std::process::Child {
+    let client = Command::new(relay_bin())
+        .args(["capture", "--rule", rule, "--count", "20", "-w"])
+        .arg(file)
+        .arg("--control")
+        .arg(&relay.control)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(err).unwrap())
+        .spawn()
+        .unwrap();
+    wait_file(err, &format!("capturing rule '{rule}'"));
+    client
+}
+
+/// Waits (10 s at most) for a `relay capture --count` client to end.
+fn wait_exit(client: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = client.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay capture --count did not end"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_capture_holds_each_frame_as_received_and_as_sent() {
     require_root();
@@ -115,16 +201,7 @@ fn a_capture_holds_each_frame_as_received_and_as_sent() {
     let dir = relay.config.parent().unwrap().to_path_buf();
     let file = dir.join("r.pcapng");
     let err = dir.join("capture.err");
-    let mut client = Command::new(relay_bin())
-        .args(["capture", "--rule", "r", "--count", "20", "-w"])
-        .arg(&file)
-        .arg("--control")
-        .arg(&relay.control)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    wait_file(&err, "capturing rule 'r'");
+    let mut client = capture_rule(&relay, "r", &file, &err);
     assert_eq!(
         join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, N))).unwrap(),
         N
@@ -136,61 +213,20 @@ fn a_capture_holds_each_frame_as_received_and_as_sent() {
         .map(|p| check_payload(p).unwrap())
         .collect();
     assert_eq!(got, all, "every datagram relayed");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = client.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "relay capture --count 20 did not end"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut client);
     let stderr = std::fs::read_to_string(&err).unwrap();
     assert!(status.success(), "{status}: {stderr}");
-
     let captured = frames(&std::fs::read(&file).unwrap());
-    assert_eq!(captured.len(), 20, "--count 20");
-    let sender_mac = mac_in(&topo.sender, SENDER_IF);
-    let egress_mac = mac_of(&topo, &r0.relay_iface);
-    // One worker: each datagram as it came in, then as it went out, in order.
-    for (k, pair) in captured.chunks(2).enumerate() {
-        let [(in_if, in_flags, in_frame), (out_if, out_flags, out_frame)] = pair else {
-            panic!("pairs");
-        };
-        assert_eq!((in_if.as_str(), *in_flags), ("rin", 0b01), "inbound on rin");
-        assert_eq!(
-            (out_if.as_str(), *out_flags),
-            (r0.relay_iface.as_str(), 0b10),
-            "outbound on the egress"
-        );
-        let (g, p, ttl, payload) = inspect(in_frame, sender_mac);
-        assert_eq!((g, p, ttl), (IpAddr::from(G1), 5000, 8), "as received");
-        assert_eq!(check_payload(&payload), Some(k as u64));
-        let (g, p, ttl, sent_payload) = inspect(out_frame, egress_mac);
-        assert_eq!(
-            (g, p, ttl),
-            (IpAddr::from(G2), 6000, 7),
-            "as sent: remapped, TTL - 1"
-        );
-        assert_eq!(sent_payload, payload);
-    }
-    // The tool operators reach for reads it too, with the groups, ports and TTLs as above.
-    let dump = Command::new("tcpdump")
-        .args(["-nn", "-v", "-r"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&dump.stdout);
-    assert!(
-        dump.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dump.stderr)
+    check_pairs(
+        &captured,
+        &topo,
+        (IpAddr::from(G1), 5000, 8),
+        (IpAddr::from(G2), 6000, 7),
     );
-    let lines = |what: &str| text.lines().filter(|l| l.contains(what)).count();
-    assert_eq!(lines("> 239.1.1.1.5000: UDP"), 10, "{text}");
-    assert_eq!(lines("> 239.2.2.2.6000: UDP"), 10, "{text}");
+    assert_eq!(
+        tcpdump_counts(&file, &["> 239.1.1.1.5000: UDP", "> 239.2.2.2.6000: UDP"]),
+        [10, 10]
+    );
 
     // Without --count it runs until Ctrl-C, and the file still ends with a whole frame.
     let file = dir.join("all.pcapng");
@@ -374,4 +410,61 @@ fn forwarding_keeps_its_rate_while_a_capture_client_does_not_read() {
         "{}",
         exit.stderr
     );
+}
+
+/// The same over IPv6: each datagram as received (its group, port and hop limit) and as
+/// sent (remapped, hop limit - 1), in pairs, the checksums valid, and tcpdump reads it.
+#[test]
+fn a_capture_of_ipv6_holds_each_frame_as_received_and_as_sent() {
+    require_root();
+    let _serial = serial();
+    const N: u64 = 60;
+    let g_in: Ipv6Addr = "ff18::1:1".parse().unwrap();
+    let g_out: Ipv6Addr = "ff18::2:2".parse().unwrap();
+    let topo = Topology::new(1).unwrap();
+    let rule = format!(
+        "rules:
+  - name: r6
+    input: {{ interface: rin, group: '{g_in}', port: 5000 }}
+    outputs:
+      - {{ interface: rout0, group: '{g_out}', port: 6000 }}
+"
+    );
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, &rule, &[]).unwrap();
+    let r0 = &topo.receivers[0];
+    let rx = listen(&r0.ns, g_out, 6000, r0.addr6, Limits::new(N)).unwrap();
+    let dir = relay.config.parent().unwrap().to_path_buf();
+    let file = dir.join("r6.pcapng");
+    let err = dir.join("capture6.err");
+    let status = {
+        let mut client = capture_rule(&relay, "r6", &file, &err);
+        assert_eq!(
+            join(send(&topo.sender, SENDER_ADDR6, Flow::new(g_in, 5000, N))).unwrap(),
+            N
+        );
+        let got: BTreeSet<u64> = join(rx)
+            .unwrap()
+            .iter()
+            .map(|p| check_payload(p).unwrap())
+            .collect();
+        assert_eq!(got, (0..N).collect(), "every datagram relayed");
+        wait_exit(&mut client)
+    };
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&err).unwrap()
+    );
+    let captured = frames(&std::fs::read(&file).unwrap());
+    check_pairs(
+        &captured,
+        &topo,
+        (IpAddr::from(g_in), 5000, 8),
+        (IpAddr::from(g_out), 6000, 7),
+    );
+    assert_eq!(
+        tcpdump_counts(&file, &["> ff18::1:1.5000: UDP", "> ff18::2:2.6000: UDP"]),
+        [10, 10]
+    );
+    stop_clean(relay, &topo);
 }
