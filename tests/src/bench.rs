@@ -2,7 +2,9 @@
 //! one veth topology in one run, with the traffic generator.
 //!
 //! Each row is repeated; the table gives the median and, for the delivered rate, the range.
-//! Rows of one run share the machine's state, so ratios between them are what to quote.
+//! Rows of one run share the machine's state, so ratios between them are what to quote. The
+//! repeats are interleaved (every row once, then every row again), so run k of two rows were
+//! made minutes apart at most and their ratio is a pair.
 
 use std::{
     fmt::Write as _,
@@ -278,41 +280,51 @@ pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String>
         "| scenario | payload B | offered | delivered pps per output (median, min–max) | loss % | p50 µs | p99 µs | p99.9 µs | forwarder CPU ns/pkt | forwarder RSS MiB |"
     );
     let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|");
+    // Every row's first run, then every row's second, and so on: this host's speed drifts by
+    // 10-20% over minutes (other tenants, its own background work), and a row whose runs all
+    // came together would carry that drift into its ratio to another row. Interleaved, each
+    // repeat is a paired comparison made at one moment.
+    let cells: Vec<(Scenario, usize, u64)> = scenarios()
+        .into_iter()
+        .filter(|sc| opts.only.is_empty() || opts.only.iter().any(|o| selects(o, &sc.name)))
+        .flat_map(|sc| {
+            opts.sizes
+                .iter()
+                .flat_map(move |&size| [opts.rate, 0].map(|rate| (sc.clone(), size, rate)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); cells.len()];
+    for rep in 0..opts.repeats {
+        for ((sc, size, rate), out) in cells.iter().zip(&mut samples) {
+            let (size, rate) = (*size, *rate);
+            let s = run_one(
+                &topo,
+                relay_bin,
+                gen_bin,
+                sc,
+                size,
+                rate,
+                opts.duration,
+                cpus,
+                opts.afxdp_sender,
+            )
+            .with_context(|| format!("{} {size} B rate {rate} run {rep}", sc.name))?;
+            eprintln!(
+                "bench: {} {size} B {}: {:.0} pps/output, loss {:.2}%, p99 {:.0} µs",
+                sc.name,
+                offered(rate),
+                s.delivered_pps,
+                s.loss_pct,
+                s.p99_us
+            );
+            out.push(s);
+        }
+    }
     let mut medians = Vec::new();
-    for sc in scenarios() {
-        if !opts.only.is_empty() && !opts.only.iter().any(|o| selects(o, &sc.name)) {
-            continue;
-        }
-        for &size in &opts.sizes {
-            for rate in [opts.rate, 0] {
-                let mut samples = Vec::new();
-                for rep in 0..opts.repeats {
-                    let s = run_one(
-                        &topo,
-                        relay_bin,
-                        gen_bin,
-                        &sc,
-                        size,
-                        rate,
-                        opts.duration,
-                        cpus,
-                        opts.afxdp_sender,
-                    )
-                    .with_context(|| format!("{} {size} B rate {rate} run {rep}", sc.name))?;
-                    eprintln!(
-                        "bench: {} {size} B {}: {:.0} pps/output, loss {:.2}%, p99 {:.0} µs",
-                        sc.name,
-                        offered(rate),
-                        s.delivered_pps,
-                        s.loss_pct,
-                        s.p99_us
-                    );
-                    samples.push(s);
-                }
-                let _ = writeln!(table, "{}", row(&sc, size, rate, &samples));
-                medians.push(Medians::of(&sc, size, rate, &samples));
-            }
-        }
+    for ((sc, size, rate), s) in cells.iter().zip(&samples) {
+        let _ = writeln!(table, "{}", row(sc, *size, *rate, s));
+        medians.push(Medians::of(sc, *size, *rate, s));
     }
     table.push_str(&floor_ratios(&medians));
     Ok(table)
@@ -448,6 +460,9 @@ struct Medians {
     pps: f64,
     cpu_ns: Option<f64>,
     loss_pct: f64,
+    /// Each run's delivered pps and CPU per packet, in run order: run k of every row was made
+    /// in the same round, so two rows' run k are a pair.
+    runs: Vec<(f64, Option<f64>)>,
 }
 
 impl Medians {
@@ -462,6 +477,10 @@ impl Medians {
             pps: median(s.iter().map(|x| x.delivered_pps).collect()),
             cpu_ns: (!cpu.is_empty()).then(|| median(cpu)),
             loss_pct: median(s.iter().map(|x| x.loss_pct).collect()),
+            runs: s
+                .iter()
+                .map(|x| (x.delivered_pps, x.cpu_ns_per_pkt))
+                .collect(),
         }
     }
 }
@@ -494,16 +513,32 @@ fn floor_ratios(rows: &[Medians]) -> String {
         };
         if out.is_empty() {
             out.push_str(
-                "\n| relay row ÷ floor row (same run) | payload B | offered | delivered pps | ratio | CPU ns/pkt | ratio | loss % relay / floor |\n|---|---|---|---|---|---|---|---|\n",
+                "\n| relay row ÷ floor row (same run) | payload B | offered | delivered pps | ratio of medians | paired ratio, median (min–max) | CPU ns/pkt | ratio of medians | paired ratio, median (min–max) | loss % relay / floor |\n|---|---|---|---|---|---|---|---|---|---|\n",
             );
         }
+        let pps_pairs: Vec<f64> = relay
+            .runs
+            .iter()
+            .zip(&floor.runs)
+            .filter(|(_, f)| f.0 > 0.0)
+            .map(|(r, f)| r.0 / f.0)
+            .collect();
+        let cpu_pairs: Vec<f64> = relay
+            .runs
+            .iter()
+            .zip(&floor.runs)
+            .filter_map(|(r, f)| match (r.1, f.1) {
+                (Some(r), Some(f)) if f > 0.0 => Some(r / f),
+                _ => None,
+            })
+            .collect();
         let cpu = match (relay.cpu_ns, floor.cpu_ns) {
             (Some(r), Some(f)) if f > 0.0 => format!("{r:.0} / {f:.0} | {:.2}", r / f),
             _ => "— | —".to_owned(),
         };
         let _ = writeln!(
             out,
-            "| {} ÷ {} | {} | {} | {:.0} / {:.0} | {:.2} | {} | {:.2} / {:.2} |",
+            "| {} ÷ {} | {} | {} | {:.0} / {:.0} | {:.2} | {} | {} | {} | {:.2} / {:.2} |",
             relay.name,
             floor.name,
             relay.size,
@@ -515,12 +550,24 @@ fn floor_ratios(rows: &[Medians]) -> String {
             } else {
                 0.0
             },
+            spread(&pps_pairs),
             cpu,
+            spread(&cpu_pairs),
             relay.loss_pct,
             floor.loss_pct,
         );
     }
     out
+}
+
+/// "median (min–max)" of a few ratios, or a dash when there are none.
+fn spread(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "—".to_owned();
+    }
+    let lo = v.iter().copied().fold(f64::MAX, f64::min);
+    let hi = v.iter().copied().fold(f64::MIN, f64::max);
+    format!("{:.2} ({lo:.2}–{hi:.2})", median(v.to_vec()))
 }
 
 fn offered(rate: u64) -> String {
