@@ -26,7 +26,7 @@ use crate::{
     allmulti::{self, AllMulti},
     config::Config,
     control,
-    datapath::Datapath,
+    datapath::{Datapath, Settings},
     loader::Steering,
     membership::Memberships,
     pool::AllocatorKind,
@@ -150,14 +150,16 @@ pub fn run(options: Options) -> Result<ExitCode> {
     }
     let (mut datapath, bindings) = Datapath::new(
         table.clone(),
-        config.umem.frames,
-        config.umem.frame_size,
-        config.bind,
-        allocator,
-        config.umem.separate.clone(),
-        workers,
-        config.cpus.clone(),
-        config.poll,
+        Settings {
+            frames: config.umem.frames,
+            frame_size: config.umem.frame_size,
+            bind: config.bind,
+            allocator,
+            separate: config.umem.separate.clone(),
+            workers,
+            cpus: config.cpus.clone(),
+            poll: config.poll,
+        },
     )?;
     for (ifindex, queue, fd) in &bindings {
         steering.set_socket(*ifindex, *queue, fd)?;

@@ -1,6 +1,8 @@
 //! How the UMEM's frames are shared between the places a frame can wait, so that none of them
 //! can starve the others: the ingress fill rings, the workers' caches, and what is in flight
-//! (TX and completion rings, lanes between workers, fan-out copies).
+//! (TX and completion rings, lanes between workers, fan-out copies). One egress whose TX ring
+//! never drains (its device stalled with the link up) may hold only its own share, so the
+//! others and the fill rings keep theirs.
 
 /// Frames one RX batch takes; an ingress fill ring needs at least this many to receive.
 const BATCH: usize = super::BATCH;
@@ -16,6 +18,10 @@ pub struct Budget {
     /// Frames one worker's cache may hold: all caches together at most a quarter of the UMEM,
     /// so the rest (a quarter at least) is always there for frames in flight.
     pub cache: usize,
+    /// Frames one egress socket may have on its TX and completion rings: a quarter of the
+    /// UMEM, at least a batch. What is beyond waits (a few batches) or is dropped as
+    /// `tx_ring_full`, as on a full ring.
+    pub tx_hold: usize,
 }
 
 impl Budget {
@@ -23,7 +29,15 @@ impl Budget {
         Budget {
             fill_total: frames / 2,
             cache: (frames / 4 / workers.max(1)).clamp(CACHE_MIN, CACHE_MAX),
+            tx_hold: (frames / 4).max(BATCH),
         }
+    }
+
+    /// Frames one staging list may keep waiting for TX ring room, beyond what the ring holds:
+    /// `waiting_max` batches at most, and never more than the socket's hold, so a stalled
+    /// egress keeps at most half the UMEM even at the smallest size.
+    pub fn waiting(&self, waiting_max: usize) -> usize {
+        waiting_max.min(self.tx_hold)
     }
 
     /// The fill target of each of `ingress_queues` queues, at most a ring's worth.
@@ -73,6 +87,10 @@ mod tests {
             prop_assert!(b.fill_target(queues, 2048) * queues <= b.fill_total);
             prop_assert!(b.cache * workers <= frames / 4);
             prop_assert!(b.fill_total + b.cache * workers + BATCH * workers <= frames);
+            // A stalled egress (its TX ring full and its staging list at the bound) leaves the
+            // fill rings their share and every worker its cache.
+            prop_assert!(b.tx_hold + b.waiting(4 * BATCH) <= frames / 2);
+            prop_assert!(b.tx_hold >= BATCH);
         }
     }
 
@@ -90,5 +108,11 @@ mod tests {
         // The defaults on a small machine keep the full-size cache.
         assert_eq!(Budget::new(4096, 2).cache, 512);
         assert!(minimum_frames(17, 1) > 4096);
+        // A stalled egress held a whole ring (2,048) and 256 waiting of the default 4,096,
+        // and all 256 of the smallest UMEM: now a quarter, and a quarter waiting at most.
+        let b = Budget::new(4096, 1);
+        assert_eq!((b.tx_hold, b.waiting(256)), (1024, 256));
+        let b = Budget::new(minimum_frames(1, 1), 1);
+        assert_eq!((b.tx_hold, b.waiting(256)), (64, 64));
     }
 }

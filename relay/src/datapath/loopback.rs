@@ -106,7 +106,7 @@ impl Loopback {
                 workers,
                 options.frame_size as usize,
                 options.allocator,
-                budget.cache,
+                &budget,
                 !options.sleep,
                 Arc::default(),
             )
@@ -166,6 +166,7 @@ impl Loopback {
                     fill_log: RingLog::new(RING),
                     tx_log: RingLog::new(RING),
                     dead: false,
+                    draining: true,
                     waiting: 0,
                 },
             ));

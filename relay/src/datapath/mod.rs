@@ -135,27 +135,38 @@ pub struct Retired {
     pub ingress: bool,
 }
 
+/// How a data path is made: the config's `umem:`, `bind:`, `workers:`, `cpus:` and `poll:`,
+/// and the allocator chosen at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub frames: u32,
+    pub frame_size: u32,
+    pub bind: BindMode,
+    pub allocator: AllocatorKind,
+    /// Interfaces whose sockets get a UMEM of their own.
+    pub separate: Vec<String>,
+    pub workers: usize,
+    /// CPUs to pin the workers to (worker i on `cpus[i % len]`).
+    pub cpus: Option<Vec<usize>>,
+    pub poll: crate::config::PollMode,
+}
+
 /// The data path before and while it runs.
 pub struct Datapath {
     shared: Arc<Shared<Xsk>>,
     pending: Vec<Vec<(usize, Port<Xsk>)>>,
     running: Vec<JoinHandle<WorkerReport<Xsk>>>,
     ports: Vec<PortMeta>,
-    bind: BindMode,
+    /// What it was made with; a rebuild makes its successor with the same.
+    settings: Settings,
     /// How the UMEM's frames are shared out.
     budget: budget::Budget,
-    frames: usize,
     /// The rx ring fd of each socket, by global id, for XSKMAP bindings.
     fds: Vec<RawFd>,
     /// The UMEMs made so far, by their slot in `Shared::domains`.
     domains: Vec<DomainMeta>,
-    /// Interfaces whose sockets get a UMEM of their own.
-    separate: Vec<String>,
-    allocator: AllocatorKind,
     /// Drivers a zero-copy bind failed on: not tried again.
     no_zerocopy: std::collections::HashSet<String>,
-    /// CPUs to pin the workers to (worker i on `cpus[i % len]`).
-    cpus: Option<Vec<usize>>,
     /// What monitors read: this data path's shared state, or its successor's after a rebuild.
     current: Arc<Mutex<Arc<Shared<Xsk>>>>,
 }
@@ -258,49 +269,27 @@ fn check_budget(frames: usize, ingress_queues: usize, workers: usize) -> Result<
 }
 
 impl Datapath {
-    /// Creates the UMEM and every socket, and assigns the sockets to `workers` threads. The
-    /// XDP program is not involved yet: the caller puts the returned bindings into the XSKMAP,
+    /// Creates the UMEM and every socket, and assigns the sockets to worker threads. The XDP
+    /// program is not involved yet: the caller puts the returned bindings into the XSKMAP,
     /// then calls [`Datapath::start`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        table: RuleTable,
-        frames: u32,
-        frame_size: u32,
-        bind: BindMode,
-        allocator: AllocatorKind,
-        separate: Vec<String>,
-        workers: usize,
-        cpus: Option<Vec<usize>>,
-        poll: crate::config::PollMode,
-    ) -> Result<(Self, Vec<XskBinding>)> {
-        Self::with_tap(
-            table,
-            frames,
-            frame_size,
-            bind,
-            allocator,
-            separate,
-            workers,
-            cpus,
-            poll,
-            Arc::default(),
-        )
+    pub fn new(table: RuleTable, settings: Settings) -> Result<(Self, Vec<XskBinding>)> {
+        Self::with_tap(table, settings, Arc::default())
     }
 
     /// As [`Datapath::new`], with the capture tap of the data path this one replaces.
-    #[allow(clippy::too_many_arguments)]
     fn with_tap(
         table: RuleTable,
-        frames: u32,
-        frame_size: u32,
-        bind: BindMode,
-        allocator: AllocatorKind,
-        separate: Vec<String>,
-        workers: usize,
-        cpus: Option<Vec<usize>>,
-        poll: crate::config::PollMode,
+        settings: Settings,
         tap: Arc<crate::capture::Tap>,
     ) -> Result<(Self, Vec<XskBinding>)> {
+        let Settings {
+            frames,
+            frame_size,
+            allocator,
+            workers,
+            poll,
+            ..
+        } = settings;
         let workers = workers.max(1);
         FrameSize::new(frame_size).map_err(|e| anyhow!("frame size: {e}"))?;
         NonZeroU32::new(frames).ok_or_else(|| anyhow!("zero frames"))?;
@@ -312,7 +301,7 @@ impl Datapath {
                 workers,
                 frame_size as usize,
                 allocator,
-                budget.cache,
+                &budget,
                 poll == crate::config::PollMode::Busy,
                 tap,
             )
@@ -323,16 +312,16 @@ impl Datapath {
             pending: (0..workers).map(|_| Vec::new()).collect(),
             running: Vec::new(),
             ports: Vec::new(),
-            bind,
             budget,
-            frames: frames as usize,
             fds: Vec::new(),
             domains: Vec::new(),
-            separate,
-            allocator,
             no_zerocopy: std::collections::HashSet::new(),
             current: Arc::new(Mutex::new(shared.clone())),
-            cpus: cpus.filter(|c| !c.is_empty()),
+            settings: Settings {
+                workers,
+                cpus: settings.cpus.filter(|c| !c.is_empty()),
+                ..settings
+            },
         };
         let (opened, bindings) = dp.open_sockets(&table)?;
         for (w, id, port) in opened {
@@ -442,6 +431,7 @@ impl Datapath {
                     fill_log: ringlog::RingLog::new(RING_SIZE as usize),
                     tx_log: ringlog::RingLog::new(RING_SIZE as usize),
                     dead: false,
+                    draining: true,
                     waiting: 0,
                 },
             ));
@@ -454,10 +444,10 @@ impl Datapath {
     /// UMEM first and the copy one if its driver refuses; a virtual one (veth, bridge, VLAN,
     /// tunnel) goes to the copy UMEM at once. Returns the UMEM's slot and the socket.
     fn bind_socket(&mut self, iface: &str, queue: u32) -> Result<(usize, socket::Bound)> {
-        let kinds = if self.separate.iter().any(|s| s == iface) {
+        let kinds = if self.settings.separate.iter().any(|s| s == iface) {
             vec![Kind::Own(iface.to_owned())]
         } else {
-            match self.bind {
+            match self.settings.bind {
                 BindMode::Copy => vec![Kind::Copy],
                 BindMode::Zerocopy => vec![Kind::Zerocopy],
                 BindMode::Auto => {
@@ -485,7 +475,7 @@ impl Datapath {
             let mode = match &kind {
                 Kind::Copy => BindMode::Copy,
                 Kind::Zerocopy => BindMode::Zerocopy,
-                Kind::Own(_) => self.bind,
+                Kind::Own(_) => self.settings.bind,
             };
             let umem = &self.shared.domain(d).umem;
             match socket::open_socket(umem, iface, queue, mode, first) {
@@ -523,7 +513,7 @@ impl Datapath {
                  restart it"
             ));
         }
-        let frames = self.frames as u32;
+        let frames = self.settings.frames;
         let frame_size = self.shared.frame_size as u32;
         let umem_config = UmemConfig::builder()
             .frame_size(FrameSize::new(frame_size).map_err(|e| anyhow!("frame size: {e}"))?)
@@ -549,7 +539,8 @@ impl Datapath {
             };
             anyhow!("creating the UMEM: {e}: {}; {hint}", describe_source(&e))
         })?;
-        let pool: Arc<dyn crate::pool::FramePool> = Arc::from(new_pool(self.allocator, frames));
+        let pool: Arc<dyn crate::pool::FramePool> =
+            Arc::from(new_pool(self.settings.allocator, frames));
         let made = self.shared.domains[slot].set(Domain {
             umem,
             frames: descs,
@@ -731,18 +722,7 @@ impl Datapath {
         let table = self.table();
         let (mut next, _) = Datapath::with_tap(
             RuleTable::default(),
-            self.frames as u32,
-            self.shared.frame_size as u32,
-            self.bind,
-            self.allocator,
-            self.separate.clone(),
-            self.shared.wakers.len(),
-            self.cpus.clone(),
-            if self.shared.busy_poll {
-                crate::config::PollMode::Busy
-            } else {
-                crate::config::PollMode::Sleep
-            },
+            self.settings.clone(),
             self.shared.tap.clone(),
         )?;
         next.current = self.current.clone();
@@ -772,7 +752,7 @@ impl Datapath {
     pub fn start(&mut self) -> Result<()> {
         for (id, ports) in std::mem::take(&mut self.pending).into_iter().enumerate() {
             let shared = self.shared.clone();
-            let cpu = self.cpus.as_ref().map(|c| c[id % c.len()]);
+            let cpu = self.settings.cpus.as_ref().map(|c| c[id % c.len()]);
             let handle = std::thread::Builder::new()
                 .name(format!("relay-worker-{id}"))
                 .spawn(move || {
@@ -802,7 +782,11 @@ impl Datapath {
     /// [`Datapath::commit`] or [`Datapath::abort`].
     pub fn prepare(&mut self, table: &RuleTable) -> Result<Prepared> {
         let queues = wanted_sockets(table).iter().filter(|w| w.3).count();
-        check_budget(self.frames, queues, self.shared.wakers.len())?;
+        check_budget(
+            self.settings.frames as usize,
+            queues,
+            self.shared.wakers.len(),
+        )?;
         let known = self.ports.len();
         let (opened, bindings) = self.open_sockets(table)?;
         Ok(Prepared {

@@ -438,3 +438,128 @@ fn a_worker_awaiting_only_completions_yields_its_cpu() {
         assert_books(&out, 8192);
     }
 }
+
+/// An egress whose device stops taking frames (link up, TX ring never drained) keeps a quarter
+/// of the UMEM on its ring and a bounded few waiting, and drops the rest as `tx_ring_full`;
+/// the other outputs of the same rule, a copy and the received frame, get every frame. When
+/// it could fill its whole ring (2,048), a UMEM of 1,024 frames was all on that ring and the
+/// healthy outputs got 960 frames of 20,000; at 4,096 it held 2,304, leaving the fill ring
+/// shallow.
+#[test]
+fn a_stalled_egress_keeps_its_share_and_the_other_outputs_flow() {
+    let yaml = "rules:
+  - name: fan
+    input: { interface: in0, group: 239.1.1.1, port: 5000 }
+    outputs: [ { interface: out0 }, { interface: out1 }, { interface: out2 } ]
+";
+    for (allocator, frames) in ALLOCATORS.into_iter().flat_map(|a| [(a, 1024), (a, 4096)]) {
+        let hold = frames as usize / 4;
+        let waiting = WAITING.min(hold);
+        let mut lb = Loopback::new(table(yaml), options(allocator, 1, frames)).unwrap();
+        let input = lb.wire("in0", 0).unwrap();
+        let outs: Vec<_> = ["out0", "out1", "out2"]
+            .iter()
+            .map(|n| lb.wire(n, 0).unwrap())
+            .collect();
+        outs[1].stall(true);
+        let total = 20_000u64;
+        let f = build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, 0));
+        input.stream(&f, total);
+        // Never idle while frames await completions on the stalled ring: stepped until every
+        // frame was taken, bounded.
+        for _ in 0..100_000 {
+            if lb.stats().rules[0].packets == total && input.waiting() == 0 {
+                break;
+            }
+            lb.step();
+        }
+        lb.step();
+        let s = lb.stats();
+        assert_eq!(s.rules[0].packets, total, "{allocator:?} {frames}");
+        for o in [0, 2] {
+            assert_eq!(outs[o].sent(), total, "{allocator:?} {frames}: out{o}");
+            let c = s.rules[0].outputs[o];
+            assert_eq!(
+                (c.packets, c.dropped()),
+                (total, 0),
+                "{allocator:?} {frames}: {c:?}"
+            );
+        }
+        let port = lb.port("out1", 0).unwrap();
+        assert_eq!(
+            port.in_tx, hold,
+            "{allocator:?} {frames}: the stalled one holds a quarter"
+        );
+        assert_eq!(port.waiting, waiting, "{allocator:?} {frames}");
+        let c = s.rules[0].outputs[1];
+        assert_eq!(c.packets, hold as u64, "{allocator:?} {frames}");
+        assert_eq!(c.no_frame, 0, "{allocator:?} {frames}");
+        assert_eq!(
+            c.tx_ring_full,
+            total - (hold + waiting) as u64,
+            "{allocator:?} {frames}"
+        );
+        // Moving again, it sends what it held and what waited.
+        outs[1].stall(false);
+        run_dry(&mut lb, &input);
+        assert_eq!(
+            outs[1].sent(),
+            (hold + waiting) as u64,
+            "{allocator:?} {frames}"
+        );
+        assert_books(&lb.stop(), frames);
+    }
+}
+
+/// A unicast output's rewrite is prepared once per stream like a group output's, with its
+/// next hop's MAC written per frame: a neighbour that changes in mid-stream is followed at the
+/// next frame, and one that goes away refuses the frames (`no_neighbour`). Every frame is the
+/// from-scratch rewrite's, byte for byte.
+#[test]
+fn a_unicast_output_follows_its_next_hop_mid_stream() {
+    let yaml = "rules:
+  - name: uni
+    input: { interface: in0, group: 239.1.1.1, port: 5000 }
+    outputs: [ { interface: out0, destination: 198.18.9.9, port: 7002, source: 198.18.11.1 } ]
+";
+    let (a, b) = ([0x02, 0xaa, 0, 0, 0, 1], [0x02, 0xbb, 0, 0, 0, 2]);
+    for allocator in ALLOCATORS {
+        let mut rules = table(yaml);
+        assert_eq!(rules.unicast_targets().len(), 1);
+        let slot = Arc::new(crate::nexthop::NextHopSlot::new());
+        rules.set_next_hops(vec![slot.clone()]);
+        let action = rules.rules[0].outputs[0].action;
+        let mut lb = Loopback::new(rules, options(allocator, 1, 4096)).unwrap();
+        let (input, output) = (lb.wire("in0", 0).unwrap(), lb.wire("out0", 0).unwrap());
+        output.capture();
+        let mut want = Vec::new();
+        let mut n = 0;
+        for (mac, frames) in [(Some(a), 300), (Some(b), 300), (None, 50), (Some(a), 300)] {
+            slot.set(mac);
+            for _ in 0..frames {
+                let frame = build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, n));
+                n += 1;
+                if mac.is_some() {
+                    let mut expect = frame.clone();
+                    let flow = crate::wire::classify(&expect).unwrap();
+                    let action = crate::rewrite::OutputAction {
+                        next_hop_mac: mac,
+                        ..action
+                    };
+                    crate::rewrite::rewrite(&mut expect, &flow, &action).unwrap();
+                    want.push(expect);
+                }
+                input.send(frame);
+            }
+            run_dry(&mut lb, &input);
+        }
+        let got = output.take_captured();
+        assert_eq!(got.len(), want.len(), "{allocator:?}");
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "{allocator:?}: frame {k}");
+        }
+        let c = lb.stats().rules[0].outputs[0];
+        assert_eq!((c.packets, c.no_neighbour), (900, 50), "{allocator:?}");
+        assert_books(&lb.stop(), 4096);
+    }
+}
