@@ -1611,7 +1611,20 @@ struct StreamRewrites {
     /// The frame being forwarded is of that stream.
     current: bool,
     /// By output; `None` until the output's first frame of the stream.
-    by_output: Vec<Option<Result<Prepared, RewriteError>>>,
+    by_output: Vec<Option<Ready>>,
+}
+
+/// An output's rewrite for the current stream.
+#[derive(Debug, Clone, Copy)]
+enum Ready {
+    /// Applied as it is.
+    Group(Prepared),
+    /// Applied with the next hop's MAC of the moment written in: a unicast output's next hop
+    /// can change in mid-stream. Its own variant, so a group output's frames never look at a
+    /// neighbour slot (a load per output per frame, 2 ns each at 1->8).
+    Unicast(Prepared),
+    /// Every frame of the stream is refused, for this reason.
+    Refused(RewriteError),
 }
 
 impl StreamRewrites {
@@ -1652,16 +1665,20 @@ impl StreamRewrites {
         flow: &crate::wire::Flow,
         data: &mut impl FrameMut,
     ) -> Result<(), RewriteError> {
-        if let Some(Some(Ok(p))) = self.by_output.get(oi)
-            && self.current
-            && flow.tci.is_none()
-        {
+        if self.current && flow.tci.is_none() {
             // Entries exist only for outputs that can have one, and go with the stream.
-            return apply(p, out, flow, data.contents_mut());
+            match self.by_output.get(oi) {
+                Some(Some(Ready::Group(p))) => return p.apply(data.contents_mut(), flow),
+                Some(Some(Ready::Unicast(p))) => {
+                    return to_next_hop(p, out, flow, data.contents_mut());
+                }
+                _ => {}
+            }
         }
         match self.prepare(oi, out, flow) {
-            Some(Ok(p)) => apply(&p, out, flow, data.contents_mut()),
-            Some(Err(e)) => Err(e),
+            Some(Ready::Group(p)) => p.apply(data.contents_mut(), flow),
+            Some(Ready::Unicast(p)) => to_next_hop(&p, out, flow, data.contents_mut()),
+            Some(Ready::Refused(e)) => Err(e),
             None => rewrite_frame(data, flow, &resolved_action(out)),
         }
     }
@@ -1676,7 +1693,7 @@ impl StreamRewrites {
         oi: usize,
         out: &crate::rules::CompiledOutput,
         flow: &crate::wire::Flow,
-    ) -> Option<Result<Prepared, RewriteError>> {
+    ) -> Option<Ready> {
         let preparable =
             self.current && flow.frag.is_none() && flow.tci.is_none() && out.action.vlan.is_none();
         if !preparable {
@@ -1685,10 +1702,10 @@ impl StreamRewrites {
         if self.by_output.len() <= oi {
             self.by_output.resize(oi + 1, None);
         }
-        Some(
-            *self.by_output[oi].get_or_insert_with(|| match out.next_hop {
-                // A unicast output's next hop can change in mid-stream: its MAC is written per
-                // frame (`apply`), everything else is the stream's.
+        Some(*self.by_output[oi].get_or_insert_with(|| {
+            let prepared = match out.next_hop {
+                // The MAC is written per frame (`to_next_hop`); everything else is the
+                // stream's.
                 Some(_) => Prepared::new(
                     flow,
                     &OutputAction {
@@ -1697,25 +1714,31 @@ impl StreamRewrites {
                     },
                 ),
                 None => Prepared::new(flow, &out.action),
-            }),
-        )
+            };
+            match prepared {
+                Ok(p) if out.next_hop.is_some() => Ready::Unicast(p),
+                Ok(p) => Ready::Group(p),
+                Err(e) => Ready::Refused(e),
+            }
+        }))
     }
 }
 
-/// Applies output `out`'s prepared rewrite to a frame, with a unicast output's next-hop MAC as
-/// its neighbour slot has it now (refused, the frame untouched, if it has none since the
-/// verdict looked).
-#[inline(always)]
-fn apply(
+/// Applies a unicast output's prepared rewrite to a frame, with the next hop's MAC as its
+/// neighbour slot has it now (refused, the frame untouched, if it has none since the verdict
+/// looked).
+#[inline]
+fn to_next_hop(
     p: &Prepared,
     out: &crate::rules::CompiledOutput,
     flow: &crate::wire::Flow,
     frame: &mut [u8],
 ) -> Result<(), RewriteError> {
-    let Some(slot) = &out.next_hop else {
-        return p.apply(frame, flow);
-    };
-    let mac = slot.mac().ok_or(RewriteError::NoNeighbour)?;
+    let mac = out
+        .next_hop
+        .as_ref()
+        .and_then(|slot| slot.mac())
+        .ok_or(RewriteError::NoNeighbour)?;
     p.apply(frame, flow)?;
     frame[..6].copy_from_slice(&mac);
     Ok(())
