@@ -357,6 +357,8 @@ mod tests {
             copies: 0,
             cross_umem: 0,
             capture_dropped: 0,
+            kicks: 0,
+            yields: 0,
             sockets: Vec::new(),
         })
     }

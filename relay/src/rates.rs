@@ -32,7 +32,8 @@ pub struct Rates {
     pub seconds: f64,
     pub rules: Vec<RuleRates>,
     pub xdp: Vec<(String, Rate)>,
-    /// The data path's own: unmatched, malformed, copies, cross_umem, capture_dropped.
+    /// The data path's own: unmatched, malformed, copies, cross_umem, capture_dropped, and
+    /// its workers' kicks and yields.
     pub datapath: Vec<(String, Rate)>,
     pub sockets: Vec<SocketRates>,
     /// The pool as it is now (a gauge, not a rate).
@@ -129,6 +130,8 @@ pub fn rates(before: &StatsView, now: &StatsView, seconds: f64) -> Rates {
             before.capture_dropped,
             now.capture_dropped,
         ),
+        ("kicks", before.kicks, now.kicks),
+        ("yields", before.yields, now.yields),
     ]
     .into_iter()
     .map(|(k, b, n)| (k.to_owned(), rate(Some(b), n, seconds)))

@@ -276,6 +276,7 @@ impl StatsView {
             "datapath: unmatched={} malformed={} copies={} cross_umem={} capture_dropped={}",
             self.unmatched, self.malformed, self.copies, self.cross_umem, self.capture_dropped
         );
+        let _ = writeln!(s, "workers: kicks={} yields={}", self.kicks, self.yields);
         let mut k = Columns::new(&[]);
         for sock in &self.sockets {
             let fields: Vec<String> = sock

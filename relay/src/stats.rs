@@ -35,6 +35,14 @@ pub struct StatsView {
     /// frames themselves were forwarded.
     #[serde(default)]
     pub capture_dropped: u64,
+    /// TX kicks (sendto on an AF_XDP socket) the workers made: the system calls they pay to
+    /// transmit.
+    #[serde(default)]
+    pub kicks: u64,
+    /// Times a `poll: sleep` worker that only awaited TX completions gave its CPU up, so the
+    /// kernel's deferred work that produces them could run.
+    #[serde(default)]
+    pub yields: u64,
     /// The IGMP/MLD querier on each interface with an on-demand output, with its members
     /// (`relay members`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -388,6 +396,8 @@ impl StatsView {
             copies: stats.copies,
             cross_umem: stats.cross_umem,
             capture_dropped: stats.capture_dropped,
+            kicks: stats.kicks,
+            yields: stats.yields,
             queriers: Vec::new(),
             sockets: Vec::new(),
         }
@@ -586,6 +596,15 @@ impl StatsView {
             .collect(),
         );
         family(
+            "relay_worker_events_total",
+            "counter",
+            "What the data path's workers did besides forwarding: TX kicks (kicks: sendto calls on AF_XDP sockets) and times a sleeping-mode worker that awaited only TX completions gave its CPU up (yields).",
+            [("kicks", self.kicks), ("yields", self.yields)]
+                .into_iter()
+                .map(|(k, v)| (format!("{{event=\"{k}\"}}"), v))
+                .collect(),
+        );
+        family(
             "relay_socket_packets_total",
             "counter",
             "The kernel's counters of each AF_XDP socket (XDP_STATISTICS): frames dropped before the relay saw them (rx_dropped, rx_ring_full), times the fill ring was empty (fill_ring_empty), invalid descriptors (rx_invalid, tx_invalid).",
@@ -677,6 +696,8 @@ mod tests {
             rejected: 0,
         };
         d.unmatched = 3;
+        d.kicks = 40;
+        d.yields = 2;
         d.malformed = 2;
         StatsView {
             sockets: vec![SocketCounters {
@@ -926,9 +947,19 @@ mod tests {
         );
         assert!(
             t.contains(
-                "datapath: unmatched=3 malformed=2 copies=0 cross_umem=0 capture_dropped=0\n"
+                "datapath: unmatched=3 malformed=2 copies=0 cross_umem=0 capture_dropped=0\n\
+                 workers: kicks=40 yields=2\n"
             ),
             "{t}"
+        );
+        let prom = view().render_prometheus();
+        assert!(
+            prom.contains("relay_worker_events_total{event=\"kicks\"} 40\n"),
+            "{prom}"
+        );
+        assert!(
+            prom.contains("relay_worker_events_total{event=\"yields\"} 2\n"),
+            "{prom}"
         );
         assert!(
             t.contains(

@@ -253,7 +253,6 @@ struct Sample {
 /// Runs every scenario and returns the markdown table.
 pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String> {
     require_root();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let wanted = scenarios()
         .into_iter()
         .filter(|sc| opts.only.is_empty() || opts.only.iter().any(|o| selects(o, &sc.name)))
@@ -294,22 +293,13 @@ pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String>
                 .collect::<Vec<_>>()
         })
         .collect();
+    let bench = Bench::new(&topo, relay_bin, gen_bin, opts);
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); cells.len()];
     for rep in 0..opts.repeats {
         for ((sc, size, rate), out) in cells.iter().zip(&mut samples) {
             let (size, rate) = (*size, *rate);
-            let s = run_one(
-                &topo,
-                relay_bin,
-                gen_bin,
-                sc,
-                size,
-                rate,
-                opts.duration,
-                cpus,
-                opts.afxdp_sender,
-            )
-            .with_context(|| format!("{} {size} B rate {rate} run {rep}", sc.name))?;
+            let s = run_one(&bench, sc, size, rate)
+                .with_context(|| format!("{} {size} B rate {rate} run {rep}", sc.name))?;
             eprintln!(
                 "bench: {} {size} B {}: {:.0} pps/output, loss {:.2}%, p99 {:.0} µs",
                 sc.name,
@@ -339,7 +329,6 @@ pub fn run(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String>
 /// loses), so the relay is measured against a rate the kernel really holds.
 pub fn loss_free(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<String> {
     require_root();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let topo = Topology::new(1)?;
     for r in &topo.receivers {
         r.ns.exec(&["sysctl", "-qw", "net.core.rmem_max=16777216"])?;
@@ -351,19 +340,10 @@ pub fn loss_free(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<S
         extra_rules: 0,
         addressing: Addressing::Multicast,
     };
+    let bench = Bench::new(&topo, relay_bin, gen_bin, opts);
     let probe = |sc: &Scenario, size: usize, rate: u64| -> Result<Sample> {
-        run_one(
-            &topo,
-            relay_bin,
-            gen_bin,
-            sc,
-            size,
-            rate,
-            opts.duration,
-            cpus,
-            opts.afxdp_sender,
-        )
-        .with_context(|| format!("{} {size} B at {rate} pps", sc.name))
+        run_one(&bench, sc, size, rate)
+            .with_context(|| format!("{} {size} B at {rate} pps", sc.name))
     };
     let mut table = String::new();
     let _ = writeln!(
@@ -841,17 +821,40 @@ fn start(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_one(
-    topo: &Topology,
-    relay_bin: &Path,
-    gen_bin: &Path,
-    sc: &Scenario,
-    size: usize,
-    rate: u64,
+/// What every run of one bench invocation shares.
+#[derive(Clone, Copy)]
+struct Bench<'a> {
+    topo: &'a Topology,
+    relay_bin: &'a Path,
+    gen_bin: &'a Path,
+    /// Seconds the sender sends per run.
     duration: f64,
     cpus: usize,
     afxdp_sender: bool,
-) -> Result<Sample> {
+}
+
+impl<'a> Bench<'a> {
+    fn new(topo: &'a Topology, relay_bin: &'a Path, gen_bin: &'a Path, opts: &BenchOpts) -> Self {
+        Bench {
+            topo,
+            relay_bin,
+            gen_bin,
+            duration: opts.duration,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            afxdp_sender: opts.afxdp_sender,
+        }
+    }
+}
+
+fn run_one(bench: &Bench, sc: &Scenario, size: usize, rate: u64) -> Result<Sample> {
+    let Bench {
+        topo,
+        relay_bin,
+        gen_bin,
+        duration,
+        cpus,
+        afxdp_sender,
+    } = *bench;
     let fwd = start(topo, relay_bin, gen_bin, sc, cpus)?;
     let mut receivers = Vec::new();
     for r in &topo.receivers[..sc.outputs] {
