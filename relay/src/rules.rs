@@ -130,19 +130,34 @@ impl CompiledRule {
         .chain(self.legs.iter().copied())
     }
 
-    /// The leg a frame of this rule arrived on: the first whose interface, destination and
-    /// port it has (0 for a rule with one input).
+    /// The leg a frame of this rule arrived on: of those whose interface, destination,
+    /// source, port and VLAN it has, the most specific, as the lookup ranks keys (a VLAN
+    /// over none, then the longer group prefix, the longer source prefix, a port over none);
+    /// 0 for a rule with one input. Legs on one trunk that differ only by VID, or on one
+    /// link only by source, are told apart.
     pub fn leg_of(&self, ifindex: u32, flow: &Flow) -> usize {
         if self.legs.is_empty() {
             return 0;
         }
         self.inputs()
-            .position(|i| {
+            .enumerate()
+            .filter(|(_, i)| {
                 i.ifindex == ifindex
                     && i.prefix.contains(flow.group)
                     && i.port.is_none_or(|p| p == flow.port)
+                    && i.source.is_none_or(|s| s.contains(flow.source))
+                    && crate::vlan::Vlan::takes(i.vlan, flow.tci)
             })
-            .unwrap_or(0)
+            .max_by_key(|(n, i)| {
+                (
+                    i.vlan.is_some(),
+                    i.prefix.len,
+                    i.source.map_or(0, |s| s.len + 1),
+                    i.port.is_some(),
+                    std::cmp::Reverse(*n),
+                )
+            })
+            .map_or(0, |(n, _)| n)
     }
 }
 
@@ -750,12 +765,7 @@ mod tests {
     /// Whether an input's `vlan:` takes a frame with this tag control word (VID 0 is a
     /// priority tag: untagged).
     pub(crate) fn vlan_covers(vlan: Option<Vlan>, tci: Option<u16>) -> bool {
-        let vid = tci.map(|t| t & 0x0fff).filter(|&v| v != 0);
-        match vlan {
-            None => true,
-            Some(Vlan::Untagged) => vid.is_none(),
-            Some(Vlan::Id(v)) => vid == Some(v),
-        }
+        Vlan::takes(vlan, tci)
     }
 
     /// The reference model, by brute force over the rules: among those whose input covers
@@ -931,6 +941,35 @@ mod tests {
             Just(Vlan::Untagged),
             (10u16..12).prop_map(Vlan::Id)
         ])
+    }
+
+    /// Legs that differ only by VID (red and blue on one trunk), or only by source (two
+    /// senders of one group on one link), are told apart, and a leg with a VLAN or a source
+    /// outranks one without, as the lookup ranks keys; a frame no leg takes counts as the
+    /// first.
+    #[test]
+    fn legs_on_one_link_differ_by_vid_or_source() {
+        let cfg = Config::parse(
+            "t",
+            "rules:\n  - name: trunk\n    inputs:\n      - {interface: in0, group: 239.1.1.1, port: 5000, vlan: 10}\n      - {interface: in0, group: 239.1.1.1, port: 5000, vlan: 20}\n    merge: rtp\n    outputs: [{interface: out0}]\n  - name: ssm\n    inputs:\n      - {interface: in0, group: 239.2.2.2, port: 5000}\n      - {interface: in0, group: 239.2.2.2, port: 5000, source: 198.18.0.9}\n    merge: rtp\n    outputs: [{interface: out0}]\n",
+        )
+        .unwrap();
+        let t = RuleTable::compile(&cfg, "t", &fake()).unwrap();
+        let in0 = fake().interface("in0").unwrap().ifindex;
+        let tagged = |tci| Flow {
+            tci: Some(tci),
+            ..flow([239, 1, 1, 1], [198, 18, 0, 1], 5000)
+        };
+        let trunk = &t.rules[0];
+        // The priority bits are not the VID.
+        assert_eq!(trunk.leg_of(in0, &tagged(0x000a)), 0);
+        assert_eq!(trunk.leg_of(in0, &tagged(0x6014)), 1);
+        assert_eq!(trunk.leg_of(in0, &tagged(0x001e)), 0, "no leg takes VID 30");
+        let ssm = &t.rules[1];
+        let from = |s: [u8; 4]| flow([239, 2, 2, 2], s, 5000);
+        assert_eq!(ssm.leg_of(in0, &from([198, 18, 0, 1])), 0);
+        assert_eq!(ssm.leg_of(in0, &from([198, 18, 0, 9])), 1, "the source leg");
+        assert_eq!(t.lookup(in0, &from([198, 18, 0, 9])), Some(1));
     }
 
     /// A merged rule: each leg's key finds the rule and tells its leg, the outputs send the

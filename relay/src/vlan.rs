@@ -53,6 +53,17 @@ impl Vlan {
         }
     }
 
+    /// Whether an input with this `vlan:` (`None`: none given, any frame) takes a frame with
+    /// this tag control word; VID 0 is a priority tag, so untagged.
+    pub fn takes(vlan: Option<Vlan>, tci: Option<u16>) -> bool {
+        let vid = tci.map(|t| t & 0x0fff).filter(|&v| v != 0);
+        match vlan {
+            None => true,
+            Some(Vlan::Untagged) => vid.is_none(),
+            Some(Vlan::Id(v)) => vid == Some(v),
+        }
+    }
+
     /// Whether this names a usable VLAN: `untagged`, or a VID from 1 to 4094.
     pub fn is_valid(self) -> bool {
         match self {

@@ -103,6 +103,8 @@ struct Run {
     passed: Vec<u64>,
     matched: u64,
     copies: u64,
+    /// The first rule's merge counters, if it merges.
+    merge: Option<relay::stats::MergeView>,
 }
 
 /// `relayed` and `passed` bound how many frames the captures wait for; `matched` is how many
@@ -181,6 +183,7 @@ fn run(
         passed,
         matched: after.xdp["matched"] - before.xdp["matched"],
         copies: after.copies - before.copies,
+        merge: after.rules[0].merge.clone(),
     }
 }
 
@@ -427,4 +430,83 @@ fn a_reload_moves_vlans_and_keeps_counters_by_output_identity() {
         "{}",
         exit.stdout
     );
+}
+
+/// Merged legs on one trunk, told apart by VID (a red/blue pair carried as two VLANs): each
+/// sequence number goes out once on each output, from whichever leg brought it first, the
+/// tagged output keeping the priority of that leg's frame; frames on other VIDs or untagged
+/// are the kernel's; the merge counts each leg's firsts, duplicates and gaps.
+fn merged_legs_on_vlans(allocator: &str) {
+    let yaml = "\
+rules:
+  - name: ab
+    inputs:
+      - { interface: rin, group: 239.1.1.1, port: 5000, vlan: 10 }
+      - { interface: rin, group: 239.1.1.1, port: 5000, vlan: 20 }
+    merge: { offset: 0, bytes: 8 }
+    outputs: [{ interface: rout0 }, { interface: rout1, vlan: 30 }]
+";
+    // Leg A (PCP 0, VID 10) misses every fifth number, leg B (PCP 3, VID 20) every seventh,
+    // so 35 is carried by neither; A's copy of a number is sent before B's.
+    let (a, b) = (0x000a, 0x6014);
+    let mut frames = Vec::new();
+    for seq in 1..=40u64 {
+        if seq % 5 != 0 {
+            frames.push(frame("239.1.1.1", 5000, Some(a), seq, 64));
+        }
+        if seq % 7 != 0 {
+            frames.push(frame("239.1.1.1", 5000, Some(b), seq, 64));
+        }
+    }
+    frames.push(frame("239.1.1.1", 5000, None, 100, 64));
+    frames.push(frame("239.1.1.1", 5000, Some(30), 101, 64));
+    let carried: Vec<u64> = (1..=40).filter(|s| *s != 35).collect();
+    let r = run(yaml, allocator, frames, (carried.len(), 2, 32 + 35));
+    let untagged: BTreeMap<u64, Got> = carried.iter().map(|&s| (s, v4(None, 5000))).collect();
+    assert_eq!(r.relayed[0], untagged, "rout0: each number once, untagged");
+    // Where A missed a number, B's frame went first, and its priority with it.
+    let tagged: BTreeMap<u64, Got> = carried
+        .iter()
+        .map(|&s| (s, v4(Some(if s % 5 == 0 { 0x601e } else { 0x001e }), 5000)))
+        .collect();
+    assert_eq!(
+        r.relayed[1], tagged,
+        "rout1: VID 30, the first leg's priority"
+    );
+    assert_eq!(
+        r.passed,
+        vec![100, 101],
+        "other VIDs and untagged frames are the kernel's"
+    );
+    assert_eq!(
+        r.matched,
+        32 + 35,
+        "the XDP program takes both legs' frames"
+    );
+    assert_eq!(
+        r.copies,
+        carried.len() as u64,
+        "duplicates are dropped before any copy"
+    );
+    let m = r.merge.expect("a merged rule");
+    assert_eq!((m.relayed, m.lost, m.malformed), (39, 1, 0), "{m:?}");
+    let legs: Vec<[u64; 4]> = m
+        .legs
+        .iter()
+        .map(|l| [l.received, l.first, l.duplicate, l.gaps])
+        .collect();
+    // A: 32 received, all first; it skipped 5, 10, ... 35 before a later number (40, its
+    // last miss, has nothing after it). B: 35 received, first only where A missed (5, 10,
+    // 15, 20, 25, 30, 40); it skipped 7, 14, 21, 28 and 35.
+    assert_eq!(legs, vec![[32, 32, 0, 7], [35, 7, 28, 5]], "{m:?}");
+}
+
+#[test]
+fn merged_legs_on_vlans_lockfree() {
+    merged_legs_on_vlans("lockfree");
+}
+
+#[test]
+fn merged_legs_on_vlans_mutex() {
+    merged_legs_on_vlans("mutex");
 }
