@@ -9,6 +9,9 @@ const BATCH: usize = super::BATCH;
 /// A worker's cache never holds more than this.
 const CACHE_MAX: usize = 512;
 const CACHE_MIN: usize = 16;
+/// The fewest and the most entries an RX or fill ring is made with.
+const RING_MIN: usize = super::RING_SIZE as usize;
+const RING_MAX: usize = 16384;
 
 /// The shares of a UMEM of a given size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +25,11 @@ pub struct Budget {
     /// UMEM, at least a batch. What is beyond waits (a few batches) or is dropped as
     /// `tx_ring_full`, as on a full ring.
     pub tx_hold: usize,
+    /// Entries of each RX and fill ring: the fill rings' share, rounded up to a power of two
+    /// (2,048 to 16,384). While a worker is off its CPU the kernel moves frames from the fill
+    /// ring to the RX ring, and stops when either runs out: so the share buys time only if
+    /// both rings can hold it. With rings of a fixed 2,048 a larger UMEM bought nothing.
+    pub ingress_ring: usize,
 }
 
 impl Budget {
@@ -30,6 +38,7 @@ impl Budget {
             fill_total: frames / 2,
             cache: (frames / 4 / workers.max(1)).clamp(CACHE_MIN, CACHE_MAX),
             tx_hold: (frames / 4).max(BATCH),
+            ingress_ring: (frames / 2).next_power_of_two().clamp(RING_MIN, RING_MAX),
         }
     }
 
@@ -41,11 +50,11 @@ impl Budget {
     }
 
     /// The fill target of each of `ingress_queues` queues, at most a ring's worth.
-    pub fn fill_target(&self, ingress_queues: usize, ring_size: usize) -> usize {
+    pub fn fill_target(&self, ingress_queues: usize) -> usize {
         // Counted are the frames in the fill ring and those received and not yet consumed
-        // (the RX ring): up to a ring of each, so a worker that falls behind for a moment
-        // leaves a full fill ring behind its backlog rather than an empty one.
-        (self.fill_total / ingress_queues.max(1)).min(2 * ring_size)
+        // (the RX ring), so a worker that falls behind for a moment leaves a full fill ring
+        // behind its backlog rather than an empty one.
+        (self.fill_total / ingress_queues.max(1)).min(self.ingress_ring)
     }
 }
 
@@ -83,8 +92,13 @@ mod tests {
         fn shares_fit(queues in 1usize..64, workers in 1usize..64, extra in 0usize..100_000) {
             let frames = minimum_frames(queues, workers) + extra;
             let b = Budget::new(frames, workers);
-            prop_assert!(b.fill_target(queues, 2048) >= 2 * BATCH);
-            prop_assert!(b.fill_target(queues, 2048) * queues <= b.fill_total);
+            prop_assert!(b.fill_target(queues) >= 2 * BATCH);
+            prop_assert!(b.fill_target(queues) * queues <= b.fill_total);
+            // The rings hold the share (a stall as long as the share lasts loses nothing),
+            // up to the largest ring.
+            prop_assert!(b.ingress_ring.is_power_of_two());
+            prop_assert!(b.fill_target(queues) <= b.ingress_ring);
+            prop_assert!(b.ingress_ring >= b.fill_total.min(RING_MAX));
             prop_assert!(b.cache * workers <= frames / 4);
             prop_assert!(b.fill_total + b.cache * workers + BATCH * workers <= frames);
             // A stalled egress (its TX ring full and its staging list at the bound) leaves the
@@ -101,7 +115,7 @@ mod tests {
         // ring 128.
         assert_eq!(minimum_frames(16, 16), 4096);
         let b = Budget::new(4096, 16);
-        assert_eq!((b.cache, b.fill_target(16, 2048)), (64, 128));
+        assert_eq!((b.cache, b.fill_target(16)), (64, 128));
         // 512 frames and 2 workers delivered 128 of 64,000: now each cache holds 64.
         assert_eq!(minimum_frames(1, 2), 512);
         assert_eq!(Budget::new(512, 2).cache, 64);
@@ -114,5 +128,20 @@ mod tests {
         assert_eq!((b.tx_hold, b.waiting(256)), (1024, 256));
         let b = Budget::new(minimum_frames(1, 1), 1);
         assert_eq!((b.tx_hold, b.waiting(256)), (64, 64));
+        // umem.frames 8,192 was documented as a buffer twice as deep, but the RX and fill
+        // rings stayed at 2,048 entries, so a stall lost frames after 2,048 whatever the
+        // UMEM: now the rings grow with the share.
+        let ring = |frames| Budget::new(frames, 1).ingress_ring;
+        assert_eq!(
+            [
+                ring(512),
+                ring(4096),
+                ring(8192),
+                ring(16384),
+                ring(1 << 20)
+            ],
+            [2048, 2048, 4096, 8192, 16384]
+        );
+        assert_eq!(Budget::new(8192, 1).fill_target(1), 4096);
     }
 }

@@ -48,7 +48,8 @@ use crate::{
     rules::RuleTable,
 };
 
-/// Ring sizes. The fill ring of an ingress socket is kept at most this full.
+/// TX and completion ring sizes, and the least RX and fill rings are made with (those grow
+/// with the UMEM: `Budget::ingress_ring`).
 const RING_SIZE: u32 = 2048;
 /// Frames handled per RX ring operation.
 const BATCH: usize = 64;
@@ -420,6 +421,7 @@ impl Datapath {
                         rx: b.rx,
                         fq: b.fq,
                         cq: b.cq,
+                        fill_size: self.budget.ingress_ring as u32,
                     },
                     in_fill: 0,
                     in_tx: 0,
@@ -428,7 +430,7 @@ impl Datapath {
                     down: false,
                     mtu,
                     link: Some(link),
-                    fill_log: ringlog::RingLog::new(RING_SIZE as usize),
+                    fill_log: ringlog::RingLog::new(self.budget.ingress_ring),
                     tx_log: ringlog::RingLog::new(RING_SIZE as usize),
                     dead: false,
                     draining: true,
@@ -478,7 +480,8 @@ impl Datapath {
                 Kind::Own(_) => self.settings.bind,
             };
             let umem = &self.shared.domain(d).umem;
-            match socket::open_socket(umem, iface, queue, mode, first) {
+            let rx_ring = self.budget.ingress_ring as u32;
+            match socket::open_socket(umem, iface, queue, mode, first, rx_ring) {
                 Ok(b) => return Ok((d, b)),
                 Err(e) if e.downcast_ref::<socket::NoZeroCopy>().is_some() => {
                     if let Some(driver) = socket::driver(iface) {
@@ -515,9 +518,10 @@ impl Datapath {
         }
         let frames = self.settings.frames;
         let frame_size = self.shared.frame_size as u32;
+        let ingress_ring = self.budget.ingress_ring as u32;
         let umem_config = UmemConfig::builder()
             .frame_size(FrameSize::new(frame_size).map_err(|e| anyhow!("frame size: {e}"))?)
-            .fill_queue_size(QueueSize::new(RING_SIZE).map_err(|e| anyhow!("{e}"))?)
+            .fill_queue_size(QueueSize::new(ingress_ring).map_err(|e| anyhow!("{e}"))?)
             .comp_queue_size(QueueSize::new(RING_SIZE).map_err(|e| anyhow!("{e}"))?)
             .build()
             .map_err(|e| anyhow!("UMEM config: {e}"))?;
@@ -549,7 +553,10 @@ impl Datapath {
         if made.is_err() {
             return Err(anyhow!("UMEM slot {slot} was already taken"));
         }
-        info!("UMEM {slot}: {frames} frames of {frame_size} bytes, for {kind:?} sockets");
+        info!(
+            "UMEM {slot}: {frames} frames of {frame_size} bytes, RX and fill rings of {ingress_ring}, \
+             for {kind:?} sockets"
+        );
         self.domains.push(DomainMeta {
             kind,
             umem_fd: None,
@@ -944,7 +951,7 @@ fn build_plan(
                 .iter()
                 .filter(|&&id| ports[id].domain == d)
                 .count();
-            budget.fill_target(queues, RING_SIZE as usize)
+            budget.fill_target(queues)
         })
         .collect();
     Plan {

@@ -33,13 +33,14 @@ pub(super) fn open_socket(
     queue: u32,
     bind: BindMode,
     first: bool,
+    rx_ring: u32,
 ) -> Result<Bound> {
     let ifname = iface
         .parse()
         .map_err(|e| anyhow!("interface name {iface}: {e:?}"))?;
     let try_bind = |flags: BindFlags| {
         let config: SocketConfig = SocketConfigBuilder::new()
-            .rx_queue_size(QueueSize::new(RING_SIZE).expect("power of two"))
+            .rx_queue_size(QueueSize::new(rx_ring).expect("power of two"))
             .tx_queue_size(QueueSize::new(RING_SIZE).expect("power of two"))
             .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
             .bind_flags(flags)

@@ -19,6 +19,8 @@ pub(super) struct XskRings {
     pub rx: RxQueue,
     pub fq: FillQueue,
     pub cq: CompQueue,
+    /// Entries of the fill ring (the UMEM's, made with the budget's ingress ring size).
+    pub fill_size: u32,
 }
 
 impl Backend for Xsk {
@@ -88,7 +90,7 @@ impl Rings<FrameDesc> for XskRings {
     }
 
     fn fill_held(&mut self) -> usize {
-        (RING_SIZE - self.fq.nb_free_exact()) as usize
+        (self.fill_size - self.fq.nb_free_exact()) as usize
     }
 
     #[inline]
