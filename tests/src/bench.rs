@@ -348,9 +348,16 @@ pub fn loss_free(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<S
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| scenario | payload B | offered | delivered pps per output (median, min–max) | loss % | p50 µs | p99 µs | p99.9 µs | forwarder CPU ns/pkt | forwarder RSS MiB |"
+        "| scenario | payload B | offered | delivered pps per output (median, min–max) | loss % | p50 µs | p99 µs | p99.9 µs | forwarder CPU ns/pkt | forwarder RSS MiB | loss % each run |"
     );
-    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|");
+    // The bar is no loss in any run, which a median would hide.
+    let each = |runs: &[Sample]| {
+        runs.iter()
+            .map(|s| format!("{:.2}", s.loss_pct))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     for &size in &opts.sizes {
         let (mut good, mut bad) = (0u64, None::<u64>);
         let mut rate = 50_000u64;
@@ -395,22 +402,45 @@ pub fn loss_free(relay_bin: &Path, gen_bin: &Path, opts: &BenchOpts) -> Result<S
             }
             good = good * 95 / 100;
         };
-        let _ = writeln!(table, "{}", row(&kernel, size, good, &kernel_rows));
-        for sc in scenarios().into_iter().filter(|sc| {
-            matches!(sc.fwd, Forwarder::Relay { workers: 1, .. })
-                && sc.outputs == 1
-                && sc.extra_rules == 0
-                && sc.addressing == Addressing::Multicast
-        }) {
-            let runs = (0..opts.repeats)
-                .map(|_| probe(&sc, size, good))
-                .collect::<Result<Vec<_>>>()?;
+        // Every row once per round, the kernel first again as the round's control: the host
+        // drifts over minutes, and a row's runs back to back (the order before) put its loss
+        // on whatever the host did in those minutes, the first relay row always after the
+        // kernel's search.
+        let relay_rows: Vec<Scenario> = scenarios()
+            .into_iter()
+            .filter(|sc| {
+                matches!(sc.fwd, Forwarder::Relay { workers: 1, .. })
+                    && sc.outputs == 1
+                    && sc.extra_rules == 0
+                    && sc.addressing == Addressing::Multicast
+            })
+            .collect();
+        let rows: Vec<&Scenario> = std::iter::once(&kernel).chain(&relay_rows).collect();
+        let mut runs: Vec<Vec<Sample>> = vec![Vec::new(); rows.len()];
+        for round in 1..=opts.repeats {
+            for (sc, runs) in rows.iter().zip(&mut runs) {
+                let s = probe(sc, size, good)?;
+                eprintln!(
+                    "loss-free round {round}: {} {size} B at {good} pps: loss {:.3}%",
+                    sc.name, s.loss_pct
+                );
+                runs.push(s);
+            }
+        }
+        let kernel_runs = [kernel_rows, runs.remove(0)].concat();
+        let _ = writeln!(
+            table,
+            "{} {} |",
+            row(&kernel, size, good, &kernel_runs),
+            each(&kernel_runs)
+        );
+        for (sc, runs) in relay_rows.iter().zip(&runs) {
             eprintln!(
                 "loss-free: {} {size} B at {good} pps: loss {:?}",
                 sc.name,
                 runs.iter().map(|s| s.loss_pct).collect::<Vec<_>>()
             );
-            let _ = writeln!(table, "{}", row(&sc, size, good, &runs));
+            let _ = writeln!(table, "{} {} |", row(sc, size, good, runs), each(runs));
         }
     }
     Ok(table)
