@@ -435,39 +435,47 @@ fn a_reload_moves_vlans_and_keeps_counters_by_output_identity() {
 /// Merged legs on one trunk, told apart by VID (a red/blue pair carried as two VLANs): each
 /// sequence number goes out once on each output, from whichever leg brought it first, the
 /// tagged output keeping the priority of that leg's frame; frames on other VIDs or untagged
-/// are the kernel's; the merge counts each leg's firsts, duplicates and gaps.
-fn merged_legs_on_vlans(allocator: &str) {
-    let yaml = "\
+/// are the kernel's; the merge counts each leg's firsts, duplicates and gaps. `group` picks
+/// the family: the VLAN offsets and the merge's payload offset move with the IP header.
+fn merged_legs_on_vlans(allocator: &str, group: &str) {
+    let yaml = format!(
+        "\
 rules:
   - name: ab
     inputs:
-      - { interface: rin, group: 239.1.1.1, port: 5000, vlan: 10 }
-      - { interface: rin, group: 239.1.1.1, port: 5000, vlan: 20 }
-    merge: { offset: 0, bytes: 8 }
-    outputs: [{ interface: rout0 }, { interface: rout1, vlan: 30 }]
-";
+      - {{ interface: rin, group: '{group}', port: 5000, vlan: 10 }}
+      - {{ interface: rin, group: '{group}', port: 5000, vlan: 20 }}
+    merge: {{ offset: 0, bytes: 8 }}
+    outputs: [{{ interface: rout0 }}, {{ interface: rout1, vlan: 30 }}]
+"
+    );
+    let got = |tci| Got {
+        tci,
+        group: group.parse().unwrap(),
+        port: 5000,
+    };
     // Leg A (PCP 0, VID 10) misses every fifth number, leg B (PCP 3, VID 20) every seventh,
     // so 35 is carried by neither; A's copy of a number is sent before B's.
     let (a, b) = (0x000a, 0x6014);
     let mut frames = Vec::new();
     for seq in 1..=40u64 {
         if seq % 5 != 0 {
-            frames.push(frame("239.1.1.1", 5000, Some(a), seq, 64));
+            frames.push(frame(group, 5000, Some(a), seq, 64));
         }
         if seq % 7 != 0 {
-            frames.push(frame("239.1.1.1", 5000, Some(b), seq, 64));
+            frames.push(frame(group, 5000, Some(b), seq, 64));
         }
     }
-    frames.push(frame("239.1.1.1", 5000, None, 100, 64));
-    frames.push(frame("239.1.1.1", 5000, Some(30), 101, 64));
+    frames.push(frame(group, 5000, None, 100, 64));
+    frames.push(frame(group, 5000, Some(30), 101, 64));
     let carried: Vec<u64> = (1..=40).filter(|s| *s != 35).collect();
-    let r = run(yaml, allocator, frames, (carried.len(), 2, 32 + 35));
-    let untagged: BTreeMap<u64, Got> = carried.iter().map(|&s| (s, v4(None, 5000))).collect();
+    let r = run(&yaml, allocator, frames, (carried.len(), 2, 32 + 35));
+    let untagged: BTreeMap<u64, Got> = carried.iter().map(|&s| (s, got(None))).collect();
     assert_eq!(r.relayed[0], untagged, "rout0: each number once, untagged");
     // Where A missed a number, B's frame went first, and its priority with it.
     let tagged: BTreeMap<u64, Got> = carried
         .iter()
-        .map(|&s| (s, v4(Some(if s % 5 == 0 { 0x601e } else { 0x001e }), 5000)))
+        .map(|&s| (s, got(Some(if s % 5 == 0 { 0x601e } else { 0x001e }))))
         .collect();
     assert_eq!(
         r.relayed[1], tagged,
@@ -503,10 +511,20 @@ rules:
 
 #[test]
 fn merged_legs_on_vlans_lockfree() {
-    merged_legs_on_vlans("lockfree");
+    merged_legs_on_vlans("lockfree", "239.1.1.1");
 }
 
 #[test]
 fn merged_legs_on_vlans_mutex() {
-    merged_legs_on_vlans("mutex");
+    merged_legs_on_vlans("mutex", "239.1.1.1");
+}
+
+#[test]
+fn merged_legs_on_vlans_ipv6_lockfree() {
+    merged_legs_on_vlans("lockfree", "ff18::1:1");
+}
+
+#[test]
+fn merged_legs_on_vlans_ipv6_mutex() {
+    merged_legs_on_vlans("mutex", "ff18::1:1");
 }
