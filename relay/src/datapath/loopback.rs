@@ -117,6 +117,7 @@ impl Loopback {
             frames: arena.descs(),
             umem: arena.clone(),
             pool: Arc::from(new_pool(options.allocator, options.frames)),
+            stalled: Default::default(),
         };
         if shared.domains[0].set(domain).is_err() {
             unreachable!("a new data path has no UMEM yet");
@@ -167,6 +168,7 @@ impl Loopback {
                     tx_log: RingLog::new(RING),
                     dead: false,
                     draining: true,
+                    stalled: 0,
                     waiting: 0,
                 },
             ));

@@ -434,6 +434,7 @@ impl Datapath {
                     tx_log: ringlog::RingLog::new(RING_SIZE as usize),
                     dead: false,
                     draining: true,
+                    stalled: 0,
                     waiting: 0,
                 },
             ));
@@ -549,6 +550,7 @@ impl Datapath {
             umem,
             frames: descs,
             pool,
+            stalled: Default::default(),
         });
         if made.is_err() {
             return Err(anyhow!("UMEM slot {slot} was already taken"));

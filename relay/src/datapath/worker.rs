@@ -87,6 +87,10 @@ pub(super) struct Domain<B: Backend> {
     /// The descriptor `Umem::new` made for each frame, indexed by frame number.
     pub frames: Vec<B::Desc>,
     pub pool: Arc<dyn FramePool>,
+    /// Frames on the TX rings of this UMEM's sockets that are not draining (see
+    /// `Port::draining`), as those sockets counted them: together they may hold
+    /// `Shared::tx_hold`, so several stalled devices cannot take the fill rings' share.
+    pub stalled: AtomicUsize,
 }
 
 /// Most UMEMs one data path makes over its life (one per bind mode, one per `separate`
@@ -348,8 +352,10 @@ pub(super) struct Port<B: Backend> {
     pub waiting: usize,
     /// The last look at its completion ring found frames, or none in flight: the device is
     /// taking frames, and a burst may fill its TX ring. Otherwise (frames in flight and none
-    /// came back) it is held to `Shared::tx_hold`.
+    /// came back) it is held to `Shared::tx_hold`, with every other such socket on its UMEM.
     pub draining: bool,
+    /// What this socket added to its UMEM's `Domain::stalled` since it stopped draining.
+    pub stalled: usize,
 }
 
 /// What a worker hands back when it ends.
@@ -567,6 +573,7 @@ impl<B: Backend> Worker<B> {
         let id = self.port_ids.remove(pi);
         let mut port = self.ports.remove(pi);
         let dom = port.domain;
+        release_stalled(&mut port, self.shared.domain(dom));
         let staged = self.staged.remove(pi);
         let tags = self.staged_tags.remove(pi);
         let lane = self.shared.lanes[id].get();
@@ -1375,10 +1382,15 @@ impl<B: Backend> Worker<B> {
             // device gives nothing back, no more than the socket's hold: one that stopped
             // taking frames keeps its share of the UMEM and no more, while a burst to one that
             // drains may still fill its ring.
+            let domain = self.shared.domain(dom);
             let hold = if port.draining {
                 usize::MAX
             } else {
-                self.shared.tx_hold.saturating_sub(port.in_tx)
+                let together = domain.stalled.load(Ordering::Relaxed);
+                let limit = self.shared.tx_hold;
+                limit
+                    .saturating_sub(port.in_tx)
+                    .min(limit.saturating_sub(together))
             };
             let room = (port.rings.tx_free(staged.len() as u32) as usize)
                 .min(staged.len())
@@ -1387,6 +1399,10 @@ impl<B: Backend> Worker<B> {
             // over through a lane) and is on no ring.
             sent = unsafe { port.rings.tx_produce(&staged[..room]) };
             port.in_tx += sent;
+            if !port.draining && sent > 0 {
+                domain.stalled.fetch_add(sent, Ordering::Relaxed);
+                port.stalled += sent;
+            }
             let generation = self.plan.generation;
             // A port's frames come in runs of one output's (a rule's fan-out stages one frame
             // per port): its counters are found once per run, not per frame.
@@ -1490,6 +1506,7 @@ impl<B: Backend> Worker<B> {
         let port = &mut self.ports[pi];
         if port.in_tx == 0 {
             port.draining = true;
+            release_stalled(port, self.shared.domain(port.domain));
             return 0;
         }
         // A buffer of RING_SIZE descriptors made once: consume() overwrites what it fills, so
@@ -1498,9 +1515,20 @@ impl<B: Backend> Worker<B> {
         // SAFETY: the completion ring hands back frames the kernel has finished sending.
         let n = unsafe { port.rings.comp_consume(&mut self.comp_buf[..want]) };
         port.in_tx -= n;
-        port.draining = n > 0 || port.in_tx == 0;
+        let draining = n > 0 || port.in_tx == 0;
         let dom = port.domain;
         let shared = &self.shared;
+        if draining {
+            release_stalled(port, shared.domain(dom));
+        } else if port.draining {
+            // It stopped draining: what it has in flight now counts against the UMEM's hold.
+            shared
+                .domain(dom)
+                .stalled
+                .fetch_add(port.in_tx, Ordering::Relaxed);
+            port.stalled += port.in_tx;
+        }
+        port.draining = draining;
         let cache = self.caches[dom].get_or_insert_with(|| {
             FrameCache::new(shared.domain(dom).pool.clone(), shared.cache_frames)
         });
@@ -1544,6 +1572,16 @@ impl<B: Backend> Worker<B> {
         if port.rings.fill_needs_wakeup() {
             port.rings.fill_wakeup();
         }
+    }
+}
+
+/// Takes back what a socket that drains again (or is retired) counted against its UMEM's
+/// stalled total.
+#[inline]
+fn release_stalled<B: Backend>(port: &mut Port<B>, domain: &Domain<B>) {
+    if port.stalled > 0 {
+        domain.stalled.fetch_sub(port.stalled, Ordering::Relaxed);
+        port.stalled = 0;
     }
 }
 

@@ -16,7 +16,13 @@ use crate::{
 const ALLOCATORS: [AllocatorKind; 2] = [AllocatorKind::Lockfree, AllocatorKind::Mutex];
 
 fn system() -> StaticSystem {
-    StaticSystem::new(&[("in0", 10), ("out0", 11), ("out1", 12), ("out2", 13)])
+    StaticSystem::new(&[
+        ("in0", 10),
+        ("out0", 11),
+        ("out1", 12),
+        ("out2", 13),
+        ("out3", 14),
+    ])
 }
 
 fn table(yaml: &str) -> RuleTable {
@@ -507,6 +513,79 @@ fn a_stalled_egress_keeps_its_share_and_the_other_outputs_flow() {
             (hold + waiting) as u64,
             "{allocator:?} {frames}"
         );
+        assert_books(&lb.stop(), frames);
+    }
+}
+
+/// Three stalled egresses on one UMEM: each used to keep its own quarter on its ring and a
+/// quarter's worth waiting, so at the default 4,096 frames together they held 3,840 and the
+/// fill ring and the healthy output starved. Together they now hold a quarter of the UMEM on
+/// their rings (each still keeps a few batches waiting), and the healthy output of the same
+/// rule gets every frame.
+#[test]
+fn stalled_egresses_share_one_quarter_and_the_healthy_output_flows() {
+    let yaml = "rules:
+  - name: fan
+    input: { interface: in0, group: 239.1.1.1, port: 5000 }
+    outputs: [ { interface: out0 }, { interface: out1 }, { interface: out2 }, { interface: out3 } ]
+";
+    for allocator in ALLOCATORS {
+        let frames = 4096u32;
+        let hold = frames as usize / 4;
+        let mut lb = Loopback::new(table(yaml), options(allocator, 1, frames)).unwrap();
+        let input = lb.wire("in0", 0).unwrap();
+        let outs: Vec<_> = ["out0", "out1", "out2", "out3"]
+            .iter()
+            .map(|n| lb.wire(n, 0).unwrap())
+            .collect();
+        for o in &outs[1..] {
+            o.stall(true);
+        }
+        let total = 20_000u64;
+        let f = build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, 0));
+        input.stream(&f, total);
+        for _ in 0..100_000 {
+            if lb.stats().rules[0].packets == total && input.waiting() == 0 {
+                break;
+            }
+            lb.step();
+        }
+        lb.step();
+        let s = lb.stats();
+        assert_eq!(s.rules[0].packets, total, "{allocator:?}");
+        assert_eq!(outs[0].sent(), total, "{allocator:?}: the healthy output");
+        let c = s.rules[0].outputs[0];
+        assert_eq!((c.packets, c.dropped()), (total, 0), "{allocator:?}: {c:?}");
+        let held: usize = ["out1", "out2", "out3"]
+            .iter()
+            .map(|n| lb.port(n, 0).unwrap().in_tx)
+            .sum();
+        assert_eq!(
+            held, hold,
+            "{allocator:?}: the stalled ones hold a quarter together"
+        );
+        for n in ["out1", "out2", "out3"] {
+            let waiting = lb.port(n, 0).unwrap().waiting;
+            assert_eq!(
+                waiting, WAITING,
+                "{allocator:?}: {n} keeps a few batches waiting"
+            );
+        }
+        for (o, out) in outs.iter().enumerate().skip(1) {
+            let c = s.rules[0].outputs[o];
+            let port = lb.port(&format!("out{o}"), 0).unwrap();
+            assert_eq!(
+                c.packets, port.in_tx as u64,
+                "{allocator:?}: out{o} sent what it holds"
+            );
+            assert_eq!(
+                c.packets + c.tx_ring_full + port.waiting as u64,
+                total,
+                "{allocator:?}: out{o}'s frames are sent, waiting or dropped as tx_ring_full"
+            );
+            out.stall(false);
+        }
+        run_dry(&mut lb, &input);
         assert_books(&lb.stop(), frames);
     }
 }
