@@ -84,6 +84,22 @@ fn run_dry(lb: &mut Loopback, wire: &Wire) {
     panic!("the loopback never went idle");
 }
 
+/// Streams `total` frames to 239.1.1.1:5000 in on `input` and steps until the first rule has
+/// taken them all. A worker never goes idle while frames await completions on a stalled
+/// ring, so this is bounded by passes rather than by idleness.
+fn stream_past_stalls(lb: &mut Loopback, input: &Wire, total: u64) -> DatapathStats {
+    let f = build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, 0));
+    input.stream(&f, total);
+    for _ in 0..100_000 {
+        if lb.stats().rules[0].packets == total && input.waiting() == 0 {
+            break;
+        }
+        lb.step();
+    }
+    lb.step();
+    lb.stats()
+}
+
 const ONE_TO_ONE: &str = "rules:
   - name: v4
     input: { interface: in0, group: 239.1.1.1, port: 5000 }
@@ -469,18 +485,7 @@ fn a_stalled_egress_keeps_its_share_and_the_other_outputs_flow() {
             .collect();
         outs[1].stall(true);
         let total = 20_000u64;
-        let f = build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, 0));
-        input.stream(&f, total);
-        // Never idle while frames await completions on the stalled ring: stepped until every
-        // frame was taken, bounded.
-        for _ in 0..100_000 {
-            if lb.stats().rules[0].packets == total && input.waiting() == 0 {
-                break;
-            }
-            lb.step();
-        }
-        lb.step();
-        let s = lb.stats();
+        let s = stream_past_stalls(&mut lb, &input, total);
         assert_eq!(s.rules[0].packets, total, "{allocator:?} {frames}");
         for o in [0, 2] {
             assert_eq!(outs[o].sent(), total, "{allocator:?} {frames}: out{o}");
@@ -542,16 +547,7 @@ fn stalled_egresses_share_one_quarter_and_the_healthy_output_flows() {
             o.stall(true);
         }
         let total = 20_000u64;
-        let f = build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, 0));
-        input.stream(&f, total);
-        for _ in 0..100_000 {
-            if lb.stats().rules[0].packets == total && input.waiting() == 0 {
-                break;
-            }
-            lb.step();
-        }
-        lb.step();
-        let s = lb.stats();
+        let s = stream_past_stalls(&mut lb, &input, total);
         assert_eq!(s.rules[0].packets, total, "{allocator:?}");
         assert_eq!(outs[0].sent(), total, "{allocator:?}: the healthy output");
         let c = s.rules[0].outputs[0];
