@@ -6,7 +6,7 @@
 use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use relay::{
-    checksum::{checksum, udp_ipv4, udp_ipv6},
+    checksum::checksum,
     craft::{NEXTHDR_FRAGMENT, UdpFrame, build_udp_frame, make_udp_checksum_partial},
     wire::{ETH_HLEN, Ipv4Packet, Ipv6Packet, UdpPacket, classify},
 };
@@ -719,24 +719,7 @@ fn verify_relayed(frame: &[u8]) -> u64 {
         assert_eq!(hops, 7, "TTL or hop limit 8 - 1");
         return check_payload(&frame[flow.l4 + 8..end]).expect("fragment data intact");
     }
-    let (udp_bytes, hops, expected) = match (flow.source, flow.group) {
-        (IpAddr::V4(s), IpAddr::V4(g)) => {
-            let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
-            assert_eq!(checksum(ip.header()), 0, "IPv4 header checksum");
-            let udp = &frame[flow.l4..flow.l3 + usize::from(ip.total_len())];
-            let mut z = udp.to_vec();
-            z[6..8].fill(0);
-            (udp, ip.ttl(), udp_ipv4(s, g, &z))
-        }
-        (IpAddr::V6(s), IpAddr::V6(g)) => {
-            let ip = Ipv6Packet::new_checked(&frame[flow.l3..]).unwrap();
-            let udp = &frame[flow.l4..flow.l3 + 40 + usize::from(ip.payload_len())];
-            let mut z = udp.to_vec();
-            z[6..8].fill(0);
-            (udp, ip.hop_limit(), udp_ipv6(s, g, &z))
-        }
-        _ => panic!("mixed families"),
-    };
+    let (udp_bytes, hops, expected) = common::udp_from_scratch(frame, &flow);
     assert_eq!(hops, 7, "TTL or hop limit 8 - 1");
     let udp = UdpPacket::new_checked(udp_bytes).unwrap();
     if udp.checksum() != 0 || flow.group.is_ipv6() {

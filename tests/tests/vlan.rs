@@ -8,9 +8,8 @@
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use relay::{
-    checksum::{checksum, udp_ipv4, udp_ipv6},
     craft::{UdpFrame, build_udp_frame},
-    wire::{Ipv4Packet, Ipv6Packet, UdpPacket, classify, multicast_mac},
+    wire::{UdpPacket, classify, multicast_mac},
 };
 use relay_tests::{
     netns::require_root,
@@ -63,24 +62,7 @@ fn verify(frame: &[u8], src_mac: [u8; 6]) -> (u64, Got) {
     let flow = classify(frame).unwrap();
     assert_eq!(frame[..6], multicast_mac(flow.group), "destination MAC");
     assert_eq!(frame[6..12], src_mac, "source MAC: the egress's");
-    let (udp_bytes, hops, expected) = match (flow.source, flow.group) {
-        (IpAddr::V4(s), IpAddr::V4(g)) => {
-            let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
-            assert_eq!(checksum(ip.header()), 0, "IPv4 header checksum");
-            let udp = &frame[flow.l4..flow.l3 + usize::from(ip.total_len())];
-            let mut z = udp.to_vec();
-            z[6..8].fill(0);
-            (udp, ip.ttl(), udp_ipv4(s, g, &z))
-        }
-        (IpAddr::V6(s), IpAddr::V6(g)) => {
-            let ip = Ipv6Packet::new_checked(&frame[flow.l3..]).unwrap();
-            let udp = &frame[flow.l4..flow.l3 + 40 + usize::from(ip.payload_len())];
-            let mut z = udp.to_vec();
-            z[6..8].fill(0);
-            (udp, ip.hop_limit(), udp_ipv6(s, g, &z))
-        }
-        _ => panic!("mixed families"),
-    };
+    let (udp_bytes, hops, expected) = common::udp_from_scratch(frame, &flow);
     assert_eq!(hops, 7, "TTL or hop limit 8 - 1");
     let udp = UdpPacket::new_checked(udp_bytes).unwrap();
     assert_eq!(udp.checksum(), expected, "UDP checksum of {frame:02x?}");

@@ -90,31 +90,45 @@ pub fn inspect(frame: &[u8], src_mac: [u8; 6]) -> (IpAddr, u16, u8, Vec<u8>) {
         "source MAC is the egress interface's"
     );
     assert_eq!(eth.dst_mac(), multicast_mac(flow.group));
-    let (udp_bytes, hops, expected_sum) = match (flow.source, flow.group) {
-        (IpAddr::V4(source), IpAddr::V4(group)) => {
-            let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
-            assert_eq!(checksum(ip.header()), 0, "IPv4 header checksum is valid");
-            assert_eq!(source, SENDER_ADDR, "the source address is kept");
-            let udp_bytes = &frame[flow.l4..flow.l3 + usize::from(ip.total_len())];
-            let mut zeroed = udp_bytes.to_vec();
-            zeroed[6..8].fill(0);
-            (udp_bytes, ip.ttl(), udp_ipv4(source, group, &zeroed))
-        }
-        (IpAddr::V6(source), IpAddr::V6(group)) => {
-            let ip = Ipv6Packet::new_checked(&frame[flow.l3..]).unwrap();
-            assert_eq!(source, SENDER_ADDR6, "the source address is kept");
-            let end = flow.l3 + 40 + usize::from(ip.payload_len());
-            let udp_bytes = &frame[flow.l4..end];
-            let mut zeroed = udp_bytes.to_vec();
-            zeroed[6..8].fill(0);
-            (udp_bytes, ip.hop_limit(), udp_ipv6(source, group, &zeroed))
-        }
-        _ => panic!("mixed families in {frame:02x?}"),
+    let want_source = match flow.source {
+        IpAddr::V4(_) => IpAddr::V4(SENDER_ADDR),
+        IpAddr::V6(_) => IpAddr::V6(SENDER_ADDR6),
     };
+    assert_eq!(flow.source, want_source, "the source address is kept");
+    let (udp_bytes, hops, expected_sum) = udp_from_scratch(frame, &flow);
     let udp = UdpPacket::new_checked(udp_bytes).unwrap();
     assert_ne!(udp.checksum(), 0, "the UDP checksum is present");
     assert_eq!(udp.checksum(), expected_sum, "UDP checksum is valid");
     (flow.group, flow.port, hops, udp.payload().to_vec())
+}
+
+/// A relayed frame's UDP datagram (up to the IP length), its TTL or hop limit, and the UDP
+/// checksum it should carry, computed from scratch; the IPv4 header checksum is checked on the
+/// way.
+pub fn udp_from_scratch<'a>(frame: &'a [u8], flow: &relay::wire::Flow) -> (&'a [u8], u8, u16) {
+    let (udp, hops) = match flow.group {
+        IpAddr::V4(_) => {
+            let ip = Ipv4Packet::new_checked(&frame[flow.l3..]).unwrap();
+            assert_eq!(checksum(ip.header()), 0, "IPv4 header checksum");
+            (
+                &frame[flow.l4..flow.l3 + usize::from(ip.total_len())],
+                ip.ttl(),
+            )
+        }
+        IpAddr::V6(_) => {
+            let ip = Ipv6Packet::new_checked(&frame[flow.l3..]).unwrap();
+            let end = flow.l3 + 40 + usize::from(ip.payload_len());
+            (&frame[flow.l4..end], ip.hop_limit())
+        }
+    };
+    let mut zeroed = udp.to_vec();
+    zeroed[6..8].fill(0);
+    let expected = match (flow.source, flow.group) {
+        (IpAddr::V4(s), IpAddr::V4(g)) => udp_ipv4(s, g, &zeroed),
+        (IpAddr::V6(s), IpAddr::V6(g)) => udp_ipv6(s, g, &zeroed),
+        _ => panic!("mixed families in {frame:02x?}"),
+    };
+    (udp, hops, expected)
 }
 
 /// Stops the relay with SIGTERM and checks that it ended well: exit 0, every frame of the
