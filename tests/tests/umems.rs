@@ -227,3 +227,74 @@ fn small_umem_two_workers_with_lockfree_pool() {
 fn small_umem_two_workers_with_mutex_pool() {
     small_umem_two_workers("mutex");
 }
+
+/// A worker off its CPU (here the whole relay, stopped with SIGSTOP while 3,000 frames
+/// arrive): the kernel keeps moving frames from the fill ring to the RX ring, and the share
+/// of the UMEM on those rings is what is not lost. With 8,192 frames the rings are made 4,096
+/// deep and the relay takes every frame once it runs again; with 4,096 frames they are 2,048
+/// deep and the kernel drops what came after the 2,048th (its socket counters say so).
+/// Before the rings followed the UMEM they were 2,048 deep at any size. Counted at the relay:
+/// the burst it then sends at once is more than a receiver's veth backlog takes (1,000).
+#[test]
+fn a_stopped_relay_loses_only_what_its_rings_cannot_hold() {
+    require_root();
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const SENT: u64 = 3000;
+    for (frames, ring) in [(8192u64, 4096u64), (4096, 2048)] {
+        let topo = Topology::new(1).unwrap();
+        let rules = format!(
+            "umem: {{ frames: {frames} }}
+rules:
+  - name: a
+    input: {{ interface: rin, group: 239.1.1.1, port: 5000 }}
+    outputs: [ {{ interface: rout0 }} ]
+"
+        );
+        let relay = RelayProc::start(&relay_bin(), &topo.relay, &rules, &[]).unwrap();
+        let log = std::fs::read_to_string(&relay.stderr).unwrap();
+        assert!(
+            log.contains(&format!("RX and fill rings of {ring}")),
+            "{frames} frames: {log}"
+        );
+        let pid = nix::unistd::Pid::from_raw(relay.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        // Nothing of the relay runs while these arrive: no refill, no receive.
+        let mut flow = Flow::new(G1, 5000, SENT);
+        flow.burst = 64;
+        let sent = join(send(&topo.sender, SENDER_ADDR, flow));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+        assert_eq!(sent.unwrap(), SENT);
+        let ingress_drops = |v: &relay::stats::StatsView| {
+            v.sockets
+                .iter()
+                .filter(|s| s.ingress)
+                .map(|s| s.rx_dropped)
+                .sum::<u64>()
+        };
+        let v = stats_until(&relay.control, |v| {
+            v.rules[0].received + ingress_drops(v) >= SENT
+        });
+        let ingress = v
+            .sockets
+            .iter()
+            .find(|s| s.ingress)
+            .expect("an ingress socket");
+        let kept = SENT.min(ring);
+        assert_eq!(
+            (v.rules[0].received, v.rules[0].outputs[0].sent),
+            (kept, kept),
+            "{frames} frames: {ingress:?}"
+        );
+        assert_eq!(
+            ingress.rx_dropped,
+            SENT - kept,
+            "{frames} frames: {ingress:?}"
+        );
+        assert_eq!(
+            ingress.fill_ring_empty > 0,
+            SENT > ring,
+            "{frames} frames: {ingress:?}"
+        );
+        stop_accounted(relay, &topo, frames);
+    }
+}
