@@ -655,6 +655,11 @@ mod tests {
             .unwrap()
     }
 
+    /// The table of a config file's text, on the fake system's interfaces.
+    fn compiled(yaml: &str) -> RuleTable {
+        RuleTable::compile(&Config::parse("t", yaml).unwrap(), "t", &fake()).unwrap()
+    }
+
     #[test]
     fn compiles_interfaces_and_actions() {
         let mut c = config(vec![rule("a".into(), [239, 1, 1, 1], Some(5000), None)]);
@@ -949,12 +954,9 @@ mod tests {
     /// first.
     #[test]
     fn legs_on_one_link_differ_by_vid_or_source() {
-        let cfg = Config::parse(
-            "t",
+        let t = compiled(
             "rules:\n  - name: trunk\n    inputs:\n      - {interface: in0, group: 239.1.1.1, port: 5000, vlan: 10}\n      - {interface: in0, group: 239.1.1.1, port: 5000, vlan: 20}\n    merge: rtp\n    outputs: [{interface: out0}]\n  - name: ssm\n    inputs:\n      - {interface: in0, group: 239.2.2.2, port: 5000}\n      - {interface: in0, group: 239.2.2.2, port: 5000, source: 198.18.0.9}\n    merge: rtp\n    outputs: [{interface: out0}]\n",
-        )
-        .unwrap();
-        let t = RuleTable::compile(&cfg, "t", &fake()).unwrap();
+        );
         let in0 = fake().interface("in0").unwrap().ifindex;
         let tagged = |tci| Flow {
             tci: Some(tci),
@@ -976,12 +978,9 @@ mod tests {
     /// first leg's group and port, and every leg is joined.
     #[test]
     fn merged_legs_find_their_rule_and_go_out_as_the_first() {
-        let cfg = Config::parse(
-            "t",
+        let t = compiled(
             "rules:\n  - name: feed\n    inputs:\n      - {interface: in0, group: 239.1.1.1, port: 5000}\n      - {interface: out1, group: 239.101.1.1, port: 5002}\n    merge: rtp\n    window_ms: 300\n    outputs: [{interface: out0}, {interface: out0, group: 239.9.9.9, port: 9}]\n",
-        )
-        .unwrap();
-        let t = RuleTable::compile(&cfg, "t", &fake()).unwrap();
+        );
         let r = &t.rules[0];
         let (in0, out1) = (
             fake().interface("in0").unwrap(),
@@ -1042,9 +1041,7 @@ mod tests {
                 "rules:\n  - name: feed\n    inputs: [{{interface: in0, group: 239.1.1.1}}, {{interface: out1, group: 239.101.1.1}}]\n    merge: rtp\n    window_ms: {window}\n    outputs: [{{interface: out0}}]\n"
             )
         };
-        let table = |window| {
-            RuleTable::compile(&Config::parse("t", &yaml(window)).unwrap(), "t", &fake()).unwrap()
-        };
+        let table = |window| compiled(&yaml(window));
         let old = table(500);
         assert!(old.rules[0].merge.as_ref().unwrap().offer(0, 7, 0).first);
         let mut same = table(500);
