@@ -573,7 +573,7 @@ impl<B: Backend> Worker<B> {
         let id = self.port_ids.remove(pi);
         let mut port = self.ports.remove(pi);
         let dom = port.domain;
-        release_stalled(&mut port, self.shared.domain(dom));
+        release_stalled(&mut port, &self.shared);
         let staged = self.staged.remove(pi);
         let tags = self.staged_tags.remove(pi);
         let lane = self.shared.lanes[id].get();
@@ -1513,7 +1513,7 @@ impl<B: Backend> Worker<B> {
         let port = &mut self.ports[pi];
         if port.in_tx == 0 {
             port.draining = true;
-            release_stalled(port, self.shared.domain(port.domain));
+            release_stalled(port, &self.shared);
             return 0;
         }
         // A buffer of RING_SIZE descriptors made once: consume() overwrites what it fills, so
@@ -1526,7 +1526,7 @@ impl<B: Backend> Worker<B> {
         let dom = port.domain;
         let shared = &self.shared;
         if draining {
-            release_stalled(port, shared.domain(dom));
+            release_stalled(port, shared);
         } else if port.draining {
             // It stopped draining: what it has in flight now counts against the UMEM's hold.
             shared
@@ -1583,11 +1583,15 @@ impl<B: Backend> Worker<B> {
 }
 
 /// Takes back what a socket that drains again (or is retired) counted against its UMEM's
-/// stalled total.
+/// stalled total. Called on every pass of a draining socket, so it looks at the UMEM only
+/// when there is something to take back.
 #[inline]
-fn release_stalled<B: Backend>(port: &mut Port<B>, domain: &Domain<B>) {
+fn release_stalled<B: Backend>(port: &mut Port<B>, shared: &Shared<B>) {
     if port.stalled > 0 {
-        domain.stalled.fetch_sub(port.stalled, Ordering::Relaxed);
+        shared
+            .domain(port.domain)
+            .stalled
+            .fetch_sub(port.stalled, Ordering::Relaxed);
         port.stalled = 0;
     }
 }
