@@ -768,9 +768,15 @@ mod tests {
     }
 
     /// Whether an input's `vlan:` takes a frame with this tag control word (VID 0 is a
-    /// priority tag: untagged).
+    /// priority tag: untagged). Written out here, not `Vlan::takes`: the reference model
+    /// must not share the code it checks.
     pub(crate) fn vlan_covers(vlan: Option<Vlan>, tci: Option<u16>) -> bool {
-        Vlan::takes(vlan, tci)
+        let vid = tci.map(|t| t & 0x0fff).filter(|&v| v != 0);
+        match vlan {
+            None => true,
+            Some(Vlan::Untagged) => vid.is_none(),
+            Some(Vlan::Id(v)) => vid == Some(v),
+        }
     }
 
     /// The reference model, by brute force over the rules: among those whose input covers

@@ -198,6 +198,26 @@ mod tests {
         rewrite::{OutputAction, rewrite},
         wire::classify,
     };
+
+    /// An input's `vlan:` against a frame's tag: none given takes anything, `untagged` takes
+    /// untagged and priority-tagged frames (VID 0), a VID takes only that VID whatever the
+    /// priority bits.
+    #[test]
+    fn takes_by_vid_not_priority() {
+        let cases = [
+            (None, None, true),
+            (None, Some(0x2014), true),
+            (Some(Vlan::Untagged), None, true),
+            (Some(Vlan::Untagged), Some(0x6000), true),
+            (Some(Vlan::Untagged), Some(0x000a), false),
+            (Some(Vlan::Id(10)), Some(0xe00a), true),
+            (Some(Vlan::Id(10)), Some(0x0014), false),
+            (Some(Vlan::Id(10)), None, false),
+        ];
+        for (vlan, tci, want) in cases {
+            assert_eq!(Vlan::takes(vlan, tci), want, "{vlan:?} {tci:?}");
+        }
+    }
     use proptest::prelude::*;
     use std::net::IpAddr;
 
