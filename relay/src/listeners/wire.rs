@@ -56,7 +56,8 @@ pub enum Refusal {
     BadChecksum,
     /// IPv4 TTL or IPv6 hop limit other than 1: the message crossed a router.
     TtlNotOne,
-    /// An IGMPv2/v3 or MLD message without the Router Alert option.
+    /// An IGMPv2/v3 or MLD message without the Router Alert option (but an IGMPv2 report,
+    /// which is taken and flagged: [`Received::missing_router_alert`]).
     NoRouterAlert,
     /// A source address these messages may not come from (an MLD message from outside
     /// fe80::/10, a multicast or broadcast IPv4 source, 0.0.0.0 outside v3 reports and
