@@ -712,18 +712,25 @@ fn igmpv2_and_mldv1_hosts() {
     stop_clean(relay, &topo);
 }
 
+/// Appends group records (kind, group, sources), which IGMPv3 and MLDv2 lay out alike.
+fn push_records<A: Copy + Into<IpAddr>>(out: &mut Vec<u8>, records: &[(u8, A, &[A])]) {
+    for (kind, g, sources) in records {
+        out.extend_from_slice(&[*kind, 0]);
+        out.extend_from_slice(&(sources.len() as u16).to_be_bytes());
+        for a in std::iter::once(g).chain(sources.iter()) {
+            match (*a).into() {
+                IpAddr::V4(a) => out.extend_from_slice(&a.octets()),
+                IpAddr::V6(a) => out.extend_from_slice(&a.octets()),
+            }
+        }
+    }
+}
+
 /// An IGMPv3 report with one record of `kind` for `group` and `sources`.
 fn v3_report(records: &[(u8, Ipv4Addr, &[Ipv4Addr])], claimed: Option<u16>) -> Vec<u8> {
     let mut igmp = vec![0x22, 0, 0, 0, 0, 0];
     igmp.extend_from_slice(&claimed.unwrap_or(records.len() as u16).to_be_bytes());
-    for (kind, g, sources) in records {
-        igmp.extend_from_slice(&[*kind, 0]);
-        igmp.extend_from_slice(&(sources.len() as u16).to_be_bytes());
-        igmp.extend_from_slice(&g.octets());
-        for s in *sources {
-            igmp.extend_from_slice(&s.octets());
-        }
-    }
+    push_records(&mut igmp, records);
     let c = checksum(&igmp);
     igmp[2..4].copy_from_slice(&c.to_be_bytes());
     igmp
@@ -743,14 +750,7 @@ fn mld_v2_report(
 ) -> Vec<u8> {
     let mut icmp = vec![143, 0, 0, 0, 0, 0];
     icmp.extend_from_slice(&(records.len() as u16).to_be_bytes());
-    for (kind, g, sources) in records {
-        icmp.extend_from_slice(&[*kind, 0]);
-        icmp.extend_from_slice(&(sources.len() as u16).to_be_bytes());
-        icmp.extend_from_slice(&g.octets());
-        for s in *sources {
-            icmp.extend_from_slice(&s.octets());
-        }
-    }
+    push_records(&mut icmp, records);
     mld_frame(source, "ff02::16".parse().unwrap(), hop_limit, icmp)
 }
 
