@@ -1126,7 +1126,7 @@ impl<B: Backend> Worker<B> {
         verdicts.clear();
         let mut last = None;
         for (oi, out) in rule.outputs.iter().enumerate() {
-            let v = verdict(out, expired, plan.egress_domain[out.egress]);
+            let v = verdict(out, expired, plan.egress_domain[out.egress], flow.source);
             if v == Verdict::To(dom) {
                 last = Some(oi);
             }
@@ -1831,14 +1831,21 @@ enum Verdict {
     Gone,
 }
 
-/// What `out` does with a frame, known before any copy is made, its socket being on UMEM
-/// `to`: nothing if nobody listens; it refuses the frame if the frame arrived at the end of
+/// What `out` does with a frame from `source`, known before any copy is made, its socket being
+/// on UMEM `to`: nothing if nobody listens to that source; it refuses the frame if the frame arrived at the end of
 /// its scope (`expired`) and the output does not set the TTL, if `source: auto` has no address
 /// to write, or if its unicast next hop has no MAC yet (with its device gone the next hop is
 /// gone too: then the device is the news).
-fn verdict(out: &crate::rules::CompiledOutput, expired: bool, to: usize) -> Verdict {
+fn verdict(
+    out: &crate::rules::CompiledOutput,
+    expired: bool,
+    to: usize,
+    source: std::net::IpAddr,
+) -> Verdict {
     let a = &out.action;
-    if out.unwanted() {
+    // The frame's own source: an output whose frames carry another (a rewritten `source:`)
+    // has a slot that is on or off for that one whatever the frame's.
+    if out.on_demand && !out.listening.as_ref().is_some_and(|l| l.wants(source)) {
         Verdict::NoListener
     } else if expired && a.ttl.is_none() {
         Verdict::Refused(RewriteError::TtlExpired)
