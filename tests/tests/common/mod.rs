@@ -272,3 +272,17 @@ pub fn dad_done(ns: &relay_tests::netns::Netns) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Another link from the sender, `sender_if` to `relay_if` (see `Topology::add_ingress`),
+/// whose native XDP attach the driver refuses though the checks pass it: a veth runs XDP
+/// itself, but not a program without multi-buffer support behind a peer with a jumbo MTU
+/// (ERANGE). For the tests of a change that fails at the attach, half way through.
+pub fn ingress_refusing_native_xdp(topo: &Topology, relay_if: &str, sender_if: &str, subnet: u8) {
+    topo.add_ingress(relay_if, sender_if, subnet).unwrap();
+    topo.sender
+        .exec(&["ip", "link", "set", sender_if, "mtu", "9000"])
+        .unwrap();
+    topo.relay
+        .exec(&["ip", "link", "set", relay_if, "mtu", "9000"])
+        .unwrap();
+}
