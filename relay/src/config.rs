@@ -613,6 +613,38 @@ pub trait System {
     }
 }
 
+/// `sys` with each interface's kind asked once: a file names the same interfaces in many
+/// rules, and asking the kernel is a netlink round trip or three.
+struct KindsOnce<'a> {
+    sys: &'a dyn System,
+    links: std::cell::RefCell<std::collections::HashMap<String, Option<LinkKind>>>,
+}
+
+impl System for KindsOnce<'_> {
+    fn interface(&self, name: &str) -> Option<InterfaceInfo> {
+        self.sys.interface(name)
+    }
+
+    fn link(&self, name: &str) -> Option<LinkKind> {
+        if let Some(known) = self.links.borrow().get(name) {
+            return known.clone();
+        }
+        let link = self.sys.link(name);
+        self.links
+            .borrow_mut()
+            .insert(name.to_owned(), link.clone());
+        link
+    }
+
+    fn addresses(&self, name: &str) -> Vec<IpAddr> {
+        self.sys.addresses(name)
+    }
+
+    fn allowed_cpus(&self) -> Option<Vec<usize>> {
+        self.sys.allowed_cpus()
+    }
+}
+
 /// A fixed set of interfaces, for checking rules without the running system (tests,
 /// benchmarks, fuzzing): each named interface has the given ifindex, a MAC derived from it,
 /// one rx queue and a 1500-byte MTU. The second list gives interfaces a kind (a link type
@@ -883,6 +915,10 @@ impl Config {
         sys: &dyn System,
         check_sources: bool,
     ) -> Result<(), ConfigError> {
+        let sys = &KindsOnce {
+            sys,
+            links: Default::default(),
+        };
         let top = |message: String| ConfigError {
             file: file.to_owned(),
             rule: None,
@@ -2698,6 +2734,36 @@ mod kind_tests {
             got.contains("output interface 'wg0' is not an Ethernet"),
             "{got}"
         );
+    }
+
+    /// Each interface's kind is asked once per validation, however many rules name it.
+    #[test]
+    fn each_interface_is_asked_its_kind_once() {
+        struct Counting(StaticSystem, std::cell::RefCell<Vec<String>>);
+        impl System for Counting {
+            fn interface(&self, name: &str) -> Option<InterfaceInfo> {
+                self.0.interface(name)
+            }
+            fn link(&self, name: &str) -> Option<LinkKind> {
+                self.1.borrow_mut().push(name.to_owned());
+                self.0.link(name)
+            }
+        }
+        let mut yaml = "rules:\n".to_owned();
+        for i in 1..=3 {
+            yaml += &format!(
+                "  - name: r{i}\n    input: {{interface: veth0, group: 239.1.1.{i}}}\n    \
+                 outputs: [{{interface: br0}}, {{interface: tap0}}]\n"
+            );
+        }
+        let sys = Counting(system(), Default::default());
+        Config::parse("k.yaml", &yaml)
+            .unwrap()
+            .validate("k.yaml", &sys)
+            .unwrap();
+        let mut asked = sys.1.take();
+        asked.sort();
+        assert_eq!(asked, ["br0", "tap0", "veth0"]);
     }
 
     /// An interface that does not exist has no kind: its rule waits for it, in any mode.
