@@ -20,7 +20,7 @@ use relay_tests::{
 };
 
 mod common;
-use common::{G1, client, seqs, serial, start_refused, stats_until, stop_clean};
+use common::{G1, client, ip, seqs, serial, start_refused, stats_until, stop_clean};
 
 const RULES: &str = "\
 rules:
@@ -94,6 +94,30 @@ fn check_refused(topo: &Topology, file: &Path, wrapper: &[&str], why: &str) -> S
     let errors: Vec<&str> = stderr.lines().filter(|l| l.contains(" ERROR ")).collect();
     assert_eq!(errors.len(), 1, "one error line for {why}:\n{stderr}");
     errors[0].to_owned()
+}
+
+/// `yaml` is refused by `--check` and by the start with the one error line `want` (after the
+/// file's name, which the start's copy of the file does not share).
+fn refused_alike(topo: &Topology, files: &Scratch, yaml: &str, want: &str) {
+    let file = files.config(&format!("{}.yaml", unique_name("refused")), yaml);
+    let line = check_refused(topo, &file, &[], want);
+    assert!(
+        line.ends_with(&format!("{}: {want}", file.display())),
+        "{line}"
+    );
+    let line = start_refused(topo, yaml, want);
+    assert!(line.ends_with(want), "{line}");
+}
+
+/// `relay --check` passes `file`, for `what`.
+fn check_passes(topo: &Topology, file: &Path, what: &str) {
+    let out = check(topo, file, &[]);
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The README's `cpus: [2, 3]` on a two-CPU machine: any CPU this process may not run on
@@ -506,9 +530,7 @@ fn check_refuses_native_xdp_on_kinds_without_it() {
         "link add vx0 type vxlan id 42 dstport 4789 dev rin",
         "tuntap add dev tap0 mode tap",
     ] {
-        let mut args = vec!["ip"];
-        args.extend(cmd.split(' '));
-        topo.relay.exec(&args).unwrap();
+        ip(&topo.relay, cmd);
     }
     let rule = |mode: &str, input: &str| {
         format!(
@@ -517,39 +539,19 @@ fn check_refuses_native_xdp_on_kinds_without_it() {
         )
     };
     for (input, kind) in [("br0", "bridge"), ("mv0", "macvlan"), ("vx0", "vxlan")] {
-        topo.relay
-            .exec(&["ip", "link", "set", input, "up"])
-            .unwrap();
-        let why = format!("native XDP on a {kind}");
-        let file = files.config(&format!("{input}.yaml"), &rule("native", input));
+        ip(&topo.relay, &format!("link set {input} up"));
         let want = format!(
             "rule 'k': input interface '{input}' (kind {kind}) has no native XDP (its driver \
              does not run XDP programs), so xdp_mode: native cannot attach there; use \
              xdp_mode: auto (native where the driver has it, skb mode elsewhere) or xdp_mode: skb"
         );
-        let line = check_refused(&topo, &file, &[], &why);
-        assert!(
-            line.ends_with(&format!("{}: {want}", file.display())),
-            "{line}"
-        );
-        let line = start_refused(&topo, &rule("native", input), &why);
-        assert!(line.ends_with(&want), "{line}");
+        refused_alike(&topo, &files, &rule("native", input), &want);
         let auto = files.config(&format!("{input}-auto.yaml"), &rule("auto", input));
-        let out = check(&topo, &auto, &[]);
-        assert!(
-            out.status.success(),
-            "{kind} with xdp_mode: auto: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        check_passes(&topo, &auto, &format!("{kind} with xdp_mode: auto"));
     }
     for input in ["rin", "tap0"] {
         let file = files.config(&format!("{input}.yaml"), &rule("native", input));
-        let out = check(&topo, &file, &[]);
-        assert!(
-            out.status.success(),
-            "{input} with xdp_mode: native: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        check_passes(&topo, &file, &format!("{input} with xdp_mode: native"));
     }
     assert!(!topo.relay_has_xdp().unwrap());
 }
@@ -565,15 +567,13 @@ fn l3_and_loopback_interfaces_are_refused_at_check_start_and_reload() {
     let _serial = serial();
     let topo = Topology::new(1).unwrap();
     let files = Scratch::new();
-    topo.relay
-        .exec(&["ip", "tuntap", "add", "dev", "tun0", "mode", "tun"])
-        .unwrap();
-    topo.relay
-        .exec(&["ip", "link", "set", "tun0", "up"])
-        .unwrap();
-    topo.relay
-        .exec(&["ip", "link", "add", "br0", "type", "bridge"])
-        .unwrap();
+    for cmd in [
+        "tuntap add dev tun0 mode tun",
+        "link set tun0 up",
+        "link add br0 type bridge",
+    ] {
+        ip(&topo.relay, cmd);
+    }
     let tun = "is not an Ethernet interface (link type 65534 (none: an L3 device, its packets \
                have no Ethernet header), kind tun): the XDP program and the rewrite read and \
                write Ethernet frames; use a tap instead of a tun (ip tuntap add mode tap; the \
@@ -605,15 +605,8 @@ fn l3_and_loopback_interfaces_are_refused_at_check_start_and_reload() {
             format!("rule 'k': output interface 'lo' {lo}"),
         ),
     ];
-    for (i, (yaml, want)) in cases.iter().enumerate() {
-        let file = files.config(&format!("{i}.yaml"), yaml);
-        let line = check_refused(&topo, &file, &[], want);
-        assert!(
-            line.ends_with(&format!("{}: {want}", file.display())),
-            "{line}"
-        );
-        let line = start_refused(&topo, yaml, want);
-        assert!(line.ends_with(want), "{line}");
+    for (yaml, want) in &cases {
+        refused_alike(&topo, &files, yaml, want);
     }
 
     // A running relay on rin, asked to reload to each refused file.

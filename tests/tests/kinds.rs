@@ -25,12 +25,12 @@ use relay::{
 use relay_tests::{
     netns::{Netns, require_root},
     relay_proc::{RelayProc, relay_bin},
-    topo::{Receiver, SENDER_ADDR, SENDER_ADDR6, Topology, addr6},
+    topo::{Receiver, SENDER_ADDR, SENDER_ADDR6, Topology, addr6, link},
     traffic::{Flow, Limits, join, listen, payload, send},
 };
 
 mod common;
-use common::{inspect, mac_in, seqs, serial, stats_until, stop_clean};
+use common::{inspect, ip, mac_in, seqs, serial, stats_until, stop_clean};
 
 const G4: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
 /// A global-scope group: the test's namespaces are the whole of its world.
@@ -73,12 +73,6 @@ struct Kinds {
     tap_out: Option<OwnedFd>,
 }
 
-fn ip(ns: &Netns, args: &str) {
-    let args: Vec<&str> = args.split_whitespace().collect();
-    ns.exec(&[&["ip"], &args[..]].concat())
-        .unwrap_or_else(|e| panic!("ip {}: {e:#}", args.join(" ")));
-}
-
 /// linux/if_tun.h.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
@@ -118,29 +112,8 @@ impl Kinds {
         let sender = Netns::new("ksnd").unwrap();
         let relay = Netns::new("krly").unwrap();
         let receiver = Netns::new("krcv").unwrap();
-        for (a, a_if, b, b_if) in [
-            (&sender, "snd0", &relay, "rin"),
-            (&relay, "rout", &receiver, "rcv0"),
-        ] {
-            relay_tests::netns::sh(&[
-                "ip",
-                "link",
-                "add",
-                a_if,
-                "netns",
-                a.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                b_if,
-                "netns",
-                b.name(),
-            ])
-            .unwrap();
-            ip(a, &format!("link set {a_if} up"));
-            ip(b, &format!("link set {b_if} up"));
-        }
+        link(&sender, "snd0", &relay, "rin").unwrap();
+        link(&relay, "rout", &receiver, "rcv0").unwrap();
         // A wire carries full checksums (see topo.rs).
         sender
             .exec(&["ethtool", "-K", "snd0", "tx", "off"])
@@ -204,22 +177,12 @@ impl Kinds {
             Kind::Veth => {}
             Kind::Bridge => {
                 // The bridge's own device is the ingress: rin's address moves to it.
-                ip(r, "link add br0 type bridge");
-                ip(r, "link set rin master br0");
-                ip(r, "link set br0 up");
-                ip(r, "addr flush dev rin");
-                ip(r, "addr add 198.18.1.2/24 dev br0");
+                bridge(r, "br0", "rin", "", Some("198.18.1.2/24"));
                 self.input = "br0".to_owned();
             }
-            Kind::Port => {
-                ip(r, "link add br0 type bridge");
-                ip(r, "link set rin master br0");
-                ip(r, "link set br0 up");
-            }
+            Kind::Port => bridge(r, "br0", "rin", "", None),
             Kind::Macvlan => {
-                ip(r, "link add mv0 link rin type macvlan mode bridge");
-                ip(r, "link set mv0 up");
-                ip(r, "addr add 198.18.1.3/24 dev mv0");
+                macvlan(r, "mv0", "rin", "198.18.1.3/24");
                 addr6(r, "mv0", Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 3)).unwrap();
                 self.input = "mv0".to_owned();
             }
@@ -249,22 +212,12 @@ impl Kinds {
         match kind {
             Kind::Veth => {}
             Kind::Bridge => {
-                ip(r, "link add br1 type bridge mcast_snooping 0");
-                ip(r, "link set rout master br1");
-                ip(r, "link set br1 up");
-                ip(r, "addr flush dev rout");
-                ip(r, "addr add 198.18.2.1/24 dev br1");
+                bridge(r, "br1", "rout", " mcast_snooping 0", Some("198.18.2.1/24"));
                 self.output = "br1".to_owned();
             }
-            Kind::Port => {
-                ip(r, "link add br1 type bridge mcast_snooping 0");
-                ip(r, "link set rout master br1");
-                ip(r, "link set br1 up");
-            }
+            Kind::Port => bridge(r, "br1", "rout", " mcast_snooping 0", None),
             Kind::Macvlan => {
-                ip(r, "link add mv1 link rout type macvlan mode bridge");
-                ip(r, "link set mv1 up");
-                ip(r, "addr add 198.18.2.3/24 dev mv1");
+                macvlan(r, "mv1", "rout", "198.18.2.3/24");
                 self.output = "mv1".to_owned();
             }
             Kind::Vxlan => {
@@ -288,6 +241,28 @@ impl Kinds {
             }
         }
     }
+}
+
+/// Bridge `br` (made with `options`) with `port` in it, up; with `address`, the port's
+/// addresses move to the bridge's own device.
+fn bridge(r: &Netns, br: &str, port: &str, options: &str, address: Option<&str>) {
+    ip(r, &format!("link add {br} type bridge{options}"));
+    ip(r, &format!("link set {port} master {br}"));
+    ip(r, &format!("link set {br} up"));
+    if let Some(a) = address {
+        ip(r, &format!("addr flush dev {port}"));
+        ip(r, &format!("addr add {a} dev {br}"));
+    }
+}
+
+/// Macvlan `name` on `lower` in bridge mode, up, with `address`.
+fn macvlan(r: &Netns, name: &str, lower: &str, address: &str) {
+    ip(
+        r,
+        &format!("link add {name} link {lower} type macvlan mode bridge"),
+    );
+    ip(r, &format!("link set {name} up"));
+    ip(r, &format!("addr add {address} dev {name}"));
 }
 
 /// A vxlan `name` (VNI `vni`) between `a` and `b` over their underlay `(device, address)`,
