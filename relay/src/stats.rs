@@ -144,6 +144,15 @@ pub struct MergeView {
     pub lost: u64,
     /// Packets without a sequence number the merge could read: dropped.
     pub malformed: u64,
+    /// RTCP on an RTP merge: dropped (no part of the merged stream).
+    #[serde(default)]
+    pub rtcp: u64,
+    /// Times a leg's new SSRC started the merge over.
+    #[serde(default)]
+    pub new_streams: u64,
+    /// Packets of a leg still on the SSRC the merge left: dropped.
+    #[serde(default)]
+    pub stale: u64,
     pub legs: Vec<LegView>,
 }
 
@@ -173,11 +182,14 @@ impl LegView {
 }
 
 impl MergeView {
-    pub fn fields(&self) -> [(&'static str, u64); 3] {
+    pub fn fields(&self) -> [(&'static str, u64); 6] {
         [
             ("relayed", self.relayed),
             ("lost", self.lost),
             ("malformed", self.malformed),
+            ("rtcp", self.rtcp),
+            ("new_streams", self.new_streams),
+            ("stale", self.stale),
         ]
     }
 }
@@ -300,6 +312,9 @@ impl StatsView {
                         relayed: rc.merge.relayed(),
                         lost: rc.merge.lost(),
                         malformed: rc.merge.malformed,
+                        rtcp: rc.merge.rtcp,
+                        new_streams: rc.merge.new_streams,
+                        stale: rc.merge.stale,
                         legs: r
                             .inputs()
                             .enumerate()
@@ -452,7 +467,7 @@ impl StatsView {
             family(
                 "relay_merge_packets_total",
                 "counter",
-                "A merged rule's packets: relayed (the first of each sequence number), lost (sequence numbers no leg carried), malformed (no sequence number to read: dropped).",
+                "A merged rule's packets: relayed (the first of each sequence number), lost (sequence numbers no leg carried), malformed (no sequence number to read: dropped), rtcp (RTCP on an RTP merge: dropped), new_streams (a leg's new SSRC started the merge over), stale (packets of a leg still on the SSRC the merge left: dropped).",
                 merged
                     .iter()
                     .flat_map(|r| {
