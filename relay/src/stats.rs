@@ -761,6 +761,9 @@ mod tests {
         m.holes_opened = 3;
         m.holes_filled = 1;
         m.malformed = 2;
+        m.rtcp = 7;
+        m.new_streams = 1;
+        m.stale = 3;
         let pool = PoolStats {
             capacity: 64,
             free: 60,
@@ -773,6 +776,9 @@ mod tests {
             (mv.relayed, mv.lost, mv.malformed, mv.window_ms),
             (100, 2, 2, 250)
         );
+        assert_eq!((mv.rtcp, mv.new_streams, mv.stale), (7, 1, 3));
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["rules"][0]["merge"]["rtcp"], 7);
         assert_eq!(mv.numbering, "counter of 8 bytes at offset 4");
         assert_eq!(mv.legs[1].input.interface, "out1");
         assert_eq!(mv.legs[1].input.group, "239.101.1.1");
@@ -781,7 +787,10 @@ mod tests {
         let table = v.render_table();
         assert!(table.contains("leg 1"), "{table}");
         assert!(table.contains("first=40 duplicate=55 gaps=5"), "{table}");
-        assert!(table.contains("relayed=100 lost=2 malformed=2"), "{table}");
+        assert!(
+            table.contains("relayed=100 lost=2 malformed=2 rtcp=7 new_streams=1 stale=3"),
+            "{table}"
+        );
         let rules = v.render_rules();
         assert!(rules.contains("out1 239.101.1.1:5000"), "{rules}");
         let p = v.render_prometheus();
@@ -789,6 +798,14 @@ mod tests {
             p.contains("relay_merge_packets_total{rule=\"feed\",counter=\"lost\"} 2\n"),
             "{p}"
         );
+        for (counter, n) in [("rtcp", 7), ("new_streams", 1), ("stale", 3)] {
+            assert!(
+                p.contains(&format!(
+                    "relay_merge_packets_total{{rule=\"feed\",counter=\"{counter}\"}} {n}\n"
+                )),
+                "{p}"
+            );
+        }
         assert!(
             p.contains("relay_merge_leg_packets_total{rule=\"feed\",leg=\"1\",interface=\"out1\",group=\"239.101.1.1\",counter=\"gaps\"} 5\n"),
             "{p}"
