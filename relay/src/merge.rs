@@ -664,34 +664,17 @@ mod tests {
     /// number of both streams relayed once.
     #[test]
     fn concurrent_legs_switching_ssrc_start_one_stream() {
-        let m = std::sync::Arc::new(MergeState::new(Sequence::Rtp, 2, 500, DEFAULT_SLOTS));
-        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
-        let handles: Vec<_> = (0..2)
-            .map(|leg| {
-                let (m, barrier) = (m.clone(), barrier.clone());
-                std::thread::spawn(move || {
-                    let (mut first, mut new) = (0, 0);
-                    for chunk in 0..100u64 {
-                        barrier.wait();
-                        let ssrc = if chunk < 50 { 1 } else { 2 };
-                        for i in chunk * 1000..(chunk + 1) * 1000 {
-                            let packet = Numbered {
-                                seq: (i + 40_000) & 0xffff,
-                                ssrc: Some(ssrc),
-                            };
-                            let o = m.offer_numbered(leg, packet, chunk / 10);
-                            first += usize::from(o.first);
-                            new += usize::from(o.new_stream);
-                        }
-                    }
-                    (first, new)
-                })
-            })
-            .collect();
-        let (first, new) = handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let (first, new) = two_workers(100, |i, chunk| {
+            let ssrc = if chunk < 50 { 1 } else { 2 };
+            let seq = (i + 40_000) & 0xffff;
+            (
+                Numbered {
+                    seq,
+                    ssrc: Some(ssrc),
+                },
+                chunk / 10,
+            )
+        });
         assert_eq!((first, new), (100_000, 1));
     }
 
@@ -839,29 +822,44 @@ mod tests {
         assert_eq!(m.offer(0, 50, 2100).leg_gaps, 0);
     }
 
-    #[test]
-    fn concurrent_legs_relay_each_number_once() {
-        // Two threads as two workers, each with a leg of the same 200,000 numbers, kept within
-        // a thousand packets (and one clock tick) of each other by a barrier.
+    /// Two threads as two workers, each with a leg of the same `chunks` thousand packets
+    /// (`packet(i, chunk)`: what it reads and when), kept within a thousand packets of each
+    /// other by a barrier: how many were relayed, and how many started a new stream.
+    fn two_workers(chunks: u64, packet: fn(u64, u64) -> (Numbered, u64)) -> (usize, usize) {
         let m = std::sync::Arc::new(MergeState::new(Sequence::Rtp, 2, 500, DEFAULT_SLOTS));
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
         let handles: Vec<_> = (0..2)
             .map(|leg| {
                 let (m, barrier) = (m.clone(), barrier.clone());
                 std::thread::spawn(move || {
-                    let mut first = 0;
-                    for chunk in 0..200u64 {
+                    let (mut first, mut new) = (0, 0);
+                    for chunk in 0..chunks {
                         barrier.wait();
                         for i in chunk * 1000..(chunk + 1) * 1000 {
-                            first += usize::from(m.offer(leg, i & 0xffff, chunk).first);
+                            let (n, now) = packet(i, chunk);
+                            let o = m.offer_numbered(leg, n, now);
+                            first += usize::from(o.first);
+                            new += usize::from(o.new_stream);
                         }
                     }
-                    first
+                    (first, new)
                 })
             })
             .collect();
-        let total: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
-        assert_eq!(total, 200_000);
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
+    #[test]
+    fn concurrent_legs_relay_each_number_once() {
+        // 200,000 numbers, a clock tick per chunk.
+        let (first, _) = two_workers(200, |i, chunk| {
+            let seq = i & 0xffff;
+            (Numbered { seq, ssrc: None }, chunk)
+        });
+        assert_eq!(first, 200_000);
     }
 
     /// What the table should decide, with unbounded memory: a number is a duplicate if it was

@@ -233,6 +233,17 @@ fn ids_once(got: &[Vec<u8>]) -> BTreeSet<u64> {
     count.into_keys().collect()
 }
 
+/// The receiver got every id of `want` (each once: see [`ids_once`]), and no other.
+fn all_of(got: &BTreeSet<u64>, want: &BTreeSet<u64>, allocator: &str) {
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{allocator}: missing {:?}",
+        want.difference(got).take(20).collect::<Vec<_>>()
+    );
+    assert_eq!(got, want, "{allocator}: every packet either leg carried");
+}
+
 fn check_counters(m: &MergeView, want: &Expected) {
     assert_eq!(m.relayed, want.relayed.len() as u64, "{m:?}");
     assert_eq!(m.lost, want.lost, "{m:?}");
@@ -554,16 +565,7 @@ fn ipv6_legs_offload_on_through_reloads(allocator: &str) {
     }
     join(sender).unwrap();
     let got = ids_once(&join(rx).unwrap());
-    assert_eq!(
-        got.len(),
-        want.relayed.len(),
-        "{allocator}: missing {:?}",
-        want.relayed.difference(&got).take(20).collect::<Vec<_>>()
-    );
-    assert_eq!(
-        got, want.relayed,
-        "{allocator}: every packet either leg carried"
-    );
+    all_of(&got, &want.relayed, allocator);
     let (v, m) = merge_view(&relay.control, want.relayed.len() as u64);
     check_counters(&m, &want);
     assert_eq!(
@@ -659,13 +661,7 @@ fn rtcp_and_a_second_ssrc(v6: bool, allocator: &str) {
         None => join(send6(&topo.sender, packets)).unwrap(),
     }
     let got = ids_once(&join(rx).unwrap());
-    assert_eq!(
-        got.len(),
-        want.relayed.len(),
-        "{allocator}: missing {:?}",
-        want.relayed.difference(&got).take(20).collect::<Vec<_>>()
-    );
-    assert_eq!(got, want.relayed, "{allocator}: every RTP packet, once");
+    all_of(&got, &want.relayed, allocator);
     let v = stats_until(&relay.control, |v| {
         v.rules[0]
             .merge
