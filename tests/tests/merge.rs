@@ -699,7 +699,14 @@ fn rtcp_and_a_second_ssrc(v6: bool, allocator: &str) {
         table.contains(&format!("rtcp={reports} new_streams=1 stale={}", m.stale)),
         "{table}"
     );
-    stop_clean(relay, &topo);
+    // And so does the report at shutdown.
+    let exit = stop_clean(relay, &topo);
+    let merge_line = format!(
+        "rule=feed merge relayed={} lost=0 malformed=0 rtcp={reports} new_streams=1 stale={}",
+        want.relayed.len(),
+        m.stale
+    );
+    assert!(exit.stdout.contains(&merge_line), "{}", exit.stdout);
 }
 
 #[test]
