@@ -400,8 +400,8 @@ impl MergeState {
             let high = self.high.load(Ordering::Acquire).saturating_sub(1);
             let from = (high >> 16).max(table & START_MASK) + self.horizon().div_ceil(1 << 16) + 2;
             let next = ((current + 1) & GEN_MASK) << START_BITS | (from & START_MASK);
-            // Before the stream it names is left, so that a leg that reads the new one reads
-            // this too (legs racing to start one stream leave the same one).
+            // Written before the switch, so that a leg that reads the new stream also reads
+            // which one it left (legs racing to start the same stream leave the same one).
             self.stream
                 .left
                 .store(LEG_SEEN | (was & 0xffff_ffff), Ordering::Release);
