@@ -1271,7 +1271,26 @@ impl Config {
                     ));
                 }
             }
-            (Some(_), _) => {}
+            (Some(_), _) => {
+                // RTP senders send RTCP to the next port up (ST 2110, ST 2022-7): a leg on
+                // any port would take it, and its length read as a sequence number pushes
+                // the merge ahead of the real packets.
+                if let Some((leg, input)) =
+                    rule.inputs().enumerate().find(|(_, i)| i.port.is_none())
+                {
+                    let (key, address) = match (input.group, input.destination) {
+                        (Some(g), _) => ("group", g.to_string()),
+                        (None, Some(d)) => ("destination", d.to_string()),
+                        (None, None) => ("group", "(none)".to_owned()),
+                    };
+                    return Err(format!(
+                        "inputs[{leg}]: merge: rtp needs port: on every leg, and the leg \
+                         {key} {address} on {} has none: it would take the RTCP its senders \
+                         send to the next port as RTP (name the RTP port, e.g. port: 5000)",
+                        input.interface
+                    ));
+                }
+            }
         }
         if let Some(w) = rule.window_ms
             && !(1..=crate::merge::MAX_WINDOW_MS).contains(&w)
@@ -2235,6 +2254,20 @@ rules:
             })
         );
         assert_eq!(c.rules[0].window_ms, Some(200));
+        // A payload counter has no RTCP beside it: its legs may take any port.
+        let any_port =
+            "[{interface: in0, group: 239.1.1.1}, {interface: out1, group: 239.101.1.1}]";
+        let c = Config::parse(
+            "r.yaml",
+            &merged(any_port, "    merge: {offset: 0, bytes: 4}\n", out),
+        )
+        .unwrap();
+        c.validate("r.yaml", &fake()).unwrap();
+        // Start, --check and reload validate with `validate`, a change of interfaces with
+        // `validate_running`: neither takes an RTP merge without ports.
+        let c = Config::parse("r.yaml", &merged(any_port, "    merge: rtp\n", out)).unwrap();
+        assert!(c.validate("r.yaml", &fake()).is_err());
+        assert!(c.validate_running("r.yaml", &fake()).is_err());
         // A single input in a list is a plain rule.
         let c = Config::parse(
             "r.yaml",
@@ -2280,7 +2313,7 @@ rules:
             ),
             (
                 merged(
-                    "[{interface: in0, group: 239.1.1.1}, {interface: out1, group: 'ff18::1'}]",
+                    "[{interface: in0, group: 239.1.1.1, port: 5000}, {interface: out1, group: 'ff18::1', port: 5000}]",
                     "    merge: rtp\n",
                     out,
                 ),
@@ -2289,7 +2322,7 @@ rules:
             ),
             (
                 merged(
-                    "[{interface: in0, group: 239.1.1.1}, {interface: out1, group: 239.2.0.0/16}]",
+                    "[{interface: in0, group: 239.1.1.1, port: 5000}, {interface: out1, group: 239.2.0.0/16, port: 5000}]",
                     "    merge: rtp\n",
                     out,
                 ),
@@ -2298,12 +2331,33 @@ rules:
             ),
             (
                 merged(
-                    "[{interface: in0, group: 239.1.1.1}, {interface: in0, group: 239.1.1.1}]",
+                    "[{interface: in0, group: 239.1.1.1, port: 5000}, {interface: in0, group: 239.1.1.1, port: 5000}]",
                     "    merge: rtp\n",
                     out,
                 ),
                 "r.yaml: rule 'm': inputs[1]: another rule already has the input in0 \
-                 239.1.1.1:any from any",
+                 239.1.1.1:5000 from any",
+            ),
+            // RTP legs on any port would take the RTCP sent to the next one up.
+            (
+                merged(
+                    "[{interface: in0, group: 239.1.1.1, port: 5000}, {interface: out1, group: 239.101.1.1}]",
+                    "    merge: rtp\n",
+                    out,
+                ),
+                "r.yaml: rule 'm': inputs[1]: merge: rtp needs port: on every leg, and the leg \
+                 group 239.101.1.1 on out1 has none: it would take the RTCP its senders send to \
+                 the next port as RTP (name the RTP port, e.g. port: 5000)",
+            ),
+            (
+                merged(
+                    "[{interface: in0, group: 'ff3e::1'}, {interface: out1, group: 'ff3e::2', port: 5000}]",
+                    "    merge: rtp\n    window_ms: 100\n",
+                    out,
+                ),
+                "r.yaml: rule 'm': inputs[0]: merge: rtp needs port: on every leg, and the leg \
+                 group ff3e::1 on in0 has none: it would take the RTCP its senders send to the \
+                 next port as RTP (name the RTP port, e.g. port: 5000)",
             ),
             (
                 merged(
