@@ -15,6 +15,7 @@ pub mod memory;
 mod ringlog;
 mod socket;
 pub mod stats;
+mod tags;
 mod worker;
 mod xsk;
 

@@ -39,7 +39,7 @@ impl OutputCounters {
             + self.no_source
     }
 
-    fn add(&mut self, o: &OutputCounters) {
+    pub(super) fn add(&mut self, o: &OutputCounters) {
         self.packets += o.packets;
         self.bytes += o.bytes;
         self.ttl_expired += o.ttl_expired;

@@ -21,6 +21,7 @@ use super::{
     backend::{Backend, FrameMut, Rings},
     ringlog::RingLog,
     stats::{DatapathStats, OutputCounters, SocketCounters},
+    tags::{TagBooks, carries_output},
 };
 use crate::{
     capture::{Direction, Session, Tap},
@@ -397,6 +398,8 @@ pub(super) struct Worker<B: Backend> {
     rewrites: StreamRewrites,
     /// The capture running during the current received batch, if any (`relay capture`).
     capture: Option<Arc<Session>>,
+    /// Where counts for tags of other plans than this worker's go.
+    books: TagBooks,
 }
 
 /// What a rule lookup depends on: the frame's ingress, group, source, port and VLAN, and the
@@ -502,6 +505,7 @@ impl<B: Backend> Worker<B> {
             frags: FragTable::new(FRAG_SLOTS),
             rewrites: StreamRewrites::default(),
             capture: None,
+            books: TagBooks::default(),
         };
         w.local_egress = w.map_egress();
         w.poll_fds = w.poll_set();
@@ -552,8 +556,9 @@ impl<B: Backend> Worker<B> {
                 pi += 1;
             }
         }
-        self.stats = remap(&self.plan, &self.stats, &plan);
-        self.plan = plan;
+        let old = std::mem::replace(&mut self.plan, plan);
+        self.stats = remap(&old, &self.stats, &self.plan);
+        self.books.adopted(old, &self.plan, &mut self.stats);
         let plan = Arc::clone(&self.plan);
         for (port, id) in self.ports.iter_mut().zip(&self.port_ids) {
             port.ingress = plan.ingress_ports.contains(id);
@@ -1309,7 +1314,7 @@ impl<B: Backend> Worker<B> {
 
     /// The counters a tag names, if it was made under the plan this worker counts by.
     fn counters(&mut self, tag: Tag) -> Option<&mut OutputCounters> {
-        output_counters(&mut self.stats, self.plan.generation, tag)
+        self.books.counters(&mut self.stats, &self.plan, tag)
     }
 
     fn count_rewrite_error(&mut self, tag: Tag, e: RewriteError) {
@@ -1410,7 +1415,6 @@ impl<B: Backend> Worker<B> {
                 domain.stalled.fetch_add(sent, Ordering::Relaxed);
                 port.stalled += sent;
             }
-            let generation = self.plan.generation;
             // A port's frames come in runs of one output's (a rule's fan-out stages one frame
             // per port): its counters are found once per run, not per frame.
             let mut run: Option<(Tag, u64, u64)> = None;
@@ -1424,13 +1428,27 @@ impl<B: Backend> Worker<B> {
                     }
                     _ => {
                         if let Some((t, packets, bytes)) = run.replace((*tag, 1, len)) {
-                            count_sent(&mut self.stats, generation, t, packets, bytes);
+                            count_sent(
+                                &mut self.books,
+                                &mut self.stats,
+                                &self.plan,
+                                t,
+                                packets,
+                                bytes,
+                            );
                         }
                     }
                 }
             }
             if let Some((t, packets, bytes)) = run {
-                count_sent(&mut self.stats, generation, t, packets, bytes);
+                count_sent(
+                    &mut self.books,
+                    &mut self.stats,
+                    &self.plan,
+                    t,
+                    packets,
+                    bytes,
+                );
             }
             // What did not fit waits for the next pass, a few batches at most: beyond that the
             // egress is not keeping up and the newest frames are dropped, rather than moved
@@ -1598,29 +1616,18 @@ fn release_stalled<B: Backend>(port: &mut Port<B>, shared: &Shared<B>) {
 
 /// Counts `packets` frames of `bytes` sent for the output `tag` names.
 #[inline]
-fn count_sent(stats: &mut DatapathStats, generation: u64, tag: Tag, packets: u64, bytes: u64) {
-    if let Some(oc) = output_counters(stats, generation, tag) {
+fn count_sent(
+    books: &mut TagBooks,
+    stats: &mut DatapathStats,
+    plan: &Plan,
+    tag: Tag,
+    packets: u64,
+    bytes: u64,
+) {
+    if let Some(oc) = books.counters(stats, plan, tag) {
         oc.packets += packets;
         oc.bytes += bytes;
     }
-}
-
-/// The counters in `stats` a tag names, if it was made under plan `generation`, which
-/// `stats` is shaped by.
-#[inline]
-fn output_counters(
-    stats: &mut DatapathStats,
-    generation: u64,
-    tag: Tag,
-) -> Option<&mut OutputCounters> {
-    if tag.plan != generation as u16 {
-        return None;
-    }
-    stats
-        .rules
-        .get_mut(tag.rule as usize)?
-        .outputs
-        .get_mut(tag.output as usize)
 }
 
 /// Rewrites a frame in its UMEM frame for one output: its VLAN tag first, which may move
@@ -1911,11 +1918,8 @@ pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathSt
         if or.prefix == nr.prefix {
             out.rules[ni].groups = oc.groups.clone();
         }
-        for (k, no) in nr.outputs.iter().enumerate() {
-            if let Some(oo) = or.outputs.get(k)
-                && old.table.egress[oo.egress].name == new.table.egress[no.egress].name
-                && oo.action.same_output(&no.action)
-            {
+        for k in 0..nr.outputs.len() {
+            if carries_output(old, oi, new, ni, k) {
                 out.rules[ni].outputs[k] = oc.outputs[k];
             }
         }
