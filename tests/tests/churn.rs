@@ -582,7 +582,7 @@ fn balanced(v: &StatsView) -> bool {
 fn counters_balance_after_churn(allocator: &str) {
     require_root();
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    const LONG: u64 = 60_000;
+    const LONG: u64 = 100_000;
     let topo = Topology::new(2).unwrap();
     let relay = RelayProc::start(
         &relay_bin(),
@@ -592,15 +592,25 @@ fn counters_balance_after_churn(allocator: &str) {
     )
     .unwrap();
     let log = || std::fs::read_to_string(&relay.stderr).unwrap();
-    // About two seconds of traffic, over the three deletions.
+    // About three seconds of traffic, over the deletions and reloads: each publishes a plan,
+    // and each plan is a chance for a frame handed over under the old one to be counted under
+    // the new.
     let sender = send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, LONG));
-    for i in 1..=3 {
-        std::thread::sleep(Duration::from_millis(200));
+    let ctl = relay.control.to_str().unwrap().to_owned();
+    for i in 1..=4 {
+        std::thread::sleep(Duration::from_millis(100));
         let victim = i % 2;
         let name = &topo.receivers[victim].relay_iface;
         topo.relay.exec(&["ip", "link", "del", name]).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
         topo.relink_receiver(victim).unwrap();
+        for _ in 0..8 {
+            let out = std::process::Command::new(relay_bin())
+                .args(["reload", "--control", &ctl])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}\n{}", log());
+        }
     }
     assert_eq!(join(sender).unwrap(), LONG);
     // The counters settle within a few publications (100 ms each) of the last frame.
