@@ -120,6 +120,9 @@ pub enum RewriteError {
     TooLarge,
     /// A unicast output whose next hop has no neighbour entry (yet).
     NoNeighbour,
+    /// A unicast output whose destination the kernel routes through another interface than
+    /// the output's: there is no next hop on the output's link to send to.
+    NoRouteVia,
     /// `source: auto` on an interface that has no address of the frame's family now.
     NoSource,
 }

@@ -19,6 +19,8 @@ pub struct OutputCounters {
     /// A unicast output's next hop had no neighbour (ARP/ND) entry yet: the kernel was asked
     /// to resolve one.
     pub no_neighbour: u64,
+    /// A unicast output's destination is routed through another interface than the output's.
+    pub no_route_via: u64,
     /// `source: auto` on an interface with no address of the rule's family at the time.
     pub no_source: u64,
     /// Frames an on-demand output did not send because no listener wanted them then: the
@@ -36,6 +38,7 @@ impl OutputCounters {
             + self.too_large
             + self.interface_down
             + self.no_neighbour
+            + self.no_route_via
             + self.no_source
     }
 
@@ -50,6 +53,7 @@ impl OutputCounters {
         self.too_large += o.too_large;
         self.interface_down += o.interface_down;
         self.no_neighbour += o.no_neighbour;
+        self.no_route_via += o.no_route_via;
         self.no_source += o.no_source;
         self.no_listener += o.no_listener;
     }

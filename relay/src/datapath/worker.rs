@@ -1161,6 +1161,7 @@ impl<B: Backend> Worker<B> {
                 Verdict::Refused(e) => {
                     match e {
                         RewriteError::NoNeighbour => counters.no_neighbour += 1,
+                        RewriteError::NoRouteVia => counters.no_route_via += 1,
                         RewriteError::NoSource => counters.no_source += 1,
                         _ => counters.ttl_expired += 1,
                     }
@@ -1326,6 +1327,7 @@ impl<B: Backend> Worker<B> {
             RewriteError::Malformed => c.malformed += 1,
             RewriteError::TooLarge => c.too_large += 1,
             RewriteError::NoNeighbour => c.no_neighbour += 1,
+            RewriteError::NoRouteVia => c.no_route_via += 1,
             RewriteError::NoSource => c.no_source += 1,
         }
     }
@@ -1806,8 +1808,7 @@ fn to_next_hop(
     let mac = out
         .next_hop
         .as_ref()
-        .and_then(|slot| slot.mac())
-        .ok_or(RewriteError::NoNeighbour)?;
+        .map_or(Err(RewriteError::NoNeighbour), |slot| slot.usable())?;
     p.apply(frame, flow)?;
     frame[..6].copy_from_slice(&mac);
     Ok(())
@@ -1853,8 +1854,8 @@ fn verdict(out: &crate::rules::CompiledOutput, expired: bool, to: usize) -> Verd
         Verdict::Refused(RewriteError::NoSource)
     } else if to == NO_DOMAIN {
         Verdict::Gone
-    } else if out.next_hop.as_ref().is_some_and(|s| s.mac().is_none()) {
-        Verdict::Refused(RewriteError::NoNeighbour)
+    } else if let Some(Err(e)) = out.next_hop.as_ref().map(|s| s.usable()) {
+        Verdict::Refused(e)
     } else {
         Verdict::To(to)
     }
