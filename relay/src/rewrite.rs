@@ -125,6 +125,10 @@ pub enum RewriteError {
     NoRouteVia,
     /// `source: auto` on an interface that has no address of the frame's family now.
     NoSource,
+    /// The first fragment of an IPv6 datagram whose UDP checksum is zero, which IPv6 forbids:
+    /// the checksum covers the whole datagram, and the relay, which never reassembles, does
+    /// not have it to compute one (see [`crate::frag::rewrite_packet`]).
+    ZeroChecksumFragment,
 }
 
 /// Rewrites `frame` for `action`. `flow` is [`crate::wire::classify`]'s answer for this frame

@@ -363,6 +363,7 @@ impl StatsView {
                             ("no_neighbour", oc.no_neighbour),
                             ("no_route_via", oc.no_route_via),
                             ("no_source", oc.no_source),
+                            ("zero_checksum_fragment", oc.zero_checksum_fragment),
                         ]
                         .into_iter()
                         .map(|(k, v)| (k.to_owned(), v))

@@ -23,6 +23,9 @@ pub struct OutputCounters {
     pub no_route_via: u64,
     /// `source: auto` on an interface with no address of the rule's family at the time.
     pub no_source: u64,
+    /// The first fragment of an IPv6 datagram with a zero UDP checksum: the checksum to write
+    /// instead needs the whole datagram, which the relay does not reassemble.
+    pub zero_checksum_fragment: u64,
     /// Frames an on-demand output did not send because no listener wanted them then: the
     /// output doing its job, not a loss, so not part of [`OutputCounters::dropped`].
     pub no_listener: u64,
@@ -40,6 +43,7 @@ impl OutputCounters {
             + self.no_neighbour
             + self.no_route_via
             + self.no_source
+            + self.zero_checksum_fragment
     }
 
     pub(super) fn add(&mut self, o: &OutputCounters) {
@@ -55,6 +59,7 @@ impl OutputCounters {
         self.no_neighbour += o.no_neighbour;
         self.no_route_via += o.no_route_via;
         self.no_source += o.no_source;
+        self.zero_checksum_fragment += o.zero_checksum_fragment;
         self.no_listener += o.no_listener;
     }
 }

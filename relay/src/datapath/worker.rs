@@ -1329,6 +1329,7 @@ impl<B: Backend> Worker<B> {
             RewriteError::NoNeighbour => c.no_neighbour += 1,
             RewriteError::NoRouteVia => c.no_route_via += 1,
             RewriteError::NoSource => c.no_source += 1,
+            RewriteError::ZeroChecksumFragment => c.zero_checksum_fragment += 1,
         }
     }
 
