@@ -556,6 +556,7 @@ impl<B: Backend> Worker<B> {
                 pi += 1;
             }
         }
+        self.take_back_handed_to_retired(&plan.retire);
         let old = std::mem::replace(&mut self.plan, plan);
         self.stats = remap(&old, &self.stats, &self.plan);
         self.books.adopted(old, &self.plan, &mut self.stats);
@@ -568,6 +569,36 @@ impl<B: Backend> Worker<B> {
         self.poll_fds = self.poll_set();
         self.publish();
         self.shared.adopted[self.id].store(self.plan.generation, Ordering::Release);
+    }
+
+    /// Frames this worker handed, under its old plan, to sockets that `retire` closes: their
+    /// owner may have taken the new plan up and closed the socket first, and nobody would
+    /// count them (the rule did, as received). Counted here, under the old plan like the
+    /// owner's, as `interface_down`.
+    fn take_back_handed_to_retired(&mut self, retire: &[usize]) {
+        let shared = Arc::clone(&self.shared);
+        for &id in retire {
+            let Some(lane) = shared.lanes[id].get() else {
+                continue;
+            };
+            // The socket's UMEM, as the old plan had it for the egress it transmitted for.
+            let Some(dom) = self
+                .plan
+                .egress_port
+                .iter()
+                .position(|&p| p == Some(id))
+                .map(|e| self.plan.egress_domain[e])
+            else {
+                continue;
+            };
+            while let Some((desc, tag)) = lane.pop() {
+                if let Some(c) = self.counters(tag) {
+                    c.interface_down += 1;
+                }
+                let f = self.frame_index(&desc);
+                self.cache(dom).give(f);
+            }
+        }
     }
 
     /// Takes back what frames it can from a socket whose device is gone, and closes it. The
