@@ -83,17 +83,20 @@ rules:
     );
 }
 
-#[test]
-fn ipv6_fragments_are_relayed_and_remapped() {
-    relays_fragmented_datagrams(
-        "\
+/// ff18::1:1 port 5000 to rout0 as it came, and to rout1 remapped to ff18::2:2 port 6000.
+const RULES6: &str = "\
 rules:
   - name: big6
     input: { interface: rin, group: 'ff18::1:1', port: 5000 }
     outputs:
       - { interface: rout0 }
       - { interface: rout1, group: 'ff18::2:2', port: 6000 }
-",
+";
+
+#[test]
+fn ipv6_fragments_are_relayed_and_remapped() {
+    relays_fragmented_datagrams(
+        RULES6,
         "ff18::1:1".parse().unwrap(),
         "ff18::2:2".parse().unwrap(),
     );
@@ -221,16 +224,13 @@ rules:
 fn zero_checksum_ipv6_fragments(allocator: &str) {
     require_root();
     let topo = Topology::new(2).unwrap();
-    let yaml = "\
-rules:
-  - name: big6
-    input: { interface: rin, group: 'ff18::1:1', port: 5000 }
-    outputs:
-      - { interface: rout0 }
-      - { interface: rout1, group: 'ff18::2:2', port: 6000 }
-";
-    let relay =
-        RelayProc::start(&relay_bin(), &topo.relay, yaml, &["--allocator", allocator]).unwrap();
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        RULES6,
+        &["--allocator", allocator],
+    )
+    .unwrap();
     let (r0, r1) = (&topo.receivers[0], &topo.receivers[1]);
     let (g1, g2): (IpAddr, IpAddr) = ("ff18::1:1".parse().unwrap(), "ff18::2:2".parse().unwrap());
     let rx0 = listen(&r0.ns, g1, 5000, r0.addr6, Limits::new(N)).unwrap();

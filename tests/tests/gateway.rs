@@ -173,6 +173,24 @@ fn dropped(o: &relay::stats::OutputView, reason: &str) -> u64 {
     o.dropped.get(reason).copied().unwrap_or(0)
 }
 
+/// Routes 198.18.9.0/24 and 2001:2:9::/64 (FAR, FAR_6) through receiver 1, on rout1.
+fn route_far_via_receiver1(topo: &Topology) {
+    topo.relay
+        .exec(&["ip", "route", "add", "198.18.9.0/24", "via", "198.18.3.2"])
+        .unwrap();
+    topo.relay
+        .exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "2001:2:9::/64",
+            "via",
+            "2001:2:0:3::2",
+        ])
+        .unwrap();
+}
+
 /// `offload`: the sender keeps its veth's transmit checksum offload on (as a container
 /// does), so every datagram it sends reaches the relay with a partial UDP checksum, completed
 /// before the source and destination rewrites.
@@ -195,21 +213,7 @@ fn gateway(allocator: &str, offload: bool) {
             ])
             .unwrap();
     }
-    // 198.18.9.9 and 2001:2:9::9 are behind receiver 1, a router for them.
-    topo.relay
-        .exec(&["ip", "route", "add", "198.18.9.0/24", "via", "198.18.3.2"])
-        .unwrap();
-    topo.relay
-        .exec(&[
-            "ip",
-            "-6",
-            "route",
-            "add",
-            "2001:2:9::/64",
-            "via",
-            "2001:2:0:3::2",
-        ])
-        .unwrap();
+    route_far_via_receiver1(&topo);
     r1.ns
         .exec(&["ip", "addr", "add", "198.18.9.9/32", "dev", "lo"])
         .unwrap();
@@ -971,20 +975,7 @@ fn routed_elsewhere(allocator: &str) {
     require_root();
     let _serial = serial();
     let topo = Topology::new(2).unwrap();
-    topo.relay
-        .exec(&["ip", "route", "add", "198.18.9.0/24", "via", "198.18.3.2"])
-        .unwrap();
-    topo.relay
-        .exec(&[
-            "ip",
-            "-6",
-            "route",
-            "add",
-            "2001:2:9::/64",
-            "via",
-            "2001:2:0:3::2",
-        ])
-        .unwrap();
+    route_far_via_receiver1(&topo);
     for ns in [&topo.relay, &topo.receivers[1].ns] {
         dad_done(ns);
     }

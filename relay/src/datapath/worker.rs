@@ -1461,28 +1461,14 @@ impl<B: Backend> Worker<B> {
                         *bytes += len;
                     }
                     _ => {
-                        if let Some((t, packets, bytes)) = run.replace((*tag, 1, len)) {
-                            count_sent(
-                                &mut self.books,
-                                &mut self.stats,
-                                &self.plan,
-                                t,
-                                packets,
-                                bytes,
-                            );
+                        if let Some(done) = run.replace((*tag, 1, len)) {
+                            count_sent(&mut self.books, &mut self.stats, &self.plan, done);
                         }
                     }
                 }
             }
-            if let Some((t, packets, bytes)) = run {
-                count_sent(
-                    &mut self.books,
-                    &mut self.stats,
-                    &self.plan,
-                    t,
-                    packets,
-                    bytes,
-                );
+            if let Some(done) = run {
+                count_sent(&mut self.books, &mut self.stats, &self.plan, done);
             }
             // What did not fit waits for the next pass, a few batches at most: beyond that the
             // egress is not keeping up and the newest frames are dropped, rather than moved
@@ -1648,15 +1634,13 @@ fn release_stalled<B: Backend>(port: &mut Port<B>, shared: &Shared<B>) {
     }
 }
 
-/// Counts `packets` frames of `bytes` sent for the output `tag` names.
+/// Counts a run of `packets` frames of `bytes` sent for the output `tag` names.
 #[inline]
 fn count_sent(
     books: &mut TagBooks,
     stats: &mut DatapathStats,
     plan: &Plan,
-    tag: Tag,
-    packets: u64,
-    bytes: u64,
+    (tag, packets, bytes): (Tag, u64, u64),
 ) {
     if let Some(oc) = books.counters(stats, plan, tag) {
         oc.packets += packets;
