@@ -88,6 +88,12 @@ impl FragTable {
 
 /// Rewrites any frame the data path relays for `action`, after its tag: a later fragment with
 /// [`rewrite_later`], which leaves its data alone, anything else with [`rewrite`].
+///
+/// The first fragment of an IPv6 datagram with a zero UDP checksum is refused
+/// ([`RewriteError::ZeroChecksumFragment`]), untouched: IPv6 receivers drop a zero checksum,
+/// and the one to write instead is a sum over the whole datagram, most of which is in the
+/// later fragments. Its later fragments are relayed as usual (they carry no UDP header to
+/// check); without their first, receivers discard them when reassembly times out.
 pub fn rewrite_packet(
     frame: &mut [u8],
     flow: &Flow,
@@ -95,6 +101,11 @@ pub fn rewrite_packet(
 ) -> Result<(), RewriteError> {
     if flow.is_later_fragment() {
         rewrite_later(frame, flow, action)
+    } else if flow.frag.is_some()
+        && flow.group.is_ipv6()
+        && frame.get(flow.l4 + 6..flow.l4 + 8) == Some(&[0, 0])
+    {
+        Err(RewriteError::ZeroChecksumFragment)
     } else {
         rewrite(frame, flow, action)
     }
@@ -286,6 +297,46 @@ mod tests {
             assert!(flow.frag.is_some());
             check_lengths(f, &flow).unwrap();
             rewrite_packet(f, &flow, a).unwrap();
+        }
+    }
+
+    /// A zero UDP checksum in the first fragment: IPv6 refuses the fragment untouched, under
+    /// its own reason, and relays the later ones; IPv4 relays the datagram with the checksum
+    /// left zero ("none"). A first fragment with a checksum is rewritten in both.
+    #[test]
+    fn a_zero_checksum_first_fragment_is_refused_over_ipv6_only() {
+        let a = action(None, Some(6000));
+        for s in samples(&[9; 100]) {
+            let mut whole = build_udp_frame(&s);
+            let l4 = classify(&whole).unwrap().l4;
+            let with_sum = fragment(&whole, 48, 7);
+            whole[l4 + 6..l4 + 8].fill(0);
+            let mut frags = fragment(&whole, 48, 7);
+            assert_eq!(frags.len(), 3);
+            let v6 = s.group.is_ipv6();
+            for (k, f) in frags.iter_mut().enumerate() {
+                let flow = classify(f).unwrap();
+                check_lengths(f, &flow).unwrap();
+                let before = f.clone();
+                let got = rewrite_packet(f, &flow, &a);
+                if k == 0 && v6 {
+                    assert_eq!(got, Err(RewriteError::ZeroChecksumFragment));
+                    assert_eq!(*f, before, "refused untouched");
+                } else {
+                    assert_eq!(got, Ok(()), "fragment {k} of {}", s.group);
+                    assert_ne!(*f, before, "rewritten");
+                }
+                if k == 0 && !v6 {
+                    assert_eq!(
+                        &f[flow.l4 + 6..flow.l4 + 8],
+                        [0, 0],
+                        "IPv4: none stays none"
+                    );
+                }
+            }
+            let mut first = with_sum[0].clone();
+            let flow = classify(&first).unwrap();
+            assert_eq!(rewrite_packet(&mut first, &flow, &a), Ok(()));
         }
     }
 

@@ -29,7 +29,7 @@ use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::{LinkFlags, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
+    route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteType, RouteVia},
 };
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 use nix::sys::{socket::setsockopt, socket::sockopt, time::TimeVal};
@@ -297,19 +297,35 @@ impl Worker {
                 ifindex,
                 destination,
             } => {
-                let mut msg = RouteMessage::default();
-                msg.header.address_family = family(destination);
-                msg.header.destination_prefix_length = if destination.is_ipv4() { 32 } else { 128 };
-                msg.attributes = vec![
-                    RouteAttribute::Destination(RouteAddress::from(destination)),
-                    RouteAttribute::Oif(ifindex),
-                ];
-                let route = match self.request(RouteNetlinkMessage::GetRoute(msg), 0) {
-                    Ok(Some(RouteNetlinkMessage::NewRoute(m))) => route_of(&m),
-                    Ok(other) => {
-                        debug!("unexpected answer to a route query: {other:?}");
-                        return Vec::new();
+                let answer = self.get_route(destination, Some(ifindex));
+                // No route through the interface: IPv4 answers with its on-link fallback, IPv6
+                // with an error. If the kernel routes the destination through another
+                // interface, no neighbour on this one will ever answer for it: say so.
+                let none_via = match &answer {
+                    Ok(Some(m)) => on_link_fallback(m),
+                    Err(e) => matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENETUNREACH | libc::EHOSTUNREACH)
+                    ),
+                    Ok(None) => false,
+                };
+                // A link that is down has no routes either; that is not news about routing.
+                if none_via && self.links_up.get(&ifindex) != Some(&false) {
+                    let other = match self.get_route(destination, None) {
+                        Ok(Some(m)) if route_of(&m) != Route::Unreachable => oif_of(&m),
+                        _ => None,
+                    };
+                    if let Some(other) = other.filter(|&o| o != ifindex) {
+                        return vec![Answer::Route {
+                            ifindex,
+                            destination,
+                            route: Route::Elsewhere(other),
+                        }];
                     }
+                }
+                let route = match answer {
+                    Ok(Some(m)) => route_of(&m),
+                    Ok(None) => return Vec::new(),
                     Err(e) => {
                         if let Some(n) = self
                             .throttle
@@ -400,6 +416,30 @@ impl Worker {
         }
     }
 
+    /// RTM_GETROUTE for `destination`, through `oif` if given: the route the kernel answers,
+    /// `None` (logged) for an answer of another kind.
+    fn get_route(
+        &mut self,
+        destination: IpAddr,
+        oif: Option<u32>,
+    ) -> io::Result<Option<RouteMessage>> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family(destination);
+        msg.header.destination_prefix_length = if destination.is_ipv4() { 32 } else { 128 };
+        // The table the answer came from, as `ip route get` asks: without it IPv4 names the
+        // main table even for its on-link fallback, which comes from none.
+        msg.header.flags = RouteFlags::LookupTable;
+        msg.attributes = vec![RouteAttribute::Destination(RouteAddress::from(destination))];
+        msg.attributes.extend(oif.map(RouteAttribute::Oif));
+        match self.request(RouteNetlinkMessage::GetRoute(msg), 0)? {
+            Some(RouteNetlinkMessage::NewRoute(m)) => Ok(Some(m)),
+            other => {
+                debug!("unexpected answer to a route query: {other:?}");
+                Ok(None)
+            }
+        }
+    }
+
     /// Sends `msg` and waits for its answer (see [`crate::rtnl::request`]).
     fn request(
         &mut self,
@@ -430,6 +470,7 @@ impl Worker {
                     mac: None,
                     next_hop: None,
                     state: "resolving",
+                    elsewhere: None,
                     ..s.clone()
                 },
                 unresolved_since: Some(now),
@@ -442,6 +483,15 @@ impl Worker {
             };
             if s.state == "no route" && old.state != "no route" {
                 warn!("{name}: no route to {}", s.destination);
+            }
+            if let Some(other) = s.elsewhere
+                && old.elsewhere != Some(other)
+            {
+                warn!(
+                    "{name}: no route to {} via {name}: the kernel routes it through {}; its frames are dropped as no_route_via",
+                    s.destination,
+                    ifname(other)
+                );
             }
             match (old.mac, s.mac) {
                 (None, Some(m)) => {
@@ -588,6 +638,26 @@ fn link_event(l: &LinkMessage, deleted: bool) -> Event {
         ifindex: l.header.index,
         up,
     }
+}
+
+/// Whether a route answer is the kernel's on-link fallback rather than a route of a table:
+/// asked with RTA_OIF for a destination no route through that interface covers, IPv4 answers
+/// as if it were on the link (`ip_route_output_key_hash_rcu`: "Apparently, routing tables are
+/// wrong. Assume, that the destination is on link."), with no table (`RTA_TABLE` 0).
+fn on_link_fallback(m: &RouteMessage) -> bool {
+    m.header.address_family == AddressFamily::Inet
+        && m.header.table == 0
+        && m.attributes
+            .iter()
+            .all(|a| !matches!(a, RouteAttribute::Table(t) if *t != 0))
+}
+
+/// The interface a route answer sends through.
+fn oif_of(m: &RouteMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
 }
 
 /// The next hop of a route answer: its gateway (or RFC 5549 via), else on-link.

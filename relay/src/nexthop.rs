@@ -25,6 +25,8 @@ use std::{
     time::Duration,
 };
 
+use crate::rewrite::RewriteError;
+
 /// Neighbour (NUD) states, as the kernel's `ndm_state` bits.
 pub const NUD_INCOMPLETE: u16 = 0x01;
 pub const NUD_REACHABLE: u16 = 0x02;
@@ -47,6 +49,9 @@ pub const RETRY: Duration = Duration::from_secs(1);
 /// Set in a slot's word when it holds a MAC: an all-zero MAC is then still a MAC.
 const RESOLVED: u64 = 1 << 48;
 const MAC_MASK: u64 = RESOLVED - 1;
+/// Set in a slot's word, without a MAC, when the kernel routes the destination through another
+/// interface than the output's ([`Route::Elsewhere`]).
+const NO_ROUTE_VIA: u64 = 1 << 49;
 
 /// A target's next-hop MAC, shared with the data path.
 ///
@@ -72,12 +77,40 @@ impl NextHopSlot {
         Some([b[2], b[3], b[4], b[5], b[6], b[7]])
     }
 
+    /// The MAC to send to, or why a frame cannot be sent: no route through the output's
+    /// interface ([`RewriteError::NoRouteVia`]), or no neighbour entry (yet).
+    #[inline]
+    pub fn usable(&self) -> Result<[u8; 6], RewriteError> {
+        // One load: the MAC and the reason are of the same moment.
+        let word = self.0.load(Ordering::Relaxed);
+        if word & RESOLVED == 0 {
+            return Err(if word & NO_ROUTE_VIA != 0 {
+                RewriteError::NoRouteVia
+            } else {
+                RewriteError::NoNeighbour
+            });
+        }
+        let b = (word & MAC_MASK).to_be_bytes();
+        Ok([b[2], b[3], b[4], b[5], b[6], b[7]])
+    }
+
+    /// Whether the destination has no route through the output's interface (the kernel routes
+    /// it through another).
+    pub fn no_route_via(&self) -> bool {
+        self.usable() == Err(RewriteError::NoRouteVia)
+    }
+
     pub fn set(&self, mac: Option<[u8; 6]>) {
         let word = match mac {
             None => 0,
             Some(m) => RESOLVED | u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]]),
         };
         self.0.store(word, Ordering::Relaxed);
+    }
+
+    /// No MAC: the destination is routed through another interface than the output's.
+    pub fn set_no_route_via(&self) {
+        self.0.store(NO_ROUTE_VIA, Ordering::Relaxed);
     }
 }
 
@@ -89,9 +122,10 @@ impl Default for NextHopSlot {
 
 impl fmt::Debug for NextHopSlot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.mac() {
-            Some(m) => write!(f, "NextHopSlot({})", MacDisplay(m)),
-            None => f.write_str("NextHopSlot(unresolved)"),
+        match self.usable() {
+            Ok(m) => write!(f, "NextHopSlot({})", MacDisplay(m)),
+            Err(RewriteError::NoRouteVia) => f.write_str("NextHopSlot(no route via)"),
+            Err(_) => f.write_str("NextHopSlot(unresolved)"),
         }
     }
 }
@@ -120,6 +154,11 @@ pub enum Route {
     Gateway(IpAddr),
     /// No usable route (an error, or a route of a kind that sends nowhere).
     Unreachable,
+    /// None through the output's interface, but one through this other interface: the
+    /// kernel's answer for the output's interface was an error (IPv6) or only its on-link
+    /// fallback (IPv4: with RTA_OIF set and no route through that interface, it answers "on
+    /// link" from no table), which no neighbour would ever answer.
+    Elsewhere(u32),
 }
 
 /// What the I/O layer is to send to the kernel.
@@ -144,8 +183,11 @@ pub struct NextHopState {
     /// The next hop the last route answer gave (the destination itself when on-link).
     pub next_hop: Option<IpAddr>,
     pub mac: Option<[u8; 6]>,
-    /// "resolved", "resolving" or "no route".
+    /// "resolved", "resolving", "no route", or "no route via" (the output's interface; the
+    /// kernel routes it through `elsewhere`).
     pub state: &'static str,
+    /// The interface the kernel routes the destination through instead, in "no route via".
+    pub elsewhere: Option<u32>,
 }
 
 /// When a query is next to be sent.
@@ -202,7 +244,7 @@ impl Target {
         match self.route? {
             Route::OnLink => Some(self.destination),
             Route::Gateway(g) => Some(g),
-            Route::Unreachable => None,
+            Route::Unreachable | Route::Elsewhere(_) => None,
         }
     }
 }
@@ -308,7 +350,8 @@ impl Resolver {
         };
         t.route = Some(route);
         t.route_query.answered();
-        if route == Route::Unreachable && t.route_query == Query::Idle {
+        if matches!(route, Route::Unreachable | Route::Elsewhere(_)) && t.route_query == Query::Idle
+        {
             // Routes that appear are notified, but a link coming back is not always a route
             // change (a route with an oif set needs none): look again now and then.
             t.route_query = Query::At(now + RETRY);
@@ -440,8 +483,14 @@ impl Resolver {
             .iter()
             .map(|t| {
                 let mac = t.slot.mac();
+                let elsewhere = match t.route {
+                    Some(Route::Elsewhere(i)) => Some(i),
+                    _ => None,
+                };
                 let state = if t.route == Some(Route::Unreachable) {
                     "no route"
+                } else if elsewhere.is_some() {
+                    "no route via"
                 } else if mac.is_some() {
                     "resolved"
                 } else {
@@ -453,6 +502,7 @@ impl Resolver {
                     next_hop: t.next_hop(),
                     mac,
                     state,
+                    elsewhere,
                 }
             })
             .collect()
@@ -482,9 +532,14 @@ impl Resolver {
                 .next_hop()
                 .and_then(|nh| self.neighbours.get(&(t.ifindex, nh)))
                 .and_then(|n| n.mac);
+            let no_route_via = matches!(t.route, Some(Route::Elsewhere(_)));
             // Compared first: an unchanged slot is not written, so the data path's cache line
             // stays shared.
-            if t.slot.mac() != mac {
+            if no_route_via {
+                if !t.slot.no_route_via() {
+                    t.slot.set_no_route_via();
+                }
+            } else if t.slot.mac() != mac || t.slot.no_route_via() {
                 t.slot.set(mac);
             }
         }
@@ -601,6 +656,7 @@ mod tests {
                 next_hop: Some(dest()),
                 mac: Some(MAC_A),
                 state: "resolved",
+                elsewhere: None,
             }]
         );
         assert_eq!(r.next_timeout(), None, "nothing left to do");
@@ -764,6 +820,55 @@ mod tests {
     }
 
     #[test]
+    fn a_route_through_another_interface_is_no_route_via_and_refuses_as_such() {
+        let (mut r, slot) = resolved();
+        assert_eq!(slot.usable(), Ok(MAC_A));
+        r.on_routes_changed();
+        assert_eq!(r.poll(ms(2000)), vec![query_route(dest())]);
+        r.on_route(IF, dest(), Route::Elsewhere(IF + 4), ms(2000));
+        let d = &r.describe()[0];
+        assert_eq!(
+            (d.state, d.elsewhere, d.next_hop, d.mac),
+            ("no route via", Some(IF + 4), None, None)
+        );
+        assert_eq!(slot.mac(), None);
+        assert_eq!(slot.usable(), Err(RewriteError::NoRouteVia));
+        assert!(slot.no_route_via());
+        // Looked up again, as a destination with no route is; no neighbour asked about.
+        assert_eq!(r.next_timeout(), Some(ms(3000)));
+        assert_eq!(r.poll(ms(3000)), vec![query_route(dest())]);
+        // A route through the interface comes: resolving, then resolved.
+        r.on_route(IF, dest(), Route::OnLink, ms(3000));
+        assert_eq!(r.describe()[0].state, "resolving");
+        assert_eq!(r.describe()[0].elsewhere, None);
+        assert_eq!(slot.usable(), Err(RewriteError::NoNeighbour));
+        assert_eq!(r.poll(ms(3000)), vec![query_neigh(dest())]);
+        r.on_neighbour(IF, dest(), NUD_REACHABLE, Some(&MAC_B));
+        assert_eq!(slot.usable(), Ok(MAC_B));
+        assert_eq!(r.describe()[0].state, "resolved");
+        // Untracked, the slot is cleared of the reason too.
+        r.on_route(IF, dest(), Route::Elsewhere(IF + 4), ms(3001));
+        r.track(&[]);
+        assert_eq!(slot.usable(), Err(RewriteError::NoNeighbour));
+    }
+
+    #[test]
+    fn a_slot_word_holds_a_mac_or_a_reason() {
+        let slot = NextHopSlot::new();
+        assert_eq!(slot.usable(), Err(RewriteError::NoNeighbour));
+        slot.set_no_route_via();
+        assert_eq!(
+            (slot.mac(), slot.usable()),
+            (None, Err(RewriteError::NoRouteVia))
+        );
+        slot.set(Some([0; 6]));
+        assert_eq!(slot.usable(), Ok([0; 6]), "an all-zero MAC is a MAC");
+        assert!(!slot.no_route_via());
+        slot.set(None);
+        assert_eq!(slot.usable(), Err(RewriteError::NoNeighbour));
+    }
+
+    #[test]
     fn track_keeps_slots_and_their_macs_across_calls() {
         let (mut r, slot) = resolved();
         let other = ip("2001:2:0:2::2");
@@ -908,6 +1013,7 @@ mod tests {
         let route = prop_oneof![
             Just(Route::OnLink),
             Just(Route::Unreachable),
+            Just(Route::Elsewhere(2)),
             Just(Route::Gateway(ip("198.18.2.254"))),
             Just(Route::Gateway(ip("fe80::1"))),
         ];
@@ -954,7 +1060,15 @@ mod tests {
             match self.routes.get(&t)? {
                 Route::OnLink => Some(t),
                 Route::Gateway(g) => Some((t.0, *g)),
-                Route::Unreachable => None,
+                Route::Unreachable | Route::Elsewhere(_) => None,
+            }
+        }
+
+        /// Whether a tracked target's route goes through another interface.
+        fn elsewhere(&self, t: Key) -> Option<u32> {
+            match self.routes.get(&t) {
+                Some(Route::Elsewhere(i)) if self.tracked.contains(&t) => Some(*i),
+                _ => None,
             }
         }
 
@@ -1072,6 +1186,12 @@ mod tests {
                 }
                 for (k, s) in &slots {
                     prop_assert_eq!(s.mac(), m.expected(*k), "slot of {:?}", k);
+                    let why = if m.elsewhere(*k).is_some() {
+                        RewriteError::NoRouteVia
+                    } else {
+                        RewriteError::NoNeighbour
+                    };
+                    prop_assert_eq!(s.usable(), m.expected(*k).ok_or(why), "slot of {:?}", k);
                 }
                 let described = r.describe();
                 prop_assert_eq!(described.len(), m.tracked.len());
@@ -1079,6 +1199,8 @@ mod tests {
                     let k = (d.ifindex, d.destination);
                     prop_assert_eq!(d.mac, m.expected(k));
                     prop_assert_eq!(d.next_hop, m.next_hop(k).map(|h| h.1));
+                    prop_assert_eq!(d.elsewhere, m.elsewhere(k));
+                    prop_assert_eq!(d.state == "no route via", m.elsewhere(k).is_some());
                 }
             }
         }

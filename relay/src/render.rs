@@ -82,6 +82,16 @@ impl Columns {
 
 /// Where an output sends, as the tables show it: `239.2.2.2:6000 vlan 30 dscp 10`, with
 /// its unicast next hop and source rewrites.
+/// A unicast output's next hop as `via 0a:..` or `via unresolved`, or its reason in brackets
+/// when there is no next hop to name (`(no route via out0)`).
+fn via(hop: &str) -> String {
+    if hop.starts_with("no route") {
+        format!("({hop})")
+    } else {
+        format!("via {hop}")
+    }
+}
+
 pub fn describe_output(o: &OutputView) -> String {
     let mut s = endpoint(&o.group, o.port);
     if let Some(v) = o.vlan {
@@ -91,7 +101,7 @@ pub fn describe_output(o: &OutputView) -> String {
         let _ = write!(s, " dscp {d}");
     }
     if let Some(hop) = &o.next_hop {
-        let _ = write!(s, " via {hop}");
+        let _ = write!(s, " {}", via(hop));
     }
     match (&o.source, o.source_port) {
         (Some(a), Some(p)) => {
@@ -175,8 +185,8 @@ fn settings(r: &RuleView, o: &OutputView) -> String {
     }
     if o.unicast {
         out.push(format!(
-            "unicast via {}",
-            o.next_hop.as_deref().unwrap_or("unresolved")
+            "unicast {}",
+            via(o.next_hop.as_deref().unwrap_or("unresolved"))
         ));
     }
     if let Some(a) = &o.source {

@@ -90,7 +90,7 @@ pub fn render(
             let eg = &table.egress[out.egress];
             let _ = writeln!(
                 s,
-                "rule={} output={} {}={} port={}{}{}{}{} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={} too_large={} interface_down={} no_neighbour={} no_source={}{}",
+                "rule={} output={} {}={} port={}{}{}{}{} sent={} bytes={} dropped={} ttl_expired={} no_frame={} tx_ring_full={} handoff_full={} malformed={} too_large={} interface_down={} no_neighbour={} no_route_via={} no_source={} zero_checksum_fragment={}{}",
                 value(&rule.name),
                 value(&eg.name),
                 if out.action.destination.is_some() {
@@ -129,7 +129,9 @@ pub fn render(
                 oc.too_large,
                 oc.interface_down,
                 oc.no_neighbour,
+                oc.no_route_via,
                 oc.no_source,
+                oc.zero_checksum_fragment,
                 // Held back, not dropped: only for the outputs that can hold back.
                 if out.on_demand {
                     format!(" on_demand no_listener={}", oc.no_listener)

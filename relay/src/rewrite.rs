@@ -120,8 +120,15 @@ pub enum RewriteError {
     TooLarge,
     /// A unicast output whose next hop has no neighbour entry (yet).
     NoNeighbour,
+    /// A unicast output whose destination the kernel routes through another interface than
+    /// the output's: there is no next hop on the output's link to send to.
+    NoRouteVia,
     /// `source: auto` on an interface that has no address of the frame's family now.
     NoSource,
+    /// The first fragment of an IPv6 datagram whose UDP checksum is zero, which IPv6 forbids:
+    /// the checksum covers the whole datagram, and the relay, which never reassembles, does
+    /// not have it to compute one (see [`crate::frag::rewrite_packet`]).
+    ZeroChecksumFragment,
 }
 
 /// Rewrites `frame` for `action`. `flow` is [`crate::wire::classify`]'s answer for this frame

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     datapath::{DatapathStats, SocketCounters},
     pool::{AllocatorKind, PoolStats},
+    rewrite::RewriteError,
     rules::RuleTable,
     vlan::Vlan,
 };
@@ -217,8 +218,9 @@ pub struct OutputView {
     /// The output sends to a unicast `destination:` (then `next_hop` says where).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unicast: bool,
-    /// A unicast output's next-hop MAC, or `unresolved` while the kernel has no neighbour
-    /// entry for it.
+    /// A unicast output's next-hop MAC, `unresolved` while the kernel has no neighbour entry
+    /// for it, or `no route via IF` while the kernel routes the destination through another
+    /// interface than the output's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_hop: Option<String>,
     /// The source the output writes, as `auto (198.18.2.1)` or the address the rule names;
@@ -349,12 +351,13 @@ impl StatsView {
                         group: o.action.named_destination().unwrap_or(r.prefix).to_string(),
                         unicast: o.action.destination.is_some(),
                         next_hop: o.action.destination.map(|_| {
-                            o.next_hop
-                                .as_ref()
-                                .and_then(|s| s.mac())
-                                .map_or("unresolved".to_owned(), |m| {
-                                    crate::nexthop::MacDisplay(m).to_string()
-                                })
+                            match o.next_hop.as_ref().map(|s| s.usable()) {
+                                Some(Ok(m)) => crate::nexthop::MacDisplay(m).to_string(),
+                                Some(Err(RewriteError::NoRouteVia)) => {
+                                    format!("no route via {}", table.egress[o.egress].name)
+                                }
+                                _ => "unresolved".to_owned(),
+                            }
                         }),
                         source: describe_source(&o.action),
                         source_port: o.action.source_port,
@@ -373,7 +376,9 @@ impl StatsView {
                             ("too_large", oc.too_large),
                             ("interface_down", oc.interface_down),
                             ("no_neighbour", oc.no_neighbour),
+                            ("no_route_via", oc.no_route_via),
                             ("no_source", oc.no_source),
+                            ("zero_checksum_fragment", oc.zero_checksum_fragment),
                         ]
                         .into_iter()
                         .map(|(k, v)| (k.to_owned(), v))
@@ -915,7 +920,7 @@ mod tests {
             std::sync::Arc::new(crate::nexthop::NextHopSlot::new()),
         ];
         slots[0].set(Some([2, 0, 0, 0, 0, 0x22]));
-        t.set_next_hops(slots);
+        t.set_next_hops(slots.clone());
         let mut d = DatapathStats::new([2, 1].into_iter());
         d.rules[0].outputs[1].no_neighbour = 5;
         let pool = PoolStats {
@@ -960,6 +965,29 @@ mod tests {
         assert!(
             prom.contains("relay_output_dropped_packets_total{rule=\"gw\",output=\"out1 198.18.3.9:5000\",interface=\"out1\",destination=\"198.18.3.9\",reason=\"no_neighbour\"} 5"),
             "{prom}"
+        );
+
+        // A destination the kernel routes through another interface: said, and counted apart.
+        slots[1].set_no_route_via();
+        d.rules[0].outputs[1].no_route_via = 3;
+        let v = StatsView::build(&t, &d, None, &pool, AllocatorKind::Mutex);
+        let o = &v.rules[0].outputs[1];
+        assert_eq!(o.next_hop.as_deref(), Some("no route via out1"));
+        assert_eq!(
+            (o.dropped["no_route_via"], o.dropped["no_neighbour"]),
+            (3, 5)
+        );
+        let table = v.render_table();
+        assert!(
+            table.contains("198.18.3.9:5000 (no route via out1)"),
+            "{table}"
+        );
+        assert!(table.contains("no_route_via=3"), "{table}");
+        assert!(
+            v.render_prometheus()
+                .contains("destination=\"198.18.3.9\",reason=\"no_route_via\"} 3"),
+            "{}",
+            v.render_prometheus()
         );
         assert!(
             prom.contains("output=\"out1 239.5.5.5:7100\",interface=\"out1\",group=\"239.5.5.5\""),

@@ -173,6 +173,24 @@ fn dropped(o: &relay::stats::OutputView, reason: &str) -> u64 {
     o.dropped.get(reason).copied().unwrap_or(0)
 }
 
+/// Routes 198.18.9.0/24 and 2001:2:9::/64 (FAR, FAR_6) through receiver 1, on rout1.
+fn route_far_via_receiver1(topo: &Topology) {
+    topo.relay
+        .exec(&["ip", "route", "add", "198.18.9.0/24", "via", "198.18.3.2"])
+        .unwrap();
+    topo.relay
+        .exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "2001:2:9::/64",
+            "via",
+            "2001:2:0:3::2",
+        ])
+        .unwrap();
+}
+
 /// `offload`: the sender keeps its veth's transmit checksum offload on (as a container
 /// does), so every datagram it sends reaches the relay with a partial UDP checksum, completed
 /// before the source and destination rewrites.
@@ -195,21 +213,7 @@ fn gateway(allocator: &str, offload: bool) {
             ])
             .unwrap();
     }
-    // 198.18.9.9 and 2001:2:9::9 are behind receiver 1, a router for them.
-    topo.relay
-        .exec(&["ip", "route", "add", "198.18.9.0/24", "via", "198.18.3.2"])
-        .unwrap();
-    topo.relay
-        .exec(&[
-            "ip",
-            "-6",
-            "route",
-            "add",
-            "2001:2:9::/64",
-            "via",
-            "2001:2:0:3::2",
-        ])
-        .unwrap();
+    route_far_via_receiver1(&topo);
     r1.ns
         .exec(&["ip", "addr", "add", "198.18.9.9/32", "dev", "lo"])
         .unwrap();
@@ -946,4 +950,94 @@ fn unicast_output_follows_its_interface_recreated() {
         assert!(o.sent >= AFTER, "{rule}: {o:?}");
     }
     stop_clean(relay, &topo);
+}
+
+const ASTRAY_RULES: &str = "\
+rules:
+  - name: astray
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs:
+      - { interface: rout0, destination: 198.18.9.9, port: 7002 }
+      - { interface: rout1, destination: 198.18.9.9, port: 7002 }
+  - name: astray6
+    input: { interface: rin, group: 'ff18::1:1', port: 5000 }
+    outputs:
+      - { interface: rout0, destination: '2001:2:9::9', port: 7002 }
+      - { interface: rout1, destination: '2001:2:9::9', port: 7002 }
+";
+
+/// A unicast output on rout0 to a destination the relay host routes through rout1 only: no
+/// next hop on rout0 will ever answer for it. The relay says `no route via rout0` (IPv4 used
+/// to say `unresolved` forever, misled by the kernel's on-link fallback), logs which interface
+/// the kernel routes it through, and counts every frame as `no_route_via`, not `no_neighbour`;
+/// the same destination through rout1 gets every frame. Both families.
+fn routed_elsewhere(allocator: &str) {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(2).unwrap();
+    route_far_via_receiver1(&topo);
+    for ns in [&topo.relay, &topo.receivers[1].ns] {
+        dad_done(ns);
+    }
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        ASTRAY_RULES,
+        &["--allocator", allocator],
+    )
+    .unwrap();
+    let log = || std::fs::read_to_string(&relay.stderr).unwrap();
+    let rules = ["astray", "astray6"];
+    let settled = |v: &StatsView| {
+        rules.iter().all(|r| {
+            output(v, r, 0).next_hop.as_deref() == Some("no route via rout0")
+                && output(v, r, 1)
+                    .next_hop
+                    .as_deref()
+                    .is_some_and(|h| h.contains(':'))
+        })
+    };
+    let v = stats_until(&relay.control, settled);
+    assert!(settled(&v), "{v:?}\n{}", log());
+    let text = client_ok(&relay.control, &["stats"]);
+    assert!(text.contains("(no route via rout0)"), "{text}");
+    for senders in paced_flows(&topo, N) {
+        assert_eq!(join(senders).unwrap(), N);
+    }
+    let v = stats_until(&relay.control, |v| {
+        rules.iter().all(|r| {
+            received(v, r) == N
+                && (0..2).all(|i| {
+                    let o = output(v, r, i);
+                    o.sent + o.dropped.values().sum::<u64>() == N
+                })
+        })
+    });
+    for r in rules {
+        assert_eq!(received(&v, r), N, "{r}: {v:?}");
+        let (astray, through) = (output(&v, r, 0), output(&v, r, 1));
+        assert_eq!(
+            (astray.sent, dropped(astray, "no_route_via")),
+            (0, N),
+            "{r}: {astray:?}"
+        );
+        assert_eq!(dropped(astray, "no_neighbour"), 0, "{r}: {astray:?}");
+        assert_eq!(through.sent, N, "{r}: {through:?}");
+    }
+    for dest in ["198.18.9.9", "2001:2:9::9"] {
+        let line =
+            format!("rout0: no route to {dest} via rout0: the kernel routes it through rout1");
+        assert!(log().contains(&line), "{line}\n{}", log());
+    }
+    stop_clean(relay, &topo);
+}
+
+#[test]
+fn routed_elsewhere_with_lockfree_pool() {
+    routed_elsewhere("lockfree");
+}
+
+#[test]
+fn routed_elsewhere_with_mutex_pool() {
+    routed_elsewhere("mutex");
 }

@@ -388,6 +388,87 @@ fn unresolvable_ipv6_stays_unresolved_alongside_a_resolved_one() {
     unresolvable_does_not_hold_up_others("2001:2:0:8::77", PEER6);
 }
 
+/// A destination the kernel routes through another interface of the relay (`nr1`, a veth
+/// whose far end stays in the relay namespace) and through none of the output's: no neighbour
+/// on `nr0` will ever answer for it, so it is "no route via", naming `nr1`, and its slot
+/// refuses frames with that reason (not `no_neighbour`). Asked with RTA_OIF, IPv4 answers
+/// with its on-link fallback, which looked like a route and was reported as "resolving"
+/// forever; IPv6 answers with an error. A route through `nr0` added later is followed.
+fn routed_through_another_interface(dest: &str, prefix: &str, other_gw: &str, gateway: &str) {
+    let mut p = Pair::new();
+    let ip = |ns: &Netns, args: &[&str]| ns.exec(&[&["ip"][..], args].concat()).unwrap();
+    ip(
+        &p.relay,
+        &["link", "add", "nr1", "type", "veth", "peer", "name", "nr1p"],
+    );
+    p.relay
+        .exec(&["sysctl", "-qw", "net.ipv6.conf.nr1.accept_dad=0"])
+        .unwrap();
+    ip(&p.relay, &["addr", "add", "198.18.10.1/24", "dev", "nr1"]);
+    ip(
+        &p.relay,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:2:0:10::1/64",
+            "dev",
+            "nr1",
+            "nodad",
+        ],
+    );
+    ip(&p.relay, &["link", "set", "nr1p", "up"]);
+    ip(&p.relay, &["link", "set", "nr1", "up"]);
+    ip(
+        &p.relay,
+        &["route", "add", prefix, "via", other_gw, "dev", "nr1"],
+    );
+    let other = link_json(&p.relay, "nr1")["ifindex"].as_u64().unwrap() as u32;
+    p.start();
+    let slot = p.track(&[dest]).remove(0);
+    within(Duration::from_secs(2), "no route via nr0", || {
+        p.describe(dest).state == "no route via"
+    });
+    let s = p.describe(dest);
+    assert_eq!((s.elsewhere, s.next_hop, s.mac), (Some(other), None, None));
+    assert_eq!(slot.usable(), Err(relay::rewrite::RewriteError::NoRouteVia));
+    // It stays so, and nothing is asked of nr0's neighbours for it.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(p.describe(dest).state, "no route via");
+    assert_eq!(p.neigh(dest), None);
+    // A route through nr0 (preferred for nothing else: a higher metric) is followed.
+    ip(
+        &p.relay,
+        &[
+            "route", "add", prefix, "via", gateway, "dev", RELAY_IF, "metric", "4000",
+        ],
+    );
+    let mac = p.peer_mac();
+    within(Duration::from_secs(2), "the route through nr0", || {
+        slot.usable() == Ok(mac)
+    });
+    let s = p.describe(dest);
+    assert_eq!(
+        (s.state, s.elsewhere, s.next_hop),
+        ("resolved", None, Some(gateway.parse().unwrap()))
+    );
+}
+
+#[test]
+fn routed_through_another_interface_ipv4_is_no_route_via() {
+    routed_through_another_interface("198.18.11.5", "198.18.11.0/24", "198.18.10.2", PEER4);
+}
+
+#[test]
+fn routed_through_another_interface_ipv6_is_no_route_via() {
+    routed_through_another_interface(
+        "2001:2:0:11::5",
+        "2001:2:0:11::/64",
+        "2001:2:0:10::2",
+        PEER_LL,
+    );
+}
+
 fn stale_is_refreshed(dest: &str, v: &str) {
     let mut p = Pair::new();
     // Entries turn STALE 1-3 s after their last confirmation; a kicked one waits 1 s in DELAY,

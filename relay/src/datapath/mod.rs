@@ -15,6 +15,7 @@ pub mod memory;
 mod ringlog;
 mod socket;
 pub mod stats;
+mod tags;
 mod worker;
 mod xsk;
 
@@ -636,12 +637,22 @@ impl Datapath {
             let generation = self.publish_plan(table, gone.clone());
             self.wait_adopted(generation)?;
         }
-        // Frames a worker on an older plan handed over after the owner closed the socket.
+        // Frames a worker on an older plan handed over after the owner closed the socket are
+        // taken back, and counted, by that worker when it takes the plan up
+        // (`take_back_handed_to_retired`); any left here are frames no counter will show.
         for &id in &gone {
             if let Some(lane) = self.shared.lanes[id].get() {
                 let pool = &self.shared.domain(self.ports[id].domain).pool;
+                let mut left = 0;
                 while let Some((desc, _)) = lane.pop() {
                     pool.give(self.shared.frame_of(desc.addr()));
+                    left += 1;
+                }
+                if left > 0 {
+                    warn!(
+                        "{} queue {}: {left} frames handed to its closed socket were not counted",
+                        self.ports[id].name, self.ports[id].queue
+                    );
                 }
             }
         }

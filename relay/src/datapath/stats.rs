@@ -19,8 +19,13 @@ pub struct OutputCounters {
     /// A unicast output's next hop had no neighbour (ARP/ND) entry yet: the kernel was asked
     /// to resolve one.
     pub no_neighbour: u64,
+    /// A unicast output's destination is routed through another interface than the output's.
+    pub no_route_via: u64,
     /// `source: auto` on an interface with no address of the rule's family at the time.
     pub no_source: u64,
+    /// The first fragment of an IPv6 datagram with a zero UDP checksum: the checksum to write
+    /// instead needs the whole datagram, which the relay does not reassemble.
+    pub zero_checksum_fragment: u64,
     /// Frames an on-demand output did not send because no listener wanted them then: the
     /// output doing its job, not a loss, so not part of [`OutputCounters::dropped`].
     pub no_listener: u64,
@@ -36,10 +41,12 @@ impl OutputCounters {
             + self.too_large
             + self.interface_down
             + self.no_neighbour
+            + self.no_route_via
             + self.no_source
+            + self.zero_checksum_fragment
     }
 
-    fn add(&mut self, o: &OutputCounters) {
+    pub(super) fn add(&mut self, o: &OutputCounters) {
         self.packets += o.packets;
         self.bytes += o.bytes;
         self.ttl_expired += o.ttl_expired;
@@ -50,7 +57,9 @@ impl OutputCounters {
         self.too_large += o.too_large;
         self.interface_down += o.interface_down;
         self.no_neighbour += o.no_neighbour;
+        self.no_route_via += o.no_route_via;
         self.no_source += o.no_source;
+        self.zero_checksum_fragment += o.zero_checksum_fragment;
         self.no_listener += o.no_listener;
     }
 }

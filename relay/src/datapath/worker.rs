@@ -21,6 +21,7 @@ use super::{
     backend::{Backend, FrameMut, Rings},
     ringlog::RingLog,
     stats::{DatapathStats, OutputCounters, SocketCounters},
+    tags::{TagBooks, carries_output},
 };
 use crate::{
     capture::{Direction, Session, Tap},
@@ -398,6 +399,8 @@ pub(super) struct Worker<B: Backend> {
     rewrites: StreamRewrites,
     /// The capture running during the current received batch, if any (`relay capture`).
     capture: Option<Arc<Session>>,
+    /// Where counts for tags of other plans than this worker's go.
+    books: TagBooks,
 }
 
 /// What a rule lookup depends on: the frame's ingress, group, source, port and VLAN, and the
@@ -503,6 +506,7 @@ impl<B: Backend> Worker<B> {
             frags: FragTable::new(FRAG_SLOTS),
             rewrites: StreamRewrites::default(),
             capture: None,
+            books: TagBooks::default(),
         };
         w.local_egress = w.map_egress();
         w.poll_fds = w.poll_set();
@@ -553,8 +557,10 @@ impl<B: Backend> Worker<B> {
                 pi += 1;
             }
         }
-        self.stats = remap(&self.plan, &self.stats, &plan);
-        self.plan = plan;
+        self.take_back_handed_to_retired(&plan.retire);
+        let old = std::mem::replace(&mut self.plan, plan);
+        self.stats = remap(&old, &self.stats, &self.plan);
+        self.books.adopted(old, &self.plan, &mut self.stats);
         let plan = Arc::clone(&self.plan);
         for (port, id) in self.ports.iter_mut().zip(&self.port_ids) {
             port.ingress = plan.ingress_ports.contains(id);
@@ -564,6 +570,36 @@ impl<B: Backend> Worker<B> {
         self.poll_fds = self.poll_set();
         self.publish();
         self.shared.adopted[self.id].store(self.plan.generation, Ordering::Release);
+    }
+
+    /// Frames this worker handed, under its old plan, to sockets that `retire` closes: their
+    /// owner may have taken the new plan up and closed the socket first, and nobody would
+    /// count them (the rule did, as received). Counted here, under the old plan like the
+    /// owner's, as `interface_down`.
+    fn take_back_handed_to_retired(&mut self, retire: &[usize]) {
+        let shared = Arc::clone(&self.shared);
+        for &id in retire {
+            let Some(lane) = shared.lanes[id].get() else {
+                continue;
+            };
+            // The socket's UMEM, as the old plan had it for the egress it transmitted for.
+            let Some(dom) = self
+                .plan
+                .egress_port
+                .iter()
+                .position(|&p| p == Some(id))
+                .map(|e| self.plan.egress_domain[e])
+            else {
+                continue;
+            };
+            while let Some((desc, tag)) = lane.pop() {
+                if let Some(c) = self.counters(tag) {
+                    c.interface_down += 1;
+                }
+                let f = self.frame_index(&desc);
+                self.cache(dom).give(f);
+            }
+        }
     }
 
     /// Takes back what frames it can from a socket whose device is gone, and closes it. The
@@ -1171,6 +1207,7 @@ impl<B: Backend> Worker<B> {
                 Verdict::Refused(e) => {
                     match e {
                         RewriteError::NoNeighbour => counters.no_neighbour += 1,
+                        RewriteError::NoRouteVia => counters.no_route_via += 1,
                         RewriteError::NoSource => counters.no_source += 1,
                         _ => counters.ttl_expired += 1,
                     }
@@ -1324,7 +1361,7 @@ impl<B: Backend> Worker<B> {
 
     /// The counters a tag names, if it was made under the plan this worker counts by.
     fn counters(&mut self, tag: Tag) -> Option<&mut OutputCounters> {
-        output_counters(&mut self.stats, self.plan.generation, tag)
+        self.books.counters(&mut self.stats, &self.plan, tag)
     }
 
     fn count_rewrite_error(&mut self, tag: Tag, e: RewriteError) {
@@ -1336,7 +1373,9 @@ impl<B: Backend> Worker<B> {
             RewriteError::Malformed => c.malformed += 1,
             RewriteError::TooLarge => c.too_large += 1,
             RewriteError::NoNeighbour => c.no_neighbour += 1,
+            RewriteError::NoRouteVia => c.no_route_via += 1,
             RewriteError::NoSource => c.no_source += 1,
+            RewriteError::ZeroChecksumFragment => c.zero_checksum_fragment += 1,
         }
     }
 
@@ -1425,7 +1464,6 @@ impl<B: Backend> Worker<B> {
                 domain.stalled.fetch_add(sent, Ordering::Relaxed);
                 port.stalled += sent;
             }
-            let generation = self.plan.generation;
             // A port's frames come in runs of one output's (a rule's fan-out stages one frame
             // per port): its counters are found once per run, not per frame.
             let mut run: Option<(Tag, u64, u64)> = None;
@@ -1438,14 +1476,14 @@ impl<B: Backend> Worker<B> {
                         *bytes += len;
                     }
                     _ => {
-                        if let Some((t, packets, bytes)) = run.replace((*tag, 1, len)) {
-                            count_sent(&mut self.stats, generation, t, packets, bytes);
+                        if let Some(done) = run.replace((*tag, 1, len)) {
+                            count_sent(&mut self.books, &mut self.stats, &self.plan, done);
                         }
                     }
                 }
             }
-            if let Some((t, packets, bytes)) = run {
-                count_sent(&mut self.stats, generation, t, packets, bytes);
+            if let Some(done) = run {
+                count_sent(&mut self.books, &mut self.stats, &self.plan, done);
             }
             // What did not fit waits for the next pass, a few batches at most: beyond that the
             // egress is not keeping up and the newest frames are dropped, rather than moved
@@ -1611,31 +1649,18 @@ fn release_stalled<B: Backend>(port: &mut Port<B>, shared: &Shared<B>) {
     }
 }
 
-/// Counts `packets` frames of `bytes` sent for the output `tag` names.
+/// Counts a run of `packets` frames of `bytes` sent for the output `tag` names.
 #[inline]
-fn count_sent(stats: &mut DatapathStats, generation: u64, tag: Tag, packets: u64, bytes: u64) {
-    if let Some(oc) = output_counters(stats, generation, tag) {
+fn count_sent(
+    books: &mut TagBooks,
+    stats: &mut DatapathStats,
+    plan: &Plan,
+    (tag, packets, bytes): (Tag, u64, u64),
+) {
+    if let Some(oc) = books.counters(stats, plan, tag) {
         oc.packets += packets;
         oc.bytes += bytes;
     }
-}
-
-/// The counters in `stats` a tag names, if it was made under plan `generation`, which
-/// `stats` is shaped by.
-#[inline]
-fn output_counters(
-    stats: &mut DatapathStats,
-    generation: u64,
-    tag: Tag,
-) -> Option<&mut OutputCounters> {
-    if tag.plan != generation as u16 {
-        return None;
-    }
-    stats
-        .rules
-        .get_mut(tag.rule as usize)?
-        .outputs
-        .get_mut(tag.output as usize)
 }
 
 /// Rewrites a frame in its UMEM frame for one output: its VLAN tag first, which may move
@@ -1814,8 +1839,7 @@ fn to_next_hop(
     let mac = out
         .next_hop
         .as_ref()
-        .and_then(|slot| slot.mac())
-        .ok_or(RewriteError::NoNeighbour)?;
+        .map_or(Err(RewriteError::NoNeighbour), |slot| slot.usable())?;
     p.apply(frame, flow)?;
     frame[..6].copy_from_slice(&mac);
     Ok(())
@@ -1868,8 +1892,8 @@ fn verdict(
         Verdict::Refused(RewriteError::NoSource)
     } else if to == NO_DOMAIN {
         Verdict::Gone
-    } else if out.next_hop.as_ref().is_some_and(|s| s.mac().is_none()) {
-        Verdict::Refused(RewriteError::NoNeighbour)
+    } else if let Some(Err(e)) = out.next_hop.as_ref().map(|s| s.usable()) {
+        Verdict::Refused(e)
     } else {
         Verdict::To(to)
     }
@@ -1933,11 +1957,8 @@ pub(super) fn remap(old: &Plan, stats: &DatapathStats, new: &Plan) -> DatapathSt
         if or.prefix == nr.prefix {
             out.rules[ni].groups = oc.groups.clone();
         }
-        for (k, no) in nr.outputs.iter().enumerate() {
-            if let Some(oo) = or.outputs.get(k)
-                && old.table.egress[oo.egress].name == new.table.egress[no.egress].name
-                && oo.action.same_output(&no.action)
-            {
+        for k in 0..nr.outputs.len() {
+            if carries_output(old, oi, new, ni, k) {
                 out.rules[ni].outputs[k] = oc.outputs[k];
             }
         }

@@ -588,8 +588,9 @@ fn stalled_egresses_share_one_quarter_and_the_healthy_output_flows() {
 
 /// A unicast output's rewrite is prepared once per stream like a group output's, with its
 /// next hop's MAC written per frame: a neighbour that changes in mid-stream is followed at the
-/// next frame, and one that goes away refuses the frames (`no_neighbour`). Every frame is the
-/// from-scratch rewrite's, byte for byte.
+/// next frame, and one that goes away refuses the frames (`no_neighbour`), as does a
+/// destination routed through another interface, under its own reason (`no_route_via`).
+/// Every frame is the from-scratch rewrite's, byte for byte.
 #[test]
 fn a_unicast_output_follows_its_next_hop_mid_stream() {
     let yaml = "rules:
@@ -609,8 +610,18 @@ fn a_unicast_output_follows_its_next_hop_mid_stream() {
         output.capture();
         let mut want = Vec::new();
         let mut n = 0;
-        for (mac, frames) in [(Some(a), 300), (Some(b), 300), (None, 50), (Some(a), 300)] {
-            slot.set(mac);
+        for (mac, no_route_via, frames) in [
+            (Some(a), false, 300),
+            (Some(b), false, 300),
+            (None, false, 50),
+            (None, true, 40),
+            (Some(a), false, 300),
+        ] {
+            if no_route_via {
+                slot.set_no_route_via();
+            } else {
+                slot.set(mac);
+            }
             for _ in 0..frames {
                 let frame = build_udp_frame(&sent("239.1.1.1", "198.18.10.2", 5000, 16, n));
                 n += 1;
@@ -634,7 +645,11 @@ fn a_unicast_output_follows_its_next_hop_mid_stream() {
             assert_eq!(g, w, "{allocator:?}: frame {k}");
         }
         let c = lb.stats().rules[0].outputs[0];
-        assert_eq!((c.packets, c.no_neighbour), (900, 50), "{allocator:?}");
+        assert_eq!(
+            (c.packets, c.no_neighbour, c.no_route_via),
+            (900, 50, 40),
+            "{allocator:?}"
+        );
         assert_books(&lb.stop(), 4096);
     }
 }
