@@ -528,6 +528,9 @@ pub struct InterfaceInfo {
     pub rx_queues: u32,
     /// Largest IP packet the interface sends.
     pub mtu: u32,
+    /// The driver gives the VLAN tag it takes off a frame (rx-vlan-offload) to XDP as RX
+    /// metadata, so a native-mode program can read it.
+    pub vlan_hint: bool,
 }
 
 impl InterfaceInfo {
@@ -538,6 +541,7 @@ impl InterfaceInfo {
             mac: [0; 6],
             rx_queues: 1,
             mtu: 1500,
+            vlan_hint: false,
         }
     }
 
@@ -584,6 +588,7 @@ impl System for StaticSystem {
             mac: [0x02, 0, b[0], b[1], b[2], b[3]],
             rx_queues: 1,
             mtu: 1500,
+            vlan_hint: false,
         })
     }
 

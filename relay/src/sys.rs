@@ -38,6 +38,7 @@ impl System for LiveSystem {
             mac,
             rx_queues,
             mtu,
+            vlan_hint: true,
         })
     }
 
