@@ -3,14 +3,16 @@
 //!
 //! One packet socket per interface (AF_PACKET, a classic BPF filter that lets IGMP and
 //! ICMPv6 through and nothing else, allmulticast held by the socket so that the NIC delivers
-//! reports sent to group MACs, and released by the kernel however the relay ends). One
+//! reports sent to group MACs, and released by the kernel however the relay ends; each frame
+//! comes with its VLAN tag, if it had one, as auxiliary data, since the kernel takes the
+//! tag off before packet sockets see the frame). One
 //! thread reads them, drives one [`Router`] per (interface, family), sends the queries the
 //! routers ask for, and writes the [`ListenSlot`]s the data path reads.
 
 use std::{
     collections::BTreeMap,
     io,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
@@ -28,7 +30,7 @@ use crate::{
     config::{QuerierConfig, System},
     listeners::{
         router::{Family, Router, Timers},
-        wire::{self, Refusal},
+        wire::{self, Received, Refusal},
     },
     ondemand::{ListenKey, ListenSlot},
 };
@@ -77,6 +79,10 @@ pub struct QuerierView {
     pub address: String,
     /// Reports and queries refused, by reason.
     pub refused: BTreeMap<String, u64>,
+    /// Reports taken although they break a rule other routers do not enforce either, by
+    /// what they broke (`no_router_alert`: IGMPv2 reports without the Router Alert option).
+    #[serde(default)]
+    pub accepted: BTreeMap<String, u64>,
     pub members: Vec<MemberView>,
 }
 
@@ -116,6 +122,10 @@ struct Link {
     v6: Option<Router>,
     /// Refused reports and queries by reason: [IPv4, IPv6].
     refused: [BTreeMap<&'static str, u64>; 2],
+    /// Reports taken though flawed, by flaw: [IPv4, IPv6].
+    accepted: [BTreeMap<&'static str, u64>; 2],
+    /// The interface's IPv4 subnets, which reports must come from (RFC 3376 §9.2).
+    subnets: Subnets,
 }
 
 impl Link {
@@ -185,10 +195,13 @@ impl Querier {
                         v4: None,
                         v6: None,
                         refused: Default::default(),
+                        accepted: Default::default(),
+                        subnets: Subnets::default(),
                     })
                 }
             };
             let name = link.name.clone();
+            link.subnets.read(&name, now);
             let addresses = sys.addresses(&name);
             // The interface was readdressed: the election runs again with the new address.
             for (router, v4) in [(link.v4.as_mut(), true), (link.v6.as_mut(), false)] {
@@ -259,6 +272,10 @@ impl Querier {
                         .iter()
                         .map(|(k, v)| ((*k).to_owned(), *v))
                         .collect(),
+                    accepted: l.accepted[i]
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), *v))
+                        .collect(),
                     members: r
                         .groups(now)
                         .into_iter()
@@ -302,8 +319,9 @@ impl std::fmt::Debug for Querier {
 
 /// The address a router queries from: the interface's primary IPv4 address, or its IPv6
 /// link-local one (RFC 3810 §5.1.14 wants a link-local source); the unspecified address when
-/// it has none yet (a query from it still works for the hosts, and the election of a querier
-/// with an address prefers it).
+/// it has none (yet). Hosts answer a query from 0.0.0.0 (the Linux bridge sends them so), and
+/// in the election such a router ranks below every querier with an address: it yields to
+/// any it hears.
 fn own_address(addresses: &[IpAddr], v4: bool) -> IpAddr {
     let found = addresses.iter().copied().find(|a| match a {
         IpAddr::V4(_) => v4,
@@ -448,22 +466,18 @@ impl State {
         let Some(link) = self.links.get_mut(&ifindex) else {
             return;
         };
-        loop {
-            // SAFETY: `buf` is a valid writable buffer of its length; MSG_DONTWAIT keeps the
-            // thread from blocking on a socket that was drained.
-            let n = unsafe {
-                libc::recv(
-                    link.socket.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n <= 0 {
-                return;
-            }
-            match wire::parse(&buf[..n as usize]) {
+        while let Some((n, tagged)) = recv_tagged(&link.socket, buf) {
+            let frame = &buf[..n];
+            let verdict = wire::parse(frame).and_then(|got| {
+                admit(&got, tagged, |a| link.subnets.holds(a, &link.name, now))?;
+                Ok(got)
+            });
+            match verdict {
                 Ok(got) => {
+                    let v6 = usize::from(got.source.is_ipv6());
+                    if got.missing_router_alert {
+                        *link.accepted[v6].entry("no_router_alert").or_default() += 1;
+                    }
                     if let Some(r) = link.router(got.source) {
                         r.receive(got.source, &got.message, now);
                     }
@@ -472,13 +486,153 @@ impl State {
                 Err(e) => {
                     // The family by the ethertype (after one VLAN tag): what the refused
                     // frame claimed to be.
-                    let at = if buf[12..14] == [0x81, 0x00] { 16 } else { 12 };
-                    let v6 = buf.get(at..at + 2) == Some(&[0x86, 0xdd][..]);
+                    let at = if frame[12..14] == [0x81, 0x00] {
+                        16
+                    } else {
+                        12
+                    };
+                    let v6 = frame.get(at..at + 2) == Some(&[0x86, 0xdd][..]);
                     *link.refused[usize::from(v6)].entry(e.name()).or_default() += 1;
                 }
             }
         }
     }
+}
+
+/// Whether a parsed message is one for the router: not from another VLAN (`tagged`), and a
+/// report or leave from an IPv4 source on one of the interface's subnets (`on_subnet`), or
+/// from 0.0.0.0 (RFC 3376 §4.2.13: a host without an address yet). Queries are exempt from
+/// the subnet check (§9.2 concerns reports; a querier's address matters only to the
+/// election), and so is MLD, which comes from link-local addresses only.
+fn admit(
+    got: &Received,
+    tagged: bool,
+    on_subnet: impl FnOnce(Ipv4Addr) -> bool,
+) -> Result<(), Refusal> {
+    if tagged {
+        return Err(Refusal::VlanTagged);
+    }
+    if let IpAddr::V4(source) = got.source
+        && !matches!(got.message, wire::Message::Query(_))
+        && !source.is_unspecified()
+        && !on_subnet(source)
+    {
+        return Err(Refusal::OffSubnet);
+    }
+    Ok(())
+}
+
+/// How long a link's subnets are trusted before a report from outside them makes the
+/// thread read them again: an address added since is then seen within this time, and a
+/// flood of off-subnet reports costs at most one address dump per link per interval.
+const SUBNETS_STALE: Duration = Duration::from_secs(1);
+
+/// An interface's IPv4 subnets, as (network address, prefix length), and when they were read.
+#[derive(Debug, Default)]
+struct Subnets {
+    nets: Vec<(Ipv4Addr, u8)>,
+    read_at: Option<Duration>,
+}
+
+impl Subnets {
+    fn read(&mut self, name: &str, now: Duration) {
+        self.nets = interface_subnets(name);
+        self.read_at = Some(now);
+    }
+
+    /// Whether `a` is on one of the subnets, reading them again first if they are stale
+    /// and `a` is on none. An interface without IPv4 addresses holds every source: there
+    /// is nothing to tell a neighbour by, and an unaddressed output link is a supported
+    /// setup.
+    fn holds(&mut self, a: Ipv4Addr, name: &str, now: Duration) -> bool {
+        if !self.nets.is_empty() && on_subnet(a, &self.nets) {
+            return true;
+        }
+        if self
+            .read_at
+            .is_none_or(|t| now.saturating_sub(t) >= SUBNETS_STALE)
+        {
+            self.read(name, now);
+        }
+        self.nets.is_empty() || on_subnet(a, &self.nets)
+    }
+}
+
+fn on_subnet(a: Ipv4Addr, nets: &[(Ipv4Addr, u8)]) -> bool {
+    nets.iter().any(|&(net, len)| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        u32::from(a) & mask == u32::from(net) & mask
+    })
+}
+
+/// The IPv4 subnets of `name`'s addresses (and of a point-to-point peer's), from
+/// getifaddrs; empty when it has none or cannot be read.
+fn interface_subnets(name: &str) -> Vec<(Ipv4Addr, u8)> {
+    let Ok(all) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let v4 = |a: &Option<nix::sys::socket::SockaddrStorage>| {
+        a.as_ref().and_then(|a| a.as_sockaddr_in()).map(|a| a.ip())
+    };
+    let mut out = Vec::new();
+    for i in all.filter(|i| i.interface_name == name) {
+        let Some(addr) = v4(&i.address) else { continue };
+        let len = v4(&i.netmask).map_or(32, |m| u32::from(m).leading_ones() as u8);
+        out.push((addr, len));
+        if i.flags
+            .contains(nix::net::if_::InterfaceFlags::IFF_POINTOPOINT)
+            && let Some(peer) = v4(&i.destination)
+        {
+            out.push((peer, len));
+        }
+    }
+    out
+}
+
+/// Reads one frame from a packet socket without waiting: its length and whether it arrived
+/// with a VLAN tag (from PACKET_AUXDATA); `None` when nothing is waiting.
+fn recv_tagged(socket: &OwnedFd, buf: &mut [u8]) -> Option<(usize, bool)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // u64 words: aligned for the cmsghdr the kernel writes at their start.
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data; zero is a valid value for every field.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` points to the live `iov` (over `buf`) and `control`, each valid for the
+    // length given; MSG_DONTWAIT keeps the thread from blocking on a drained socket.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n <= 0 {
+        return None;
+    }
+    let mut tagged = false;
+    // SAFETY: `msg` is the header recvmsg filled in; its control buffer is `control`.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR return headers within the control buffer.
+        let c = unsafe { &*cmsg };
+        if c.cmsg_level == libc::SOL_PACKET && c.cmsg_type == libc::PACKET_AUXDATA {
+            // SAFETY: a PACKET_AUXDATA message carries a tpacket_auxdata, which may not be
+            // aligned for its type within the buffer, hence the unaligned read.
+            let aux: libc::tpacket_auxdata =
+                unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
+            tagged = vlan_tagged(aux.tp_status, aux.tp_vlan_tci);
+        }
+        // SAFETY: as above; `cmsg` is a header of `msg`.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Some((n as usize, tagged))
+}
+
+/// Whether auxiliary data says the frame came from a VLAN: a tag with a VID. A priority tag
+/// (VID 0) is not a VLAN: the kernel hands such frames to the untagged interface too.
+fn vlan_tagged(status: u32, tci: u16) -> bool {
+    status & libc::TP_STATUS_VLAN_VALID != 0 && tci & 0x0fff != 0
 }
 
 /// A packet socket on `ifindex` that receives IGMP and ICMPv6 (the kernel filters the rest
@@ -508,6 +662,9 @@ fn open(ifindex: u32) -> Result<OwnedFd> {
     // Our own queries are not news to us.
     setsockopt(&sock, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &1i32)
         .context("PACKET_IGNORE_OUTGOING")?;
+    // On a trunk's parent the kernel has taken the tag off a VLAN's frames before this
+    // socket sees them; only the auxiliary data tells them from the untagged link's.
+    setsockopt(&sock, libc::SOL_PACKET, libc::PACKET_AUXDATA, &1i32).context("PACKET_AUXDATA")?;
     // SAFETY: sockaddr_ll is plain data; zero is a valid value for every field.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
@@ -553,7 +710,8 @@ fn setsockopt<T>(sock: &OwnedFd, level: i32, name: i32, value: &T) -> Result<()>
 /// A classic BPF filter: IPv4 with protocol 2 (IGMP), or IPv6 whose next header is 58
 /// (ICMPv6) directly or after a hop-by-hop header (where MLD's Router Alert sits). Anything
 /// else is not queued to the socket at all. Untagged frames: a VLAN device's frames arrive
-/// on it untagged, and a trunk's tag is taken off by the kernel before packet sockets see it.
+/// on it untagged, and a trunk's tag is taken off by the kernel before packet sockets see it
+/// (and reported in the auxiliary data, which `receive` reads).
 fn membership_filter() -> Vec<libc::sock_filter> {
     const LDH_ABS: u16 = 0x28;
     const LDB_ABS: u16 = 0x30;
@@ -593,5 +751,79 @@ mod tests {
         assert_eq!(own_address(&a, false), "fe80::1".parse::<IpAddr>().unwrap());
         assert_eq!(own_address(&a[..1], false), "::".parse::<IpAddr>().unwrap());
         assert_eq!(own_address(&[], true), "0.0.0.0".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn subnets_match_by_prefix() {
+        let nets = [
+            (Ipv4Addr::new(198, 18, 2, 1), 24),
+            (Ipv4Addr::new(198, 19, 0, 7), 32),
+        ];
+        for (a, on) in [
+            ("198.18.2.2", true),
+            ("198.18.2.255", true),
+            ("198.18.3.2", false),
+            ("198.19.0.7", true),
+            ("198.19.0.8", false),
+        ] {
+            assert_eq!(on_subnet(a.parse().unwrap(), &nets), on, "{a}");
+        }
+        assert!(on_subnet(
+            Ipv4Addr::new(203, 0, 113, 9),
+            &[(Ipv4Addr::UNSPECIFIED, 0)]
+        ));
+        assert!(!on_subnet(Ipv4Addr::new(198, 18, 2, 2), &[]));
+    }
+
+    #[test]
+    fn a_tag_with_a_vid_is_a_vlan_and_a_priority_tag_is_not() {
+        let valid = libc::TP_STATUS_VLAN_VALID;
+        assert!(vlan_tagged(valid, 10));
+        assert!(vlan_tagged(valid, 0xe00a), "VID 10 with priority 7");
+        assert!(!vlan_tagged(valid, 0xe000), "priority tag: VID 0");
+        assert!(!vlan_tagged(0, 10), "no tag: the TCI field is not valid");
+    }
+
+    /// Tagged frames are refused whatever they are; reports and leaves must come from a
+    /// subnet of the interface or from 0.0.0.0; queries and MLD are not checked.
+    #[test]
+    fn admit_refuses_tagged_and_off_subnet_reports() {
+        let g = IpAddr::V4(Ipv4Addr::new(239, 1, 1, 1));
+        let msg = |from: &str, message: wire::Message| Received {
+            source: from.parse().unwrap(),
+            destination: g,
+            message,
+            missing_router_alert: false,
+        };
+        let report = || wire::Message::V2Report { group: g };
+        let query = || {
+            wire::Message::Query(wire::Query {
+                version: 3,
+                group: None,
+                max_response: Duration::from_secs(10),
+                suppress: false,
+                qrv: 2,
+                qqi: Duration::from_secs(125),
+                sources: vec![],
+            })
+        };
+        let ours = |a: Ipv4Addr| a.octets()[..3] == [198, 18, 2];
+        let cases = [
+            (msg("198.18.2.2", report()), false, Ok(())),
+            (msg("198.18.2.2", report()), true, Err(Refusal::VlanTagged)),
+            (msg("198.18.9.2", report()), false, Err(Refusal::OffSubnet)),
+            (
+                msg("198.18.9.2", wire::Message::Leave { group: g }),
+                false,
+                Err(Refusal::OffSubnet),
+            ),
+            (msg("0.0.0.0", report()), false, Ok(())),
+            (msg("198.18.9.2", query()), false, Ok(())),
+            (msg("fe80::2", report()), false, Ok(())),
+            (msg("fe80::2", report()), true, Err(Refusal::VlanTagged)),
+        ];
+        for (got, tagged, want) in cases {
+            assert_eq!(admit(&got, tagged, ours), want, "{got:?} tagged {tagged}");
+        }
     }
 }

@@ -354,9 +354,11 @@ impl StatsView {
         }
         for q in &self.queriers {
             let refused: Vec<String> = q.refused.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let accepted: Vec<String> =
+                q.accepted.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let _ = writeln!(
                 s,
-                "{} {}: {} (from {}){}",
+                "{} {}: {} (from {}){}{}",
                 q.interface,
                 q.family,
                 if q.querier {
@@ -369,6 +371,11 @@ impl StatsView {
                     String::new()
                 } else {
                     format!(", refused {}", refused.join(" "))
+                },
+                if accepted.is_empty() {
+                    String::new()
+                } else {
+                    format!(", accepted {}", accepted.join(" "))
                 }
             );
             let mut t = Columns::new(&[false, false, false, false, true, false]);

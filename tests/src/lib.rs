@@ -15,4 +15,5 @@ pub mod relay_proc;
 pub mod soak;
 pub mod topo;
 pub mod traffic;
+pub mod vlan_tc;
 pub mod xdpgen;

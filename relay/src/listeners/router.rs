@@ -569,6 +569,12 @@ impl Group {
     }
 }
 
+/// The order of the querier election: lowest address first, the unspecified address (a
+/// querier with no address of its own) after all others.
+fn rank(a: IpAddr) -> (bool, IpAddr) {
+    (a.is_unspecified(), a)
+}
+
 /// The router for one interface and one family.
 #[derive(Debug, Clone)]
 pub struct Router {
@@ -734,15 +740,18 @@ impl Router {
     }
 
     fn hear_query(&mut self, from: IpAddr, q: &Query, now: Time) {
-        if Family::of(from) != self.family || from == self.own {
+        // Our own query looped back; with no address of ours, a query from the unspecified
+        // address is another addressless querier's.
+        if Family::of(from) != self.family || (from == self.own && !from.is_unspecified()) {
             return;
         }
         // A querier without an address (a Linux bridge's, by default, queries from 0.0.0.0)
-        // cannot take part in an election by lowest address.
+        // wins against no one: it is not a candidate, and it yields to any querier it hears
+        // (below, through `rank`).
         if !from.is_unspecified() {
             let lowest = self.other.is_none_or(|(a, _)| from <= a);
             if lowest {
-                if from < self.own {
+                if rank(from) < rank(self.own) {
                     let v3 = match self.family {
                         Family::V4 => q.version == 3,
                         Family::V6 => q.version == 2,
@@ -797,9 +806,11 @@ impl Router {
         });
     }
 
-    /// The lowest address is querier (RFC 3376 §6.6.2, RFC 3810 §7.6.2).
+    /// The lowest address is querier (RFC 3376 §6.6.2, RFC 3810 §7.6.2); our own address
+    /// when unspecified ranks above every other, so that we yield to any querier heard, as
+    /// the Linux bridge does when it queries from 0.0.0.0.
     fn elect(&mut self, now: Time) {
-        let win = !matches!(self.other, Some((a, _)) if a < self.own);
+        let win = !matches!(self.other, Some((a, _)) if rank(a) < rank(self.own));
         if win && !self.querier {
             self.querier = true;
             self.timers = self.configured;
@@ -1020,7 +1031,12 @@ mod tests {
 
     impl Sim {
         fn v4() -> Sim {
-            let mut r = Router::new(Family::V4, OWN, Timers::default(), T0);
+            Sim::with(OWN)
+        }
+
+        /// A router querying from `own`, of its family.
+        fn with(own: IpAddr) -> Sim {
+            let mut r = Router::new(Family::of(own), own, Timers::default(), T0);
             r.handle_timeout(T0);
             let mut sim = Sim { r, now: T0 };
             assert_eq!(sim.general(), 1);
@@ -1787,6 +1803,71 @@ mod tests {
         sim.msg(IpAddr::V4(Ipv4Addr::UNSPECIFIED), general_query());
         sim.msg(OWN, general_query());
         assert!(sim.r.is_querier());
+    }
+
+    /// A router with no address of its own queries from the unspecified address, as the
+    /// Linux bridge does, and yields to any querier it hears, however high its address;
+    /// once that one has been quiet for the other querier present interval it queries
+    /// again. Both families.
+    #[test]
+    fn without_an_address_we_yield_to_any_querier() {
+        let v6_higher = IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xffff));
+        for (own, other) in [
+            (IpAddr::V4(Ipv4Addr::UNSPECIFIED), HIGHER),
+            (
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V4(Ipv4Addr::BROADCAST),
+            ),
+            (IpAddr::V6(Ipv6Addr::UNSPECIFIED), v6_higher),
+        ] {
+            let mut sim = Sim::with(own);
+            assert!(sim.r.is_querier(), "alone, it queries");
+            sim.advance(1000);
+            sim.msg(other, general_query());
+            assert!(!sim.r.is_querier(), "{own} yields to {other}");
+            assert_eq!(sim.r.querier_address(), other);
+            sim.advance(250_000);
+            assert_eq!(sim.general(), 0, "{own} keeps quiet while {other} is heard");
+            // Heard last at 1 s: back 2 × 125 + 10 / 2 = 255 s later.
+            sim.advance(6_000);
+            assert!(sim.r.is_querier(), "{other} went quiet");
+            assert_eq!(sim.r.querier_address(), own);
+            assert_eq!(sim.general(), 1);
+        }
+    }
+
+    /// The other way round: a querier with no address never wins against one with an
+    /// address (already the case before the relay's own address could be unspecified), and
+    /// two without an address both query (neither is a candidate: hosts answer either).
+    #[test]
+    fn a_querier_without_an_address_wins_against_no_one() {
+        let zero = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let mut sim = Sim::v4();
+        sim.msg(zero, general_query());
+        assert!(sim.r.is_querier());
+        assert_eq!(sim.r.querier_address(), OWN);
+        let mut sim = Sim::with(zero);
+        sim.msg(zero, general_query());
+        assert!(sim.r.is_querier());
+        sim.advance(31_250);
+        assert_eq!(sim.general(), 1, "startup goes on");
+    }
+
+    /// Readdressing runs the election with the unspecified address ranked last: losing the
+    /// address yields to a querier heard, gaining one lower than it takes over.
+    #[test]
+    fn losing_or_gaining_an_address_reruns_the_election() {
+        let zero = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let mut sim = Sim::with(LOWER);
+        sim.msg(HIGHER, general_query());
+        assert!(sim.r.is_querier());
+        sim.r.set_address(zero, sim.now);
+        assert!(!sim.r.is_querier(), "without an address, {HIGHER} wins");
+        sim.advance(1000);
+        sim.r.set_address(LOWER, sim.now);
+        assert!(sim.r.is_querier());
+        sim.r.handle_timeout(sim.now);
+        assert_eq!(sim.general(), 1);
     }
 
     #[test]

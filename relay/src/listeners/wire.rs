@@ -56,7 +56,8 @@ pub enum Refusal {
     BadChecksum,
     /// IPv4 TTL or IPv6 hop limit other than 1: the message crossed a router.
     TtlNotOne,
-    /// An IGMPv2/v3 or MLD message without the Router Alert option.
+    /// An IGMPv2/v3 or MLD message without the Router Alert option (but an IGMPv2 report,
+    /// which is taken and flagged: [`Received::missing_router_alert`]).
     NoRouterAlert,
     /// A source address these messages may not come from (an MLD message from outside
     /// fe80::/10, a multicast or broadcast IPv4 source, 0.0.0.0 outside v3 reports and
@@ -71,6 +72,14 @@ pub enum Refusal {
     BadGroup,
     /// An IPv4 fragment: IGMP messages are never fragmented.
     Fragment,
+    /// A message that arrived with an 802.1Q tag (other than a priority tag, VID 0): on a
+    /// trunk's parent it comes from a host on a VLAN, not from the untagged link the relay
+    /// queries. The I/O layer tells, from the packet socket's auxiliary data.
+    VlanTagged,
+    /// A report or leave from an IPv4 source on none of the interface's subnets (RFC 3376
+    /// §9.2: ignored). 0.0.0.0, which hosts without an address yet use, is not refused. The
+    /// I/O layer tells, from the interface's addresses.
+    OffSubnet,
 }
 
 impl Refusal {
@@ -86,10 +95,12 @@ impl Refusal {
             Refusal::UnknownType => "unknown_type",
             Refusal::BadGroup => "bad_group",
             Refusal::Fragment => "fragment",
+            Refusal::VlanTagged => "vlan_tagged",
+            Refusal::OffSubnet => "off_subnet",
         }
     }
 
-    pub const ALL: [Refusal; 10] = [
+    pub const ALL: [Refusal; 12] = [
         Refusal::NotMembership,
         Refusal::Truncated,
         Refusal::BadChecksum,
@@ -100,6 +111,8 @@ impl Refusal {
         Refusal::UnknownType,
         Refusal::BadGroup,
         Refusal::Fragment,
+        Refusal::VlanTagged,
+        Refusal::OffSubnet,
     ];
 }
 
@@ -110,6 +123,11 @@ pub struct Received {
     pub source: IpAddr,
     pub destination: IpAddr,
     pub message: Message,
+    /// An IGMPv2 report that came without the Router Alert option, accepted as Linux and
+    /// FRR accept it (RFC 2236 §2 has hosts send the option; some stacks do not): the I/O
+    /// layer counts these. IGMPv1 messages, which predate the option,
+    /// are not flagged.
+    pub missing_router_alert: bool,
 }
 
 /// What a host or another router said. Group addresses are multicast; MLD messages carry
@@ -388,9 +406,11 @@ fn parse_v4(payload: &[u8]) -> Result<Received, Refusal> {
         return Err(Refusal::TtlNotOne);
     }
     // IGMPv1 predates the Router Alert option: its report and its query (8 bytes, max
-    // response code 0) are exempt.
+    // response code 0) are exempt. IGMPv2 reports without it are taken (and flagged) as
+    // Linux and FRR take them; leaves, v2/v3 queries and v3 reports still need it.
     let v1 = kind == IGMP_V1_REPORT || (kind == IGMP_QUERY && igmp.len() == 8 && igmp[1] == 0);
-    if !v1 && !ipv4_router_alert(&ip.header()[20..]) {
+    let missing_router_alert = !v1 && !ipv4_router_alert(&ip.header()[20..]);
+    if missing_router_alert && kind != IGMP_V2_REPORT {
         return Err(Refusal::NoRouterAlert);
     }
     let source = ip.src_addr();
@@ -430,6 +450,7 @@ fn parse_v4(payload: &[u8]) -> Result<Received, Refusal> {
         source: source.into(),
         destination: ip.dst_addr().into(),
         message,
+        missing_router_alert,
     })
 }
 
@@ -622,6 +643,7 @@ fn parse_v6(payload: &[u8]) -> Result<Received, Refusal> {
         source: src.into(),
         destination: dst.into(),
         message,
+        missing_router_alert: false,
     })
 }
 
@@ -1011,6 +1033,7 @@ mod tests {
                     qqi,
                     sources: q.sources.clone(),
                 }),
+                missing_router_alert: false,
             }
         );
         Ok(())
@@ -1157,7 +1180,8 @@ mod tests {
             Ok(Received {
                 source: Ipv4Addr::UNSPECIFIED.into(),
                 destination: IGMPV3_ROUTERS.into(),
-                message: Message::Report { records }
+                message: Message::Report { records },
+                missing_router_alert: false,
             }),
             "v3 reports may come from 0.0.0.0"
         );
@@ -1213,6 +1237,56 @@ mod tests {
         );
     }
 
+    /// Linux and FRR take IGMPv2 reports without Router Alert; so does the relay, flagging
+    /// them for a counter. The rest of IGMPv2/v3 still needs the option, and v1 is not
+    /// flagged (it predates the option).
+    #[test]
+    fn igmpv2_reports_without_router_alert_are_taken_and_flagged() {
+        let report = igmp_simple(0x16, 0, G4);
+        let got = parse(&v4_frame(H, G4, 1, false, &report));
+        assert_eq!(
+            got,
+            Ok(Received {
+                source: H.into(),
+                destination: G4.into(),
+                message: Message::V2Report { group: G4.into() },
+                missing_router_alert: true,
+            })
+        );
+        let with = parse(&v4_frame(H, G4, 1, true, &report)).unwrap();
+        assert!(!with.missing_router_alert);
+        let v1 = parse(&v4_frame(H, G4, 1, false, &igmp_simple(0x12, 0, G4))).unwrap();
+        assert!(
+            !v1.missing_router_alert,
+            "IGMPv1 has no Router Alert to miss"
+        );
+        let all = Ipv4Addr::new(224, 0, 0, 1);
+        for (what, to, igmp) in [
+            ("leave", G4, igmp_simple(0x17, 0, G4)),
+            (
+                "v2 query",
+                all,
+                igmp_simple(0x11, 100, Ipv4Addr::UNSPECIFIED),
+            ),
+            (
+                "v3 report",
+                IGMPV3_ROUTERS,
+                v3_report(&[record(RecordType::IsEx, G4.into(), &[])]),
+            ),
+        ] {
+            assert_eq!(
+                parse(&v4_frame(H, to, 1, false, &igmp)),
+                Err(Refusal::NoRouterAlert),
+                "{what}"
+            );
+        }
+        // MLDv1 reports (IGMPv2's counterpart) keep needing it: MLD hosts all send it.
+        assert_eq!(
+            parse(&v6_frame(LL, G6, 1, false, &mld_simple(131, 0, G6))),
+            Err(Refusal::NoRouterAlert)
+        );
+    }
+
     #[test]
     fn each_check_has_its_refusal() {
         let leave = igmp_simple(0x17, 0, G4);
@@ -1226,10 +1300,11 @@ mod tests {
             parse(&v4_frame(H, G4, 1, false, &leave)),
             Err(Refusal::NoRouterAlert)
         );
-        // A v1 report needs no Router Alert; a v2 report does.
+        // A v1 report needs no Router Alert; a v3 report does.
         assert!(parse(&v4_frame(H, G4, 1, false, &igmp_simple(0x12, 0, G4))).is_ok());
+        let v3 = v3_report(&[record(RecordType::IsEx, G4.into(), &[])]);
         assert_eq!(
-            parse(&v4_frame(H, G4, 1, false, &igmp_simple(0x16, 0, G4))),
+            parse(&v4_frame(H, IGMPV3_ROUTERS, 1, false, &v3)),
             Err(Refusal::NoRouterAlert)
         );
         assert_eq!(
