@@ -219,11 +219,14 @@ pub const PROGRAM: &str = "relay";
 /// Name of the XDP program that [`PROGRAM`] tail-calls when [`SHAPE_RANGES`] is set: the
 /// same parse, then the tuple walk.
 pub const RANGES_PROGRAM: &str = "relay_ranges";
-/// Name of the one-slot program array holding [`RANGES_PROGRAM`].
+/// Name of the program array holding [`RANGES_PROGRAM`] (slot 0) and
+/// [`HINTED_RANGES_PROGRAM`] (slot 1).
 pub const RANGES_PROGRAM_MAP: &str = "RANGE_PROG";
 /// Name of the XDP program that the VLAN-hint front (relay-ebpf/src/vlan_hint.bpf.c)
 /// tail-calls: [`PROGRAM`] for a frame whose tag may be in the NIC's metadata.
 pub const HINTED_PROGRAM: &str = "relay_hinted";
+/// Name of [`RANGES_PROGRAM`] for [`HINTED_PROGRAM`], in slot 1 of [`RANGES_PROGRAM_MAP`].
+pub const HINTED_RANGES_PROGRAM: &str = "relay_ranges_hinted";
 /// Name of the per-CPU slot where the front leaves the frame's [`VlanHint`].
 pub const VLAN_HINT_MAP: &str = "VLAN_HINTS";
 

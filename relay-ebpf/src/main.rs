@@ -46,12 +46,13 @@ static SHAPES: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "TUPLES")]
 static TUPLES: Array<Tuple> = Array::with_max_entries(2 * TUPLE_SLOTS, 0);
 
-/// Slot 0: `relay_ranges`, which `relay` tail-calls when some rule is a range. Two programs
-/// rather than one branch: with the tuple walk in the same function, the compiler's code for
-/// the exact lookups got slower by a few nanoseconds a frame (measured with
-/// `cargo xtask bench-xdp`), and exact-only rule sets are to cost what they did.
+/// Slot 0: `relay_ranges`, which `relay` tail-calls when some rule is a range; slot 1:
+/// `relay_ranges_hinted`, the same for `relay_hinted`. Two programs rather than one branch:
+/// with the tuple walk in the same function, the compiler's code for the exact lookups got
+/// slower by a few nanoseconds a frame (measured with `cargo xtask bench-xdp`), and exact-only
+/// rule sets are to cost what they did; and the verifier took seconds over the two together.
 #[map(name = "RANGE_PROG")]
-static RANGE_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
+static RANGE_PROG: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 /// The rule each fragmented datagram's first fragment matched, for its later fragments.
 #[map(name = "FRAGS")]
@@ -110,11 +111,23 @@ pub fn relay_ranges(ctx: XdpContext) -> u32 {
 /// `relay` behind the VLAN-hint front, which the daemon attaches to devices whose driver
 /// gives the VLAN tag it took off (rx-vlan-offload) as XDP metadata: the front has left that
 /// tag in `VLAN_HINTS`. It counts as the frame's own, and a frame that goes to a socket gets
-/// it back in its header, so the workers see the frame as it was on the wire. The range walk
-/// is in this program too (chosen per frame): `relay_ranges` would not see the hint.
+/// it back in its header, so the workers see the frame as it was on the wire. With ranges it
+/// hands the frame to `relay_ranges_hinted`.
 #[xdp]
 pub fn relay_hinted(ctx: XdpContext) -> u32 {
     count(XdpCounter::Seen);
+    run_hinted::<false>(&ctx)
+}
+
+/// `relay_ranges` for `relay_hinted`, which tail-calls it; the front's slot in `VLAN_HINTS`
+/// still holds this frame's tag, as nothing else runs on this CPU in between.
+#[xdp]
+pub fn relay_ranges_hinted(ctx: XdpContext) -> u32 {
+    run_hinted::<true>(&ctx)
+}
+
+#[inline(always)]
+fn run_hinted<const RANGES: bool>(ctx: &XdpContext) -> u32 {
     let hint = match VLAN_HINTS.get(0) {
         Some(h) if h.present != 0 => Some(Hint {
             proto: h.proto,
@@ -122,13 +135,7 @@ pub fn relay_hinted(ctx: XdpContext) -> u32 {
         }),
         _ => None,
     };
-    let shapes = SHAPES.get(0).copied().unwrap_or(0);
-    let found = if shapes & SHAPE_RANGES != 0 {
-        classify::<true, true>(&ctx, hint)
-    } else {
-        classify::<false, true>(&ctx, hint)
-    };
-    verdict(&ctx, found, hint)
+    verdict(ctx, classify::<RANGES, true>(ctx, hint), hint)
 }
 
 /// A VLAN tag from the NIC's metadata: its TPID as on the wire (big-endian) and its TCI
@@ -330,11 +337,11 @@ fn classify<const RANGES: bool, const HINTED: bool>(
     // `relay_ranges` reads it again, as a reload may have flipped it since, and the tuple
     // count and half come with the flag.
     let shapes = SHAPES.get(0).copied().unwrap_or(0);
-    if !RANGES && !HINTED && shapes & SHAPE_RANGES != 0 {
+    if !RANGES && shapes & SHAPE_RANGES != 0 {
         // SAFETY: a tail call: on success control never comes back, and this program has
-        // nothing to release. It fails only if the slot is empty, and the loader fills it
+        // nothing to release. It fails only if the slot is empty, and the loader fills both
         // before it writes any rule, so the exact path below never sees a range rule set.
-        unsafe { RANGE_PROG.tail_call(ctx, 0) };
+        unsafe { RANGE_PROG.tail_call(ctx, u32::from(HINTED)) };
     }
     let unicast = shapes & SHAPE_UNICAST != 0;
     let (l4, frag) = match ethertype {

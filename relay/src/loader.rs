@@ -15,10 +15,10 @@ use aya::{
 };
 use log::{info, warn};
 use relay_common::{
-    COUNTER_MAP, ExactKey, FRAG_MAP, FragKey, HINTED_PROGRAM, MAX_QUEUES_PER_IFACE, PROGRAM,
-    RANGE_RULE_MAP, RANGES_PROGRAM, RANGES_PROGRAM_MAP, RULE_MAP, RuleKey, RuleValue, SHAPE_MAP,
-    SHAPE_RANGES, SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, TUPLE_MAP, TUPLE_SLOTS, Tuple,
-    VLAN_HINT_MAP, XSK_MAP, XdpCounter,
+    COUNTER_MAP, ExactKey, FRAG_MAP, FragKey, HINTED_PROGRAM, HINTED_RANGES_PROGRAM,
+    MAX_QUEUES_PER_IFACE, PROGRAM, RANGE_RULE_MAP, RANGES_PROGRAM, RANGES_PROGRAM_MAP, RULE_MAP,
+    RuleKey, RuleValue, SHAPE_MAP, SHAPE_RANGES, SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, TUPLE_MAP,
+    TUPLE_SLOTS, Tuple, VLAN_HINT_MAP, XSK_MAP, XdpCounter,
 };
 
 use crate::{
@@ -176,29 +176,7 @@ impl Steering {
         // The program for rule sets with ranges, which the attached one tail-calls: in its
         // slot before any rule is written. The map stays in `ebpf`: a program array's slots
         // empty when the last descriptor of it closes.
-        let ranges: &mut Xdp = ebpf
-            .program_mut(RANGES_PROGRAM)
-            .ok_or_else(|| anyhow!("no {RANGES_PROGRAM} program in the object"))?
-            .try_into()?;
-        ranges
-            .load()
-            .context("the kernel refused the XDP program for ranges")?;
-        let fd = ranges.fd()?.try_clone()?;
-        let mut slot: ProgramArray<_> = ProgramArray::try_from(
-            ebpf.map_mut(RANGES_PROGRAM_MAP)
-                .ok_or_else(|| anyhow!("no {RANGES_PROGRAM_MAP} map"))?,
-        )?;
-        slot.set(0, &fd, 0)
-            .context("putting the program for ranges in its slot")?;
-        // The program the VLAN-hint fronts tail-call: loaded now, so that a reload that adds
-        // such a device needs nothing new from the verifier.
-        let hinted: &mut Xdp = ebpf
-            .program_mut(HINTED_PROGRAM)
-            .ok_or_else(|| anyhow!("no {HINTED_PROGRAM} program in the object"))?
-            .try_into()?;
-        hinted
-            .load()
-            .context("the kernel refused the XDP program behind the VLAN-hint front")?;
+        load_into_slot(&mut ebpf, RANGES_PROGRAM, 0)?;
         let mut steering = Self {
             ebpf,
             xsks,
@@ -454,16 +432,12 @@ impl Steering {
         vlan_hint: bool,
     ) -> Result<AttachedMode> {
         if vlan_hint && mode != XdpModeConfig::Skb {
-            let hinted: &Xdp = self
-                .ebpf
-                .program(HINTED_PROGRAM)
-                .ok_or_else(|| anyhow!("no {HINTED_PROGRAM} program"))?
-                .try_into()?;
+            let hinted = self.hinted()?;
             let hints = match self.ebpf.map(VLAN_HINT_MAP) {
                 Some(aya::maps::Map::PerCpuArray(m)) => m.fd().as_fd(),
                 _ => return Err(anyhow!("no {VLAN_HINT_MAP} map")),
             };
-            match VlanFront::attach(ifindex, hinted.fd()?.as_fd(), hints) {
+            match VlanFront::attach(ifindex, hinted.as_fd(), hints) {
                 Ok(front) => {
                     self.links
                         .push((iface.to_owned(), Attachment::Front(front)));
@@ -566,13 +540,9 @@ impl Steering {
             aya::maps::PerCpuValues::try_from(vec![hint; cpus.get() as usize])?,
             0,
         )?;
-        let prog: &Xdp = self
-            .ebpf
-            .program(HINTED_PROGRAM)
-            .ok_or_else(|| anyhow!("no {HINTED_PROGRAM} program"))?
-            .try_into()?;
+        let prog = self.hinted()?;
         let mut out = vec![0u8; frame.len() + 64];
-        let (action, _, len) = test_run_into(prog.fd()?.as_fd(), frame, ifindex, 1, &mut out)?;
+        let (action, _, len) = test_run_into(prog.as_fd(), frame, ifindex, 1, &mut out)?;
         out.truncate(len);
         Ok((action, out))
     }
@@ -581,6 +551,30 @@ impl Steering {
     /// a test can keep frames going through the program while this one reloads the rules.
     pub fn test_runner(&self) -> Result<TestRunner> {
         Ok(TestRunner(self.program_fd()?.try_clone()?))
+    }
+
+    /// `relay_hinted`, loaded (with its ranges program in slot 1) the first time a device
+    /// needs it: a relay without such devices pays nothing for it, at the start or per frame.
+    fn hinted(&mut self) -> Result<ProgramFd> {
+        let loaded = |ebpf: &Ebpf| -> Result<Option<ProgramFd>> {
+            let prog: &Xdp = ebpf
+                .program(HINTED_PROGRAM)
+                .ok_or_else(|| anyhow!("no {HINTED_PROGRAM} program"))?
+                .try_into()?;
+            Ok(prog.fd().ok().map(|fd| fd.try_clone()).transpose()?)
+        };
+        if let Some(fd) = loaded(&self.ebpf)? {
+            return Ok(fd);
+        }
+        load_into_slot(&mut self.ebpf, HINTED_RANGES_PROGRAM, 1)?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(HINTED_PROGRAM)
+            .ok_or_else(|| anyhow!("no {HINTED_PROGRAM} program"))?
+            .try_into()?;
+        prog.load()
+            .context("the kernel refused the XDP program behind the VLAN-hint front")?;
+        loaded(&self.ebpf)?.ok_or_else(|| anyhow!("{HINTED_PROGRAM} did not load"))
     }
 
     fn program_fd(&self) -> Result<&ProgramFd> {
@@ -650,6 +644,24 @@ impl TestRunner {
 /// Runs the program `prog` on `frame` as if it arrived on `ifindex`'s rx queue 0
 /// (BPF_PROG_TEST_RUN), `repeat` times; returns the XDP action and the kernel's mean time
 /// per run in nanoseconds.
+/// Loads program `name` and puts it in slot `slot` of the ranges program array.
+fn load_into_slot(ebpf: &mut Ebpf, name: &str, slot: u32) -> Result<()> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("no {name} program in the object"))?
+        .try_into()?;
+    prog.load()
+        .with_context(|| format!("the kernel refused the XDP program {name}"))?;
+    let fd = prog.fd()?.try_clone()?;
+    let mut array: ProgramArray<_> = ProgramArray::try_from(
+        ebpf.map_mut(RANGES_PROGRAM_MAP)
+            .ok_or_else(|| anyhow!("no {RANGES_PROGRAM_MAP} map"))?,
+    )?;
+    array
+        .set(slot, &fd, 0)
+        .with_context(|| format!("putting {name} in its slot"))
+}
+
 fn test_run(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(u32, u32)> {
     let (action, duration, _) = test_run_into(prog, frame, ifindex, repeat, &mut [])?;
     Ok((action, duration))
