@@ -50,7 +50,7 @@ fn table(outputs: usize) -> RuleTable {
     let mut ifaces = vec![("in0".to_owned(), 10)];
     ifaces.extend((0..outputs).map(|o| (format!("out{o}"), 11 + o as u32)));
     let cfg = Config::parse("bench.yaml", &yaml).unwrap();
-    RuleTable::compile(&cfg, "bench.yaml", &StaticSystem(ifaces)).unwrap()
+    RuleTable::compile(&cfg, "bench.yaml", &StaticSystem(ifaces, Vec::new())).unwrap()
 }
 
 fn frame() -> Vec<u8> {

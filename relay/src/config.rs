@@ -550,9 +550,59 @@ impl InterfaceInfo {
     }
 }
 
+/// What kind of device an interface is: what decides whether the relay can use it at all (its
+/// link type) and in which XDP mode (whether its driver runs XDP itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkKind {
+    /// ARPHRD_* (/sys/class/net/IF/type): 1 is Ethernet, the only frames the relay parses.
+    pub link_type: u16,
+    /// rtnetlink's kind (veth, bridge, macvlan, vxlan, tun, ...), or a NIC's driver; `None`
+    /// when the device has neither (loopback).
+    pub kind: Option<String>,
+    /// Whether the driver runs XDP programs itself (native mode); `None` when the kernel
+    /// cannot say (before Linux 6.3), and then nothing is refused for it.
+    pub native_xdp: Option<bool>,
+}
+
+impl LinkKind {
+    /// An Ethernet device of `kind` with (or without) native XDP.
+    pub fn ethernet(kind: &str, native_xdp: bool) -> Self {
+        LinkKind {
+            link_type: crate::link_kind::ARPHRD_ETHER,
+            kind: Some(kind.to_owned()),
+            native_xdp: Some(native_xdp),
+        }
+    }
+
+    fn kind_name(&self) -> &str {
+        self.kind.as_deref().unwrap_or("none")
+    }
+
+    /// Why `side` (`input`, `output`) interface `name` cannot be used at all, if it cannot:
+    /// it is not Ethernet.
+    fn refusal(&self, side: &str, name: &str) -> Option<String> {
+        (self.link_type != crate::link_kind::ARPHRD_ETHER).then(|| {
+            format!(
+                "{side} interface '{name}' is not an Ethernet interface (link type {} ({}), kind \
+                 {}): the XDP program and the rewrite read and write Ethernet frames; use {}",
+                self.link_type,
+                crate::link_kind::link_type_name(self.link_type),
+                self.kind_name(),
+                crate::link_kind::instead(self.link_type, self.kind.as_deref())
+            )
+        })
+    }
+}
+
 /// The running system, as the checks see it; tests substitute a fixed one.
 pub trait System {
     fn interface(&self, name: &str) -> Option<InterfaceInfo>;
+
+    /// What kind of device the interface is; `None` when it does not exist or nothing can be
+    /// said (then nothing is refused for its kind).
+    fn link(&self, _name: &str) -> Option<LinkKind> {
+        None
+    }
 
     /// The interface's IP addresses, primary first (the kernel's order); empty when it has
     /// none or does not exist.
@@ -567,19 +617,68 @@ pub trait System {
     }
 }
 
+/// `sys` with each interface's kind asked once: a file names the same interfaces in many
+/// rules, and asking the kernel is a netlink round trip or three.
+struct KindsOnce<'a> {
+    sys: &'a dyn System,
+    links: std::cell::RefCell<std::collections::HashMap<String, Option<LinkKind>>>,
+}
+
+impl System for KindsOnce<'_> {
+    fn interface(&self, name: &str) -> Option<InterfaceInfo> {
+        self.sys.interface(name)
+    }
+
+    fn link(&self, name: &str) -> Option<LinkKind> {
+        if let Some(known) = self.links.borrow().get(name) {
+            return known.clone();
+        }
+        let link = self.sys.link(name);
+        self.links
+            .borrow_mut()
+            .insert(name.to_owned(), link.clone());
+        link
+    }
+
+    fn addresses(&self, name: &str) -> Vec<IpAddr> {
+        self.sys.addresses(name)
+    }
+
+    fn allowed_cpus(&self) -> Option<Vec<usize>> {
+        self.sys.allowed_cpus()
+    }
+}
+
 /// A fixed set of interfaces, for checking rules without the running system (tests,
 /// benchmarks, fuzzing): each named interface has the given ifindex, a MAC derived from it,
-/// one rx queue and a 1500-byte MTU.
+/// one rx queue and a 1500-byte MTU. The second list gives interfaces a kind (a link type
+/// and a native-XDP answer); one not in it has none to check.
 #[derive(Debug, Clone, Default)]
-pub struct StaticSystem(pub Vec<(String, u32)>);
+pub struct StaticSystem(pub Vec<(String, u32)>, pub Vec<(String, LinkKind)>);
 
 impl StaticSystem {
     pub fn new(ifaces: &[(&str, u32)]) -> Self {
-        Self(ifaces.iter().map(|(n, i)| ((*n).to_owned(), *i)).collect())
+        Self(
+            ifaces.iter().map(|(n, i)| ((*n).to_owned(), *i)).collect(),
+            Vec::new(),
+        )
+    }
+
+    /// This system with interface `name` of kind `link`.
+    pub fn with_link(mut self, name: &str, link: LinkKind) -> Self {
+        self.1.push((name.to_owned(), link));
+        self
     }
 }
 
 impl System for StaticSystem {
+    fn link(&self, name: &str) -> Option<LinkKind> {
+        self.1
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, l)| l.clone())
+    }
+
     fn interface(&self, name: &str) -> Option<InterfaceInfo> {
         let &(_, ifindex) = self.0.iter().find(|(n, _)| n == name)?;
         let b = ifindex.to_be_bytes();
@@ -821,6 +920,10 @@ impl Config {
         sys: &dyn System,
         check_sources: bool,
     ) -> Result<(), ConfigError> {
+        let sys = &KindsOnce {
+            sys,
+            links: Default::default(),
+        };
         let top = |message: String| ConfigError {
             file: file.to_owned(),
             rule: None,
@@ -917,6 +1020,8 @@ impl Config {
                     })
                 };
                 check_interface_name(&input.interface, "input").map_err(err)?;
+                self.check_ingress_kind(&input.interface, sys)
+                    .map_err(err)?;
                 // An interface that does not exist yet leaves the rule idle until it appears
                 // (see `absent_interfaces`).
                 let info = sys
@@ -1103,6 +1208,27 @@ impl Config {
         Ok(())
     }
 
+    /// An input interface of a kind the XDP program can run on in `xdp_mode`: Ethernet, and
+    /// with a driver that runs XDP itself when the mode is `native` (a bridge, macvlan or vxlan
+    /// has generic mode only, and the attach would fail half-way through the start).
+    fn check_ingress_kind(&self, name: &str, sys: &dyn System) -> Result<(), String> {
+        let Some(link) = sys.link(name) else {
+            return Ok(());
+        };
+        if let Some(why) = link.refusal("input", name) {
+            return Err(why);
+        }
+        if self.xdp_mode == XdpModeConfig::Native && link.native_xdp == Some(false) {
+            return Err(format!(
+                "input interface '{name}' (kind {}) has no native XDP (its driver does not run \
+                 XDP programs), so xdp_mode: native cannot attach there; use xdp_mode: auto \
+                 (native where the driver has it, skb mode elsewhere) or xdp_mode: skb",
+                link.kind_name()
+            ));
+        }
+        Ok(())
+    }
+
     /// `inputs:`, `merge:` and `window_ms:` together: two or more legs need a numbering to
     /// merge by, one input has nothing to merge, and the numbering and window are ones the
     /// merge can read and time.
@@ -1150,7 +1276,26 @@ impl Config {
                     ));
                 }
             }
-            (Some(_), _) => {}
+            (Some(_), _) => {
+                // RTP senders send RTCP to the next port up (ST 2110, ST 2022-7): a leg on
+                // any port would take it, and its length read as a sequence number pushes
+                // the merge ahead of the real packets.
+                if let Some((leg, input)) =
+                    rule.inputs().enumerate().find(|(_, i)| i.port.is_none())
+                {
+                    let (key, address) = match (input.group, input.destination) {
+                        (Some(g), _) => ("group", g.to_string()),
+                        (None, Some(d)) => ("destination", d.to_string()),
+                        (None, None) => ("group", "(none)".to_owned()),
+                    };
+                    return Err(format!(
+                        "inputs[{leg}]: merge: rtp needs port: on every leg, and the leg \
+                         {key} {address} on {} has none: it would take the RTCP its senders \
+                         send to the next port as RTP (name the RTP port, e.g. port: 5000)",
+                        input.interface
+                    ));
+                }
+            }
         }
         if let Some(w) = rule.window_ms
             && !(1..=crate::merge::MAX_WINDOW_MS).contains(&w)
@@ -1194,6 +1339,9 @@ impl Config {
             )));
         }
         check_interface_name(on, "output").map_err(err)?;
+        if let Some(why) = sys.link(on).and_then(|l| l.refusal("output", on)) {
+            return Err(err(why));
+        }
         if let Some(d) = out.dscp
             && d > 63
         {
@@ -2111,6 +2259,20 @@ rules:
             })
         );
         assert_eq!(c.rules[0].window_ms, Some(200));
+        // A payload counter has no RTCP beside it: its legs may take any port.
+        let any_port =
+            "[{interface: in0, group: 239.1.1.1}, {interface: out1, group: 239.101.1.1}]";
+        let c = Config::parse(
+            "r.yaml",
+            &merged(any_port, "    merge: {offset: 0, bytes: 4}\n", out),
+        )
+        .unwrap();
+        c.validate("r.yaml", &fake()).unwrap();
+        // Start, --check and reload validate with `validate`, a change of interfaces with
+        // `validate_running`: neither takes an RTP merge without ports.
+        let c = Config::parse("r.yaml", &merged(any_port, "    merge: rtp\n", out)).unwrap();
+        assert!(c.validate("r.yaml", &fake()).is_err());
+        assert!(c.validate_running("r.yaml", &fake()).is_err());
         // A single input in a list is a plain rule.
         let c = Config::parse(
             "r.yaml",
@@ -2156,7 +2318,7 @@ rules:
             ),
             (
                 merged(
-                    "[{interface: in0, group: 239.1.1.1}, {interface: out1, group: 'ff18::1'}]",
+                    "[{interface: in0, group: 239.1.1.1, port: 5000}, {interface: out1, group: 'ff18::1', port: 5000}]",
                     "    merge: rtp\n",
                     out,
                 ),
@@ -2165,7 +2327,7 @@ rules:
             ),
             (
                 merged(
-                    "[{interface: in0, group: 239.1.1.1}, {interface: out1, group: 239.2.0.0/16}]",
+                    "[{interface: in0, group: 239.1.1.1, port: 5000}, {interface: out1, group: 239.2.0.0/16, port: 5000}]",
                     "    merge: rtp\n",
                     out,
                 ),
@@ -2174,12 +2336,33 @@ rules:
             ),
             (
                 merged(
-                    "[{interface: in0, group: 239.1.1.1}, {interface: in0, group: 239.1.1.1}]",
+                    "[{interface: in0, group: 239.1.1.1, port: 5000}, {interface: in0, group: 239.1.1.1, port: 5000}]",
                     "    merge: rtp\n",
                     out,
                 ),
                 "r.yaml: rule 'm': inputs[1]: another rule already has the input in0 \
-                 239.1.1.1:any from any",
+                 239.1.1.1:5000 from any",
+            ),
+            // RTP legs on any port would take the RTCP sent to the next one up.
+            (
+                merged(
+                    "[{interface: in0, group: 239.1.1.1, port: 5000}, {interface: out1, group: 239.101.1.1}]",
+                    "    merge: rtp\n",
+                    out,
+                ),
+                "r.yaml: rule 'm': inputs[1]: merge: rtp needs port: on every leg, and the leg \
+                 group 239.101.1.1 on out1 has none: it would take the RTCP its senders send to \
+                 the next port as RTP (name the RTP port, e.g. port: 5000)",
+            ),
+            (
+                merged(
+                    "[{interface: in0, group: 'ff3e::1'}, {interface: out1, group: 'ff3e::2', port: 5000}]",
+                    "    merge: rtp\n    window_ms: 100\n",
+                    out,
+                ),
+                "r.yaml: rule 'm': inputs[0]: merge: rtp needs port: on every leg, and the leg \
+                 group ff3e::1 on in0 has none: it would take the RTCP its senders send to the \
+                 next port as RTP (name the RTP port, e.g. port: 5000)",
             ),
             (
                 merged(
@@ -2461,5 +2644,193 @@ rules:
             Config::parse("r.yaml", &bad).unwrap_err().to_string(),
             "r.yaml: rule 'r1': rules[0].input.vlan: invalid value: string \"trunk\", expected a VLAN ID from 1 to 4094 or `untagged` at line 3 column 53"
         );
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    /// Every kind a user has here, with what the kernel answers for it (xdp-features BASIC
+    /// for veth and tun/tap, 0 for bridge, macvlan and vxlan; loopback and L3 devices are not
+    /// Ethernet), and a kernel that cannot say.
+    fn kinds() -> Vec<(&'static str, LinkKind)> {
+        let l3 = |link_type, kind: Option<&str>| LinkKind {
+            link_type,
+            kind: kind.map(str::to_owned),
+            native_xdp: Some(false),
+        };
+        vec![
+            ("veth0", LinkKind::ethernet("veth", true)),
+            ("tap0", LinkKind::ethernet("tun", true)),
+            ("br0", LinkKind::ethernet("bridge", false)),
+            ("mv0", LinkKind::ethernet("macvlan", false)),
+            ("vx0", LinkKind::ethernet("vxlan", false)),
+            (
+                "old0",
+                LinkKind {
+                    native_xdp: None,
+                    ..LinkKind::ethernet("macvlan", false)
+                },
+            ),
+            ("tun0", l3(65534, Some("tun"))),
+            ("lo", l3(772, None)),
+            ("gre1", l3(778, Some("gre"))),
+            ("wg0", l3(65534, Some("wireguard"))),
+        ]
+    }
+
+    fn system() -> StaticSystem {
+        let mut ifaces: Vec<(&str, u32)> = vec![("plain0", 1)];
+        ifaces.extend(
+            kinds()
+                .iter()
+                .enumerate()
+                .map(|(i, (n, _))| (*n, 2 + i as u32)),
+        );
+        kinds()
+            .into_iter()
+            .fold(StaticSystem::new(&ifaces), |s, (n, l)| s.with_link(n, l))
+    }
+
+    fn config(mode: &str, input: &str, output: &str) -> Config {
+        let yaml = format!(
+            "xdp_mode: {mode}\nrules:\n  - name: k\n    input: {{interface: {input}, group: \
+             239.1.1.1, port: 5000}}\n    outputs: [{{interface: {output}}}]\n"
+        );
+        Config::parse("k.yaml", &yaml).unwrap()
+    }
+
+    /// Each kind as input and as output in each XDP mode: refused exactly when it is not
+    /// Ethernet, or when it is an input without native XDP and the mode is native.
+    #[test]
+    fn every_kind_on_either_side_in_every_mode() {
+        // The kinds refused in any mode and on either side, and the inputs refused in native.
+        let not_ethernet = ["tun0", "lo", "gre1", "wg0"];
+        let generic_only = ["br0", "mv0", "vx0"];
+        let sys = system();
+        for (name, link) in kinds() {
+            for mode in ["auto", "native", "skb"] {
+                let as_input = config(mode, name, "plain0").validate("k.yaml", &sys);
+                let as_output = config(mode, "plain0", name).validate("k.yaml", &sys);
+                let kind = link.kind.as_deref().unwrap_or("none");
+                if not_ethernet.contains(&name) {
+                    for (side, got) in [("input", as_input), ("output", as_output)] {
+                        let got = got.expect_err(name).to_string();
+                        let want = format!(
+                            "k.yaml: rule 'k': {side} interface '{name}' is not an Ethernet \
+                             interface (link type {} ({}), kind {kind}):",
+                            link.link_type,
+                            crate::link_kind::link_type_name(link.link_type)
+                        );
+                        assert!(got.starts_with(&want), "{mode}: {got}\nwant {want}");
+                    }
+                } else if mode == "native" && generic_only.contains(&name) {
+                    assert_eq!(
+                        as_input.expect_err(name).to_string(),
+                        format!(
+                            "k.yaml: rule 'k': input interface '{name}' (kind {kind}) has no \
+                             native XDP (its driver does not run XDP programs), so xdp_mode: \
+                             native cannot attach there; use xdp_mode: auto (native where the \
+                             driver has it, skb mode elsewhere) or xdp_mode: skb"
+                        )
+                    );
+                    // An output needs no XDP program of its own: AF_XDP sends in copy mode.
+                    as_output.unwrap();
+                } else {
+                    as_input.unwrap_or_else(|e| panic!("{name} in {mode} as input: {e}"));
+                    as_output.unwrap_or_else(|e| panic!("{name} in {mode} as output: {e}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_refusal_says_what_to_use_instead() {
+        let sys = system();
+        assert_eq!(
+            config("auto", "tun0", "plain0")
+                .validate("k.yaml", &sys)
+                .unwrap_err()
+                .to_string(),
+            "k.yaml: rule 'k': input interface 'tun0' is not an Ethernet interface (link type \
+             65534 (none: an L3 device, its packets have no Ethernet header), kind tun): the XDP \
+             program and the rewrite read and write Ethernet frames; use a tap instead of a tun \
+             (ip tuntap add mode tap; the program or VM on it then reads and writes Ethernet \
+             frames)"
+        );
+        assert_eq!(
+            config("skb", "plain0", "lo")
+                .validate("k.yaml", &sys)
+                .unwrap_err()
+                .to_string(),
+            "k.yaml: rule 'k': output interface 'lo' is not an Ethernet interface (link type 772 \
+             (loopback), kind none): the XDP program and the rewrite read and write Ethernet \
+             frames; use a veth pair or a dummy interface instead of loopback"
+        );
+    }
+
+    /// A leg of a merged rule is an input like any other, and a running relay applying its
+    /// rules again (validate_running) refuses what a start refuses.
+    #[test]
+    fn merged_legs_and_running_rules_are_checked_too() {
+        let yaml = "xdp_mode: native\nrules:\n  - name: m\n    inputs:\n      - {interface: \
+                    veth0, group: 239.1.1.1, port: 5000}\n      - {interface: br0, group: \
+                    239.1.1.2, port: 5000}\n    merge: rtp\n    outputs: [{interface: plain0}]\n";
+        let c = Config::parse("k.yaml", yaml).unwrap();
+        let got = c.validate("k.yaml", &system()).unwrap_err().to_string();
+        assert!(
+            got.starts_with(
+                "k.yaml: rule 'm': inputs[1]: input interface 'br0' (kind bridge) has no native XDP"
+            ),
+            "{got}"
+        );
+        let got = config("auto", "plain0", "wg0")
+            .validate_running("k.yaml", &system())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            got.contains("output interface 'wg0' is not an Ethernet"),
+            "{got}"
+        );
+    }
+
+    /// Each interface's kind is asked once per validation, however many rules name it.
+    #[test]
+    fn each_interface_is_asked_its_kind_once() {
+        struct Counting(StaticSystem, std::cell::RefCell<Vec<String>>);
+        impl System for Counting {
+            fn interface(&self, name: &str) -> Option<InterfaceInfo> {
+                self.0.interface(name)
+            }
+            fn link(&self, name: &str) -> Option<LinkKind> {
+                self.1.borrow_mut().push(name.to_owned());
+                self.0.link(name)
+            }
+        }
+        let mut yaml = "rules:\n".to_owned();
+        for i in 1..=3 {
+            yaml += &format!(
+                "  - name: r{i}\n    input: {{interface: veth0, group: 239.1.1.{i}}}\n    \
+                 outputs: [{{interface: br0}}, {{interface: tap0}}]\n"
+            );
+        }
+        let sys = Counting(system(), Default::default());
+        Config::parse("k.yaml", &yaml)
+            .unwrap()
+            .validate("k.yaml", &sys)
+            .unwrap();
+        let mut asked = sys.1.take();
+        asked.sort();
+        assert_eq!(asked, ["br0", "tap0", "veth0"]);
+    }
+
+    /// An interface that does not exist has no kind: its rule waits for it, in any mode.
+    #[test]
+    fn an_absent_interface_is_not_refused_for_its_kind() {
+        let sys = system();
+        config("native", "gone0", "gone1")
+            .validate("k.yaml", &sys)
+            .unwrap();
     }
 }

@@ -16,6 +16,7 @@ pub mod craft;
 pub mod daemon;
 pub mod datapath;
 pub mod frag;
+pub mod link_kind;
 pub mod links;
 pub mod listeners;
 pub mod loader;

@@ -275,7 +275,7 @@ mod tests {
              \x20   input: {interface: in0, group: 239.1.1.2}\n\
              \x20   outputs: [{interface: out1}]\n\
              \x20 - name: feed\n\
-             \x20   inputs: [{interface: in0, group: 239.1.1.3}, {interface: out1, group: 239.1.1.4}]\n\
+             \x20   inputs: [{interface: in0, group: 239.1.1.3, port: 5000}, {interface: out1, group: 239.1.1.4, port: 5000}]\n\
              \x20   merge: rtp\n\
              \x20   outputs: [{interface: out0}]\n",
         )

@@ -10,7 +10,7 @@
 //! routers ask for, and writes the [`ListenSlot`]s the data path reads.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
     net::{IpAddr, Ipv4Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -29,10 +29,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::{QuerierConfig, System},
     listeners::{
-        router::{Family, Router, Timers},
+        router::{Event, Family, FilterMode, Router, Timers},
         wire::{self, Received, Refusal},
     },
-    ondemand::{ListenKey, ListenSlot},
+    ondemand::{Filter, ListenKey, ListenSlot},
 };
 
 /// The longest the thread sleeps: how soon it sees a new interface or a stop.
@@ -111,6 +111,8 @@ struct State {
     /// In the order `track` was given them, without duplicates.
     targets: Vec<(ListenKey, Arc<ListenSlot>)>,
     links: BTreeMap<u32, Link>,
+    /// (interface, group) whose forwarding may have changed since the slots were written.
+    changed: BTreeSet<(u32, IpAddr)>,
 }
 
 /// One interface the relay is querier on.
@@ -146,6 +148,7 @@ impl Querier {
                 timers: timers(config),
                 targets: Vec::new(),
                 links: BTreeMap::new(),
+                changed: BTreeSet::new(),
             }),
             stop: AtomicBool::new(false),
         });
@@ -245,7 +248,19 @@ impl Querier {
             }
             kept
         });
-        st.refresh_all();
+        // Each router keeps state only for the groups its interface's outputs send to.
+        for (ifindex, link) in st.links.iter_mut() {
+            for (router, v4) in [(link.v4.as_mut(), true), (link.v6.as_mut(), false)] {
+                let Some(r) = router else { continue };
+                let groups = wanted
+                    .iter()
+                    .filter(|k| k.ifindex == *ifindex && k.group.is_ipv4() == v4)
+                    .map(|k| k.group)
+                    .collect();
+                r.set_forwardable(Some(groups));
+            }
+        }
+        st.refresh_all(true);
         Ok(slots)
     }
 
@@ -268,10 +283,7 @@ impl Querier {
                     family: family.to_owned(),
                     querier: r.is_querier(),
                     address: r.address().to_string(),
-                    refused: l.refused[i]
-                        .iter()
-                        .map(|(k, v)| ((*k).to_owned(), *v))
-                        .collect(),
+                    refused: refusals(&l.refused[i], r),
                     accepted: l.accepted[i]
                         .iter()
                         .map(|(k, v)| ((*k).to_owned(), *v))
@@ -317,6 +329,48 @@ impl std::fmt::Debug for Querier {
     }
 }
 
+/// Writes what `router` says the hosts want into the slot of `key`; whether anyone listens.
+fn write_slot(router: &Router, key: &ListenKey, slot: &ListenSlot) -> bool {
+    match key.source {
+        // The frames carry one known source: the slot is on or off for it.
+        Some(_) => {
+            let on = router.forwards(key.group, key.source);
+            slot.set(on);
+            on
+        }
+        // Each frame is decided by its own source.
+        None => {
+            let filter = router.filter(key.group);
+            slot.set_filter(match &filter {
+                None => Filter::Off,
+                Some((FilterMode::Exclude, s)) if s.is_empty() => Filter::Any,
+                Some((FilterMode::Include, s)) => Filter::Include(s),
+                Some((FilterMode::Exclude, s)) => Filter::Exclude(s),
+            });
+            filter.is_some()
+        }
+    }
+}
+
+/// What `relay members` lists as refused for one router: the reports the parser refused, and
+/// those the router ignored (source-specific groups reported the old way or in EXCLUDE mode,
+/// groups no output sends to, groups and sources over its bounds); zero counts are left out.
+fn refusals(parsed: &BTreeMap<&'static str, u64>, r: &Router) -> BTreeMap<String, u64> {
+    let i = r.ignored();
+    let ignored = [
+        ("ssm_old_version", i.ssm_old_version),
+        ("ssm_exclude", i.ssm_exclude),
+        ("not_forwarded", i.not_forwarded),
+        ("over_limit", r.dropped_over_limit()),
+    ];
+    parsed
+        .iter()
+        .map(|(k, v)| (*k, *v))
+        .chain(ignored.into_iter().filter(|(_, v)| *v > 0))
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+}
+
 /// The address a router queries from: the interface's primary IPv4 address, or its IPv6
 /// link-local one (RFC 3810 §5.1.14 wants a link-local source); the unspecified address when
 /// it has none (yet). Hosts answer a query from 0.0.0.0 (the Linux bridge sends them so), and
@@ -335,15 +389,21 @@ fn own_address(addresses: &[IpAddr], v4: bool) -> IpAddr {
 }
 
 impl State {
-    /// Sends what the routers ask for and writes every slot from the routers' state.
-    fn refresh_all(&mut self) {
+    /// Sends what the routers ask for and writes the slots of the groups whose forwarding
+    /// changed (every slot when `all`) from the routers' state. Nothing here walks the
+    /// groups: a wake-up with nothing new costs a look at each router's queues.
+    fn refresh_all(&mut self, all: bool) {
         let ifindexes: Vec<u32> = self.links.keys().copied().collect();
         for ifindex in ifindexes {
             self.flush(ifindex);
         }
+        if all || !self.changed.is_empty() {
+            self.write_slots(all);
+        }
+        self.changed.clear();
     }
 
-    /// One link: its queries out, its events into its slots.
+    /// One link: its queries out, its events noted for [`State::write_slots`].
     fn flush(&mut self, ifindex: u32) {
         let Some(link) = self.links.get_mut(&ifindex) else {
             return;
@@ -369,25 +429,35 @@ impl State {
                     );
                 }
             }
-            // The slots are written from the state below, whatever changed.
-            while router.poll_event().is_some() {}
+            while let Some(Event::Changed { group }) = router.poll_event() {
+                self.changed.insert((ifindex, group));
+            }
         }
-        let now = self.epoch.elapsed();
-        // Counted once per router, not per slot: every slot of the family shows it.
-        let count = |r: &Option<Router>| r.as_ref().map_or(0, |r| r.groups(now).len() as u32);
-        let (groups4, groups6) = (count(&link.v4), count(&link.v6));
-        for (key, slot) in self.targets.iter().filter(|(k, _)| k.ifindex == ifindex) {
-            let Some(router) = link.router(key.group) else {
+    }
+
+    /// The slots of the changed groups (every slot when `all`), from their routers; every
+    /// slot's count of groups (a group that came or went changed it for all).
+    fn write_slots(&mut self, all: bool) {
+        for (key, slot) in &self.targets {
+            let Some(link) = self.links.get(&key.ifindex) else {
                 slot.set(false);
                 continue;
             };
-            let on = router.forwards(key.group, key.source);
-            slot.set_groups(if key.group.is_ipv4() {
-                groups4
-            } else {
-                groups6
-            });
-            if on != slot.on() {
+            let router = match key.group {
+                IpAddr::V4(_) => link.v4.as_ref(),
+                IpAddr::V6(_) => link.v6.as_ref(),
+            };
+            let Some(router) = router else {
+                slot.set(false);
+                continue;
+            };
+            slot.set_groups(router.group_count() as u32);
+            if !all && !self.changed.contains(&(key.ifindex, key.group)) {
+                continue;
+            }
+            let was = slot.on();
+            let on = write_slot(router, key, slot);
+            if on != was {
                 info!(
                     "{}: {} {} listeners for {}{}",
                     link.name,
@@ -397,7 +467,6 @@ impl State {
                     key.source.map_or(String::new(), |s| format!(" from {s}"))
                 );
             }
-            slot.set(on);
         }
     }
 }
@@ -456,7 +525,7 @@ fn run(shared: &Shared) {
                 r.handle_timeout(now);
             }
         }
-        st.refresh_all();
+        st.refresh_all(false);
     }
 }
 
@@ -737,6 +806,82 @@ fn membership_filter() -> Vec<libc::sock_filter> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::listeners::wire::{Message, Record, RecordType};
+
+    fn a(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// An any-source output's slot follows the frame's source: INCLUDE of another source
+    /// holds the rule's back, EXCLUDE of a source holds that one back and lets the others
+    /// through, and a known-source output's slot is on or off for its source alone.
+    #[test]
+    fn slots_decide_by_the_frames_source() {
+        for (own, g, s1, s2, host) in [
+            (
+                "198.18.2.1",
+                "239.1.1.1",
+                "198.18.1.1",
+                "198.18.1.5",
+                "198.18.2.2",
+            ),
+            (
+                "fe80::1",
+                "ff1e::1:1",
+                "2001:2:0:1::1",
+                "2001:2:0:1::5",
+                "fe80::2",
+            ),
+        ] {
+            let family = if a(g).is_ipv4() {
+                Family::V4
+            } else {
+                Family::V6
+            };
+            let now = Duration::from_secs(1);
+            let mut r = Router::new(family, a(own), Timers::default(), now);
+            let any = ListenKey {
+                ifindex: 1,
+                group: a(g),
+                source: None,
+            };
+            let from_s1 = ListenKey {
+                source: Some(a(s1)),
+                ..any
+            };
+            let (slot, slot1) = (ListenSlot::new(), ListenSlot::new());
+            let mut report = |kind, sources: &[&str]| {
+                let records = vec![Record {
+                    kind,
+                    group: a(g),
+                    sources: sources.iter().map(|s| a(s)).collect(),
+                }];
+                r.receive(a(host), &Message::Report { records }, now);
+                (
+                    write_slot(&r, &any, &slot),
+                    write_slot(&r, &from_s1, &slot1),
+                )
+            };
+            assert_eq!(report(RecordType::IsIn, &[s2]), (true, false), "{g}");
+            assert!(
+                !slot.wants(a(s1)) && slot.wants(a(s2)),
+                "{g}: INCLUDE({s2})"
+            );
+            assert!(!slot1.wants(a(s1)) && !slot1.wants(a(s2)));
+            assert_eq!(report(RecordType::IsEx, &[s1]), (true, false), "{g}");
+            assert!(
+                !slot.wants(a(s1)) && slot.wants(a(s2)),
+                "{g}: EXCLUDE({s1})"
+            );
+            assert_eq!(report(RecordType::IsEx, &[]), (true, true), "{g}");
+            assert!(slot.wants(a(s1)) && slot.wants(a(s2)), "{g}: EXCLUDE({{}})");
+            assert!(
+                slot1.wants(a(s1)) && slot1.wants(a(s2)),
+                "{g}: on for its source"
+            );
+        }
+    }
 
     #[test]
     fn own_address_is_the_primary_ipv4_or_the_link_local_ipv6() {

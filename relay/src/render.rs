@@ -229,9 +229,13 @@ impl StatsView {
                         ),
                     ]);
                 }
+                let counted: Vec<String> =
+                    m.fields().iter().map(|(n, v)| format!("{n}={v}")).collect();
                 t.line(format!(
-                    "     merge ({}, window {} ms): relayed={} lost={} malformed={}",
-                    m.numbering, m.window_ms, m.relayed, m.lost, m.malformed
+                    "     merge ({}, window {} ms): {}",
+                    m.numbering,
+                    m.window_ms,
+                    counted.join(" ")
                 ));
             }
             for g in r.groups.iter().flatten() {

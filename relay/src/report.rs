@@ -61,11 +61,14 @@ pub fn render(
         if rule.merge.is_some() {
             let _ = writeln!(
                 s,
-                "rule={} merge relayed={} lost={} malformed={}",
+                "rule={} merge relayed={} lost={} malformed={} rtcp={} new_streams={} stale={}",
                 value(&rule.name),
                 rc.merge.relayed(),
                 rc.merge.lost(),
-                rc.merge.malformed
+                rc.merge.malformed,
+                rc.merge.rtcp,
+                rc.merge.new_streams,
+                rc.merge.stale
             );
             for (i, leg) in rule.inputs().enumerate() {
                 let c = rc.merge.legs.get(i).copied().unwrap_or_default();

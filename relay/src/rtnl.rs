@@ -1,13 +1,17 @@
 //! Asking the kernel's routing netlink (rtnetlink) one thing and waiting for its answer, and
 //! reading the messages of a datagram: shared by the neighbour tracker and the allmulticast
-//! switch, which each keep a socket of their own.
+//! switch, which each keep a socket of their own, and (for generic netlink's messages) by
+//! the interface kind checks.
 
 use std::{
     io,
     time::{Duration, Instant},
 };
 
-use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NetlinkSerializable,
+};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{Socket, SocketAddr};
 
@@ -22,15 +26,19 @@ pub fn transient(e: &io::Error) -> bool {
 /// Sends `msg` (request number `seq` + 1, which `seq` becomes) on `socket` and waits up to
 /// `timeout` for its answer: the message, `None` for a bare acknowledgement, or the kernel's
 /// error. `buf` is the receive buffer. The socket needs a receive timeout, so a lost answer
-/// cannot hold the caller past `timeout`.
-pub fn request(
+/// cannot hold the caller past `timeout`. `M` is the protocol's message: rtnetlink's, or a
+/// generic netlink family's.
+pub fn request<M>(
     socket: &Socket,
     seq: &mut u32,
     buf: &mut Vec<u8>,
-    msg: RouteNetlinkMessage,
+    msg: M,
     flags: u16,
     timeout: Duration,
-) -> io::Result<Option<RouteNetlinkMessage>> {
+) -> io::Result<Option<M>>
+where
+    M: NetlinkSerializable + NetlinkDeserializable,
+{
     *seq = seq.wrapping_add(1);
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | flags;
@@ -49,7 +57,7 @@ pub fn request(
             Err(e) => return Err(e),
         }
         // Answers to earlier requests that timed out are skipped by their sequence number.
-        for m in messages(buf) {
+        for m in messages_of::<M>(buf) {
             if m.header.sequence_number != *seq {
                 continue;
             }
@@ -69,6 +77,11 @@ pub fn request(
 /// The rtnetlink messages in one datagram; one that does not parse is skipped (its length
 /// field still says where the next one starts).
 pub fn messages(buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
+    messages_of(buf)
+}
+
+/// As [`messages`], for any netlink protocol's messages `M`.
+pub fn messages_of<M: NetlinkDeserializable>(buf: &[u8]) -> Vec<NetlinkMessage<M>> {
     let mut out = Vec::new();
     let mut off = 0;
     while off + 16 <= buf.len() {
@@ -76,7 +89,7 @@ pub fn messages(buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
         if len < 16 || off + len > buf.len() {
             break;
         }
-        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..off + len]) {
+        match NetlinkMessage::<M>::deserialize(&buf[off..off + len]) {
             Ok(m) => out.push(m),
             Err(e) => log::debug!("skipping an rtnetlink message that did not parse: {e}"),
         }

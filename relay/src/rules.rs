@@ -1044,7 +1044,7 @@ mod tests {
     fn reloads_keep_merge_state_of_rules_that_stay() {
         let yaml = |window: u32| {
             format!(
-                "rules:\n  - name: feed\n    inputs: [{{interface: in0, group: 239.1.1.1}}, {{interface: out1, group: 239.101.1.1}}]\n    merge: rtp\n    window_ms: {window}\n    outputs: [{{interface: out0}}]\n"
+                "rules:\n  - name: feed\n    inputs: [{{interface: in0, group: 239.1.1.1, port: 5000}}, {{interface: out1, group: 239.101.1.1, port: 5000}}]\n    merge: rtp\n    window_ms: {window}\n    outputs: [{{interface: out0}}]\n"
             )
         };
         let table = |window| compiled(&yaml(window));

@@ -144,6 +144,15 @@ pub struct MergeView {
     pub lost: u64,
     /// Packets without a sequence number the merge could read: dropped.
     pub malformed: u64,
+    /// RTCP on an RTP merge: dropped (no part of the merged stream).
+    #[serde(default)]
+    pub rtcp: u64,
+    /// Times a leg's new SSRC started the merge over.
+    #[serde(default)]
+    pub new_streams: u64,
+    /// Packets of a leg still on the SSRC the merge left: dropped.
+    #[serde(default)]
+    pub stale: u64,
     pub legs: Vec<LegView>,
 }
 
@@ -173,11 +182,14 @@ impl LegView {
 }
 
 impl MergeView {
-    pub fn fields(&self) -> [(&'static str, u64); 3] {
+    pub fn fields(&self) -> [(&'static str, u64); 6] {
         [
             ("relayed", self.relayed),
             ("lost", self.lost),
             ("malformed", self.malformed),
+            ("rtcp", self.rtcp),
+            ("new_streams", self.new_streams),
+            ("stale", self.stale),
         ]
     }
 }
@@ -300,6 +312,9 @@ impl StatsView {
                         relayed: rc.merge.relayed(),
                         lost: rc.merge.lost(),
                         malformed: rc.merge.malformed,
+                        rtcp: rc.merge.rtcp,
+                        new_streams: rc.merge.new_streams,
+                        stale: rc.merge.stale,
                         legs: r
                             .inputs()
                             .enumerate()
@@ -452,7 +467,7 @@ impl StatsView {
             family(
                 "relay_merge_packets_total",
                 "counter",
-                "A merged rule's packets: relayed (the first of each sequence number), lost (sequence numbers no leg carried), malformed (no sequence number to read: dropped).",
+                "A merged rule's packets: relayed (the first of each sequence number), lost (sequence numbers no leg carried), malformed (no sequence number to read: dropped), rtcp (RTCP on an RTP merge: dropped), new_streams (a leg's new SSRC started the merge over), stale (packets of a leg still on the SSRC the merge left: dropped).",
                 merged
                     .iter()
                     .flat_map(|r| {
@@ -746,6 +761,9 @@ mod tests {
         m.holes_opened = 3;
         m.holes_filled = 1;
         m.malformed = 2;
+        m.rtcp = 7;
+        m.new_streams = 1;
+        m.stale = 3;
         let pool = PoolStats {
             capacity: 64,
             free: 60,
@@ -758,6 +776,9 @@ mod tests {
             (mv.relayed, mv.lost, mv.malformed, mv.window_ms),
             (100, 2, 2, 250)
         );
+        assert_eq!((mv.rtcp, mv.new_streams, mv.stale), (7, 1, 3));
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["rules"][0]["merge"]["rtcp"], 7);
         assert_eq!(mv.numbering, "counter of 8 bytes at offset 4");
         assert_eq!(mv.legs[1].input.interface, "out1");
         assert_eq!(mv.legs[1].input.group, "239.101.1.1");
@@ -766,7 +787,10 @@ mod tests {
         let table = v.render_table();
         assert!(table.contains("leg 1"), "{table}");
         assert!(table.contains("first=40 duplicate=55 gaps=5"), "{table}");
-        assert!(table.contains("relayed=100 lost=2 malformed=2"), "{table}");
+        assert!(
+            table.contains("relayed=100 lost=2 malformed=2 rtcp=7 new_streams=1 stale=3"),
+            "{table}"
+        );
         let rules = v.render_rules();
         assert!(rules.contains("out1 239.101.1.1:5000"), "{rules}");
         let p = v.render_prometheus();
@@ -774,6 +798,14 @@ mod tests {
             p.contains("relay_merge_packets_total{rule=\"feed\",counter=\"lost\"} 2\n"),
             "{p}"
         );
+        for (counter, n) in [("rtcp", 7), ("new_streams", 1), ("stale", 3)] {
+            assert!(
+                p.contains(&format!(
+                    "relay_merge_packets_total{{rule=\"feed\",counter=\"{counter}\"}} {n}\n"
+                )),
+                "{p}"
+            );
+        }
         assert!(
             p.contains("relay_merge_leg_packets_total{rule=\"feed\",leg=\"1\",interface=\"out1\",group=\"239.101.1.1\",counter=\"gaps\"} 5\n"),
             "{p}"

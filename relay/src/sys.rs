@@ -1,25 +1,31 @@
-//! Facts about this machine's interfaces, read from sysfs.
+//! Facts about this machine's interfaces, read from sysfs (and, for their kind, netlink).
 
 use std::{fs, path::PathBuf};
 
-use crate::config::{InterfaceInfo, System};
+use crate::config::{InterfaceInfo, LinkKind, System};
 
 /// The system the relay runs on.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LiveSystem;
 
+/// The interface's directory in sysfs, if `name` can be an interface's name: at most 15
+/// bytes and never a path.
+fn sysfs_dir(name: &str) -> Option<PathBuf> {
+    if name.is_empty() || name.len() > 15 || name.contains('/') || name == "." || name == ".." {
+        return None;
+    }
+    Some(PathBuf::from("/sys/class/net").join(name))
+}
+
+/// A number sysfs holds for the interface in `dir` (`ifindex`, `type`, `mtu`).
+fn sysfs_number<T: std::str::FromStr>(dir: &std::path::Path, file: &str) -> Option<T> {
+    fs::read_to_string(dir.join(file)).ok()?.trim().parse().ok()
+}
+
 impl System for LiveSystem {
     fn interface(&self, name: &str) -> Option<InterfaceInfo> {
-        // An interface name is at most 15 bytes and never a path.
-        if name.is_empty() || name.len() > 15 || name.contains('/') || name == "." || name == ".." {
-            return None;
-        }
-        let dir = PathBuf::from("/sys/class/net").join(name);
-        let ifindex = fs::read_to_string(dir.join("ifindex"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
+        let dir = sysfs_dir(name)?;
+        let ifindex = sysfs_number(&dir, "ifindex")?;
         let mac = parse_mac(fs::read_to_string(dir.join("address")).ok()?.trim())?;
         let rx_queues = fs::read_dir(dir.join("queues"))
             .map(|d| {
@@ -29,16 +35,35 @@ impl System for LiveSystem {
             })
             .unwrap_or(1)
             .max(1);
-        let mtu = fs::read_to_string(dir.join("mtu"))
-            .ok()
-            .and_then(|m| m.trim().parse().ok())
-            .unwrap_or(1500);
+        let mtu = sysfs_number(&dir, "mtu").unwrap_or(1500);
         Some(InterfaceInfo {
             ifindex,
             mac,
             rx_queues,
             mtu,
             vlan_hint: true,
+        })
+    }
+
+    /// Read even for a device [`LiveSystem::interface`] cannot use (a tun in L3 mode has no
+    /// MAC address), so that the checks can say why.
+    fn link(&self, name: &str) -> Option<LinkKind> {
+        let dir = sysfs_dir(name)?;
+        let ifindex = sysfs_number(&dir, "ifindex")?;
+        let link_type = sysfs_number(&dir, "type")?;
+        // A physical NIC has no rtnetlink kind: its driver says what it is.
+        let driver = || {
+            fs::read_link(dir.join("device/driver"))
+                .ok()
+                .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+        };
+        let kind = crate::link_kind::kind(ifindex).or_else(driver);
+        let features = crate::link_kind::xdp_features(ifindex);
+        log::debug!("{name}: link type {link_type}, kind {kind:?}, xdp-features {features:?}");
+        Some(LinkKind {
+            link_type,
+            kind,
+            native_xdp: features.map(|f| f & crate::link_kind::NETDEV_XDP_ACT_BASIC != 0),
         })
     }
 

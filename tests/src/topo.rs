@@ -178,7 +178,8 @@ fn sender_link(sender: &Netns, relay: &Netns, queues: u32) -> Result<()> {
     Ok(())
 }
 
-fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+/// A veth pair, `a_if` in `a` and `b_if` in `b`, both up.
+pub fn link(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     link_queues(a, a_if, b, b_if, 1)
 }
 

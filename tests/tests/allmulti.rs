@@ -353,7 +353,7 @@ fn after_sigkill_the_next_start_cleans_up() {
 }
 
 /// A reload that turns allmulticast on for a new range and then fails (the driver refuses
-/// native XDP on `lo`) turns it off again; the running range keeps it on, though the refused
+/// native XDP on a veth behind a jumbo MTU) turns it off again; the running range keeps it on, though the refused
 /// file had dropped it.
 #[test]
 fn a_reload_that_fails_half_way_leaves_allmulticast_as_it_was() {
@@ -361,19 +361,20 @@ fn a_reload_that_fails_half_way_leaves_allmulticast_as_it_was() {
     let _serial = serial();
     let topo = Topology::new(1).unwrap();
     topo.add_ingress("rin2", "snd1", 100).unwrap();
+    common::ingress_refusing_native_xdp(&topo, "rin4", "snd3", 102);
     let relay = RelayProc::start(&relay_bin(), &topo.relay, RANGE, &[]).unwrap();
     let rin = ifindex(&topo, "rin");
     assert!(allmulti(&topo, "rin"));
     assert!(!allmulti(&topo, "rin2"));
     let rule_rin2 = "  - name: r2\n    input: { interface: rin2, group: 239.20.0.0/16, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
-    let rule_lo = "  - name: l\n    input: { interface: lo, group: 239.4.4.4, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
+    let rule_jumbo = "  - name: l\n    input: { interface: rin4, group: 239.4.4.4, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
     let (ok, said) = reload(
         &relay,
-        &format!("xdp_mode: native\n{EXACT}{rule_rin2}{rule_lo}"),
+        &format!("xdp_mode: native\n{EXACT}{rule_rin2}{rule_jumbo}"),
     );
     assert!(!ok, "{said}");
     assert!(
-        said.contains("attaching XDP to lo in native mode"),
+        said.contains("attaching XDP to rin4 in native mode"),
         "{said}"
     );
     let said = log(&relay);
@@ -385,11 +386,11 @@ fn a_reload_that_fails_half_way_leaves_allmulticast_as_it_was() {
     assert!(allmulti(&topo, "rin"), "the running range keeps rin's on");
     assert!(!allmulti(&topo, "rin2"), "rin2's is off again");
     assert_eq!(state(&relay.control), Some(vec![format!("rin {rin}")]));
-    let lo = topo
+    let rin4 = topo
         .relay
-        .exec(&["ip", "-d", "link", "show", "lo"])
+        .exec(&["ip", "-d", "link", "show", "rin4"])
         .unwrap();
-    assert!(!lo.contains("xdp"), "no XDP left on lo: {lo}");
+    assert!(!rin4.contains("xdp"), "no XDP left on rin4: {rin4}");
     stop_clean(relay, &topo);
     assert!(!allmulti(&topo, "rin"));
     assert!(!allmulti(&topo, "rin2"));

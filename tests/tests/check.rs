@@ -15,11 +15,12 @@ use std::{
 use relay_tests::{
     netns::{require_root, unique_name},
     relay_proc::{RelayProc, relay_bin},
-    topo::Topology,
+    topo::{SENDER_ADDR, Topology},
+    traffic::{Flow, Limits, join, listen, send},
 };
 
 mod common;
-use common::start_refused;
+use common::{G1, client, ip, seqs, serial, start_refused, stats_until, stop_clean};
 
 const RULES: &str = "\
 rules:
@@ -93,6 +94,30 @@ fn check_refused(topo: &Topology, file: &Path, wrapper: &[&str], why: &str) -> S
     let errors: Vec<&str> = stderr.lines().filter(|l| l.contains(" ERROR ")).collect();
     assert_eq!(errors.len(), 1, "one error line for {why}:\n{stderr}");
     errors[0].to_owned()
+}
+
+/// `yaml` is refused by `--check` and by the start with the one error line `want` (after the
+/// file's name, which the start's copy of the file does not share).
+fn refused_alike(topo: &Topology, files: &Scratch, yaml: &str, want: &str) {
+    let file = files.config(&format!("{}.yaml", unique_name("refused")), yaml);
+    let line = check_refused(topo, &file, &[], want);
+    assert!(
+        line.ends_with(&format!("{}: {want}", file.display())),
+        "{line}"
+    );
+    let line = start_refused(topo, yaml, want);
+    assert!(line.ends_with(want), "{line}");
+}
+
+/// `relay --check` passes `file`, for `what`.
+fn check_passes(topo: &Topology, file: &Path, what: &str) {
+    let out = check(topo, file, &[]);
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The README's `cpus: [2, 3]` on a two-CPU machine: any CPU this process may not run on
@@ -487,4 +512,128 @@ fn check_refuses_a_source_the_interface_cannot_send_from() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `xdp_mode: native` with an input on a bridge, a macvlan or a vxlan (whose drivers run no
+/// XDP of their own, as the kernel's xdp-features say): `--check` refuses it with the reason,
+/// naming the file, the rule, the interface, its kind and the key, and the start says the
+/// same (it used to pass `--check` and fail at the attach). With `xdp_mode: auto` each passes,
+/// and so do the kinds with native XDP (veth, tap) with `xdp_mode: native`.
+#[test]
+fn check_refuses_native_xdp_on_kinds_without_it() {
+    require_root();
+    let topo = Topology::new(1).unwrap();
+    let files = Scratch::new();
+    for cmd in [
+        "link add br0 type bridge",
+        "link add mv0 link rin type macvlan mode bridge",
+        "link add vx0 type vxlan id 42 dstport 4789 dev rin",
+        "tuntap add dev tap0 mode tap",
+    ] {
+        ip(&topo.relay, cmd);
+    }
+    let rule = |mode: &str, input: &str| {
+        format!(
+            "xdp_mode: {mode}\nrules:\n  - name: k\n    input: {{ interface: {input}, group: \
+             239.1.1.1, port: 5000 }}\n    outputs: [{{ interface: rout0 }}]\n"
+        )
+    };
+    for (input, kind) in [("br0", "bridge"), ("mv0", "macvlan"), ("vx0", "vxlan")] {
+        ip(&topo.relay, &format!("link set {input} up"));
+        let want = format!(
+            "rule 'k': input interface '{input}' (kind {kind}) has no native XDP (its driver \
+             does not run XDP programs), so xdp_mode: native cannot attach there; use \
+             xdp_mode: auto (native where the driver has it, skb mode elsewhere) or xdp_mode: skb"
+        );
+        refused_alike(&topo, &files, &rule("native", input), &want);
+        let auto = files.config(&format!("{input}-auto.yaml"), &rule("auto", input));
+        check_passes(&topo, &auto, &format!("{kind} with xdp_mode: auto"));
+    }
+    for input in ["rin", "tap0"] {
+        let file = files.config(&format!("{input}.yaml"), &rule("native", input));
+        check_passes(&topo, &file, &format!("{input} with xdp_mode: native"));
+    }
+    assert!(!topo.relay_has_xdp().unwrap());
+}
+
+/// A tun in L3 mode and loopback carry no Ethernet header: as input or as output each is
+/// refused by `--check` and by the start, naming the interface, its link type and kind and
+/// what to use instead (a tun was taken for an interface that does not exist yet and its rule
+/// idled; loopback was taken as it is). A reload to such a file, or to `xdp_mode: native` on
+/// a bridge, is refused the same way and the running rules keep relaying.
+#[test]
+fn l3_and_loopback_interfaces_are_refused_at_check_start_and_reload() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let files = Scratch::new();
+    for cmd in [
+        "tuntap add dev tun0 mode tun",
+        "link set tun0 up",
+        "link add br0 type bridge",
+    ] {
+        ip(&topo.relay, cmd);
+    }
+    let tun = "is not an Ethernet interface (link type 65534 (none: an L3 device, its packets \
+               have no Ethernet header), kind tun): the XDP program and the rewrite read and \
+               write Ethernet frames; use a tap instead of a tun (ip tuntap add mode tap; the \
+               program or VM on it then reads and writes Ethernet frames)";
+    let lo = "is not an Ethernet interface (link type 772 (loopback), kind none): the XDP \
+              program and the rewrite read and write Ethernet frames; use a veth pair or a \
+              dummy interface instead of loopback";
+    let rule = |input: &str, output: &str| {
+        format!(
+            "  - name: k\n    input: {{ interface: {input}, group: 239.1.1.2, port: 5000 }}\n    \
+             outputs: [{{ interface: {output} }}]\n"
+        )
+    };
+    let cases = [
+        (
+            "rules:\n".to_owned() + &rule("tun0", "rout0"),
+            format!("rule 'k': input interface 'tun0' {tun}"),
+        ),
+        (
+            "rules:\n".to_owned() + &rule("rin", "tun0"),
+            format!("rule 'k': output interface 'tun0' {tun}"),
+        ),
+        (
+            "rules:\n".to_owned() + &rule("lo", "rout0"),
+            format!("rule 'k': input interface 'lo' {lo}"),
+        ),
+        (
+            "rules:\n".to_owned() + &rule("rin", "lo"),
+            format!("rule 'k': output interface 'lo' {lo}"),
+        ),
+    ];
+    for (yaml, want) in &cases {
+        refused_alike(&topo, &files, yaml, want);
+    }
+
+    // A running relay on rin, asked to reload to each refused file.
+    let running = "rules:\n  - name: a\n    input: { interface: rin, group: 239.1.1.1, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, running, &[]).unwrap();
+    let control = format!("control: {}\n", relay.control.display());
+    let native_bridge = (
+        format!("xdp_mode: native\n{running}{}", rule("br0", "rout0")),
+        "rule 'k': input interface 'br0' (kind bridge) has no native XDP".to_owned(),
+    );
+    for (yaml, want) in cases
+        .iter()
+        .map(|(y, w)| (format!("{running}{}", &y["rules:\n".len()..]), w.clone()))
+        .chain([native_bridge])
+    {
+        std::fs::write(&relay.config, format!("{control}{yaml}")).unwrap();
+        let (ok, said) = client(&relay.control, &["reload"]);
+        assert!(!ok, "the reload passed despite: {want}\n{said}");
+        assert!(said.contains(&want), "{said}");
+        let v = stats_until(&relay.control, |_| true);
+        let names: Vec<&str> = v.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a"], "the running rules stay");
+        let r0 = &topo.receivers[0];
+        let rx = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(50)).unwrap();
+        join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, 50))).unwrap();
+        let got = join(rx).unwrap();
+        assert_eq!(seqs(&got).len(), 50, "rule a relays after: {want}");
+    }
+    stop_clean(relay, &topo);
 }

@@ -240,7 +240,7 @@ fn recreated_under_a_running_flow_with_mutex_pool() {
 
 /// A reload that fails half way — a socket the kernel refuses (EBUSY: another relay holds
 /// the queue) after another was opened, or an XDP attach the driver refuses (native mode on
-/// `lo`) after sockets, XSKMAP entries and joins — leaves the running relay exactly as it
+/// a veth behind a jumbo MTU) after sockets, XSKMAP entries and joins — leaves the running relay exactly as it
 /// was, and the next reload finds nothing stale.
 #[test]
 fn a_reload_that_fails_half_way_changes_nothing() {
@@ -252,6 +252,7 @@ fn a_reload_that_fails_half_way_changes_nothing() {
     let topo = Topology::new(2).unwrap();
     let from2 = topo.add_ingress("rin2", "snd1", 100).unwrap();
     let from3 = topo.add_ingress("rin3", "snd2", 101).unwrap();
+    common::ingress_refusing_native_xdp(&topo, "rin4", "snd3", 102);
     // Another relay holds rin2's queue.
     let other = RelayProc::start(
         &relay_bin(),
@@ -264,7 +265,7 @@ fn a_reload_that_fails_half_way_changes_nothing() {
     let base = std::fs::read_to_string(&relay.config).unwrap();
     let rule_x = "  - name: x\n    input: { interface: rin3, group: 239.3.3.3, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
     let rule_y = "  - name: y\n    input: { interface: rin2, group: 239.3.3.3, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
-    let rule_lo = "  - name: l\n    input: { interface: lo, group: 239.4.4.4, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
+    let rule_jumbo = "  - name: l\n    input: { interface: rin4, group: 239.4.4.4, port: 5000 }\n    outputs: [{ interface: rout0 }]\n";
     let reload = |yaml: &str| {
         std::fs::write(&relay.config, yaml).unwrap();
         common::client(&relay.control, &["reload"])
@@ -301,19 +302,19 @@ fn a_reload_that_fails_half_way_changes_nothing() {
     relays(G1, SENDER_ADDR, "after the refused reload");
 
     // Sockets, XSKMAP entries and joins done, then the attach is refused: all undone.
-    let (ok, said) = reload(&format!("xdp_mode: native\n{base}{rule_x}{rule_lo}"));
+    let (ok, said) = reload(&format!("xdp_mode: native\n{base}{rule_x}{rule_jumbo}"));
     assert!(!ok, "{said}");
     assert!(
-        said.contains("attaching XDP to lo in native mode"),
+        said.contains("attaching XDP to rin4 in native mode"),
         "{said}"
     );
     assert_eq!(rules_now(), ["a"], "the running rules stay");
     relays(G1, SENDER_ADDR, "after the refused attach");
-    let lo = topo
+    let rin4 = topo
         .relay
-        .exec(&["ip", "-d", "link", "show", "lo"])
+        .exec(&["ip", "-d", "link", "show", "rin4"])
         .unwrap();
-    assert!(!lo.contains("xdp"), "no XDP left on lo: {lo}");
+    assert!(!rin4.contains("xdp"), "no XDP left on rin4: {rin4}");
     let rin3 = topo
         .relay
         .exec(&["ip", "-d", "link", "show", "rin3"])

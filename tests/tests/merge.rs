@@ -5,11 +5,12 @@
 //!
 //! Each datagram is an RTP packet (version 2, its sequence number), then an 8-byte counter
 //! (for `merge: {offset: 12, bytes: 8}`), then the harness's own payload of a packet id, so a
-//! packet's bytes are the same on both legs and checkable at the receiver.
+//! packet's bytes are the same on both legs and checkable at the receiver. A packet may be an
+//! RTCP report instead, as a sender's RTCP reaches a leg that shares its port.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     time::Duration,
 };
@@ -31,21 +32,41 @@ const PORT: u16 = 5000;
 /// Bytes of the harness payload after the RTP header and the counter.
 const BODY: usize = 40;
 
-/// One datagram to send: on which leg, its RTP sequence number, its payload counter, and
-/// the packet id its bytes are made from.
+/// The SSRC of the packets the tests send, unless a test changes it.
+const SSRC: u32 = 0x5eed_cafe;
+
+/// One datagram to send: on which leg, its RTP sequence number and SSRC, its payload
+/// counter, and the packet id its bytes are made from; or, with `rtcp`, an RTCP report of
+/// that packet type from the SSRC.
 #[derive(Debug, Clone, Copy)]
 struct Packet {
     leg: usize,
     rtp: u16,
+    ssrc: u32,
     counter: u64,
     id: u64,
+    rtcp: Option<u8>,
 }
 
 fn datagram(p: &Packet, rtp_version: u8) -> Vec<u8> {
+    if let Some(pt) = p.rtcp {
+        // Its length field (in 32-bit words, less one) where RTP has the sequence number:
+        // an SR without report blocks is 6, an RR or a BYE alone 1.
+        let words: u16 = match pt {
+            200 => 6,
+            201 | 203 => 1,
+            _ => 2,
+        };
+        let mut d = vec![0x80, pt];
+        d.extend_from_slice(&words.to_be_bytes());
+        d.extend_from_slice(&p.ssrc.to_be_bytes());
+        d.resize(4 * (usize::from(words) + 1), 0);
+        return d;
+    }
     let mut d = vec![rtp_version << 6, 96];
     d.extend_from_slice(&p.rtp.to_be_bytes());
     d.extend_from_slice(&(p.id as u32).to_be_bytes());
-    d.extend_from_slice(&0x5eed_cafe_u32.to_be_bytes());
+    d.extend_from_slice(&p.ssrc.to_be_bytes());
     d.extend_from_slice(&p.counter.to_be_bytes());
     d.extend_from_slice(&payload(p.id, BODY));
     d
@@ -95,12 +116,20 @@ fn send(ns: &Netns, leg1_source: Ipv4Addr, packets: Vec<Packet>, rtp_version: u8
 
 fn yaml(merge: &str, workers: usize) -> String {
     format!(
-        "workers: {workers}
-rules:
+        "workers: {workers}\n{}",
+        rules([GROUP_A.into(), GROUP_B.into()], merge)
+    )
+}
+
+/// The merged rule `feed` of legs `groups` (on rin and rin2), out of rout0.
+fn rules(groups: [IpAddr; 2], merge: &str) -> String {
+    let [a, b] = groups;
+    format!(
+        "rules:
   - name: feed
     inputs:
-      - {{ interface: rin, group: {GROUP_A}, port: {PORT} }}
-      - {{ interface: rin2, group: {GROUP_B}, port: {PORT} }}
+      - {{ interface: rin, group: '{a}', port: {PORT} }}
+      - {{ interface: rin2, group: '{b}', port: {PORT} }}
     merge: {merge}
     outputs: [{{ interface: rout0 }}]
 "
@@ -174,8 +203,10 @@ fn both_legs(
         (0..2).map(move |leg| Packet {
             leg,
             rtp: rtp0.wrapping_add((id - first) as u16),
+            ssrc: SSRC,
             counter: counter0 + (id - first),
             id,
+            rtcp: None,
         })
     })
     .filter(|p| !lost(p.leg, p.id))
@@ -200,6 +231,17 @@ fn ids_once(got: &[Vec<u8>]) -> BTreeSet<u64> {
     let twice: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "relayed more than once: {twice:?}");
     count.into_keys().collect()
+}
+
+/// The receiver got every id of `want` (each once: see [`ids_once`]), and no other.
+fn all_of(got: &BTreeSet<u64>, want: &BTreeSet<u64>, allocator: &str) {
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{allocator}: missing {:?}",
+        want.difference(got).take(20).collect::<Vec<_>>()
+    );
+    assert_eq!(got, want, "{allocator}: every packet either leg carried");
 }
 
 fn check_counters(m: &MergeView, want: &Expected) {
@@ -416,6 +458,13 @@ fn completes(p: &Packet) -> bool {
     relay::checksum::udp_ipv6(source, group, &udp) != partial
 }
 
+/// The second link of an IPv6 merge (`snd1` -- `rin2`) with its addresses.
+fn legs6(topo: &Topology) {
+    topo.add_ingress("rin2", "snd1", 100).unwrap();
+    addr6(&topo.sender, "snd1", LEG1_SENDER6).unwrap();
+    addr6(&topo.relay, "rin2", LEG1_RELAY6).unwrap();
+}
+
 /// As [`send`] over IPv6 (leg 0 from `SENDER_ADDR6` to `GROUP_A6`, leg 1 from
 /// `LEG1_SENDER6` to `GROUP_B6`), in the background: the caller reloads meanwhile.
 fn send6(ns: &Netns, packets: Vec<Packet>) -> std::thread::JoinHandle<anyhow::Result<()>> {
@@ -463,23 +512,12 @@ fn ipv6_legs_offload_on_through_reloads(allocator: &str) {
     require_root();
     let _serial = serial();
     let topo = Topology::new(1).unwrap();
-    topo.add_ingress("rin2", "snd1", 100).unwrap();
-    addr6(&topo.sender, "snd1", LEG1_SENDER6).unwrap();
-    addr6(&topo.relay, "rin2", LEG1_RELAY6).unwrap();
+    legs6(&topo);
     topo.sender_tx_offload_on().unwrap();
     topo.sender
         .exec(&["ethtool", "-K", "snd1", "tx", "on"])
         .unwrap();
-    let base = format!(
-        "rules:
-  - name: feed
-    inputs:
-      - {{ interface: rin, group: '{GROUP_A6}', port: {PORT} }}
-      - {{ interface: rin2, group: '{GROUP_B6}', port: {PORT} }}
-    merge: rtp
-    outputs: [{{ interface: rout0 }}]
-"
-    );
+    let base = rules([GROUP_A6.into(), GROUP_B6.into()], "rtp");
     let with_extra = format!(
         "{base}  - name: extra\n    input: {{ interface: rin, group: 239.3.3.3, port: 5000 }}\n    outputs: [{{ interface: rout0 }}]\n"
     );
@@ -527,16 +565,7 @@ fn ipv6_legs_offload_on_through_reloads(allocator: &str) {
     }
     join(sender).unwrap();
     let got = ids_once(&join(rx).unwrap());
-    assert_eq!(
-        got.len(),
-        want.relayed.len(),
-        "{allocator}: missing {:?}",
-        want.relayed.difference(&got).take(20).collect::<Vec<_>>()
-    );
-    assert_eq!(
-        got, want.relayed,
-        "{allocator}: every packet either leg carried"
-    );
+    all_of(&got, &want.relayed, allocator);
     let (v, m) = merge_view(&relay.control, want.relayed.len() as u64);
     check_counters(&m, &want);
     assert_eq!(
@@ -559,4 +588,143 @@ fn merges_ipv6_legs_with_offload_on_through_reloads_lockfree() {
 #[test]
 fn merges_ipv6_legs_with_offload_on_through_reloads_mutex() {
     ipv6_legs_offload_on_through_reloads("mutex");
+}
+
+/// ST 2110 and ST 2022-7 senders send RTCP to the RTP port + 1, and a sender that restarts
+/// picks a new SSRC and a new first number. Both legs carry an RTCP report of each type
+/// (SR, RR, SDES, BYE, APP) every 40 packets, across the RTP number's wrap (where an SR's
+/// length of 6, read as a sequence number, jumped the merge ahead past the wrap and the real
+/// 6 came as a duplicate); then the sender restarts (new SSRC) 200 numbers behind where it
+/// was, leg 1 three packets behind leg 0. The receiver gets every RTP packet once and no
+/// RTCP; the counters say how many reports were dropped, one new stream, and the lagging
+/// leg's old packets as stale.
+fn rtcp_and_a_second_ssrc(v6: bool, allocator: &str) {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let groups: [IpAddr; 2] = if v6 {
+        legs6(&topo);
+        [GROUP_A6.into(), GROUP_B6.into()]
+    } else {
+        [GROUP_A.into(), GROUP_B.into()]
+    };
+    let leg1 = (!v6).then(|| topo.add_ingress("rin2", "snd1", 100).unwrap());
+    let relay = RelayProc::start(
+        &relay_bin(),
+        &topo.relay,
+        &rules(groups, "rtp"),
+        &["--allocator", allocator],
+    )
+    .unwrap();
+    let old = both_legs(0..1500, 65535 - 700, 0, |_, _| false);
+    // The old stream's last number is 798.
+    let restarted = both_legs(1500..3000, 598, 0, |_, _| false)
+        .into_iter()
+        .map(|p| Packet { ssrc: 0x0b0b, ..p });
+    let rtp: Vec<Packet> = old.into_iter().chain(restarted).collect();
+    let want = expected(&rtp);
+    // Leg 1 three packets behind leg 0, and a report after every 40th packet of each leg.
+    let lag = |p: &Packet| 2 * p.id + if p.leg == 1 { 7 } else { 0 };
+    let mut packets = rtp.clone();
+    packets.sort_by_key(lag);
+    let mut reports = 0;
+    let packets: Vec<Packet> = packets
+        .into_iter()
+        .flat_map(|p| {
+            let report = (p.id % 40 == 39).then(|| {
+                reports += 1;
+                Packet {
+                    rtcp: Some(200 + (p.id / 40 % 5) as u8),
+                    ..p
+                }
+            });
+            std::iter::once(p).chain(report)
+        })
+        .collect();
+    let r = &topo.receivers[0];
+    let (group, addr): (IpAddr, IpAddr) = if v6 {
+        (GROUP_A6.into(), r.addr6.into())
+    } else {
+        (GROUP_A.into(), r.addr.into())
+    };
+    // One more than should come: a report or a second copy let through is seen.
+    let rx = listen(
+        &r.ns,
+        group,
+        PORT,
+        addr,
+        Limits::new(want.relayed.len() as u64 + 1),
+    )
+    .unwrap();
+    match leg1 {
+        Some(leg1) => send(&topo.sender, leg1, packets, 2),
+        None => join(send6(&topo.sender, packets)).unwrap(),
+    }
+    let got = ids_once(&join(rx).unwrap());
+    all_of(&got, &want.relayed, allocator);
+    let v = stats_until(&relay.control, |v| {
+        v.rules[0]
+            .merge
+            .as_ref()
+            .is_some_and(|m| m.rtcp >= reports && m.relayed >= want.relayed.len() as u64)
+    });
+    let m = v.rules[0].merge.clone().expect("a merged rule");
+    assert_eq!(
+        (m.relayed, m.lost, m.malformed, m.rtcp, m.new_streams),
+        (want.relayed.len() as u64, 0, 0, reports, 1),
+        "{allocator}: {m:?}"
+    );
+    // What the legs received is what was sent, less the stale: those of the lagging leg's
+    // old stream after the other leg's first new packet (3 on the wire; the worker takes up
+    // to a batch of 64 from one leg's ring before the other's, so either leg may be first).
+    let received: u64 = m.legs.iter().map(|l| l.received).sum();
+    assert_eq!(received + m.stale, rtp.len() as u64, "{allocator}: {m:?}");
+    assert!(m.stale <= 3 + 2 * 64, "{allocator}: {m:?}");
+    for l in &m.legs {
+        assert_eq!(
+            (l.first + l.duplicate, l.gaps),
+            (l.received, 0),
+            "{allocator}: {m:?}"
+        );
+    }
+    assert_eq!(v.rules[0].outputs[0].sent, want.relayed.len() as u64);
+    // `relay stats` shows them on the merge line.
+    let table = std::process::Command::new(relay_bin())
+        .args(["stats", "--control"])
+        .arg(&relay.control)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(&format!("rtcp={reports} new_streams=1 stale={}", m.stale)),
+        "{table}"
+    );
+    // And so does the report at shutdown.
+    let exit = stop_clean(relay, &topo);
+    let merge_line = format!(
+        "rule=feed merge relayed={} lost=0 malformed=0 rtcp={reports} new_streams=1 stale={}",
+        want.relayed.len(),
+        m.stale
+    );
+    assert!(exit.stdout.contains(&merge_line), "{}", exit.stdout);
+}
+
+#[test]
+fn rtcp_and_a_second_ssrc_ipv4_lockfree() {
+    rtcp_and_a_second_ssrc(false, "lockfree");
+}
+
+#[test]
+fn rtcp_and_a_second_ssrc_ipv4_mutex() {
+    rtcp_and_a_second_ssrc(false, "mutex");
+}
+
+#[test]
+fn rtcp_and_a_second_ssrc_ipv6_lockfree() {
+    rtcp_and_a_second_ssrc(true, "lockfree");
+}
+
+#[test]
+fn rtcp_and_a_second_ssrc_ipv6_mutex() {
+    rtcp_and_a_second_ssrc(true, "mutex");
 }

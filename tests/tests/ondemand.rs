@@ -712,18 +712,25 @@ fn igmpv2_and_mldv1_hosts() {
     stop_clean(relay, &topo);
 }
 
+/// Appends group records (kind, group, sources), which IGMPv3 and MLDv2 lay out alike.
+fn push_records<A: Copy + Into<IpAddr>>(out: &mut Vec<u8>, records: &[(u8, A, &[A])]) {
+    for (kind, g, sources) in records {
+        out.extend_from_slice(&[*kind, 0]);
+        out.extend_from_slice(&(sources.len() as u16).to_be_bytes());
+        for a in std::iter::once(g).chain(sources.iter()) {
+            match (*a).into() {
+                IpAddr::V4(a) => out.extend_from_slice(&a.octets()),
+                IpAddr::V6(a) => out.extend_from_slice(&a.octets()),
+            }
+        }
+    }
+}
+
 /// An IGMPv3 report with one record of `kind` for `group` and `sources`.
 fn v3_report(records: &[(u8, Ipv4Addr, &[Ipv4Addr])], claimed: Option<u16>) -> Vec<u8> {
     let mut igmp = vec![0x22, 0, 0, 0, 0, 0];
     igmp.extend_from_slice(&claimed.unwrap_or(records.len() as u16).to_be_bytes());
-    for (kind, g, sources) in records {
-        igmp.extend_from_slice(&[*kind, 0]);
-        igmp.extend_from_slice(&(sources.len() as u16).to_be_bytes());
-        igmp.extend_from_slice(&g.octets());
-        for s in *sources {
-            igmp.extend_from_slice(&s.octets());
-        }
-    }
+    push_records(&mut igmp, records);
     let c = checksum(&igmp);
     igmp[2..4].copy_from_slice(&c.to_be_bytes());
     igmp
@@ -732,9 +739,31 @@ fn v3_report(records: &[(u8, Ipv4Addr, &[Ipv4Addr])], claimed: Option<u16>) -> V
 /// An MLDv2 report frame from `source` (hop-by-hop Router Alert, ICMPv6 checksum) with one
 /// EXCLUDE({}) record for `group`.
 fn mld_report(source: Ipv6Addr, hop_limit: u8, group: Ipv6Addr) -> Vec<u8> {
-    let dest: Ipv6Addr = "ff02::16".parse().unwrap();
-    let mut icmp = vec![143, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0];
+    mld_v2_report(source, hop_limit, &[(2, group, &[])])
+}
+
+/// An MLDv2 report frame from `source` with `records` (kind, group, sources).
+fn mld_v2_report(
+    source: Ipv6Addr,
+    hop_limit: u8,
+    records: &[(u8, Ipv6Addr, &[Ipv6Addr])],
+) -> Vec<u8> {
+    let mut icmp = vec![143, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&(records.len() as u16).to_be_bytes());
+    push_records(&mut icmp, records);
+    mld_frame(source, "ff02::16".parse().unwrap(), hop_limit, icmp)
+}
+
+/// An MLDv1 report for `group` from `source`, sent to the group.
+fn mldv1_report(source: Ipv6Addr, group: Ipv6Addr) -> Vec<u8> {
+    let mut icmp = vec![131, 0, 0, 0, 0, 0, 0, 0];
     icmp.extend_from_slice(&group.octets());
+    mld_frame(source, group, 1, icmp)
+}
+
+/// An Ethernet frame with an IPv6 header and a hop-by-hop Router Alert around the MLD
+/// message `icmp`, its checksum filled in.
+fn mld_frame(source: Ipv6Addr, dest: Ipv6Addr, hop_limit: u8, mut icmp: Vec<u8>) -> Vec<u8> {
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&source.octets());
     pseudo.extend_from_slice(&dest.octets());
@@ -743,8 +772,9 @@ fn mld_report(source: Ipv6Addr, hop_limit: u8, group: Ipv6Addr) -> Vec<u8> {
     pseudo.extend_from_slice(&icmp);
     let c = checksum(&pseudo);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let d = dest.octets();
     let mut f = vec![
-        0x33, 0x33, 0, 0, 0, 0x16, 0x02, 0xee, 0, 0, 0, 9, 0x86, 0xdd,
+        0x33, 0x33, d[12], d[13], d[14], d[15], 0x02, 0xee, 0, 0, 0, 9, 0x86, 0xdd,
     ];
     f.extend_from_slice(&[0x60, 0, 0, 0]);
     f.extend_from_slice(&((8 + icmp.len()) as u16).to_be_bytes());
@@ -1003,5 +1033,372 @@ fn source_specific_listeners_select_the_source() {
             .any(|m| m.group == G4.to_string())
     );
     drop(other);
+    stop_clean(relay, &topo);
+}
+
+/// The second sender on the ingress link, beside SENDER_ADDR and SENDER_ADDR6.
+const OTHER4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
+const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 5);
+
+/// Gives the sender namespace a second address of each family, to send from.
+fn second_source(topo: &Topology) {
+    for cmd in [
+        "ip addr add 198.18.1.5/24 dev snd0",
+        "ip -6 addr add 2001:2:0:1::5/64 dev snd0 nodad",
+    ] {
+        topo.sender
+            .exec(&cmd.split(' ').collect::<Vec<_>>())
+            .unwrap();
+    }
+}
+
+/// Paced flows to `g4` and `g6` from both senders, about 1,000 datagrams a second each.
+fn flows_from_both(
+    topo: &Topology,
+    g4: Ipv4Addr,
+    g6: Ipv6Addr,
+    count: u64,
+) -> Vec<JoinHandle<Result<u64>>> {
+    let flow = |g: IpAddr| Flow {
+        burst: 4,
+        pause: Duration::from_millis(4),
+        ..Flow::new(g, 5000, count)
+    };
+    [
+        (IpAddr::from(SENDER_ADDR), IpAddr::from(g4)),
+        (OTHER4.into(), g4.into()),
+        (SENDER_ADDR6.into(), g6.into()),
+        (OTHER6.into(), g6.into()),
+    ]
+    .into_iter()
+    .map(|(s, g)| send(&topo.sender, s, flow(g)))
+    .collect()
+}
+
+/// The UDP frames to `groups` that receiver 0's link carries for `d`, counted by source.
+fn relayed_by_source(
+    topo: &Topology,
+    groups: [IpAddr; 2],
+    d: Duration,
+) -> std::collections::BTreeMap<IpAddr, usize> {
+    let r0 = &topo.receivers[0];
+    let limits = Limits {
+        expect: u64::MAX,
+        idle: d + Duration::from_secs(1),
+        max: d,
+    };
+    let frames = capture(&r0.ns, &r0.iface, limits, |f| {
+        relay::wire::classify(f).is_some()
+    })
+    .unwrap();
+    let mut by = std::collections::BTreeMap::new();
+    for f in join(frames).unwrap() {
+        if let Some(f) = relay::wire::classify(&f).filter(|f| groups.contains(&f.group)) {
+            *by.entry(f.source).or_default() += 1;
+        }
+    }
+    by
+}
+
+/// An any-source rule's on-demand output forwards a frame only if a host wants its own
+/// source: INCLUDE of another source keeps every sender off, and EXCLUDE({S}) keeps S off and
+/// lets the other sender through. IGMPv3 and MLDv2 reports, as a host would send them.
+fn filter_modes_decide_by_the_frames_source(allocator: &str) {
+    require_root();
+    let _serial = serial();
+    let (topo, relay) = one_link(&format!("{QUERIER}{ONE_RULE}"), &["--allocator", allocator]);
+    second_source(&topo);
+    let r0 = &topo.receivers[0];
+    let ll = link_local(&r0.ns, &r0.iface);
+    let nobody4 = Ipv4Addr::new(198, 18, 1, 99);
+    let nobody6 = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0x99);
+    let report = |kind: u8, s4: Ipv4Addr, s6: Ipv6Addr| {
+        let frames = vec![
+            igmp_frame(
+                r0.addr,
+                Ipv4Addr::new(224, 0, 0, 22),
+                1,
+                true,
+                &v3_report(&[(kind, G4, &[s4])], None),
+            ),
+            mld_v2_report(ll, 1, &[(kind, G6, &[s6])]),
+        ];
+        assert_eq!(
+            join(inject(&r0.ns, &r0.iface, frames, Duration::ZERO).unwrap()).unwrap(),
+            2
+        );
+    };
+    let senders = flows_from_both(&topo, G4, G6, 5000);
+    let groups = [IpAddr::from(G4), G6.into()];
+
+    // MODE_IS_INCLUDE({another source}).
+    report(1, nobody4, nobody6);
+    std::thread::sleep(Duration::from_millis(300));
+    let q = queriers(&relay);
+    for family in ["ipv4", "ipv6"] {
+        let m = &querier(&q, family).members;
+        assert!(m.iter().any(|m| m.mode == "include"), "{family}: {q:?}");
+    }
+    let seen = relayed_by_source(&topo, groups, Duration::from_millis(1500));
+    assert!(
+        seen.is_empty(),
+        "INCLUDE(another source) forwards nothing: {seen:?}"
+    );
+
+    // MODE_IS_EXCLUDE({S}): now EXCLUDE({S}) (the included source no longer matters).
+    report(2, SENDER_ADDR, SENDER_ADDR6);
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = relayed_by_source(&topo, groups, Duration::from_millis(1500));
+    for (s, other) in [
+        (IpAddr::from(SENDER_ADDR), IpAddr::from(OTHER4)),
+        (SENDER_ADDR6.into(), OTHER6.into()),
+    ] {
+        assert_eq!(seen.get(&s), None, "EXCLUDE({s}) holds {s} back: {seen:?}");
+        assert!(
+            seen.get(&other).is_some_and(|n| *n > 500),
+            "EXCLUDE({s}) forwards {other}: {seen:?}"
+        );
+    }
+    for s in senders {
+        join(s).unwrap();
+    }
+    let v = stats_until(&relay.control, |v| {
+        v.rules.iter().all(|r| r.received == 10_000)
+    });
+    for rule in ["od4", "od6"] {
+        let o = output(&v, rule, 0);
+        let d = o.on_demand.as_ref().unwrap();
+        assert_eq!(o.sent + d.no_listener, 10_000, "{rule}: {o:?}");
+        assert!(d.forwarding, "{rule}: someone listens: {o:?}");
+    }
+    stop_clean(relay, &topo);
+}
+
+#[test]
+fn filter_modes_decide_by_the_frames_source_with_lockfree_pool() {
+    filter_modes_decide_by_the_frames_source("lockfree");
+}
+
+#[test]
+fn filter_modes_decide_by_the_frames_source_with_mutex_pool() {
+    filter_modes_decide_by_the_frames_source("mutex");
+}
+
+const S4: Ipv4Addr = Ipv4Addr::new(232, 1, 1, 1);
+const S6: Ipv6Addr = Ipv6Addr::new(0xff3e, 0, 0, 0, 0, 0, 1, 1);
+
+/// Source-specific groups (RFC 4604): IGMPv2 and MLDv1 reports and EXCLUDE records for them
+/// are ignored and counted, and an IGMPv3/MLDv2 join of one source forwards that source only.
+fn ssm_groups_forward_the_joined_source_only(allocator: &str) {
+    require_root();
+    let _serial = serial();
+    let yaml = format!(
+        "{QUERIER}rules:
+  - name: ssm4
+    input: {{ interface: rin, group: {S4}, port: 5000 }}
+    outputs: [ {{ interface: rout0, on_demand: true }} ]
+  - name: ssm6
+    input: {{ interface: rin, group: '{S6}', port: 5000 }}
+    outputs: [ {{ interface: rout0, on_demand: true }} ]
+"
+    );
+    let (topo, relay) = one_link(&yaml, &["--allocator", allocator]);
+    second_source(&topo);
+    let r0 = &topo.receivers[0];
+    let ll = link_local(&r0.ns, &r0.iface);
+    let senders = flows_from_both(&topo, S4, S6, 5000);
+    let groups = [IpAddr::from(S4), S6.into()];
+    // An IGMPv2 report, an MLDv1 report, and EXCLUDE({}) records of both versions.
+    let mut v2 = vec![0x16, 0, 0, 0];
+    v2.extend_from_slice(&S4.octets());
+    let c = checksum(&v2);
+    v2[2..4].copy_from_slice(&c.to_be_bytes());
+    let old = vec![
+        igmp_frame(r0.addr, S4, 1, true, &v2),
+        mldv1_report(ll, S6),
+        igmp_frame(
+            r0.addr,
+            Ipv4Addr::new(224, 0, 0, 22),
+            1,
+            true,
+            &v3_report(&[(2, S4, &[]), (4, S4, &[])], None),
+        ),
+        mld_v2_report(ll, 1, &[(2, S6, &[]), (4, S6, &[])]),
+    ];
+    assert_eq!(
+        join(inject(&r0.ns, &r0.iface, old, Duration::ZERO).unwrap()).unwrap(),
+        4
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let q = queriers(&relay);
+    for family in ["ipv4", "ipv6"] {
+        let v = querier(&q, family);
+        let refused = |k: &str| v.refused.get(k).copied().unwrap_or(0);
+        assert_eq!(
+            (refused("ssm_old_version"), refused("ssm_exclude")),
+            (1, 2),
+            "{family}: {v:?}"
+        );
+        assert!(v.members.is_empty(), "{family}: {v:?}");
+    }
+    let seen = relayed_by_source(&topo, groups, Duration::from_millis(1000));
+    assert!(seen.is_empty(), "nothing joined: {seen:?}");
+
+    // ALLOW_NEW_SOURCES({S}) for each group: S only.
+    let joins = vec![
+        igmp_frame(
+            r0.addr,
+            Ipv4Addr::new(224, 0, 0, 22),
+            1,
+            true,
+            &v3_report(&[(5, S4, &[SENDER_ADDR])], None),
+        ),
+        mld_v2_report(ll, 1, &[(5, S6, &[SENDER_ADDR6])]),
+    ];
+    let joined = Instant::now();
+    assert_eq!(
+        join(inject(&r0.ns, &r0.iface, joins, Duration::ZERO).unwrap()).unwrap(),
+        2
+    );
+    assert!(
+        until_forwarding(&relay, &["ssm4", "ssm6"], true, Duration::from_secs(1)).is_some(),
+        "the joins started the outputs within {:?}",
+        joined.elapsed()
+    );
+    let seen = relayed_by_source(&topo, groups, Duration::from_millis(1500));
+    for (s, other) in [
+        (IpAddr::from(SENDER_ADDR), IpAddr::from(OTHER4)),
+        (SENDER_ADDR6.into(), OTHER6.into()),
+    ] {
+        assert!(
+            seen.get(&s).is_some_and(|n| *n > 500),
+            "{s} joined: {seen:?}"
+        );
+        assert_eq!(seen.get(&other), None, "{other} not joined: {seen:?}");
+    }
+    let members = client_ok(&relay.control, &["members"]);
+    assert!(
+        members.contains("ssm_old_version=1") && members.contains("ssm_exclude=2"),
+        "{members}"
+    );
+    for s in senders {
+        join(s).unwrap();
+    }
+    stop_clean(relay, &topo);
+}
+
+#[test]
+fn ssm_groups_forward_the_joined_source_only_with_lockfree_pool() {
+    ssm_groups_forward_the_joined_source_only("lockfree");
+}
+
+#[test]
+fn ssm_groups_forward_the_joined_source_only_with_mutex_pool() {
+    ssm_groups_forward_the_joined_source_only("mutex");
+}
+
+/// CPU time (user and system, in clock ticks) of the relay's thread named `name`.
+fn thread_ticks(pid: u32, name: &str) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // After the command name in parentheses: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = rest.split(' ').map(|x| x.parse().unwrap_or(0)).collect();
+        return f[11] + f[12];
+    }
+    panic!("no thread {name} in {pid}");
+}
+
+/// One host reports 10,000 groups no output sends to, 30,000 reports at about 10,000 a
+/// second: they are ignored and counted, the querier thread's CPU stays bounded,
+/// `relay members` answers within a second throughout, and a join for the rule's group then
+/// starts the flow within a second.
+#[test]
+fn a_flood_of_other_groups_leaves_room_for_ours() {
+    require_root();
+    let _serial = serial();
+    let (topo, relay) = one_link(&format!("{QUERIER}{ONE_RULE}"), &[]);
+    let r0 = &topo.receivers[0];
+    let to = Ipv4Addr::new(224, 0, 0, 22);
+    let groups: Vec<Ipv4Addr> = (0..10_000u32)
+        .map(|i| Ipv4Addr::from(0xef00_0000 | (i.wrapping_mul(2_654_435_761) & 0x00ff_ffff)))
+        .filter(|g| *g != G4)
+        .collect();
+    let reports: Vec<Vec<u8>> = groups
+        .iter()
+        .map(|g| igmp_frame(r0.addr, to, 1, true, &v3_report(&[(2, *g, &[])], None)))
+        .collect();
+    let ticks_per_s = 100.0;
+    let pid = relay.pid();
+    let before = thread_ticks(pid, "relay-querier");
+    let start = Instant::now();
+    let (done_tx, done) = mpsc::channel::<()>();
+    let control = relay.control.clone();
+    let asker = std::thread::spawn(move || {
+        let mut slowest = Duration::ZERO;
+        while done.try_recv().is_err() {
+            let t = Instant::now();
+            client_ok(&control, &["members"]);
+            slowest = slowest.max(t.elapsed());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        slowest
+    });
+    // 30,000 reports, paced by the injector's sleep between frames (a 20 µs sleep takes
+    // about 100 µs with the default timer slack: about 10,000 a second).
+    let all: Vec<Vec<u8>> = reports.iter().cycle().take(30_000).cloned().collect();
+    let sent = join(inject(&r0.ns, &r0.iface, all, Duration::from_micros(20)).unwrap()).unwrap();
+    let took = start.elapsed();
+    let cpu = (thread_ticks(pid, "relay-querier") - before) as f64 / ticks_per_s;
+    let _ = done_tx.send(());
+    let slowest = asker.join().unwrap();
+    eprintln!(
+        "flood: {sent} reports in {took:?} ({:.0}/s); querier thread CPU {cpu:.2} s ({:.0}%); \
+         slowest `relay members` {slowest:?}",
+        sent as f64 / took.as_secs_f64(),
+        100.0 * cpu / took.as_secs_f64()
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "relay members took {slowest:?}"
+    );
+    assert!(
+        cpu < 0.5 * took.as_secs_f64(),
+        "the querier thread took {cpu:.2} s of CPU in {took:?}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let q = queriers(&relay);
+    let v4 = querier(&q, "ipv4");
+    assert!(
+        v4.refused.get("not_forwarded").copied().unwrap_or(0) >= sent as u64 * 9 / 10,
+        "{:?}",
+        v4.refused
+    );
+    assert!(v4.members.iter().all(|m| m.group != G4.to_string()));
+    assert!(
+        v4.members.len() < 10,
+        "only the host's own groups at most: {}",
+        v4.members.len()
+    );
+
+    // The rule's group: a join starts the flow within a second.
+    let senders = flows(&topo, 3000);
+    let join_g4 = igmp_frame(r0.addr, to, 1, true, &v3_report(&[(2, G4, &[])], None));
+    let joined = Instant::now();
+    assert_eq!(
+        join(inject(&r0.ns, &r0.iface, vec![join_g4], Duration::ZERO).unwrap()).unwrap(),
+        1
+    );
+    let on = until_forwarding(&relay, &["od4"], true, Duration::from_secs(1));
+    assert!(on.is_some(), "the join was not taken within a second");
+    eprintln!("the join took {:?}", on.unwrap() - joined);
+    for s in senders {
+        join(s).unwrap();
+    }
     stop_clean(relay, &topo);
 }

@@ -156,6 +156,12 @@ pub struct MergeCounters {
     pub holes_opened: u64,
     /// ... and those of them a later packet filled: the difference is what no leg carried.
     pub holes_filled: u64,
+    /// RTCP on an RTP merge: no part of the merged stream, dropped.
+    pub rtcp: u64,
+    /// Times a leg brought a new SSRC first: the merge started over with a new stream.
+    pub new_streams: u64,
+    /// Packets of a leg still on the SSRC the merge left: dropped.
+    pub stale: u64,
 }
 
 /// One leg of a merged rule.
@@ -201,6 +207,9 @@ impl MergeCounters {
         self.malformed += o.malformed;
         self.holes_opened += o.holes_opened;
         self.holes_filled += o.holes_filled;
+        self.rtcp += o.rtcp;
+        self.new_streams += o.new_streams;
+        self.stale += o.stale;
     }
 }
 

@@ -25,6 +25,7 @@ use super::{
 use crate::{
     capture::{Direction, Session, Tap},
     frag::{FragTable, rewrite_packet},
+    merge::Unnumbered,
     pool::{FrameCache, FramePool},
     rewrite::{OutputAction, Prepared, RewriteError, complete_partial_udp_checksum},
     rules::RuleTable,
@@ -1046,16 +1047,14 @@ impl<B: Backend> Worker<B> {
         // A merged rule's sequence number, from the UDP payload. A fragment carries none the
         // merge could trust (the later ones none at all).
         let merged = plan.table.rules[rule_id as usize].merge.as_ref();
-        let sequence = merged.and_then(|m| {
+        let sequence = merged.map(|m| {
             if flow.frag.is_some() {
-                return None;
+                return Err(Unnumbered::Malformed);
             }
-            let udp_len = usize::from(u16::from_be_bytes([
-                *bytes.get(flow.l4 + 4)?,
-                *bytes.get(flow.l4 + 5)?,
-            ]));
-            m.sequence()
-                .read(bytes.get(flow.l4 + 8..flow.l4 + udp_len)?)
+            let payload = bytes.get(flow.l4 + 4..flow.l4 + 6).and_then(|l| {
+                bytes.get(flow.l4 + 8..flow.l4 + usize::from(u16::from_be_bytes([l[0], l[1]])))
+            });
+            m.sequence().read(payload.ok_or(Unnumbered::Malformed)?)
         });
         // Once per received frame, before any copy: every copy then starts from a full
         // checksum, which each output's incremental update keeps valid.
@@ -1092,15 +1091,31 @@ impl<B: Backend> Worker<B> {
         if let Some(merge) = &rule.merge {
             // First arrival wins: a sequence number another leg (or this one) brought within
             // the window is dropped here, before any copy or rewrite.
-            let Some(seq) = sequence else {
-                rc.merge.malformed += 1;
-                self.cache(dom).give(frame_no);
-                return;
+            // RTCP and packets of a stream the merge has left are no part of the merged
+            // stream: counted, dropped.
+            let numbered = match sequence {
+                Some(Ok(n)) => n,
+                Some(Err(Unnumbered::Rtcp)) => {
+                    rc.merge.rtcp += 1;
+                    self.cache(dom).give(frame_no);
+                    return;
+                }
+                _ => {
+                    rc.merge.malformed += 1;
+                    self.cache(dom).give(frame_no);
+                    return;
+                }
             };
             let leg = rule.leg_of(ifindex, &flow);
             let now = self.merge_now(shared);
-            let o = merge.offer(leg, seq, now);
+            let o = merge.offer_numbered(leg, numbered, now);
             let rc = &mut self.stats.rules[rule_id as usize];
+            rc.merge.new_streams += u64::from(o.new_stream);
+            if o.stale {
+                rc.merge.stale += 1;
+                self.cache(dom).give(frame_no);
+                return;
+            }
             rc.merge.holes_opened += o.holes_opened;
             rc.merge.holes_filled += u64::from(o.hole_filled);
             let lc = rc.merge.leg(leg);
@@ -1126,7 +1141,7 @@ impl<B: Backend> Worker<B> {
         verdicts.clear();
         let mut last = None;
         for (oi, out) in rule.outputs.iter().enumerate() {
-            let v = verdict(out, expired, plan.egress_domain[out.egress]);
+            let v = verdict(out, expired, plan.egress_domain[out.egress], flow.source);
             if v == Verdict::To(dom) {
                 last = Some(oi);
             }
@@ -1831,14 +1846,21 @@ enum Verdict {
     Gone,
 }
 
-/// What `out` does with a frame, known before any copy is made, its socket being on UMEM
-/// `to`: nothing if nobody listens; it refuses the frame if the frame arrived at the end of
+/// What `out` does with a frame from `source`, known before any copy is made, its socket being
+/// on UMEM `to`: nothing if nobody listens to that source; it refuses the frame if the frame arrived at the end of
 /// its scope (`expired`) and the output does not set the TTL, if `source: auto` has no address
 /// to write, or if its unicast next hop has no MAC yet (with its device gone the next hop is
 /// gone too: then the device is the news).
-fn verdict(out: &crate::rules::CompiledOutput, expired: bool, to: usize) -> Verdict {
+fn verdict(
+    out: &crate::rules::CompiledOutput,
+    expired: bool,
+    to: usize,
+    source: std::net::IpAddr,
+) -> Verdict {
     let a = &out.action;
-    if out.unwanted() {
+    // The frame's own source: an output whose frames carry another (a rewritten `source:`)
+    // has a slot that is on or off for that one whatever the frame's.
+    if out.on_demand && !out.listening.as_ref().is_some_and(|l| l.wants(source)) {
         Verdict::NoListener
     } else if expired && a.ttl.is_none() {
         Verdict::Refused(RewriteError::TtlExpired)

@@ -143,6 +143,28 @@ impl Compat {
     }
 }
 
+/// Whether `group` is in the source-specific range (RFC 4607: 232.0.0.0/8 and ff3x::/32),
+/// where RFC 4604 §2.2 has a router take only source-specific requests.
+pub fn is_ssm(group: IpAddr) -> bool {
+    match group {
+        IpAddr::V4(g) => g.octets()[0] == 232,
+        IpAddr::V6(g) => g.segments()[0] & 0xfff0 == 0xff30 && g.segments()[1] == 0,
+    }
+}
+
+/// Reports and records a router did not act on, by reason: hosts can send them at will, so
+/// they cost a counter and no state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ignored {
+    /// IGMPv1/v2 reports and leaves, MLDv1 reports and dones, for a source-specific group
+    /// (RFC 4604 §2.2.4).
+    pub ssm_old_version: u64,
+    /// IS_EX and TO_EX records for a source-specific group (RFC 4604 §2.2.2).
+    pub ssm_exclude: u64,
+    /// Records and reports for a group no on-demand output sends to.
+    pub not_forwarded: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Event {
     /// [`Router::forwards`] may answer differently for this group than before.
@@ -596,6 +618,9 @@ pub struct Router {
     transmits: VecDeque<QueryToSend>,
     events: VecDeque<Event>,
     dropped_over_limit: u64,
+    /// The groups state is kept for; `None` for every group.
+    forwardable: Option<BTreeSet<IpAddr>>,
+    ignored: Ignored,
 }
 
 impl Router {
@@ -616,6 +641,8 @@ impl Router {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             dropped_over_limit: 0,
+            forwardable: None,
+            ignored: Ignored::default(),
         }
     }
 
@@ -654,9 +681,69 @@ impl Router {
         self.dropped_over_limit
     }
 
+    /// What was ignored so far, by reason.
+    pub fn ignored(&self) -> Ignored {
+        self.ignored
+    }
+
+    /// Keeps state only for `groups` (those some on-demand output sends to) from now on, so
+    /// that a host reporting many other groups cannot take the room of these; the state of
+    /// the groups left out goes now. `None` keeps every group.
+    pub fn set_forwardable(&mut self, groups: Option<BTreeSet<IpAddr>>) {
+        if let Some(keep) = &groups {
+            let gone: Vec<IpAddr> = self
+                .groups
+                .keys()
+                .filter(|g| !keep.contains(g))
+                .copied()
+                .collect();
+            for g in gone {
+                if let Some(d) = self.groups.remove(&g).and_then(|g| g.deadline) {
+                    self.deadlines.remove(&(d, g));
+                }
+                self.events.push_back(Event::Changed { group: g });
+            }
+        }
+        self.forwardable = groups;
+    }
+
+    /// Groups with state.
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Whether a report about `group` is for us: a group some output sends to (counted when
+    /// not), and for a source-specific group not of an older version (counted when it is).
+    fn heeds(&mut self, group: IpAddr, old_version: bool) -> bool {
+        if self
+            .forwardable
+            .as_ref()
+            .is_some_and(|f| !f.contains(&group))
+        {
+            self.ignored.not_forwarded += 1;
+            false
+        } else if old_version && is_ssm(group) {
+            self.ignored.ssm_old_version += 1;
+            false
+        } else {
+            true
+        }
+    }
+
     pub fn receive(&mut self, from: IpAddr, msg: &Message, now: Time) {
         // Timers that ran out before this message acted first.
         self.handle_timeout(now);
+        let about = match msg {
+            Message::Query(_) | Message::Report { .. } => None,
+            Message::V1Report { group }
+            | Message::V2Report { group }
+            | Message::Leave { group } => Some(*group),
+        };
+        if let Some(group) = about
+            && !self.heeds(group, true)
+        {
+            return;
+        }
         match msg {
             Message::Query(q) => self.hear_query(from, q, now),
             Message::V1Report { group } => {
@@ -711,6 +798,14 @@ impl Router {
         from: IpAddr,
         now: Time,
     ) {
+        if !self.heeds(group, false) {
+            return;
+        }
+        // RFC 4604 §2.2.2: EXCLUDE mode does not apply to a source-specific group.
+        if is_ssm(group) && matches!(kind, RecordType::IsEx | RecordType::ToEx) {
+            self.ignored.ssm_exclude += 1;
+            return;
+        }
         let family = self.family;
         let old = self
             .groups
@@ -972,6 +1067,13 @@ impl Router {
             (Some(s), FilterMode::Include) => g.running(&s),
             (Some(s), FilterMode::Exclude) => g.sources.get(&s).is_none_or(|s| s.timer.is_some()),
         }
+    }
+
+    /// The filter the hosts want for `group`: `None` if none listens, else the mode and the
+    /// sources that decide it (INCLUDE: those forwarded; EXCLUDE: those blocked, none for
+    /// every source). As of the last call that took the time.
+    pub fn filter(&self, group: IpAddr) -> Option<(FilterMode, Vec<IpAddr>)> {
+        self.groups.get(&group).map(Group::forwarding)
     }
 
     pub fn groups(&self, now: Time) -> Vec<GroupView> {
@@ -2239,6 +2341,235 @@ mod tests {
                     prop_assert_eq!(r.forwards(g, None), model.contains_key(&g), "group {} at {:?}", g, now);
                 }
             }
+        }
+    }
+
+    // Filter modes, source-specific groups and the groups kept, for both families.
+
+    /// A group, two sources and a host of `family`; `ssm` picks a source-specific group.
+    fn addrs(family: Family, ssm: bool) -> (IpAddr, IpAddr, IpAddr, IpAddr) {
+        match family {
+            Family::V4 => (
+                if ssm {
+                    Ipv4Addr::new(232, 1, 1, 1).into()
+                } else {
+                    G
+                },
+                s(1),
+                s(2),
+                HOST,
+            ),
+            Family::V6 => (
+                if ssm {
+                    Ipv6Addr::new(0xff3e, 0, 0, 0, 0, 0, 1, 1).into()
+                } else {
+                    Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 1, 1).into()
+                },
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into(),
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2).into(),
+                Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x100).into(),
+            ),
+        }
+    }
+
+    fn router(family: Family) -> Router {
+        let own = match family {
+            Family::V4 => OWN,
+            Family::V6 => Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 5).into(),
+        };
+        let mut r = Router::new(family, own, Timers::default(), T0);
+        r.handle_timeout(T0);
+        while r.poll_transmit().is_some() {}
+        r
+    }
+
+    fn report(group: IpAddr, kind: RecordType, sources: &[IpAddr]) -> Message {
+        Message::Report {
+            records: vec![Record {
+                kind,
+                group,
+                sources: sources.to_vec(),
+            }],
+        }
+    }
+
+    #[test]
+    fn include_of_another_source_wants_that_source_only() {
+        for family in [Family::V4, Family::V6] {
+            let (g, s1, s2, host) = addrs(family, false);
+            let mut r = router(family);
+            r.receive(host, &report(g, IsIn, &[s2]), T0);
+            assert_eq!(r.filter(g), Some((Include, vec![s2])), "{family:?}");
+            assert!(!r.forwards(g, Some(s1)) && r.forwards(g, Some(s2)));
+            // Its timer runs out: nobody is left.
+            r.handle_timeout(T0 + ms(GMI));
+            assert_eq!(r.filter(g), None, "{family:?}");
+        }
+    }
+
+    #[test]
+    fn exclude_of_a_source_blocks_it_and_wants_the_others() {
+        for family in [Family::V4, Family::V6] {
+            let (g, s1, s2, host) = addrs(family, false);
+            let mut r = router(family);
+            r.receive(host, &report(g, IsEx, &[s1]), T0);
+            assert_eq!(r.filter(g), Some((Exclude, vec![s1])), "{family:?}");
+            assert!(!r.forwards(g, Some(s1)) && r.forwards(g, Some(s2)));
+            // A second host wants every source: the exclude list is gone.
+            r.receive(host, &report(g, IsEx, &[]), T0 + ms(10));
+            assert_eq!(r.filter(g), Some((Exclude, vec![])), "{family:?}");
+        }
+    }
+
+    #[test]
+    fn ssm_groups_take_source_specific_records_only_and_count_the_rest() {
+        for family in [Family::V4, Family::V6] {
+            let (g, s1, s2, host) = addrs(family, true);
+            let mut r = router(family);
+            let mut t = T0;
+            let old: &[Message] = match family {
+                Family::V4 => &[
+                    Message::V1Report { group: g },
+                    Message::V2Report { group: g },
+                    Message::Leave { group: g },
+                ],
+                Family::V6 => &[Message::V2Report { group: g }, Message::Leave { group: g }],
+            };
+            for m in old {
+                r.receive(host, m, t);
+                t += ms(1);
+            }
+            for kind in [IsEx, ToEx] {
+                r.receive(host, &report(g, kind, &[]), t);
+                r.receive(host, &report(g, kind, &[s2]), t);
+            }
+            assert_eq!(r.filter(g), None, "{family:?}: nothing joined");
+            assert!(r.poll_transmit().is_none(), "{family:?}: nothing queried");
+            assert_eq!(
+                r.ignored(),
+                Ignored {
+                    ssm_old_version: old.len() as u64,
+                    ssm_exclude: 4,
+                    not_forwarded: 0
+                },
+                "{family:?}"
+            );
+            // The source-specific join works, for its source only.
+            r.receive(host, &report(g, IsIn, &[s1]), t);
+            assert_eq!(r.filter(g), Some((Include, vec![s1])), "{family:?}");
+            assert!(r.forwards(g, Some(s1)) && !r.forwards(g, Some(s2)));
+            // An old-version report does not turn it into EXCLUDE({}) either.
+            r.receive(host, &Message::V2Report { group: g }, t);
+            assert_eq!(r.filter(g), Some((Include, vec![s1])), "{family:?}");
+            // The same reports for an ordinary group are taken.
+            let (asm, ..) = addrs(family, false);
+            r.receive(host, &Message::V2Report { group: asm }, t);
+            assert_eq!(r.filter(asm), Some((Exclude, vec![])), "{family:?}");
+            assert_eq!(r.ignored().ssm_old_version, old.len() as u64 + 1);
+        }
+    }
+
+    #[test]
+    fn the_ssm_ranges() {
+        for (a, ssm) in [
+            ("231.255.255.255", false),
+            ("232.0.0.0", true),
+            ("232.255.255.255", true),
+            ("233.0.0.0", false),
+            ("239.1.1.1", false),
+            ("ff30::", true),
+            ("ff3e::1:1", true),
+            ("ff32::8000:1", true),
+            ("ff3e:1::1", false),
+            ("ff2e::1", false),
+            ("ff1e::1", false),
+            ("ff0e::1", false),
+        ] {
+            assert_eq!(is_ssm(a.parse().unwrap()), ssm, "{a}");
+        }
+    }
+
+    /// `n` groups of `family` that are not `g`, spread over the space.
+    fn other_groups(family: Family, g: IpAddr, n: u32) -> Vec<IpAddr> {
+        (0..n)
+            .map(|i| {
+                let x = i.wrapping_mul(2_654_435_761);
+                match family {
+                    Family::V4 => IpAddr::V4(Ipv4Addr::from(0xe000_0000 | (x & 0x0fff_ffff))),
+                    Family::V6 => IpAddr::V6(Ipv6Addr::new(
+                        0xff1e,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        (x >> 16) as u16,
+                        x as u16,
+                    )),
+                }
+            })
+            .filter(|o| *o != g)
+            .collect()
+    }
+
+    #[test]
+    fn a_flood_of_other_groups_keeps_no_state_and_leaves_room_for_ours() {
+        for family in [Family::V4, Family::V6] {
+            let (g, _, _, host) = addrs(family, false);
+            let mut r = router(family);
+            r.set_forwardable(Some([g].into()));
+            let flood = other_groups(family, g, 10_000);
+            let mut t = T0;
+            for (i, o) in flood.iter().enumerate() {
+                let m = if i % 2 == 0 {
+                    report(*o, IsEx, &[])
+                } else {
+                    Message::V2Report { group: *o }
+                };
+                r.receive(host, &m, t);
+                t += Duration::from_micros(100);
+            }
+            assert_eq!(r.group_count(), 0, "{family:?}");
+            assert_eq!(r.dropped_over_limit(), 0, "{family:?}");
+            assert_eq!(r.ignored().not_forwarded, flood.len() as u64, "{family:?}");
+            assert!(r.deadlines.is_empty(), "{family:?}: no timers for them");
+            r.receive(host, &report(g, IsEx, &[]), t);
+            assert_eq!(r.filter(g), Some((Exclude, vec![])), "{family:?}");
+            assert_eq!(r.poll_event(), Some(Event::Changed { group: g }));
+        }
+    }
+
+    #[test]
+    fn without_a_forwardable_set_a_flood_fills_the_table() {
+        // What the set is for: a bare router keeps every group, up to its bound.
+        let (g, _, _, host) = addrs(Family::V4, false);
+        let mut r = router(Family::V4);
+        for o in other_groups(Family::V4, g, 10_000) {
+            r.receive(host, &Message::V2Report { group: o }, T0);
+        }
+        assert_eq!(r.group_count(), MAX_GROUPS);
+        r.receive(host, &report(g, IsEx, &[]), T0);
+        assert_eq!(r.filter(g), None);
+    }
+
+    #[test]
+    fn a_new_forwardable_set_drops_the_state_of_groups_left_out() {
+        for family in [Family::V4, Family::V6] {
+            let (g, s1, _, host) = addrs(family, false);
+            let (other, ..) = addrs(family, true);
+            let mut r = router(family);
+            r.receive(host, &report(g, IsEx, &[]), T0);
+            r.receive(host, &report(other, IsIn, &[s1]), T0);
+            while r.poll_event().is_some() {}
+            r.set_forwardable(Some([g].into()));
+            assert_eq!(r.poll_event(), Some(Event::Changed { group: other }));
+            assert_eq!(r.filter(other), None, "{family:?}");
+            assert_eq!(r.filter(g), Some((Exclude, vec![])), "{family:?}");
+            // Its timers went with it: only the kept group's are left.
+            assert_eq!(r.deadlines.iter().map(|(_, a)| *a).collect::<Vec<_>>(), [g]);
+            // Reports for it are ignored now; the kept group still joins.
+            r.receive(host, &report(other, IsIn, &[s1]), T0 + ms(GMI));
+            assert_eq!((r.filter(other), r.ignored().not_forwarded), (None, 1));
         }
     }
 }

@@ -272,3 +272,21 @@ pub fn dad_done(ns: &relay_tests::netns::Netns) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Another link from the sender, `sender_if` to `relay_if` (see `Topology::add_ingress`),
+/// whose native XDP attach the driver refuses though the checks pass it: a veth runs XDP
+/// itself, but not a program without multi-buffer support behind a peer with a jumbo MTU
+/// (ERANGE). For the tests of a change that fails at the attach, half way through.
+pub fn ingress_refusing_native_xdp(topo: &Topology, relay_if: &str, sender_if: &str, subnet: u8) {
+    topo.add_ingress(relay_if, sender_if, subnet).unwrap();
+    for (ns, iface) in [(&topo.sender, sender_if), (&topo.relay, relay_if)] {
+        ip(ns, &format!("link set {iface} mtu 9000"));
+    }
+}
+
+/// `ip ARGS` (split at spaces) in `ns`; a failure fails the test.
+pub fn ip(ns: &relay_tests::netns::Netns, args: &str) {
+    let args: Vec<&str> = args.split(' ').collect();
+    ns.exec(&[&["ip"], &args[..]].concat())
+        .unwrap_or_else(|e| panic!("ip {}: {e:#}", args.join(" ")));
+}

@@ -1,0 +1,298 @@
+//! What kind of device an interface is, asked of the kernel without attaching anything: its
+//! kind (rtnetlink's IFLA_INFO_KIND: veth, bridge, macvlan, vxlan, tun, ...) and whether its
+//! driver runs XDP programs itself (native mode), from the kernel's "netdev" generic netlink
+//! family (Linux 6.3+). With these the checks refuse, before the start or a reload changes
+//! anything, an interface the XDP program cannot run on as configured, rather than the attach
+//! failing half-way through the start. Also the words the refusals use for link types.
+
+use std::{io, time::Duration};
+
+use netlink_packet_core::{
+    DecodeError, DefaultNla, Emitable, NlasIterator, ParseableParametrized, parse_u32, parse_u64,
+};
+use netlink_packet_generic::{
+    GenlFamily, GenlHeader, GenlMessage,
+    ctrl::{GenlCtrl, GenlCtrlCmd, nlas::GenlCtrlAttrs},
+};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{LinkAttribute, LinkInfo, LinkMessage},
+};
+use netlink_sys::{
+    Socket,
+    protocols::{NETLINK_GENERIC, NETLINK_ROUTE},
+};
+
+/// ARPHRD_ETHER: the only link type whose frames the XDP program and the rewrite parse.
+pub const ARPHRD_ETHER: u16 = 1;
+
+// include/uapi/linux/netdev.h.
+const NETDEV_FAMILY_NAME: &str = "netdev";
+const NETDEV_CMD_DEV_GET: u8 = 1;
+const NETDEV_A_DEV_IFINDEX: u16 = 1;
+const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
+/// NETDEV_XDP_ACT_BASIC: the driver runs XDP programs (XDP_PASS, XDP_DROP, XDP_TX, ...).
+pub const NETDEV_XDP_ACT_BASIC: u64 = 1;
+/// NETDEV_XDP_ACT_REDIRECT: the driver's XDP can redirect (the relay's XSKMAP needs this).
+pub const NETDEV_XDP_ACT_REDIRECT: u64 = 2;
+
+/// How long one question to the kernel may take: an answer is local and immediate, so
+/// running out means the kernel will not answer, and the answer is "unknown".
+const ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The words for a link type (ARPHRD_*, /sys/class/net/IF/type) in a refusal.
+pub fn link_type_name(link_type: u16) -> &'static str {
+    match link_type {
+        ARPHRD_ETHER => "Ethernet",
+        32 => "InfiniBand",
+        512 => "PPP",
+        768 => "IPIP tunnel",
+        769 => "IPv6 tunnel",
+        772 => "loopback",
+        776 => "SIT tunnel",
+        778 => "GRE tunnel",
+        823 => "IPv6 GRE tunnel",
+        65534 => "none: an L3 device, its packets have no Ethernet header",
+        _ => "not Ethernet",
+    }
+}
+
+/// What to use instead of a device that is not Ethernet, by its link type and kind.
+pub fn instead(link_type: u16, kind: Option<&str>) -> &'static str {
+    match (link_type, kind) {
+        (_, Some("tun")) => {
+            "a tap instead of a tun (ip tuntap add mode tap; the program or VM on it then \
+             reads and writes Ethernet frames)"
+        }
+        (772, _) => "a veth pair or a dummy interface instead of loopback",
+        (_, Some("wireguard")) => {
+            "a vxlan or gretap interface over the tunnel (Ethernet carried through it) instead \
+             of the WireGuard interface itself"
+        }
+        (768 | 769 | 776 | 778 | 823, _)
+        | (_, Some("ipip" | "gre" | "sit" | "ip6tnl" | "ip6gre" | "vti" | "vti6")) => {
+            "gretap or vxlan (Ethernet over the tunnel) instead of an IP tunnel"
+        }
+        _ => "an Ethernet interface (veth, bridge, macvlan, vlan, vxlan, tap or a NIC)",
+    }
+}
+
+/// The interface's kind as rtnetlink names it (IFLA_INFO_KIND); `None` for a device without
+/// one (a physical NIC, loopback) or when the kernel does not answer.
+pub fn kind(ifindex: u32) -> Option<String> {
+    let socket = open(NETLINK_ROUTE).ok()?;
+    let mut msg = LinkMessage::default();
+    msg.header.index = ifindex;
+    let (mut seq, mut buf) = (0, Vec::with_capacity(1 << 16));
+    let answer = crate::rtnl::request(
+        &socket,
+        &mut seq,
+        &mut buf,
+        RouteNetlinkMessage::GetLink(msg),
+        0,
+        ANSWER_TIMEOUT,
+    );
+    let Ok(Some(RouteNetlinkMessage::NewLink(link))) = answer else {
+        return None;
+    };
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k.to_string()),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// The interface's XDP features (NETDEV_XDP_ACT_* bits): 0 for a device whose driver has no
+/// XDP of its own (bridge, macvlan, vxlan: generic mode only). `None` when the kernel cannot
+/// say: no "netdev" family (before 6.3), or no answer.
+pub fn xdp_features(ifindex: u32) -> Option<u64> {
+    let socket = open(NETLINK_GENERIC).ok()?;
+    let (mut seq, mut buf) = (0, Vec::with_capacity(1 << 16));
+    let family = family_id(&socket, &mut seq, &mut buf, NETDEV_FAMILY_NAME).ok()?;
+    let mut ask = GenlMessage::from_payload(NetdevDev {
+        ifindex: Some(ifindex),
+        xdp_features: None,
+    });
+    ask.set_resolved_family_id(family);
+    let answer = crate::rtnl::request(&socket, &mut seq, &mut buf, ask, 0, ANSWER_TIMEOUT);
+    match answer {
+        Ok(Some(m)) => m.payload.xdp_features,
+        Ok(None) => None,
+        Err(e) => {
+            log::debug!("netdev: no XDP features for ifindex {ifindex}: {e}");
+            None
+        }
+    }
+}
+
+/// The id the kernel gave the generic netlink family `name`; an error (ENOENT) when the
+/// kernel has no such family.
+fn family_id(socket: &Socket, seq: &mut u32, buf: &mut Vec<u8>, name: &str) -> io::Result<u16> {
+    let ask = GenlMessage::from_payload(GenlCtrl {
+        cmd: GenlCtrlCmd::GetFamily,
+        nlas: vec![GenlCtrlAttrs::FamilyName(name.to_owned())],
+    });
+    let answer = crate::rtnl::request(socket, seq, buf, ask, 0, ANSWER_TIMEOUT)?;
+    answer
+        .and_then(|m| {
+            m.payload.nlas.iter().find_map(|a| match a {
+                GenlCtrlAttrs::FamilyId(id) => Some(*id),
+                _ => None,
+            })
+        })
+        .ok_or_else(|| io::Error::other(format!("no id for the generic netlink family {name}")))
+}
+
+/// A netlink socket of `protocol`, bound, with a receive timeout so a lost answer cannot hold
+/// a check past [`ANSWER_TIMEOUT`].
+fn open(protocol: isize) -> io::Result<Socket> {
+    let mut socket = Socket::new(protocol)?;
+    socket.bind_auto()?;
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(0, 100_000),
+    )
+    .map_err(io::Error::from)?;
+    Ok(socket)
+}
+
+/// NETDEV_CMD_DEV_GET: the question (with the ifindex) and its answer (with the features).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NetdevDev {
+    ifindex: Option<u32>,
+    xdp_features: Option<u64>,
+}
+
+impl NetdevDev {
+    fn attributes(&self) -> Vec<DefaultNla> {
+        let ifindex = self
+            .ifindex
+            .map(|i| DefaultNla::new(NETDEV_A_DEV_IFINDEX, i.to_ne_bytes().to_vec()));
+        let features = self
+            .xdp_features
+            .map(|f| DefaultNla::new(NETDEV_A_DEV_XDP_FEATURES, f.to_ne_bytes().to_vec()));
+        ifindex.into_iter().chain(features).collect()
+    }
+}
+
+impl GenlFamily for NetdevDev {
+    fn family_name() -> &'static str {
+        NETDEV_FAMILY_NAME
+    }
+
+    fn command(&self) -> u8 {
+        NETDEV_CMD_DEV_GET
+    }
+
+    fn version(&self) -> u8 {
+        1
+    }
+}
+
+impl Emitable for NetdevDev {
+    fn buffer_len(&self) -> usize {
+        self.attributes().as_slice().buffer_len()
+    }
+
+    fn emit(&self, buffer: &mut [u8]) {
+        self.attributes().as_slice().emit(buffer)
+    }
+}
+
+impl ParseableParametrized<[u8], GenlHeader> for NetdevDev {
+    fn parse_with_param(buf: &[u8], _header: GenlHeader) -> Result<Self, DecodeError> {
+        let mut dev = NetdevDev {
+            ifindex: None,
+            xdp_features: None,
+        };
+        // Attributes a newer kernel adds (zero-copy segments, metadata, ...) are skipped.
+        for nla in NlasIterator::new(buf) {
+            let nla = nla?;
+            match nla.kind() {
+                NETDEV_A_DEV_IFINDEX => dev.ifindex = Some(parse_u32(nla.value())?),
+                NETDEV_A_DEV_XDP_FEATURES => dev.xdp_features = Some(parse_u64(nla.value())?),
+                _ => {}
+            }
+        }
+        Ok(dev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dev_get_question_reads_back_as_sent() {
+        let dev = NetdevDev {
+            ifindex: Some(7),
+            xdp_features: Some(NETDEV_XDP_ACT_BASIC | NETDEV_XDP_ACT_REDIRECT),
+        };
+        let mut buf = vec![0; dev.buffer_len()];
+        dev.emit(&mut buf);
+        // Two attributes of 4 header bytes each, the u32 and the u64 value.
+        assert_eq!(buf.len(), 8 + 12);
+        let header = GenlHeader {
+            cmd: NETDEV_CMD_DEV_GET,
+            version: 1,
+        };
+        assert_eq!(NetdevDev::parse_with_param(&buf, header).unwrap(), dev);
+    }
+
+    #[test]
+    fn an_answer_with_attributes_of_a_newer_kernel_still_reads() {
+        // ifindex 3, xdp-features BASIC, then an attribute 9 this code does not know.
+        let mut buf = Vec::new();
+        for (kind, value) in [
+            (NETDEV_A_DEV_IFINDEX, 3u32.to_ne_bytes().to_vec()),
+            (NETDEV_A_DEV_XDP_FEATURES, 1u64.to_ne_bytes().to_vec()),
+            (9, 0xabcd_u32.to_ne_bytes().to_vec()),
+        ] {
+            buf.extend_from_slice(&(4 + value.len() as u16).to_ne_bytes());
+            buf.extend_from_slice(&kind.to_ne_bytes());
+            buf.extend_from_slice(&value);
+        }
+        let header = GenlHeader {
+            cmd: NETDEV_CMD_DEV_GET,
+            version: 1,
+        };
+        let dev = NetdevDev::parse_with_param(&buf, header).unwrap();
+        assert_eq!(dev.ifindex, Some(3));
+        assert_eq!(dev.xdp_features, Some(NETDEV_XDP_ACT_BASIC));
+    }
+
+    #[test]
+    fn every_kind_that_cannot_work_is_told_what_to_use_instead() {
+        assert!(instead(65534, Some("tun")).contains("a tap instead of a tun"));
+        assert!(instead(772, None).contains("instead of loopback"));
+        assert!(instead(65534, Some("wireguard")).contains("vxlan or gretap"));
+        for (t, k) in [
+            (768, Some("ipip")),
+            (778, Some("gre")),
+            (776, Some("sit")),
+            (769, Some("ip6tnl")),
+            (823, Some("ip6gre")),
+            (65534, Some("vti")),
+        ] {
+            assert!(instead(t, k).contains("gretap or vxlan"), "{t} {k:?}");
+        }
+        assert_eq!(link_type_name(772), "loopback");
+        assert!(link_type_name(65534).starts_with("none"));
+        assert_eq!(link_type_name(ARPHRD_ETHER), "Ethernet");
+    }
+
+    /// What this machine's kernel answers for loopback: no native XDP (generic only). A
+    /// kernel without the family answers nothing, which must read as "unknown".
+    #[test]
+    fn loopback_has_no_native_xdp_or_the_kernel_cannot_say() {
+        let features = xdp_features(1);
+        assert!(
+            matches!(features, None | Some(0)),
+            "lo's xdp-features: {features:?}"
+        );
+        assert_eq!(kind(1), None, "loopback has no IFLA_INFO_KIND");
+    }
+}
