@@ -421,16 +421,16 @@ impl Steering {
         Ok(())
     }
 
-    /// Attaches to `iface` in the configured mode; `auto` tries native first. Where native
-    /// is allowed and the driver gives the VLAN tags it strips as XDP metadata
-    /// (`vlan_hint`), the front that reads them goes first.
+    /// Attaches to `iface` (`ifindex`) in the configured mode; `auto` tries native first.
+    /// Where native is allowed and the driver gives the VLAN tags it strips as XDP metadata,
+    /// the front that reads them goes first: a tag is then read wherever the NIC put it.
     pub fn attach(
         &mut self,
         iface: &str,
         ifindex: u32,
         mode: XdpModeConfig,
-        vlan_hint: bool,
     ) -> Result<AttachedMode> {
+        let vlan_hint = crate::link_kind::xdp_features(ifindex).is_some_and(|f| f.vlan_hint());
         if vlan_hint && mode != XdpModeConfig::Skb {
             let hinted = self.hinted()?;
             let hints = match self.ebpf.map(VLAN_HINT_MAP) {

@@ -166,7 +166,7 @@ pub fn run(options: Options) -> Result<ExitCode> {
     }
     datapath.start()?;
     for (iface, info) in &ingress {
-        let mode = steering.attach(iface, info.ifindex, config.xdp_mode, info.vlan_hint)?;
+        let mode = steering.attach(iface, info.ifindex, config.xdp_mode)?;
         info!("{iface}: XDP program attached in {} mode", mode.describe());
     }
     let monitor = datapath.monitor();
