@@ -21,4 +21,15 @@ fn main() {
         );
     }
     println!("cargo:rustc-env=RELAY_XDP_OBJ={}", obj.display());
+    // The front program for NICs that hand the VLAN tag over as metadata, built beside it.
+    let hint = obj.with_file_name("relay-vlan-hint.o");
+    println!("cargo:rerun-if-changed={}", hint.display());
+    if !hint.exists() {
+        panic!(
+            "\n\nthe XDP front program is not built: {} is missing.\n\
+             Run `cargo xtask build-ebpf` first.\n\n",
+            hint.display()
+        );
+    }
+    println!("cargo:rustc-env=RELAY_VLAN_HINT_OBJ={}", hint.display());
 }

@@ -219,8 +219,31 @@ pub const PROGRAM: &str = "relay";
 /// Name of the XDP program that [`PROGRAM`] tail-calls when [`SHAPE_RANGES`] is set: the
 /// same parse, then the tuple walk.
 pub const RANGES_PROGRAM: &str = "relay_ranges";
-/// Name of the one-slot program array holding [`RANGES_PROGRAM`].
+/// Name of the program array holding [`RANGES_PROGRAM`] (slot 0) and
+/// [`HINTED_RANGES_PROGRAM`] (slot 1).
 pub const RANGES_PROGRAM_MAP: &str = "RANGE_PROG";
+/// Name of the XDP program that the VLAN-hint front (relay-ebpf/src/vlan_hint.bpf.c)
+/// tail-calls: [`PROGRAM`] for a frame whose tag may be in the NIC's metadata.
+pub const HINTED_PROGRAM: &str = "relay_hinted";
+/// Name of [`RANGES_PROGRAM`] for [`HINTED_PROGRAM`], in slot 1 of [`RANGES_PROGRAM_MAP`].
+pub const HINTED_RANGES_PROGRAM: &str = "relay_ranges_hinted";
+/// Name of the per-CPU slot where the front leaves the frame's [`VlanHint`].
+pub const VLAN_HINT_MAP: &str = "VLAN_HINTS";
+
+/// A frame's VLAN tag as the NIC's metadata gave it (the XDP RX metadata kfunc), passed from
+/// the front program to [`HINTED_PROGRAM`] on the same CPU. The C front declares the same
+/// layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VlanHint {
+    /// 1: the NIC took a tag off this frame.
+    pub present: u16,
+    /// Its TPID, as on the wire (big-endian).
+    pub proto: u16,
+    /// Its tag control information (priority, DEI, VID), in host order.
+    pub tci: u16,
+    pub pad: u16,
+}
 
 /// Each ingress interface owns this many consecutive XSKMAP entries, one per rx queue.
 pub const MAX_QUEUES_PER_IFACE: u32 = 64;
@@ -381,11 +404,14 @@ pub enum XdpCounter {
     /// Later fragments with no first fragment seen: it has not arrived yet, or it matched no
     /// rule. They are passed to the kernel.
     FragmentsUnknown = 7,
+    /// Redirected frames whose VLAN tag the NIC had taken off into its metadata: the program
+    /// read it there and put it back in the frame for the workers.
+    VlanFromMetadata = 8,
 }
 
 impl XdpCounter {
     /// Every counter, in index order.
-    pub const ALL: [XdpCounter; 8] = [
+    pub const ALL: [XdpCounter; 9] = [
         XdpCounter::Seen,
         XdpCounter::Matched,
         XdpCounter::Redirected,
@@ -394,6 +420,7 @@ impl XdpCounter {
         XdpCounter::Oversize,
         XdpCounter::Fragments,
         XdpCounter::FragmentsUnknown,
+        XdpCounter::VlanFromMetadata,
     ];
     /// Number of counters, the size of the counter array.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -409,6 +436,7 @@ impl XdpCounter {
             XdpCounter::Oversize => "oversize",
             XdpCounter::Fragments => "fragments",
             XdpCounter::FragmentsUnknown => "fragments_unknown",
+            XdpCounter::VlanFromMetadata => "vlan_from_metadata",
         }
     }
 }
@@ -423,6 +451,7 @@ const _: () =
     assert!(core::mem::offset_of!(RuleKey, vlan) == core::mem::offset_of!(ExactKey, vlan));
 const _: () = assert!(core::mem::size_of::<Tuple>() == 36);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 44);
+const _: () = assert!(core::mem::size_of::<VlanHint>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -443,4 +472,6 @@ mod user {
     // SAFETY: a #[repr(C)] struct of two u32s, 8 bytes with no padding: every bit pattern is
     // valid and none is uninitialised.
     unsafe impl aya::Pod for super::RuleValue {}
+    // SAFETY: four plain u16s, no padding.
+    unsafe impl aya::Pod for super::VlanHint {}
 }

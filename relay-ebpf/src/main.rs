@@ -9,6 +9,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, XskMap},
     programs::XdpContext,
@@ -17,8 +18,8 @@ use relay_common::{
     ExactKey, FULL_LEN, FragKey, MAX_FRAG_FLOWS, MAX_INGRESS_IFACES, MAX_QUEUES_PER_IFACE,
     MAX_RULE_KEYS, RuleKey, RuleValue, SHAPE_GROUP, SHAPE_PORT, SHAPE_RANGES, SHAPE_SOURCE,
     SHAPE_SOURCE_PORT, SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, SHAPE_UNICAST, SHAPE_VLAN_SHIFT,
-    SHAPES_VLAN, TUPLE_PORT, TUPLE_SLOTS, TUPLE_V4, TUPLE_VLAN, Tuple, VLAN_ANY, XSK_MAP_SIZE,
-    XdpCounter, frame_vlan, v4_mapped,
+    SHAPES_VLAN, TUPLE_PORT, TUPLE_SLOTS, TUPLE_V4, TUPLE_VLAN, Tuple, VLAN_ANY, VlanHint,
+    XSK_MAP_SIZE, XdpCounter, frame_vlan, v4_mapped,
 };
 
 #[map(name = "XSKS")]
@@ -45,16 +46,22 @@ static SHAPES: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "TUPLES")]
 static TUPLES: Array<Tuple> = Array::with_max_entries(2 * TUPLE_SLOTS, 0);
 
-/// Slot 0: `relay_ranges`, which `relay` tail-calls when some rule is a range. Two programs
-/// rather than one branch: with the tuple walk in the same function, the compiler's code for
-/// the exact lookups got slower by a few nanoseconds a frame (measured with
-/// `cargo xtask bench-xdp`), and exact-only rule sets are to cost what they did.
+/// Slot 0: `relay_ranges`, which `relay` tail-calls when some rule is a range; slot 1:
+/// `relay_ranges_hinted`, the same for `relay_hinted`. Two programs rather than one branch:
+/// with the tuple walk in the same function, the compiler's code for the exact lookups got
+/// slower by a few nanoseconds a frame (measured with `cargo xtask bench-xdp`), and exact-only
+/// rule sets are to cost what they did; and the verifier took seconds over the two together.
 #[map(name = "RANGE_PROG")]
-static RANGE_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
+static RANGE_PROG: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 /// The rule each fragmented datagram's first fragment matched, for its later fragments.
 #[map(name = "FRAGS")]
 static FRAGS: LruHashMap<FragKey, RuleValue> = LruHashMap::with_max_entries(MAX_FRAG_FLOWS, 0);
+
+/// Where the VLAN-hint front (vlan_hint.bpf.c) leaves the tag the NIC took off the frame it
+/// is running on, for `relay_hinted`, which it tail-calls on the same CPU.
+#[map(name = "VLAN_HINTS")]
+static VLAN_HINTS: PerCpuArray<VlanHint> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XdpCounter::COUNT, 0);
@@ -101,11 +108,54 @@ pub fn relay_ranges(ctx: XdpContext) -> u32 {
     run::<true>(&ctx)
 }
 
+/// `relay` behind the VLAN-hint front, which the daemon attaches to devices whose driver
+/// gives the VLAN tag it took off (rx-vlan-offload) as XDP metadata: the front has left that
+/// tag in `VLAN_HINTS`. It counts as the frame's own, and a frame that goes to a socket gets
+/// it back in its header, so the workers see the frame as it was on the wire. With ranges it
+/// hands the frame to `relay_ranges_hinted`.
+#[xdp]
+pub fn relay_hinted(ctx: XdpContext) -> u32 {
+    count(XdpCounter::Seen);
+    run_hinted::<false>(&ctx)
+}
+
+/// `relay_ranges` for `relay_hinted`, which tail-calls it; the front's slot in `VLAN_HINTS`
+/// still holds this frame's tag, as nothing else runs on this CPU in between.
+#[xdp]
+pub fn relay_ranges_hinted(ctx: XdpContext) -> u32 {
+    run_hinted::<true>(&ctx)
+}
+
+#[inline(always)]
+fn run_hinted<const RANGES: bool>(ctx: &XdpContext) -> u32 {
+    let hint = match VLAN_HINTS.get(0) {
+        Some(h) if h.present != 0 => Some(Hint {
+            proto: h.proto,
+            tci: h.tci,
+        }),
+        _ => None,
+    };
+    verdict(ctx, classify::<RANGES, true>(ctx, hint), hint)
+}
+
+/// A VLAN tag from the NIC's metadata: its TPID as on the wire (big-endian) and its TCI
+/// (priority, DEI and VID) in host order.
+#[derive(Clone, Copy)]
+struct Hint {
+    proto: u16,
+    tci: u16,
+}
+
 /// Classifies and steers or passes one frame; `RANGES`: this is `relay_ranges`.
 #[inline(always)]
 fn run<const RANGES: bool>(ctx: &XdpContext) -> u32 {
-    match classify::<RANGES>(ctx) {
-        Some(rule) => steer(ctx, rule),
+    verdict(ctx, classify::<RANGES, false>(ctx, None), None)
+}
+
+#[inline(always)]
+fn verdict(ctx: &XdpContext, found: Option<RuleValue>, hint: Option<Hint>) -> u32 {
+    match found {
+        Some(rule) => steer(ctx, rule, hint),
         None => {
             count(XdpCounter::Passed);
             xdp_action::XDP_PASS
@@ -114,11 +164,18 @@ fn run<const RANGES: bool>(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn steer(ctx: &XdpContext, rule: RuleValue) -> u32 {
+fn steer(ctx: &XdpContext, rule: RuleValue, hint: Option<Hint>) -> u32 {
     count(XdpCounter::Matched);
     // SAFETY: a read of a u32 global; volatile, so the value the loader set is the one used
     // rather than the compile-time default.
     let max = unsafe { core::ptr::read_volatile(&MAX_FRAME_LEN) } as usize;
+    // A tag put back into the frame makes it four bytes longer. Taken off the limit, not
+    // added to the length: the verifier refuses arithmetic on the frame's end.
+    let max = if hint.is_some() {
+        max.saturating_sub(VLAN_HLEN)
+    } else {
+        max
+    };
     if ctx.data_end() - ctx.data() > max {
         // The socket would drop it (ENOSPC) and no counter of ours would show it.
         count(XdpCounter::Oversize);
@@ -134,6 +191,12 @@ fn steer(ctx: &XdpContext, rule: RuleValue) -> u32 {
     if queue >= MAX_QUEUES_PER_IFACE {
         return redirect_failed();
     }
+    // The socket gets the frame as it was on the wire: the tag back in its header.
+    if let Some(h) = hint
+        && !push_tag(ctx, h)
+    {
+        return redirect_failed();
+    }
     // The low bits of the flags are the action bpf_redirect_map returns when the XSKMAP slot
     // is empty: pass the frame rather than drop it, so a relay that is starting or stopping
     // never blackholes traffic.
@@ -141,11 +204,64 @@ fn steer(ctx: &XdpContext, rule: RuleValue) -> u32 {
         slot * MAX_QUEUES_PER_IFACE + queue,
         xdp_action::XDP_PASS as u64,
     ) {
-        Ok(action) => {
+        Ok(action) if action == xdp_action::XDP_REDIRECT => {
             count(XdpCounter::Redirected);
+            if hint.is_some() {
+                count(XdpCounter::VlanFromMetadata);
+            }
             action
         }
-        Err(_) => redirect_failed(),
+        // The kernel gets the frame as the NIC gave it: the tag in the skb's metadata only.
+        _ => {
+            if hint.is_some() {
+                pop_tag(ctx);
+            }
+            redirect_failed()
+        }
+    }
+}
+
+/// Puts a tag from the NIC's metadata into the frame's header, after the MACs: the frame
+/// grows by four bytes at the front. False if it could not.
+#[inline(always)]
+fn push_tag(ctx: &XdpContext, h: Hint) -> bool {
+    // SAFETY: the program's own context; the kernel checks the headroom.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(VLAN_HLEN as i32)) } != 0 {
+        return false;
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + ETH_HLEN + VLAN_HLEN > end {
+        return false;
+    }
+    let proto = if h.proto == 0 {
+        ETH_P_8021Q.to_be()
+    } else {
+        h.proto
+    };
+    // SAFETY: the check above proves the first 18 bytes lie inside the frame: the MACs move
+    // from four bytes in to the front, and the tag fills the four bytes after them.
+    unsafe {
+        let p = start as *mut u8;
+        core::ptr::copy(p.add(VLAN_HLEN), p, 12);
+        core::ptr::write_unaligned(p.add(12) as *mut u16, proto);
+        core::ptr::write_unaligned(p.add(14) as *mut u16, h.tci.to_be());
+    }
+    true
+}
+
+/// Undoes [`push_tag`].
+#[inline(always)]
+fn pop_tag(ctx: &XdpContext) {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + ETH_HLEN + VLAN_HLEN > end {
+        return;
+    }
+    // SAFETY: the first 18 bytes lie inside the frame (checked above): the MACs move back
+    // over the tag, and the head then drops the four bytes in front of them.
+    unsafe {
+        let p = start as *mut u8;
+        core::ptr::copy(p, p.add(VLAN_HLEN), 12);
+        bpf_xdp_adjust_head(ctx.ctx, VLAN_HLEN as i32);
     }
 }
 
@@ -185,11 +301,18 @@ fn bytes_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> 
 /// Two tags (QinQ) end the parse: the inner ethertype is a tag, not IP, so such frames are
 /// passed, never relayed with a VLAN the rules did not name.
 #[inline(always)]
-fn classify<const RANGES: bool>(ctx: &XdpContext) -> Option<RuleValue> {
+fn classify<const RANGES: bool, const HINTED: bool>(
+    ctx: &XdpContext,
+    hint: Option<Hint>,
+) -> Option<RuleValue> {
     let mut l3 = ETH_HLEN;
     let mut ethertype = u16::from_be_bytes(bytes_at::<2>(ctx, 12)?);
-    let mut tci = None;
+    let mut tci = hint.map(|h| h.tci);
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        if tci.is_some() {
+            // The NIC took the outer of two tags: QinQ, passed as a pair in the frame is.
+            return None;
+        }
         let tag = bytes_at::<4>(ctx, ETH_HLEN)?;
         tci = Some(u16::from_be_bytes([tag[0], tag[1]]));
         ethertype = u16::from_be_bytes([tag[2], tag[3]]);
@@ -216,9 +339,9 @@ fn classify<const RANGES: bool>(ctx: &XdpContext) -> Option<RuleValue> {
     let shapes = SHAPES.get(0).copied().unwrap_or(0);
     if !RANGES && shapes & SHAPE_RANGES != 0 {
         // SAFETY: a tail call: on success control never comes back, and this program has
-        // nothing to release. It fails only if the slot is empty, and the loader fills it
+        // nothing to release. It fails only if the slot is empty, and the loader fills both
         // before it writes any rule, so the exact path below never sees a range rule set.
-        unsafe { RANGE_PROG.tail_call(ctx, 0) };
+        unsafe { RANGE_PROG.tail_call(ctx, u32::from(HINTED)) };
     }
     let unicast = shapes & SHAPE_UNICAST != 0;
     let (l4, frag) = match ethertype {

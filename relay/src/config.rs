@@ -558,6 +558,11 @@ pub struct LinkKind {
     /// Whether the driver runs XDP programs itself (native mode); `None` when the kernel
     /// cannot say (before Linux 6.3), and then nothing is refused for it.
     pub native_xdp: Option<bool>,
+    /// Whether the driver takes the VLAN tag off received frames into the skb's metadata
+    /// (rx-vlan-offload); `None` when it cannot say.
+    pub rx_vlan_offload: Option<bool>,
+    /// Whether a native XDP program can read that tag (the XDP RX metadata kfunc).
+    pub vlan_hint: Option<bool>,
 }
 
 impl LinkKind {
@@ -567,7 +572,55 @@ impl LinkKind {
             link_type: crate::link_kind::ARPHRD_ETHER,
             kind: Some(kind.to_owned()),
             native_xdp: Some(native_xdp),
+            rx_vlan_offload: None,
+            vlan_hint: None,
         }
+    }
+
+    /// As [`LinkKind::ethernet`], with its rx-vlan-offload and whether the tag it strips can
+    /// be read by a native program.
+    pub fn with_vlan(mut self, rx_vlan_offload: bool, vlan_hint: bool) -> Self {
+        self.rx_vlan_offload = Some(rx_vlan_offload);
+        self.vlan_hint = Some(vlan_hint);
+        self
+    }
+
+    /// Why an input with `vlan:` on interface `name` cannot tell VLANs apart in `mode`, if it
+    /// cannot: the driver takes tags off into the skb's metadata, and the program cannot read
+    /// them there (skb mode, or a driver that does not hand them to XDP). Its frames of every
+    /// VLAN would then look untagged.
+    fn vlan_refusal(&self, name: &str, vlan: Vlan, mode: XdpModeConfig) -> Option<String> {
+        if self.rx_vlan_offload != Some(true) {
+            return None;
+        }
+        let hint = self.vlan_hint == Some(true);
+        if hint && mode != XdpModeConfig::Skb {
+            return None;
+        }
+        let (why, fix) = if hint {
+            (
+                "which only a native-mode program can read, and xdp_mode is skb",
+                "use xdp_mode: auto or native".to_owned(),
+            )
+        } else if self.kind.as_deref() == Some("veth") {
+            (
+                "and this kernel's veth does not hand it to XDP programs",
+                "have the peer write tags into the frames (ethtool -K PEER txvlan off, in the \
+                 peer's namespace)"
+                    .to_owned(),
+            )
+        } else {
+            (
+                "and its driver does not hand it to XDP programs",
+                format!("turn the offload off: ethtool -K {name} rxvlan off"),
+            )
+        };
+        Some(format!(
+            "input vlan {vlan}: interface '{name}' (kind {}) takes the VLAN tag off the frames it \
+             receives (rx-vlan-offload on) into their metadata, {why}: the relay could not tell \
+             VLANs apart there, and frames of every VLAN would look untagged; {fix}",
+            self.kind_name()
+        ))
     }
 
     fn kind_name(&self) -> &str {
@@ -1015,7 +1068,7 @@ impl Config {
                     })
                 };
                 check_interface_name(&input.interface, "input").map_err(err)?;
-                self.check_ingress_kind(&input.interface, sys)
+                self.check_ingress_kind(&input.interface, input.vlan, sys)
                     .map_err(err)?;
                 // An interface that does not exist yet leaves the rule idle until it appears
                 // (see `absent_interfaces`).
@@ -1206,11 +1259,19 @@ impl Config {
     /// An input interface of a kind the XDP program can run on in `xdp_mode`: Ethernet, and
     /// with a driver that runs XDP itself when the mode is `native` (a bridge, macvlan or vxlan
     /// has generic mode only, and the attach would fail half-way through the start).
-    fn check_ingress_kind(&self, name: &str, sys: &dyn System) -> Result<(), String> {
+    fn check_ingress_kind(
+        &self,
+        name: &str,
+        vlan: Option<Vlan>,
+        sys: &dyn System,
+    ) -> Result<(), String> {
         let Some(link) = sys.link(name) else {
             return Ok(());
         };
         if let Some(why) = link.refusal("input", name) {
+            return Err(why);
+        }
+        if let Some(why) = vlan.and_then(|v| link.vlan_refusal(name, v, self.xdp_mode)) {
             return Err(why);
         }
         if self.xdp_mode == XdpModeConfig::Native && link.native_xdp == Some(false) {
@@ -2654,6 +2715,8 @@ mod kind_tests {
             link_type,
             kind: kind.map(str::to_owned),
             native_xdp: Some(false),
+            rx_vlan_offload: Some(false),
+            vlan_hint: Some(false),
         };
         vec![
             ("veth0", LinkKind::ethernet("veth", true)),
@@ -2694,6 +2757,82 @@ mod kind_tests {
              239.1.1.1, port: 5000}}\n    outputs: [{{interface: {output}}}]\n"
         );
         Config::parse("k.yaml", &yaml).unwrap()
+    }
+
+    /// An input with `vlan:` on a NIC that strips tags into the skb's metadata: taken where a
+    /// native program reads them there (veth here), refused where nothing can (skb mode, a
+    /// driver without the hint) with the fix; no refusal without the offload or without
+    /// `vlan:`. The same check runs at --check, start and reload (`validate_running`).
+    #[test]
+    fn vlan_inputs_where_the_nic_strips_the_tag() {
+        let links = [
+            (
+                "hinted0",
+                LinkKind::ethernet("veth", true).with_vlan(true, true),
+            ),
+            (
+                "nic0",
+                LinkKind::ethernet("ixgbe", true).with_vlan(true, false),
+            ),
+            (
+                "nic1",
+                LinkKind::ethernet("ixgbe", true).with_vlan(false, false),
+            ),
+            (
+                "oldveth0",
+                LinkKind::ethernet("veth", true).with_vlan(true, false),
+            ),
+        ];
+        let names: Vec<(&str, u32)> = links
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (*n, 2 + i as u32))
+            .chain([("out0", 1)])
+            .collect();
+        let sys = links
+            .iter()
+            .cloned()
+            .fold(StaticSystem::new(&names), |s, (n, l)| s.with_link(n, l));
+        let check = |mode: &str, input: &str, vlan: &str| {
+            let yaml = format!(
+                "xdp_mode: {mode}\nrules:\n  - name: k\n    input: {{interface: {input}, group: \
+                 239.1.1.1, port: 5000{vlan}}}\n    outputs: [{{interface: out0}}]\n"
+            );
+            let c = Config::parse("k.yaml", &yaml).unwrap();
+            let at_start = c
+                .validate_with("k.yaml", &sys, true)
+                .map_err(|e| e.to_string());
+            let at_reload = c
+                .validate_running("k.yaml", &sys)
+                .map_err(|e| e.to_string());
+            assert_eq!(at_start, at_reload, "{mode} {input}{vlan}");
+            at_start
+        };
+        for mode in ["auto", "native", "skb"] {
+            for vlan in [", vlan: 10", ", vlan: untagged"] {
+                assert_eq!(
+                    check(mode, "nic1", vlan),
+                    Ok(()),
+                    "no offload: tags in the frame"
+                );
+                let nic = check(mode, "nic0", vlan).unwrap_err();
+                assert!(nic.contains("rule 'k': input vlan"), "{nic}");
+                assert!(nic.contains("ethtool -K nic0 rxvlan off"), "{nic}");
+                let old = check(mode, "oldveth0", vlan).unwrap_err();
+                assert!(old.contains("txvlan off"), "{old}");
+                let hinted = check(mode, "hinted0", vlan);
+                if mode == "skb" {
+                    let e = hinted.unwrap_err();
+                    assert!(e.contains("use xdp_mode: auto or native"), "{e}");
+                } else {
+                    assert_eq!(hinted, Ok(()), "{mode}: read from the metadata");
+                }
+            }
+            // Without `vlan:` the input takes every VLAN anyway.
+            for input in ["nic0", "oldveth0", "hinted0"] {
+                assert_eq!(check(mode, input, ""), Ok(()), "{mode} {input}");
+            }
+        }
     }
 
     /// Each kind as input and as output in each XDP mode: refused exactly when it is not

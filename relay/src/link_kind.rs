@@ -31,10 +31,35 @@ const NETDEV_FAMILY_NAME: &str = "netdev";
 const NETDEV_CMD_DEV_GET: u8 = 1;
 const NETDEV_A_DEV_IFINDEX: u16 = 1;
 const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
+const NETDEV_A_DEV_XDP_RX_METADATA_FEATURES: u16 = 5;
 /// NETDEV_XDP_ACT_BASIC: the driver runs XDP programs (XDP_PASS, XDP_DROP, XDP_TX, ...).
 pub const NETDEV_XDP_ACT_BASIC: u64 = 1;
 /// NETDEV_XDP_ACT_REDIRECT: the driver's XDP can redirect (the relay's XSKMAP needs this).
 pub const NETDEV_XDP_ACT_REDIRECT: u64 = 2;
+/// NETDEV_XDP_RX_METADATA_VLAN_TAG: the driver gives a native-mode program the VLAN tag it took
+/// off the frame (rx-vlan offload) through the bpf_xdp_metadata_rx_vlan_tag kfunc.
+pub const NETDEV_XDP_RX_METADATA_VLAN_TAG: u64 = 4;
+
+/// What the kernel's netdev family says a device's XDP can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XdpFeatures {
+    /// NETDEV_XDP_ACT_* bits: 0 for a device without XDP of its own (generic mode only).
+    pub actions: u64,
+    /// NETDEV_XDP_RX_METADATA_* bits: what a native program can ask the driver about a frame.
+    pub rx_metadata: u64,
+}
+
+impl XdpFeatures {
+    /// Native XDP: the driver runs programs itself.
+    pub fn native(&self) -> bool {
+        self.actions & NETDEV_XDP_ACT_BASIC != 0
+    }
+
+    /// A native program can read the VLAN tag the driver stripped.
+    pub fn vlan_hint(&self) -> bool {
+        self.native() && self.rx_metadata & NETDEV_XDP_RX_METADATA_VLAN_TAG != 0
+    }
+}
 
 /// How long one question to the kernel may take: an answer is local and immediate, so
 /// running out means the kernel will not answer, and the answer is "unknown".
@@ -104,27 +129,83 @@ pub fn kind(ifindex: u32) -> Option<String> {
     })
 }
 
-/// The interface's XDP features (NETDEV_XDP_ACT_* bits): 0 for a device whose driver has no
-/// XDP of its own (bridge, macvlan, vxlan: generic mode only). `None` when the kernel cannot
-/// say: no "netdev" family (before 6.3), or no answer.
-pub fn xdp_features(ifindex: u32) -> Option<u64> {
+/// The interface's XDP features: no actions for a device whose driver has no XDP of its own
+/// (bridge, macvlan, vxlan: generic mode only). `None` when the kernel cannot say: no
+/// "netdev" family (before 6.3), or no answer.
+pub fn xdp_features(ifindex: u32) -> Option<XdpFeatures> {
     let socket = open(NETLINK_GENERIC).ok()?;
     let (mut seq, mut buf) = (0, Vec::with_capacity(1 << 16));
     let family = family_id(&socket, &mut seq, &mut buf, NETDEV_FAMILY_NAME).ok()?;
     let mut ask = GenlMessage::from_payload(NetdevDev {
         ifindex: Some(ifindex),
         xdp_features: None,
+        rx_metadata: None,
     });
     ask.set_resolved_family_id(family);
     let answer = crate::rtnl::request(&socket, &mut seq, &mut buf, ask, 0, ANSWER_TIMEOUT);
     match answer {
-        Ok(Some(m)) => m.payload.xdp_features,
+        Ok(Some(m)) => m.payload.xdp_features.map(|actions| XdpFeatures {
+            actions,
+            // A kernel from before the metadata kfuncs (6.3) has none to offer.
+            rx_metadata: m.payload.rx_metadata.unwrap_or(0),
+        }),
         Ok(None) => None,
         Err(e) => {
             log::debug!("netdev: no XDP features for ifindex {ifindex}: {e}");
             None
         }
     }
+}
+
+/// Whether the driver takes the 802.1Q tag off the frames it receives into the skb's metadata
+/// (ethtool's rx-vlan-offload: ETH_FLAG_RXVLAN of ETHTOOL_GFLAGS); `None` when it cannot say.
+/// On a veth it says how tags from the peer are kept: in the metadata unless the peer's
+/// tx-vlan-offload is off.
+pub fn rx_vlan_offload(name: &str) -> Option<bool> {
+    const ETHTOOL_GFLAGS: u32 = 0x25;
+    const ETH_FLAG_RXVLAN: u32 = 1 << 8;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    // struct ifreq: the name, then a union whose member here is the pointer to the command.
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        pad: [u8; 16],
+    }
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: plain socket(2); the result is checked before use and owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_GFLAGS,
+        data: 0,
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut value,
+        pad: [0; 16],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: SIOCETHTOOL reads the NUL-terminated name and the command `req.data` points
+    // to, and writes the flags into it; both live until the call returns.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SIOCETHTOOL,
+            &mut req,
+        )
+    };
+    (rc == 0).then_some(value.data & ETH_FLAG_RXVLAN != 0)
 }
 
 /// The id the kernel gave the generic netlink family `name`; an error (ENOENT) when the
@@ -164,6 +245,7 @@ fn open(protocol: isize) -> io::Result<Socket> {
 struct NetdevDev {
     ifindex: Option<u32>,
     xdp_features: Option<u64>,
+    rx_metadata: Option<u64>,
 }
 
 impl NetdevDev {
@@ -174,7 +256,17 @@ impl NetdevDev {
         let features = self
             .xdp_features
             .map(|f| DefaultNla::new(NETDEV_A_DEV_XDP_FEATURES, f.to_ne_bytes().to_vec()));
-        ifindex.into_iter().chain(features).collect()
+        let rx_metadata = self.rx_metadata.map(|f| {
+            DefaultNla::new(
+                NETDEV_A_DEV_XDP_RX_METADATA_FEATURES,
+                f.to_ne_bytes().to_vec(),
+            )
+        });
+        ifindex
+            .into_iter()
+            .chain(features)
+            .chain(rx_metadata)
+            .collect()
     }
 }
 
@@ -207,6 +299,7 @@ impl ParseableParametrized<[u8], GenlHeader> for NetdevDev {
         let mut dev = NetdevDev {
             ifindex: None,
             xdp_features: None,
+            rx_metadata: None,
         };
         // Attributes a newer kernel adds (zero-copy segments, metadata, ...) are skipped.
         for nla in NlasIterator::new(buf) {
@@ -214,6 +307,9 @@ impl ParseableParametrized<[u8], GenlHeader> for NetdevDev {
             match nla.kind() {
                 NETDEV_A_DEV_IFINDEX => dev.ifindex = Some(parse_u32(nla.value())?),
                 NETDEV_A_DEV_XDP_FEATURES => dev.xdp_features = Some(parse_u64(nla.value())?),
+                NETDEV_A_DEV_XDP_RX_METADATA_FEATURES => {
+                    dev.rx_metadata = Some(parse_u64(nla.value())?)
+                }
                 _ => {}
             }
         }
@@ -230,11 +326,12 @@ mod tests {
         let dev = NetdevDev {
             ifindex: Some(7),
             xdp_features: Some(NETDEV_XDP_ACT_BASIC | NETDEV_XDP_ACT_REDIRECT),
+            rx_metadata: Some(NETDEV_XDP_RX_METADATA_VLAN_TAG),
         };
         let mut buf = vec![0; dev.buffer_len()];
         dev.emit(&mut buf);
-        // Two attributes of 4 header bytes each, the u32 and the u64 value.
-        assert_eq!(buf.len(), 8 + 12);
+        // Three attributes of 4 header bytes each, the u32 and the two u64 values.
+        assert_eq!(buf.len(), 8 + 12 + 12);
         let header = GenlHeader {
             cmd: NETDEV_CMD_DEV_GET,
             version: 1,
@@ -264,6 +361,29 @@ mod tests {
         assert_eq!(dev.xdp_features, Some(NETDEV_XDP_ACT_BASIC));
     }
 
+    /// What the kernel says of loopback's rx-vlan-offload (off, fixed), and of no interface.
+    #[test]
+    fn rx_vlan_offload_reads_the_driver_flag() {
+        assert_eq!(rx_vlan_offload("lo"), Some(false));
+        assert_eq!(rx_vlan_offload("no-such-if0"), None);
+        assert_eq!(rx_vlan_offload("a-name-too-long-for-linux"), None);
+    }
+
+    /// The VLAN tag from the metadata needs both: a driver that runs the program, and one
+    /// that answers the kfunc.
+    #[test]
+    fn the_vlan_hint_needs_native_xdp_and_the_metadata_bit() {
+        let f = |actions, rx_metadata| XdpFeatures {
+            actions,
+            rx_metadata,
+        };
+        // What veth answers here (6.18): native, redirect, ...; timestamp, hash, VLAN tag.
+        assert!(f(35, 7).vlan_hint());
+        assert!(!f(35, 3).vlan_hint(), "no VLAN tag bit");
+        assert!(!f(0, 7).vlan_hint(), "generic mode only");
+        assert!(f(35, 0).native() && !f(0, 0).native());
+    }
+
     #[test]
     fn every_kind_that_cannot_work_is_told_what_to_use_instead() {
         assert!(instead(65534, Some("tun")).contains("a tap instead of a tun"));
@@ -290,7 +410,7 @@ mod tests {
     fn loopback_has_no_native_xdp_or_the_kernel_cannot_say() {
         let features = xdp_features(1);
         assert!(
-            matches!(features, None | Some(0)),
+            features.is_none_or(|f| !f.native() && !f.vlan_hint()),
             "lo's xdp-features: {features:?}"
         );
         assert_eq!(kind(1), None, "loopback has no IFLA_INFO_KIND");

@@ -15,9 +15,10 @@ use aya::{
 };
 use log::{info, warn};
 use relay_common::{
-    COUNTER_MAP, ExactKey, FRAG_MAP, FragKey, MAX_QUEUES_PER_IFACE, PROGRAM, RANGE_RULE_MAP,
-    RANGES_PROGRAM, RANGES_PROGRAM_MAP, RULE_MAP, RuleKey, RuleValue, SHAPE_MAP, SHAPE_RANGES,
-    SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, TUPLE_MAP, TUPLE_SLOTS, Tuple, XSK_MAP, XdpCounter,
+    COUNTER_MAP, ExactKey, FRAG_MAP, FragKey, HINTED_PROGRAM, HINTED_RANGES_PROGRAM,
+    MAX_QUEUES_PER_IFACE, PROGRAM, RANGE_RULE_MAP, RANGES_PROGRAM, RANGES_PROGRAM_MAP, RULE_MAP,
+    RuleKey, RuleValue, SHAPE_MAP, SHAPE_RANGES, SHAPE_TUPLES_HALF, SHAPE_TUPLES_SHIFT, TUPLE_MAP,
+    TUPLE_SLOTS, Tuple, VLAN_HINT_MAP, XSK_MAP, XdpCounter,
 };
 
 use crate::{
@@ -26,13 +27,19 @@ use crate::{
 };
 
 static XDP_OBJECT: &[u8] = include_bytes_aligned!(env!("RELAY_XDP_OBJ"));
+/// The front program for devices whose driver gives the VLAN tag it stripped as XDP RX
+/// metadata (relay-ebpf/src/vlan_hint.bpf.c). libbpf loads it: it must be bound to its device
+/// at load, which aya cannot ask for.
+static VLAN_HINT_OBJECT: &[u8] = include_bytes_aligned!(env!("RELAY_VLAN_HINT_OBJ"));
+/// `BPF_F_XDP_DEV_BOUND_ONLY`: bound to one device, which the metadata kfuncs need.
+const XDP_DEV_BOUND_ONLY: u32 = 1 << 6;
 
 /// The loaded program and its attachments.
 pub struct Steering {
     ebpf: Ebpf,
     xsks: XskMap<MapData>,
     counters: Arc<XdpCounters>,
-    links: Vec<(String, XdpLinkId)>,
+    links: Vec<(String, Attachment)>,
     /// Ingress ifindex of each XSKMAP slot, in the order they were given out; 0 for a slot
     /// freed when its device went away, to be given out again.
     slots: Vec<u32>,
@@ -58,10 +65,69 @@ impl XdpCounters {
     }
 }
 
+/// How the program is attached to an interface.
+enum Attachment {
+    /// The relay's program itself.
+    Shared(XdpLinkId),
+    /// The VLAN-hint front bound to the device, which tail-calls the relay's program.
+    Front(VlanFront),
+}
+
+/// A front program loaded for one device and attached to it; dropping it detaches it.
+struct VlanFront {
+    link: libbpf_rs::Link,
+    _object: libbpf_rs::Object,
+}
+
+impl VlanFront {
+    /// Loads the front bound to `ifindex`, with the relay's `hints` map as its own, points it
+    /// at `hinted` and attaches it in native mode (a device-bound program has no other).
+    fn attach(ifindex: u32, hinted: BorrowedFd<'_>, hints: BorrowedFd<'_>) -> Result<Self> {
+        use libbpf_rs::{MapCore, MapFlags};
+        let mut open = libbpf_rs::ObjectBuilder::default()
+            .open_memory(VLAN_HINT_OBJECT)
+            .context("opening the VLAN-hint front program")?;
+        for mut prog in open.progs_mut() {
+            prog.set_ifindex(ifindex);
+            prog.set_flags(XDP_DEV_BOUND_ONLY);
+        }
+        for mut map in open.maps_mut() {
+            if map.name() == VLAN_HINT_MAP {
+                map.reuse_fd(hints)
+                    .context("giving the VLAN-hint front the relay's hint map")?;
+            }
+        }
+        let object = open
+            .load()
+            .context("loading the VLAN-hint front program bound to its device")?;
+        let next = object
+            .maps()
+            .find(|m| m.name() == "NEXT")
+            .ok_or_else(|| anyhow!("the VLAN-hint front has no NEXT map"))?;
+        let fd = u32::try_from(hinted.as_raw_fd()).context("the relay program's descriptor")?;
+        next.update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+            .context("putting the relay's program behind the VLAN-hint front")?;
+        let prog = object
+            .progs_mut()
+            .next()
+            .ok_or_else(|| anyhow!("the VLAN-hint front object has no program"))?;
+        let ifindex = i32::try_from(ifindex).context("ifindex")?;
+        let link = prog
+            .attach_xdp(ifindex)
+            .context("attaching the VLAN-hint front")?;
+        Ok(Self {
+            link,
+            _object: object,
+        })
+    }
+}
+
 /// Which XDP mode an interface got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachedMode {
     Native,
+    /// Native, behind the front that reads the VLAN tag the NIC stripped.
+    NativeVlanHint,
     Skb,
 }
 
@@ -69,6 +135,9 @@ impl AttachedMode {
     pub fn describe(self) -> &'static str {
         match self {
             AttachedMode::Native => "native",
+            AttachedMode::NativeVlanHint => {
+                "native (VLAN tags the driver strips read from XDP metadata)"
+            }
             AttachedMode::Skb => "skb (generic)",
         }
     }
@@ -107,20 +176,7 @@ impl Steering {
         // The program for rule sets with ranges, which the attached one tail-calls: in its
         // slot before any rule is written. The map stays in `ebpf`: a program array's slots
         // empty when the last descriptor of it closes.
-        let ranges: &mut Xdp = ebpf
-            .program_mut(RANGES_PROGRAM)
-            .ok_or_else(|| anyhow!("no {RANGES_PROGRAM} program in the object"))?
-            .try_into()?;
-        ranges
-            .load()
-            .context("the kernel refused the XDP program for ranges")?;
-        let fd = ranges.fd()?.try_clone()?;
-        let mut slot: ProgramArray<_> = ProgramArray::try_from(
-            ebpf.map_mut(RANGES_PROGRAM_MAP)
-                .ok_or_else(|| anyhow!("no {RANGES_PROGRAM_MAP} map"))?,
-        )?;
-        slot.set(0, &fd, 0)
-            .context("putting the program for ranges in its slot")?;
+        load_into_slot(&mut ebpf, RANGES_PROGRAM, 0)?;
         let mut steering = Self {
             ebpf,
             xsks,
@@ -345,20 +401,54 @@ impl Steering {
         let Some(at) = self.links.iter().position(|(i, _)| i == iface) else {
             return Ok(());
         };
-        let (_, id) = self.links.remove(at);
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| anyhow!("no {PROGRAM} program"))?
-            .try_into()?;
-        prog.detach(id)
-            .with_context(|| format!("detaching XDP from {iface}"))?;
+        let (_, attachment) = self.links.remove(at);
+        match attachment {
+            Attachment::Shared(id) => {
+                let prog: &mut Xdp = self
+                    .ebpf
+                    .program_mut(PROGRAM)
+                    .ok_or_else(|| anyhow!("no {PROGRAM} program"))?
+                    .try_into()?;
+                prog.detach(id)
+                    .with_context(|| format!("detaching XDP from {iface}"))?;
+            }
+            Attachment::Front(front) => front
+                .link
+                .detach()
+                .with_context(|| format!("detaching XDP from {iface}"))?,
+        }
         info!("{iface}: XDP program detached");
         Ok(())
     }
 
-    /// Attaches to `iface` in the configured mode; `auto` tries native first.
-    pub fn attach(&mut self, iface: &str, mode: XdpModeConfig) -> Result<AttachedMode> {
+    /// Attaches to `iface` (`ifindex`) in the configured mode; `auto` tries native first.
+    /// Where native is allowed and the driver gives the VLAN tags it strips as XDP metadata,
+    /// the front that reads them goes first: a tag is then read wherever the NIC put it.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        mode: XdpModeConfig,
+    ) -> Result<AttachedMode> {
+        let vlan_hint = crate::link_kind::xdp_features(ifindex).is_some_and(|f| f.vlan_hint());
+        if vlan_hint && mode != XdpModeConfig::Skb {
+            let hinted = self.hinted()?;
+            let hints = match self.ebpf.map(VLAN_HINT_MAP) {
+                Some(aya::maps::Map::PerCpuArray(m)) => m.fd().as_fd(),
+                _ => return Err(anyhow!("no {VLAN_HINT_MAP} map")),
+            };
+            match VlanFront::attach(ifindex, hinted.as_fd(), hints) {
+                Ok(front) => {
+                    self.links
+                        .push((iface.to_owned(), Attachment::Front(front)));
+                    return Ok(AttachedMode::NativeVlanHint);
+                }
+                Err(e) => warn!(
+                    "{iface}: the front that reads stripped VLAN tags did not attach ({e:#}); \
+                     VLAN-tagged frames whose tag the driver takes off will look untagged"
+                ),
+            }
+        }
         let name = std::ffi::CString::new(iface)?;
         let prog: &mut Xdp = self
             .ebpf
@@ -392,20 +482,23 @@ impl Steering {
                 }
             },
         };
-        self.links.push((iface.to_owned(), id));
+        self.links.push((iface.to_owned(), Attachment::Shared(id)));
         Ok(got)
     }
 
     /// Detaches from every interface; frames pass to the kernel from here on.
     pub fn detach(&mut self) {
-        let Some(prog) = self.ebpf.program_mut(PROGRAM) else {
-            return;
-        };
-        let Ok(prog) = <&mut Xdp>::try_from(prog) else {
-            return;
-        };
-        for (iface, id) in self.links.drain(..) {
-            match prog.detach(id) {
+        for (iface, attachment) in std::mem::take(&mut self.links) {
+            let done = match attachment {
+                Attachment::Shared(id) => self
+                    .ebpf
+                    .program_mut(PROGRAM)
+                    .ok_or_else(|| anyhow!("no {PROGRAM} program"))
+                    .and_then(|p| Ok(<&mut Xdp>::try_from(p)?))
+                    .and_then(|p| Ok(p.detach(id)?)),
+                Attachment::Front(front) => front.link.detach().map_err(Into::into),
+            };
+            match done {
                 Ok(()) => info!("{iface}: XDP program detached"),
                 Err(e) => warn!("{iface}: detaching XDP failed: {e}"),
             }
@@ -421,10 +514,67 @@ impl Steering {
         test_run(self.program_fd()?.as_fd(), frame, ifindex, repeat)
     }
 
+    /// Runs `relay_hinted` on `frame` as [`Steering::test_run`] runs the program, as if the
+    /// VLAN-hint front had found the tag `tci` in the NIC's metadata (`None`: no tag there);
+    /// returns the XDP action and the frame as the program left it.
+    pub fn test_run_hinted(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+        tci: Option<u16>,
+    ) -> Result<(u32, Vec<u8>)> {
+        let hint = relay_common::VlanHint {
+            present: u16::from(tci.is_some()),
+            proto: 0x8100u16.to_be(),
+            tci: tci.unwrap_or(0),
+            pad: 0,
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut hints: PerCpuArray<&mut MapData, relay_common::VlanHint> = PerCpuArray::try_from(
+            self.ebpf
+                .map_mut(VLAN_HINT_MAP)
+                .ok_or_else(|| anyhow!("no {VLAN_HINT_MAP} map"))?,
+        )?;
+        hints.set(
+            0,
+            aya::maps::PerCpuValues::try_from(vec![hint; cpus.get() as usize])?,
+            0,
+        )?;
+        let prog = self.hinted()?;
+        let mut out = vec![0u8; frame.len() + 64];
+        let (action, _, len) = test_run_into(prog.as_fd(), frame, ifindex, 1, &mut out)?;
+        out.truncate(len);
+        Ok((action, out))
+    }
+
     /// A handle that runs the program as [`Steering::test_run`] does, from another thread:
     /// a test can keep frames going through the program while this one reloads the rules.
     pub fn test_runner(&self) -> Result<TestRunner> {
         Ok(TestRunner(self.program_fd()?.try_clone()?))
+    }
+
+    /// `relay_hinted`, loaded (with its ranges program in slot 1) the first time a device
+    /// needs it: a relay without such devices pays nothing for it, at the start or per frame.
+    fn hinted(&mut self) -> Result<ProgramFd> {
+        let loaded = |ebpf: &Ebpf| -> Result<Option<ProgramFd>> {
+            let prog: &Xdp = ebpf
+                .program(HINTED_PROGRAM)
+                .ok_or_else(|| anyhow!("no {HINTED_PROGRAM} program"))?
+                .try_into()?;
+            Ok(prog.fd().ok().map(|fd| fd.try_clone()).transpose()?)
+        };
+        if let Some(fd) = loaded(&self.ebpf)? {
+            return Ok(fd);
+        }
+        load_into_slot(&mut self.ebpf, HINTED_RANGES_PROGRAM, 1)?;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(HINTED_PROGRAM)
+            .ok_or_else(|| anyhow!("no {HINTED_PROGRAM} program"))?
+            .try_into()?;
+        prog.load()
+            .context("the kernel refused the XDP program behind the VLAN-hint front")?;
+        loaded(&self.ebpf)?.ok_or_else(|| anyhow!("{HINTED_PROGRAM} did not load"))
     }
 
     fn program_fd(&self) -> Result<&ProgramFd> {
@@ -494,7 +644,38 @@ impl TestRunner {
 /// Runs the program `prog` on `frame` as if it arrived on `ifindex`'s rx queue 0
 /// (BPF_PROG_TEST_RUN), `repeat` times; returns the XDP action and the kernel's mean time
 /// per run in nanoseconds.
+/// Loads program `name` and puts it in slot `slot` of the ranges program array.
+fn load_into_slot(ebpf: &mut Ebpf, name: &str, slot: u32) -> Result<()> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("no {name} program in the object"))?
+        .try_into()?;
+    prog.load()
+        .with_context(|| format!("the kernel refused the XDP program {name}"))?;
+    let fd = prog.fd()?.try_clone()?;
+    let mut array: ProgramArray<_> = ProgramArray::try_from(
+        ebpf.map_mut(RANGES_PROGRAM_MAP)
+            .ok_or_else(|| anyhow!("no {RANGES_PROGRAM_MAP} map"))?,
+    )?;
+    array
+        .set(slot, &fd, 0)
+        .with_context(|| format!("putting {name} in its slot"))
+}
+
 fn test_run(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32, repeat: u32) -> Result<(u32, u32)> {
+    let (action, duration, _) = test_run_into(prog, frame, ifindex, repeat, &mut [])?;
+    Ok((action, duration))
+}
+
+/// [`test_run`], with the frame as the program left it copied into `out` (when not empty):
+/// returns the action, the mean time per run in nanoseconds and the frame's length.
+fn test_run_into(
+    prog: BorrowedFd<'_>,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+    out: &mut [u8],
+) -> Result<(u32, u32, usize)> {
     let fd = prog.as_raw_fd();
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
     // egress_ifindex. Only the ifindex and queue may be set on input.
@@ -508,14 +689,19 @@ fn test_run(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32, repeat: u32) -> Re
         repeat: repeat as i32,
         ..Default::default()
     };
+    if !out.is_empty() {
+        opts.data_out = out.as_mut_ptr().cast();
+        opts.data_size_out = out.len() as u32;
+    }
     // SAFETY: `opts` is libbpf's own options struct with its size set; the frame and ctx
-    // buffers it points to outlive the call, and nothing is written back into them (no
-    // data_out or ctx_out given). `fd` is a program fd the caller borrows for the call.
+    // buffers it points to outlive the call, and the kernel writes at most `data_size_out`
+    // bytes into `out`, which is that long (no ctx_out given). `fd` is a program fd the
+    // caller borrows for the call.
     let rc = unsafe { libbpf_sys::bpf_prog_test_run_opts(fd, &mut opts) };
     if rc != 0 {
         return Err(std::io::Error::from_raw_os_error(-rc)).context("BPF_PROG_TEST_RUN");
     }
-    Ok((opts.retval, opts.duration))
+    Ok((opts.retval, opts.duration, opts.data_size_out as usize))
 }
 
 impl Drop for Steering {

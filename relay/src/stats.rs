@@ -732,7 +732,7 @@ mod tests {
             ..StatsView::build(
                 &t,
                 &d,
-                Some(&[12, 10, 10, 2, 0, 0, 0, 0]),
+                Some(&[12, 10, 10, 2, 0, 0, 0, 0, 0]),
                 &pool,
                 AllocatorKind::Lockfree,
             )

@@ -62,7 +62,9 @@ impl System for LiveSystem {
         Some(LinkKind {
             link_type,
             kind,
-            native_xdp: features.map(|f| f & crate::link_kind::NETDEV_XDP_ACT_BASIC != 0),
+            native_xdp: features.map(|f| f.native()),
+            rx_vlan_offload: crate::link_kind::rx_vlan_offload(name),
+            vlan_hint: features.map(|f| f.vlan_hint()),
         })
     }
 

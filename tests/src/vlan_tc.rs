@@ -43,6 +43,18 @@ impl VlanPush {
     /// drop removes it.
     pub fn attach(ns: &Netns, iface: &str, vid: u16, tag_in: TagIn) -> Result<VlanPush> {
         ensure!((1..=4094).contains(&vid), "VID {vid} is not 1 to 4094");
+        Self::attach_built(ns, iface, &format!("VID={vid}"), tag_in)
+    }
+
+    /// Moves the tag of every tagged frame `iface` in `ns` sends (crafted and injected raw)
+    /// into the skb's metadata, as a NIC's rx-vlan offload leaves it: the frame reaches the
+    /// peer untagged, its tag beside it. Of two tags (QinQ) the outer one moves.
+    pub fn move_frame_tags(ns: &Netns, iface: &str) -> Result<VlanPush> {
+        Self::attach_built(ns, iface, "MOVE_FRAME_TAG", TagIn::Metadata)
+    }
+
+    /// Builds the program with `define` and attaches it, with the tag carried as `tag_in`.
+    fn attach_built(ns: &Netns, iface: &str, define: &str, tag_in: TagIn) -> Result<VlanPush> {
         let dir = std::env::temp_dir().join(unique_name("vlan-tc"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         // From here on the drop cleans up whatever was done.
@@ -51,7 +63,7 @@ impl VlanPush {
             iface: iface.to_owned(),
             dir,
         };
-        let obj = build(&push.dir, vid)?;
+        let obj = build(&push.dir, define)?;
         let offload = match tag_in {
             TagIn::Metadata => "on",
             TagIn::Frame => "off",
@@ -95,12 +107,12 @@ impl Drop for VlanPush {
     }
 }
 
-/// Compiles the program for `vid` into `dir`; the object's path.
-fn build(dir: &Path, vid: u16) -> Result<PathBuf> {
+/// Compiles the program with `-D<define>` into `dir`; the object's path.
+fn build(dir: &Path, define: &str) -> Result<PathBuf> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("bpf/vlan_push.bpf.c");
-    let obj = dir.join(format!("vlan_push_{vid}.o"));
+    let obj = dir.join("vlan_push.o");
     let mut cc = Command::new("clang");
-    cc.args(["-O2", "-g", "-target", "bpf", &format!("-DVID={vid}")]);
+    cc.args(["-O2", "-g", "-target", "bpf", &format!("-D{define}")]);
     // <linux/bpf.h> includes <asm/types.h>, which Debian keeps under the multiarch
     // directory; `-target bpf` does not look there by itself.
     let multiarch = format!("/usr/include/{}-linux-gnu", std::env::consts::ARCH);

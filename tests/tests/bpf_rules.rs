@@ -199,6 +199,20 @@ fn bpf_matches(steering: &Steering, frame: &[u8]) -> bool {
     matched() - before == 1
 }
 
+/// Whether `relay_hinted` matched `frame` when the VLAN-hint front found `tci` in the NIC's
+/// metadata; it must hand a frame it passes back byte for byte.
+fn bpf_matches_hinted(steering: &mut Steering, frame: &[u8], tci: Option<u16>) -> bool {
+    let matched = |s: &Steering| s.counters().read().unwrap()[XdpCounter::Matched as usize];
+    let before = matched(steering);
+    let (action, out) = steering.test_run_hinted(frame, LO, tci).unwrap();
+    assert_eq!(action, 2, "XDP_PASS");
+    assert_eq!(
+        out, frame,
+        "a passed frame leaves as it came, the tag not in it"
+    );
+    matched(steering) - before == 1
+}
+
 /// Group `g`, or for `g` of 3 and above the relay's own unicast address .2 + (g - 3): a
 /// rule with a unicast `destination:` (with a port) or a frame to one.
 fn group(v6: bool, g: u8) -> IpAddr {
@@ -323,7 +337,7 @@ proptest! {
             })
             .collect();
         let t = table(rules.clone());
-        let steering = Steering::load(&t, 2048).unwrap();
+        let mut steering = Steering::load(&t, 2048).unwrap();
         for (i, (v6, g, port, s, tci)) in probes.into_iter().enumerate() {
             let (g, s) = (probe_group(v6, g), probe_source(v6, s));
             let frame = build_udp_frame(&UdpFrame {
@@ -339,6 +353,22 @@ proptest! {
             // The daemon's matcher finds the same rule.
             let flow = classify_udp(&frame).unwrap();
             prop_assert_eq!(t.lookup(LO, &flow), want, "the daemon's rule");
+            // The same frame with its tag in the NIC's metadata, behind the VLAN-hint front:
+            // the same match, and the same rule for its first fragment.
+            let bare = build_udp_frame(&UdpFrame { vlan: None, ..UdpFrame::simple(s, g, port, 8, b"probe") });
+            prop_assert_eq!(bpf_matches_hinted(&mut steering, &bare, tci), want.is_some(), "hinted {} -> {}:{} tci {:?}", s, g, port, tci);
+            let id = 0x8000 | i as u16;
+            let first = fragment_tagged(None, v6, g, s, port, id, 0);
+            bpf_matches_hinted(&mut steering, &first, tci);
+            let key = FragKey {
+                ifindex: LO,
+                id: if v6 { u32::from(id).to_be_bytes() } else { [0, 0, (id >> 8) as u8, id as u8] },
+                source: key_addr(s),
+                group: key_addr(g),
+                vlan: frame_vlan(tci),
+                pad: 0,
+            };
+            prop_assert_eq!(steering.fragment_rule(&key).unwrap(), want, "the hinted program's rule");
         }
     }
 }
@@ -377,6 +407,20 @@ fn vlan_shapes_and_qinq() {
         assert!(!bpf_matches(&steering, &qinq), "QinQ {outer:02x?}");
         assert_eq!(classify(&qinq), None);
     }
+    // Behind the VLAN-hint front: the tag from the metadata counts as the frame's, and a
+    // frame that still has one in it is QinQ (the NIC took the outer one).
+    let mut steering = steering;
+    assert!(bpf_matches_hinted(&mut steering, &tagged(None), Some(7)));
+    assert!(
+        bpf_matches_hinted(&mut steering, &tagged(None), Some(0x2007)),
+        "priority 1"
+    );
+    assert!(!bpf_matches_hinted(&mut steering, &tagged(None), Some(8)));
+    assert!(!bpf_matches_hinted(&mut steering, &tagged(None), None));
+    assert!(
+        !bpf_matches_hinted(&mut steering, &tagged(Some(7)), Some(7)),
+        "QinQ"
+    );
     // The rule without a VLAN takes its group on any VLAN and none.
     for tci in [None, Some(7), Some(4000)] {
         let f = build_udp_frame(&UdpFrame {

@@ -637,3 +637,45 @@ fn l3_and_loopback_interfaces_are_refused_at_check_start_and_reload() {
     }
     stop_clean(relay, &topo);
 }
+
+/// A veth keeps the tags of frames from its peer in the skb's metadata (rx-vlan-offload on)
+/// where only a native-mode program reads them: an input with `vlan:` on it is refused in
+/// `xdp_mode: skb` by `--check` and by the start alike, with the fix, and taken in auto and
+/// native mode. An input without `vlan:` takes every VLAN, and is taken in skb mode too.
+#[test]
+fn check_refuses_vlan_inputs_where_the_tag_cannot_be_read() {
+    require_root();
+    let topo = Topology::new(1).unwrap();
+    let files = Scratch::new();
+    let rule = |mode: &str, vlan: &str| {
+        format!(
+            "xdp_mode: {mode}\nrules:\n  - name: k\n    input: {{ interface: rin, group: \
+             239.1.1.1, port: 5000{vlan} }}\n    outputs: [{{ interface: rout0 }}]\n"
+        )
+    };
+    for vlan in ["10", "untagged"] {
+        let want = format!(
+            "rule 'k': input vlan {vlan}: interface 'rin' (kind veth) takes the VLAN tag off the \
+             frames it receives (rx-vlan-offload on) into their metadata, which only a \
+             native-mode program can read, and xdp_mode is skb: the relay could not tell VLANs \
+             apart there, and frames of every VLAN would look untagged; use xdp_mode: auto or \
+             native"
+        );
+        refused_alike(
+            &topo,
+            &files,
+            &rule("skb", &format!(", vlan: {vlan}")),
+            &want,
+        );
+        for mode in ["auto", "native"] {
+            let file = files.config(
+                &format!("{mode}-{vlan}.yaml"),
+                &rule(mode, &format!(", vlan: {vlan}")),
+            );
+            check_passes(&topo, &file, &format!("vlan {vlan} in xdp_mode: {mode}"));
+        }
+    }
+    let file = files.config("skb-any.yaml", &rule("skb", ""));
+    check_passes(&topo, &file, "no vlan: in xdp_mode: skb");
+    assert!(!topo.relay_has_xdp().unwrap());
+}

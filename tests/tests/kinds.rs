@@ -50,10 +50,15 @@ enum Kind {
 }
 
 impl Kind {
-    /// The XDP mode the log names for this kind as ingress with `xdp_mode: auto`.
+    /// The XDP mode the log names for this kind as ingress with `xdp_mode: auto`: a veth's
+    /// driver hands XDP the VLAN tags it keeps in the metadata, so the front that reads them
+    /// goes first there.
     fn xdp_mode(self) -> &'static str {
         match self {
-            Kind::Veth | Kind::Port | Kind::Tap => "native",
+            Kind::Veth | Kind::Port => {
+                "native (VLAN tags the driver strips read from XDP metadata)"
+            }
+            Kind::Tap => "native",
             Kind::Bridge | Kind::Macvlan | Kind::Vxlan => "skb (generic)",
         }
     }

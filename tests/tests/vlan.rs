@@ -3,7 +3,11 @@
 //! captured raw with each frame's tag put back (`capture_tagged`): which frames an input's
 //! `vlan:` takes, which tag each output sends with (none, a new one, or the arrived one's VID
 //! replaced with its priority kept), and that the rest of the rewrite (MACs, TTL, checksums)
-//! is right at the moved offsets.
+//! is right at the moved offsets. Each runs twice: with the tag in the frame, as a NIC with
+//! rx-vlan offload off hands it over, and with the tag in the skb's metadata, as a NIC with
+//! the offload on (most server NICs by default) leaves it: a tc program on the sender's link
+//! moves each crafted frame's tag there, and the relay reads it through the XDP RX metadata
+//! kfunc.
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
@@ -16,6 +20,7 @@ use relay_tests::{
     relay_proc::{RelayProc, relay_bin},
     topo::{RELAY_IN, SENDER_ADDR, SENDER_ADDR6, SENDER_IF, Topology},
     traffic::{Limits, capture_tagged, check_payload, inject, join, payload},
+    vlan_tc::{TagIn, VlanPush},
 };
 
 mod common;
@@ -83,10 +88,14 @@ fn verify(frame: &[u8], src_mac: [u8; 6]) -> (u64, Got) {
 struct Run {
     relayed: Vec<BTreeMap<u64, Got>>,
     passed: Vec<u64>,
+    /// Injected frames the relay's stack saw, QinQ ones too (which `passed` cannot number).
+    passed_frames: usize,
     matched: u64,
     copies: u64,
     /// The first rule's merge counters, if it merges.
     merge: Option<relay::stats::MergeView>,
+    /// Relayed frames whose tag the program read from the NIC's metadata.
+    from_metadata: u64,
 }
 
 /// `relayed` and `passed` bound how many frames the captures wait for; `matched` is how many
@@ -94,11 +103,14 @@ struct Run {
 fn run(
     yaml: &str,
     allocator: &str,
+    tags: TagIn,
     frames: Vec<Vec<u8>>,
     (relayed, passed, matched): (usize, usize, u64),
 ) -> Run {
     require_root();
     let topo = Topology::new(2).unwrap();
+    let _moved = (tags == TagIn::Metadata)
+        .then(|| VlanPush::move_frame_tags(&topo.sender, SENDER_IF).unwrap());
     let macs: Vec<[u8; 6]> = topo
         .receivers
         .iter()
@@ -140,8 +152,9 @@ fn run(
             by_seq
         })
         .collect();
-    let passed: Vec<u64> = join(stack)
-        .unwrap()
+    let stack = join(stack).unwrap();
+    let passed_frames = stack.len();
+    let passed: Vec<u64> = stack
         .iter()
         .filter_map(|f| {
             let flow = classify(f)?;
@@ -163,10 +176,39 @@ fn run(
     Run {
         relayed,
         passed,
+        passed_frames,
         matched: after.xdp["matched"] - before.xdp["matched"],
         copies: after.copies - before.copies,
         merge: after.rules[0].merge.clone(),
+        // Read leniently so that a relay without the counter fails on what it relayed.
+        from_metadata: after.xdp.get("vlan_from_metadata").copied().unwrap_or(0)
+            - before.xdp.get("vlan_from_metadata").copied().unwrap_or(0),
     }
+}
+
+/// `vlan_from_metadata` after a run that relayed `tagged` frames that came with a tag: all of
+/// them when the tags came in the metadata, none when they came in the frames.
+fn assert_from_metadata(r: &Run, tags: TagIn, tagged: u64) {
+    let want = if tags == TagIn::Metadata { tagged } else { 0 };
+    assert_eq!(
+        r.from_metadata, want,
+        "frames whose tag came from the metadata"
+    );
+}
+
+/// Two #[test]s for `$body(TagIn)`: the tag in the frame, and in the NIC's metadata.
+macro_rules! both_ways {
+    ($body:ident, $frame:ident, $metadata:ident) => {
+        #[test]
+        fn $frame() {
+            $body(TagIn::Frame);
+        }
+
+        #[test]
+        fn $metadata() {
+            $body(TagIn::Metadata);
+        }
+    };
 }
 
 fn v4(tci: Option<u16>, port: u16) -> Got {
@@ -179,8 +221,7 @@ fn v4(tci: Option<u16>, port: u16) -> Got {
 
 /// (a) An input with `vlan: 10` takes frames tagged with VID 10, whatever their priority, and
 /// neither VID 20 nor untagged frames, which go to the kernel.
-#[test]
-fn an_input_vlan_takes_only_its_vid() {
+fn an_input_vlan_takes_only_its_vid(tags: TagIn) {
     let yaml = "\
 rules:
   - name: v10
@@ -194,20 +235,27 @@ rules:
         // PCP 3.
         frame("239.1.1.1", 5000, Some(0x600a), 4, 64),
     ];
-    let r = run(yaml, "lockfree", frames, (2, 2, 2));
+    let r = run(yaml, "lockfree", tags, frames, (2, 2, 2));
     let want: BTreeMap<u64, Got> = [(1, v4(None, 5000)), (4, v4(None, 5000))].into();
     assert_eq!(r.relayed[0], want, "VID 10 relayed, untagged");
     assert_eq!(r.relayed[1], BTreeMap::new());
     assert_eq!(r.passed, [2, 3], "VID 20 and untagged passed to the kernel");
     assert_eq!(r.matched, 2);
+    assert_from_metadata(&r, tags, 2);
 }
+
+both_ways!(
+    an_input_vlan_takes_only_its_vid,
+    an_input_vlan_takes_only_its_vid_in_frame,
+    an_input_vlan_takes_only_its_vid_in_metadata
+);
 
 /// (b) An output without `vlan:` sends untagged (a tag the frame came with is removed), one
 /// with `vlan: 30` sends tagged with VID 30 (inserted into an untagged frame; replacing the
 /// arrived VID, with its priority kept), and one frame fans out to both. A 1500-byte IP
 /// packet still fits the 1500 MTU with a tag: the tag is not part of the IP packet. Both
 /// allocators.
-fn outputs_strip_or_tag(allocator: &str) {
+fn outputs_strip_or_tag(allocator: &str, tags: TagIn) {
     let yaml = "\
 rules:
   - name: trunk
@@ -221,7 +269,7 @@ rules:
         // 20 + 8 + 1472 = 1500 bytes of IP.
         frame("239.1.1.1", 5000, None, 3, 1472),
     ];
-    let r = run(yaml, allocator, frames, (3, 0, 3));
+    let r = run(yaml, allocator, tags, frames, (3, 0, 3));
     let untagged: BTreeMap<u64, Got> = (1..=3).map(|s| (s, v4(None, 5000))).collect();
     assert_eq!(r.relayed[0], untagged, "rout0 sends untagged");
     let tagged: BTreeMap<u64, Got> = [
@@ -236,22 +284,32 @@ rules:
     );
     assert_eq!(r.passed, Vec::<u64>::new());
     assert_eq!((r.matched, r.copies), (3, 3), "one copy per frame");
+    assert_from_metadata(&r, tags, 1);
 }
 
 #[test]
 fn outputs_strip_or_tag_lockfree() {
-    outputs_strip_or_tag("lockfree");
+    outputs_strip_or_tag("lockfree", TagIn::Frame);
 }
 
 #[test]
 fn outputs_strip_or_tag_mutex() {
-    outputs_strip_or_tag("mutex");
+    outputs_strip_or_tag("mutex", TagIn::Frame);
+}
+
+#[test]
+fn outputs_strip_or_tag_in_metadata_lockfree() {
+    outputs_strip_or_tag("lockfree", TagIn::Metadata);
+}
+
+#[test]
+fn outputs_strip_or_tag_in_metadata_mutex() {
+    outputs_strip_or_tag("mutex", TagIn::Metadata);
 }
 
 /// (c) `vlan: untagged` takes untagged and priority-tagged (VID 0) frames only; a rule for
 /// VID 10 on the same group takes that VLAN; VID 11 has no rule and is passed.
-#[test]
-fn an_untagged_input_takes_only_untagged_frames() {
+fn an_untagged_input_takes_only_untagged_frames(tags: TagIn) {
     let yaml = "\
 rules:
   - name: native
@@ -268,19 +326,60 @@ rules:
         frame("239.1.1.1", 5000, Some(0x6000), 3, 64),
         frame("239.1.1.1", 5000, Some(11), 4, 64),
     ];
-    let r = run(yaml, "lockfree", frames, (2, 1, 3));
+    let r = run(yaml, "lockfree", tags, frames, (2, 1, 3));
     let native: BTreeMap<u64, Got> = [(1, v4(Some(40), 5000)), (3, v4(Some(0x6028), 5000))].into();
     assert_eq!(r.relayed[0], native);
     let v10: BTreeMap<u64, Got> = [(2, v4(None, 6000))].into();
     assert_eq!(r.relayed[1], v10);
     assert_eq!(r.passed, [4]);
     assert_eq!(r.matched, 3);
+    // The priority-tagged frame's tag came in the metadata too.
+    assert_from_metadata(&r, tags, 2);
 }
+
+both_ways!(
+    an_untagged_input_takes_only_untagged_frames,
+    an_untagged_input_takes_only_untagged_frames_in_frame,
+    an_untagged_input_takes_only_untagged_frames_in_metadata
+);
+
+/// QinQ: a frame with two tags is the kernel's, whatever the rules; with the NIC's offload on
+/// it takes the outer tag into its metadata and the inner stays in the frame, which the
+/// program must not read as the frame's only tag.
+fn qinq_is_passed(tags: TagIn) {
+    let yaml = "\
+rules:
+  - name: v10
+    input: { interface: rin, group: 239.1.1.1, port: 5000, vlan: 10 }
+    outputs: [{ interface: rout0 }]
+  - name: any
+    input: { interface: rin, group: 239.1.1.1, port: 5000 }
+    outputs: [{ interface: rout1 }]
+";
+    let mut qinq = frame("239.1.1.1", 5000, Some(10), 1, 64);
+    qinq.splice(12..12, [0x88, 0xa8, 0x00, 0x0a]);
+    let frames = vec![qinq, frame("239.1.1.1", 5000, Some(10), 2, 64)];
+    let r = run(yaml, "lockfree", tags, frames, (1, 1, 1));
+    assert_eq!(
+        r.relayed[0],
+        [(2, v4(None, 5000))].into(),
+        "only the single tag"
+    );
+    assert_eq!(r.relayed[1], BTreeMap::new(), "QinQ reaches no rule");
+    assert_eq!(r.passed_frames, 1, "QinQ is the kernel's");
+    assert_eq!(r.matched, 1);
+    assert_from_metadata(&r, tags, 1);
+}
+
+both_ways!(
+    qinq_is_passed,
+    qinq_is_passed_in_frame,
+    qinq_is_passed_in_metadata
+);
 
 /// (d) IPv6: VID 10 taken and fanned out untagged and, remapped, tagged with VID 30; VID 20
 /// and untagged frames passed.
-#[test]
-fn ipv6_tagged_frames() {
+fn ipv6_tagged_frames(tags: TagIn) {
     let yaml = "\
 rules:
   - name: v6
@@ -296,7 +395,7 @@ rules:
         frame("ff18::1:1", 5000, None, 3, 64),
         frame("ff18::1:1", 5000, Some(10), 4, 1000),
     ];
-    let r = run(yaml, "lockfree", frames, (2, 2, 2));
+    let r = run(yaml, "lockfree", tags, frames, (2, 2, 2));
     let g1: IpAddr = "ff18::1:1".parse().unwrap();
     let g2: IpAddr = "ff18::2:2".parse().unwrap();
     let got = |tci, group, port| Got { tci, group, port };
@@ -310,7 +409,14 @@ rules:
     assert_eq!(r.relayed[1], want1);
     assert_eq!(r.passed, [2, 3]);
     assert_eq!((r.matched, r.copies), (2, 2));
+    assert_from_metadata(&r, tags, 2);
 }
+
+both_ways!(
+    ipv6_tagged_frames,
+    ipv6_tagged_frames_in_frame,
+    ipv6_tagged_frames_in_metadata
+);
 
 /// A reload that changes an input's VLAN and one output's VLAN: frames follow the new rules
 /// at once, and counters carry over only for the output whose identity (interface, group,
@@ -419,7 +525,7 @@ fn a_reload_moves_vlans_and_keeps_counters_by_output_identity() {
 /// tagged output keeping the priority of that leg's frame; frames on other VIDs or untagged
 /// are the kernel's; the merge counts each leg's firsts, duplicates and gaps. `group` picks
 /// the family: the VLAN offsets and the merge's payload offset move with the IP header.
-fn merged_legs_on_vlans(allocator: &str, group: &str) {
+fn merged_legs_on_vlans(allocator: &str, group: &str, tags: TagIn) {
     let yaml = format!(
         "\
 rules:
@@ -451,7 +557,7 @@ rules:
     frames.push(frame(group, 5000, None, 100, 64));
     frames.push(frame(group, 5000, Some(30), 101, 64));
     let carried: Vec<u64> = (1..=40).filter(|s| *s != 35).collect();
-    let r = run(&yaml, allocator, frames, (carried.len(), 2, 32 + 35));
+    let r = run(&yaml, allocator, tags, frames, (carried.len(), 2, 32 + 35));
     let untagged: BTreeMap<u64, Got> = carried.iter().map(|&s| (s, got(None))).collect();
     assert_eq!(r.relayed[0], untagged, "rout0: each number once, untagged");
     // Where A missed a number, B's frame went first, and its priority with it.
@@ -478,7 +584,7 @@ rules:
         carried.len() as u64,
         "duplicates are dropped before any copy"
     );
-    let m = r.merge.expect("a merged rule");
+    let m = r.merge.as_ref().expect("a merged rule");
     assert_eq!((m.relayed, m.lost, m.malformed), (39, 1, 0), "{m:?}");
     let legs: Vec<[u64; 4]> = m
         .legs
@@ -489,24 +595,35 @@ rules:
     // last miss, has nothing after it). B: 35 received, first only where A missed (5, 10,
     // 15, 20, 25, 30, 40); it skipped 7, 14, 21, 28 and 35.
     assert_eq!(legs, vec![[32, 32, 0, 7], [35, 7, 28, 5]], "{m:?}");
+    assert_from_metadata(&r, tags, 32 + 35);
 }
 
 #[test]
 fn merged_legs_on_vlans_lockfree() {
-    merged_legs_on_vlans("lockfree", "239.1.1.1");
+    merged_legs_on_vlans("lockfree", "239.1.1.1", TagIn::Frame);
 }
 
 #[test]
 fn merged_legs_on_vlans_mutex() {
-    merged_legs_on_vlans("mutex", "239.1.1.1");
+    merged_legs_on_vlans("mutex", "239.1.1.1", TagIn::Frame);
 }
 
 #[test]
 fn merged_legs_on_vlans_ipv6_lockfree() {
-    merged_legs_on_vlans("lockfree", "ff18::1:1");
+    merged_legs_on_vlans("lockfree", "ff18::1:1", TagIn::Frame);
 }
 
 #[test]
 fn merged_legs_on_vlans_ipv6_mutex() {
-    merged_legs_on_vlans("mutex", "ff18::1:1");
+    merged_legs_on_vlans("mutex", "ff18::1:1", TagIn::Frame);
+}
+
+#[test]
+fn merged_legs_on_vlans_in_metadata_lockfree() {
+    merged_legs_on_vlans("lockfree", "239.1.1.1", TagIn::Metadata);
+}
+
+#[test]
+fn merged_legs_on_vlans_ipv6_in_metadata_mutex() {
+    merged_legs_on_vlans("mutex", "ff18::1:1", TagIn::Metadata);
 }

@@ -364,8 +364,30 @@ fn build_ebpf(root: &Path) -> Result<()> {
     if !obj.exists() {
         bail!("the eBPF build finished but {} is missing", obj.display());
     }
+    build_vlan_hint(root, &obj.with_file_name(VLAN_HINT_OBJECT))?;
     eprintln!("xtask: XDP program at {}", obj.display());
     Ok(())
+}
+
+/// The front program for NICs that hand the VLAN tag over as XDP metadata, beside the XDP
+/// object: relay/build.rs finds it there. In C: see the file's head for why.
+const VLAN_HINT_OBJECT: &str = "relay-vlan-hint.o";
+
+fn build_vlan_hint(root: &Path, out: &Path) -> Result<()> {
+    // <linux/bpf.h> includes <asm/types.h>, which Debian keeps under the multiarch folder;
+    // -target bpf does not look there by itself.
+    let multiarch = Command::new("clang")
+        .arg("-print-multiarch")
+        .output()
+        .context("running clang (scripts/setup.sh installs it)")?;
+    let multiarch = String::from_utf8_lossy(&multiarch.stdout).trim().to_owned();
+    run(Command::new("clang")
+        .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
+        .arg(format!("-I/usr/include/{multiarch}"))
+        .arg("-c")
+        .arg(root.join("relay-ebpf/src/vlan_hint.bpf.c"))
+        .arg("-o")
+        .arg(out))
 }
 
 /// Makes `cmd` (a `cargo`) build the eBPF crate with the pinned nightly.

@@ -24,7 +24,7 @@ use log::{error, info, warn};
 
 use crate::{
     allmulti::{self, AllMulti},
-    config::Config,
+    config::{Config, InterfaceInfo},
     control,
     datapath::{Datapath, Settings},
     loader::Steering,
@@ -133,11 +133,11 @@ pub fn run(options: Options) -> Result<ExitCode> {
     for (name, _) in absent {
         warn!("{name}: the interface does not exist yet; its rules are idle until it appears");
     }
-    let ingress: Vec<String> = table
+    let ingress: Vec<(String, InterfaceInfo)> = table
         .ingress
         .iter()
         .filter(|i| i.info.exists())
-        .map(|i| i.name.clone())
+        .map(|i| (i.name.clone(), i.info))
         .collect();
     let workers = preflight::workers(&config, &table);
     preflight::frame_budget(&file, config.umem.frames, &table, workers)?;
@@ -165,8 +165,8 @@ pub fn run(options: Options) -> Result<ExitCode> {
         steering.set_socket(*ifindex, *queue, fd)?;
     }
     datapath.start()?;
-    for iface in &ingress {
-        let mode = steering.attach(iface, config.xdp_mode)?;
+    for (iface, info) in &ingress {
+        let mode = steering.attach(iface, info.ifindex, config.xdp_mode)?;
         info!("{iface}: XDP program attached in {} mode", mode.describe());
     }
     let monitor = datapath.monitor();

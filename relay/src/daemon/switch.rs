@@ -81,7 +81,7 @@ impl Running {
         let attached = self.steering.attached();
         for i in new.ingress.iter().filter(|i| i.info.exists()) {
             if !attached.contains(&i.name) {
-                let mode = self.steering.attach(&i.name, xdp_mode)?;
+                let mode = self.steering.attach(&i.name, i.info.ifindex, xdp_mode)?;
                 info!(
                     "{}: XDP program attached in {} mode",
                     i.name,

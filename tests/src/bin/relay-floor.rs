@@ -118,7 +118,7 @@ fn run() -> Result<()> {
 
     let mut steering = Steering::load(&table, FRAME_SIZE)?;
     steering.set_socket(in_index, 0, rx.fd())?;
-    steering.attach(input, cfg.xdp_mode)?;
+    steering.attach(input, in_index, cfg.xdp_mode)?;
 
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
