@@ -109,8 +109,8 @@ fn refused_alike(topo: &Topology, files: &Scratch, yaml: &str, want: &str) {
     assert!(line.ends_with(want), "{line}");
 }
 
-/// `relay --check` passes `file`, for `what`.
-fn check_passes(topo: &Topology, file: &Path, what: &str) {
+/// `relay --check` passes `file`, for `what`; what it printed on standard output.
+fn check_passes(topo: &Topology, file: &Path, what: &str) -> String {
     let out = check(topo, file, &[]);
     assert!(
         out.status.success(),
@@ -118,6 +118,7 @@ fn check_passes(topo: &Topology, file: &Path, what: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The README's `cpus: [2, 3]` on a two-CPU machine: any CPU this process may not run on
@@ -721,13 +722,7 @@ fn check_where_none_of_the_interfaces_exist_fails() {
         "partly.yaml",
         &RULES.replace("interface: rout1", "interface: rotu1"),
     );
-    let out = check(&topo, &partly, &[]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = check_passes(&topo, &partly, "one interface missing of three");
     assert!(
         stdout.contains(&format!(
             "warning: {}: rule 'video-a': output interface 'rotu1' does not exist yet",
