@@ -78,7 +78,7 @@ impl Running {
             [] => format!("0 {what}"),
             _ => format!("{} {what} ({})", names.len(), names.join(", ")),
         };
-        let mut out = format!(
+        let out = format!(
             "{}: valid, nothing applied; a reload would run {} rules: {}, {}, {}",
             self.config_path.display(),
             new_config.rules.len(),
@@ -86,10 +86,8 @@ impl Running {
             list("removed", &removed),
             list("changed", &changed),
         );
-        for note in self.restart_notes(new_config) {
-            out.push_str(&format!("\nwarning: {note}"));
-        }
-        with_warnings(out, warnings)
+        let notes = self.restart_notes(new_config);
+        warning_lines(warning_lines(out, &notes), warnings)
     }
 
     /// Settings a reload cannot change: each one that differs, said so.
@@ -256,10 +254,19 @@ fn refuse_if_strict(strict: bool, warnings: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `summary` with each warning logged and added on a line of its own, for the reply.
-fn with_warnings(mut summary: String, warnings: &[String]) -> String {
+/// `summary` of a change that was applied, with each warning logged and added on a line of
+/// its own, for the reply.
+fn with_warnings(summary: String, warnings: &[String]) -> String {
     for w in warnings {
         warn!("{w}");
+    }
+    warning_lines(summary, warnings)
+}
+
+/// `summary` with each warning on a line of its own. A dry run's are not logged as warnings:
+/// nothing was applied, and the log says the dry run's answer as a whole.
+fn warning_lines(mut summary: String, warnings: &[String]) -> String {
+    for w in warnings {
         summary.push_str(&format!("\nwarning: {w}"));
     }
     summary
