@@ -283,6 +283,17 @@ fn once(v: &StatsView, view: View) -> Result<String> {
     })
 }
 
+/// `relay reload --dry-run`: asks the relay what a reload would change and prints its answer;
+/// a reload it would refuse is the error.
+pub fn dry_run(path: &Path, req: &Request) -> Result<ExitCode> {
+    match control::request(path, req)? {
+        Reply::Reloaded(what) => println!("{what}"),
+        Reply::Error(e) => bail!("a reload would be refused: {e}"),
+        other => bail!("the relay answered {other:?} to a dry run"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -801,6 +801,9 @@ fn parse_error(file: &str, yaml: &str, e: &serde_yaml::Error) -> ConfigError {
             ),
         };
     }
+    if let Some(said) = out_of_range(yaml, &message) {
+        message = said;
+    }
     // Only errors about a value point at it; others point at a key or a mapping.
     if message.contains(": invalid ")
         && let Some(at) = e.location()
@@ -814,6 +817,118 @@ fn parse_error(file: &str, yaml: &str, e: &serde_yaml::Error) -> ConfigError {
         file: file.to_owned(),
         rule: rule_name(yaml, &message),
         message,
+    }
+}
+
+/// What each numeric key of the file takes, by the key's name (the last part of its path),
+/// as the errors about it say it; the validation refuses what the types let through with the
+/// same ranges.
+fn key_range(key: &str) -> Option<String> {
+    let port = "a UDP port from 1 to 65535";
+    Some(match key {
+        "ttl" | "hop_limit" => "a whole number from 1 to 255".to_owned(),
+        "port" | "source_port" => port.to_owned(),
+        "dscp" => "a whole number from 0 to 63".to_owned(),
+        "window_ms" => format!(
+            "a whole number of milliseconds from 1 to {}",
+            crate::merge::MAX_WINDOW_MS
+        ),
+        "frames" => "a power of two from 512 to 1048576".to_owned(),
+        "frame_size" => "2048 or 4096".to_owned(),
+        "workers" => "a whole number from 1 to 256".to_owned(),
+        "cpus" => "a list of CPU numbers from 0 to 1023".to_owned(),
+        "robustness" => "a whole number from 1 to 7".to_owned(),
+        "query_interval" => "a whole number of seconds from 1 to 31744".to_owned(),
+        "query_response_interval" | "last_member_query_interval" => {
+            "from 0.1 to 3174.4 seconds, in tenths".to_owned()
+        }
+        "vlan" => "a VLAN ID from 1 to 4094, or untagged".to_owned(),
+        "merge" => format!(
+            "rtp, or {{ offset: N, bytes: 4 or 8 }} with N from 0 to {}",
+            MAX_UDP_PAYLOAD - 4
+        ),
+        _ => return None,
+    })
+}
+
+/// serde's error about a value its type cannot hold (`invalid value: integer `300`, expected
+/// u8`) said in the file's terms: `rules[0].outputs[0].ttl: 300: must be a whole number from 1
+/// to 255`, the key's path, the value as written and the range, with the position. `None`
+/// for other errors, and for keys that have no range.
+fn out_of_range(yaml: &str, message: &str) -> Option<String> {
+    let (path, why) = message.split_once(": ")?;
+    let serde_words = why.starts_with("invalid value: ")
+        || why.starts_with("invalid type: ")
+        || why.starts_with("data did not match any variant");
+    if !serde_words || path.contains(' ') {
+        return None;
+    }
+    // `merge:` is read as one of two shapes, and serde says which enum matched neither at
+    // the rule, not at the key.
+    let path = match why.contains("untagged enum MergeSpec") && !path.ends_with("merge") {
+        true => format!("{path}.merge"),
+        false => path.to_owned(),
+    };
+    let segments = path_segments(&path);
+    // A list's item (`cpus[1]`) takes what the list's key says.
+    let key = segments.iter().rev().find_map(|s| match s {
+        PathPart::Key(k) => Some(*k),
+        PathPart::Index(_) => None,
+    })?;
+    let range = key_range(key)?;
+    let doc: serde_yaml::Value = serde_yaml::from_str(yaml).ok()?;
+    let value = segments
+        .iter()
+        .try_fold(&doc, |v, part| match part {
+            PathPart::Key(k) => v.get(*k),
+            PathPart::Index(i) => v.get(*i),
+        })
+        .map(show_value)?;
+    let position = message.rfind(" at line ").map_or("", |p| &message[p..]);
+    Some(format!("{path}: {value}: must be {range}{position}"))
+}
+
+/// A part of serde's path to a key: `rules[0].outputs[1].ttl`, or `[0].input.port` for a rule
+/// pasted as a list of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PathPart<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn path_segments(path: &str) -> Vec<PathPart<'_>> {
+    let mut out = Vec::new();
+    for piece in path.split('.').filter(|p| !p.is_empty()) {
+        let (key, indices) = piece.split_once('[').unwrap_or((piece, ""));
+        if !key.is_empty() {
+            out.push(PathPart::Key(key));
+        }
+        for i in indices.split('[') {
+            if let Ok(i) = i.trim_end_matches(']').parse() {
+                out.push(PathPart::Index(i));
+            }
+        }
+    }
+    out
+}
+
+/// A value as the user wrote it, near enough: a scalar as it reads, a string that would read
+/// as a number quoted, a mapping or list in flow style.
+fn show_value(v: &serde_yaml::Value) -> String {
+    use serde_yaml::Value;
+    match v {
+        Value::Null => "(empty)".to_owned(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) if s.parse::<f64>().is_ok() || s.is_empty() => format!("\"{s}\""),
+        Value::String(s) => s.clone(),
+        other => serde_json::to_string(other)
+            .unwrap_or_default()
+            .replace("\":", ": ")
+            .replace(['"'], "")
+            .replace(',', ", ")
+            .replace('{', "{ ")
+            .replace('}', " }"),
     }
 }
 
@@ -906,6 +1021,34 @@ pub fn default_workers(ingress_queues: usize, cpus: usize) -> usize {
     ingress_queues.clamp(1, cpus.max(1))
 }
 
+/// Warnings for the interfaces `rules` name that do not exist (yet), `file` naming where the
+/// rules came from: their rules start idle, and their outputs drop their frames, until the
+/// interface appears.
+pub fn absent_interfaces(rules: &[Rule], file: &str, sys: &dyn System) -> Vec<String> {
+    let mut out = Vec::new();
+    for rule in rules {
+        let sides = rule
+            .inputs()
+            .map(|i| ("input", &i.interface))
+            .chain(rule.outputs.iter().map(|o| ("output", &o.interface)));
+        for (side, name) in sides {
+            if sys.interface(name).is_none() {
+                out.push(format!(
+                    "{file}: rule '{}': {side} interface '{name}' does not exist yet: {} \
+                     until it appears",
+                    rule.name,
+                    if side == "input" {
+                        "the rule is idle"
+                    } else {
+                        "this output drops its frames (interface_down)"
+                    }
+                ));
+            }
+        }
+    }
+    out
+}
+
 impl Config {
     /// Parses YAML; `file` names the source in errors.
     pub fn parse(file: &str, yaml: &str) -> Result<Config, ConfigError> {
@@ -923,33 +1066,39 @@ impl Config {
         Self::parse(&file, &yaml)
     }
 
-    /// Every check that does not need the kernel's cooperation: interfaces exist, addresses and
-    /// ports are valid, names and inputs are unique, no output loops back into its input.
     /// Warnings for the interfaces the rules name that do not exist (yet): their rules start
     /// idle and come alive when the interface appears.
     pub fn absent_interfaces(&self, file: &str, sys: &dyn System) -> Vec<String> {
-        let mut out = Vec::new();
+        absent_interfaces(&self.rules, file, sys)
+    }
+
+    /// When not one of the interfaces the rules name exists, why `--check` fails: the file
+    /// is checked where it cannot run (another network namespace, another machine), and a
+    /// warning per interface would bury that.
+    pub fn no_interface_here(&self, file: &str, sys: &dyn System) -> Option<String> {
+        let mut names: Vec<&str> = Vec::new();
         for rule in &self.rules {
-            let sides = std::iter::once(("input", &rule.input.interface))
-                .chain(rule.outputs.iter().map(|o| ("output", &o.interface)));
-            for (side, name) in sides {
-                if sys.interface(name).is_none() {
-                    out.push(format!(
-                        "{file}: rule '{}': {side} interface '{name}' does not exist yet: {} \
-                         until it appears",
-                        rule.name,
-                        if side == "input" {
-                            "the rule is idle"
-                        } else {
-                            "this output drops its frames (interface_down)"
-                        }
-                    ));
+            let sides = rule.inputs().map(|i| &i.interface);
+            for name in sides.chain(rule.outputs.iter().map(|o| &o.interface)) {
+                if !names.contains(&name.as_str()) {
+                    names.push(name);
                 }
             }
         }
-        out
+        if names.is_empty() || names.iter().any(|n| sys.interface(n).is_some()) {
+            return None;
+        }
+        Some(format!(
+            "{file}: none of the {} interfaces the rules name exists here ({}): is this the \
+             relay's network namespace (or machine)? Run the check where the relay runs (`ip \
+             netns exec NAME relay --config FILE --check`)",
+            names.len(),
+            names.join(", ")
+        ))
     }
 
+    /// Every check that does not need the kernel's cooperation: interfaces exist, addresses and
+    /// ports are valid, names and inputs are unique, no output loops back into its input.
     pub fn validate(&self, file: &str, sys: &dyn System) -> Result<(), ConfigError> {
         self.validate_with(file, sys, true)
     }
@@ -2536,7 +2685,7 @@ rules:
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1, port: 70000}\n    outputs: [{interface: out0}]\n",
-                "r.yaml: rule 'a': rules[0].input.port: invalid value: integer `70000`, expected u16 at line 3 column 53",
+                "r.yaml: rule 'a': rules[0].input.port: 70000: must be a UDP port from 1 to 65535 at line 3 column 53",
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0}\n    outputs: [{interface: out0}]\n",
@@ -2552,7 +2701,7 @@ rules:
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1}\n    outputs: [{interface: out0, ttl: 300}]\n",
-                "r.yaml: rule 'a': rules[0].outputs[0].ttl: invalid value: integer `300`, expected u8 at line 4 column 38",
+                "r.yaml: rule 'a': rules[0].outputs[0].ttl: 300: must be a whole number from 1 to 255 at line 4 column 38",
             ),
             (
                 "rules:\n  - name: a\n    input: {interface: in0, group: 239.0.0.1}\n",
@@ -2564,7 +2713,7 @@ rules:
             ),
             (
                 "umem: {frames: -1}\nrules: []\n",
-                "r.yaml: umem.frames: invalid type: integer `-1`, expected u32 at line 1 column 16",
+                "r.yaml: umem.frames: -1: must be a power of two from 512 to 1048576 at line 1 column 16",
             ),
             (
                 "poll: spin\nrules: []\n",
@@ -2590,6 +2739,201 @@ rules:
         for (yaml, want) in cases {
             let got = Config::parse("r.yaml", yaml).expect_err(yaml).to_string();
             assert_eq!(got, want, "for\n{yaml}");
+        }
+    }
+
+    /// A file none of whose interfaces exist is checked in the wrong place (`--check` fails
+    /// with the list); one that exists, or none named, is not; a merged rule's every leg is
+    /// warned about when absent.
+    #[test]
+    fn no_interface_here_names_them_all_and_legs_are_warned_about() {
+        let yaml = |a: &str, b: &str, c: &str| {
+            format!(
+                "rules:\n  - name: m\n    inputs: [{{interface: {a}, group: 239.0.0.1, port: 5000}}, {{interface: {b}, group: 239.0.0.2, port: 5000}}]\n    merge: rtp\n    outputs: [{{interface: {c}}}]\n"
+            )
+        };
+        let none = Config::parse("r.yaml", &yaml("eth7", "eth8", "eth7")).unwrap();
+        assert_eq!(
+            none.no_interface_here("r.yaml", &fake()).as_deref(),
+            Some(
+                "r.yaml: none of the 2 interfaces the rules name exists here (eth7, eth8): is \
+                 this the relay's network namespace (or machine)? Run the check where the relay \
+                 runs (`ip netns exec NAME relay --config FILE --check`)"
+            )
+        );
+        for (a, b, c) in [
+            ("in0", "eth8", "eth9"),
+            ("eth7", "in0", "eth9"),
+            ("eth7", "eth8", "out0"),
+        ] {
+            let one = Config::parse("r.yaml", &yaml(a, b, c)).unwrap();
+            assert_eq!(
+                one.no_interface_here("r.yaml", &fake()),
+                None,
+                "{a} {b} {c}"
+            );
+        }
+        let leg = Config::parse("r.yaml", &yaml("in0", "eth8", "out0")).unwrap();
+        assert_eq!(
+            leg.absent_interfaces("r.yaml", &fake()),
+            [
+                "r.yaml: rule 'm': input interface 'eth8' does not exist yet: the rule is idle \
+              until it appears"
+            ]
+        );
+    }
+
+    /// Every numeric key given a value its type cannot hold: the error names the file, the
+    /// rule, the key's path, the value as written and the range the key takes, never a Rust
+    /// type; and the position follows.
+    #[test]
+    fn values_out_of_a_keys_type_name_the_key_value_and_range() {
+        let rule = |input: &str, output: &str, extra: &str| {
+            format!(
+                "rules:\n  - name: a\n    input: {{interface: in0, group: 239.0.0.1{input}}}\n    outputs: [{{interface: out0{output}}}]\n{extra}"
+            )
+        };
+        let top = |text: &str| format!("{text}\n{}", rule("", "", ""));
+        let ttl = "a whole number from 1 to 255";
+        let port = "a UDP port from 1 to 65535";
+        let tenths = "from 0.1 to 3174.4 seconds, in tenths";
+        let merge = "rtp, or { offset: N, bytes: 4 or 8 } with N from 0 to 65503";
+        let cases = [
+            (
+                rule("", ", ttl: 300", ""),
+                "rule 'a': rules[0].outputs[0].ttl: 300",
+                ttl,
+            ),
+            (
+                rule("", ", ttl: -1", ""),
+                "rule 'a': rules[0].outputs[0].ttl: -1",
+                ttl,
+            ),
+            (
+                rule("", ", ttl: 1.5", ""),
+                "rule 'a': rules[0].outputs[0].ttl: 1.5",
+                ttl,
+            ),
+            (
+                rule("", ", hop_limit: 256", ""),
+                "rule 'a': rules[0].outputs[0].hop_limit: 256",
+                ttl,
+            ),
+            (
+                rule(", port: 70000", "", ""),
+                "rule 'a': rules[0].input.port: 70000",
+                port,
+            ),
+            (
+                rule("", ", port: abc", ""),
+                "rule 'a': rules[0].outputs[0].port: abc",
+                port,
+            ),
+            (
+                rule("", ", port: '5000'", ""),
+                "rule 'a': rules[0].outputs[0].port: \"5000\"",
+                port,
+            ),
+            (
+                rule("", ", source_port: 65536", ""),
+                "rule 'a': rules[0].outputs[0].source_port: 65536",
+                port,
+            ),
+            (
+                rule("", ", dscp: 300", ""),
+                "rule 'a': rules[0].outputs[0].dscp: 300",
+                "a whole number from 0 to 63",
+            ),
+            (
+                rule(", vlan: 70000", "", ""),
+                "rule 'a': rules[0].input.vlan: 70000",
+                "a VLAN ID from 1 to 4094, or untagged",
+            ),
+            (
+                rule("", ", vlan: trunk", ""),
+                "rule 'a': rules[0].outputs[0].vlan: trunk",
+                "a VLAN ID from 1 to 4094, or untagged",
+            ),
+            (
+                rule("", "", "    window_ms: -5\n"),
+                "rule 'a': rules[0].window_ms: -5",
+                "a whole number of milliseconds from 1 to 60000",
+            ),
+            (
+                rule("", "", "    merge: {offset: -1, bytes: 4}\n"),
+                "rule 'a': rules[0].merge: { offset: -1, bytes: 4 }",
+                merge,
+            ),
+            (
+                rule("", "", "    merge: 7\n"),
+                "rule 'a': rules[0].merge: 7",
+                merge,
+            ),
+            (
+                top("umem: {frames: -1}"),
+                "umem.frames: -1",
+                "a power of two from 512 to 1048576",
+            ),
+            (
+                top("umem: {frame_size: 99999999999}"),
+                "umem.frame_size: 99999999999",
+                "2048 or 4096",
+            ),
+            (
+                top("workers: -1"),
+                "workers: -1",
+                "a whole number from 1 to 256",
+            ),
+            (
+                top("workers: many"),
+                "workers: many",
+                "a whole number from 1 to 256",
+            ),
+            (
+                top("cpus: [0, -1]"),
+                "cpus[1]: -1",
+                "a list of CPU numbers from 0 to 1023",
+            ),
+            (
+                top("querier: {robustness: 300}"),
+                "querier.robustness: 300",
+                "a whole number from 1 to 7",
+            ),
+            (
+                top("querier: {query_interval: often}"),
+                "querier.query_interval: often",
+                "a whole number of seconds from 1 to 31744",
+            ),
+            (
+                top("querier: {query_response_interval: true}"),
+                "querier.query_response_interval: true",
+                tenths,
+            ),
+            (
+                top("querier: {last_member_query_interval: [1]}"),
+                "querier.last_member_query_interval: [1]",
+                tenths,
+            ),
+        ];
+        // `relay add-rule`: one rule, as a mapping or a list of one.
+        for one in [
+            "name: a\ninput: {interface: in0, group: 239.0.0.1}\noutputs: [{interface: out0, ttl: 300}]\n",
+            "- name: a\n  input: {interface: in0, group: 239.0.0.1}\n  outputs: [{interface: out0, ttl: 300}]\n",
+        ] {
+            let got = Rule::parse_one("new.yaml", one).expect_err(one).to_string();
+            let want = format!("new.yaml: rule 'a': outputs[0].ttl: 300: must be {ttl} at line ");
+            assert!(got.starts_with(&want), "got  {got}\nwant {want}...");
+        }
+        for (yaml, what, range) in cases {
+            let got = Config::parse("r.yaml", &yaml).expect_err(&yaml).to_string();
+            let want = format!("r.yaml: {what}: must be {range} at line ");
+            assert!(
+                got.starts_with(&want),
+                "for\n{yaml}\ngot  {got}\nwant {want}..."
+            );
+            for rust in ["u8", "u16", "u32", "usize", "f64", "MergeSpec", "integer `"] {
+                assert!(!got.contains(rust), "{got} names {rust}");
+            }
         }
     }
 
@@ -2698,7 +3042,7 @@ rules:
         let bad = rule("{interface: in0, group: 239.1.1.1, vlan: trunk}", ok_out);
         assert_eq!(
             Config::parse("r.yaml", &bad).unwrap_err().to_string(),
-            "r.yaml: rule 'r1': rules[0].input.vlan: invalid value: string \"trunk\", expected a VLAN ID from 1 to 4094 or `untagged` at line 3 column 53"
+            "r.yaml: rule 'r1': rules[0].input.vlan: trunk: must be a VLAN ID from 1 to 4094, or untagged at line 3 column 53"
         );
     }
 }

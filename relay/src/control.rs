@@ -40,13 +40,31 @@ pub enum Request {
     Ping,
     Stats,
     Rules,
-    Reload,
+    Reload {
+        /// Refuse the file, keeping the running rules, when it draws warnings (an interface
+        /// that does not exist).
+        #[serde(default)]
+        strict: bool,
+    },
+    /// Validates the config file as a reload would and says what would change, changing
+    /// nothing (`relay reload --dry-run`). A command of its own, so that a relay too old to
+    /// know it refuses it rather than reloading.
+    ReloadDryRun {
+        #[serde(default)]
+        strict: bool,
+        /// The config file the client was pointed at, which must be the one the relay
+        /// reloads: a dry run of one file must not answer for another.
+        #[serde(default)]
+        file: Option<PathBuf>,
+    },
     /// Adds one rule, given as the YAML of one entry of `rules:`.
     AddRule {
         rule: String,
         /// Where the rule came from (its file, or `standard input`), for errors.
         #[serde(default)]
         source: Option<String>,
+        #[serde(default)]
+        strict: bool,
     },
     RemoveRule {
         name: String,
@@ -61,15 +79,27 @@ pub enum Request {
     },
 }
 
+/// How a reload is asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReloadMode {
+    /// Warnings (what `--check` warns about) refuse the change.
+    pub strict: bool,
+    /// Validate and compare, apply nothing.
+    pub dry_run: bool,
+    /// The file the client means (a dry run's), to compare with the relay's own.
+    pub file: Option<PathBuf>,
+}
+
 /// A change to the running rules, carried out by the thread that owns them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// Re-read the config file.
-    Reload,
+    /// Re-read the config file; with `dry_run`, only say what a reload would change.
+    Reload(ReloadMode),
     AddRule {
         rule: String,
         /// Where it came from, for errors about it.
         source: String,
+        strict: bool,
     },
     RemoveRule(String),
 }
@@ -101,10 +131,25 @@ pub fn answer(line: &str, snapshot: &Snapshot, reloader: &Reloader) -> Reply {
             version: env!("CARGO_PKG_VERSION").to_owned(),
         },
         Ok(Request::Stats) | Ok(Request::Rules) => Reply::Stats(Box::new(snapshot())),
-        Ok(Request::Reload) => changed(reloader(Change::Reload)),
-        Ok(Request::AddRule { rule, source }) => changed(reloader(Change::AddRule {
+        Ok(Request::Reload { strict }) => changed(reloader(Change::Reload(ReloadMode {
+            strict,
+            ..ReloadMode::default()
+        }))),
+        Ok(Request::ReloadDryRun { strict, file }) => {
+            changed(reloader(Change::Reload(ReloadMode {
+                strict,
+                dry_run: true,
+                file,
+            })))
+        }
+        Ok(Request::AddRule {
+            rule,
+            source,
+            strict,
+        }) => changed(reloader(Change::AddRule {
             rule,
             source: source.unwrap_or_else(|| "the added rule".to_owned()),
+            strict,
         })),
         Ok(Request::RemoveRule { name }) => changed(reloader(Change::RemoveRule(name))),
         // Served by `handle`, which keeps the connection for the stream.
@@ -402,6 +447,50 @@ mod tests {
             answer("{\"cmd\":\"remove-rule\"}", &s, &r),
             Reply::Error(_)
         ));
+    }
+
+    /// `reload` as old clients send it, with `--strict`, and the dry run (a command of its
+    /// own, which an older relay refuses rather than reloading) reach the relay as the mode
+    /// they ask for.
+    #[test]
+    fn reload_modes_reach_the_relay() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let r: Reloader = Arc::new(move |c| {
+            record.lock().unwrap().push(c);
+            Ok("ok".to_owned())
+        });
+        let s = snap();
+        for line in [
+            r#"{"cmd":"reload"}"#,
+            r#"{"cmd":"reload","strict":true}"#,
+            r#"{"cmd":"reload-dry-run"}"#,
+            r#"{"cmd":"reload-dry-run","strict":true,"file":"/etc/relay/rules.yaml"}"#,
+            r#"{"cmd":"add-rule","rule":"x","strict":true}"#,
+        ] {
+            assert_eq!(answer(line, &s, &r), Reply::Reloaded("ok".into()), "{line}");
+        }
+        let mode = |strict, dry_run, file: Option<&str>| {
+            Change::Reload(ReloadMode {
+                strict,
+                dry_run,
+                file: file.map(PathBuf::from),
+            })
+        };
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                mode(false, false, None),
+                mode(true, false, None),
+                mode(false, true, None),
+                mode(true, true, Some("/etc/relay/rules.yaml")),
+                Change::AddRule {
+                    rule: "x".into(),
+                    source: "the added rule".into(),
+                    strict: true
+                },
+            ]
+        );
     }
 
     #[test]

@@ -110,7 +110,16 @@ enum ClientCmd {
     },
     /// Re-reads the config file and switches to its rules without dropping a packet of the
     /// rules that stay (SIGHUP does the same). A file that does not validate is refused.
+    /// What `--check` warns about (an interface that does not exist) is printed and logged.
     Reload {
+        /// Refuse the file when it draws warnings (exit 1; the running rules stay).
+        #[arg(long)]
+        strict: bool,
+        /// Validate the file as a reload would, in the running relay, and say which rules
+        /// would be added, removed and changed, without applying it; exit 1 when the reload
+        /// would be refused.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -119,6 +128,9 @@ enum ClientCmd {
     /// file is not changed; a reload forgets the rule.
     AddRule {
         file: PathBuf,
+        /// Refuse the rule when it draws warnings (an interface that does not exist).
+        #[arg(long)]
+        strict: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -279,8 +291,28 @@ fn client(cmd: ClientCmd, config: Option<&PathBuf>) -> Result<ExitCode> {
             return client::capture(&target.socket(config)?, filter, *count, write);
         }
         ClientCmd::Ping { target } => (Request::Ping, target.socket(config)?),
-        ClientCmd::Reload { target } => (Request::Reload, target.socket(config)?),
-        ClientCmd::AddRule { file, target } => {
+        ClientCmd::Reload {
+            strict,
+            dry_run: true,
+            target,
+        } => {
+            // The file the relay must be running, when one was named; relative to the
+            // client's directory, which the relay does not share.
+            let file = target.config.as_ref().or(config).map(std::path::absolute);
+            let req = Request::ReloadDryRun {
+                strict: *strict,
+                file: file.transpose()?,
+            };
+            return client::dry_run(&target.socket(config)?, &req);
+        }
+        ClientCmd::Reload { strict, target, .. } => {
+            (Request::Reload { strict: *strict }, target.socket(config)?)
+        }
+        ClientCmd::AddRule {
+            file,
+            strict,
+            target,
+        } => {
             let (rule, source) = if file.as_os_str() == "-" {
                 (
                     std::io::read_to_string(std::io::stdin())
@@ -300,6 +332,7 @@ fn client(cmd: ClientCmd, config: Option<&PathBuf>) -> Result<ExitCode> {
             let req = Request::AddRule {
                 rule,
                 source: Some(source),
+                strict: *strict,
             };
             (req, target.socket(config)?)
         }

@@ -73,7 +73,8 @@ pub fn control_path(file: &str, configured: Option<&PathBuf>) -> Result<PathBuf,
             if UnixStream::connect(&path).is_ok() {
                 return Err(err(
                     "a relay answers there: another relay is running with this control socket \
-                     (stop it, or set `control:` to another path)"
+                     (stop it, or set `control:` to another path; to check a changed file \
+                     against the relay running it: relay reload --dry-run --config FILE)"
                         .to_owned(),
                 ));
             }
@@ -265,7 +266,9 @@ mod tests {
             control_path("r.yaml", Some(&live)).unwrap_err().to_string(),
             format!(
                 "r.yaml: control: {}: a relay answers there: another relay is running with \
-                 this control socket (stop it, or set `control:` to another path)",
+                 this control socket (stop it, or set `control:` to another path; to check a \
+                 changed file against the relay running it: relay reload --dry-run --config \
+                 FILE)",
                 live.display()
             )
         );

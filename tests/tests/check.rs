@@ -109,8 +109,8 @@ fn refused_alike(topo: &Topology, files: &Scratch, yaml: &str, want: &str) {
     assert!(line.ends_with(want), "{line}");
 }
 
-/// `relay --check` passes `file`, for `what`.
-fn check_passes(topo: &Topology, file: &Path, what: &str) {
+/// `relay --check` passes `file`, for `what`; what it printed on standard output.
+fn check_passes(topo: &Topology, file: &Path, what: &str) -> String {
     let out = check(topo, file, &[]);
     assert!(
         out.status.success(),
@@ -118,6 +118,7 @@ fn check_passes(topo: &Topology, file: &Path, what: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The README's `cpus: [2, 3]` on a two-CPU machine: any CPU this process may not run on
@@ -234,7 +235,8 @@ fn check_refuses_a_queue_a_running_relay_holds() {
     assert!(
         line.ends_with(&format!(
             "{}: control: {}: a relay answers there: another relay is running with this \
-             control socket (stop it, or set `control:` to another path)",
+             control socket (stop it, or set `control:` to another path; to check a changed \
+             file against the relay running it: relay reload --dry-run --config FILE)",
             first.config.display(),
             first.control.display()
         )),
@@ -678,4 +680,54 @@ fn check_refuses_vlan_inputs_where_the_tag_cannot_be_read() {
     let file = files.config("skb-any.yaml", &rule("skb", ""));
     check_passes(&topo, &file, "no vlan: in xdp_mode: skb");
     assert!(!topo.relay_has_xdp().unwrap());
+}
+
+/// `--check` in a namespace where not one of the file's interfaces exists (the wrong
+/// namespace, or the wrong machine) fails and says so, rather than passing with a warning per
+/// interface; where one of them exists, the others are warnings as before.
+#[test]
+fn check_where_none_of_the_interfaces_exist_fails() {
+    require_root();
+    let files = Scratch::new();
+    let file = files.config("rules.yaml", RULES);
+    let elsewhere = relay_tests::netns::Netns::new("nowhere").unwrap();
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            elsewhere.name(),
+            relay_bin().to_str().unwrap(),
+        ])
+        .args(["--check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(!stdout.contains("OK"), "{stdout}");
+    assert!(
+        stderr.trim_end().ends_with(&format!(
+            "{}: none of the 3 interfaces the rules name exists here (rin, rout0, rout1): is \
+             this the relay's network namespace (or machine)? Run the check where the relay \
+             runs (`ip netns exec NAME relay --config FILE --check`)",
+            file.display()
+        )),
+        "{stderr}"
+    );
+
+    // One of them present: the others are warnings, and the check passes.
+    let topo = Topology::new(2).unwrap();
+    let partly = files.config(
+        "partly.yaml",
+        &RULES.replace("interface: rout1", "interface: rotu1"),
+    );
+    let stdout = check_passes(&topo, &partly, "one interface missing of three");
+    assert!(
+        stdout.contains(&format!(
+            "warning: {}: rule 'video-a': output interface 'rotu1' does not exist yet",
+            partly.display()
+        )),
+        "{stdout}"
+    );
 }

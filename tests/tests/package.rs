@@ -116,12 +116,13 @@ fn installs_binary_unit_config_and_docs() {
     assert_eq!(caps("AmbientCapabilities="), want);
     assert_eq!(caps("CapabilityBoundingSet="), want);
     // `relay reload` waits for the relay's answer and exits 1 when it refuses the file, so
-    // `systemctl reload` fails then (a signal would report success either way).
+    // `systemctl reload` fails then (a signal would report success either way); `--strict`
+    // refuses a file naming an interface that does not exist (a typo) too.
     let reload: Vec<&str> = unit
         .lines()
         .filter_map(|l| l.strip_prefix("ExecReload="))
         .collect();
-    assert_eq!(reload, ["/usr/bin/relay reload"], "{unit}");
+    assert_eq!(reload, ["/usr/bin/relay reload --strict"], "{unit}");
     assert!(!unit.contains("kill"), "{unit}");
     let _ = std::fs::remove_dir_all(&dir);
 }

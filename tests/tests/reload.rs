@@ -12,7 +12,7 @@ use relay_tests::{
 };
 
 mod common;
-use common::{G1, G2, RULES, seqs, serial};
+use common::{G1, G2, RULES, client, client_ok, seqs, serial};
 
 /// Hot reload: a steady flow on a rule that stays loses no packet across 20 reloads (by
 /// `relay reload` and by SIGHUP) that add and remove another rule; the added rule starts, the
@@ -205,5 +205,190 @@ fn add_and_remove_rules_at_runtime() {
     let rx0 = listen(&r0.ns, G1, 5000, r0.addr, Limits::new(20)).unwrap();
     join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, 20))).unwrap();
     assert_eq!(join(rx0).unwrap().len(), 20);
+    assert!(relay.stop(Duration::from_secs(3)).unwrap().status.success());
+}
+
+/// The running relay's file with `from` replaced by `to` (its `control:` line kept).
+fn edit(relay: &RelayProc, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&relay.config).unwrap();
+    assert!(text.contains(from), "{from} in\n{text}");
+    std::fs::write(&relay.config, text.replace(from, to)).unwrap();
+}
+
+/// `count` packets of G1 sent; how many reached receiver 1 (rout1, remapped to G2 port 6000).
+fn delivered_on_rout1(topo: &Topology, count: u64) -> usize {
+    let r1 = &topo.receivers[1];
+    let rx = listen(&r1.ns, G2, 6000, r1.addr, Limits::new(count)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G1, 5000, count))).unwrap();
+    join(rx).unwrap().len()
+}
+
+/// An output interface with a typo (`rotu1` for `rout1`) still parses and validates: the
+/// reload and add-rule say so in their reply and in the relay's log, and with `--strict` they
+/// refuse it (exit 1) and the output keeps flowing; without, it is applied, as before.
+#[test]
+fn a_typo_in_an_output_interface_is_warned_about_and_refused_with_strict() {
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(2).unwrap();
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
+    let file = relay.config.display().to_string();
+    let warning = format!(
+        "{file}: rule 'video-a': output interface 'rotu1' does not exist yet: this output \
+         drops its frames (interface_down) until it appears"
+    );
+    edit(&relay, "interface: rout1", "interface: rotu1");
+
+    let (ok, said) = client(&relay.control, &["reload", "--strict"]);
+    assert!(!ok, "--strict reload of a typo succeeded: {said}");
+    assert!(
+        said.contains(&format!("--strict: refused for 1 warning: {warning}")),
+        "{said}"
+    );
+    assert_eq!(delivered_on_rout1(&topo, 20), 20, "the running rules stay");
+
+    let said = client_ok(&relay.control, &["reload"]);
+    assert_eq!(
+        said.trim(),
+        format!("done: 1 rules (0 added, 0 removed, 1 changed)\nwarning: {warning}")
+    );
+    assert_eq!(
+        delivered_on_rout1(&topo, 20),
+        0,
+        "applied: rout1 is no output now"
+    );
+
+    // One rule added by hand: its own file is named.
+    let fragment = relay.config.parent().unwrap().join("typo.yaml");
+    std::fs::write(
+        &fragment,
+        "name: extra\ninput: { interface: rin, group: 239.3.3.3, port: 5000 }\noutputs:\n  - interface: rout0\n  - interface: ruot1\n",
+    )
+    .unwrap();
+    let fragment = fragment.to_str().unwrap();
+    let added = format!(
+        "{fragment}: rule 'extra': output interface 'ruot1' does not exist yet: this output \
+         drops its frames (interface_down) until it appears"
+    );
+    let (ok, said) = client(&relay.control, &["add-rule", "--strict", fragment]);
+    assert!(!ok, "--strict add-rule of a typo succeeded: {said}");
+    assert!(said.contains(&added), "{said}");
+    let said = client_ok(&relay.control, &["add-rule", fragment]);
+    assert_eq!(
+        said.trim(),
+        format!("done: 2 rules (1 added, 0 removed, 0 changed)\nwarning: {added}")
+    );
+
+    let exit = relay.stop(Duration::from_secs(3)).unwrap();
+    assert!(exit.status.success());
+    for w in [&warning, &added] {
+        assert!(
+            exit.stderr
+                .lines()
+                .any(|l| l.contains(" WARN ") && l.ends_with(w.as_str())),
+            "the log warns {w}:\n{}",
+            exit.stderr
+        );
+    }
+}
+
+/// Edit, dry run, reload: `--check` of the running relay's file cannot be run (its socket
+/// answers, its queues are held), so `relay reload --dry-run` has the running relay validate
+/// its file as a reload would and say what would change, applying nothing; a file it would
+/// refuse fails the dry run, and so do warnings with `--strict`.
+#[test]
+fn a_dry_run_says_what_a_reload_would_change_and_changes_nothing() {
+    require_root();
+    let _serial = serial();
+    const G3: Ipv4Addr = Ipv4Addr::new(239, 3, 3, 3);
+    let topo = Topology::new(2).unwrap();
+    let relay = RelayProc::start(&relay_bin(), &topo.relay, RULES, &[]).unwrap();
+    let file = relay.config.display().to_string();
+    let config = ["--config", file.as_str()];
+    let dry = |more: &[&str]| client(&relay.control, &[&["reload", "--dry-run"], more].concat());
+
+    // Unchanged.
+    let (ok, said) = dry(&config);
+    assert!(ok, "{said}");
+    assert_eq!(
+        said.trim(),
+        format!(
+            "{file}: valid, nothing applied; a reload would run 1 rules: 0 added, 0 removed, 0 \
+             changed"
+        )
+    );
+    // A rule added, the other's TTL changed.
+    edit(&relay, "ttl: 16", "ttl: 8");
+    let text = std::fs::read_to_string(&relay.config).unwrap();
+    std::fs::write(
+        &relay.config,
+        format!(
+            "{text}  - name: extra\n    input: {{ interface: rin, group: 239.3.3.3, port: 5000 }}\n    outputs: [{{ interface: rout1 }}]\n"
+        ),
+    )
+    .unwrap();
+    let (ok, said) = dry(&config);
+    assert!(ok, "{said}");
+    assert_eq!(
+        said.trim(),
+        format!(
+            "{file}: valid, nothing applied; a reload would run 2 rules: 1 added (extra), 0 \
+             removed, 1 changed (video-a)"
+        )
+    );
+    let r1 = &topo.receivers[1];
+    let none = listen(&r1.ns, G3, 5000, r1.addr, Limits::new(1)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G3, 5000, 20))).unwrap();
+    assert!(
+        join(none).unwrap().is_empty(),
+        "the dry run applied nothing"
+    );
+
+    // Another file than the relay's: refused, not answered for the relay's own.
+    let other = relay.config.with_file_name("other.yaml");
+    std::fs::copy(&relay.config, &other).unwrap();
+    let (ok, said) = dry(&["--config", other.to_str().unwrap()]);
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains(&format!(
+            "a reload would be refused: this relay reloads {file}, not {}",
+            other.display()
+        )),
+        "{said}"
+    );
+
+    // A typo: a warning, and with --strict, a failure.
+    edit(&relay, "interface: rout1 }", "interface: rotu1 }");
+    let warning = format!(
+        "warning: {file}: rule 'extra': output interface 'rotu1' does not exist yet: this \
+         output drops its frames (interface_down) until it appears"
+    );
+    let (ok, said) = dry(&config);
+    assert!(ok, "{said}");
+    assert!(said.trim().ends_with(&warning), "{said}");
+    let (ok, said) = dry(&[&config[..], &["--strict"]].concat());
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("a reload would be refused: --strict"),
+        "{said}"
+    );
+
+    // A file a reload would refuse.
+    edit(&relay, "group: 239.3.3.3", "group: 239.3.3.3, prot: 1");
+    let (ok, said) = dry(&config);
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("a reload would be refused: ") && said.contains("unknown field `prot`"),
+        "{said}"
+    );
+
+    // Fixed, then reloaded: the reload does what the dry run said.
+    edit(&relay, "group: 239.3.3.3, prot: 1", "group: 239.3.3.3");
+    edit(&relay, "interface: rotu1 }", "interface: rout1 }");
+    let said = client_ok(&relay.control, &["reload"]);
+    assert_eq!(said.trim(), "done: 2 rules (1 added, 0 removed, 1 changed)");
+    let rx = listen(&r1.ns, G3, 5000, r1.addr, Limits::new(20)).unwrap();
+    join(send(&topo.sender, SENDER_ADDR, Flow::new(G3, 5000, 20))).unwrap();
+    assert_eq!(join(rx).unwrap().len(), 20, "the reload applied it");
     assert!(relay.stop(Duration::from_secs(3)).unwrap().status.success());
 }

@@ -64,6 +64,11 @@ pub fn run(options: Options) -> Result<ExitCode> {
     if let Some(w) = options.workers {
         config.workers = Some(w);
     }
+    if options.check
+        && let Some(why) = config.no_interface_here(&file, &LiveSystem)
+    {
+        anyhow::bail!(why);
+    }
     // The file against this machine: its interfaces, and the CPUs `cpus:` names.
     let mut table = RuleTable::compile(&config, &file, &LiveSystem)?;
     if options.check {
@@ -241,14 +246,18 @@ pub fn run(options: Options) -> Result<ExitCode> {
             relay.watch_interfaces();
         }
         if RELOAD.swap(false, Ordering::Relaxed) {
-            match relay.reload() {
+            match relay.reload(&control::ReloadMode::default()) {
                 Ok(summary) => info!("SIGHUP: {summary}"),
                 Err(e) => error!("SIGHUP: reload refused, the running rules stay: {e:#}"),
             }
         }
         if let Ok((change, reply)) = reload_rx.recv_timeout(Duration::from_millis(50)) {
             let what = match &change {
-                control::Change::Reload => "reload".to_owned(),
+                control::Change::Reload(mode) => format!(
+                    "reload{}{}",
+                    if mode.dry_run { " --dry-run" } else { "" },
+                    if mode.strict { " --strict" } else { "" }
+                ),
                 control::Change::AddRule { source, .. } => format!("add-rule from {source}"),
                 control::Change::RemoveRule(n) => format!("remove-rule {n}"),
             };
