@@ -18,6 +18,10 @@ use crate::{
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsView {
+    /// Which relay answered: the default control socket is one path for every network
+    /// namespace, so a client may reach a relay it did not mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayId>,
     pub rules: Vec<RuleView>,
     /// The XDP program's counters, summed over CPUs.
     pub xdp: BTreeMap<String, u64>,
@@ -52,6 +56,36 @@ pub struct StatsView {
     /// 100 ms old: the drops before the relay sees a frame.
     #[serde(default)]
     pub sockets: Vec<SocketCounters>,
+}
+
+/// The relay that answered: its config file, its process and its network namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayId {
+    /// The config file it runs on, as an absolute path.
+    pub config: String,
+    pub pid: u32,
+    /// Its network namespace as the kernel names it (`net:[4026531840]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+}
+
+impl RelayId {
+    /// This process, running on `config`.
+    pub fn this(config: &std::path::Path) -> Self {
+        let config = std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf());
+        RelayId {
+            config: config.display().to_string(),
+            pid: std::process::id(),
+            netns: own_netns(),
+        }
+    }
+}
+
+/// This process's network namespace, as `/proc/self/ns/net` names it.
+pub fn own_netns() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/net")
+        .ok()
+        .map(|p| p.display().to_string())
 }
 
 /// A rule's input: what it matches.
@@ -394,6 +428,7 @@ impl StatsView {
             })
             .collect();
         StatsView {
+            relay: None,
             rules,
             xdp: xdp
                 .map(|x| {

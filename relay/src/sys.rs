@@ -190,6 +190,18 @@ pub fn ifindex(iface: &str) -> Option<u32> {
         .ok()
 }
 
+/// How the log names the device `ifindex` that was called `name`: the name alone while it is
+/// still the device of that name, `name (ifindex N, deleted)` once it is not (the interface
+/// was deleted, perhaps created again as another device), so a line about the old device is
+/// not read as one about the new.
+pub fn device_label(name: &str, ifindex: u32) -> String {
+    if ifindex == 0 || self::ifindex(name) == Some(ifindex) {
+        name.to_owned()
+    } else {
+        format!("{name} (ifindex {ifindex}, deleted)")
+    }
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
