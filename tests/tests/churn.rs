@@ -155,6 +155,9 @@ fn recreated_under_a_running_flow(allocator: &str) {
     };
     assert_eq!(said.lines().filter(old_device).count(), 3, "{said}");
     assert!(!said.contains("rin: left 239.1.1.1"), "{said}");
+    let detached = |l: &&str| l.contains(", deleted): XDP program detached");
+    assert_eq!(said.lines().filter(detached).count(), 3, "{said}");
+    assert!(!said.contains("rin: XDP program detached"), "{said}");
     // Each re-created ingress is a new device; the gone one's slot is given to it again.
     assert_eq!(
         rule_map_slots(relay.pid()),
