@@ -327,6 +327,20 @@ fn once(v: &StatsView, view: View) -> Result<String> {
 mod tests {
     use super::*;
 
+    /// Only standard output closed under the client ends it quietly; a broken pipe to the
+    /// relay, or another failure to write, is an error.
+    #[test]
+    fn only_a_closed_standard_output_is_quiet() {
+        use std::io::{Error, ErrorKind};
+        let closed = to_stdout_failed(Error::from(ErrorKind::BrokenPipe)).context("--watch");
+        assert!(stdout_closed(&closed));
+        let full = to_stdout_failed(Error::from(ErrorKind::StorageFull));
+        assert!(!stdout_closed(&full));
+        assert!(format!("{full:#}").starts_with("writing to standard output: "));
+        let relay = anyhow::Error::new(Error::from(ErrorKind::BrokenPipe)).context("the relay");
+        assert!(!stdout_closed(&relay));
+    }
+
     #[test]
     fn the_socket_comes_from_the_command_line_then_the_file() {
         let dir = std::env::temp_dir().join(format!("relay-client-{}", std::process::id()));

@@ -419,6 +419,23 @@ mod tests {
         ));
     }
 
+    /// A client that hung up is routine (logged at debug); other failures are warned about.
+    #[test]
+    fn a_client_that_went_away_is_told_from_other_failures() {
+        use std::io::{Error, ErrorKind};
+        for kind in [
+            ErrorKind::BrokenPipe,
+            ErrorKind::ConnectionReset,
+            ErrorKind::ConnectionAborted,
+        ] {
+            let e = anyhow::Error::new(Error::from(kind)).context("writing the reply");
+            assert!(went_away(&e), "{kind:?}");
+        }
+        for kind in [ErrorKind::WouldBlock, ErrorKind::InvalidData] {
+            assert!(!went_away(&anyhow::Error::new(Error::from(kind))), "{kind:?}");
+        }
+    }
+
     #[test]
     fn serves_over_a_unix_socket_and_survives_abuse() {
         let dir = std::env::temp_dir().join(format!("relay-ctl-{}", std::process::id()));

@@ -858,6 +858,34 @@ mod tests {
         assert!(!plain.render_prometheus().contains("relay_merge"));
     }
 
+    /// `relay stats` starts with the answering relay, and notes a namespace not the client's.
+    #[test]
+    fn the_table_names_the_relay_that_answered() {
+        let mut v = view();
+        assert_eq!(v.render_header(Some("net:[1]")), "", "no relay named: no header");
+        v.relay = Some(RelayId {
+            config: "/etc/relay/rules.yaml".into(),
+            pid: 42,
+            netns: Some("net:[1]".into()),
+        });
+        assert_eq!(
+            v.render_header(Some("net:[1]")),
+            "relay pid 42, config /etc/relay/rules.yaml, network namespace net:[1]\n"
+        );
+        assert_eq!(
+            v.render_header(Some("net:[2]")),
+            "relay pid 42, config /etc/relay/rules.yaml, network namespace net:[1] (not this \
+             command's: another relay than the one here may have answered)\n"
+        );
+        assert!(v.render_table().starts_with("relay pid 42, "));
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["relay"]["pid"], 42);
+        assert_eq!(json["relay"]["config"], "/etc/relay/rules.yaml");
+        let id = RelayId::this(std::path::Path::new("rules.yaml"));
+        assert!(std::path::Path::new(&id.config).is_absolute(), "{id:?}");
+        assert_eq!(id.pid, std::process::id());
+    }
+
     #[test]
     fn json_round_trips() {
         let v = view();

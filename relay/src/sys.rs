@@ -216,6 +216,18 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 mod tests {
     use super::*;
 
+    /// `lo` is ifindex 1 in every namespace; an ifindex it does not have is another device.
+    #[test]
+    fn a_device_that_is_not_the_current_one_of_its_name_is_labelled_deleted() {
+        assert_eq!(device_label("lo", 1), "lo");
+        assert_eq!(device_label("lo", 0), "lo", "never bound: no index to name");
+        assert_eq!(device_label("lo", 987_654), "lo (ifindex 987654, deleted)");
+        assert_eq!(
+            device_label("no-such-if", 5),
+            "no-such-if (ifindex 5, deleted)"
+        );
+    }
+
     #[test]
     fn mac_parsing() {
         assert_eq!(
