@@ -277,10 +277,7 @@ pub fn show(path: &Path, view: View, watch: Option<f64>, count: Option<u64>) -> 
         };
         if redraw {
             // Home, the new block, then clear what the last one left below it: no flicker.
-            print_now(&format!(
-                "\x1b[H{}\x1b[J",
-                text.replace('\n', "\x1b[K\n")
-            ))?;
+            print_now(&format!("\x1b[H{}\x1b[J", text.replace('\n', "\x1b[K\n")))?;
         } else if matches!(
             view,
             View::Stats {

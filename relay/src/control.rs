@@ -432,7 +432,10 @@ mod tests {
             assert!(went_away(&e), "{kind:?}");
         }
         for kind in [ErrorKind::WouldBlock, ErrorKind::InvalidData] {
-            assert!(!went_away(&anyhow::Error::new(Error::from(kind))), "{kind:?}");
+            assert!(
+                !went_away(&anyhow::Error::new(Error::from(kind))),
+                "{kind:?}"
+            );
         }
     }
 

@@ -862,7 +862,11 @@ mod tests {
     #[test]
     fn the_table_names_the_relay_that_answered() {
         let mut v = view();
-        assert_eq!(v.render_header(Some("net:[1]")), "", "no relay named: no header");
+        assert_eq!(
+            v.render_header(Some("net:[1]")),
+            "",
+            "no relay named: no header"
+        );
         v.relay = Some(RelayId {
             config: "/etc/relay/rules.yaml".into(),
             pid: 42,

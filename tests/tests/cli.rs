@@ -121,7 +121,10 @@ fn the_client_reads_the_config_and_watches_rates() {
     assert_eq!(v.sockets.len(), 2, "rin and rout0: {v:?}");
     let table = relay_ok(&["stats", "--config", &config]);
     assert!(table.starts_with("relay pid "), "{table}");
-    assert!(table.lines().nth(1).unwrap().starts_with("RULE "), "{table}");
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("RULE "),
+        "{table}"
+    );
     assert!(table.contains("video "), "{table}");
     // The sockets' kernel counters while running: one line per socket.
     let socket_lines: Vec<&str> = table.lines().filter(|l| l.starts_with("socket ")).collect();
@@ -363,7 +366,10 @@ fn rules_come_and_go_down_to_none_and_back() {
 /// Whether `line` is a log line (`[2026-... ERROR relay] ...`) rather than a plain message.
 fn logged(text: &str) -> bool {
     text.lines().any(|l| {
-        l.starts_with('[') && [" ERROR ", " WARN ", " INFO "].iter().any(|lv| l.contains(lv))
+        l.starts_with('[')
+            && [" ERROR ", " WARN ", " INFO "]
+                .iter()
+                .any(|lv| l.contains(lv))
     })
 }
 
@@ -379,7 +385,10 @@ fn client_errors_are_plain_messages() {
     assert!(!logged(&err), "{err}");
     let (ok, _, err) = relay(&["stats", "--config", "/nonexistent/rules.yaml"]);
     assert!(!ok);
-    assert!(err.starts_with("/nonexistent/rules.yaml: cannot read it"), "{err}");
+    assert!(
+        err.starts_with("/nonexistent/rules.yaml: cannot read it"),
+        "{err}"
+    );
 }
 
 /// `relay ARGS` with its standard output a pipe whose reader has already gone (`| head`
@@ -393,7 +402,10 @@ fn into_closed_pipe(args: &[&str]) -> (std::process::ExitStatus, String) {
         .stderr(std::process::Stdio::piped())
         .output()
         .unwrap();
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// `relay stats` names the relay that answered (pid and config file, and whether it runs in
@@ -419,9 +431,8 @@ fn the_answering_relay_is_named_and_a_closed_pipe_ends_quietly() {
     assert!(
         header.starts_with(&format!(
             "relay pid {pid}, config {config}, network namespace net:["
-        )) && header.ends_with(
-            " (not this command's: another relay than the one here may have answered)"
-        ),
+        )) && header
+            .ends_with(" (not this command's: another relay than the one here may have answered)"),
         "{table}"
     );
     // From the relay's own namespace: no note.
@@ -431,8 +442,9 @@ fn the_answering_relay_is_named_and_a_closed_pipe_ends_quietly() {
         .unwrap();
     let header = here.lines().next().unwrap();
     assert!(
-        header.starts_with(&format!("relay pid {pid}, config {config}, network namespace net:["))
-            && header.ends_with(']'),
+        header.starts_with(&format!(
+            "relay pid {pid}, config {config}, network namespace net:["
+        )) && header.ends_with(']'),
         "{here}"
     );
     let v: StatsView =
@@ -447,11 +459,18 @@ fn the_answering_relay_is_named_and_a_closed_pipe_ends_quietly() {
     // A closed standard output: exit 0, nothing said.
     for args in [
         vec!["stats", "--config", &config],
-        vec!["stats", "--config", &config, "--watch", "0.1", "--count", "3"],
-        vec!["stats", "--json", "--config", &config, "--watch", "0.1", "--count", "3"],
+        vec![
+            "stats", "--config", &config, "--watch", "0.1", "--count", "3",
+        ],
+        vec![
+            "stats", "--json", "--config", &config, "--watch", "0.1", "--count", "3",
+        ],
     ] {
         let (status, err) = into_closed_pipe(&args);
-        assert!(status.success() && err.is_empty(), "{args:?}: {status}: {err}");
+        assert!(
+            status.success() && err.is_empty(),
+            "{args:?}: {status}: {err}"
+        );
     }
     // `| head -n 1` on an endless --watch: it ends once head has gone.
     let mut watch = std::process::Command::new(relay_bin())
@@ -478,7 +497,12 @@ fn the_answering_relay_is_named_and_a_closed_pipe_ends_quietly() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut err = String::new();
-    watch.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    watch
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(status.success() && err.is_empty(), "{status}: {err}");
 
     // Clients that hang up before the reply: the relay carries on, and says nothing at

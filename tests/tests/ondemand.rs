@@ -585,10 +585,7 @@ fn the_groups_count_only_what_outputs_forward() {
     let v = stats_until(&relay.control, |_| true);
     assert_eq!((groups(&v, "od4"), groups(&v, "od6")), (1, 1), "{q:?}");
     let text = client_ok(&relay.control, &["stats"]);
-    assert!(
-        text.contains("1 groups with listeners on rout0"),
-        "{text}"
-    );
+    assert!(text.contains("1 groups with listeners on rout0"), "{text}");
     a.leave();
     b.leave();
     stop_clean(relay, &topo);
