@@ -557,7 +557,7 @@ fn found_by_the_startup_query_and_kept_by_a_second_listener() {
 fn the_groups_count_only_what_outputs_forward() {
     require_root();
     let _serial = serial();
-    let (topo, relay) = one_link(&format!("{QUERIER}{RULES_ONE_LINK}"), &[]);
+    let (topo, relay) = one_link(&format!("{QUERIER}{ONE_RULE}"), &[]);
     let r0 = &topo.receivers[0];
     let groups = |v: &StatsView, rule: &str| output(v, rule, 0).on_demand.as_ref().unwrap().groups;
     // The startup query is answered within its 1 s response interval.
@@ -590,16 +590,6 @@ fn the_groups_count_only_what_outputs_forward() {
     b.leave();
     stop_clean(relay, &topo);
 }
-
-const RULES_ONE_LINK: &str = "\
-rules:
-  - name: od4
-    input: { interface: rin, group: 239.1.1.1, port: 5000 }
-    outputs: [{ interface: rout0, on_demand: true }]
-  - name: od6
-    input: { interface: rin, group: 'ff18::1:1', port: 5000 }
-    outputs: [{ interface: rout0, on_demand: true }]
-";
 
 /// An IGMPv3 general query from `source` (max response 1 s, QRV 2, QQIC 2 s), as a router
 /// on the link would send it: TTL 1, Router Alert.
