@@ -270,7 +270,11 @@ pub fn show(path: &Path, view: View, watch: Option<f64>, count: Option<u64>) -> 
                 );
                 match show {
                     Show::Json => format!("{}\n", serde_json::to_string(&rates)?),
-                    Show::Table => rates.render(),
+                    Show::Table => format!(
+                        "{}{}",
+                        now.1.render_header(crate::stats::own_netns().as_deref()),
+                        rates.render()
+                    ),
                 }
             }
             _ => once(&now.1, view)?,

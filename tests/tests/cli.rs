@@ -177,9 +177,14 @@ fn the_client_reads_the_config_and_watches_rates() {
     let watched = relay_ok(&["stats", "--config", &config, "--watch", "1", "--count", "2"]);
     let blocks: Vec<&str> = watched
         .split("rates over the last ")
-        .filter(|b| !b.is_empty())
+        .filter(|b| !b.starts_with("relay pid "))
         .collect();
     assert_eq!(blocks.len(), 2, "{watched}");
+    assert_eq!(
+        watched.matches("relay pid ").count(),
+        2,
+        "each block names the relay: {watched}"
+    );
     assert!(
         !watched.contains('\x1b'),
         "no terminal codes into a pipe: {watched:?}"
@@ -483,7 +488,7 @@ fn the_answering_relay_is_named_and_a_closed_pipe_ends_quietly() {
     std::io::BufReader::new(watch.stdout.take().unwrap())
         .read_line(&mut first)
         .unwrap();
-    assert!(first.starts_with("rates over the last "), "{first}");
+    assert!(first.starts_with(&format!("relay pid {pid}, ")), "{first}");
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
         if let Some(s) = watch.try_wait().unwrap() {
