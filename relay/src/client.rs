@@ -74,6 +74,42 @@ pub enum View {
     Members { json: bool },
 }
 
+/// Standard output closed under the client (`relay stats --watch | head`): the reader has
+/// what it wanted, so the command ends quietly, successfully ([`stdout_closed`]).
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Whether `e` is [`StdoutClosed`], under whatever context was added to it. A broken pipe
+/// to the relay is not: that one is an error.
+pub fn stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<StdoutClosed>())
+}
+
+/// A failed write to standard output: [`StdoutClosed`] for a closed pipe.
+fn to_stdout_failed(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("writing to standard output")
+    }
+}
+
+/// Writes `text` to standard output, now.
+fn print_now(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(to_stdout_failed)
+}
+
 /// Set by SIGINT and SIGTERM while a `--watch` runs.
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -168,9 +204,13 @@ pub fn capture(
         match std::io::Read::read(&mut &stream, &mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                out.write_all(&buf[..n])
-                    .with_context(|| format!("writing {}", output.display()))?;
-                out.flush()?;
+                if let Err(e) = out.write_all(&buf[..n]).and_then(|()| out.flush()) {
+                    return Err(if to_stdout {
+                        to_stdout_failed(e)
+                    } else {
+                        anyhow::Error::new(e).context(format!("writing {}", output.display()))
+                    });
+                }
                 bytes += n as u64;
             }
             Err(e)
@@ -201,7 +241,7 @@ fn counters(path: &Path) -> Result<StatsView> {
 /// Prints `view` once, or every `watch` seconds (`count` times at most) until Ctrl-C.
 pub fn show(path: &Path, view: View, watch: Option<f64>, count: Option<u64>) -> Result<ExitCode> {
     let Some(seconds) = watch else {
-        print!("{}", once(&counters(path)?, view)?);
+        print_now(&once(&counters(path)?, view)?)?;
         return Ok(ExitCode::SUCCESS);
     };
     if !(seconds.is_finite() && seconds >= 0.1) {
@@ -230,28 +270,29 @@ pub fn show(path: &Path, view: View, watch: Option<f64>, count: Option<u64>) -> 
                 );
                 match show {
                     Show::Json => format!("{}\n", serde_json::to_string(&rates)?),
-                    Show::Table => rates.render(),
+                    Show::Table => format!(
+                        "{}{}",
+                        now.1.render_header(crate::stats::own_netns().as_deref()),
+                        rates.render()
+                    ),
                 }
             }
             _ => once(&now.1, view)?,
         };
-        let mut out = std::io::stdout().lock();
         if redraw {
             // Home, the new block, then clear what the last one left below it: no flicker.
-            write!(out, "\x1b[H{}\x1b[J", text.replace('\n', "\x1b[K\n"))?;
-        } else {
-            write!(out, "{text}")?;
-            if !matches!(
-                view,
-                View::Stats {
-                    show: Show::Json,
-                    ..
-                }
-            ) {
-                writeln!(out)?;
+            print_now(&format!("\x1b[H{}\x1b[J", text.replace('\n', "\x1b[K\n")))?;
+        } else if matches!(
+            view,
+            View::Stats {
+                show: Show::Json,
+                ..
             }
+        ) {
+            print_now(&text)?;
+        } else {
+            print_now(&format!("{text}\n"))?;
         }
-        out.flush()?;
         before = now;
         shown += 1;
     }
@@ -297,6 +338,20 @@ pub fn dry_run(path: &Path, req: &Request) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only standard output closed under the client ends it quietly; a broken pipe to the
+    /// relay, or another failure to write, is an error.
+    #[test]
+    fn only_a_closed_standard_output_is_quiet() {
+        use std::io::{Error, ErrorKind};
+        let closed = to_stdout_failed(Error::from(ErrorKind::BrokenPipe)).context("--watch");
+        assert!(stdout_closed(&closed));
+        let full = to_stdout_failed(Error::from(ErrorKind::StorageFull));
+        assert!(!stdout_closed(&full));
+        assert!(format!("{full:#}").starts_with("writing to standard output: "));
+        let relay = anyhow::Error::new(Error::from(ErrorKind::BrokenPipe)).context("the relay");
+        assert!(!stdout_closed(&relay));
+    }
 
     #[test]
     fn the_socket_comes_from_the_command_line_then_the_file() {

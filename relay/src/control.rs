@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use log::{info, warn};
+use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -279,7 +279,12 @@ impl ControlSocket {
                     match conn {
                         Ok(stream) => {
                             if let Err(e) = handle(stream, &snapshot, &reloader, &capturer) {
-                                warn!("control client: {e:#}");
+                                // A client that went away (Ctrl-C, a closed pipe) is routine.
+                                if went_away(&e) {
+                                    debug!("control client: {e:#}");
+                                } else {
+                                    warn!("control client: {e:#}");
+                                }
                             }
                         }
                         Err(e) => warn!("{}: accept: {e}", path.display()),
@@ -288,6 +293,15 @@ impl ControlSocket {
             })?;
         Ok(file)
     }
+}
+
+/// Whether `e` says the client hung up before the reply was written.
+fn went_away(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted))
+    })
 }
 
 /// Binds and serves in one step; the socket file stays until the returned guard is dropped.
@@ -386,6 +400,7 @@ mod tests {
 
     fn snap() -> Snapshot {
         Arc::new(|| StatsView {
+            relay: None,
             rules: vec![],
             xdp: BTreeMap::new(),
             pool: crate::stats::PoolView {
@@ -491,6 +506,26 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// A client that hung up is routine (logged at debug); other failures are warned about.
+    #[test]
+    fn a_client_that_went_away_is_told_from_other_failures() {
+        use std::io::{Error, ErrorKind};
+        for kind in [
+            ErrorKind::BrokenPipe,
+            ErrorKind::ConnectionReset,
+            ErrorKind::ConnectionAborted,
+        ] {
+            let e = anyhow::Error::new(Error::from(kind)).context("writing the reply");
+            assert!(went_away(&e), "{kind:?}");
+        }
+        for kind in [ErrorKind::WouldBlock, ErrorKind::InvalidData] {
+            assert!(
+                !went_away(&anyhow::Error::new(Error::from(kind))),
+                "{kind:?}"
+            );
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub struct Steering {
     ebpf: Ebpf,
     xsks: XskMap<MapData>,
     counters: Arc<XdpCounters>,
-    links: Vec<(String, Attachment)>,
+    links: Vec<(String, u32, Attachment)>,
     /// Ingress ifindex of each XSKMAP slot, in the order they were given out; 0 for a slot
     /// freed when its device went away, to be given out again.
     slots: Vec<u32>,
@@ -393,15 +393,15 @@ impl Steering {
 
     /// The interfaces the program is attached to.
     pub fn attached(&self) -> Vec<String> {
-        self.links.iter().map(|(i, _)| i.clone()).collect()
+        self.links.iter().map(|(i, _, _)| i.clone()).collect()
     }
 
     /// Detaches from one interface: its frames pass to the kernel from here on.
     pub fn detach_iface(&mut self, iface: &str) -> Result<()> {
-        let Some(at) = self.links.iter().position(|(i, _)| i == iface) else {
+        let Some(at) = self.links.iter().position(|(i, _, _)| i == iface) else {
             return Ok(());
         };
-        let (_, attachment) = self.links.remove(at);
+        let (_, ifindex, attachment) = self.links.remove(at);
         match attachment {
             Attachment::Shared(id) => {
                 let prog: &mut Xdp = self
@@ -417,7 +417,10 @@ impl Steering {
                 .detach()
                 .with_context(|| format!("detaching XDP from {iface}"))?,
         }
-        info!("{iface}: XDP program detached");
+        info!(
+            "{}: XDP program detached",
+            crate::sys::device_label(iface, ifindex)
+        );
         Ok(())
     }
 
@@ -440,7 +443,7 @@ impl Steering {
             match VlanFront::attach(ifindex, hinted.as_fd(), hints) {
                 Ok(front) => {
                     self.links
-                        .push((iface.to_owned(), Attachment::Front(front)));
+                        .push((iface.to_owned(), ifindex, Attachment::Front(front)));
                     return Ok(AttachedMode::NativeVlanHint);
                 }
                 Err(e) => warn!(
@@ -482,13 +485,14 @@ impl Steering {
                 }
             },
         };
-        self.links.push((iface.to_owned(), Attachment::Shared(id)));
+        self.links
+            .push((iface.to_owned(), ifindex, Attachment::Shared(id)));
         Ok(got)
     }
 
     /// Detaches from every interface; frames pass to the kernel from here on.
     pub fn detach(&mut self) {
-        for (iface, attachment) in std::mem::take(&mut self.links) {
+        for (iface, ifindex, attachment) in std::mem::take(&mut self.links) {
             let done = match attachment {
                 Attachment::Shared(id) => self
                     .ebpf
@@ -499,7 +503,10 @@ impl Steering {
                 Attachment::Front(front) => front.link.detach().map_err(Into::into),
             };
             match done {
-                Ok(()) => info!("{iface}: XDP program detached"),
+                Ok(()) => info!(
+                    "{}: XDP program detached",
+                    crate::sys::device_label(&iface, ifindex)
+                ),
                 Err(e) => warn!("{iface}: detaching XDP failed: {e}"),
             }
         }

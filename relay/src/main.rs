@@ -223,6 +223,7 @@ fn main() -> ExitCode {
     }
     logger.init();
     let cli = Cli::parse();
+    let is_client = cli.client.is_some();
     let result = match cli.client {
         Some(cmd) => client(cmd, cli.config.as_ref()),
         None => match cli.config {
@@ -239,6 +240,13 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // `relay stats --watch | head`: head has what it wanted.
+        Err(e) if is_client && client::stdout_closed(&e) => ExitCode::SUCCESS,
+        // A client's error is a message to the person who typed the command, not a log line.
+        Err(e) if is_client => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             error!("{e:#}");
             ExitCode::FAILURE

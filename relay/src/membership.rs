@@ -136,7 +136,11 @@ impl Memberships {
         self.held.retain(|(m, _)| {
             let go = these.contains(m);
             if go {
-                info!("{}: left {}", m.0, describe(m));
+                info!(
+                    "{}: left {}",
+                    crate::sys::device_label(&m.0, m.1),
+                    describe(m)
+                );
             }
             !go
         });
@@ -155,7 +159,11 @@ impl Drop for Memberships {
     fn drop(&mut self) {
         for (m, fd) in self.held.drain(..) {
             drop(fd);
-            info!("{}: left {}", m.0, describe(&m));
+            info!(
+                "{}: left {}",
+                crate::sys::device_label(&m.0, m.1),
+                describe(&m)
+            );
         }
     }
 }

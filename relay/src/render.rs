@@ -274,8 +274,30 @@ impl StatsView {
                 }
             }
         }
-        let mut s = t.render();
+        let mut s = self.render_header(crate::stats::own_netns().as_deref());
+        s.push_str(&t.render());
         s.push_str(&self.render_totals());
+        s
+    }
+
+    /// Which relay answered, as the first line of `relay stats`, with a note when it runs in
+    /// another network namespace than `here` (the client's): the default control socket is
+    /// one path for every namespace.
+    pub fn render_header(&self, here: Option<&str>) -> String {
+        let Some(r) = &self.relay else {
+            return String::new();
+        };
+        let mut s = format!("relay pid {}, config {}", r.pid, r.config);
+        if let Some(ns) = &r.netns {
+            let _ = write!(s, ", network namespace {ns}");
+            if here.is_some_and(|h| h != ns) {
+                let _ = write!(
+                    s,
+                    " (not this command's: another relay than the one here may have answered)"
+                );
+            }
+        }
+        s.push('\n');
         s
     }
 

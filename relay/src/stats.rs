@@ -18,6 +18,10 @@ use crate::{
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsView {
+    /// Which relay answered: the default control socket is one path for every network
+    /// namespace, so a client may reach a relay it did not mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayId>,
     pub rules: Vec<RuleView>,
     /// The XDP program's counters, summed over CPUs.
     pub xdp: BTreeMap<String, u64>,
@@ -52,6 +56,36 @@ pub struct StatsView {
     /// 100 ms old: the drops before the relay sees a frame.
     #[serde(default)]
     pub sockets: Vec<SocketCounters>,
+}
+
+/// The relay that answered: its config file, its process and its network namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayId {
+    /// The config file it runs on, as an absolute path.
+    pub config: String,
+    pub pid: u32,
+    /// Its network namespace as the kernel names it (`net:[4026531840]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+}
+
+impl RelayId {
+    /// This process, running on `config`.
+    pub fn this(config: &std::path::Path) -> Self {
+        let config = std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf());
+        RelayId {
+            config: config.display().to_string(),
+            pid: std::process::id(),
+            netns: own_netns(),
+        }
+    }
+}
+
+/// This process's network namespace, as `/proc/self/ns/net` names it.
+pub fn own_netns() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/net")
+        .ok()
+        .map(|p| p.display().to_string())
 }
 
 /// A rule's input: what it matches.
@@ -394,6 +428,7 @@ impl StatsView {
             })
             .collect();
         StatsView {
+            relay: None,
             rules,
             xdp: xdp
                 .map(|x| {
@@ -821,6 +856,38 @@ mod tests {
             ..v
         };
         assert!(!plain.render_prometheus().contains("relay_merge"));
+    }
+
+    /// `relay stats` starts with the answering relay, and notes a namespace not the client's.
+    #[test]
+    fn the_table_names_the_relay_that_answered() {
+        let mut v = view();
+        assert_eq!(
+            v.render_header(Some("net:[1]")),
+            "",
+            "no relay named: no header"
+        );
+        v.relay = Some(RelayId {
+            config: "/etc/relay/rules.yaml".into(),
+            pid: 42,
+            netns: Some("net:[1]".into()),
+        });
+        assert_eq!(
+            v.render_header(Some("net:[1]")),
+            "relay pid 42, config /etc/relay/rules.yaml, network namespace net:[1]\n"
+        );
+        assert_eq!(
+            v.render_header(Some("net:[2]")),
+            "relay pid 42, config /etc/relay/rules.yaml, network namespace net:[1] (not this \
+             command's: another relay than the one here may have answered)\n"
+        );
+        assert!(v.render_table().starts_with("relay pid 42, "));
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["relay"]["pid"], 42);
+        assert_eq!(json["relay"]["config"], "/etc/relay/rules.yaml");
+        let id = RelayId::this(std::path::Path::new("rules.yaml"));
+        assert!(std::path::Path::new(&id.config).is_absolute(), "{id:?}");
+        assert_eq!(id.pid, std::process::id());
     }
 
     #[test]

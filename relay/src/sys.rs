@@ -190,6 +190,18 @@ pub fn ifindex(iface: &str) -> Option<u32> {
         .ok()
 }
 
+/// How the log names the device `ifindex` that was called `name`: the name alone while it is
+/// still the device of that name, `name (ifindex N, deleted)` once it is not (the interface
+/// was deleted, perhaps created again as another device), so a line about the old device is
+/// not read as one about the new.
+pub fn device_label(name: &str, ifindex: u32) -> String {
+    if ifindex == 0 || self::ifindex(name) == Some(ifindex) {
+        name.to_owned()
+    } else {
+        format!("{name} (ifindex {ifindex}, deleted)")
+    }
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -203,6 +215,18 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `lo` is ifindex 1 in every namespace; an ifindex it does not have is another device.
+    #[test]
+    fn a_device_that_is_not_the_current_one_of_its_name_is_labelled_deleted() {
+        assert_eq!(device_label("lo", 1), "lo");
+        assert_eq!(device_label("lo", 0), "lo", "never bound: no index to name");
+        assert_eq!(device_label("lo", 987_654), "lo (ifindex 987654, deleted)");
+        assert_eq!(
+            device_label("no-such-if", 5),
+            "no-such-if (ifindex 5, deleted)"
+        );
+    }
 
     #[test]
     fn mac_parsing() {

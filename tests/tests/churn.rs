@@ -147,6 +147,16 @@ fn recreated_under_a_running_flow(allocator: &str) {
         }
         last = now;
     }
+    // The lines about each old device name it as the deleted one, so that its `left` after
+    // the new device's `joined` is not read as the group being left.
+    let said = log();
+    let old_device =
+        |l: &&str| l.contains("rin (ifindex ") && l.contains(", deleted): left 239.1.1.1 (IGMP)");
+    assert_eq!(said.lines().filter(old_device).count(), 3, "{said}");
+    assert!(!said.contains("rin: left 239.1.1.1"), "{said}");
+    let detached = |l: &&str| l.contains(", deleted): XDP program detached");
+    assert_eq!(said.lines().filter(detached).count(), 3, "{said}");
+    assert!(!said.contains("rin: XDP program detached"), "{said}");
     // Each re-created ingress is a new device; the gone one's slot is given to it again.
     assert_eq!(
         rule_map_slots(relay.pid()),

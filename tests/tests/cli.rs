@@ -120,7 +120,11 @@ fn the_client_reads_the_config_and_watches_rates() {
     let v = stats_until(&relay_proc.control, |v| v.sockets.len() == 2);
     assert_eq!(v.sockets.len(), 2, "rin and rout0: {v:?}");
     let table = relay_ok(&["stats", "--config", &config]);
-    assert!(table.starts_with("RULE "), "{table}");
+    assert!(table.starts_with("relay pid "), "{table}");
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("RULE "),
+        "{table}"
+    );
     assert!(table.contains("video "), "{table}");
     // The sockets' kernel counters while running: one line per socket.
     let socket_lines: Vec<&str> = table.lines().filter(|l| l.starts_with("socket ")).collect();
@@ -173,9 +177,14 @@ fn the_client_reads_the_config_and_watches_rates() {
     let watched = relay_ok(&["stats", "--config", &config, "--watch", "1", "--count", "2"]);
     let blocks: Vec<&str> = watched
         .split("rates over the last ")
-        .filter(|b| !b.is_empty())
+        .filter(|b| !b.starts_with("relay pid "))
         .collect();
     assert_eq!(blocks.len(), 2, "{watched}");
+    assert_eq!(
+        watched.matches("relay pid ").count(),
+        2,
+        "each block names the relay: {watched}"
+    );
     assert!(
         !watched.contains('\x1b'),
         "no terminal codes into a pipe: {watched:?}"
@@ -356,5 +365,162 @@ fn rules_come_and_go_down_to_none_and_back() {
         "{said}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+    stop_clean(relay_proc, &topo);
+}
+
+/// Whether `line` is a log line (`[2026-... ERROR relay] ...`) rather than a plain message.
+fn logged(text: &str) -> bool {
+    text.lines().any(|l| {
+        l.starts_with('[')
+            && [" ERROR ", " WARN ", " INFO "]
+                .iter()
+                .any(|lv| l.contains(lv))
+    })
+}
+
+/// A client's error is a plain message, without the timestamp and level of a log line.
+#[test]
+fn client_errors_are_plain_messages() {
+    let (ok, out, err) = relay(&["ping", "--control", "/nonexistent/relay.sock"]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.starts_with("connecting to /nonexistent/relay.sock (is the relay running"),
+        "{err}"
+    );
+    assert!(!logged(&err), "{err}");
+    let (ok, _, err) = relay(&["stats", "--config", "/nonexistent/rules.yaml"]);
+    assert!(!ok);
+    assert!(
+        err.starts_with("/nonexistent/rules.yaml: cannot read it"),
+        "{err}"
+    );
+}
+
+/// `relay ARGS` with its standard output a pipe whose reader has already gone (`| head`
+/// that has its lines); how it exited and its standard error.
+fn into_closed_pipe(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let out = std::process::Command::new(relay_bin())
+        .args(args)
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `relay stats` names the relay that answered (pid and config file, and whether it runs in
+/// another network namespace than the command), in the table and the JSON; a client whose
+/// standard output closes ends quietly with 0, once or `--watch`ed (`| head`); the relay
+/// logs a client that went away before its reply at debug, not as a warning.
+#[test]
+fn the_answering_relay_is_named_and_a_closed_pipe_ends_quietly() {
+    use std::io::BufRead;
+    require_root();
+    let _serial = serial();
+    let topo = Topology::new(1).unwrap();
+    let rules = format!(
+        "rules:\n  - name: video\n    input: {{ interface: rin, group: {G1}, port: 5000 }}\n    outputs: [{{ interface: rout0 }}]\n"
+    );
+    let relay_proc = RelayProc::start(&relay_bin(), &topo.relay, &rules, &[]).unwrap();
+    let config = relay_proc.config.to_str().unwrap().to_owned();
+    let pid = relay_proc.pid();
+
+    // From this (the host's) namespace: the relay runs in another.
+    let table = relay_ok(&["stats", "--config", &config]);
+    let header = table.lines().next().unwrap();
+    assert!(
+        header.starts_with(&format!(
+            "relay pid {pid}, config {config}, network namespace net:["
+        )) && header
+            .ends_with(" (not this command's: another relay than the one here may have answered)"),
+        "{table}"
+    );
+    // From the relay's own namespace: no note.
+    let here = topo
+        .relay
+        .exec(&[relay_bin().to_str().unwrap(), "stats", "--config", &config])
+        .unwrap();
+    let header = here.lines().next().unwrap();
+    assert!(
+        header.starts_with(&format!(
+            "relay pid {pid}, config {config}, network namespace net:["
+        )) && header.ends_with(']'),
+        "{here}"
+    );
+    let v: StatsView =
+        serde_json::from_str(&relay_ok(&["stats", "--json", "--config", &config])).unwrap();
+    let id = v.relay.expect("the answering relay in the JSON");
+    assert_eq!((id.pid, id.config.as_str()), (pid, config.as_str()));
+    assert!(
+        id.netns.as_deref().is_some_and(|n| header.contains(n)),
+        "{id:?}"
+    );
+
+    // A closed standard output: exit 0, nothing said.
+    for args in [
+        vec!["stats", "--config", &config],
+        vec![
+            "stats", "--config", &config, "--watch", "0.1", "--count", "3",
+        ],
+        vec![
+            "stats", "--json", "--config", &config, "--watch", "0.1", "--count", "3",
+        ],
+    ] {
+        let (status, err) = into_closed_pipe(&args);
+        assert!(
+            status.success() && err.is_empty(),
+            "{args:?}: {status}: {err}"
+        );
+    }
+    // `| head -n 1` on an endless --watch: it ends once head has gone.
+    let mut watch = std::process::Command::new(relay_bin())
+        .args(["stats", "--config", &config, "--watch", "0.1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(watch.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with(&format!("relay pid {pid}, ")), "{first}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = watch.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            let _ = watch.wait();
+            panic!("--watch went on after its reader had gone");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    watch
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success() && err.is_empty(), "{status}: {err}");
+
+    // Clients that hang up before the reply: the relay carries on, and says nothing at
+    // info or above about them.
+    for _ in 0..5 {
+        let sock = std::os::unix::net::UnixStream::connect(&relay_proc.control).unwrap();
+        (&sock).write_all(b"{\"cmd\":\"stats\"}\n").unwrap();
+        drop(sock);
+    }
+    // Served one at a time: when this is answered, the ones before it were.
+    relay_ok(&["ping", "--config", &config]);
+    let log = std::fs::read_to_string(&relay_proc.stderr).unwrap();
+    assert!(!log.contains("control client"), "{log}");
+    assert!(!logged(&table) && !table.contains("Broken pipe"));
     stop_clean(relay_proc, &topo);
 }

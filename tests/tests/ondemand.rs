@@ -550,6 +550,47 @@ fn found_by_the_startup_query_and_kept_by_a_second_listener() {
     stop_clean(relay, &topo);
 }
 
+/// The on-demand line's "groups with listeners" counts the groups the outputs on the
+/// interface can forward, not the groups every host reports for itself (IPv6 solicited-node
+/// `ff02::1:ff..`, answered to the relay's query): 0 before anyone joins, 1 per family after.
+#[test]
+fn the_groups_count_only_what_outputs_forward() {
+    require_root();
+    let _serial = serial();
+    let (topo, relay) = one_link(&format!("{QUERIER}{ONE_RULE}"), &[]);
+    let r0 = &topo.receivers[0];
+    let groups = |v: &StatsView, rule: &str| output(v, rule, 0).on_demand.as_ref().unwrap().groups;
+    // The startup query is answered within its 1 s response interval.
+    std::thread::sleep(Duration::from_millis(2500));
+    let q = queriers(&relay);
+    let v = stats_until(&relay.control, |_| true);
+    assert_eq!(
+        (groups(&v, "od4"), groups(&v, "od6")),
+        (0, 0),
+        "nobody joined: {q:?}"
+    );
+    // The host did report groups of its own: they were not taken.
+    let not_forwarded = |family| {
+        querier(&q, family)
+            .refused
+            .get("not_forwarded")
+            .copied()
+            .unwrap_or(0)
+    };
+    assert!(not_forwarded("ipv6") > 0, "{q:?}");
+    let a = Member::join(&r0.ns, G4.into(), r0.addr.into());
+    let b = Member::join(&r0.ns, G6.into(), r0.addr6.into());
+    assert!(until_forwarding(&relay, &["od4", "od6"], true, Duration::from_secs(2)).is_some());
+    let q = queriers(&relay);
+    let v = stats_until(&relay.control, |_| true);
+    assert_eq!((groups(&v, "od4"), groups(&v, "od6")), (1, 1), "{q:?}");
+    let text = client_ok(&relay.control, &["stats"]);
+    assert!(text.contains("1 groups with listeners on rout0"), "{text}");
+    a.leave();
+    b.leave();
+    stop_clean(relay, &topo);
+}
+
 /// An IGMPv3 general query from `source` (max response 1 s, QRV 2, QQIC 2 s), as a router
 /// on the link would send it: TTL 1, Router Alert.
 fn general_query_from(source: Ipv4Addr) -> Vec<u8> {

@@ -183,9 +183,11 @@ pub fn run(options: Options) -> Result<ExitCode> {
     });
     let counters = steering.counters();
     let listening = querier.clone();
+    let me = crate::stats::RelayId::this(config_path);
     let snapshot: control::Snapshot = Arc::new(move || {
         let (table, stats) = monitor.stats();
         StatsView {
+            relay: Some(me.clone()),
             queriers: listening.describe(),
             sockets: monitor.sockets(),
             ..StatsView::build(
