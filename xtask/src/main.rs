@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod check_setup;
 mod datapath_bench;
+mod package_systemd;
 mod pool_bench;
 
 #[derive(Parser)]
@@ -31,6 +32,11 @@ enum Task {
     Build,
     /// Build, then the Debian package (target/debian/relay_*.deb).
     Package,
+    /// Build the package, install it in a Debian 12 container booted with systemd
+    /// (systemd-nspawn; the root is cached after the first run) and drive relay.service there:
+    /// start, reload, on-demand outputs, capture, metrics, journal, stop (needs root). Run
+    /// before every release of the package; part of `cargo xtask test`.
+    PackageSystemd,
     /// Run the whole test suite: unit, property and veth-namespace tests (needs root).
     Test {
         /// Extra arguments for `cargo test`, after `--`.
@@ -138,6 +144,13 @@ fn main() -> Result<()> {
             package(&root)?;
             println!("{}", deb_path(&root)?.display());
             Ok(())
+        }
+        Task::PackageSystemd => {
+            setup(&root)?;
+            build_ebpf(&root)?;
+            build_relay(&root)?;
+            package(&root)?;
+            package_systemd::run(&deb_path(&root)?)
         }
         Task::Test { args } => {
             setup(&root)?;
