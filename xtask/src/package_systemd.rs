@@ -255,8 +255,7 @@ impl Container {
         // `offline` (or no answer) until systemd has its bus up: asked again until the
         // boot's deadline.
         let deadline = Instant::now() + Duration::from_secs(BOOT_SECONDS.into());
-        let mut said = String::new();
-        let state = loop {
+        let (state, said) = loop {
             let out = Command::new("timeout")
                 .arg(BOOT_SECONDS.to_string())
                 .args(c.nsenter())
@@ -264,9 +263,11 @@ impl Container {
                 .output()
                 .context("asking the container's systemd")?;
             let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
             if matches!(state.as_str(), "running" | "degraded") || Instant::now() > deadline {
-                break state;
+                break (
+                    state,
+                    String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                );
             }
             thread::sleep(Duration::from_millis(500));
         };
