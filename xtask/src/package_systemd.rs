@@ -374,6 +374,65 @@ fn child_of(parent: u32) -> Option<u32> {
 mod tests {
     use super::*;
 
+    /// The families the unit allows (`RestrictAddressFamilies=`).
+    fn unit_families(unit: &str) -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix("RestrictAddressFamilies="))
+            .flat_map(|v| v.split_whitespace().map(str::to_owned))
+            .collect()
+    }
+
+    /// The families the relay's sources pass to socket(2) themselves: `libc::AF_*` within the
+    /// few lines after each `libc::socket(`.
+    fn families_opened(src: &str) -> Vec<String> {
+        let lines: Vec<&str> = src.lines().collect();
+        let mut found = Vec::new();
+        for (i, l) in lines.iter().enumerate() {
+            if !l.contains("libc::socket(") {
+                continue;
+            }
+            for near in &lines[i..(i + 4).min(lines.len())] {
+                for (at, _) in near.match_indices("libc::AF_") {
+                    let name: String = near[at + "libc::".len()..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    found.push(name);
+                }
+            }
+        }
+        found
+    }
+
+    /// The systemd run (`cargo xtask package-systemd`) is the proof; this is the quick guard
+    /// without root: a socket family that a change opens with socket(2) directly, or that the
+    /// crates open (netlink, AF_XDP, the control and metrics listeners), is in the unit.
+    #[test]
+    fn the_unit_allows_every_family_the_relay_opens() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let unit = fs::read_to_string(root.join("packaging/relay.service")).unwrap();
+        let allowed = unit_families(&unit);
+        let mut needed: Vec<String> = ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_XDP"]
+            .map(str::to_owned)
+            .to_vec();
+        for entry in walkdir::WalkDir::new(root.join("relay/src")) {
+            let entry = entry.unwrap();
+            if entry.path().extension().is_some_and(|e| e == "rs") {
+                needed.extend(families_opened(&fs::read_to_string(entry.path()).unwrap()));
+            }
+        }
+        assert!(
+            needed.iter().any(|f| f == "AF_PACKET"),
+            "the querier's packet socket was not found: the scan is blind"
+        );
+        for f in &needed {
+            assert!(
+                allowed.contains(f),
+                "packaging/relay.service: RestrictAddressFamilies= lacks {f}, which the relay opens ({allowed:?})"
+            );
+        }
+    }
+
     #[test]
     fn finds_the_mirror_in_both_source_formats() {
         let deb822 = "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\nComponents: main\n\nTypes: deb\n# a comment\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: main\n";
