@@ -646,7 +646,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     }
 
     // The package as users run it: installed in a container booted with systemd, driven by
-    // systemctl (about 30 s once the Debian root is cached; the first run builds it: about 3
+    // systemctl (about 15 s once the Debian root is cached; the first run builds it: 2 to 3
     // minutes).
     let deb = deb_path(root)?;
     tally.outcome("package-systemd", package_systemd::run(&deb), &mut failures);
