@@ -189,6 +189,7 @@ step "systemctl restart with allocator: mutex"
 good_config mutex >/etc/relay/rules.yaml
 systemctl restart relay || fail "systemctl restart relay"
 until_ok 15 "the relay answers after the restart" relay ping
+until_ok 5 "the journal has the mutex allocator" journal_has "frame allocator: mutex"
 out=/tmp/rcv-mutex.out
 : >"$out"
 ip netns exec rcv socat -u "UDP4-RECV:$PORT,reuseaddr,ip-add-membership=$G4:198.18.1.2" \
@@ -208,7 +209,9 @@ step "systemctl stop"
 systemctl stop relay || fail "systemctl stop relay"
 [ "$(systemctl is-active relay || true)" = inactive ] || fail "relay.service is not inactive after stop"
 ip link show r-in | grep -q xdp && fail "an XDP program is still attached to r-in after stop"
-journal_has "Stopped" || journalctl -u relay --no-pager -o cat | tail -5
+# The relay's own last words (SIGTERM handled, every frame back), then systemd's.
+until_ok 5 "the journal has the relay's clean stop" journal_has "all 4096 frames accounted for"
+until_ok 5 "the journal has the unit's stop" journal_has "Stopped relay.service"
 
 echo
 echo "package-systemd: all checks passed"
