@@ -24,8 +24,10 @@ say() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 # --- apt packages -------------------------------------------------------------------------
 # libxdp-sys (under xsk-rs) compiles libxdp/libbpf from source with clang, m4, libelf and zlib.
 # iproute2/ethtool/tcpdump/bpftool are used by the namespace harness and by operators.
+# debootstrap/systemd-container: `cargo xtask package-systemd` boots the package in a Debian
+# container with systemd as PID 1.
 APT_PKGS=(pkg-config libelf-dev zlib1g-dev clang m4 llvm libbpf-dev iproute2 ethtool tcpdump
-  bpftool smcroute socat iputils-ping procps)
+  bpftool smcroute socat iputils-ping procps debootstrap systemd-container)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod check_setup;
 mod datapath_bench;
+mod package_systemd;
 mod pool_bench;
 
 #[derive(Parser)]
@@ -31,6 +32,11 @@ enum Task {
     Build,
     /// Build, then the Debian package (target/debian/relay_*.deb).
     Package,
+    /// Build the package, install it in a Debian 12 container booted with systemd
+    /// (systemd-nspawn; the root is cached after the first run) and drive relay.service there:
+    /// start, reload, on-demand outputs, capture, metrics, journal, stop (needs root). Run
+    /// before every release of the package; part of `cargo xtask test`.
+    PackageSystemd,
     /// Run the whole test suite: unit, property and veth-namespace tests (needs root).
     Test {
         /// Extra arguments for `cargo test`, after `--`.
@@ -138,6 +144,13 @@ fn main() -> Result<()> {
             package(&root)?;
             println!("{}", deb_path(&root)?.display());
             Ok(())
+        }
+        Task::PackageSystemd => {
+            setup(&root)?;
+            build_ebpf(&root)?;
+            build_relay(&root)?;
+            package(&root)?;
+            package_systemd::run(&deb_path(&root)?)
         }
         Task::Test { args } => {
             setup(&root)?;
@@ -606,14 +619,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     drop_in_ci(&root.join("fuzz/target"));
 
     // Setup from empty CARGO_HOME and RUSTUP_HOME, as a CI system runs it.
-    match check_setup(root) {
-        Ok(()) => tally.passed += 1,
-        Err(e) => {
-            println!("check-setup: {e:#}");
-            tally.failed += 1;
-            failures.push("check-setup".to_owned());
-        }
-    }
+    tally.outcome("check-setup", check_setup(root), &mut failures);
 
     // The soak, for one minute: a steady flow through periodic reloads loses nothing, leaks
     // nothing and holds its memory (`cargo xtask soak` runs it longer).
@@ -638,6 +644,12 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
             failures.push("soak".to_owned());
         }
     }
+
+    // The package as users run it: installed in a container booted with systemd, driven by
+    // systemctl (about 15 s once the Debian root is cached; the first run builds it: 2 to 3
+    // minutes).
+    let deb = deb_path(root)?;
+    tally.outcome("package-systemd", package_systemd::run(&deb), &mut failures);
 
     println!("tests: {} passed, {} failed", tally.passed, tally.failed);
     if !failures.is_empty() || tally.failed > 0 {
@@ -666,6 +678,18 @@ impl Tally {
             failures.push(format!("{name} ({status})"));
         }
         Ok(())
+    }
+
+    /// Counts a check that ran in this process: passed if it returned Ok.
+    fn outcome(&mut self, name: &str, result: Result<()>, failures: &mut Vec<String>) {
+        match result {
+            Ok(()) => self.passed += 1,
+            Err(e) => {
+                println!("{name}: {e:#}");
+                self.failed += 1;
+                failures.push(name.to_owned());
+            }
+        }
     }
 
     /// Runs a libtest command, echoing its output and adding up its summaries.
