@@ -77,6 +77,13 @@ impl CompiledOutput {
     pub fn unwanted(&self) -> bool {
         self.on_demand && !self.listening.as_ref().is_some_and(|l| l.on())
     }
+
+    /// An on-demand output whose listeners want no frame from `source` now. An output whose
+    /// frames carry another source (a rewritten `source:`) has a slot that is on or off for
+    /// that one, whatever the frame's.
+    pub fn unwanted_from(&self, source: IpAddr) -> bool {
+        self.on_demand && !self.listening.as_ref().is_some_and(|l| l.wants(source))
+    }
 }
 
 impl Eq for CompiledOutput {}

@@ -1882,9 +1882,7 @@ fn verdict(
     source: std::net::IpAddr,
 ) -> Verdict {
     let a = &out.action;
-    // The frame's own source: an output whose frames carry another (a rewritten `source:`)
-    // has a slot that is on or off for that one whatever the frame's.
-    if out.on_demand && !out.listening.as_ref().is_some_and(|l| l.wants(source)) {
+    if out.unwanted_from(source) {
         Verdict::NoListener
     } else if expired && a.ttl.is_none() {
         Verdict::Refused(RewriteError::TtlExpired)
